@@ -1,0 +1,29 @@
+"""deepqueue's client side: the job contract, submission and tracking. Never imports torch."""
+
+from producer.client import Client, Run
+from producer.errors import (
+    DeepQueueError,
+    InvalidJobError,
+    PromptFileError,
+    RunNotFoundError,
+    WaitTimeoutError,
+)
+from producer.job import Job, JobDefaults
+from producer.settings import ClientSettings
+from producer.state import JobResult, JobState, RunStatus
+
+__all__ = [
+    "Client",
+    "ClientSettings",
+    "DeepQueueError",
+    "InvalidJobError",
+    "Job",
+    "JobDefaults",
+    "JobResult",
+    "JobState",
+    "PromptFileError",
+    "Run",
+    "RunNotFoundError",
+    "RunStatus",
+    "WaitTimeoutError",
+]

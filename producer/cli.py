@@ -1,0 +1,173 @@
+"""``deepqueue``: submit and follow runs; start a worker; generate without servers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from producer.client import Client, Run
+from producer.errors import DeepQueueError
+from producer.job import ImageFormat, SchedulerName
+from producer.sources import parse_size
+from producer.state import JobState, RunStatus
+
+SCHEDULERS = SchedulerName.__args__  # type: ignore[attr-defined]
+FORMATS = ImageFormat.__args__  # type: ignore[attr-defined]
+
+
+def recipe_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run-wide recipe flags shared by ``submit`` and ``run``; rows of the file override them."""
+    options = [
+        click.option("--size", metavar="WxH", help="Width x height, e.g. 768x512 (multiples of 8)."),
+        click.option("--steps", type=int, help="Denoising steps."),
+        click.option("--guidance", type=float, help="Classifier-free guidance scale."),
+        click.option("--seed", type=int, help="Run seed; job seeds derive from it and their position."),
+        click.option("--negative", help="Negative prompt for every job."),
+        click.option("--scheduler", type=click.Choice(SCHEDULERS), help="Scheduler (default: the worker's)."),
+        click.option("--cache-interval", type=int, help="DeepCache interval; 1 turns caching off."),
+        click.option("--cache-branch", type=int, help="DeepCache branch id."),
+        click.option("--format", "fmt", type=click.Choice(FORMATS), help="Image format (default png)."),
+        click.option("--run", "run_id", help="Run name (default: generated). Reusing one resumes it."),
+        click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path)),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def recipe_defaults(size: str | None, negative: str | None, fmt: str | None, **flags: Any) -> dict[str, Any]:
+    """CLI flags -> Job defaults, leaving out what the user did not set."""
+    defaults = {key: value for key, value in flags.items() if value is not None}
+    if size:
+        defaults.update(parse_size(size))
+    if negative is not None:
+        defaults["negative_prompt"] = negative
+    if fmt:
+        defaults["format"] = fmt
+    return defaults
+
+
+class Group(click.Group):
+    """Turn deepqueue's own errors into a one-line message and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DeepQueueError as error:
+            raise click.ClickException(str(error)) from error
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """deepqueue: bulk image generation with warm DeepCache workers.
+
+    Connection settings come from DEEPQUEUE_BROKER_URL and DEEPQUEUE_RESULT_BACKEND.
+    """
+
+
+@cli.command()
+@recipe_options
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the run to finish, with a progress bar.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+def submit(file: Path, run_id: str | None, seed: int | None, wait_: bool, timeout: float | None, **flags: Any) -> None:
+    """Validate FILE (.txt, .jsonl or .csv) and enqueue one job per prompt."""
+    with Client() as client:
+        run = client.submit(file, run=run_id, seed=seed, progress=True, **recipe_defaults(**flags))
+        click.echo(f"run {run.run_id}: {run.submitted} jobs enqueued, {run.skipped} already running or done")
+        if wait_:
+            _finish(run, timeout)
+
+
+@cli.command()
+@click.argument("run_id")
+def status(run_id: str) -> None:
+    """Counts of RUN_ID's jobs per state."""
+    with Client() as client:
+        click.echo(str(client.run(run_id).status()))
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--timeout", type=float, help="Give up after this many seconds.")
+def wait(run_id: str, timeout: float | None) -> None:
+    """Wait for RUN_ID to finish, with a progress bar; exit 1 if any job failed."""
+    with Client() as client:
+        _finish(client.run(run_id), timeout)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--state", type=click.Choice([state.value for state in JobState]), help="Only this state.")
+def results(run_id: str, state: str | None) -> None:
+    """One JSON line per job: id, state, storage key or failure reason."""
+    with Client() as client:
+        for result in client.run(run_id).results(JobState(state) if state else None):
+            record = {"job_id": result.job_id, "state": result.state.value, "key": result.key, "reason": result.reason}
+            click.echo(json.dumps(record))
+
+
+def _finish(run: Run, timeout: float | None) -> None:
+    final: RunStatus = run.wait(progress=True, timeout=timeout)
+    click.echo(str(final))
+    failed = list(run.results(JobState.FAILED))
+    for result in failed[:10]:
+        click.echo(f"failed {result.job_id}: {result.reason}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--model", help="Model id or folder (default DEEPQUEUE_MODEL).")
+@click.option("--device", help="auto, cpu, cuda or cuda:N (default DEEPQUEUE_DEVICE).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(model: str | None, device: str | None, loglevel: str, celery_args: tuple[str, ...]) -> None:
+    """Start a Celery worker: one warm pipeline, batching by shape.
+
+    Other settings come from DEEPQUEUE_* variables; extra arguments go to `celery worker`
+    (e.g. --hostname gpu0@%h).
+    """
+    from worker.cli import start_worker
+
+    start_worker(model=model, device=device, loglevel=loglevel, extra=list(celery_args))
+
+
+@cli.command("run")
+@recipe_options
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option("--model", help="Model id or folder (default DEEPQUEUE_MODEL).")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@click.option("--max-batch", type=int, help="Images per pipeline call at most (default 8).")
+def run_embedded(
+    file: Path, run_id: str | None, seed: int | None, out_dir: Path, model: str | None,
+    device: str | None, max_batch: int | None, **flags: Any,
+) -> None:
+    """Generate FILE's prompts in this process, no servers: images and sidecars under --out."""
+    from worker.cli import run_local
+
+    run_local(file, run_id=run_id, seed=seed, out_dir=out_dir, model=model, device=device,
+              max_batch=max_batch, defaults=recipe_defaults(**flags))
+
+
+@cli.command("make-test-model")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--arch", type=click.Choice(["tiny", "sd15", "sdxl-tiny"]), default="tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_test_model(directory: Path, arch: str, seed: int) -> None:
+    """Build a random-weight pipeline in DIRECTORY (offline; loads like a real model)."""
+    from worker.testmodel import build_test_model
+
+    try:
+        path = build_test_model(directory, arch, seed=seed)  # type: ignore[arg-type]
+    except FileExistsError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"wrote {arch} model to {path}")
+
+
+def main() -> None:
+    cli(prog_name="deepqueue")

@@ -1,0 +1,32 @@
+"""What producer and worker agree on besides the job schema: task name and Celery settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from producer.settings import ClientSettings
+
+TASK_NAME = "deepqueue.generate"
+
+
+def celery_config(settings: ClientSettings) -> dict[str, Any]:
+    """Celery settings (Celery's own names) both sides must share."""
+    return {
+        "broker_url": settings.broker_url,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_default_queue": settings.queue,
+        # Per-job state lives in our own Redis hashes (see producer.state), not in one
+        # result key per task: the run's counts must be O(1) for million-job runs.
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # kombu's defaults restore unacked messages only every few minutes.
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+        },
+    }

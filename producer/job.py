@@ -1,0 +1,147 @@
+"""The job contract: what one message on the queue holds, validated on both sides.
+
+A job is one image. Its id is derived from the run id, its position in the run and its recipe,
+so submitting the same run twice names the same jobs (and the same S3 keys) instead of twins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from producer.errors import InvalidJobError
+
+MAX_PROMPT_CHARS = 2000
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_STEPS = 200
+MAX_GUIDANCE = 30.0
+MAX_SEED = 2**32 - 1
+MAX_CACHE_INTERVAL = 20
+MAX_CACHE_BRANCH = 11
+
+SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "unipc", "lcm", "pndm", "heun", "kdpm2"]
+#: Schedulers that visit a timestep twice: DeepCache counts steps by timestep and breaks on them.
+CACHE_BREAKING_SCHEDULERS = frozenset({"pndm", "heun", "kdpm2"})
+ImageFormat = Literal["png", "webp", "jpeg"]
+RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
+
+
+class JobDefaults(BaseModel):
+    """Recipe fields a whole run can set once and a row of a prompt file can override.
+
+    ``None`` for ``scheduler``, ``cache_interval`` and ``cache_branch`` means "the worker's
+    default"; the worker records what it used in the sidecar. ``cache_interval=1`` turns
+    DeepCache off for that job.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    height: Side = 512
+    width: Side = 512
+    steps: int = Field(25, ge=1, le=MAX_STEPS)
+    guidance: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    scheduler: SchedulerName | None = None
+    cache_interval: int | None = Field(None, ge=1, le=MAX_CACHE_INTERVAL)
+    cache_branch: int | None = Field(None, ge=0, le=MAX_CACHE_BRANCH)
+    format: ImageFormat = "png"
+
+    @model_validator(mode="after")
+    def _scheduler_fits_cache(self) -> JobDefaults:
+        if (
+            self.scheduler in CACHE_BREAKING_SCHEDULERS
+            and self.cache_interval is not None
+            and self.cache_interval > 1
+        ):
+            raise ValueError(
+                f"scheduler {self.scheduler!r} repeats timesteps, which breaks DeepCache's step "
+                f"counting: use cache_interval=1 with it, or one of ddim, euler, euler_a, "
+                f"dpmpp_2m, unipc, lcm"
+            )
+        return self
+
+
+class Job(JobDefaults):
+    """One image to generate: the message body of the ``deepqueue.generate`` task."""
+
+    run_id: RunId
+    index: int = Field(ge=0)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    seed: int = Field(ge=0, le=MAX_SEED)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+    def recipe(self) -> dict[str, Any]:
+        """Everything that decides the pixels (all fields but the run id and position)."""
+        return self.model_dump(exclude={"run_id", "index"})
+
+    @property
+    def job_id(self) -> str:
+        return job_id(self.run_id, self.index, self.recipe())
+
+
+def job_id(run_id: str, index: int, recipe: Mapping[str, Any]) -> str:
+    """``{index:08d}-{12 hex}``: sorts by position; the hash tells recipes apart."""
+    canonical = json.dumps([run_id, index, recipe], sort_keys=True, separators=(",", ":"))
+    return f"{index:08d}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+
+
+def run_seed_for(run_id: str) -> int:
+    """The run seed used when the user gives none: stable for a run name."""
+    return int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:4], "big")
+
+
+def derive_seed(run_seed: int, index: int) -> int:
+    """A per-image seed from the run seed and the job's position (independent streams)."""
+    digest = hashlib.sha256(f"{run_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def format_errors(error: ValidationError) -> list[str]:
+    """Pydantic errors as ``field: rule, got value`` lines."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "job"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["loc"] and item["type"] != "missing":
+            message += f", got {item['input']!r}"
+        lines.append(f"{field}: {message}")
+    return lines
+
+
+def make_jobs(
+    rows: Iterable[tuple[str, Mapping[str, Any]]],
+    *,
+    run_id: str,
+    defaults: JobDefaults,
+    run_seed: int | None = None,
+) -> list[Job]:
+    """Turn ``(where, fields)`` rows into validated jobs, or raise one error naming them all.
+
+    ``where`` says where a row came from (``"line 4 of prompts.csv"``). Row fields override
+    ``defaults``; a row without ``seed`` gets one derived from the run seed and its position.
+    """
+    base_seed = run_seed_for(run_id) if run_seed is None else run_seed
+    base = defaults.model_dump(exclude_unset=True)
+    jobs: list[Job] = []
+    problems: list[tuple[str, str]] = []
+    for index, (where, row) in enumerate(rows):
+        fields = {**base, **row, "run_id": run_id, "index": index}
+        fields.setdefault("seed", derive_seed(base_seed, index))
+        try:
+            jobs.append(Job.model_validate(fields))
+        except ValidationError as error:
+            problems.extend((f"job {index} ({where})", line) for line in format_errors(error))
+    if problems:
+        raise InvalidJobError(problems)
+    return jobs

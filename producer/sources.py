@@ -1,0 +1,99 @@
+"""Read prompts from the places users keep them: a list, a .txt, .jsonl or .csv file.
+
+Every reader yields ``(where, fields)`` pairs; ``where`` names the line so that validation
+errors point at the input to fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+from producer.errors import PromptFileError
+from producer.job import JobDefaults
+
+Row = tuple[str, dict[str, Any]]
+Source = Union[str, os.PathLike, Iterable[Union[str, Mapping[str, Any], JobDefaults]]]
+SUFFIXES = (".txt", ".jsonl", ".csv")
+
+
+def read_rows(source: Source) -> list[Row]:
+    """All rows of ``source``: a path to a prompt file, or an iterable of prompts/dicts/Jobs."""
+    if isinstance(source, (str, os.PathLike)):
+        return list(read_file(Path(source)))
+    return [(f"item {i}", _item_fields(item)) for i, item in enumerate(source)]
+
+
+def read_file(path: Path) -> Iterator[Row]:
+    readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise PromptFileError(f"{path}: unknown prompt file type {path.suffix!r}, use one of {SUFFIXES}")
+    if not path.is_file():
+        raise PromptFileError(f"{path}: no such file")
+    with path.open(encoding="utf-8", newline="") as handle:
+        yield from reader(handle, path.name)
+
+
+def _item_fields(item: str | Mapping[str, Any] | JobDefaults) -> dict[str, Any]:
+    if isinstance(item, str):
+        return {"prompt": item}
+    if isinstance(item, JobDefaults):  # a Job from another run: keep its recipe, not its place
+        return item.model_dump(exclude={"run_id", "index"}, exclude_unset=True)
+    return _normalise(dict(item))
+
+
+def _read_txt(handle: Iterable[str], name: str) -> Iterator[Row]:
+    for number, line in enumerate(handle, start=1):
+        prompt = line.strip()
+        if prompt and not prompt.startswith("#"):
+            yield f"line {number} of {name}", {"prompt": prompt}
+
+
+def _read_jsonl(handle: Iterable[str], name: str) -> Iterator[Row]:
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        where = f"line {number} of {name}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PromptFileError(f"{where}: not valid JSON ({error.msg})") from error
+        if isinstance(value, str):
+            value = {"prompt": value}
+        if not isinstance(value, dict):
+            raise PromptFileError(f"{where}: expected a JSON object or string, got {type(value).__name__}")
+        yield where, _normalise(value)
+
+
+def _read_csv(handle: Iterable[str], name: str) -> Iterator[Row]:
+    reader = csv.DictReader(handle)
+    if not reader.fieldnames or "prompt" not in reader.fieldnames:
+        raise PromptFileError(f"{name}: the header row must have a 'prompt' column, got {reader.fieldnames}")
+    for row in reader:
+        if None in row:
+            raise PromptFileError(f"line {reader.line_num} of {name}: more cells than header columns")
+        # Empty cells mean "use the run default", not "empty string".
+        fields = {key: value for key, value in row.items() if value not in ("", None)}
+        if fields:
+            yield f"line {reader.line_num} of {name}", _normalise(fields)
+
+
+def _normalise(fields: dict[str, Any]) -> dict[str, Any]:
+    """Accept ``size: "WxH"`` as a shorthand for width and height."""
+    size = fields.pop("size", None)
+    if size is not None:
+        fields.update(parse_size(str(size)))
+    return fields
+
+
+def parse_size(text: str) -> dict[str, Any]:
+    """``"768x512"`` -> ``{"width": 768, "height": 512}``; bounds are checked by the Job."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+        raise PromptFileError(f"size must look like WIDTHxHEIGHT (e.g. 768x512), got {text!r}")
+    return {"width": int(width), "height": int(height)}

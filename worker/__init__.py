@@ -1,0 +1,1 @@
+"""deepqueue worker: Celery tasks, batching, diffusers + DeepCache pipelines, storage."""

@@ -1,0 +1,42 @@
+"""The Celery app of a worker: JSON only, acks late, one batching task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task, signals
+
+from producer.contract import TASK_NAME, celery_config
+from worker import runtime
+from worker.settings import WorkerSettings
+
+
+class GenerateTask(Task):
+    """``deepqueue.generate``: a worker batches its messages (see worker.strategy)."""
+
+    name = TASK_NAME
+    Strategy = "worker.strategy:batching_strategy"
+    acks_late = True
+    ignore_result = True
+    typing = False  # the worker validates the job itself, with field-level reasons
+
+    def run(self, job: Any, enqueued_at: float | None = None) -> dict[str, Any]:
+        """Called directly (not through a worker): a batch of one, in this process."""
+        delivery = {"task_id": self.request.id or "direct", "payload": job, "enqueued_at": enqueued_at}
+        return runtime.execute_batch([delivery])[0]
+
+
+def create_app(settings: WorkerSettings) -> Celery:
+    runtime.configure(settings)
+    app = Celery("deepqueue", set_as_current=False)
+    app.conf.update(
+        celery_config(settings),
+        worker_concurrency=1,  # one pipeline per process; one worker per GPU
+        worker_prefetch_multiplier=settings.prefetch_count,
+        worker_send_task_events=True,
+        # A process holds a warm multi-GB pipeline: never recycle it.
+        worker_max_tasks_per_child=None,
+    )
+    app.register_task(GenerateTask())
+    signals.worker_process_init.connect(runtime.init_process, weak=False)
+    return app

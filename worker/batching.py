@@ -1,0 +1,124 @@
+"""Which jobs may share a pipeline call, and the buffer that groups them. Pure logic."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from producer.job import CACHE_BREAKING_SCHEDULERS, Job
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RecipeDefaults:
+    """What a worker uses for the recipe fields a job leaves to it."""
+
+    model: str
+    scheduler: str
+    cache_interval: int
+    cache_branch: int
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Everything one pipeline call must share. Seeds and prompts are per image."""
+
+    model: str
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    scheduler: str
+    cache_interval: int
+    cache_branch: int
+    negative_prompt: bool
+    format: str
+
+    @property
+    def deepcache(self) -> bool:
+        return self.cache_interval > 1
+
+    def problem(self) -> str | None:
+        """Why no worker can run this combination, or None."""
+        if self.deepcache and self.scheduler in CACHE_BREAKING_SCHEDULERS:
+            return (
+                f"scheduler {self.scheduler!r} repeats timesteps, which breaks DeepCache "
+                f"(interval {self.cache_interval}); send cache_interval=1 or another scheduler"
+            )
+        return None
+
+
+def batch_key(job: Job, defaults: RecipeDefaults) -> BatchKey:
+    interval = job.cache_interval if job.cache_interval is not None else defaults.cache_interval
+    branch = job.cache_branch if job.cache_branch is not None else defaults.cache_branch
+    return BatchKey(
+        model=defaults.model,
+        height=job.height,
+        width=job.width,
+        steps=job.steps,
+        guidance=job.guidance,
+        scheduler=job.scheduler or defaults.scheduler,
+        cache_interval=interval,
+        # The branch means nothing without caching: let such jobs batch together.
+        cache_branch=branch if interval > 1 else 0,
+        negative_prompt=job.negative_prompt is not None,
+        format=job.format,
+    )
+
+
+class BatchBuffer(Generic[T]):
+    """Items waiting for peers with the same key; hands out batches of 1..max_batch.
+
+    A key is ready when it holds ``max_batch`` items, or when its oldest item has waited
+    ``max_wait_s``. Time is passed in, so the policy is tested without clocks.
+    """
+
+    def __init__(self, max_batch: int, max_wait_s: float) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        # key -> [(arrival time, item)], keys in order of their oldest item
+        self._groups: OrderedDict[Hashable, list[tuple[float, T]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(len(group) for group in self._groups.values())
+
+    def add(self, key: Hashable, item: T, now: float) -> None:
+        self._groups.setdefault(key, []).append((now, item))
+
+    def take(self, now: float, *, allow_partial: bool = True) -> tuple[Hashable, list[T]] | None:
+        """The next batch to run, or None: full batches first, then the longest-waiting."""
+        for key, group in self._groups.items():
+            if len(group) >= self.max_batch:
+                return key, self._pop(key, self.max_batch)
+        if allow_partial:
+            for key, group in self._groups.items():
+                if now - group[0][0] >= self.max_wait_s:
+                    return key, self._pop(key, self.max_batch)
+        return None
+
+    def drain(self) -> Iterable[tuple[Hashable, list[T]]]:
+        """Every item, as batches, regardless of wait (end of input, shutdown)."""
+        while self._groups:
+            key = next(iter(self._groups))
+            yield key, self._pop(key, self.max_batch)
+
+    def _pop(self, key: Hashable, count: int) -> list[T]:
+        group = self._groups[key]
+        taken, rest = group[:count], group[count:]
+        if rest:
+            # Leftovers keep their arrival times; the key moves to the back of the line
+            # only if they are now younger than another key's oldest.
+            self._groups[key] = rest
+            self._resort()
+        else:
+            del self._groups[key]
+        return [item for _, item in taken]
+
+    def _resort(self) -> None:
+        ordered = sorted(self._groups.items(), key=lambda entry: entry[1][0][0])
+        self._groups = OrderedDict(ordered)

@@ -1,0 +1,59 @@
+"""The worker side of the ``deepqueue`` command (imported only when a worker command runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from producer.client import new_run_id
+from producer.job import JobDefaults, make_jobs
+from producer.sources import read_rows
+from worker.settings import WorkerSettings
+
+
+def _settings(**overrides: Any) -> WorkerSettings:
+    return WorkerSettings(**{key: value for key, value in overrides.items() if value is not None})
+
+
+def check_model(settings: WorkerSettings) -> None:
+    """Fail before starting anything if the model folder/id has no diffusers config."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        DiffusionPipeline.load_config(settings.model, revision=settings.model_revision)
+    except (OSError, ValueError) as error:
+        raise click.ClickException(
+            f"cannot read model {settings.model!r} (DEEPQUEUE_MODEL): {error}\n"
+            "Build an offline test model with: deepqueue make-test-model DIR --arch tiny"
+        ) from error
+
+
+def start_worker(*, model: str | None, device: str | None, loglevel: str, extra: list[str]) -> None:
+    from worker.app import create_app
+
+    settings = _settings(model=model, device=device)
+    check_model(settings)
+    app = create_app(settings)
+    # prefork: the pipeline lives in a child process, so a crash there requeues its batch at
+    # once (task_reject_on_worker_lost) and the parent keeps acking and heartbeating.
+    argv = ["worker", "--pool=prefork", "--concurrency=1", "--task-events",
+            f"--loglevel={loglevel}", f"--queues={settings.queue}", *extra]
+    app.worker_main(argv)
+
+
+def run_local(
+    file: Path, *, run_id: str | None, seed: int | None, out_dir: Path, model: str | None,
+    device: str | None, max_batch: int | None, defaults: dict[str, Any],
+) -> None:
+    settings = _settings(model=model, device=device, max_batch=max_batch, output_dir=out_dir, storage="local")
+    check_model(settings)
+    from worker.embedded import run_embedded
+
+    jobs = make_jobs(read_rows(file), run_id=run_id or new_run_id(), defaults=JobDefaults(**defaults), run_seed=seed)
+    summary = run_embedded(jobs, settings)
+    for line in summary.lines():
+        click.echo(line)
+    if summary.failed:
+        raise SystemExit(1)

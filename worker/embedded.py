@@ -1,0 +1,91 @@
+"""Embedded mode: the worker's batching and executor in one process, no servers, local files."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from producer.job import Job
+from producer.state import JobResult, JobState
+from worker.batching import BatchBuffer, batch_key
+from worker.encode import EXTENSIONS
+from worker.executor import BatchExecutor, Delivery, Outcome
+from worker.settings import WorkerSettings
+from worker.storage import LocalStorage, image_key, sidecar_key
+
+
+class MemoryReporter:
+    """Job states in a dict: what the Redis store does for the queue."""
+
+    def __init__(self) -> None:
+        self.states: dict[tuple[str, str], JobResult] = {}
+
+    def mark(self, run_id: str, job_id: str, state: JobState, **details: Any) -> bool:
+        self.states[run_id, job_id] = JobResult(
+            job_id, state, details.pop("key", None), details.pop("reason", None), details
+        )
+        return True
+
+    def get(self, run_id: str, job_id: str) -> JobResult | None:
+        return self.states.get((run_id, job_id))
+
+
+@dataclass
+class Summary:
+    out_dir: Path
+    seconds: float = 0.0
+    skipped: int = 0  #: already in the output folder from an earlier run
+    images: int = 0
+    failed: list[Outcome] = field(default_factory=list)
+    batch_sizes: Counter[int] = field(default_factory=Counter)  # size -> number of batches
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def lines(self) -> list[str]:
+        sizes = ", ".join(f"{count} of {size}" for size, count in sorted(self.batch_sizes.items(), reverse=True))
+        lines = [
+            f"{self.images} images in {sum(self.batch_sizes.values())} batches ({sizes or 'none'}) "
+            f"in {self.seconds:.1f} s: {self.images_per_s:.2f} images/s",
+            f"files: {self.out_dir}",
+        ]
+        if self.skipped:
+            lines.append(f"skipped {self.skipped} jobs already in {self.out_dir}")
+        lines += [f"failed {outcome.job_id or outcome.task_id}: {outcome.reason}" for outcome in self.failed]
+        return lines
+
+
+def run_embedded(jobs: Sequence[Job], settings: WorkerSettings, *, progress: bool = True) -> Summary:
+    """Generate ``jobs`` into ``settings.output_dir`` with the same code the workers run."""
+    from worker.engine import Engine
+
+    storage = LocalStorage(settings.output_dir)
+    executor = BatchExecutor(Engine.load(settings), storage, MemoryReporter(), settings)
+    summary = Summary(out_dir=settings.output_dir)
+    buffer: BatchBuffer[Job] = BatchBuffer(settings.max_batch, 0.0)
+    for job in jobs:
+        if storage.exists(sidecar_key(image_key(settings.s3_prefix, job.run_id, job.job_id, EXTENSIONS[job.format]))):
+            summary.skipped += 1
+        else:
+            buffer.add(batch_key(job, executor.defaults), job, 0.0)
+    started = time.perf_counter()
+    with tqdm(total=len(buffer), unit="img", desc="generate", disable=not progress) as bar:
+        for _, batch in buffer.drain():
+            now = time.time()
+            deliveries = [Delivery(job.job_id, job.model_dump(mode="json"), now, now) for job in batch]
+            for outcome in executor.execute(deliveries):
+                if outcome.ok:
+                    summary.images += 1
+                else:
+                    summary.failed.append(outcome)
+            summary.batch_sizes.update({len(batch): 1})
+            bar.update(len(batch))
+    summary.seconds = time.perf_counter() - started
+    return summary

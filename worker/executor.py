@@ -1,0 +1,191 @@
+"""The body of a batch, shared by the Celery worker and embedded mode.
+
+check -> skip finished -> group -> generate -> encode + upload -> report. Every job ends with
+its own outcome: one bad job never fails the others in its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from producer.job import Job, format_errors
+from producer.state import JobResult, JobState
+from worker.batching import BatchBuffer, BatchKey, RecipeDefaults, batch_key
+from worker.encode import CONTENT_TYPES, EXTENSIONS, encode_image
+from worker.engine import Engine
+from worker.settings import WorkerSettings
+from worker.sidecar import BatchInfo, build_sidecar, s3_metadata
+from worker.storage import Storage, image_key, sidecar_key
+
+logger = logging.getLogger(__name__)
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Reporter(Protocol):
+    """Where job states go: ``producer.state.RunStore`` in the worker."""
+
+    def mark(self, run_id: str, job_id: str, state: JobState, **details: Any) -> bool: ...
+
+    def get(self, run_id: str, job_id: str) -> JobResult | None: ...
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One job as it arrived: the raw fields are validated here, not trusted."""
+
+    task_id: str
+    payload: Any
+    enqueued_at: float | None = None
+    received_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    task_id: str
+    ok: bool
+    job_id: str | None = None
+    key: str | None = None  # the image's URL when ok
+    reason: str | None = None  # why it failed
+    batch_size: int = 0  # images in the pipeline call that made it (0: none ran)
+
+
+def parse_job(payload: Any) -> tuple[Job | None, str | None]:
+    """``(job, None)`` or ``(None, reason)``."""
+    try:
+        return Job.model_validate(payload), None
+    except ValidationError as error:
+        return None, "invalid job: " + "; ".join(format_errors(error))
+
+
+class BatchExecutor:
+    def __init__(self, engine: Engine, storage: Storage, reporter: Reporter, settings: WorkerSettings) -> None:
+        self.engine = engine
+        self.storage = storage
+        self.reporter = reporter
+        self.settings = settings
+        self.defaults = RecipeDefaults(
+            model=engine.model["id"],
+            scheduler=settings.scheduler,
+            cache_interval=settings.cache_interval,
+            cache_branch=settings.cache_branch,
+        )
+        self.worker = {"hostname": socket.gethostname(), **engine.describe()}
+
+    def execute(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        outcomes: dict[str, Outcome] = {}
+        # 1. Check every job again: not every producer is ours.
+        ready: list[tuple[Delivery, Job]] = []
+        for delivery in deliveries:
+            job, problem = parse_job(delivery.payload)
+            if job is None:
+                outcomes[delivery.task_id] = self._fail_unparsed(delivery, problem or "invalid job")
+            else:
+                ready.append((delivery, job))
+        # 2. Skip jobs a previous delivery finished; mark the rest running.
+        pending = []
+        for delivery, job in ready:
+            done = self.reporter.get(job.run_id, job.job_id)
+            if done is not None and done.state is JobState.DONE:
+                outcomes[delivery.task_id] = Outcome(delivery.task_id, True, job.job_id, done.key)
+            else:
+                self.reporter.mark(job.run_id, job.job_id, JobState.RUNNING, worker=self.worker["hostname"])
+                pending.append((delivery, job))
+        # 3. Group by batch key: the consumer already did, direct callers may not have.
+        groups = BatchBuffer[tuple[Delivery, Job]](self.settings.max_batch, 0.0)
+        for delivery, job in pending:
+            groups.add(batch_key(job, self.defaults), (delivery, job), 0.0)
+        for key, items in groups.drain():
+            assert isinstance(key, BatchKey)
+            for outcome in self._run_group(key, items):
+                outcomes[outcome.task_id] = outcome
+        return [outcomes[delivery.task_id] for delivery in deliveries]
+
+    def _run_group(self, key: BatchKey, items: list[tuple[Delivery, Job]]) -> list[Outcome]:
+        problem = self.engine.check(key)
+        if problem:
+            return [self._fail(delivery, job, problem) for delivery, job in items]
+        # 4. Generate; if the batch fails, run its jobs alone so only the bad one fails.
+        try:
+            started_at = time.time()
+            generated = self.engine.generate(key, [job for _, job in items])
+        except Exception as error:  # any failure of one call: isolate it, keep the cause
+            if len(items) == 1:
+                logger.warning("job %s failed: %r", items[0][1].job_id, error, exc_info=True)
+                return [self._fail(items[0][0], items[0][1], f"generation failed: {error!r}")]
+            logger.warning("batch of %d failed (%r); retrying its jobs one by one", len(items), error)
+            return [outcome for item in items for outcome in self._run_group(key, [item])]
+        batch = BatchInfo(
+            id=uuid.uuid4().hex[:12],
+            job_ids=tuple(job.job_id for _, job in items),
+            inference_s=generated.seconds,
+            started_at=started_at,
+        )
+        logger.info(
+            "batch %s: %d x %dx%d, %d steps, deepcache %s: %.2f s",
+            batch.id, batch.size, key.width, key.height, key.steps,
+            f"{key.cache_interval}/{key.cache_branch}" if key.deepcache else "off", generated.seconds,
+            extra={"batch_id": batch.id, "batch_size": batch.size, "inference_s": generated.seconds},
+        )
+        # 5. Encode, upload image then sidecar, report.
+        return [
+            self._store(delivery, job, key, image, batch)
+            for (delivery, job), image in zip(items, generated.images)
+        ]
+
+    def _store(self, delivery: Delivery, job: Job, key: BatchKey, image: Any, batch: BatchInfo) -> Outcome:
+        try:
+            began = time.perf_counter()
+            data = encode_image(
+                image, job.format, webp_quality=self.settings.webp_quality, jpeg_quality=self.settings.jpeg_quality
+            )
+            encoded = time.perf_counter()
+            image_at = image_key(self.settings.s3_prefix, job.run_id, job.job_id, EXTENSIONS[job.format])
+            metadata = s3_metadata(job, self.engine.model)
+            self.storage.put(image_at, data, content_type=CONTENT_TYPES[job.format], metadata=metadata)
+            uploaded = time.perf_counter()
+            timing = {
+                "enqueued_at": delivery.enqueued_at,
+                "received_at": delivery.received_at,
+                "started_at": batch.started_at,
+                "finished_at": time.time(),
+                "queue_wait_s": None if delivery.enqueued_at is None else batch.started_at - delivery.enqueued_at,
+                "batch_inference_s": batch.inference_s,
+                "inference_s": batch.inference_s / batch.size,
+                "encode_s": encoded - began,
+                "upload_s": uploaded - encoded,
+            }
+            sidecar = build_sidecar(
+                job=job, key=key, image_url=self.storage.url(image_at), batch=batch,
+                model=self.engine.model, worker=self.worker, timing=timing,
+            )
+            body = json.dumps(sidecar, indent=1, ensure_ascii=False).encode()
+            self.storage.put(sidecar_key(image_at), body, content_type="application/json", metadata=metadata)
+        except Exception as error:  # encode or upload: this job alone fails, with the cause
+            logger.error("storing job %s failed: %r", job.job_id, error, exc_info=True)
+            return self._fail(delivery, job, f"storing failed: {error}")
+        url = self.storage.url(image_at)
+        self.reporter.mark(job.run_id, job.job_id, JobState.DONE, key=url, batch_id=batch.id, batch_size=batch.size)
+        return Outcome(delivery.task_id, True, job.job_id, url, batch_size=batch.size)
+
+    def _fail(self, delivery: Delivery, job: Job, reason: str) -> Outcome:
+        self.reporter.mark(job.run_id, job.job_id, JobState.FAILED, reason=reason)
+        return Outcome(delivery.task_id, False, job.job_id, reason=reason)
+
+    def _fail_unparsed(self, delivery: Delivery, reason: str) -> Outcome:
+        """Record a job that is not a Job under its task id, if it names a usable run."""
+        run_id = delivery.payload.get("run_id") if isinstance(delivery.payload, dict) else None
+        if isinstance(run_id, str) and _RUN_ID.match(run_id):
+            self.reporter.mark(run_id, delivery.task_id, JobState.FAILED, reason=reason)
+        else:
+            logger.error("task %s: %s (no run to record it in)", delivery.task_id, reason)
+        return Outcome(delivery.task_id, False, None, reason=reason)

@@ -1,0 +1,58 @@
+"""Every worker setting in one place, read from ``DEEPQUEUE_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from producer.job import MAX_CACHE_BRANCH, MAX_CACHE_INTERVAL, SchedulerName
+from producer.settings import ClientSettings
+
+
+class WorkerSettings(ClientSettings):
+    """Connection settings plus the model, batching and storage of one worker."""
+
+    model: str = Field(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="diffusers model id on the Hub or a local folder (SD 1.x/2.x or SDXL)",
+    )
+    model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU"
+    )
+    max_batch: int = Field(8, ge=1, le=64, description="Images per pipeline call at most")
+    max_wait_s: float = Field(
+        2.0, ge=0, description="Longest a partial batch waits for peers of the same shape"
+    )
+    prefetch: int | None = Field(
+        None, ge=1, description="Messages reserved from Redis at once (default 4 x max_batch)"
+    )
+    scheduler: SchedulerName = Field("ddim", description="Scheduler for jobs that name none")
+    cache_interval: int = Field(
+        3, ge=1, le=MAX_CACHE_INTERVAL, description="DeepCache interval; 1 turns caching off"
+    )
+    cache_branch: int = Field(0, ge=0, le=MAX_CACHE_BRANCH, description="DeepCache branch id")
+    storage: Literal["s3", "local"] = Field("s3", description="Where images and sidecars go")
+    s3_bucket: str = Field("deepqueue", description="Bucket for images and sidecars")
+    s3_prefix: str = Field("", description="Key prefix inside the bucket")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, a test server)")
+    output_dir: Path = Field(Path("out"), description="Root folder of the local storage")
+    webp_quality: int = Field(90, ge=1, le=100)
+    jpeg_quality: int = Field(95, ge=1, le=100)
+
+    @property
+    def prefetch_count(self) -> int:
+        return self.prefetch or 4 * self.max_batch
+
+    @model_validator(mode="after")
+    def _prefetch_holds_a_batch(self) -> WorkerSettings:
+        # Reserved-but-unacked messages are all the buffer can batch from.
+        if self.prefetch is not None and self.prefetch < self.max_batch:
+            raise ValueError(
+                f"prefetch ({self.prefetch}) must be at least max_batch ({self.max_batch}), "
+                "or batches never fill"
+            )
+        return self

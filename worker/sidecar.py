@@ -1,0 +1,77 @@
+"""The JSON sidecar written next to every image: its full recipe and timings. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from producer.job import Job
+from worker.batching import BatchKey
+
+SIDECAR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    id: str
+    job_ids: tuple[str, ...]  # the composition: the same seed can differ at another batch size
+    inference_s: float
+    started_at: float
+
+    @property
+    def size(self) -> int:
+        return len(self.job_ids)
+
+
+def build_sidecar(
+    *,
+    job: Job,
+    key: BatchKey,
+    image_url: str,
+    batch: BatchInfo,
+    model: dict[str, Any],
+    worker: dict[str, Any],
+    timing: dict[str, float | None],
+) -> dict[str, Any]:
+    return {
+        "sidecar_version": SIDECAR_VERSION,
+        "job_id": job.job_id,
+        "run_id": job.run_id,
+        "index": job.index,
+        "image": image_url,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "seed": job.seed,
+        "generator": "torch.Generator('cpu').manual_seed(seed), one per image",
+        "height": job.height,
+        "width": job.width,
+        "steps": job.steps,
+        "guidance": job.guidance,
+        "scheduler": key.scheduler,
+        "format": job.format,
+        "model": model,
+        "deepcache": {
+            "enabled": key.deepcache,
+            "interval": key.cache_interval,
+            "branch": key.cache_branch if key.deepcache else None,
+        },
+        "batch": {
+            "id": batch.id,
+            "size": batch.size,
+            "index": batch.job_ids.index(job.job_id),
+            "job_ids": list(batch.job_ids),
+        },
+        "timing": timing,
+        "worker": worker,
+    }
+
+
+def s3_metadata(job: Job, model: dict[str, Any]) -> dict[str, str]:
+    """A few ASCII keys for S3 user metadata (2 KB limit, immutable); never the prompt."""
+    return {
+        "job-id": job.job_id,
+        "run-id": job.run_id,
+        "seed": str(job.seed),
+        "size": f"{job.width}x{job.height}",
+        "model": str(model.get("hash") or model.get("revision") or "")[:64],
+    }

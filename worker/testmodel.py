@@ -1,0 +1,378 @@
+"""Random-weight Stable Diffusion pipelines saved to disk, for tests and benchmarks without the hub.
+
+``build_test_model(out_dir, arch)`` builds a pipeline from configs alone (no downloads), saves it
+with ``save_pretrained`` (safetensors) and returns the folder; loading it back goes through the
+same ``DiffusionPipeline`` / ``AutoPipelineForText2Image.from_pretrained`` path as a real model.
+
+Arches:
+
+- ``tiny``: the UNet/VAE/CLIP configs of diffusers' own fast tests (about 10 MiB, 64x64 images).
+- ``sd15``: the full Stable Diffusion 1.5 architecture, random weights (4 GiB fp32; slow to build).
+- ``sdxl-tiny``: a tiny ``StableDiffusionXLPipeline`` (two text encoders, ``text_time``
+  conditioning) after diffusers' fast SDXL tests (64x64 images).
+
+The CLIP tokenizer is written by this module (byte-level symbols, a handful of merges, the two
+special tokens), so the outputs are noise but every code path of a real pipeline runs.
+
+Usage: ``python -m worker.testmodel OUT_DIR [--arch tiny|sd15|sdxl-tiny] [--seed N]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
+Arch = Literal["tiny", "sd15", "sdxl-tiny"]
+ARCHES: tuple[str, ...] = ("tiny", "sd15", "sdxl-tiny")
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"  # also the pad and unknown token, as in CLIP
+MODEL_MAX_LENGTH = 77
+
+# A handful of BPE merges, each exactly two symbols (transformers 5 / `tokenizers` require it).
+# Every merge result is added to the vocabulary; order is merge priority.
+MERGES: tuple[tuple[str, str], ...] = (
+    ("a", "t</w>"),
+    ("c", "at</w>"),
+    ("d", "og</w>"),
+    ("o", "g</w>"),
+    ("p", "h"),
+    ("o", "t"),
+    ("ph", "ot"),
+    ("phot", "o</w>"),
+    ("t", "h"),
+    ("th", "e</w>"),
+)
+
+# The scheduler of Stable Diffusion 1.5 / SDXL, as DDIM (clean step counting under DeepCache).
+_SCHEDULER_KWARGS: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+def byte_symbols() -> list[str]:
+    """The 256 byte-level BPE symbols (GPT-2/CLIP ``bytes_to_unicode``), in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    symbols: dict[int, str] = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def tokenizer_vocab(merges: tuple[tuple[str, str], ...] = MERGES) -> dict[str, int]:
+    """CLIP-style vocabulary: byte symbols, their ``</w>`` forms, merge results, then specials."""
+    symbols = byte_symbols()
+    tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges)]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("merges produce a token that is already in the vocabulary")
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def write_tokenizer_files(
+    directory: str | os.PathLike[str], merges: tuple[tuple[str, str], ...] = MERGES
+) -> pathlib.Path:
+    """Write ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` for a CLIPTokenizer."""
+    vocab = tokenizer_vocab(merges)
+    for pair in merges:
+        if len(pair) != 2 or any(not s or " " in s for s in pair):
+            raise ValueError(f"a merge must be exactly two non-empty symbols: {pair!r}")
+        if any(s not in vocab for s in pair):
+            raise ValueError(f"merge {pair!r} uses a symbol that is not in the vocabulary")
+    path = pathlib.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (path / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return path
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A CLIPTokenizer loaded from the files that ``write_tokenizer_files`` writes."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="deepqueue-tokenizer-") as tmp:
+        write_tokenizer_files(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MODEL_MAX_LENGTH)
+    if tokenizer.model_max_length != MODEL_MAX_LENGTH:
+        raise RuntimeError(f"tokenizer model_max_length is {tokenizer.model_max_length}")
+    return tokenizer
+
+
+def _clip_text_config(tokenizer: CLIPTokenizer, **sizes: Any) -> Any:
+    """A CLIPTextConfig whose vocabulary and special-token ids match ``tokenizer``."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        layer_norm_eps=1e-5,
+        **sizes,
+    )
+
+
+def _scheduler() -> Any:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**_SCHEDULER_KWARGS)
+
+
+def _build_tiny() -> Any:
+    """StableDiffusionPipeline with the components of diffusers' fast tests."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = build_tokenizer()
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+    )
+    text_encoder = CLIPTextModel(
+        _clip_text_config(
+            tokenizer,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+        )
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sd15() -> Any:
+    """StableDiffusionPipeline with Stable Diffusion 1.5's architecture and random weights."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = build_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=(
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        _clip_text_config(
+            tokenizer,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sdxl_tiny() -> Any:
+    """StableDiffusionXLPipeline with tiny components after diffusers' fast SDXL tests."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_tokenizer()
+    tokenizer_2 = build_tokenizer()
+    # cross_attention_dim = 32 + 32 (both encoders' hidden states, concatenated);
+    # projection_class_embeddings_input_dim = 6 * 8 (time ids) + 32 (pooled text embeds).
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=128,
+    )
+    text_config = _clip_text_config(
+        tokenizer,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_scheduler(),
+    )
+
+
+def _exists_message(out: pathlib.Path) -> str:
+    return f"{out} already holds a model (model_index.json); refusing to overwrite it"
+
+
+_BUILDERS = {"tiny": _build_tiny, "sd15": _build_sd15, "sdxl-tiny": _build_sdxl_tiny}
+
+
+def build_test_model(
+    out_dir: str | os.PathLike[str], arch: Arch = "tiny", *, seed: int = 0
+) -> pathlib.Path:
+    """Build a random-weight Stable Diffusion (or SDXL) pipeline and save it to ``out_dir``.
+
+    The pipeline is saved with ``save_pretrained`` (fp32 safetensors); loading it back goes
+    through the same ``DiffusionPipeline`` / ``AutoPipelineForText2Image.from_pretrained`` path
+    as a real model. A given ``(arch, seed)`` gives the same weights; the caller's torch RNG
+    state is left untouched. ``out_dir`` is created if missing; one that already holds a
+    ``model_index.json`` raises ``FileExistsError``. The model appears all at once: files are
+    written to a hidden temporary folder inside ``out_dir`` and ``model_index.json`` moved last.
+    """
+    if arch not in _BUILDERS:
+        raise ValueError(f"unknown test model arch {arch!r}; expected one of {ARCHES}")
+    out = pathlib.Path(out_dir)
+    index = out / "model_index.json"
+    if index.exists():
+        raise FileExistsError(_exists_message(out))
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipeline = _BUILDERS[arch]()
+
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".build-", dir=out))
+    try:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        for entry in sorted(staging.iterdir()):
+            if entry.name != "model_index.json":
+                os.replace(entry, out / entry.name)
+        if index.exists():  # another builder finished first
+            raise FileExistsError(_exists_message(out))
+        os.replace(staging / "model_index.json", index)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: build one test model into a folder and print its path."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m worker.testmodel", description=__doc__)
+    parser.add_argument("out_dir", help="folder to save the pipeline into (created if missing)")
+    parser.add_argument("--arch", choices=ARCHES, default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        print(build_test_model(args.out_dir, args.arch, seed=args.seed))
+    except FileExistsError as exc:
+        parser.exit(1, f"error: {exc}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
