@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` (the main job end to end) and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv demo run test bench lint
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml ops/setup.sh
+	bash ops/setup.sh
+	touch $@
+
+# Redis + an S3 server + a worker, `deepqueue submit --wait`, then S3's contents in demo-out/.
+demo: venv
+	$(PY) -m ops.demo
+
+# Embedded mode: the same batching and pipeline in one process, no servers.
+run: venv
+	test -f models/tiny/model_index.json || $(VENV)/bin/deepqueue make-test-model models/tiny --arch tiny
+	$(VENV)/bin/deepqueue run examples/prompts.jsonl --out out --model models/tiny --steps 20
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) -m ops.bench.run
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

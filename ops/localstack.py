@@ -1,0 +1,105 @@
+"""Start the real servers deepqueue talks to, on loopback, for the demo, tests and benchmarks.
+
+A private redis-server and a moto S3 server, each on a free port, and `deepqueue worker`
+processes; every function returns when its server answers, and ``stop`` ends it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # not up yet: connection refused, partial log
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not come up within {timeout} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM (a worker's warm shutdown), then SIGKILL after 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
+    """A redis-server with no persistence; returns (process, ``redis://127.0.0.1:PORT``)."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data_dir)],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}"
+    wait_for(lambda: redis.Redis.from_url(url).ping(), 10, "redis-server")
+    return process, url
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server (real HTTP) in its own process; returns (process, endpoint URL)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: urllib.request.urlopen(f"{url}/moto-api/", timeout=1).status == 200, 30, "moto server")
+    return process, url
+
+
+def moto_s3_client(endpoint_url: str):
+    """A boto3 S3 client for the moto server, with its test credentials."""
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint_url, aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"], region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+    )
+
+
+def deepqueue_command() -> list[str]:
+    """The ``deepqueue`` console script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("deepqueue")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from producer.cli import main; main()"]
+
+
+def start_worker(env: Mapping[str, str], log_path: Path, *args: str, timeout: float = 180) -> subprocess.Popen:
+    """A ``deepqueue worker`` process; returns once Celery says it is ready (log in log_path)."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen([*deepqueue_command(), "worker", *args], env=dict(env), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "ready." in log_path.read_text() or process.poll() is not None, timeout, "deepqueue worker")
+    except TimeoutError:
+        stop(process)
+        raise
+    if process.poll() is not None:
+        raise RuntimeError(f"deepqueue worker exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+    return process

@@ -1,0 +1,71 @@
+"""Real servers for the tests: a Redis and a moto S3 server on loopback, and a tiny model.
+
+Each is started once per session on a free port, so the suite never touches a developer's
+own Redis data and runs the same in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from ops.localstack import AWS_ENV, start_moto, start_redis, stop
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Iterator[str]:
+    """``redis://127.0.0.1:PORT``: a private redis-server (or DEEPQUEUE_TEST_REDIS_URL)."""
+    if os.environ.get("DEEPQUEUE_TEST_REDIS_URL"):
+        yield os.environ["DEEPQUEUE_TEST_REDIS_URL"].rstrip("/")
+        return
+    process, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    stop(process)
+
+
+@pytest.fixture
+def redis_urls(redis_server: str) -> Iterator[tuple[str, str]]:
+    """(broker URL, result backend URL) on two empty databases."""
+    broker, backend = f"{redis_server}/0", f"{redis_server}/1"
+    for url in (broker, backend):
+        redis.Redis.from_url(url).flushdb()
+    yield broker, backend
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server (real HTTP on loopback) in its own process."""
+    process, url = start_moto()
+    yield url
+    stop(process)
+
+
+@pytest.fixture
+def aws_env(monkeypatch) -> dict[str, str]:
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    return AWS_ENV
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, aws_env) -> str:
+    """A new, empty bucket on the moto server."""
+    import boto3
+
+    name = f"dq-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random-weight SD pipeline, built once and loaded via from_pretrained."""
+    pytest.importorskip("torch")
+    from worker.testmodel import build_test_model
+
+    return build_test_model(tmp_path_factory.mktemp("models") / "tiny", "tiny")

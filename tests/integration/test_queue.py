@@ -1,0 +1,186 @@
+"""The main job end to end: client -> Redis -> a real `deepqueue worker` process -> moto S3.
+
+Everything here is real: a private redis-server, moto's S3 server over HTTP, the Celery worker
+as a separate process running the tiny random-weight pipeline through ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from ops.localstack import AWS_ENV, deepqueue_command, moto_s3_client, start_worker, stop
+from producer import Client, JobState
+from producer.contract import TASK_NAME
+from producer.enqueue import producer_app
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SIZES = [(64, 64), (96, 64), (64, 96)]  # (width, height)
+SIDECAR_FIELDS = {
+    "job_id", "run_id", "prompt", "negative_prompt", "seed", "height", "width", "steps",
+    "guidance", "scheduler", "model", "deepcache", "batch", "timing", "worker",
+}
+TIMING_FIELDS = {
+    "enqueued_at", "started_at", "finished_at", "queue_wait_s", "batch_inference_s",
+    "inference_s", "encode_s", "upload_s",
+}
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, s3_endpoint, tiny_model, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """One worker process for the module, with its broker, state store and bucket."""
+    broker, backend = f"{redis_server}/2", f"{redis_server}/3"
+    for url in (broker, backend):
+        redis.Redis.from_url(url).flushdb()
+    bucket = f"dq-{uuid.uuid4().hex[:12]}"
+    env = {
+        **os.environ, **AWS_ENV,
+        "DEEPQUEUE_BROKER_URL": broker,
+        "DEEPQUEUE_RESULT_BACKEND": backend,
+        "DEEPQUEUE_MODEL": str(tiny_model),
+        "DEEPQUEUE_DEVICE": "cpu",
+        "DEEPQUEUE_S3_ENDPOINT_URL": s3_endpoint,
+        "DEEPQUEUE_S3_BUCKET": bucket,
+        "DEEPQUEUE_S3_PREFIX": "datasets",
+        "DEEPQUEUE_MAX_WAIT_S": "1.0",
+        "PYTHONUNBUFFERED": "1",
+    }
+    moto_s3_client(s3_endpoint).create_bucket(Bucket=bucket)
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    process = start_worker(env, log_path, "--hostname", "itest@%h")
+    try:
+        yield env
+    finally:
+        stop(process)
+        print(log_path.read_text()[-5000:])  # shown by pytest when a test failed
+
+
+def s3_objects(env: dict[str, str], run_id: str) -> dict[str, bytes]:
+    s3 = moto_s3_client(env["DEEPQUEUE_S3_ENDPOINT_URL"])
+    bucket = env["DEEPQUEUE_S3_BUCKET"]
+    keys = [
+        item["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"datasets/{run_id}/")
+        for item in page.get("Contents", [])
+    ]
+    return {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+
+
+def client_for(env: dict[str, str]) -> Client:
+    return Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"])
+
+
+def test_mixed_resolutions_land_in_s3_in_homogeneous_batches(stack):
+    from PIL import Image
+
+    rng = random.Random(7)
+    rows = [
+        {"prompt": f"test prompt {i} {'✓ ünïcode' if i % 5 == 0 else ''}", "width": w, "height": h}
+        for i, (w, h) in enumerate(SIZES[i % 3] for i in range(36))
+    ]
+    rng.shuffle(rows)
+    with client_for(stack) as client:
+        run = client.submit(rows, run="itest-mixed", steps=4, seed=1234)
+        assert run.submitted == 36
+        status = run.wait(timeout=300)
+        results = {result.job_id: result for result in run.results()}
+
+    assert status.counts[JobState.DONE] == 36, status
+    assert len(results) == 36
+    objects = s3_objects(stack, run.run_id)
+    images = {k: v for k, v in objects.items() if k.endswith(".png")}
+    sidecars = {k: json.loads(v) for k, v in objects.items() if k.endswith(".json")}
+    # Every job exactly once, under the documented layout.
+    assert len(images) == len(sidecars) == 36
+    for job_id, result in results.items():
+        key = f"datasets/{run.run_id}/images/{job_id}.png"
+        assert result.key == f"s3://{stack['DEEPQUEUE_S3_BUCKET']}/{key}"
+        sidecar = sidecars[key.removesuffix(".png") + ".json"]
+        assert SIDECAR_FIELDS <= sidecar.keys()
+        assert TIMING_FIELDS <= sidecar["timing"].keys()
+        assert all(sidecar["timing"][field] is not None for field in TIMING_FIELDS)
+        assert {"hostname", "device", "torch", "diffusers", "deepcache"} <= sidecar["worker"].keys()
+        assert sidecar["deepcache"] == {"enabled": True, "interval": 3, "branch": 0}
+        assert sidecar["model"]["hash"].startswith("sha256:")
+        image = Image.open(io.BytesIO(images[key]))
+        assert image.size == (sidecar["width"], sidecar["height"])
+    # Batches: 1..8 images, all of one shape, and the sidecars agree on their composition.
+    batches: dict[str, list[dict]] = defaultdict(list)
+    for sidecar in sidecars.values():
+        batches[sidecar["batch"]["id"]].append(sidecar)
+    for members in batches.values():
+        assert 1 <= len(members) <= 8
+        assert {(m["width"], m["height"], m["steps"]) for m in members} == {(members[0]["width"], members[0]["height"], 4)}
+        assert all(m["batch"]["size"] == len(members) for m in members)
+        assert sorted(m["batch"]["index"] for m in members) == list(range(len(members)))
+    assert max(len(members) for members in batches.values()) == 8, "jobs were not batched"
+    # Nothing left unacknowledged in the broker.
+    broker = redis.Redis.from_url(stack["DEEPQUEUE_BROKER_URL"])
+    assert broker.llen("deepqueue") == 0 and broker.hlen("unacked") == 0
+
+
+def test_resubmitting_a_finished_run_sends_nothing(stack):
+    with client_for(stack) as client:
+        first = client.submit(["a", "b", "c"], run="itest-resubmit", steps=4, width=64, height=64)
+        first.wait(timeout=120)
+        again = client.submit(["a", "b", "c"], run="itest-resubmit", steps=4, width=64, height=64)
+    assert (again.submitted, again.skipped) == (0, 3)
+    assert len(s3_objects(stack, "itest-resubmit")) == 6
+
+
+def test_a_bad_message_fails_alone_and_its_batch_peers_succeed(stack):
+    """A message put on the queue by hand, skipping the client's validation."""
+    with client_for(stack) as client:
+        jobs = client.prepare(["peer one", "peer two", "peer three"], run="itest-bad", steps=4, width=64, height=64)
+    bad_fields = {**jobs[0].model_dump(mode="json"), "index": 3, "height": 500}
+    app = producer_app(client.settings)
+    with app.producer_or_acquire() as producer:
+        app.send_task(TASK_NAME, args=[bad_fields], kwargs={"enqueued_at": time.time()},
+                      task_id="bad-height", producer=producer)
+        app.send_task(TASK_NAME, args=["not a job"], task_id="not-a-job", producer=producer)
+        for job in jobs:
+            app.send_task(TASK_NAME, args=[job.model_dump(mode="json")], task_id=job.job_id, producer=producer)
+    with client_for(stack) as client:
+        client._store.mark_queued("itest-bad", [job.job_id for job in jobs])
+        run = client.run("itest-bad")
+        deadline = time.monotonic() + 120
+        while run.status().counts[JobState.DONE] < 3 or run.status().counts[JobState.FAILED] < 1:
+            assert time.monotonic() < deadline, run.status()
+            time.sleep(0.2)
+        results = {result.job_id: result for result in run.results()}
+    assert results["bad-height"].state is JobState.FAILED
+    assert "height" in results["bad-height"].reason and "500" in results["bad-height"].reason
+    assert all(results[job.job_id].state is JobState.DONE for job in jobs)
+    # The unrecordable message was consumed and acknowledged too, not left to redeliver.
+    broker = redis.Redis.from_url(stack["DEEPQUEUE_BROKER_URL"])
+    deadline = time.monotonic() + 30
+    while broker.llen("deepqueue") or broker.hlen("unacked"):
+        assert time.monotonic() < deadline, "messages left in the broker"
+        time.sleep(0.2)
+
+
+def test_cli_submit_wait_over_three_resolutions(stack, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(
+        json.dumps({"prompt": f"cli prompt {i}", "size": f"{w}x{h}"}) + "\n" for i, (w, h) in enumerate(SIZES * 3)
+    ))
+    done = subprocess.run(
+        [*deepqueue_command(), "submit", str(prompts), "--run", "itest-cli", "--steps", "4", "--wait", "--timeout", "300"],
+        env=stack, capture_output=True, text=True, timeout=400,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "itest-cli: 9 jobs (queued 0, running 0, done 9, failed 0)" in done.stdout
+    status = subprocess.run([*deepqueue_command(), "status", "itest-cli"], env=stack, capture_output=True, text=True)
+    assert "done 9" in status.stdout
+    assert len(s3_objects(stack, "itest-cli")) == 18
