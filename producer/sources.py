@@ -17,7 +17,7 @@ from producer.errors import PromptFileError
 from producer.job import JobDefaults
 
 Row = tuple[str, dict[str, Any]]
-Source = Union[str, os.PathLike, Iterable[Union[str, Mapping[str, Any], JobDefaults]]]
+Source = Union[str, os.PathLike, Iterable[str | Mapping[str, Any] | JobDefaults]]
 SUFFIXES = (".txt", ".jsonl", ".csv")
 
 

@@ -168,9 +168,10 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         """Device and library versions, for the sidecar."""
+        from importlib.metadata import version
+
         import diffusers
         import torch
-        from importlib.metadata import version
 
         device = self.device
         if device.startswith("cuda"):
