@@ -52,6 +52,12 @@ def recipe_defaults(size: str | None, negative: str | None, fmt: str | None, **f
     return defaults
 
 
+class InputError(click.ClickException):
+    """Bad input or an unknown run: exit 2, apart from 1 for "a job failed"."""
+
+    exit_code = 2
+
+
 class Group(click.Group):
     """Turn deepqueue's own errors into a one-line message and exit code 2."""
 
@@ -59,7 +65,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except DeepQueueError as error:
-            raise click.ClickException(str(error)) from error
+            raise InputError(str(error)) from error
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -165,7 +171,7 @@ def make_test_model(directory: Path, arch: str, seed: int) -> None:
     try:
         path = build_test_model(directory, arch, seed=seed)  # type: ignore[arg-type]
     except FileExistsError as error:
-        raise click.ClickException(str(error)) from error
+        raise InputError(str(error)) from error
     click.echo(f"wrote {arch} model to {path}")
 
 

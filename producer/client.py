@@ -120,7 +120,7 @@ class Client:
         may override. Submitting a run again sends only jobs that are not running or done.
         """
         jobs = self.prepare(source, run=run, seed=seed, **defaults)
-        run_id = jobs[0].run_id if jobs else (run or new_run_id())
+        run_id = jobs[0].run_id
         sent = 0
         with tqdm(total=len(jobs), unit="job", desc="enqueue", disable=not progress) as bar:
             for start in range(0, len(jobs), SUBMIT_CHUNK):

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from producer.errors import InvalidJobError
 
@@ -29,6 +29,7 @@ CACHE_BREAKING_SCHEDULERS = frozenset({"pndm", "heun", "kdpm2"})
 ImageFormat = Literal["png", "webp", "jpeg"]
 RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
+_RUN_ID = TypeAdapter(RunId)
 
 
 class JobDefaults(BaseModel):
@@ -114,7 +115,8 @@ def format_errors(error: ValidationError) -> list[str]:
         field = ".".join(str(part) for part in item["loc"]) or "job"
         message = item["msg"].removeprefix("Value error, ")
         if item["loc"] and item["type"] != "missing":
-            message += f", got {item['input']!r}"
+            shown = repr(item["input"])
+            message += f", got {shown if len(shown) <= 80 else shown[:77] + '...'}"
         lines.append(f"{field}: {message}")
     return lines
 
@@ -131,6 +133,12 @@ def make_jobs(
     ``where`` says where a row came from (``"line 4 of prompts.csv"``). Row fields override
     ``defaults``; a row without ``seed`` gets one derived from the run seed and its position.
     """
+    try:
+        run_id = _RUN_ID.validate_python(run_id)
+    except ValidationError as error:
+        raise InvalidJobError(
+            [("run", f"run_id: 1-64 letters, digits, '.', '_' or '-', not starting with a symbol, got {run_id!r}")]
+        ) from error
     base_seed = run_seed_for(run_id) if run_seed is None else run_seed
     base = defaults.model_dump(exclude_unset=True)
     jobs: list[Job] = []
@@ -144,4 +152,6 @@ def make_jobs(
             problems.extend((f"job {index} ({where})", line) for line in format_errors(error))
     if problems:
         raise InvalidJobError(problems)
+    if not jobs:
+        raise InvalidJobError([("input", "no prompts found")])
     return jobs

@@ -35,8 +35,12 @@ def read_file(path: Path) -> Iterator[Row]:
         raise PromptFileError(f"{path}: unknown prompt file type {path.suffix!r}, use one of {SUFFIXES}")
     if not path.is_file():
         raise PromptFileError(f"{path}: no such file")
-    with path.open(encoding="utf-8", newline="") as handle:
-        yield from reader(handle, path.name)
+    # utf-8-sig: spreadsheet exports often start with a byte-order mark; it is not part of the data.
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            yield from reader(handle, path.name)
+    except UnicodeDecodeError as error:
+        raise PromptFileError(f"{path}: not UTF-8 text ({error.reason}); save it as UTF-8") from error
 
 
 def _item_fields(item: str | Mapping[str, Any] | JobDefaults) -> dict[str, Any]:
@@ -94,6 +98,6 @@ def _normalise(fields: dict[str, Any]) -> dict[str, Any]:
 def parse_size(text: str) -> dict[str, Any]:
     """``"768x512"`` -> ``{"width": 768, "height": 512}``; bounds are checked by the Job."""
     width, sep, height = text.lower().partition("x")
-    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+    if not sep or not width.strip().isdecimal() or not height.strip().isdecimal():
         raise PromptFileError(f"size must look like WIDTHxHEIGHT (e.g. 768x512), got {text!r}")
     return {"width": int(width), "height": int(height)}

@@ -1,0 +1,367 @@
+"""The Python client against a real Redis: what lands on the queue, resubmission, runs, waiting."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import threading
+import time
+
+import pytest
+import redis
+
+from producer import (
+    Client,
+    ClientSettings,
+    InvalidJobError,
+    Job,
+    JobState,
+    PromptFileError,
+    Run,
+    RunNotFoundError,
+    WaitTimeoutError,
+)
+from producer.client import SUBMIT_CHUNK
+from producer.contract import TASK_NAME
+from producer.job import derive_seed
+from producer.state import RunStore
+
+QUEUED, RUNNING, DONE, FAILED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED
+
+
+@pytest.fixture(autouse=True)
+def no_deepqueue_env(monkeypatch):
+    """A developer's own DEEPQUEUE_* settings must not leak into these tests."""
+    for name in [name for name in os.environ if name.startswith("DEEPQUEUE_")]:
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def client(redis_urls):
+    with Client(*redis_urls) as client:
+        yield client
+
+
+@pytest.fixture
+def store(redis_urls) -> RunStore:
+    return RunStore.from_url(redis_urls[1])
+
+
+def messages(broker_url: str, queue: str = "deepqueue") -> list[dict]:
+    """The Celery messages waiting in ``queue``, oldest first, with the body decoded."""
+    raw = redis.Redis.from_url(broker_url).lrange(queue, 0, -1)
+    decoded = []
+    for item in reversed(raw):  # kombu LPUSHes and BRPOPs: the list's tail is the oldest
+        message = json.loads(item)
+        assert message["properties"]["body_encoding"] == "base64"
+        args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        decoded.append({"headers": message["headers"], "args": args, "kwargs": kwargs})
+    return decoded
+
+
+def ids_of(run: Run, store: RunStore) -> list[str]:
+    return sorted(result.job_id for result in store.results(run.run_id))
+
+
+def redis_is_empty(url: str) -> bool:
+    return redis.Redis.from_url(url).dbsize() == 0
+
+
+# -- what goes on the queue -------------------------------------------------------------------------
+
+
+def test_submit_puts_one_valid_message_per_job_on_the_queue(client, redis_urls):
+    prompts = ["a red fox", "a blue heron", "a green frog"]
+    expected = client.prepare(prompts, run="fauna", height=64, width=128, steps=4)
+    run = client.submit(prompts, run="fauna", height=64, width=128, steps=4)
+    assert (run.run_id, run.submitted, run.skipped) == ("fauna", 3, 0)
+
+    sent = messages(redis_urls[0])
+    assert len(sent) == 3
+    for message, job in zip(sent, expected, strict=True):  # FIFO: workers get them in submission order
+        assert message["headers"]["task"] == TASK_NAME == "deepqueue.generate"
+        assert message["headers"]["id"] == job.job_id
+        assert len(message["args"]) == 1
+        body = Job.model_validate(message["args"][0])
+        assert body == job and body.job_id == job.job_id
+        assert (body.run_id, body.height, body.width, body.steps) == ("fauna", 64, 128, 4)
+        assert set(message["kwargs"]) == {"enqueued_at"}
+        assert isinstance(message["kwargs"]["enqueued_at"], float)
+    assert [Job.model_validate(m["args"][0]).prompt for m in sent] == prompts
+
+
+def test_submit_marks_every_job_queued(client, store):
+    run = client.submit(["a", "b"], run="marked")
+    assert run.status().counts == {QUEUED: 2, RUNNING: 0, DONE: 0, FAILED: 0}
+    assert ids_of(run, store) == [job.job_id for job in client.prepare(["a", "b"], run="marked")]
+
+
+def test_submit_from_a_file(client, redis_urls, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# fauna\na fox\n\na heron\n", encoding="utf-8")
+    run = client.submit(path, run="from-file")
+    assert run.submitted == 2
+    assert [Job.model_validate(m["args"][0]).prompt for m in messages(redis_urls[0])] == ["a fox", "a heron"]
+
+
+def test_queue_name_from_argument(redis_urls):
+    with Client(*redis_urls, queue="gpu-a100") as client:
+        client.submit(["a"], run="q")
+    assert len(messages(redis_urls[0], "gpu-a100")) == 1
+    assert messages(redis_urls[0]) == []
+
+
+def test_settings_from_environment_when_called(redis_urls, monkeypatch):
+    monkeypatch.setenv("DEEPQUEUE_BROKER_URL", redis_urls[0])
+    monkeypatch.setenv("DEEPQUEUE_RESULT_BACKEND", redis_urls[1])
+    monkeypatch.setenv("DEEPQUEUE_QUEUE", "from-env")
+    with Client() as client:
+        assert client.settings == ClientSettings()
+        run = client.submit(["a"], run="env")
+    assert len(messages(redis_urls[0], "from-env")) == 1
+    assert RunStore.from_url(redis_urls[1]).exists(run.run_id)
+
+
+def test_explicit_arguments_override_settings(redis_urls):
+    settings = ClientSettings(broker_url="redis://127.0.0.1:1/0", result_backend="redis://127.0.0.1:1/1", queue="x")
+    with Client(*redis_urls, settings=settings) as client:
+        assert (client.settings.broker_url, client.settings.result_backend) == redis_urls
+        assert client.settings.queue == "x"
+
+
+def test_generated_run_name(client, store):
+    run = client.submit(["a"])
+    assert re.fullmatch(r"run-\d{8}-\d{6}-[0-9a-f]{4}", run.run_id)
+    assert store.exists(run.run_id) and client.runs() == [run.run_id]
+
+
+def test_run_seed_gives_job_seeds_and_changes_ids(client, redis_urls):
+    run = client.submit(["a", "b"], run="seeded", seed=7)
+    seeds = [Job.model_validate(m["args"][0]).seed for m in messages(redis_urls[0])]
+    assert seeds == [derive_seed(7, 0), derive_seed(7, 1)]
+    assert run.submitted == 2
+    other = client.submit(["a", "b"], run="seeded", seed=8)
+    assert other.submitted == 2  # new seeds, new recipes: new jobs in the same run
+    assert other.status().total == 4
+
+
+def test_prepare_sends_and_writes_nothing(client, redis_urls):
+    jobs = client.prepare(["a", {"prompt": "b", "steps": 3}], run="dry", height=64, width=64)
+    assert [(job.index, job.steps, job.height) for job in jobs] == [(0, 25, 64), (1, 3, 64)]
+    assert redis_is_empty(redis_urls[0]) and redis_is_empty(redis_urls[1])
+
+
+def test_submit_empty_source_is_refused_and_sends_nothing(client, redis_urls):
+    with pytest.raises(InvalidJobError, match="no prompts found"):
+        client.submit([], run="empty")
+    assert messages(redis_urls[0]) == []
+    assert not client._store.exists("empty")
+
+
+# -- resubmission -----------------------------------------------------------------------------------
+
+
+def test_resubmit_sends_nothing_once_every_job_is_running_or_done(client, redis_urls, store):
+    prompts = ["a", "b", "c"]
+    first = client.submit(prompts, run="again", steps=4)
+    job_ids = ids_of(first, store)
+    store.mark(first.run_id, job_ids[0], RUNNING)
+    store.mark(first.run_id, job_ids[1], DONE, key="k1")
+    store.mark(first.run_id, job_ids[2], DONE, key="k2")
+
+    second = client.submit(prompts, run="again", steps=4)
+    assert (second.submitted, second.skipped) == (0, 3)
+    assert len(messages(redis_urls[0])) == 3  # only the first submission's
+    assert second.status().counts == {QUEUED: 0, RUNNING: 1, DONE: 2, FAILED: 0}
+
+
+def test_resubmit_resends_queued_and_failed_jobs_and_skips_running_and_done(client, redis_urls, store):
+    """Queued jobs are sent again (their first message may be lost): workers must be idempotent."""
+    prompts = ["queued", "running", "done", "failed"]
+    first = client.submit(prompts, run="partial")
+    by_prompt = {Job.model_validate(m["args"][0]).prompt: m["headers"]["id"] for m in messages(redis_urls[0])}
+    store.mark("partial", by_prompt["running"], RUNNING)
+    store.mark("partial", by_prompt["done"], DONE, key="k")
+    store.mark("partial", by_prompt["failed"], FAILED, reason="cuda oom")
+
+    second = client.submit(prompts, run="partial")
+    assert (second.submitted, second.skipped) == (2, 2)
+    resent = messages(redis_urls[0])[len(prompts) :]
+    assert [m["headers"]["id"] for m in resent] == [by_prompt["queued"], by_prompt["failed"]]
+    assert second.status().counts == {QUEUED: 2, RUNNING: 1, DONE: 1, FAILED: 0}
+    assert first.run_id == second.run_id
+
+
+def test_submit_spanning_chunks_skips_the_right_jobs(client, redis_urls, store):
+    prompts = [f"prompt {n}" for n in range(SUBMIT_CHUNK + 3)]
+    jobs = client.prepare(prompts, run="big", steps=2)
+    skipped = {jobs[0].job_id, jobs[SUBMIT_CHUNK + 1].job_id}  # one in each chunk
+    for job_id in skipped:
+        store.mark("big", job_id, RUNNING)
+
+    run = client.submit(prompts, run="big", steps=2)
+    assert (run.submitted, run.skipped) == (SUBMIT_CHUNK + 1, 2)
+    raw = redis.Redis.from_url(redis_urls[0]).lrange("deepqueue", 0, -1)
+    sent_ids = {json.loads(item)["headers"]["id"] for item in raw}
+    assert sent_ids == {job.job_id for job in jobs} - skipped
+    assert run.status().counts == {QUEUED: SUBMIT_CHUNK + 1, RUNNING: 2, DONE: 0, FAILED: 0}
+
+
+def test_resubmit_with_a_changed_recipe_adds_new_jobs_to_the_run(client, store):
+    client.submit(["a", "b"], run="changed", steps=4)
+    again = client.submit(["a", "b"], run="changed", steps=5)
+    assert again.submitted == 2
+    assert again.status().total == 4
+
+
+# -- nothing is sent when anything is wrong ---------------------------------------------------------
+
+
+def test_invalid_row_enqueues_nothing_and_writes_no_state(client, redis_urls):
+    with pytest.raises(InvalidJobError) as info:
+        client.submit(["fine", {"prompt": "bad", "height": 500}, " "], run="bad-rows")
+    wheres = [where for where, _ in info.value.problems]
+    assert wheres == ["job 1 (item 1)", "job 2 (item 2)"]
+    assert redis_is_empty(redis_urls[0]) and redis_is_empty(redis_urls[1])
+    with pytest.raises(RunNotFoundError):
+        client.run("bad-rows")
+
+
+def test_bad_prompt_file_enqueues_nothing(client, redis_urls, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('"fine"\n{not json\n', encoding="utf-8")
+    with pytest.raises(PromptFileError, match="line 2 of p.jsonl"):
+        client.submit(path, run="bad-file")
+    assert redis_is_empty(redis_urls[0]) and redis_is_empty(redis_urls[1])
+
+
+@pytest.mark.parametrize(
+    ("defaults", "field"),
+    [
+        ({"height": 500}, "height"),
+        ({"steps": 0}, "steps"),
+        ({"guidance": float("nan")}, "guidance"),
+        ({"scheduler": "lms"}, "scheduler"),
+        ({"hieght": 512}, "hieght"),
+        ({"prompt": "not a default"}, "prompt"),
+    ],
+)
+def test_invalid_run_defaults_refused_naming_run_defaults(client, redis_urls, defaults, field):
+    with pytest.raises(InvalidJobError) as info:
+        client.submit(["a"], run="bad-defaults", **defaults)
+    [(where, message)] = info.value.problems
+    assert where == "run defaults" and message.startswith(f"{field}: ")
+    assert "run defaults" in str(info.value)
+    assert redis_is_empty(redis_urls[0]) and redis_is_empty(redis_urls[1])
+
+
+def test_cache_breaking_scheduler_in_run_defaults_refused(client):
+    with pytest.raises(InvalidJobError) as info:
+        client.submit(["a"], run="heun", scheduler="heun", cache_interval=3)
+    [(where, message)] = info.value.problems
+    assert where == "run defaults" and "'heun'" in message
+
+
+def test_invalid_run_name_refused(client, redis_urls):
+    with pytest.raises(InvalidJobError) as info:
+        client.submit(["a"], run="not a valid name")
+    assert info.value.problems[0][1].startswith("run_id: ")
+    assert redis_is_empty(redis_urls[1])
+
+
+# -- following a run --------------------------------------------------------------------------------
+
+
+def test_run_status_counts(client, store):
+    run = client.submit(["a", "b", "c", "d", "e"], run="counted")
+    job_ids = ids_of(run, store)
+    store.mark("counted", job_ids[0], RUNNING)
+    store.mark("counted", job_ids[1], DONE, key="k")
+    store.mark("counted", job_ids[2], FAILED, reason="r")
+    status = client.run("counted").status()
+    assert status.counts == {QUEUED: 2, RUNNING: 1, DONE: 1, FAILED: 1}
+    assert (status.total, status.finished, status.is_finished) == (5, 2, False)
+    assert str(status) == "counted: 5 jobs (queued 2, running 1, done 1, failed 1)"
+
+
+def test_run_handle_for_unknown_run_raises(client):
+    with pytest.raises(RunNotFoundError, match="'never-submitted'"):
+        client.run("never-submitted")
+
+
+def test_run_handle_for_known_run(client):
+    client.submit(["a"], run="known")
+    run = client.run("known")
+    assert run.run_id == "known" and repr(run) == "Run('known')"
+    assert run.status().total == 1
+
+
+def test_runs_lists_runs_in_submission_order(client):
+    for name in ["r1", "r2", "r3"]:
+        client.submit(["a"], run=name)
+    client.submit(["b"], run="r1")
+    assert client.runs() == ["r1", "r2", "r3"]
+
+
+def finish_later(
+    store: RunStore, run_id: str, job_ids: list[str], *, fail: str | None = None, after: float = 0.0
+) -> threading.Thread:
+    """Mark the jobs running then done (or failed) from another thread, as a worker would."""
+
+    def work() -> None:
+        time.sleep(after)  # let the waiter see the run unfinished first
+        for job in job_ids:
+            store.mark(run_id, job, RUNNING)
+        for job in job_ids:
+            if job == fail:
+                store.mark(run_id, job, FAILED, reason="nsfw filter")
+            else:
+                store.mark(run_id, job, DONE, key=f"{run_id}/{job}.png")
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    return thread
+
+
+def test_wait_returns_when_every_job_is_done_or_failed(client, store):
+    run = client.submit(["a", "b", "c"], run="waited")
+    job_ids = ids_of(run, store)
+    worker = finish_later(
+        RunStore.from_url(client.settings.result_backend), "waited", job_ids, fail=job_ids[1], after=0.1
+    )
+    final = run.wait(timeout=30, poll_s=0.01)
+    worker.join()
+    assert final.is_finished
+    assert final.counts == {QUEUED: 0, RUNNING: 0, DONE: 2, FAILED: 1}
+
+
+def test_wait_with_progress_bar(client, store, capsys):
+    run = client.submit(["a"], run="bar")
+    finish_later(store, "bar", ids_of(run, store)).join()
+    assert run.wait(progress=True, timeout=5).finished == 1
+    assert "bar" in capsys.readouterr().err
+
+
+def test_wait_times_out(client):
+    run = client.submit(["a", "b"], run="stuck")
+    with pytest.raises(WaitTimeoutError) as info:
+        run.wait(timeout=0.05, poll_s=0.01)
+    assert "stuck" in str(info.value) and "queued 2" in str(info.value)
+    assert isinstance(info.value, TimeoutError)
+
+
+def test_results_all_and_by_state(client, store):
+    run = client.submit(["a", "b", "c"], run="res")
+    job_ids = ids_of(run, store)
+    store.mark("res", job_ids[0], DONE, key="res/a.png")
+    store.mark("res", job_ids[1], FAILED, reason="bad luck")
+    everything = {result.job_id: result for result in run.results()}
+    assert set(everything) == set(job_ids)
+    [done] = run.results(DONE)
+    assert (done.job_id, done.key) == (job_ids[0], "res/a.png")
+    [failed] = run.results(state=FAILED)
+    assert (failed.job_id, failed.reason) == (job_ids[1], "bad luck")
+    assert [r.job_id for r in run.results(QUEUED)] == [job_ids[2]]
+    assert list(run.results(RUNNING)) == []

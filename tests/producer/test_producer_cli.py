@@ -1,0 +1,293 @@
+"""The ``deepqueue`` CLI through click's runner, against a real Redis from DEEPQUEUE_* settings."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner, Result
+
+from producer import Job, JobState
+from producer.cli import cli
+from producer.job import derive_seed
+from producer.state import RunStore
+
+QUEUED, RUNNING, DONE, FAILED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED
+COMMANDS = ["submit", "status", "wait", "results", "worker", "run", "make-test-model"]
+
+
+@pytest.fixture
+def env(redis_urls, monkeypatch) -> tuple[str, str]:
+    """Point the CLI at the test Redis the way a user would: DEEPQUEUE_* variables."""
+    for name in [name for name in os.environ if name.startswith("DEEPQUEUE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("DEEPQUEUE_BROKER_URL", redis_urls[0])
+    monkeypatch.setenv("DEEPQUEUE_RESULT_BACKEND", redis_urls[1])
+    return redis_urls
+
+
+@pytest.fixture
+def store(env) -> RunStore:
+    return RunStore.from_url(env[1])
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args), prog_name="deepqueue")
+
+
+def jobs_on_queue(broker_url: str) -> list[Job]:
+    """The jobs waiting in the default queue, oldest first."""
+    raw = redis.Redis.from_url(broker_url).lrange("deepqueue", 0, -1)
+    return [Job.model_validate(json.loads(base64.b64decode(json.loads(item)["body"]))[0][0]) for item in reversed(raw)]
+
+
+def prompt_file(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def submitted_run(tmp_path: Path, run_id: str, prompts: list[str]) -> None:
+    result = invoke("submit", str(prompt_file(tmp_path, "p.txt", "\n".join(prompts))), "--run", run_id)
+    assert result.exit_code == 0, result.output
+
+
+# -- help -------------------------------------------------------------------------------------------
+
+
+def test_top_level_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0, result.output
+    for command in COMMANDS:
+        assert command in result.output
+    assert "DEEPQUEUE_BROKER_URL" in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_command_has_help(command, flag):
+    result = invoke(command, flag)
+    assert result.exit_code == 0, result.output
+    assert f"Usage: deepqueue {command}" in result.output
+
+
+@pytest.mark.parametrize("command", ["submit", "run"])
+def test_recipe_flags_documented(command):
+    output = invoke(command, "--help").output
+    for flag in [
+        "--size",
+        "--steps",
+        "--guidance",
+        "--seed",
+        "--negative",
+        "--scheduler",
+        "--cache-interval",
+        "--cache-branch",
+        "--format",
+        "--run",
+    ]:
+        assert flag in output
+
+
+# -- submit -----------------------------------------------------------------------------------------
+
+
+def test_submit_with_size_enqueues_jobs_of_that_size(env, tmp_path, store):
+    path = prompt_file(tmp_path, "p.txt", "a red fox\na blue heron\n")
+    result = invoke("submit", str(path), "--size", "64x64", "--run", "small")
+    assert result.exit_code == 0, result.output
+    assert "run small: 2 jobs enqueued, 0 already running or done" in result.output
+    jobs = jobs_on_queue(env[0])
+    assert [(job.prompt, job.width, job.height) for job in jobs] == [("a red fox", 64, 64), ("a blue heron", 64, 64)]
+    assert store.counts("small")[QUEUED] == 2
+
+
+def test_submit_passes_every_recipe_flag(env, tmp_path):
+    path = prompt_file(tmp_path, "p.txt", "a fox\n")
+    result = invoke(
+        "submit",
+        str(path),
+        "--run",
+        "flags",
+        "--size",
+        "128x64",
+        "--steps",
+        "4",
+        "--guidance",
+        "3.5",
+        "--seed",
+        "11",
+        "--negative",
+        "blurry",
+        "--scheduler",
+        "ddim",
+        "--cache-interval",
+        "2",
+        "--cache-branch",
+        "1",
+        "--format",
+        "webp",
+    )
+    assert result.exit_code == 0, result.output
+    [job] = jobs_on_queue(env[0])
+    assert (job.width, job.height, job.steps, job.guidance) == (128, 64, 4, 3.5)
+    assert (job.negative_prompt, job.scheduler, job.cache_interval, job.cache_branch, job.format) == (
+        "blurry",
+        "ddim",
+        2,
+        1,
+        "webp",
+    )
+    assert job.seed == derive_seed(11, 0)
+
+
+def test_submit_rows_override_flags(env, tmp_path):
+    path = prompt_file(tmp_path, "p.csv", "prompt,size,steps\nbig,256x128,\nsmall,,3\n")
+    assert invoke("submit", str(path), "--size", "64x64", "--steps", "9").exit_code == 0
+    jobs = jobs_on_queue(env[0])
+    assert [(job.width, job.height, job.steps) for job in jobs] == [(256, 128, 9), (64, 64, 3)]
+
+
+def test_submit_bad_csv_row_names_line_and_field_and_enqueues_nothing(env, tmp_path):
+    path = prompt_file(tmp_path, "prompts.csv", "prompt,height\na fox,64\na heron,500\na frog,\n")
+    result = invoke("submit", str(path), "--run", "bad")
+    assert result.exit_code != 0
+    assert "line 3 of prompts.csv" in result.output and "height" in result.output and "500" in result.output
+    assert "nothing was enqueued" in result.output
+    assert "Traceback" not in result.output
+    assert redis.Redis.from_url(env[0]).dbsize() == 0 and redis.Redis.from_url(env[1]).dbsize() == 0
+
+
+def test_submit_bad_jsonl_names_the_line(env, tmp_path):
+    path = prompt_file(tmp_path, "p.jsonl", '"ok"\n{"prompt": \n')
+    result = invoke("submit", str(path))
+    assert result.exit_code != 0 and "line 2 of p.jsonl" in result.output
+    assert redis.Redis.from_url(env[0]).dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--size", "500x500"], ["run defaults", "height", "500"]),
+        (["--size", "large"], ["WIDTHxHEIGHT", "'large'"]),
+        (["--steps", "0"], ["run defaults", "steps"]),
+        (["--guidance", "31"], ["run defaults", "guidance"]),
+        (["--scheduler", "heun", "--cache-interval", "3"], ["'heun'", "cache_interval=1"]),
+        (["--cache-branch", "12"], ["cache_branch", "12"]),
+        (["--run", "no spaces allowed"], ["run_id"]),
+    ],
+)
+def test_submit_bad_flags_refused_with_a_clear_message(env, tmp_path, flags, expected):
+    path = prompt_file(tmp_path, "p.txt", "a fox\n")
+    result = invoke("submit", str(path), *flags)
+    assert result.exit_code != 0
+    for text in expected:
+        assert text in result.output
+    assert "Traceback" not in result.output
+    assert redis.Redis.from_url(env[0]).dbsize() == 0
+
+
+@pytest.mark.parametrize("flags", [["--scheduler", "lms"], ["--format", "gif"], ["--steps", "many"]])
+def test_submit_choices_and_types_checked_by_click(env, tmp_path, flags):
+    path = prompt_file(tmp_path, "p.txt", "a fox\n")
+    result = invoke("submit", str(path), *flags)
+    assert result.exit_code == 2 and flags[0] in result.output
+
+
+def test_submit_missing_file_is_a_usage_error(env, tmp_path):
+    result = invoke("submit", str(tmp_path / "nope.txt"))
+    assert result.exit_code == 2 and "nope.txt" in result.output
+
+
+def test_submit_unknown_file_type(env, tmp_path):
+    result = invoke("submit", str(prompt_file(tmp_path, "p.yaml", "- a fox\n")))
+    assert result.exit_code != 0 and "unknown prompt file type" in result.output
+
+
+def test_submit_again_skips_running_and_done_jobs(env, tmp_path, store):
+    submitted_run(tmp_path, "again", ["a", "b", "c"])
+    ids = [job.job_id for job in jobs_on_queue(env[0])]
+    store.mark("again", ids[0], RUNNING)
+    store.mark("again", ids[1], DONE, key="k")
+    result = invoke("submit", str(tmp_path / "p.txt"), "--run", "again")
+    assert result.exit_code == 0, result.output
+    assert "run again: 1 jobs enqueued, 2 already running or done" in result.output
+
+
+def test_submit_wait_times_out(env, tmp_path):
+    path = prompt_file(tmp_path, "p.txt", "a fox\n")
+    result = invoke("submit", str(path), "--run", "nobody-works", "--wait", "--timeout", "0.01")
+    assert result.exit_code != 0
+    assert "1 jobs enqueued" in result.output and "not finished" in result.output
+
+
+# -- status, results, wait --------------------------------------------------------------------------
+
+
+def test_status_of_a_run(env, tmp_path, store):
+    submitted_run(tmp_path, "st", ["a", "b", "c"])
+    ids = [job.job_id for job in jobs_on_queue(env[0])]
+    store.mark("st", ids[0], DONE, key="k")
+    store.mark("st", ids[1], FAILED, reason="r")
+    result = invoke("status", "st")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "st: 3 jobs (queued 1, running 0, done 1, failed 1)"
+
+
+@pytest.mark.parametrize("command", ["status", "wait", "results"])
+def test_unknown_run_is_a_clear_error(env, command):
+    result = invoke(command, "no-such-run")
+    assert result.exit_code != 0
+    assert "no run named 'no-such-run'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_results_one_json_line_per_job_and_state_filter(env, tmp_path, store):
+    submitted_run(tmp_path, "res", ["a", "b", "c"])
+    ids = [job.job_id for job in jobs_on_queue(env[0])]
+    store.mark("res", ids[0], DONE, key="res/a.png")
+    store.mark("res", ids[1], FAILED, reason="too dark")
+
+    result = invoke("results", "res")
+    assert result.exit_code == 0, result.output
+    records = {record["job_id"]: record for record in map(json.loads, result.output.splitlines())}
+    assert set(records) == set(ids)
+    assert records[ids[0]] == {"job_id": ids[0], "state": "done", "key": "res/a.png", "reason": None}
+    assert records[ids[1]] == {"job_id": ids[1], "state": "failed", "key": None, "reason": "too dark"}
+    assert records[ids[2]]["state"] == "queued"
+
+    failed = invoke("results", "res", "--state", "failed")
+    assert failed.exit_code == 0
+    assert [json.loads(line)["job_id"] for line in failed.output.splitlines()] == [ids[1]]
+    assert invoke("results", "res", "--state", "bogus").exit_code == 2
+
+
+def test_wait_exits_1_and_prints_the_reason_when_a_job_failed(env, tmp_path, store):
+    submitted_run(tmp_path, "w", ["a", "b"])
+    ids = [job.job_id for job in jobs_on_queue(env[0])]
+    store.mark("w", ids[0], DONE, key="k")
+    store.mark("w", ids[1], FAILED, reason="CUDA out of memory")
+    result = invoke("wait", "w")
+    assert result.exit_code == 1
+    assert "w: 2 jobs (queued 0, running 0, done 1, failed 1)" in result.stdout
+    assert f"failed {ids[1]}: CUDA out of memory" in result.stderr
+
+
+def test_wait_exits_0_when_every_job_is_done(env, tmp_path, store):
+    submitted_run(tmp_path, "ok", ["a", "b"])
+    for job in jobs_on_queue(env[0]):
+        store.mark("ok", job.job_id, DONE, key="k")
+    result = invoke("wait", "ok", "--timeout", "5")
+    assert result.exit_code == 0, result.output
+    assert "done 2, failed 0" in result.output and "failed " not in result.stderr
+
+
+def test_wait_timeout(env, tmp_path):
+    submitted_run(tmp_path, "slow", ["a"])
+    result = invoke("wait", "slow", "--timeout", "0.01")
+    assert result.exit_code != 0
+    assert "run slow not finished after 0.01 s" in result.output

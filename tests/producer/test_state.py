@@ -1,0 +1,202 @@
+"""RunStore against a real Redis: transitions, counts that agree with records, streaming results."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import redis
+
+from producer.state import RUNS_KEY, STATES, JobResult, JobState, RunStatus, RunStore
+
+RUN = "run-a"
+QUEUED, RUNNING, DONE, FAILED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED
+
+
+@pytest.fixture
+def backend(redis_urls) -> redis.Redis:
+    return redis.Redis.from_url(redis_urls[1])
+
+
+@pytest.fixture
+def store(backend) -> RunStore:
+    return RunStore(backend)
+
+
+def consistent_counts(store: RunStore, run_id: str) -> dict[JobState, int]:
+    """Counts from the per-state sets, checked against the records themselves."""
+    counts = store.counts(run_id)
+    from_records = Counter(result.state for result in store.results(run_id))
+    assert counts == {state: from_records.get(state, 0) for state in STATES}
+    return counts
+
+
+def test_from_url_talks_to_that_database(redis_urls):
+    store = RunStore.from_url(redis_urls[1])
+    store.mark_queued(RUN, ["j0"])
+    assert redis.Redis.from_url(redis_urls[1]).zscore(RUNS_KEY, RUN) is not None
+    assert redis.Redis.from_url(redis_urls[0]).zscore(RUNS_KEY, RUN) is None
+
+
+def test_mark_queued_new_jobs_need_sending(store):
+    assert store.mark_queued(RUN, ["j0", "j1", "j2"]) == [True, True, True]
+    assert consistent_counts(store, RUN) == {QUEUED: 3, RUNNING: 0, DONE: 0, FAILED: 0}
+
+
+def test_mark_queued_empty_registers_the_run(store):
+    assert store.mark_queued(RUN, []) == []
+    assert store.exists(RUN)
+
+
+def test_mark_queued_skips_running_and_done_and_resends_failed_and_queued(store):
+    store.mark_queued(RUN, ["q", "r", "d", "f"])
+    assert store.mark(RUN, "r", RUNNING)
+    assert store.mark(RUN, "d", DONE, key="runs/run-a/d.png")
+    assert store.mark(RUN, "f", FAILED, reason="boom")
+    assert store.mark_queued(RUN, ["q", "r", "d", "f", "new"]) == [True, False, False, True, True]
+    states = {result.job_id: result.state for result in store.results(RUN)}
+    assert states == {"q": QUEUED, "r": RUNNING, "d": DONE, "f": QUEUED, "new": QUEUED}
+    assert consistent_counts(store, RUN) == {QUEUED: 3, RUNNING: 1, DONE: 1, FAILED: 0}
+    # the refused transitions left the records as they were
+    assert store.get(RUN, "d").key == "runs/run-a/d.png"
+
+
+def test_requeue_of_failed_job_drops_its_reason(store):
+    store.mark_queued(RUN, ["f"])
+    store.mark(RUN, "f", FAILED, reason="boom")
+    store.mark_queued(RUN, ["f"])
+    result = store.get(RUN, "f")
+    assert result.state == QUEUED and result.reason is None
+
+
+@pytest.mark.parametrize("after", [RUNNING, FAILED, QUEUED])
+def test_done_is_final(store, after):
+    store.mark_queued(RUN, ["j"])
+    store.mark(RUN, "j", RUNNING)
+    assert store.mark(RUN, "j", DONE, key="k")
+    assert store.mark(RUN, "j", after, reason="late redelivery") is False
+    result = store.get(RUN, "j")
+    assert result.state == DONE and result.key == "k" and result.reason is None
+    assert consistent_counts(store, RUN)[DONE] == 1
+
+
+def test_done_twice_is_allowed_and_keeps_one_count(store):
+    store.mark_queued(RUN, ["j"])
+    assert store.mark(RUN, "j", DONE, key="first")
+    assert store.mark(RUN, "j", DONE, key="second")
+    assert store.get(RUN, "j").key == "second"
+    assert consistent_counts(store, RUN) == {QUEUED: 0, RUNNING: 0, DONE: 1, FAILED: 0}
+
+
+def test_queued_after_running_refused(store):
+    store.mark_queued(RUN, ["j"])
+    store.mark(RUN, "j", RUNNING, worker="gpu0")
+    assert store.mark(RUN, "j", QUEUED) is False
+    assert store.get(RUN, "j").state == RUNNING
+    assert store.get(RUN, "j").details["worker"] == "gpu0"
+
+
+@pytest.mark.parametrize(
+    ("path", "final"),
+    [
+        ([QUEUED, RUNNING, DONE], DONE),
+        ([QUEUED, RUNNING, FAILED], FAILED),
+        ([QUEUED, RUNNING, RUNNING, DONE], DONE),  # redelivered while running
+        ([QUEUED, RUNNING, FAILED, RUNNING, DONE], DONE),  # retried after a failure
+        ([QUEUED, FAILED, QUEUED, RUNNING, FAILED], FAILED),
+        ([RUNNING, DONE], DONE),  # a job never marked queued (other producer)
+    ],
+)
+def test_allowed_paths(store, path, final):
+    for state in path:
+        assert store.mark(RUN, "j", state)
+    assert store.get(RUN, "j").state == final
+    counts = consistent_counts(store, RUN)
+    assert counts[final] == 1 and sum(counts.values()) == 1
+
+
+def test_counts_of_many_jobs_in_every_state(store):
+    ids = [f"j{n:03d}" for n in range(40)]
+    store.mark_queued(RUN, ids)
+    for job in ids[:30]:
+        store.mark(RUN, job, RUNNING)
+    for job in ids[:12]:
+        store.mark(RUN, job, DONE, key=f"{job}.png")
+    for job in ids[12:20]:
+        store.mark(RUN, job, FAILED, reason="oom")
+    assert consistent_counts(store, RUN) == {QUEUED: 10, RUNNING: 10, DONE: 12, FAILED: 8}
+
+
+def test_runs_are_kept_apart(store):
+    store.mark_queued("run-a", ["same-id"])
+    store.mark_queued("run-b", ["same-id"])
+    store.mark(RUN, "same-id", DONE)
+    assert store.get("run-b", "same-id").state == QUEUED
+    assert store.counts("run-b")[QUEUED] == 1 and store.counts("run-a")[DONE] == 1
+
+
+def test_results_stream_all_of_a_large_run(store):
+    ids = [f"{n:08d}-abc" for n in range(2500)]
+    for start in range(0, len(ids), 1000):
+        assert all(store.mark_queued(RUN, ids[start : start + 1000]))
+    for job in ids[:700]:
+        store.mark(RUN, job, DONE, key=f"out/{job}.png")
+    results = list(store.results(RUN))
+    assert len(results) == 2500
+    assert sorted(result.job_id for result in results) == ids
+    assert consistent_counts(store, RUN) == {QUEUED: 1800, RUNNING: 0, DONE: 700, FAILED: 0}
+    assert all(result.key == f"out/{result.job_id}.png" for result in results if result.state == DONE)
+
+
+def test_results_of_unknown_run_are_empty(store):
+    assert list(store.results("nope")) == []
+    assert store.counts("nope") == {QUEUED: 0, RUNNING: 0, DONE: 0, FAILED: 0}
+    assert store.get("nope", "j") is None
+
+
+def test_runs_and_exists(store):
+    assert store.runs() == [] and not store.exists("first")
+    store.mark_queued("first", ["j"])
+    store.mark_queued("second", ["j"])
+    store.mark_queued("first", ["k"])  # resubmission keeps the first submission time
+    assert store.runs() == ["first", "second"]
+    assert store.exists("first") and store.exists("second") and not store.exists("third")
+
+
+def test_mark_alone_does_not_register_a_run(store):
+    store.mark("worker-only", "j", RUNNING)
+    assert not store.exists("worker-only")
+
+
+def test_job_result_fields(store):
+    store.mark_queued(RUN, ["ok", "bad"])
+    store.mark(RUN, "ok", DONE, key="s3://bucket/run-a/ok.png", width=64, timings={"unet_s": 1.5})
+    store.mark(RUN, "bad", FAILED, reason="prompt too long for the tokenizer", attempts=3)
+    ok, bad = store.get(RUN, "ok"), store.get(RUN, "bad")
+    assert isinstance(ok, JobResult)
+    assert (ok.job_id, ok.state, ok.key, ok.reason) == ("ok", DONE, "s3://bucket/run-a/ok.png", None)
+    assert ok.details["width"] == 64 and ok.details["timings"] == {"unet_s": 1.5}
+    assert isinstance(ok.details["at"], float)
+    assert "state" not in ok.details and "key" not in ok.details
+    assert (bad.state, bad.key, bad.reason) == (FAILED, None, "prompt too long for the tokenizer")
+    assert bad.details["attempts"] == 3 and "reason" not in bad.details
+    assert {result.job_id: result for result in store.results(RUN)} == {"ok": ok, "bad": bad}
+
+
+def test_keys_share_one_cluster_hash_tag(store, backend):
+    store.mark_queued("tagged", ["j"])
+    store.mark("tagged", "j", RUNNING)
+    keys = sorted(key.decode() for key in backend.keys("deepqueue:{tagged}:*"))
+    assert keys == ["deepqueue:{tagged}:jobs", "deepqueue:{tagged}:running"]  # empty sets vanish
+
+
+def test_job_state_is_a_string_enum():
+    assert JobState("done") is DONE and DONE == "done"
+    assert [state.value for state in STATES] == ["queued", "running", "done", "failed"]
+
+
+def test_run_status_properties_and_text():
+    status = RunStatus("r", {QUEUED: 1, RUNNING: 2, DONE: 3, FAILED: 4})
+    assert (status.total, status.finished, status.is_finished) == (10, 7, False)
+    assert str(status) == "r: 10 jobs (queued 1, running 2, done 3, failed 4)"
+    assert RunStatus("r", {QUEUED: 0, RUNNING: 0, DONE: 2, FAILED: 1}).is_finished
