@@ -164,6 +164,8 @@ class Engine:
             )
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
+        if len(output.images) != len(jobs):
+            raise RuntimeError(f"the pipeline returned {len(output.images)} images for {len(jobs)} prompts")
         return Generated(images=list(output.images), seconds=time.perf_counter() - started)
 
     def describe(self) -> dict[str, Any]:
@@ -190,5 +192,10 @@ class Engine:
             import diffusers
 
             cls = getattr(diffusers, SCHEDULERS[name])
-            self._schedulers[name] = cls.from_config(self._scheduler_config)
+            config = dict(self._scheduler_config)
+            if name == "pndm":
+                # SD ships PNDM as PLMS. From another scheduler's config it would default to
+                # Runge-Kutta warm-up steps: 3x the UNet calls, and a crash below 4 steps.
+                config.setdefault("skip_prk_steps", True)
+            self._schedulers[name] = cls.from_config(config)
         return self._schedulers[name]

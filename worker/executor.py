@@ -139,7 +139,7 @@ class BatchExecutor:
         # 5. Encode, upload image then sidecar, report.
         return [
             self._store(delivery, job, key, image, batch)
-            for (delivery, job), image in zip(items, generated.images)
+            for (delivery, job), image in zip(items, generated.images, strict=True)
         ]
 
     def _store(self, delivery: Delivery, job: Job, key: BatchKey, image: Any, batch: BatchInfo) -> Outcome:

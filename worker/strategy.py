@@ -103,7 +103,7 @@ class BatchingStrategy:
 
     def _on_done(self, requests: list[Any], outcomes: list[dict[str, Any]]) -> None:
         self.in_flight -= 1
-        for req, outcome in zip(requests, outcomes):
+        for req, outcome in zip(requests, outcomes, strict=True):
             if outcome["ok"]:
                 req.send_event("task-succeeded", result=outcome["key"], runtime=time.time() - req.received_at)
             else:
