@@ -106,7 +106,13 @@ class Engine:
     @classmethod
     def load(cls, settings: WorkerSettings) -> Engine:
         """``from_pretrained`` any SD/SDXL model id or folder, on the configured device."""
+        import transformers
         from diffusers import AutoPipelineForText2Image
+        from diffusers.utils import logging as diffusers_logging
+
+        # Loading bars would land in the worker log line by line (Celery redirects stderr).
+        diffusers_logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)

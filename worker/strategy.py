@@ -116,6 +116,7 @@ class BatchingStrategy:
         """The pool process died or the batch raised (Redis down, a bug): requeue the batch."""
         self.in_flight -= 1
         error = getattr(exc_info, "exception", exc_info)
+        error = getattr(error, "exc", error)  # billiard wraps it in ExceptionWithTraceback
         logger.error("batch of %d lost (%r): sending its jobs back to the queue", len(requests), error)
         for req in requests:
             req.send_event("task-retried", exception=repr(error), traceback="")
