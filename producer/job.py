@@ -91,6 +91,14 @@ class Job(JobDefaults):
         return job_id(self.run_id, self.index, self.recipe())
 
 
+def is_run_id(value: object) -> bool:
+    try:
+        _RUN_ID.validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
 def job_id(run_id: str, index: int, recipe: Mapping[str, Any]) -> str:
     """``{index:08d}-{12 hex}``: sorts by position; the hash tells recipes apart."""
     canonical = json.dumps([run_id, index, recipe], sort_keys=True, separators=(",", ":"))
@@ -133,12 +141,10 @@ def make_jobs(
     ``where`` says where a row came from (``"line 4 of prompts.csv"``). Row fields override
     ``defaults``; a row without ``seed`` gets one derived from the run seed and its position.
     """
-    try:
-        run_id = _RUN_ID.validate_python(run_id)
-    except ValidationError as error:
+    if not is_run_id(run_id):
         raise InvalidJobError(
             [("run", f"run_id: 1-64 letters, digits, '.', '_' or '-', not starting with a symbol, got {run_id!r}")]
-        ) from error
+        )
     base_seed = run_seed_for(run_id) if run_seed is None else run_seed
     base = defaults.model_dump(exclude_unset=True)
     jobs: list[Job] = []

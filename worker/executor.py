@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import socket
 import time
 import uuid
@@ -18,7 +17,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from producer.job import Job, format_errors
+from producer.job import Job, format_errors, is_run_id
 from producer.state import JobResult, JobState
 from worker.batching import BatchBuffer, BatchKey, RecipeDefaults, batch_key
 from worker.encode import CONTENT_TYPES, EXTENSIONS, encode_image
@@ -28,7 +27,6 @@ from worker.sidecar import BatchInfo, build_sidecar, s3_metadata
 from worker.storage import Storage, image_key, sidecar_key
 
 logger = logging.getLogger(__name__)
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class Reporter(Protocol):
@@ -184,7 +182,7 @@ class BatchExecutor:
     def _fail_unparsed(self, delivery: Delivery, reason: str) -> Outcome:
         """Record a job that is not a Job under its task id, if it names a usable run."""
         run_id = delivery.payload.get("run_id") if isinstance(delivery.payload, dict) else None
-        if isinstance(run_id, str) and _RUN_ID.match(run_id):
+        if is_run_id(run_id):
             self.reporter.mark(run_id, delivery.task_id, JobState.FAILED, reason=reason)
         else:
             logger.error("task %s: %s (no run to record it in)", delivery.task_id, reason)

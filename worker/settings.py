@@ -40,8 +40,8 @@ class WorkerSettings(ClientSettings):
     s3_prefix: str = Field("", description="Key prefix inside the bucket")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, a test server)")
     output_dir: Path = Field(Path("out"), description="Root folder of the local storage")
-    webp_quality: int = Field(90, ge=1, le=100)
-    jpeg_quality: int = Field(95, ge=1, le=100)
+    webp_quality: int = Field(90, ge=1, le=100, description="Quality of webp images")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="Quality of jpeg images")
 
     @property
     def prefetch_count(self) -> int:
