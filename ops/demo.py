@@ -37,7 +37,8 @@ def main() -> int:
         redis_process, redis_url = start_redis(Path(scratch))
         moto_process, s3_url = start_moto()
         env = {
-            **os.environ, **AWS_ENV,
+            **os.environ,
+            **AWS_ENV,
             "DEEPQUEUE_BROKER_URL": f"{redis_url}/0",
             "DEEPQUEUE_RESULT_BACKEND": f"{redis_url}/1",
             "DEEPQUEUE_MODEL": model,
@@ -52,8 +53,18 @@ def main() -> int:
             print(f"redis {redis_url}, s3 {s3_url}, model {model}; starting the worker ...", flush=True)
             worker = start_worker(env, Path(scratch) / "worker.log")
             submitted = subprocess.run(
-                [*deepqueue_command(), "submit", str(args.prompts), "--run", "demo", "--steps", str(args.steps),
-                 "--wait", "--timeout", "1800"],
+                [
+                    *deepqueue_command(),
+                    "submit",
+                    str(args.prompts),
+                    "--run",
+                    "demo",
+                    "--steps",
+                    str(args.steps),
+                    "--wait",
+                    "--timeout",
+                    "1800",
+                ],
                 env=env,
             )
             copied = copy_bucket(s3, "deepqueue-demo", args.out)

@@ -55,7 +55,19 @@ def start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
         raise RuntimeError("redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)")
     port = free_port()
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data_dir)],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data_dir),
+        ],
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}"
@@ -68,7 +80,8 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: urllib.request.urlopen(f"{url}/moto-api/", timeout=1).status == 200, 30, "moto server")
@@ -80,8 +93,11 @@ def moto_s3_client(endpoint_url: str):
     import boto3
 
     return boto3.client(
-        "s3", endpoint_url=endpoint_url, aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"], region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name=AWS_ENV["AWS_DEFAULT_REGION"],
     )
 
 
@@ -94,7 +110,9 @@ def deepqueue_command() -> list[str]:
 def start_worker(env: Mapping[str, str], log_path: Path, *args: str, timeout: float = 180) -> subprocess.Popen:
     """A ``deepqueue worker`` process; returns once Celery says it is ready (log in log_path)."""
     with log_path.open("w") as log:
-        process = subprocess.Popen([*deepqueue_command(), "worker", *args], env=dict(env), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [*deepqueue_command(), "worker", *args], env=dict(env), stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         wait_for(lambda: "ready." in log_path.read_text() or process.poll() is not None, timeout, "deepqueue worker")
     except TimeoutError:

@@ -145,19 +145,35 @@ def worker(model: str | None, device: str | None, loglevel: str, celery_args: tu
 
 @cli.command("run")
 @recipe_options
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."
+)
 @click.option("--model", help="Model id or folder (default DEEPQUEUE_MODEL).")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--max-batch", type=int, help="Images per pipeline call at most (default 8).")
 def run_embedded(
-    file: Path, run_id: str | None, seed: int | None, out_dir: Path, model: str | None,
-    device: str | None, max_batch: int | None, **flags: Any,
+    file: Path,
+    run_id: str | None,
+    seed: int | None,
+    out_dir: Path,
+    model: str | None,
+    device: str | None,
+    max_batch: int | None,
+    **flags: Any,
 ) -> None:
     """Generate FILE's prompts in this process, no servers: images and sidecars under --out."""
     from worker.cli import run_local
 
-    run_local(file, run_id=run_id, seed=seed, out_dir=out_dir, model=model, device=device,
-              max_batch=max_batch, defaults=recipe_defaults(**flags))
+    run_local(
+        file,
+        run_id=run_id,
+        seed=seed,
+        out_dir=out_dir,
+        model=model,
+        device=device,
+        max_batch=max_batch,
+        defaults=recipe_defaults(**flags),
+    )
 
 
 @cli.command("make-test-model")

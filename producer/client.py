@@ -94,9 +94,7 @@ class Client:
     def close(self) -> None:
         self._app.close()
 
-    def prepare(
-        self, source: Source, *, run: str | None = None, seed: int | None = None, **defaults: Any
-    ) -> list[Job]:
+    def prepare(self, source: Source, *, run: str | None = None, seed: int | None = None, **defaults: Any) -> list[Job]:
         """Validate ``source`` into jobs without sending anything (raises InvalidJobError)."""
         try:
             run_defaults = JobDefaults(**defaults)
@@ -126,7 +124,7 @@ class Client:
             for start in range(0, len(jobs), SUBMIT_CHUNK):
                 chunk = jobs[start : start + SUBMIT_CHUNK]
                 needed = self._store.mark_queued(run_id, [job.job_id for job in chunk])
-                to_send = [job for job, send in zip(chunk, needed) if send]
+                to_send = [job for job, send in zip(chunk, needed, strict=True) if send]
                 publish(self._app, to_send)
                 sent += len(to_send)
                 bar.update(len(chunk))

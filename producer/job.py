@@ -54,11 +54,7 @@ class JobDefaults(BaseModel):
 
     @model_validator(mode="after")
     def _scheduler_fits_cache(self) -> JobDefaults:
-        if (
-            self.scheduler in CACHE_BREAKING_SCHEDULERS
-            and self.cache_interval is not None
-            and self.cache_interval > 1
-        ):
+        if self.scheduler in CACHE_BREAKING_SCHEDULERS and self.cache_interval is not None and self.cache_interval > 1:
             raise ValueError(
                 f"scheduler {self.scheduler!r} repeats timesteps, which breaks DeepCache's step "
                 f"counting: use cache_interval=1 with it, or one of ddim, euler, euler_a, "

@@ -11,13 +11,13 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from producer.errors import PromptFileError
 from producer.job import JobDefaults
 
 Row = tuple[str, dict[str, Any]]
-Source = Union[str, os.PathLike, Iterable[str | Mapping[str, Any] | JobDefaults]]
+Source = str | os.PathLike | Iterable[str | Mapping[str, Any] | JobDefaults]
 SUFFIXES = (".txt", ".jsonl", ".csv")
 
 

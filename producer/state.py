@@ -118,7 +118,7 @@ class RunStore:
         pipe = self._redis.pipeline(transaction=False)
         for key in _keys(run_id)[1:]:
             pipe.scard(key)
-        return dict(zip(STATES, pipe.execute()))
+        return dict(zip(STATES, pipe.execute(), strict=True))
 
     def exists(self, run_id: str) -> bool:
         return self._redis.zscore(RUNS_KEY, run_id) is not None

@@ -12,8 +12,9 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_every_setting_is_in_the_readme():
-    missing = [f"DEEPQUEUE_{name.upper()}" for name in WorkerSettings.model_fields
-               if f"DEEPQUEUE_{name.upper()}" not in README]
+    missing = [
+        f"DEEPQUEUE_{name.upper()}" for name in WorkerSettings.model_fields if f"DEEPQUEUE_{name.upper()}" not in README
+    ]
     assert not missing, f"document these in README.md's configuration table: {missing}"
 
 

@@ -38,14 +38,28 @@ def start_worker(*, model: str | None, device: str | None, loglevel: str, extra:
     app = create_app(settings)
     # prefork: the pipeline lives in a child process, so a crash there requeues its batch at
     # once (task_reject_on_worker_lost) and the parent keeps acking and heartbeating.
-    argv = ["worker", "--pool=prefork", "--concurrency=1", "--task-events",
-            f"--loglevel={loglevel}", f"--queues={settings.queue}", *extra]
+    argv = [
+        "worker",
+        "--pool=prefork",
+        "--concurrency=1",
+        "--task-events",
+        f"--loglevel={loglevel}",
+        f"--queues={settings.queue}",
+        *extra,
+    ]
     app.worker_main(argv)
 
 
 def run_local(
-    file: Path, *, run_id: str | None, seed: int | None, out_dir: Path, model: str | None,
-    device: str | None, max_batch: int | None, defaults: dict[str, Any],
+    file: Path,
+    *,
+    run_id: str | None,
+    seed: int | None,
+    out_dir: Path,
+    model: str | None,
+    device: str | None,
+    max_batch: int | None,
+    defaults: dict[str, Any],
 ) -> None:
     settings = _settings(model=model, device=device, max_batch=max_batch, output_dir=out_dir, storage="local")
     check_model(settings)

@@ -134,7 +134,11 @@ class Engine:
         engine = cls(pipe, device=device, model=model_fingerprint(settings.model, settings.model_revision))
         logger.info(
             "loaded %s (%s) on %s as %s in %.1f s",
-            settings.model, type(pipe).__name__, device, dtype, time.perf_counter() - started,
+            settings.model,
+            type(pipe).__name__,
+            device,
+            dtype,
+            time.perf_counter() - started,
             extra={"model": engine.model, "device": device},
         )
         return engine

@@ -130,8 +130,13 @@ class BatchExecutor:
         )
         logger.info(
             "batch %s: %d x %dx%d, %d steps, deepcache %s: %.2f s",
-            batch.id, batch.size, key.width, key.height, key.steps,
-            f"{key.cache_interval}/{key.cache_branch}" if key.deepcache else "off", generated.seconds,
+            batch.id,
+            batch.size,
+            key.width,
+            key.height,
+            key.steps,
+            f"{key.cache_interval}/{key.cache_branch}" if key.deepcache else "off",
+            generated.seconds,
             extra={"batch_id": batch.id, "batch_size": batch.size, "inference_s": generated.seconds},
         )
         # 5. Encode, upload image then sidecar, report.
@@ -163,8 +168,13 @@ class BatchExecutor:
                 "upload_s": uploaded - encoded,
             }
             sidecar = build_sidecar(
-                job=job, key=key, image_url=self.storage.url(image_at), batch=batch,
-                model=self.engine.model, worker=self.worker, timing=timing,
+                job=job,
+                key=key,
+                image_url=self.storage.url(image_at),
+                batch=batch,
+                model=self.engine.model,
+                worker=self.worker,
+                timing=timing,
             )
             body = json.dumps(sidecar, indent=1, ensure_ascii=False).encode()
             self.storage.put(sidecar_key(image_at), body, content_type="application/json", metadata=metadata)

@@ -24,16 +24,10 @@ class WorkerSettings(ClientSettings):
         "auto", description="auto: float16 on CUDA, float32 on CPU"
     )
     max_batch: int = Field(8, ge=1, le=64, description="Images per pipeline call at most")
-    max_wait_s: float = Field(
-        2.0, ge=0, description="Longest a partial batch waits for peers of the same shape"
-    )
-    prefetch: int | None = Field(
-        None, ge=1, description="Messages reserved from Redis at once (default 4 x max_batch)"
-    )
+    max_wait_s: float = Field(2.0, ge=0, description="Longest a partial batch waits for peers of the same shape")
+    prefetch: int | None = Field(None, ge=1, description="Messages reserved from Redis at once (default 4 x max_batch)")
     scheduler: SchedulerName = Field("ddim", description="Scheduler for jobs that name none")
-    cache_interval: int = Field(
-        3, ge=1, le=MAX_CACHE_INTERVAL, description="DeepCache interval; 1 turns caching off"
-    )
+    cache_interval: int = Field(3, ge=1, le=MAX_CACHE_INTERVAL, description="DeepCache interval; 1 turns caching off")
     cache_branch: int = Field(0, ge=0, le=MAX_CACHE_BRANCH, description="DeepCache branch id")
     storage: Literal["s3", "local"] = Field("s3", description="Where images and sidecars go")
     s3_bucket: str = Field("deepqueue", description="Bucket for images and sidecars")
@@ -52,7 +46,6 @@ class WorkerSettings(ClientSettings):
         # Reserved-but-unacked messages are all the buffer can batch from.
         if self.prefetch is not None and self.prefetch < self.max_batch:
             raise ValueError(
-                f"prefetch ({self.prefetch}) must be at least max_batch ({self.max_batch}), "
-                "or batches never fill"
+                f"prefetch ({self.prefetch}) must be at least max_batch ({self.max_batch}), or batches never fill"
             )
         return self

@@ -55,8 +55,12 @@ class S3Storage:
 
         try:
             self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=data, ContentType=content_type,
-                Metadata=metadata, IfNoneMatch="*",
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType=content_type,
+                Metadata=metadata,
+                IfNoneMatch="*",
             )
         except ClientError as error:
             code = error.response.get("Error", {}).get("Code")

@@ -46,8 +46,12 @@ class BatchingStrategy:
             cache_branch=settings.cache_branch,
         )
         self.Request = create_request_cls(
-            symbol_by_name(task.Request), task, consumer.pool, consumer.hostname,
-            consumer.event_dispatcher, app=app,
+            symbol_by_name(task.Request),
+            task,
+            consumer.pool,
+            consumer.hostname,
+            consumer.event_dispatcher,
+            app=app,
         )
         tick = min(0.25, max(settings.max_wait_s / 2, 0.05))
         consumer.timer.call_repeatedly(tick, self.pump)
@@ -132,9 +136,18 @@ class BatchingStrategy:
         else:
             body, headers, decoded, utc = proto1_to_proto2(message, body)
         return self.Request(
-            message, on_ack=ack, on_reject=reject, app=self.app, hostname=self.consumer.hostname,
-            eventer=self.consumer.event_dispatcher, task=self.task, body=body, headers=headers,
-            decoded=decoded, utc=utc, connection_errors=self.consumer.connection_errors,
+            message,
+            on_ack=ack,
+            on_reject=reject,
+            app=self.app,
+            hostname=self.consumer.hostname,
+            eventer=self.consumer.event_dispatcher,
+            task=self.task,
+            body=body,
+            headers=headers,
+            decoded=decoded,
+            utc=utc,
+            connection_errors=self.consumer.connection_errors,
         )
 
 

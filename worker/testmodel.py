@@ -318,9 +318,7 @@ def _exists_message(out: pathlib.Path) -> str:
 _BUILDERS = {"tiny": _build_tiny, "sd15": _build_sd15, "sdxl-tiny": _build_sdxl_tiny}
 
 
-def build_test_model(
-    out_dir: str | os.PathLike[str], arch: Arch = "tiny", *, seed: int = 0
-) -> pathlib.Path:
+def build_test_model(out_dir: str | os.PathLike[str], arch: Arch = "tiny", *, seed: int = 0) -> pathlib.Path:
     """Build a random-weight Stable Diffusion (or SDXL) pipeline and save it to ``out_dir``.
 
     The pipeline is saved with ``save_pretrained`` (fp32 safetensors); loading it back goes

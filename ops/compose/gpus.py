@@ -91,8 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--base",
         default="docker-compose.yml",
-        help="path of docker-compose.yml as seen from the override file's directory "
-        "(default: %(default)s)",
+        help="path of docker-compose.yml as seen from the override file's directory (default: %(default)s)",
     )
     parser.add_argument("-o", "--output", help="write to this file instead of standard output")
     args = parser.parse_args(argv)

@@ -24,10 +24,14 @@ def worker_env(redis_urls, s3_endpoint, tiny_model) -> dict[str, str]:
     moto_s3_client(s3_endpoint).create_bucket(Bucket=bucket)
     broker, backend = redis_urls
     return {
-        **os.environ, **AWS_ENV,
-        "DEEPQUEUE_BROKER_URL": broker, "DEEPQUEUE_RESULT_BACKEND": backend,
-        "DEEPQUEUE_MODEL": str(tiny_model), "DEEPQUEUE_DEVICE": "cpu",
-        "DEEPQUEUE_S3_ENDPOINT_URL": s3_endpoint, "DEEPQUEUE_S3_BUCKET": bucket,
+        **os.environ,
+        **AWS_ENV,
+        "DEEPQUEUE_BROKER_URL": broker,
+        "DEEPQUEUE_RESULT_BACKEND": backend,
+        "DEEPQUEUE_MODEL": str(tiny_model),
+        "DEEPQUEUE_DEVICE": "cpu",
+        "DEEPQUEUE_S3_ENDPOINT_URL": s3_endpoint,
+        "DEEPQUEUE_S3_BUCKET": bucket,
         "DEEPQUEUE_MAX_WAIT_S": "0.5",
     }
 

@@ -28,12 +28,31 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SIZES = [(64, 64), (96, 64), (64, 96)]  # (width, height)
 SIDECAR_FIELDS = {
-    "job_id", "run_id", "prompt", "negative_prompt", "seed", "height", "width", "steps",
-    "guidance", "scheduler", "model", "deepcache", "batch", "timing", "worker",
+    "job_id",
+    "run_id",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "height",
+    "width",
+    "steps",
+    "guidance",
+    "scheduler",
+    "model",
+    "deepcache",
+    "batch",
+    "timing",
+    "worker",
 }
 TIMING_FIELDS = {
-    "enqueued_at", "started_at", "finished_at", "queue_wait_s", "batch_inference_s",
-    "inference_s", "encode_s", "upload_s",
+    "enqueued_at",
+    "started_at",
+    "finished_at",
+    "queue_wait_s",
+    "batch_inference_s",
+    "inference_s",
+    "encode_s",
+    "upload_s",
 }
 
 
@@ -45,7 +64,8 @@ def stack(redis_server, s3_endpoint, tiny_model, tmp_path_factory) -> Iterator[d
         redis.Redis.from_url(url).flushdb()
     bucket = f"dq-{uuid.uuid4().hex[:12]}"
     env = {
-        **os.environ, **AWS_ENV,
+        **os.environ,
+        **AWS_ENV,
         "DEEPQUEUE_BROKER_URL": broker,
         "DEEPQUEUE_RESULT_BACKEND": backend,
         "DEEPQUEUE_MODEL": str(tiny_model),
@@ -121,7 +141,9 @@ def test_mixed_resolutions_land_in_s3_in_homogeneous_batches(stack):
         batches[sidecar["batch"]["id"]].append(sidecar)
     for members in batches.values():
         assert 1 <= len(members) <= 8
-        assert {(m["width"], m["height"], m["steps"]) for m in members} == {(members[0]["width"], members[0]["height"], 4)}
+        assert {(m["width"], m["height"], m["steps"]) for m in members} == {
+            (members[0]["width"], members[0]["height"], 4)
+        }
         assert all(m["batch"]["size"] == len(members) for m in members)
         assert sorted(m["batch"]["index"] for m in members) == list(range(len(members)))
     assert max(len(members) for members in batches.values()) == 8, "jobs were not batched"
@@ -146,8 +168,9 @@ def test_a_bad_message_fails_alone_and_its_batch_peers_succeed(stack):
     bad_fields = {**jobs[0].model_dump(mode="json"), "index": 3, "height": 500}
     app = producer_app(client.settings)
     with app.producer_or_acquire() as producer:
-        app.send_task(TASK_NAME, args=[bad_fields], kwargs={"enqueued_at": time.time()},
-                      task_id="bad-height", producer=producer)
+        app.send_task(
+            TASK_NAME, args=[bad_fields], kwargs={"enqueued_at": time.time()}, task_id="bad-height", producer=producer
+        )
         app.send_task(TASK_NAME, args=["not a job"], task_id="not-a-job", producer=producer)
         for job in jobs:
             app.send_task(TASK_NAME, args=[job.model_dump(mode="json")], task_id=job.job_id, producer=producer)
@@ -172,12 +195,28 @@ def test_a_bad_message_fails_alone_and_its_batch_peers_succeed(stack):
 
 def test_cli_submit_wait_over_three_resolutions(stack, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(
-        json.dumps({"prompt": f"cli prompt {i}", "size": f"{w}x{h}"}) + "\n" for i, (w, h) in enumerate(SIZES * 3)
-    ))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"cli prompt {i}", "size": f"{w}x{h}"}) + "\n" for i, (w, h) in enumerate(SIZES * 3)
+        )
+    )
     done = subprocess.run(
-        [*deepqueue_command(), "submit", str(prompts), "--run", "itest-cli", "--steps", "4", "--wait", "--timeout", "300"],
-        env=stack, capture_output=True, text=True, timeout=400,
+        [
+            *deepqueue_command(),
+            "submit",
+            str(prompts),
+            "--run",
+            "itest-cli",
+            "--steps",
+            "4",
+            "--wait",
+            "--timeout",
+            "300",
+        ],
+        env=stack,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert done.returncode == 0, done.stderr
     assert "itest-cli: 9 jobs (queued 0, running 0, done 9, failed 0)" in done.stdout

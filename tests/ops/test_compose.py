@@ -60,9 +60,7 @@ def _compose(compose_bin: str, *args: str, files: tuple[Path, ...] = (COMPOSE_FI
     cmd += list(args)
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
-    assert proc.returncode == 0, (
-        f"{shlex.join(cmd)} -> rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    )
+    assert proc.returncode == 0, f"{shlex.join(cmd)} -> rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
 
@@ -82,9 +80,7 @@ def _load_gpus() -> ModuleType:
 
 
 def _gpu_devices(service: dict) -> list[dict]:
-    return (
-        service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices") or []
-    )
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices") or []
 
 
 def _duration_s(text: str) -> float:
@@ -291,9 +287,7 @@ def test_render_override_single_gpu_and_bad_input(compose_bin: str, tmp_path: Pa
 
 def test_gpus_cli(tmp_path: Path) -> None:
     gpus = _load_gpus()
-    out = subprocess.run(
-        [sys.executable, str(GPUS_SCRIPT), "4"], capture_output=True, text=True, timeout=30
-    )
+    out = subprocess.run([sys.executable, str(GPUS_SCRIPT), "4"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout == gpus.render_override(4)
 
@@ -301,9 +295,7 @@ def test_gpus_cli(tmp_path: Path) -> None:
     assert gpus.main(["2", "--base", "../docker-compose.yml", "-o", str(target)]) == 0
     assert target.read_text() == gpus.render_override(2, base_file="../docker-compose.yml")
 
-    bad = subprocess.run(
-        [sys.executable, str(GPUS_SCRIPT), "0"], capture_output=True, text=True, timeout=30
-    )
+    bad = subprocess.run([sys.executable, str(GPUS_SCRIPT), "0"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "at least 1" in bad.stderr
 
 
@@ -468,11 +460,7 @@ def test_dockerfile_copies_only_existing_non_ignored_paths(
         assert path.exists(), f"ops/Dockerfile COPYs {src!r}, which is not in the repo"
         assert not _dockerignore_excludes(src, ignore), f".dockerignore excludes {src!r}"
         if path.is_dir():
-            files = [
-                p.relative_to(REPO).as_posix()
-                for p in path.rglob("*.py")
-                if "__pycache__" not in p.parts
-            ]
+            files = [p.relative_to(REPO).as_posix() for p in path.rglob("*.py") if "__pycache__" not in p.parts]
             kept = [f for f in files if not _dockerignore_excludes(f, ignore)]
             assert kept == files, f".dockerignore drops sources under {src}"
 

@@ -16,7 +16,12 @@ DEFAULTS = RecipeDefaults(model="models/tiny", scheduler="ddim", cache_interval=
 
 def make_job(**fields: Any) -> Job:
     base: dict[str, Any] = {
-        "run_id": "run-1", "index": 0, "prompt": "a cat", "seed": 1, "height": 512, "width": 512,
+        "run_id": "run-1",
+        "index": 0,
+        "prompt": "a cat",
+        "seed": 1,
+        "height": 512,
+        "width": 512,
     }
     return Job(**{**base, **fields})
 
@@ -62,11 +67,28 @@ def test_every_call_wide_field_splits_the_key(field: str, a: Any, b: Any) -> Non
 
 
 def test_key_fields() -> None:
-    job = make_job(height=768, width=512, steps=30, guidance=5.0, scheduler="euler",
-                   cache_interval=4, cache_branch=2, negative_prompt="x", format="webp")
+    job = make_job(
+        height=768,
+        width=512,
+        steps=30,
+        guidance=5.0,
+        scheduler="euler",
+        cache_interval=4,
+        cache_branch=2,
+        negative_prompt="x",
+        format="webp",
+    )
     assert batch_key(job, DEFAULTS) == BatchKey(
-        model="models/tiny", height=768, width=512, steps=30, guidance=5.0, scheduler="euler",
-        cache_interval=4, cache_branch=2, negative_prompt=True, format="webp",
+        model="models/tiny",
+        height=768,
+        width=512,
+        steps=30,
+        guidance=5.0,
+        scheduler="euler",
+        cache_interval=4,
+        cache_branch=2,
+        negative_prompt=True,
+        format="webp",
     )
 
 

@@ -23,18 +23,23 @@ RUN = "embedded-run"
 
 
 def settings_for(tiny_model: Path, out: Path, **overrides: Any) -> WorkerSettings:
-    fields: dict[str, Any] = dict(model=str(tiny_model), device="cpu", max_batch=4, scheduler="ddim",
-                                  cache_interval=3, cache_branch=0, storage="local", output_dir=out,
-                                  s3_prefix="")
+    fields: dict[str, Any] = dict(
+        model=str(tiny_model),
+        device="cpu",
+        max_batch=4,
+        scheduler="ddim",
+        cache_interval=3,
+        cache_branch=0,
+        storage="local",
+        output_dir=out,
+        s3_prefix="",
+    )
     return WorkerSettings(**{**fields, **overrides})
 
 
 def ten_jobs() -> list[Job]:
     """Ten jobs over two sizes, interleaved as a prompt file might list them."""
-    rows = [
-        (f"line {i + 1}", {"prompt": f"a cat number {i}", **({"width": 96} if i % 2 else {})})
-        for i in range(10)
-    ]
+    rows = [(f"line {i + 1}", {"prompt": f"a cat number {i}", **({"width": 96} if i % 2 else {})}) for i in range(10)]
     return make_jobs(rows, run_id=RUN, defaults=JobDefaults(height=64, width=64, steps=2), run_seed=7)
 
 
@@ -94,8 +99,13 @@ def test_rerun_finishes_what_is_missing(tiny_model: Path, tmp_path: Path) -> Non
 
 def test_failures_are_counted_not_raised(tiny_model: Path, tmp_path: Path) -> None:
     jobs = ten_jobs()[:2]
-    jobs.append(make_jobs([("line 3", {"prompt": "x", "scheduler": "kdpm2"})], run_id=RUN,
-                          defaults=JobDefaults(height=64, width=64, steps=2))[0])
+    jobs.append(
+        make_jobs(
+            [("line 3", {"prompt": "x", "scheduler": "kdpm2"})],
+            run_id=RUN,
+            defaults=JobDefaults(height=64, width=64, steps=2),
+        )[0]
+    )
     summary = run_embedded(jobs, settings_for(tiny_model, tmp_path), progress=False)
     assert summary.images == 2
     assert [o.job_id for o in summary.failed] == [jobs[2].job_id]
@@ -111,7 +121,11 @@ def test_memory_reporter() -> None:
     reporter.mark("r", "j", JobState.DONE, key="out/x.png", batch_size=2)
     result = reporter.get("r", "j")
     assert (result.state, result.key, result.reason, result.details) == (
-        JobState.DONE, "out/x.png", None, {"batch_size": 2})
+        JobState.DONE,
+        "out/x.png",
+        None,
+        {"batch_size": 2},
+    )
     reporter.mark("r", "k", JobState.FAILED, reason="bad")
     assert reporter.get("r", "k").reason == "bad" and reporter.get("other", "k") is None
 

@@ -26,16 +26,20 @@ WORKER = {"hostname": "gpu-1", "device": "cpu", "torch": "2", "diffusers": "0.42
 
 def gradient(width: int, height: int, mode: str = "RGB") -> Any:
     image = Image.new(mode, (width, height))
-    image.putdata([
-        ((x * 255) // width, (y * 255) // height, 128, 200)[: len(mode)]
-        for y in range(height) for x in range(width)
-    ])
+    image.putdata(
+        [((x * 255) // width, (y * 255) // height, 128, 200)[: len(mode)] for y in range(height) for x in range(width)]
+    )
     return image
 
 
 def make_job(**fields: Any) -> Job:
     base: dict[str, Any] = {
-        "run_id": "run-1", "index": 3, "prompt": "a cat", "seed": 42, "height": 64, "width": 96,
+        "run_id": "run-1",
+        "index": 3,
+        "prompt": "a cat",
+        "seed": 42,
+        "height": 64,
+        "width": 96,
         "steps": 4,
     }
     return Job(**{**base, **fields})
@@ -49,9 +53,7 @@ def test_formats_agree_with_the_job_contract() -> None:
     assert EXTENSIONS == {"png": "png", "webp": "webp", "jpeg": "jpg"}
 
 
-@pytest.mark.parametrize(
-    ("fmt", "pil_format"), [("png", "PNG"), ("webp", "WEBP"), ("jpeg", "JPEG")]
-)
+@pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("webp", "WEBP"), ("jpeg", "JPEG")])
 def test_round_trip(fmt: str, pil_format: str) -> None:
     image = gradient(96, 64)
     data = encode_image(image, fmt)
@@ -92,11 +94,13 @@ def test_unknown_format(fmt: str) -> None:
 
 def sidecar_for(job: Job, key: BatchKey | None = None, job_ids: tuple[str, ...] | None = None) -> dict:
     key = key or batch_key(job, DEFAULTS)
-    batch = BatchInfo(id="b1", job_ids=job_ids or ("other-0", job.job_id, "other-2"),
-                      inference_s=1.5, started_at=1000.0)
+    batch = BatchInfo(
+        id="b1", job_ids=job_ids or ("other-0", job.job_id, "other-2"), inference_s=1.5, started_at=1000.0
+    )
     timing = {"enqueued_at": 990.0, "started_at": 1000.0, "finished_at": 1002.0}
-    return build_sidecar(job=job, key=key, image_url="s3://b/run-1/images/x.png", batch=batch,
-                         model=MODEL, worker=WORKER, timing=timing)
+    return build_sidecar(
+        job=job, key=key, image_url="s3://b/run-1/images/x.png", batch=batch, model=MODEL, worker=WORKER, timing=timing
+    )
 
 
 def test_sidecar_holds_the_recipe() -> None:
@@ -104,16 +108,24 @@ def test_sidecar_holds_the_recipe() -> None:
     sidecar = sidecar_for(job)
     assert sidecar["sidecar_version"] == SIDECAR_VERSION
     expected = {
-        "job_id": job.job_id, "run_id": "run-1", "index": 3, "prompt": "a cat",
-        "negative_prompt": "blurry", "seed": 42, "height": 64, "width": 96, "steps": 4,
-        "guidance": 6.0, "format": "webp", "image": "s3://b/run-1/images/x.png",
+        "job_id": job.job_id,
+        "run_id": "run-1",
+        "index": 3,
+        "prompt": "a cat",
+        "negative_prompt": "blurry",
+        "seed": 42,
+        "height": 64,
+        "width": 96,
+        "steps": 4,
+        "guidance": 6.0,
+        "format": "webp",
+        "image": "s3://b/run-1/images/x.png",
     }
     assert {name: sidecar[name] for name in expected} == expected
     assert sidecar["scheduler"] == "ddim"  # the worker default, resolved
     assert sidecar["model"] == MODEL
     assert sidecar["deepcache"] == {"enabled": True, "interval": 3, "branch": 1}
-    assert sidecar["batch"] == {"id": "b1", "size": 3, "index": 1,
-                                "job_ids": ["other-0", job.job_id, "other-2"]}
+    assert sidecar["batch"] == {"id": "b1", "size": 3, "index": 1, "job_ids": ["other-0", job.job_id, "other-2"]}
     assert sidecar["worker"] == WORKER
     assert sidecar["timing"]["enqueued_at"] == 990.0
     json.dumps(sidecar)  # serialisable as is
@@ -141,8 +153,14 @@ PROMPTS = [
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_s3_metadata_is_small_ascii_and_prompt_free(prompt: str) -> None:
-    job = make_job(prompt=prompt[:MAX_PROMPT_CHARS], negative_prompt="ß" * MAX_PROMPT_CHARS,
-                   run_id="r" * 64, seed=2**32 - 1, height=2048, width=2048)
+    job = make_job(
+        prompt=prompt[:MAX_PROMPT_CHARS],
+        negative_prompt="ß" * MAX_PROMPT_CHARS,
+        run_id="r" * 64,
+        seed=2**32 - 1,
+        height=2048,
+        width=2048,
+    )
     long_model = {"id": "x" * 500, "revision": "r" * 200, "hash": None}
     for model in (MODEL, long_model, {"id": "org/name"}):
         metadata = s3_metadata(job, model)
@@ -155,6 +173,11 @@ def test_s3_metadata_is_small_ascii_and_prompt_free(prompt: str) -> None:
         # S3's limit: 2 KB of user metadata, keys (with x-amz-meta-) and values, UTF-8.
         assert sum(len(f"x-amz-meta-{k}".encode()) + len(v.encode()) for k, v in metadata.items()) < 2048
     metadata = s3_metadata(job, MODEL)
-    assert metadata == {"job-id": job.job_id, "run-id": "r" * 64, "seed": "4294967295",
-                        "size": "2048x2048", "model": "sha256:0123456789abcdef"}
+    assert metadata == {
+        "job-id": job.job_id,
+        "run-id": "r" * 64,
+        "seed": "4294967295",
+        "size": "2048x2048",
+        "model": "sha256:0123456789abcdef",
+    }
     assert s3_metadata(job, {"id": "org/name", "revision": "abc123"})["model"] == "abc123"

@@ -145,8 +145,12 @@ def test_deepcache_off_is_the_plain_pipeline(engine: Engine) -> None:
     assert not key.deepcache
     ours = run(engine, batch)
     plain = engine.pipe(
-        prompt=[job.prompt for job in batch], height=64, width=64, num_inference_steps=6,
-        guidance_scale=batch[0].guidance, output_type="pil",
+        prompt=[job.prompt for job in batch],
+        height=64,
+        width=64,
+        num_inference_steps=6,
+        guidance_scale=batch[0].guidance,
+        output_type="pil",
         generator=[torch.Generator("cpu").manual_seed(job.seed) for job in batch],
     ).images
     assert all(np.array_equal(a, np.asarray(b, dtype=np.int16)) for a, b in zip(ours, plain, strict=True))
@@ -231,9 +235,18 @@ def test_guard_refuses_a_missing_branch_before_wrapping(engine: Engine) -> None:
 
 
 def key_for(**fields: Any) -> BatchKey:
-    base: dict[str, Any] = dict(model="tiny", height=64, width=64, steps=4, guidance=7.5,
-                                scheduler="ddim", cache_interval=3, cache_branch=0,
-                                negative_prompt=False, format="png")
+    base: dict[str, Any] = dict(
+        model="tiny",
+        height=64,
+        width=64,
+        steps=4,
+        guidance=7.5,
+        scheduler="ddim",
+        cache_interval=3,
+        cache_branch=0,
+        negative_prompt=False,
+        format="png",
+    )
     return BatchKey(**{**base, **fields})
 
 
@@ -320,5 +333,6 @@ def test_model_fingerprint(tiny_model: Path, tmp_path: Path) -> None:
 def test_model_fingerprint_of_a_hub_id_not_in_the_cache() -> None:
     # Looked up with local_files_only: no network, the id and revision are all it knows.
     assert model_fingerprint("some-org/some-model-not-cached", "main") == {
-        "id": "some-org/some-model-not-cached", "revision": "main"
+        "id": "some-org/some-model-not-cached",
+        "revision": "main",
     }

@@ -27,15 +27,28 @@ from worker.storage import LocalStorage, S3Storage, StorageError, image_key, sid
 
 RUN = "exec-run"
 TIMING_FIELDS = {
-    "enqueued_at", "started_at", "finished_at", "queue_wait_s", "batch_inference_s",
-    "inference_s", "encode_s", "upload_s",
+    "enqueued_at",
+    "started_at",
+    "finished_at",
+    "queue_wait_s",
+    "batch_inference_s",
+    "inference_s",
+    "encode_s",
+    "upload_s",
 }
 
 
 def worker_settings(tiny_model: Path, out: Path, **overrides: Any) -> WorkerSettings:
     fields: dict[str, Any] = dict(
-        model=str(tiny_model), device="cpu", max_batch=4, scheduler="ddim", cache_interval=3,
-        cache_branch=0, storage="local", output_dir=out, s3_prefix="",
+        model=str(tiny_model),
+        device="cpu",
+        max_batch=4,
+        scheduler="ddim",
+        cache_interval=3,
+        cache_branch=0,
+        storage="local",
+        output_dir=out,
+        s3_prefix="",
     )
     return WorkerSettings(**{**fields, **overrides})
 
@@ -46,8 +59,14 @@ def engine(tiny_model: Path, tmp_path_factory) -> Engine:
 
 
 def make_job(index: int, **fields: Any) -> Job:
-    base: dict[str, Any] = {"run_id": RUN, "prompt": f"a photo of a cat {index}", "seed": 1000 + index,
-                            "height": 64, "width": 64, "steps": 3}
+    base: dict[str, Any] = {
+        "run_id": RUN,
+        "prompt": f"a photo of a cat {index}",
+        "seed": 1000 + index,
+        "height": 64,
+        "width": 64,
+        "steps": 3,
+    }
     return Job(**{**base, **fields, "index": index})
 
 
@@ -81,13 +100,36 @@ def setup(engine: Engine, tiny_model: Path, tmp_path: Path) -> Setup:
 
 def assert_complete_sidecar(sidecar: dict[str, Any], job: Job) -> None:
     """Every field the sidecar must carry, with the executor's worker and timing parts."""
-    for name in ("job_id", "run_id", "prompt", "negative_prompt", "seed", "height", "width",
-                 "steps", "guidance", "scheduler", "model", "deepcache", "batch", "timing", "worker"):
+    for name in (
+        "job_id",
+        "run_id",
+        "prompt",
+        "negative_prompt",
+        "seed",
+        "height",
+        "width",
+        "steps",
+        "guidance",
+        "scheduler",
+        "model",
+        "deepcache",
+        "batch",
+        "timing",
+        "worker",
+    ):
         assert name in sidecar, name
     assert (sidecar["job_id"], sidecar["run_id"], sidecar["prompt"], sidecar["seed"]) == (
-        job.job_id, job.run_id, job.prompt, job.seed)
+        job.job_id,
+        job.run_id,
+        job.prompt,
+        job.seed,
+    )
     assert (sidecar["height"], sidecar["width"], sidecar["steps"], sidecar["guidance"]) == (
-        job.height, job.width, job.steps, job.guidance)
+        job.height,
+        job.width,
+        job.steps,
+        job.guidance,
+    )
     assert sidecar["negative_prompt"] == job.negative_prompt
     assert sidecar["scheduler"] == (job.scheduler or "ddim")
     model = sidecar["model"]
@@ -114,9 +156,14 @@ def test_mixed_deliveries(setup: Setup, tiny_model: Path) -> None:
     bad_height = {**make_job(3).model_dump(mode="json"), "height": 500}
     bad_run = {**make_job(7).model_dump(mode="json"), "run_id": "../escape", "seed": -1}
     deliveries = [
-        deliver(square[0]), deliver(wide[0]), Delivery("task-bad-height", bad_height),
-        deliver(square[1]), Delivery("task-not-a-dict", "generate a cat please"),
-        deliver(wide[1]), Delivery("task-bad-run", bad_run), deliver(square[2]),
+        deliver(square[0]),
+        deliver(wide[0]),
+        Delivery("task-bad-height", bad_height),
+        deliver(square[1]),
+        Delivery("task-not-a-dict", "generate a cat please"),
+        deliver(wide[1]),
+        Delivery("task-bad-run", bad_run),
+        deliver(square[2]),
         Delivery("task-none", None),
     ]
     outcomes = setup.executor.execute(deliveries)
@@ -280,8 +327,9 @@ def test_s3_storage_with_a_non_ascii_prompt(
 ) -> None:
     import boto3
 
-    settings = worker_settings(tiny_model, tmp_path, storage="s3", s3_bucket=s3_bucket,
-                               s3_prefix="/datasets/", s3_endpoint_url=s3_endpoint)
+    settings = worker_settings(
+        tiny_model, tmp_path, storage="s3", s3_bucket=s3_bucket, s3_prefix="/datasets/", s3_endpoint_url=s3_endpoint
+    )
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     reporter = MemoryReporter()
     executor = BatchExecutor(engine, S3Storage(client, s3_bucket), reporter, settings)
