@@ -17,7 +17,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from ops.localstack import AWS_ENV, deepqueue_command, moto_s3_client, start_moto, start_redis, start_worker, stop
+from ops.localstack import deepqueue_command, moto_s3_client, start_moto, start_redis, start_worker, stop, worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,16 +36,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="deepqueue-demo-") as scratch:
         redis_process, redis_url = start_redis(Path(scratch))
         moto_process, s3_url = start_moto()
-        env = {
-            **os.environ,
-            **AWS_ENV,
-            "DEEPQUEUE_BROKER_URL": f"{redis_url}/0",
-            "DEEPQUEUE_RESULT_BACKEND": f"{redis_url}/1",
-            "DEEPQUEUE_MODEL": model,
-            "DEEPQUEUE_S3_ENDPOINT_URL": s3_url,
-            "DEEPQUEUE_S3_BUCKET": "deepqueue-demo",
-            "DEEPQUEUE_MAX_WAIT_S": "1.0",
-        }
+        env = worker_env(
+            broker_url=f"{redis_url}/0",
+            result_backend=f"{redis_url}/1",
+            s3_endpoint=s3_url,
+            bucket="deepqueue-demo",
+            model=model,
+            keep_user_settings=True,  # DEEPQUEUE_DEVICE=cuda make demo, etc.
+            max_wait_s=1.0,
+        )
         worker = None
         try:
             s3 = moto_s3_client(s3_url)

@@ -6,6 +6,7 @@ processes; every function returns when its server answers, and ``stop`` ends it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -99,6 +100,38 @@ def moto_s3_client(endpoint_url: str):
         aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
         region_name=AWS_ENV["AWS_DEFAULT_REGION"],
     )
+
+
+def worker_env(
+    *,
+    broker_url: str,
+    result_backend: str,
+    s3_endpoint: str,
+    bucket: str,
+    model: str,
+    keep_user_settings: bool = False,
+    **settings: object,
+) -> dict[str, str]:
+    """The environment of a worker on these servers; ``settings`` are more DEEPQUEUE_* values
+    (``max_wait_s=1.0``). Unless ``keep_user_settings``, the caller's own DEEPQUEUE_* variables
+    are dropped, so the worker runs with exactly these and the defaults (tests, benchmarks)."""
+    inherited = {
+        key: value for key, value in os.environ.items() if keep_user_settings or not key.startswith("DEEPQUEUE_")
+    }
+    given = {
+        "broker_url": broker_url,
+        "result_backend": result_backend,
+        "s3_endpoint_url": s3_endpoint,
+        "s3_bucket": bucket,
+        "model": model,
+        **settings,
+    }
+    return {
+        **inherited,
+        **AWS_ENV,
+        "PYTHONUNBUFFERED": "1",
+        **{f"DEEPQUEUE_{key.upper()}": str(value) for key, value in given.items()},
+    }
 
 
 def deepqueue_command() -> list[str]:

@@ -12,28 +12,26 @@ import uuid
 import pytest
 import redis
 
-from ops.localstack import AWS_ENV, moto_s3_client, start_worker, stop
+from ops.localstack import moto_s3_client, start_worker, stop, worker_env
 from producer import Client, JobState
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture
-def worker_env(redis_urls, s3_endpoint, tiny_model) -> dict[str, str]:
+def env(redis_urls, s3_endpoint, tiny_model) -> dict[str, str]:
     bucket = f"dq-{uuid.uuid4().hex[:12]}"
     moto_s3_client(s3_endpoint).create_bucket(Bucket=bucket)
     broker, backend = redis_urls
-    return {
-        **os.environ,
-        **AWS_ENV,
-        "DEEPQUEUE_BROKER_URL": broker,
-        "DEEPQUEUE_RESULT_BACKEND": backend,
-        "DEEPQUEUE_MODEL": str(tiny_model),
-        "DEEPQUEUE_DEVICE": "cpu",
-        "DEEPQUEUE_S3_ENDPOINT_URL": s3_endpoint,
-        "DEEPQUEUE_S3_BUCKET": bucket,
-        "DEEPQUEUE_MAX_WAIT_S": "0.5",
-    }
+    return worker_env(
+        broker_url=broker,
+        result_backend=backend,
+        s3_endpoint=s3_endpoint,
+        bucket=bucket,
+        model=str(tiny_model),
+        device="cpu",
+        max_wait_s=0.5,
+    )
 
 
 def object_count(env: dict[str, str]) -> int:
@@ -48,11 +46,11 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_killed_pool_process_sends_its_batch_back_at_once(worker_env, tmp_path):
+def test_killed_pool_process_sends_its_batch_back_at_once(env, tmp_path):
     log = tmp_path / "worker.log"
-    worker = start_worker(worker_env, log)
+    worker = start_worker(env, log)
     try:
-        with Client(worker_env["DEEPQUEUE_BROKER_URL"], worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
             run = client.submit([f"kill {i}" for i in range(16)], run="kill", steps=60, width=64, height=64)
             wait_until(lambda: run.status().counts[JobState.RUNNING] > 0, 120, "a running batch")
             [child] = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
@@ -60,16 +58,16 @@ def test_killed_pool_process_sends_its_batch_back_at_once(worker_env, tmp_path):
             # Far below the 3600 s visibility timeout: the batch is requeued, not left unacked.
             status = run.wait(timeout=300)
         assert status.counts[JobState.DONE] == 16
-        assert object_count(worker_env) == 32  # every job once, image + sidecar
+        assert object_count(env) == 32  # every job once, image + sidecar
         assert "WorkerLostError" in log.read_text()
     finally:
         stop(worker)
 
 
-def test_warm_shutdown_returns_buffered_jobs_to_the_queue(worker_env, tmp_path):
-    worker = start_worker(worker_env, tmp_path / "first.log")
-    broker = redis.Redis.from_url(worker_env["DEEPQUEUE_BROKER_URL"])
-    with Client(worker_env["DEEPQUEUE_BROKER_URL"], worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+def test_warm_shutdown_returns_buffered_jobs_to_the_queue(env, tmp_path):
+    worker = start_worker(env, tmp_path / "first.log")
+    broker = redis.Redis.from_url(env["DEEPQUEUE_BROKER_URL"])
+    with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
         run = client.submit([f"stop {i}" for i in range(24)], run="stop", steps=30, width=64, height=64)
         wait_until(lambda: run.status().counts[JobState.DONE] > 0, 120, "a finished batch")
         stop(worker)  # SIGTERM: the running batch finishes, the buffered jobs go back
@@ -77,9 +75,9 @@ def test_warm_shutdown_returns_buffered_jobs_to_the_queue(worker_env, tmp_path):
         assert done < 24, "the shutdown came too late to test anything"
         assert broker.hlen("unacked") == 0
         assert broker.llen("deepqueue") == 24 - done
-        worker = start_worker(worker_env, tmp_path / "second.log")
+        worker = start_worker(env, tmp_path / "second.log")
         try:
             assert run.wait(timeout=300).counts[JobState.DONE] == 24
         finally:
             stop(worker)
-    assert object_count(worker_env) == 48
+    assert object_count(env) == 48

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import subprocess
 import time
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from ops.localstack import AWS_ENV, deepqueue_command, moto_s3_client, start_worker, stop
+from ops.localstack import deepqueue_command, moto_s3_client, start_worker, stop, worker_env
 from producer import Client, JobState
 from producer.contract import TASK_NAME
 from producer.enqueue import producer_app
@@ -63,19 +62,16 @@ def stack(redis_server, s3_endpoint, tiny_model, tmp_path_factory) -> Iterator[d
     for url in (broker, backend):
         redis.Redis.from_url(url).flushdb()
     bucket = f"dq-{uuid.uuid4().hex[:12]}"
-    env = {
-        **os.environ,
-        **AWS_ENV,
-        "DEEPQUEUE_BROKER_URL": broker,
-        "DEEPQUEUE_RESULT_BACKEND": backend,
-        "DEEPQUEUE_MODEL": str(tiny_model),
-        "DEEPQUEUE_DEVICE": "cpu",
-        "DEEPQUEUE_S3_ENDPOINT_URL": s3_endpoint,
-        "DEEPQUEUE_S3_BUCKET": bucket,
-        "DEEPQUEUE_S3_PREFIX": "datasets",
-        "DEEPQUEUE_MAX_WAIT_S": "1.0",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = worker_env(
+        broker_url=broker,
+        result_backend=backend,
+        s3_endpoint=s3_endpoint,
+        bucket=bucket,
+        model=str(tiny_model),
+        device="cpu",
+        s3_prefix="datasets",
+        max_wait_s=1.0,
+    )
     moto_s3_client(s3_endpoint).create_bucket(Bucket=bucket)
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     process = start_worker(env, log_path, "--hostname", "itest@%h")

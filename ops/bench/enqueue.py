@@ -1,0 +1,105 @@
+"""Benchmark 1: how fast jobs reach the queue, three ways, side by side on one redis-server.
+
+- ``send_task loop``: ``app.send_task`` per job, no ``producer.batch()`` (what an
+  ``apply_async`` loop does): one Redis round trip per message.
+- ``publish``: ``producer.enqueue.publish``, kombu's pipelined batch producer.
+- ``Client.submit``: the full path: validation, job ids, state marking (one Lua call per job,
+  pipelined), then ``publish``.
+
+(a) and (b) send the same pre-validated jobs; (c) starts from plain prompt strings. Both Redis
+databases are flushed before every measurement, and the variants are interleaved (their order
+rotates each round) so slow phases of a shared machine hit all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+
+from ops.bench.report import ratio, summarize
+from producer import Client
+from producer.contract import TASK_NAME
+from producer.enqueue import message_args, producer_app, publish
+from producer.job import Job
+from producer.settings import ClientSettings
+
+logger = logging.getLogger(__name__)
+
+#: Recipe of the benchmark jobs: a typical SD1.5 job (the size does not change the message much).
+RECIPE = {"height": 512, "width": 512, "steps": 25}
+LABELS = {
+    "send_task_loop": "`app.send_task` loop (no `producer.batch()`)",
+    "publish": "`producer.enqueue.publish` (pipelined batches)",
+    "client_submit": "`Client.submit` (validate + mark queued + publish)",
+}
+WARMUP_JOBS = 200
+
+
+def prompts(count: int) -> list[str]:
+    return [f"benchmark prompt number {i}, a photo of a red fox in the snow" for i in range(count)]
+
+
+def send_task_loop(app: Any, jobs: Sequence[Job]) -> None:
+    """The baseline: one publish (one Redis round trip) per job, as an apply_async loop does."""
+    for job in jobs:
+        args, kwargs = message_args(job)
+        app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=job.job_id)
+
+
+def bench_enqueue(redis_url: str, *, jobs: int, rounds: int) -> dict[str, Any]:
+    settings = ClientSettings(broker_url=f"{redis_url}/0", result_backend=f"{redis_url}/1")
+    databases = [redis.Redis.from_url(settings.broker_url), redis.Redis.from_url(settings.result_backend)]
+    client = Client(settings=settings)
+    app = producer_app(settings)
+    texts = prompts(jobs)
+    prepared = client.prepare(texts, run="bench-enqueue", seed=0, **RECIPE)
+    variants: dict[str, Callable[[int], None]] = {
+        "send_task_loop": lambda n: send_task_loop(app, prepared[:n]),
+        "publish": lambda n: publish(app, prepared[:n]),
+        "client_submit": lambda n: client.submit(texts[:n], run="bench-enqueue", seed=0, **RECIPE),
+    }
+
+    def measure(name: str, count: int) -> float:
+        for db in databases:
+            db.flushdb()
+        started = time.perf_counter()
+        variants[name](count)
+        seconds = time.perf_counter() - started
+        queued = databases[0].llen(settings.queue)
+        if queued != count:
+            raise RuntimeError(f"{name}: {queued} messages in the queue after sending {count}")
+        return count / seconds
+
+    try:
+        for name in variants:  # connections, scripts, first-call imports: not measured
+            measure(name, WARMUP_JOBS)
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        names = list(variants)
+        for round_ in range(rounds):
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                rates[name].append(measure(name, jobs))
+                logger.info("enqueue round %d %s: %.0f jobs/s", round_ + 1, name, rates[name][-1])
+    finally:
+        for db in databases:
+            db.flushdb()
+        client.close()
+        app.close()
+    summaries = {name: summarize(values) for name, values in rates.items()}
+    return {
+        "jobs": jobs,
+        "rounds": rounds,
+        "recipe": RECIPE,
+        "variants": {
+            name: {
+                "label": LABELS[name],
+                "jobs_per_s": summaries[name],
+                "vs_baseline": ratio(summaries[name], summaries["send_task_loop"]),
+                "vs_baseline_per_round": [a / b for a, b in zip(rates[name], rates["send_task_loop"], strict=True)],
+            }
+            for name in variants
+        },
+    }
