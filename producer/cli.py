@@ -164,16 +164,8 @@ def run_embedded(
     """Generate FILE's prompts in this process, no servers: images and sidecars under --out."""
     from worker.cli import run_local
 
-    run_local(
-        file,
-        run_id=run_id,
-        seed=seed,
-        out_dir=out_dir,
-        model=model,
-        device=device,
-        max_batch=max_batch,
-        defaults=recipe_defaults(**flags),
-    )
+    overrides = {"model": model, "device": device, "max_batch": max_batch, "output_dir": out_dir}
+    run_local(file, run_id=run_id, seed=seed, defaults=recipe_defaults(**flags), overrides=overrides)
 
 
 @cli.command("make-test-model")

@@ -7,12 +7,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from pydantic import ValidationError
 from tqdm import tqdm
 
 from producer.enqueue import producer_app, publish
-from producer.errors import InvalidJobError, RunNotFoundError, WaitTimeoutError
-from producer.job import Job, JobDefaults, format_errors, make_jobs
+from producer.errors import RunNotFoundError, WaitTimeoutError
+from producer.job import Job, make_jobs, run_defaults
 from producer.settings import ClientSettings
 from producer.sources import Source, read_rows
 from producer.state import JobResult, JobState, RunStatus, RunStore
@@ -96,11 +95,7 @@ class Client:
 
     def prepare(self, source: Source, *, run: str | None = None, seed: int | None = None, **defaults: Any) -> list[Job]:
         """Validate ``source`` into jobs without sending anything (raises InvalidJobError)."""
-        try:
-            run_defaults = JobDefaults(**defaults)
-        except ValidationError as error:
-            raise InvalidJobError([("run defaults", line) for line in format_errors(error)]) from error
-        return make_jobs(read_rows(source), run_id=run or new_run_id(), defaults=run_defaults, run_seed=seed)
+        return make_jobs(read_rows(source), run_id=run or new_run_id(), defaults=run_defaults(defaults), run_seed=seed)
 
     def submit(
         self,

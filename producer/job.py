@@ -125,6 +125,14 @@ def format_errors(error: ValidationError) -> list[str]:
     return lines
 
 
+def run_defaults(fields: Mapping[str, Any]) -> JobDefaults:
+    """Run-wide defaults, or InvalidJobError naming the bad fields."""
+    try:
+        return JobDefaults(**fields)
+    except ValidationError as error:
+        raise InvalidJobError([("run defaults", line) for line in format_errors(error)]) from error
+
+
 def make_jobs(
     rows: Iterable[tuple[str, Mapping[str, Any]]],
     *,

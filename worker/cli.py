@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from producer.client import new_run_id
-from producer.job import JobDefaults, make_jobs
+from producer.job import make_jobs, run_defaults
 from producer.sources import read_rows
 from worker.settings import WorkerSettings
 
@@ -51,21 +51,14 @@ def start_worker(*, model: str | None, device: str | None, loglevel: str, extra:
 
 
 def run_local(
-    file: Path,
-    *,
-    run_id: str | None,
-    seed: int | None,
-    out_dir: Path,
-    model: str | None,
-    device: str | None,
-    max_batch: int | None,
-    defaults: dict[str, Any],
+    file: Path, *, run_id: str | None, seed: int | None, defaults: dict[str, Any], overrides: dict[str, Any]
 ) -> None:
-    settings = _settings(model=model, device=device, max_batch=max_batch, output_dir=out_dir, storage="local")
+    """Embedded mode; ``overrides`` take precedence over DEEPQUEUE_* (None values are left out)."""
+    settings = _settings(**overrides, storage="local")
     check_model(settings)
     from worker.embedded import run_embedded
 
-    jobs = make_jobs(read_rows(file), run_id=run_id or new_run_id(), defaults=JobDefaults(**defaults), run_seed=seed)
+    jobs = make_jobs(read_rows(file), run_id=run_id or new_run_id(), defaults=run_defaults(defaults), run_seed=seed)
     summary = run_embedded(jobs, settings)
     for line in summary.lines():
         click.echo(line)

@@ -150,7 +150,7 @@ def _scheduler() -> Any:
 
 def _build_tiny() -> Any:
     """StableDiffusionPipeline with the components of diffusers' fast tests."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = build_tokenizer()
@@ -181,11 +181,15 @@ def _build_tiny() -> Any:
             num_hidden_layers=5,
         )
     )
+    return _sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
+
+
+def _sd_pipeline(**components: Any) -> Any:
+    """A StableDiffusionPipeline from these components, DDIM, no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
     return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
+        **components,
         scheduler=_scheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -195,7 +199,7 @@ def _build_tiny() -> Any:
 
 def _build_sd15() -> Any:
     """StableDiffusionPipeline with Stable Diffusion 1.5's architecture and random weights."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = build_tokenizer()
@@ -243,16 +247,7 @@ def _build_sd15() -> Any:
             hidden_act="quick_gelu",
         )
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return _sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
 
 
 def _build_sdxl_tiny() -> Any:

@@ -22,37 +22,11 @@ from ops.localstack import deepqueue_command, moto_s3_client, start_worker, stop
 from producer import Client, JobState
 from producer.contract import TASK_NAME
 from producer.enqueue import producer_app
+from tests.helpers import SIDECAR_FIELDS, TIMING_FIELDS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SIZES = [(64, 64), (96, 64), (64, 96)]  # (width, height)
-SIDECAR_FIELDS = {
-    "job_id",
-    "run_id",
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "height",
-    "width",
-    "steps",
-    "guidance",
-    "scheduler",
-    "model",
-    "deepcache",
-    "batch",
-    "timing",
-    "worker",
-}
-TIMING_FIELDS = {
-    "enqueued_at",
-    "started_at",
-    "finished_at",
-    "queue_wait_s",
-    "batch_inference_s",
-    "inference_s",
-    "encode_s",
-    "upload_s",
-}
 
 
 @pytest.fixture(scope="module")

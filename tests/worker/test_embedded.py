@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,26 +14,11 @@ Image = pytest.importorskip("PIL.Image")
 
 from producer.job import Job, JobDefaults, make_jobs  # noqa: E402
 from producer.state import JobState  # noqa: E402
+from tests.helpers import local_worker_settings  # noqa: E402
 from worker.embedded import MemoryReporter, Summary, run_embedded  # noqa: E402
 from worker.executor import Outcome  # noqa: E402
-from worker.settings import WorkerSettings  # noqa: E402
 
 RUN = "embedded-run"
-
-
-def settings_for(tiny_model: Path, out: Path, **overrides: Any) -> WorkerSettings:
-    fields: dict[str, Any] = dict(
-        model=str(tiny_model),
-        device="cpu",
-        max_batch=4,
-        scheduler="ddim",
-        cache_interval=3,
-        cache_branch=0,
-        storage="local",
-        output_dir=out,
-        s3_prefix="",
-    )
-    return WorkerSettings(**{**fields, **overrides})
 
 
 def ten_jobs() -> list[Job]:
@@ -51,7 +35,7 @@ def test_run_and_rerun(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     jobs = ten_jobs()
     assert Counter((job.width, job.height) for job in jobs) == {(64, 64): 5, (96, 64): 5}
-    summary = run_embedded(jobs, settings_for(tiny_model, out), progress=False)
+    summary = run_embedded(jobs, local_worker_settings(tiny_model, out), progress=False)
 
     assert summary.images == 10 and summary.skipped == 0 and summary.failed == []
     assert summary.batch_sizes == Counter({4: 2, 1: 2})  # 5 per size, max_batch 4
@@ -79,7 +63,7 @@ def test_run_and_rerun(tiny_model: Path, tmp_path: Path) -> None:
     assert lines[1] == f"files: {out}"
 
     before = files(out)
-    again = run_embedded(jobs, settings_for(tiny_model, out), progress=False)
+    again = run_embedded(jobs, local_worker_settings(tiny_model, out), progress=False)
     assert again.skipped == 10 and again.images == 0 and again.failed == []
     assert again.batch_sizes == Counter()
     assert files(out) == before  # nothing rewritten
@@ -89,10 +73,10 @@ def test_run_and_rerun(tiny_model: Path, tmp_path: Path) -> None:
 def test_rerun_finishes_what_is_missing(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     jobs = ten_jobs()[:3]
-    run_embedded(jobs[:2], settings_for(tiny_model, out), progress=False)
+    run_embedded(jobs[:2], local_worker_settings(tiny_model, out), progress=False)
     # An image without its sidecar (a run killed between the two uploads) is not "done".
     (out / RUN / "images" / f"{jobs[1].job_id}.json").unlink()
-    summary = run_embedded(jobs, settings_for(tiny_model, out), progress=False)
+    summary = run_embedded(jobs, local_worker_settings(tiny_model, out), progress=False)
     assert (summary.skipped, summary.images) == (1, 2)
     assert (out / RUN / "images" / f"{jobs[1].job_id}.json").is_file()
 
@@ -106,7 +90,7 @@ def test_failures_are_counted_not_raised(tiny_model: Path, tmp_path: Path) -> No
             defaults=JobDefaults(height=64, width=64, steps=2),
         )[0]
     )
-    summary = run_embedded(jobs, settings_for(tiny_model, tmp_path), progress=False)
+    summary = run_embedded(jobs, local_worker_settings(tiny_model, tmp_path), progress=False)
     assert summary.images == 2
     assert [o.job_id for o in summary.failed] == [jobs[2].job_id]
     assert "DeepCache" in summary.failed[0].reason

@@ -19,6 +19,7 @@ Image = pytest.importorskip("PIL.Image")
 
 from producer.job import Job  # noqa: E402
 from producer.state import JobState  # noqa: E402
+from tests.helpers import SIDECAR_FIELDS, TIMING_FIELDS, local_worker_settings  # noqa: E402
 from worker.embedded import MemoryReporter  # noqa: E402
 from worker.engine import Engine, Generated  # noqa: E402
 from worker.executor import BatchExecutor, Delivery, Outcome  # noqa: E402
@@ -26,36 +27,11 @@ from worker.settings import WorkerSettings  # noqa: E402
 from worker.storage import LocalStorage, S3Storage, StorageError, image_key, sidecar_key  # noqa: E402
 
 RUN = "exec-run"
-TIMING_FIELDS = {
-    "enqueued_at",
-    "started_at",
-    "finished_at",
-    "queue_wait_s",
-    "batch_inference_s",
-    "inference_s",
-    "encode_s",
-    "upload_s",
-}
-
-
-def worker_settings(tiny_model: Path, out: Path, **overrides: Any) -> WorkerSettings:
-    fields: dict[str, Any] = dict(
-        model=str(tiny_model),
-        device="cpu",
-        max_batch=4,
-        scheduler="ddim",
-        cache_interval=3,
-        cache_branch=0,
-        storage="local",
-        output_dir=out,
-        s3_prefix="",
-    )
-    return WorkerSettings(**{**fields, **overrides})
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model: Path, tmp_path_factory) -> Engine:
-    return Engine.load(worker_settings(tiny_model, tmp_path_factory.mktemp("unused")))
+    return Engine.load(local_worker_settings(tiny_model, tmp_path_factory.mktemp("unused")))
 
 
 def make_job(index: int, **fields: Any) -> Job:
@@ -95,29 +71,12 @@ class Setup:
 
 @pytest.fixture
 def setup(engine: Engine, tiny_model: Path, tmp_path: Path) -> Setup:
-    return Setup(engine, worker_settings(tiny_model, tmp_path / "out"))
+    return Setup(engine, local_worker_settings(tiny_model, tmp_path / "out"))
 
 
 def assert_complete_sidecar(sidecar: dict[str, Any], job: Job) -> None:
     """Every field the sidecar must carry, with the executor's worker and timing parts."""
-    for name in (
-        "job_id",
-        "run_id",
-        "prompt",
-        "negative_prompt",
-        "seed",
-        "height",
-        "width",
-        "steps",
-        "guidance",
-        "scheduler",
-        "model",
-        "deepcache",
-        "batch",
-        "timing",
-        "worker",
-    ):
-        assert name in sidecar, name
+    assert SIDECAR_FIELDS <= sidecar.keys()
     assert (sidecar["job_id"], sidecar["run_id"], sidecar["prompt"], sidecar["seed"]) == (
         job.job_id,
         job.run_id,
@@ -259,7 +218,7 @@ class PoisonEngine(Engine):
 
 
 def test_one_bad_job_does_not_fail_its_batch(tiny_model: Path, tmp_path: Path) -> None:
-    settings = worker_settings(tiny_model, tmp_path / "out")
+    settings = local_worker_settings(tiny_model, tmp_path / "out")
     poison_engine = PoisonEngine.load(settings)
     poison_engine.calls = []
     setup = Setup(poison_engine, settings)
@@ -327,7 +286,7 @@ def test_s3_storage_with_a_non_ascii_prompt(
 ) -> None:
     import boto3
 
-    settings = worker_settings(
+    settings = local_worker_settings(
         tiny_model, tmp_path, storage="s3", s3_bucket=s3_bucket, s3_prefix="/datasets/", s3_endpoint_url=s3_endpoint
     )
     client = boto3.client("s3", endpoint_url=s3_endpoint)
