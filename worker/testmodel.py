@@ -148,6 +148,18 @@ def _scheduler() -> Any:
     return DDIMScheduler(**_SCHEDULER_KWARGS)
 
 
+#: The UNet shape of diffusers' fast tests, shared by the tiny SD and SDXL pipelines.
+TINY_UNET: dict[str, Any] = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+
+
 def _build_tiny() -> Any:
     """StableDiffusionPipeline with the components of diffusers' fast tests."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -155,13 +167,7 @@ def _build_tiny() -> Any:
 
     tokenizer = build_tokenizer()
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET,
         cross_attention_dim=32,
     )
     vae = AutoencoderKL(
@@ -260,13 +266,7 @@ def _build_sdxl_tiny() -> Any:
     # cross_attention_dim = 32 + 32 (both encoders' hidden states, concatenated);
     # projection_class_embeddings_input_dim = 6 * 8 (time ids) + 32 (pooled text embeds).
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
