@@ -14,7 +14,7 @@ Arches:
 The CLIP tokenizer is written by this module (byte-level symbols, a handful of merges, the two
 special tokens), so the outputs are noise but every code path of a real pipeline runs.
 
-Usage: ``python -m worker.testmodel OUT_DIR [--arch tiny|sd15|sdxl-tiny] [--seed N]``.
+Command line: ``deepqueue make-test-model DIR --arch tiny|sd15|sdxl-tiny``.
 """
 
 from __future__ import annotations
@@ -350,22 +350,3 @@ def build_test_model(out_dir: str | os.PathLike[str], arch: Arch = "tiny", *, se
         shutil.rmtree(staging, ignore_errors=True)
     return out
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: build one test model into a folder and print its path."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m worker.testmodel", description=__doc__)
-    parser.add_argument("out_dir", help="folder to save the pipeline into (created if missing)")
-    parser.add_argument("--arch", choices=ARCHES, default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        print(build_test_model(args.out_dir, args.arch, seed=args.seed))
-    except FileExistsError as exc:
-        parser.exit(1, f"error: {exc}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
