@@ -349,4 +349,3 @@ def build_test_model(out_dir: str | os.PathLike[str], arch: Arch = "tiny", *, se
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
