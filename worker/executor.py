@@ -154,7 +154,7 @@ class BatchExecutor:
             encoded = time.perf_counter()
             image_at = image_key(self.settings.s3_prefix, job.run_id, job.job_id, EXTENSIONS[job.format])
             metadata = s3_metadata(job, self.engine.model)
-            self.storage.put(image_at, data, content_type=CONTENT_TYPES[job.format], metadata=metadata)
+            wrote = self.storage.put(image_at, data, content_type=CONTENT_TYPES[job.format], metadata=metadata)
             uploaded = time.perf_counter()
             timing = {
                 "enqueued_at": delivery.enqueued_at,
@@ -171,6 +171,7 @@ class BatchExecutor:
                 job=job,
                 key=key,
                 image_url=self.storage.url(image_at),
+                image_reused=not wrote,
                 batch=batch,
                 model=self.engine.model,
                 worker=self.worker,

@@ -28,6 +28,7 @@ def build_sidecar(
     job: Job,
     key: BatchKey,
     image_url: str,
+    image_reused: bool = False,
     batch: BatchInfo,
     model: dict[str, Any],
     worker: dict[str, Any],
@@ -39,6 +40,9 @@ def build_sidecar(
         "run_id": job.run_id,
         "index": job.index,
         "image": image_url,
+        # True when an earlier delivery of this job stored the image (objects are write-once):
+        # its pixels may differ slightly from what this batch made.
+        "image_reused": image_reused,
         "prompt": job.prompt,
         "negative_prompt": job.negative_prompt,
         "seed": job.seed,

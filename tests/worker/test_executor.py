@@ -202,6 +202,19 @@ def test_failed_jobs_are_retried_and_redelivery_writes_once(setup: Setup, engine
     (second,) = fresh.executor.execute([deliver(job)])
     assert second.ok and second.key == outcome.key
     assert (image_path.stat().st_mtime_ns, sidecar_path.stat().st_mtime_ns) == stamps
+    assert json.loads(sidecar_path.read_text())["image_reused"] is False
+
+
+def test_a_sidecar_written_after_an_earlier_image_says_so(setup: Setup, engine: Engine) -> None:
+    """An earlier delivery stored the image and died before its sidecar: the new sidecar
+    describes this batch, and flags that the stored pixels came from the earlier one."""
+    job = make_job(0)
+    setup.executor.execute([deliver(job)])
+    image_path, sidecar_path = setup.paths(job)
+    sidecar_path.unlink()
+    (again,) = Setup(engine, setup.settings).executor.execute([deliver(job)])
+    assert again.ok
+    assert json.loads(sidecar_path.read_text())["image_reused"] is True
 
 
 class PoisonEngine(Engine):
