@@ -80,11 +80,25 @@ def cli() -> None:
 @recipe_options
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the run to finish, with a progress bar.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
-def submit(file: Path, run_id: str | None, seed: int | None, wait_: bool, timeout: float | None, **flags: Any) -> None:
-    """Validate FILE (.txt, .jsonl or .csv) and enqueue one job per prompt."""
+@click.option("--resend-queued", is_flag=True, help="Also send jobs still queued (after the queue itself was lost).")
+def submit(
+    file: Path,
+    run_id: str | None,
+    seed: int | None,
+    wait_: bool,
+    timeout: float | None,
+    resend_queued: bool,
+    **flags: Any,
+) -> None:
+    """Validate FILE (.txt, .jsonl or .csv) and enqueue one job per prompt.
+
+    Submitting a run again sends only its new and failed jobs (and, with --resend-queued, the
+    queued ones).
+    """
     with Client() as client:
-        run = client.submit(file, run=run_id, seed=seed, progress=True, **recipe_defaults(**flags))
-        click.echo(f"run {run.run_id}: {run.submitted} jobs enqueued, {run.skipped} already running or done")
+        defaults = recipe_defaults(**flags)
+        run = client.submit(file, run=run_id, seed=seed, progress=True, resend_queued=resend_queued, **defaults)
+        click.echo(f"run {run.run_id}: {run.submitted} jobs enqueued, {run.skipped} already queued, running or done")
         if wait_:
             _finish(run, timeout)
 

@@ -104,23 +104,30 @@ class Client:
         run: str | None = None,
         seed: int | None = None,
         progress: bool = False,
+        resend_queued: bool = False,
         **defaults: Any,
     ) -> Run:
         """Validate every job, then enqueue them; nothing is sent if any job is invalid.
 
         ``source`` is a prompt file (.txt/.jsonl/.csv) or a list of prompts, dicts or Jobs;
         ``defaults`` are run-wide Job fields (height, width, steps, guidance, ...) that rows
-        may override. Submitting a run again sends only jobs that are not running or done.
+        may override. Submitting a run again sends only its new and failed jobs, and with
+        ``resend_queued`` also the queued ones (after the queue itself was lost).
         """
         jobs = self.prepare(source, run=run, seed=seed, **defaults)
         run_id = jobs[0].run_id
+        resend = {None, JobState.FAILED} | ({JobState.QUEUED} if resend_queued else set())
         sent = 0
         with tqdm(total=len(jobs), unit="job", desc="enqueue", disable=not progress) as bar:
             for start in range(0, len(jobs), SUBMIT_CHUNK):
                 chunk = jobs[start : start + SUBMIT_CHUNK]
-                needed = self._store.mark_queued(run_id, [job.job_id for job in chunk])
-                to_send = [job for job, send in zip(chunk, needed, strict=True) if send]
+                states = self._store.states(run_id, [job.job_id for job in chunk])
+                to_send = [job for job, state in zip(chunk, states, strict=True) if state in resend]
+                # Publish first, then mark: a chunk that fails to publish is not marked, so
+                # submitting again sends it (and never a job that did reach the queue twice,
+                # but for the part of a failed chunk that was flushed before the failure).
                 publish(self._app, to_send)
+                self._store.mark_queued(run_id, [job.job_id for job in to_send])
                 sent += len(to_send)
                 bar.update(len(chunk))
         return Run(run_id, self._store, submitted=sent, skipped=len(jobs) - sent)

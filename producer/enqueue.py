@@ -30,8 +30,7 @@ def message_args(job: Job) -> tuple[list, dict]:
 def publish(app: Celery, jobs: Sequence[Job]) -> None:
     """Publish one message per job; the Celery task id is the job id.
 
-    Raises ``kombu.exceptions.BatchPublishError`` if a pipeline flush fails: the jobs stay
-    ``queued`` in the state store and are sent again when the run is resubmitted.
+    Raises ``kombu.exceptions.BatchPublishError`` if a pipeline flush fails.
     """
     with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
         for job in jobs:

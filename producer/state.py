@@ -7,14 +7,15 @@ Layout (``{run}`` is a Redis Cluster hash tag, so one run's keys live together):
 - ``deepqueue:runs``          zset  run ids by first submission time
 
 Every transition is one Lua call, so the record and the sets never disagree. ``done`` is
-final: a redelivered job cannot turn a finished job back into ``running`` or ``failed``.
+final: a redelivered job can neither turn a finished job back into ``running`` or ``failed``
+nor replace its record (which matches the write-once sidecar).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -38,7 +39,7 @@ _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 local old = current and cjson.decode(current)['state'] or false
 local new = ARGV[2]
-if old == 'done' and new ~= 'done' then return 0 end
+if old == 'done' then return 0 end
 if new == 'queued' and old == 'running' then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 local sets = {queued = KEYS[2], running = KEYS[3], done = KEYS[4], failed = KEYS[5]}
@@ -101,18 +102,19 @@ class RunStore:
         """Move one job to ``state``; False if its current state forbids that."""
         return bool(self._transition(keys=_keys(run_id), args=self._args(job_id, state, details)))
 
-    def mark_queued(self, run_id: str, job_ids: Iterable[str]) -> list[bool]:
-        """Mark many jobs queued in one round trip; True where the job needs sending.
+    def states(self, run_id: str, job_ids: Sequence[str]) -> list[JobState | None]:
+        """Each job's state (None: never submitted), in one round trip."""
+        raws = self._redis.hmget(_keys(run_id)[0], job_ids) if job_ids else []
+        return [None if raw is None else JobState(json.loads(raw)["state"]) for raw in raws]
 
-        Jobs already running or done are left alone (and are not sent again).
-        """
-        now = time.time()
-        self._redis.zadd(RUNS_KEY, {run_id: now}, nx=True)
+    def mark_queued(self, run_id: str, job_ids: Iterable[str]) -> None:
+        """Mark sent jobs queued in one round trip (those a worker already took stay as they are)."""
+        self._redis.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
         pipe = self._redis.pipeline(transaction=False)
         keys = _keys(run_id)
         for job_id in job_ids:
             self._transition(keys=keys, args=self._args(job_id, JobState.QUEUED, {}), client=pipe)
-        return [bool(applied) for applied in pipe.execute()]
+        pipe.execute()
 
     def counts(self, run_id: str) -> dict[JobState, int]:
         pipe = self._redis.pipeline(transaction=False)
@@ -121,7 +123,8 @@ class RunStore:
         return dict(zip(STATES, pipe.execute(), strict=True))
 
     def exists(self, run_id: str) -> bool:
-        return self._redis.zscore(RUNS_KEY, run_id) is not None
+        """Submitted by a client, or named by a job a worker recorded (hand-made messages too)."""
+        return self._redis.zscore(RUNS_KEY, run_id) is not None or bool(self._redis.exists(_keys(run_id)[0]))
 
     def runs(self) -> list[str]:
         return [name.decode() for name in self._redis.zrange(RUNS_KEY, 0, -1)]

@@ -88,17 +88,18 @@ class BatchBuffer(Generic[T]):
         return sum(len(group) for group in self._groups.values())
 
     def add(self, key: Hashable, item: T, now: float) -> None:
-        self._groups.setdefault(key, []).append((now, item))
+        group = self._groups.setdefault(key, [])
+        group.append((now, item))
+        if len(group) == 1 and any(other[0][0] > now for other in self._groups.values()):
+            self._resort()  # a new key that arrived "earlier" (a retry) moves up the line
 
     def take(self, now: float, *, allow_partial: bool = True) -> tuple[Hashable, list[T]] | None:
-        """The next batch to run, or None: full batches first, then the longest-waiting."""
+        """The next batch to run, or None: of the keys that are full, or (``allow_partial``)
+        have waited ``max_wait_s``, the one holding the oldest item, so a steady stream of
+        full batches never starves a partial one."""
         for key, group in self._groups.items():
-            if len(group) >= self.max_batch:
+            if len(group) >= self.max_batch or (allow_partial and now - group[0][0] >= self.max_wait_s):
                 return key, self._pop(key, self.max_batch)
-        if allow_partial:
-            for key, group in self._groups.items():
-                if now - group[0][0] >= self.max_wait_s:
-                    return key, self._pop(key, self.max_batch)
         return None
 
     def drain(self) -> Iterable[tuple[Hashable, list[T]]]:

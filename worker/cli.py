@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
+from celery import signals
 
 from producer.client import new_run_id
 from producer.job import make_jobs, run_defaults
@@ -47,7 +49,12 @@ def start_worker(*, model: str | None, device: str | None, loglevel: str, extra:
         f"--queues={settings.queue}",
         *extra,
     ]
+    # app.worker_main drops the worker's exit code; a worker that stops because it cannot
+    # build its pipeline must exit non-zero so that its supervisor sees it.
+    exit_codes: list[int] = []
+    signals.worker_shutdown.connect(lambda sender, **_: exit_codes.append(sender.exitcode or 0), weak=False)
     app.worker_main(argv)
+    sys.exit(exit_codes[-1] if exit_codes else 0)
 
 
 def run_local(

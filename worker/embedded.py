@@ -27,6 +27,9 @@ class MemoryReporter:
         self.states: dict[tuple[str, str], JobResult] = {}
 
     def mark(self, run_id: str, job_id: str, state: JobState, **details: Any) -> bool:
+        current = self.states.get((run_id, job_id))
+        if current is not None and current.state is JobState.DONE:
+            return False  # done is final, as in the Redis store
         self.states[run_id, job_id] = JobResult(
             job_id, state, details.pop("key", None), details.pop("reason", None), details
         )

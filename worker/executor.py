@@ -92,12 +92,11 @@ class BatchExecutor:
         # 2. Skip jobs a previous delivery finished; mark the rest running.
         pending = []
         for delivery, job in ready:
-            done = self.reporter.get(job.run_id, job.job_id)
-            if done is not None and done.state is JobState.DONE:
-                outcomes[delivery.task_id] = Outcome(delivery.task_id, True, job.job_id, done.key)
-            else:
-                self.reporter.mark(job.run_id, job.job_id, JobState.RUNNING, worker=self.worker["hostname"])
+            if self.reporter.mark(job.run_id, job.job_id, JobState.RUNNING, worker=self.worker["hostname"]):
                 pending.append((delivery, job))
+            else:  # refused: only a finished job refuses ``running``
+                done = self.reporter.get(job.run_id, job.job_id)
+                outcomes[delivery.task_id] = Outcome(delivery.task_id, True, job.job_id, done.key if done else None)
         # 3. Group by batch key: the consumer already did, direct callers may not have.
         groups = BatchBuffer[tuple[Delivery, Job]](self.settings.max_batch, 0.0)
         for delivery, job in pending:

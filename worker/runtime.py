@@ -46,16 +46,36 @@ def build_executor(settings: WorkerSettings) -> BatchExecutor:
     )
 
 
+class PipelineUnavailable(RuntimeError):
+    """This process could not build its pipeline, storage or state client: no batch can run."""
+
+
+_init_error: str | None = None
+
+
 def init_process(**_: Any) -> None:
-    """``worker_process_init`` handler: warm the pipeline before the first batch arrives."""
-    global _executor
-    _executor = build_executor(settings())
+    """``worker_process_init`` handler: warm the pipeline before the first batch arrives.
+
+    Celery swallows exceptions of signal handlers, so a failure is kept and reported by the
+    first batch (the consumer then stops this worker).
+    """
+    global _executor, _init_error
+    try:
+        _executor = build_executor(settings())
+    except Exception as error:  # any: the cause goes back with the first batch
+        logger.critical("cannot build the pipeline: %r", error, exc_info=True)
+        _init_error = f"{type(error).__name__}: {error}"
 
 
 def execute_batch(deliveries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run in a pool process: one batch in, one outcome per delivery out (picklable both ways)."""
     global _executor
+    if _init_error is not None:
+        raise PipelineUnavailable(_init_error)
     if _executor is None:  # pools that send no worker_process_init (solo, threads)
-        _executor = build_executor(settings())
+        try:
+            _executor = build_executor(settings())
+        except Exception as error:
+            raise PipelineUnavailable(f"{type(error).__name__}: {error}") from error
     outcomes = _executor.execute([Delivery(**delivery) for delivery in deliveries])
     return [asdict(outcome) for outcome in outcomes]

@@ -26,6 +26,12 @@ class WorkerSettings(ClientSettings):
     max_batch: int = Field(8, ge=1, le=64, description="Images per pipeline call at most")
     max_wait_s: float = Field(2.0, ge=0, description="Longest a partial batch waits for peers of the same shape")
     prefetch: int | None = Field(None, ge=1, description="Messages reserved from Redis at once (default 4 x max_batch)")
+    batch_timeout_s: float = Field(
+        1800.0, gt=0, description="A batch running longer is killed; its jobs are retried one by one"
+    )
+    load_timeout_s: float = Field(
+        600.0, gt=0, description="Time a pool process may take to load the pipeline before it counts as hung"
+    )
     scheduler: SchedulerName = Field("ddim", description="Scheduler for jobs that name none")
     cache_interval: int = Field(3, ge=1, le=MAX_CACHE_INTERVAL, description="DeepCache interval; 1 turns caching off")
     cache_branch: int = Field(0, ge=0, le=MAX_CACHE_BRANCH, description="DeepCache branch id")

@@ -65,8 +65,10 @@ class S3Storage:
         except ClientError as error:
             code = error.response.get("Error", {}).get("Code")
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+            if code == "PreconditionFailed" or status == 412:
                 return False
+            # 409 ConditionalRequestConflict: another write of this key is under way; it is not
+            # there yet, and that write may still fail. An error: the job is not done.
             raise StorageError(f"upload of s3://{self.bucket}/{key} failed: {code}: {error}") from error
         except BotoCoreError as error:
             raise StorageError(f"upload of s3://{self.bucket}/{key} failed: {error}") from error

@@ -2,8 +2,13 @@
 
 The default strategy hands every message to the pool at once. This one keeps messages in a
 ``BatchBuffer`` keyed by everything a pipeline call must share and hands the pool a whole batch
-when one is full or its oldest job has waited ``max_wait_s``. Messages are acknowledged after
-their batch returns (``acks_late``); if a pool process dies, its batch goes back to the queue.
+when one is full or its oldest job has waited ``max_wait_s``. Messages are acknowledged when
+their batch returns (``acks_late``).
+
+When a pool process dies or a batch outlives ``batch_timeout_s``, its jobs run again one by one
+in this worker, so a job that kills the process takes no peers with it; a job lost
+``MAX_LOSSES`` times fails with the reason. When the pipeline cannot be built at all, the batch
+goes back to the queue for other workers and this one stops with a non-zero exit code.
 
 Why not celery-batches: it keeps one buffer per task (flushes mix resolutions), swallows
 exceptions of the batch function, sends no task events and pins celery<5.7.
@@ -12,21 +17,38 @@ exceptions of the batch function, sends no task events and pins celery<5.7.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
+from collections import Counter
 from functools import partial
+from numbers import Real
 from typing import Any
 
+from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery import signals
 from celery.utils.imports import symbol_by_name
+from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
-from celery.worker.state import task_ready, task_reserved
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 
+from producer.state import JobState, RunStore
 from worker import runtime
 from worker.batching import BatchBuffer, RecipeDefaults, batch_key
 from worker.executor import parse_job
 
 logger = logging.getLogger(__name__)
+
+#: Times a job may be in a batch whose process died or timed out before it fails for good.
+MAX_LOSSES = 2
+
+
+def message_fields(req: Any) -> tuple[Any, float | None]:
+    """``(job payload, enqueued_at)`` from a request, whatever shape a hand-made message has."""
+    args = req.args if isinstance(req.args, (list, tuple)) else ()
+    kwargs = req.kwargs if isinstance(req.kwargs, dict) else {}
+    enqueued_at = kwargs.get("enqueued_at")
+    return (args[0] if args else None), (float(enqueued_at) if isinstance(enqueued_at, Real) else None)
 
 
 class BatchingStrategy:
@@ -37,8 +59,11 @@ class BatchingStrategy:
         self.consumer = consumer
         self.pool = consumer.pool
         self.slots = max(1, getattr(consumer.pool, "limit", 1) or 1)
+        self.batch_timeout_s = settings.batch_timeout_s
         self.in_flight = 0
+        self.losses: Counter[str] = Counter()
         self.buffer: BatchBuffer[Any] = BatchBuffer(settings.max_batch, settings.max_wait_s)
+        self.store = RunStore.from_url(settings.result_backend)
         self.defaults = RecipeDefaults(
             model=settings.model,
             scheduler=settings.scheduler,
@@ -57,15 +82,26 @@ class BatchingStrategy:
         consumer.timer.call_repeatedly(tick, self.pump)
 
     def handle(self, message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **_: Any) -> None:
-        """Called by the consumer for every message of the task (see celery.worker.strategy)."""
-        req = self._request(message, body, ack, reject)
+        """Called by the consumer for every message of the task (see celery.worker.strategy).
+
+        Nothing a message holds may stop the worker: a body that cannot even be read as a
+        task is logged and dropped, anything else reaches the pool, which records why it failed.
+        """
+        try:
+            req = self._request(message, body, ack, reject)
+            req.payload, req.enqueued_at = message_fields(req)
+        except Exception:  # a malformed message must cost itself, not the worker
+            logger.exception("dropping a message that is not a readable task: %r", message.body)
+            reject()
+            return
         if (req.expires or req.id in self.consumer.controller.state.revoked) and req.revoked():
+            self._record_failure(req, "revoked or expired before it ran")
             return
         signals.task_received.send(sender=self.consumer, request=req)
         req.send_event("task-received", name=req.name, args=req.argsrepr, kwargs=req.kwargsrepr)
-        task_reserved(req)
+        worker_state.task_reserved(req)
         req.received_at = time.time()
-        job, _ = parse_job(req.args[0] if req.args else None)
+        job, _ = parse_job(req.payload)
         if job is None:
             self._dispatch([req])  # the pool records why it failed; it has no peers to wait for
             return
@@ -84,12 +120,7 @@ class BatchingStrategy:
 
     def _dispatch(self, requests: list[Any]) -> None:
         deliveries = [
-            {
-                "task_id": req.id,
-                "payload": req.args[0] if req.args else None,
-                "enqueued_at": req.kwargs.get("enqueued_at"),
-                "received_at": req.received_at,
-            }
+            {"task_id": req.id, "payload": req.payload, "enqueued_at": req.enqueued_at, "received_at": req.received_at}
             for req in requests
         ]
         self.in_flight += 1
@@ -99,34 +130,65 @@ class BatchingStrategy:
             accept_callback=partial(self._on_accepted, requests),
             callback=partial(self._on_done, requests),
             error_callback=partial(self._on_error, requests),
+            timeout=self.batch_timeout_s,
+            correlation_id=requests[0].id,
         )
 
     def _on_accepted(self, requests: list[Any], pid: int, time_accepted: float) -> None:
         for req in requests:
-            req.send_event("task-started", pid=pid)
+            req.on_accepted(pid, time_accepted)  # active in `celery inspect`, task-started event
 
     def _on_done(self, requests: list[Any], outcomes: list[dict[str, Any]]) -> None:
         self.in_flight -= 1
         for req, outcome in zip(requests, outcomes, strict=True):
-            if outcome["ok"]:
-                req.send_event("task-succeeded", result=outcome["key"], runtime=time.time() - req.received_at)
-            else:
-                req.send_event("task-failed", exception=outcome["reason"], traceback="")
-            req.acknowledge()
-            task_ready(req, successful=outcome["ok"])
+            self._finish(req, outcome["ok"], outcome["key"] if outcome["ok"] else outcome["reason"])
         self.pump()
 
     def _on_error(self, requests: list[Any], exc_info: Any) -> None:
-        """The pool process died or the batch raised (Redis down, a bug): requeue the batch."""
         self.in_flight -= 1
         error = getattr(exc_info, "exception", exc_info)
         error = getattr(error, "exc", error)  # billiard wraps it in ExceptionWithTraceback
-        logger.error("batch of %d lost (%r): sending its jobs back to the queue", len(requests), error)
-        for req in requests:
-            req.send_event("task-retried", exception=repr(error), traceback="")
-            req.reject(requeue=True)
-            task_ready(req)
+        if isinstance(error, (WorkerLostError, TimeLimitExceeded)):
+            self._retry_alone(requests, error)
+        else:
+            # The pool could not run the batch at all (no pipeline, Redis down): other workers
+            # may. A worker without a pipeline stops instead of spinning on the queue.
+            logger.error("batch of %d not run (%r): sending its jobs back to the queue", len(requests), error)
+            for req in requests:
+                req.reject(requeue=True)
+                worker_state.task_ready(req)
+            if isinstance(error, runtime.PipelineUnavailable):
+                logger.critical("stopping this worker: %s", error)
+                worker_state.should_stop = os.EX_SOFTWARE  # 70
         self.pump()
+
+    def _retry_alone(self, requests: list[Any], error: BaseException) -> None:
+        """Run each job of a lost batch on its own; fail the ones lost MAX_LOSSES times."""
+        reason = "its pool process died" if isinstance(error, WorkerLostError) else "it timed out"
+        logger.error("batch of %d lost (%r): retrying its jobs one by one", len(requests), error)
+        for req in requests:
+            self.losses[req.id] += 1
+            if self.losses[req.id] >= MAX_LOSSES:
+                del self.losses[req.id]
+                message = f"generation failed: {reason} {MAX_LOSSES} times while running this job"
+                self._record_failure(req, message)
+                self._finish(req, False, message)
+            else:
+                self.buffer.add(("alone", req.id), req, -math.inf)
+
+    def _finish(self, req: Any, ok: bool, detail: str | None) -> None:
+        req.acknowledge()
+        worker_state.task_ready(req, successful=ok)
+        if ok:
+            req.send_event("task-succeeded", result=detail, runtime=time.time() - req.received_at)
+        else:
+            req.send_event("task-failed", exception=detail, traceback="")
+
+    def _record_failure(self, req: Any, reason: str) -> None:
+        """Failures decided here, outside the pool: recorded like the executor's."""
+        job, _ = parse_job(getattr(req, "payload", None))
+        if job is not None:
+            self.store.mark(job.run_id, job.job_id, JobState.FAILED, reason=reason)
 
     def _request(self, message: Any, body: Any, ack: Any, reject: Any) -> Any:
         if body is None and "args" not in message.payload:

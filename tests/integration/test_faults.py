@@ -81,3 +81,56 @@ def test_warm_shutdown_returns_buffered_jobs_to_the_queue(env, tmp_path):
         finally:
             stop(worker)
     assert object_count(env) == 48
+
+
+def test_a_batch_past_its_time_limit_is_retried_alone_then_failed(env, tmp_path):
+    """A hung pipeline call, caused for real: 200 steps against a 1 s batch time limit."""
+    worker = start_worker({**env, "DEEPQUEUE_BATCH_TIMEOUT_S": "1"}, tmp_path / "worker.log")
+    try:
+        with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+            slow = client.submit(["slow a", "slow b"], run="slow", steps=200, width=64, height=64)
+            fast = client.submit(["fast a", "fast b"], run="fast", steps=2, width=64, height=64)
+            assert fast.wait(timeout=120).counts[JobState.DONE] == 2
+            assert slow.wait(timeout=120).counts[JobState.FAILED] == 2
+            reasons = {result.reason for result in slow.results()}
+        assert reasons == {"generation failed: it timed out 2 times while running this job"}
+        assert worker.poll() is None, "the worker must survive its hung batches"
+    finally:
+        stop(worker)
+
+
+def test_a_worker_without_a_pipeline_returns_its_jobs_and_stops(env, tmp_path):
+    """A pool process that cannot build its pipeline (here: CUDA asked for on a CPU machine)."""
+    worker = start_worker({**env, "DEEPQUEUE_DEVICE": "cuda"}, tmp_path / "worker.log")
+    try:
+        with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+            client.submit(["a", "b"], run="nogpu", steps=2, width=64, height=64)
+        assert worker.wait(timeout=120) == 70  # EX_SOFTWARE
+    finally:
+        stop(worker)
+    broker = redis.Redis.from_url(env["DEEPQUEUE_BROKER_URL"])
+    assert broker.llen("deepqueue") + broker.hlen("unacked") == 2, "the jobs must stay in the broker"
+    assert "cannot build the pipeline" in (tmp_path / "worker.log").read_text()
+
+
+def test_malformed_messages_do_not_stop_the_worker(env, tmp_path):
+    """Hand-made messages of the wrong shape: each fails alone, the worker keeps serving."""
+    from producer.contract import TASK_NAME
+    from producer.enqueue import producer_app
+    from producer.settings import ClientSettings
+
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        app = producer_app(ClientSettings(broker_url=env["DEEPQUEUE_BROKER_URL"]))
+        with app.producer_or_acquire() as producer:
+            app.send_task(TASK_NAME, args=[["a", "list"]], kwargs={"enqueued_at": "yesterday"}, producer=producer)
+            app.send_task(TASK_NAME, args=[], producer=producer)
+            app.send_task(TASK_NAME, args=[{"run_id": "odd", "x": 1}], kwargs={"unexpected": [1]}, producer=producer)
+        with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+            run = client.submit(["after the bad ones"], run="after", steps=2, width=64, height=64)
+            assert run.wait(timeout=120).counts[JobState.DONE] == 1
+            odd = list(client.run("odd").results())
+        assert worker.poll() is None
+        assert [result.state for result in odd] == [JobState.FAILED] and "invalid job" in odd[0].reason
+    finally:
+        stop(worker)

@@ -177,8 +177,9 @@ def test_resubmit_sends_nothing_once_every_job_is_running_or_done(client, redis_
     assert second.status().counts == {QUEUED: 0, RUNNING: 1, DONE: 2, FAILED: 0}
 
 
-def test_resubmit_resends_queued_and_failed_jobs_and_skips_running_and_done(client, redis_urls, store):
-    """Queued jobs are sent again (their first message may be lost): workers must be idempotent."""
+def test_resubmit_sends_failed_jobs_and_only_with_resend_queued_the_queued_ones(client, redis_urls, store):
+    """Queued jobs already have a message: sending them again would run them twice. Only a
+    user who lost the queue itself (a Redis without persistence restarted) asks for them."""
     prompts = ["queued", "running", "done", "failed"]
     first = client.submit(prompts, run="partial")
     by_prompt = {Job.model_validate(m["args"][0]).prompt: m["headers"]["id"] for m in messages(redis_urls[0])}
@@ -187,11 +188,16 @@ def test_resubmit_resends_queued_and_failed_jobs_and_skips_running_and_done(clie
     store.mark("partial", by_prompt["failed"], FAILED, reason="cuda oom")
 
     second = client.submit(prompts, run="partial")
-    assert (second.submitted, second.skipped) == (2, 2)
+    assert (second.submitted, second.skipped) == (1, 3)
     resent = messages(redis_urls[0])[len(prompts) :]
-    assert [m["headers"]["id"] for m in resent] == [by_prompt["queued"], by_prompt["failed"]]
+    assert [m["headers"]["id"] for m in resent] == [by_prompt["failed"]]
     assert second.status().counts == {QUEUED: 2, RUNNING: 1, DONE: 1, FAILED: 0}
     assert first.run_id == second.run_id
+
+    third = client.submit(prompts, run="partial", resend_queued=True)
+    assert (third.submitted, third.skipped) == (2, 2)
+    resent = messages(redis_urls[0])[len(prompts) + 1 :]
+    assert [m["headers"]["id"] for m in resent] == [by_prompt["queued"], by_prompt["failed"]]
 
 
 def test_submit_spanning_chunks_skips_the_right_jobs(client, redis_urls, store):

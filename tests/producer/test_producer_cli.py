@@ -100,7 +100,7 @@ def test_submit_with_size_enqueues_jobs_of_that_size(env, tmp_path, store):
     path = prompt_file(tmp_path, "p.txt", "a red fox\na blue heron\n")
     result = invoke("submit", str(path), "--size", "64x64", "--run", "small")
     assert result.exit_code == 0, result.output
-    assert "run small: 2 jobs enqueued, 0 already running or done" in result.output
+    assert "run small: 2 jobs enqueued, 0 already queued, running or done" in result.output
     jobs = jobs_on_queue(env[0])
     assert [(job.prompt, job.width, job.height) for job in jobs] == [("a red fox", 64, 64), ("a blue heron", 64, 64)]
     assert store.counts("small")[QUEUED] == 2
@@ -215,7 +215,9 @@ def test_submit_again_skips_running_and_done_jobs(env, tmp_path, store):
     store.mark("again", ids[1], DONE, key="k")
     result = invoke("submit", str(tmp_path / "p.txt"), "--run", "again")
     assert result.exit_code == 0, result.output
-    assert "run again: 1 jobs enqueued, 2 already running or done" in result.output
+    assert "run again: 0 jobs enqueued, 3 already queued, running or done" in result.output
+    resend = invoke("submit", str(tmp_path / "p.txt"), "--run", "again", "--resend-queued")
+    assert "run again: 1 jobs enqueued, 2 already queued, running or done" in resend.output
 
 
 def test_submit_wait_times_out(env, tmp_path):

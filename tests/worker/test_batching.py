@@ -190,14 +190,30 @@ def test_zero_wait_hands_out_partials_at_once() -> None:
     assert buffer.take(5.0) == ("a", [1])
 
 
-def test_full_batches_come_before_older_partials() -> None:
+def test_an_overdue_partial_is_not_starved_by_younger_full_batches() -> None:
     buffer: BatchBuffer[str] = BatchBuffer(2, 1.0)
     buffer.add("old", "o1", now=0.0)
     buffer.add("new", "n1", now=5.0)
     buffer.add("new", "n2", now=5.5)
-    # "old" has waited long enough, but the full batch goes first.
-    assert buffer.take(6.0) == ("new", ["n1", "n2"])
+    # Both are ready; "old" holds the oldest job, so it goes first.
     assert buffer.take(6.0) == ("old", ["o1"])
+    assert buffer.take(6.0) == ("new", ["n1", "n2"])
+
+
+def test_full_batches_go_while_partials_may_not() -> None:
+    buffer: BatchBuffer[str] = BatchBuffer(2, 1.0)
+    buffer.add("old", "o1", now=0.0)
+    buffer.add("new", "n1", now=5.0)
+    buffer.add("new", "n2", now=5.5)
+    assert buffer.take(6.0, allow_partial=False) == ("new", ["n1", "n2"])
+    assert buffer.take(6.0, allow_partial=False) is None
+
+
+def test_a_retry_added_with_an_early_time_goes_first() -> None:
+    buffer: BatchBuffer[str] = BatchBuffer(4, 1.0)
+    buffer.add("a", "a1", now=5.0)
+    buffer.add(("alone", "x"), "x", now=float("-inf"))
+    assert buffer.take(5.0) == (("alone", "x"), ["x"])
 
 
 def test_oldest_full_key_first() -> None:
@@ -318,14 +334,12 @@ class ReferenceBuffer:
         return min(keys, key=lambda k: self.groups[k][0][0])
 
     def take(self, now: float, allow_partial: bool) -> tuple[Any, list[Any]] | None:
-        full = [k for k, g in self.groups.items() if len(g) >= self.max_batch]
-        if full:
-            return self._pop(self._oldest(full))
-        if allow_partial:
-            due = [k for k, g in self.groups.items() if now - g[0][0] >= self.max_wait_s]
-            if due:
-                return self._pop(self._oldest(due))
-        return None
+        ready = [
+            k
+            for k, g in self.groups.items()
+            if len(g) >= self.max_batch or (allow_partial and now - g[0][0] >= self.max_wait_s)
+        ]
+        return self._pop(self._oldest(ready)) if ready else None
 
     def drain(self) -> list[tuple[Any, list[Any]]]:
         out = []
