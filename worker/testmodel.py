@@ -159,6 +159,16 @@ TINY_UNET: dict[str, Any] = {
     "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
 }
 
+#: The VAE of diffusers' fast tests, likewise shared.
+TINY_VAE: dict[str, Any] = {
+    "block_out_channels": (32, 64),
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    "latent_channels": 4,
+}
+
 
 def _build_tiny() -> Any:
     """StableDiffusionPipeline with the components of diffusers' fast tests."""
@@ -171,12 +181,7 @@ def _build_tiny() -> Any:
         cross_attention_dim=32,
     )
     vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
+        **TINY_VAE,
     )
     text_encoder = CLIPTextModel(
         _clip_text_config(
@@ -276,12 +281,7 @@ def _build_sdxl_tiny() -> Any:
         cross_attention_dim=64,
     )
     vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
+        **TINY_VAE,
         sample_size=128,
     )
     text_config = _clip_text_config(
