@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from producer.job import Job, format_errors, is_run_id
 from producer.state import JobResult, JobState
-from worker.batching import BatchBuffer, BatchKey, RecipeDefaults, batch_key
+from worker.batching import BatchBuffer, BatchKey, batch_key
 from worker.encode import CONTENT_TYPES, EXTENSIONS, encode_image
 from worker.engine import Engine
 from worker.settings import WorkerSettings
@@ -71,12 +71,7 @@ class BatchExecutor:
         self.storage = storage
         self.reporter = reporter
         self.settings = settings
-        self.defaults = RecipeDefaults(
-            model=engine.model["id"],
-            scheduler=settings.scheduler,
-            cache_interval=settings.cache_interval,
-            cache_branch=settings.cache_branch,
-        )
+        self.defaults = settings.recipe_defaults()
         self.worker = {"hostname": socket.gethostname(), **engine.describe()}
 
     def execute(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
@@ -152,6 +147,7 @@ class BatchExecutor:
             )
             encoded = time.perf_counter()
             image_at = image_key(self.settings.s3_prefix, job.run_id, job.job_id, EXTENSIONS[job.format])
+            url = self.storage.url(image_at)
             metadata = s3_metadata(job, self.engine.model)
             wrote = self.storage.put(image_at, data, content_type=CONTENT_TYPES[job.format], metadata=metadata)
             uploaded = time.perf_counter()
@@ -169,7 +165,7 @@ class BatchExecutor:
             sidecar = build_sidecar(
                 job=job,
                 key=key,
-                image_url=self.storage.url(image_at),
+                image_url=url,
                 image_reused=not wrote,
                 batch=batch,
                 model=self.engine.model,
@@ -181,7 +177,6 @@ class BatchExecutor:
         except Exception as error:  # encode or upload: this job alone fails, with the cause
             logger.error("storing job %s failed: %r", job.job_id, error, exc_info=True)
             return self._fail(delivery, job, f"storing failed: {error}")
-        url = self.storage.url(image_at)
         self.reporter.mark(job.run_id, job.job_id, JobState.DONE, key=url, batch_id=batch.id, batch_size=batch.size)
         return Outcome(delivery.task_id, True, job.job_id, url, batch_size=batch.size)
 

@@ -69,13 +69,9 @@ def init_process(**_: Any) -> None:
 
 def execute_batch(deliveries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run in a pool process: one batch in, one outcome per delivery out (picklable both ways)."""
-    global _executor
-    if _init_error is not None:
+    if _executor is None and _init_error is None:  # pools that send no worker_process_init (solo)
+        init_process()
+    if _executor is None:
         raise PipelineUnavailable(_init_error)
-    if _executor is None:  # pools that send no worker_process_init (solo, threads)
-        try:
-            _executor = build_executor(settings())
-        except Exception as error:
-            raise PipelineUnavailable(f"{type(error).__name__}: {error}") from error
     outcomes = _executor.execute([Delivery(**delivery) for delivery in deliveries])
     return [asdict(outcome) for outcome in outcomes]

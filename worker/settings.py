@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from producer.job import MAX_CACHE_BRANCH, MAX_CACHE_INTERVAL, SchedulerName
 from producer.settings import ClientSettings
+from worker.batching import RecipeDefaults
 
 
 class WorkerSettings(ClientSettings):
@@ -42,6 +43,15 @@ class WorkerSettings(ClientSettings):
     output_dir: Path = Field(Path("out"), description="Root folder of the local storage")
     webp_quality: int = Field(90, ge=1, le=100, description="Quality of webp images")
     jpeg_quality: int = Field(95, ge=1, le=100, description="Quality of jpeg images")
+
+    def recipe_defaults(self) -> RecipeDefaults:
+        """What this worker uses for the recipe fields a job leaves open."""
+        return RecipeDefaults(
+            model=self.model,
+            scheduler=self.scheduler,
+            cache_interval=self.cache_interval,
+            cache_branch=self.cache_branch,
+        )
 
     @property
     def prefetch_count(self) -> int:

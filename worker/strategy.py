@@ -34,7 +34,7 @@ from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 
 from producer.state import JobState, RunStore
 from worker import runtime
-from worker.batching import BatchBuffer, RecipeDefaults, batch_key
+from worker.batching import BatchBuffer, batch_key
 from worker.executor import parse_job
 
 logger = logging.getLogger(__name__)
@@ -64,12 +64,7 @@ class BatchingStrategy:
         self.losses: Counter[str] = Counter()
         self.buffer: BatchBuffer[Any] = BatchBuffer(settings.max_batch, settings.max_wait_s)
         self.store = RunStore.from_url(settings.result_backend)
-        self.defaults = RecipeDefaults(
-            model=settings.model,
-            scheduler=settings.scheduler,
-            cache_interval=settings.cache_interval,
-            cache_branch=settings.cache_branch,
-        )
+        self.defaults = settings.recipe_defaults()
         self.Request = create_request_cls(
             symbol_by_name(task.Request),
             task,
@@ -186,7 +181,7 @@ class BatchingStrategy:
 
     def _record_failure(self, req: Any, reason: str) -> None:
         """Failures decided here, outside the pool: recorded like the executor's."""
-        job, _ = parse_job(getattr(req, "payload", None))
+        job, _ = parse_job(req.payload)
         if job is not None:
             self.store.mark(job.run_id, job.job_id, JobState.FAILED, reason=reason)
 
