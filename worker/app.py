@@ -8,6 +8,7 @@ from celery import Celery, Task, signals
 
 from producer.contract import TASK_NAME, celery_config
 from worker import runtime
+from worker.readiness import PipelineGate
 from worker.settings import WorkerSettings
 
 
@@ -23,7 +24,7 @@ class GenerateTask(Task):
     def run(self, job: Any, enqueued_at: float | None = None) -> dict[str, Any]:
         """Called directly (not through a worker): a batch of one, in this process."""
         delivery = {"task_id": self.request.id or "direct", "payload": job, "enqueued_at": enqueued_at}
-        return runtime.execute_batch([delivery])[0]
+        return runtime.execute_now([delivery])[0]
 
 
 def create_app(settings: WorkerSettings) -> Celery:
@@ -41,5 +42,7 @@ def create_app(settings: WorkerSettings) -> Celery:
         worker_max_tasks_per_child=None,
     )
     app.register_task(GenerateTask())
+    app.steps["worker"].add(PipelineGate)
     signals.worker_process_init.connect(runtime.init_process, weak=False)
+    signals.worker_process_shutdown.connect(runtime.shutdown_process, weak=False)
     return app

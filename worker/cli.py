@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from celery import signals
 from producer.client import new_run_id
 from producer.job import make_jobs, run_defaults
 from producer.sources import read_rows
+from worker.model import ModelError, check_pipeline_class, read_model_index
 from worker.settings import WorkerSettings
 
 
@@ -20,19 +22,22 @@ def _settings(**overrides: Any) -> WorkerSettings:
 
 
 def check_model(settings: WorkerSettings) -> None:
-    """Fail before starting anything if the model folder/id has no diffusers config."""
-    from diffusers import DiffusionPipeline
+    """Fail before starting anything if the model has no diffusers config of a served pipeline.
 
+    Reads ``model_index.json`` only: the worker's main process must not import diffusers.
+    """
     try:
-        DiffusionPipeline.load_config(settings.model, revision=settings.model_revision)
-    except (OSError, ValueError) as error:
+        check_pipeline_class(settings.model, read_model_index(settings.model, settings.model_revision))
+    except ModelError as error:
         raise click.ClickException(
-            f"cannot read model {settings.model!r} (DEEPQUEUE_MODEL): {error}\n"
-            "Build an offline test model with: deepqueue make-test-model DIR --arch tiny"
+            f"{error} (DEEPQUEUE_MODEL)\nBuild an offline test model with: deepqueue make-test-model DIR --arch tiny"
         ) from error
 
 
 def start_worker(*, model: str | None, device: str | None, loglevel: str, extra: list[str]) -> None:
+    # A second guard besides worker.readiness: torch, if something imported it here after all,
+    # then checks CUDA through NVML, which leaves a forked pool process able to use CUDA.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     from worker.app import create_app
 
     settings = _settings(model=model, device=device)

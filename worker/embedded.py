@@ -80,15 +80,22 @@ def run_embedded(jobs: Sequence[Job], settings: WorkerSettings, *, progress: boo
             buffer.add(batch_key(job, executor.defaults), job, 0.0)
     started = time.perf_counter()
     with tqdm(total=len(buffer), unit="img", desc="generate", disable=not progress) as bar:
-        for _, batch in buffer.drain():
-            now = time.time()
-            deliveries = [Delivery(job.job_id, job.model_dump(mode="json"), now, now) for job in batch]
-            for outcome in executor.execute(deliveries):
+
+        def count(outcomes: list[Outcome]) -> None:
+            for outcome in outcomes:
                 if outcome.ok:
                     summary.images += 1
                 else:
                     summary.failed.append(outcome)
+            bar.update(len(outcomes))
+
+        # Each batch's images are stored in the background while the next one generates.
+        for _, batch in buffer.drain():
+            now = time.time()
+            deliveries = [Delivery(job.job_id, job.model_dump(mode="json"), now, now) for job in batch]
+            count(executor.submit(deliveries) + executor.collect())
             summary.batch_sizes.update({len(batch): 1})
-            bar.update(len(batch))
+        count(executor.collect(wait=True))
+    executor.close()
     summary.seconds = time.perf_counter() - started
     return summary

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from producer.job import Job
 from worker.batching import BatchKey
 from worker.deepcache import DeepCacheGuard
+from worker.model import SUPPORTED_PIPELINES, ModelError, model_fingerprint
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -30,17 +29,32 @@ SCHEDULERS = {
     "heun": "HeunDiscreteScheduler",
     "kdpm2": "KDPM2DiscreteScheduler",
 }
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
-
-class ModelError(RuntimeError):
-    """The model cannot be served by this worker (wrong pipeline type, not found)."""
+#: Estimated live tensor elements per output pixel at the peak of an SD/SDXL VAE decode (a few
+#: 256- and 128-channel activations at full resolution). Times the dtype's size, the image
+#: count and the pixel count, it decides whether a batch decodes at once or one image at a time.
+DECODE_ELEMENTS_PER_PIXEL = 1280
+#: Share of the free device memory a whole-batch decode may take before slicing is used.
+DECODE_MEMORY_SHARE = 0.5
 
 
 @dataclass(frozen=True)
 class Generated:
     images: list[Any]  # PIL images, in job order
     seconds: float  # wall time of the pipeline call, device synchronised
+
+
+def decode_needs_slicing(images: int, height: int, width: int, itemsize: int, free_bytes: int | None) -> bool:
+    """Whether to decode one image at a time: only when the whole batch might not fit.
+
+    Slicing costs time on a GPU (eight small decodes instead of one), so it is kept for when
+    memory needs it. Unknown free memory: slice, to be safe.
+    """
+    if images <= 1:
+        return False
+    if free_bytes is None:
+        return True
+    return images * height * width * DECODE_ELEMENTS_PER_PIXEL * itemsize > DECODE_MEMORY_SHARE * free_bytes
 
 
 def resolve_device(setting: str) -> str:
@@ -59,49 +73,18 @@ def resolve_dtype(setting: str, device: str) -> Any:
     return getattr(torch, setting)
 
 
-def model_fingerprint(model: str, revision: str | None) -> dict[str, Any]:
-    """Identify the weights: the Hub commit for Hub ids, a sampled content hash for folders.
-
-    The folder hash covers every file's path and size, all JSON configs in full, and the first
-    and last MiB of each weight file: quick on multi-GB models, and it changes when the weights
-    are retrained or swapped.
-    """
-    path = Path(model)
-    if not path.is_dir():
-        return {"id": model, "revision": _hub_commit(model, revision) or revision}
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(path)}:{size}\n".encode())
-        with file.open("rb") as handle:
-            if file.suffix == ".json" or size <= 2 << 20:
-                digest.update(handle.read())
-            else:
-                digest.update(handle.read(1 << 20))
-                handle.seek(-(1 << 20), os.SEEK_END)
-                digest.update(handle.read())
-    return {"id": model, "revision": revision, "hash": "sha256:" + digest.hexdigest()[:16]}
-
-
-def _hub_commit(model: str, revision: str | None) -> str | None:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model, revision=revision, local_files_only=True)).name
-    except Exception:  # not cached, or not a Hub id: the id and revision are all we know
-        return None
-
-
 class Engine:
     """One diffusers pipeline, its schedulers and its DeepCache guard."""
 
-    def __init__(self, pipe: Any, *, device: str, model: dict[str, Any]) -> None:
+    def __init__(self, pipe: Any, *, device: str, model: dict[str, Any], vae_slicing: str = "auto") -> None:
         self.pipe = pipe
         self.device = device
         self.model = model
+        self.vae_slicing = vae_slicing
         self.deepcache = DeepCacheGuard(pipe)
         self._scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[str, Any] = {}
+        self._scheduler_name: str | None = None
 
     @classmethod
     def load(cls, settings: WorkerSettings) -> Engine:
@@ -130,8 +113,12 @@ class Engine:
             )
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        pipe.vae.enable_slicing()  # the VAE decode is the memory peak of large batches
-        engine = cls(pipe, device=device, model=model_fingerprint(settings.model, settings.model_revision))
+        engine = cls(
+            pipe,
+            device=device,
+            model=model_fingerprint(settings.model, settings.model_revision),
+            vae_slicing=settings.vae_slicing,
+        )
         logger.info(
             "loaded %s (%s) on %s as %s in %.1f s",
             settings.model,
@@ -156,7 +143,8 @@ class Engine:
         problem = self.check(key)
         if problem:
             raise ValueError(problem)
-        self.pipe.scheduler = self._scheduler(key.scheduler)
+        self._use_scheduler(key.scheduler)
+        self._set_vae_slicing(len(jobs), key.height, key.width)
         # CPU generators: the same seed gives the same noise on every machine.
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
         negatives = [job.negative_prompt or "" for job in jobs] if key.negative_prompt else None
@@ -197,7 +185,10 @@ class Engine:
             "deepcache": version("DeepCache"),
         }
 
-    def _scheduler(self, name: str) -> Any:
+    def _use_scheduler(self, name: str) -> None:
+        """Swap the pipeline's scheduler only when the batch asks for another one."""
+        if name == self._scheduler_name:
+            return
         if name not in self._schedulers:
             import diffusers
 
@@ -208,4 +199,24 @@ class Engine:
                 # Runge-Kutta warm-up steps: 3x the UNet calls, and a crash below 4 steps.
                 config.setdefault("skip_prk_steps", True)
             self._schedulers[name] = cls.from_config(config)
-        return self._schedulers[name]
+        self.pipe.scheduler = self._schedulers[name]
+        self._scheduler_name = name
+
+    def _set_vae_slicing(self, images: int, height: int, width: int) -> None:
+        if self.vae_slicing == "auto":
+            itemsize = self.pipe.vae.dtype.itemsize
+            slicing = decode_needs_slicing(images, height, width, itemsize, self._free_memory())
+        else:
+            slicing = self.vae_slicing == "on"
+        self.pipe.vae.use_slicing = slicing
+
+    def _free_memory(self) -> int | None:
+        """Free bytes on the pipeline's device: CUDA's own count, or the host's available RAM."""
+        import torch
+
+        if self.device.startswith("cuda"):
+            return torch.cuda.mem_get_info(torch.device(self.device))[0]
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None

@@ -1,7 +1,10 @@
 """The body of a batch, shared by the Celery worker and embedded mode.
 
-check -> skip finished -> group -> generate -> encode + upload -> report. Every job ends with
-its own outcome: one bad job never fails the others in its batch.
+check -> skip finished -> group -> generate -> (background) encode + upload -> report. Every job
+ends with its own outcome: one bad job never fails the others in its batch. ``submit`` returns
+once the device is free again; the images are stored by a bounded ``Backlog`` while the next
+batch generates, and their outcomes come from ``collect`` only after image, sidecar and state
+are all written.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from producer.job import Job, format_errors, is_run_id
 from producer.state import JobResult, JobState
+from worker.backlog import Backlog
 from worker.batching import BatchBuffer, BatchKey, batch_key
 from worker.encode import CONTENT_TYPES, EXTENSIONS, encode_image
 from worker.engine import Engine
@@ -55,6 +60,7 @@ class Outcome:
     key: str | None = None  # the image's URL when ok
     reason: str | None = None  # why it failed
     batch_size: int = 0  # images in the pipeline call that made it (0: none ran)
+    retry: bool = False  # not decided here (its state could not be recorded): deliver it again
 
 
 def parse_job(payload: Any) -> tuple[Job | None, str | None]:
@@ -73,15 +79,26 @@ class BatchExecutor:
         self.settings = settings
         self.defaults = settings.recipe_defaults()
         self.worker = {"hostname": socket.gethostname(), **engine.describe()}
+        self.backlog: Backlog[Outcome] = Backlog(settings.store_threads, settings.store_backlog_count)
 
     def execute(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
-        outcomes: dict[str, Outcome] = {}
+        """Generate and store ``deliveries``, then return their outcomes in order (no overlap)."""
+        if self.backlog.pending:
+            raise RuntimeError("execute() needs an idle executor: collect() what submit() started first")
+        outcomes = {outcome.task_id: outcome for outcome in [*self.submit(deliveries), *self.collect(wait=True)]}
+        return [outcomes[delivery.task_id] for delivery in deliveries]
+
+    def submit(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        """Generate ``deliveries`` and queue their images for storing; returns as soon as the
+        device is done. The outcomes returned are those decided without storing (invalid,
+        already done, refused, failed); every other delivery's comes from ``collect``."""
+        outcomes: list[Outcome] = []
         # 1. Check every job again: not every producer is ours.
         ready: list[tuple[Delivery, Job]] = []
         for delivery in deliveries:
             job, problem = parse_job(delivery.payload)
             if job is None:
-                outcomes[delivery.task_id] = self._fail_unparsed(delivery, problem or "invalid job")
+                outcomes.append(self._fail_unparsed(delivery, problem or "invalid job"))
             else:
                 ready.append((delivery, job))
         # 2. Skip jobs a previous delivery finished; mark the rest running.
@@ -91,26 +108,37 @@ class BatchExecutor:
                 pending.append((delivery, job))
             else:  # refused: only a finished job refuses ``running``
                 done = self.reporter.get(job.run_id, job.job_id)
-                outcomes[delivery.task_id] = Outcome(delivery.task_id, True, job.job_id, done.key if done else None)
+                outcomes.append(Outcome(delivery.task_id, True, job.job_id, done.key if done else None))
         # 3. Group by batch key: the consumer already did, direct callers may not have.
         groups = BatchBuffer[tuple[Delivery, Job]](self.settings.max_batch, 0.0)
         for delivery, job in pending:
             groups.add(batch_key(job, self.defaults), (delivery, job), 0.0)
         for key, items in groups.drain():
             assert isinstance(key, BatchKey)
-            for outcome in self._run_group(key, items):
-                outcomes[outcome.task_id] = outcome
-        return [outcomes[delivery.task_id] for delivery in deliveries]
+            outcomes += self._run_group(key, items)
+        return outcomes
+
+    def collect(self, wait: bool = False, timeout: float | None = None) -> list[Outcome]:
+        """Outcomes of the images stored since the last call (``wait``: until none is pending)."""
+        return self.backlog.collect(wait, timeout)
+
+    def close(self) -> None:
+        """Finish storing what was generated."""
+        self.backlog.close()
 
     def _run_group(self, key: BatchKey, items: list[tuple[Delivery, Job]]) -> list[Outcome]:
+        """Generate one batch and queue its images; returns the outcomes decided here."""
         problem = self.engine.check(key)
         if problem:
             return [self._fail(delivery, job, problem) for delivery, job in items]
+        # Back-pressure: generate only when the images waiting to be stored leave room.
+        self.backlog.reserve(len(items))
         # 4. Generate; if the batch fails, run its jobs alone so only the bad one fails.
         try:
             started_at = time.time()
             generated = self.engine.generate(key, [job for _, job in items])
         except Exception as error:  # any failure of one call: isolate it, keep the cause
+            self.backlog.release(len(items))
             if len(items) == 1:
                 logger.warning("job %s failed: %r", items[0][1].job_id, error, exc_info=True)
                 return [self._fail(items[0][0], items[0][1], f"generation failed: {error!r}")]
@@ -133,11 +161,12 @@ class BatchExecutor:
             generated.seconds,
             extra={"batch_id": batch.id, "batch_size": batch.size, "inference_s": generated.seconds},
         )
-        # 5. Encode, upload image then sidecar, report.
-        return [
-            self._store(delivery, job, key, image, batch)
-            for (delivery, job), image in zip(items, generated.images, strict=True)
-        ]
+        # 5. In the background: encode, upload image then sidecar, report.
+        for (delivery, job), image in zip(items, generated.images, strict=True):
+            self.backlog.submit(
+                partial(self._store, delivery, job, key, image, batch), partial(self._unrecorded, delivery, job)
+            )
+        return []
 
     def _store(self, delivery: Delivery, job: Job, key: BatchKey, image: Any, batch: BatchInfo) -> Outcome:
         try:
@@ -179,6 +208,11 @@ class BatchExecutor:
             return self._fail(delivery, job, f"storing failed: {error}")
         self.reporter.mark(job.run_id, job.job_id, JobState.DONE, key=url, batch_id=batch.id, batch_size=batch.size)
         return Outcome(delivery.task_id, True, job.job_id, url, batch_size=batch.size)
+
+    def _unrecorded(self, delivery: Delivery, job: Job, error: BaseException) -> Outcome:
+        """A stored job whose state could not be written (Redis down): its message goes back."""
+        logger.error("job %s: recording its state failed: %r; it will be delivered again", job.job_id, error)
+        return Outcome(delivery.task_id, False, job.job_id, reason=f"recording state failed: {error!r}", retry=True)
 
     def _fail(self, delivery: Delivery, job: Job, reason: str) -> Outcome:
         self.reporter.mark(job.run_id, job.job_id, JobState.FAILED, reason=reason)

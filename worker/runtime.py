@@ -1,29 +1,49 @@
 """Per-process worker state: the settings (set before the pool forks) and the warm executor.
 
-The pipeline is built in each pool process after it starts: CUDA does not survive fork, and
-neither do boto3 clients.
+The pipeline is built in each pool process after it starts: CUDA does not survive a fork, and
+neither do boto3 clients. The main process never imports torch or diffusers (see
+``worker.readiness``); this module only names the engine, it does not import it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import asdict
 from typing import Any
 
 from producer.state import RunStore
-from worker.executor import BatchExecutor, Delivery
+from worker.executor import BatchExecutor, Delivery, Outcome
 from worker.settings import WorkerSettings
 from worker.storage import LocalStorage, S3Storage, Storage
 
 logger = logging.getLogger(__name__)
 
+#: Longest a ``collect_stored`` call holds the pool process while images are still being stored.
+COLLECT_WAIT_S = 1.0
+
 _settings: WorkerSettings | None = None
 _executor: BatchExecutor | None = None
+_init_error: str | None = None
+_report_fd: int | None = None  # where a pool process says whether its pipeline is built
 
 
 def configure(settings: WorkerSettings) -> None:
+    """Called in the main process before the pool forks."""
     global _settings
     _settings = settings
+
+
+def report_to(fd: int) -> None:
+    """Pool processes write whether their pipeline is built to ``fd`` (one JSON line each)."""
+    global _report_fd
+    _report_fd = fd
+
+
+def init_error() -> str | None:
+    """Why this process could not build its pipeline, or None."""
+    return _init_error
 
 
 def settings() -> WorkerSettings:
@@ -50,28 +70,70 @@ class PipelineUnavailable(RuntimeError):
     """This process could not build its pipeline, storage or state client: no batch can run."""
 
 
-_init_error: str | None = None
-
-
 def init_process(**_: Any) -> None:
     """``worker_process_init`` handler: warm the pipeline before the first batch arrives.
 
-    Celery swallows exceptions of signal handlers, so a failure is kept and reported by the
-    first batch (the consumer then stops this worker).
+    Celery swallows exceptions of signal handlers, so a failure is kept: it is reported to the
+    main process (which refuses to start) and again by any batch sent here.
     """
     global _executor, _init_error
     try:
         _executor = build_executor(settings())
-    except Exception as error:  # any: the cause goes back with the first batch
+    except Exception as error:  # any: the cause goes to the main process and back with each batch
         logger.critical("cannot build the pipeline: %r", error, exc_info=True)
         _init_error = f"{type(error).__name__}: {error}"
+    _report({"pid": os.getpid(), "error": _init_error, "worker": _executor.worker if _executor else None})
 
 
-def execute_batch(deliveries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run in a pool process: one batch in, one outcome per delivery out (picklable both ways)."""
+def shutdown_process(**_: Any) -> None:
+    """``worker_process_shutdown`` handler: store what was generated before the process exits.
+
+    Those jobs end ``done`` in the state store; their messages, never acknowledged, come back to a
+    worker that sees them done and only acknowledges them.
+    """
+    if _executor is not None:
+        _executor.close()
+
+
+def _report(message: dict[str, Any]) -> None:
+    if _report_fd is None:
+        return
+    try:
+        os.write(_report_fd, json.dumps(message).encode() + b"\n")
+    except OSError:  # the main process stopped listening (a replacement process): nothing to tell
+        pass
+
+
+def _ready_executor() -> BatchExecutor:
     if _executor is None and _init_error is None:  # pools that send no worker_process_init (solo)
         init_process()
     if _executor is None:
         raise PipelineUnavailable(_init_error)
-    outcomes = _executor.execute([Delivery(**delivery) for delivery in deliveries])
+    return _executor
+
+
+def _progress(executor: BatchExecutor, outcomes: list[Outcome]) -> dict[str, Any]:
+    return {"finished": [asdict(outcome) for outcome in outcomes], "storing": executor.backlog.pending}
+
+
+def execute_batch(deliveries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run in a pool process: generate one batch, leave its images to the background stores.
+
+    Returns (picklable) the outcomes final so far, this batch's and earlier ones', and how many
+    images are still being stored; ``collect_stored`` fetches the rest.
+    """
+    executor = _ready_executor()
+    decided = executor.submit([Delivery(**delivery) for delivery in deliveries])
+    return _progress(executor, decided + executor.collect())
+
+
+def collect_stored() -> dict[str, Any]:
+    """Run in a pool process with nothing to generate: the outcomes of images stored since."""
+    executor = _ready_executor()
+    return _progress(executor, executor.collect(wait=True, timeout=COLLECT_WAIT_S))
+
+
+def execute_now(deliveries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Generate and store in this process, waiting for every outcome (direct task calls)."""
+    outcomes = _ready_executor().execute([Delivery(**delivery) for delivery in deliveries])
     return [asdict(outcome) for outcome in outcomes]

@@ -33,6 +33,13 @@ class WorkerSettings(ClientSettings):
     load_timeout_s: float = Field(
         600.0, gt=0, description="Time a pool process may take to load the pipeline before it counts as hung"
     )
+    vae_slicing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Decode a batch one image at a time: auto = only when the batch might not fit in memory"
+    )
+    store_threads: int = Field(4, ge=1, le=64, description="Threads that encode and upload finished images")
+    store_backlog: int | None = Field(
+        None, ge=1, description="Images generated but not yet stored, at most (default 2 x max batch)"
+    )
     scheduler: SchedulerName = Field("ddim", description="Scheduler for jobs that name none")
     cache_interval: int = Field(3, ge=1, le=MAX_CACHE_INTERVAL, description="DeepCache interval; 1 turns caching off")
     cache_branch: int = Field(0, ge=0, le=MAX_CACHE_BRANCH, description="DeepCache branch id")
@@ -56,6 +63,10 @@ class WorkerSettings(ClientSettings):
     @property
     def prefetch_count(self) -> int:
         return self.prefetch or 4 * self.max_batch
+
+    @property
+    def store_backlog_count(self) -> int:
+        return self.store_backlog or 2 * self.max_batch
 
     @model_validator(mode="after")
     def _prefetch_holds_a_batch(self) -> WorkerSettings:

@@ -2,12 +2,16 @@
 
 The default strategy hands every message to the pool at once. This one keeps messages in a
 ``BatchBuffer`` keyed by everything a pipeline call must share and hands the pool a whole batch
-when one is full or its oldest job has waited ``max_wait_s``. Messages are acknowledged when
-their batch returns (``acks_late``).
+when one is full or its oldest job has waited ``max_wait_s``. The pool process returns as soon as
+the device is done, storing the images in the background while it generates the next batch; a
+message is acknowledged (``acks_late``) only when the pool process reports its job final: image,
+sidecar and state stored, or failed with a reason. Outcomes of stored images come back with the
+next batch's call, or with a ``collect_stored`` call when there is no next batch.
 
 When a pool process dies or a batch outlives ``batch_timeout_s``, its jobs run again one by one
 in this worker, so a job that kills the process takes no peers with it; a job lost
-``MAX_LOSSES`` times fails with the reason. When the pipeline cannot be built at all, the batch
+``MAX_LOSSES`` times fails with the reason. Jobs whose images that process was still storing
+run again as ordinary jobs. When the pipeline cannot be built at all, the batch
 goes back to the queue for other workers and this one stops with a non-zero exit code.
 
 Why not celery-batches: it keeps one buffer per task (flushes mix resolutions), swallows
@@ -20,7 +24,8 @@ import logging
 import math
 import os
 import time
-from collections import Counter
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass
 from functools import partial
 from numbers import Real
 from typing import Any
@@ -51,6 +56,14 @@ def message_fields(req: Any) -> tuple[Any, float | None]:
     return (args[0] if args else None), (float(enqueued_at) if isinstance(enqueued_at, Real) else None)
 
 
+@dataclass
+class PoolCall:
+    """One call handed to the pool: the requests it carries, and the process that took it."""
+
+    requests: list[Any]
+    pid: int | None = None
+
+
 class BatchingStrategy:
     def __init__(self, task: Any, app: Any, consumer: Any) -> None:
         settings = runtime.settings()
@@ -60,7 +73,9 @@ class BatchingStrategy:
         self.pool = consumer.pool
         self.slots = max(1, getattr(consumer.pool, "limit", 1) or 1)
         self.batch_timeout_s = settings.batch_timeout_s
-        self.in_flight = 0
+        self.in_flight = 0  # calls handed to the pool and not returned
+        self.storing = 0  # images the pool process was still storing when its last call returned
+        self.held: defaultdict[str, deque[Any]] = defaultdict(deque)  # task id -> requests not final
         self.losses: Counter[str] = Counter()
         self.buffer: BatchBuffer[Any] = BatchBuffer(settings.max_batch, settings.max_wait_s)
         self.store = RunStore.from_url(settings.result_backend)
@@ -104,58 +119,116 @@ class BatchingStrategy:
         self.pump()
 
     def pump(self) -> None:
-        """Hand the pool what is ready: partial batches only while a pool slot is idle,
-        full ones also one ahead, so the next batch starts the moment a slot frees."""
+        """Hand the pool what is ready: partial batches only while a pool slot is idle, full
+        ones also one ahead, so the next batch starts the moment a slot frees. With nothing to
+        generate, fetch the outcomes of images still being stored."""
         now = time.monotonic()
         while self.in_flight <= self.slots:
             taken = self.buffer.take(now, allow_partial=self.in_flight < self.slots)
             if taken is None:
-                return
+                break
             self._dispatch(taken[1])
+        if self.in_flight == 0 and self.storing:
+            self._call(runtime.collect_stored, (), [])
 
     def _dispatch(self, requests: list[Any]) -> None:
         deliveries = [
             {"task_id": req.id, "payload": req.payload, "enqueued_at": req.enqueued_at, "received_at": req.received_at}
             for req in requests
         ]
+        for req in requests:
+            req.pool_pid = None
+            self.held[req.id].append(req)
+        self._call(runtime.execute_batch, (deliveries,), requests)
+
+    def _call(self, function: Any, args: tuple[Any, ...], requests: list[Any]) -> None:
         self.in_flight += 1
+        call = PoolCall(requests)
         self.pool.apply_async(
-            runtime.execute_batch,
-            args=(deliveries,),
-            accept_callback=partial(self._on_accepted, requests),
-            callback=partial(self._on_done, requests),
-            error_callback=partial(self._on_error, requests),
+            function,
+            args=args,
+            accept_callback=partial(self._on_accepted, call),
+            callback=self._on_result,
+            error_callback=partial(self._on_error, call),
             timeout=self.batch_timeout_s,
-            correlation_id=requests[0].id,
+            correlation_id=requests[0].id if requests else "collect-stored",
         )
 
-    def _on_accepted(self, requests: list[Any], pid: int, time_accepted: float) -> None:
-        for req in requests:
+    def _on_accepted(self, call: PoolCall, pid: int, time_accepted: float) -> None:
+        call.pid = pid
+        for req in call.requests:
+            req.pool_pid = pid
             req.on_accepted(pid, time_accepted)  # active in `celery inspect`, task-started event
 
-    def _on_done(self, requests: list[Any], outcomes: list[dict[str, Any]]) -> None:
+    def _on_result(self, progress: dict[str, Any]) -> None:
         self.in_flight -= 1
-        for req, outcome in zip(requests, outcomes, strict=True):
-            self._finish(req, outcome["ok"], outcome["key"] if outcome["ok"] else outcome["reason"])
+        self.storing = progress["storing"]
+        for outcome in progress["finished"]:
+            queue = self.held.get(outcome["task_id"])
+            if not queue:
+                logger.warning("pool reported task %s, which this worker no longer holds", outcome["task_id"])
+                continue
+            req = queue.popleft()
+            if not queue:
+                del self.held[outcome["task_id"]]
+            if outcome["retry"]:
+                self._send_back([req])
+            else:
+                self._finish(req, outcome["ok"], outcome["key"] if outcome["ok"] else outcome["reason"])
         self.pump()
 
-    def _on_error(self, requests: list[Any], exc_info: Any) -> None:
+    def _on_error(self, call: PoolCall, exc_info: Any) -> None:
         self.in_flight -= 1
+        requests = call.requests
         error = getattr(exc_info, "exception", exc_info)
         error = getattr(error, "exc", error)  # billiard wraps it in ExceptionWithTraceback
         if isinstance(error, (WorkerLostError, TimeLimitExceeded)):
-            self._retry_alone(requests, error)
+            self._process_lost(call, error)
         else:
             # The pool could not run the batch at all (no pipeline, Redis down): other workers
             # may. A worker without a pipeline stops instead of spinning on the queue.
             logger.error("batch of %d not run (%r): sending its jobs back to the queue", len(requests), error)
-            for req in requests:
-                req.reject(requeue=True)
-                worker_state.task_ready(req)
+            self._release(requests)
+            self._send_back(requests)
             if isinstance(error, runtime.PipelineUnavailable):
                 logger.critical("stopping this worker: %s", error)
                 worker_state.should_stop = os.EX_SOFTWARE  # 70
         self.pump()
+
+    def _process_lost(self, call: PoolCall, error: BaseException) -> None:
+        """The pool process died (or was killed for a timeout): the batch it ran is suspect, the
+        images it was still storing are simply lost."""
+        requests = call.requests
+        in_call = {id(req) for req in requests}
+        storing = [
+            req
+            for queue in self.held.values()
+            for req in queue
+            if call.pid is not None and req.pool_pid == call.pid and id(req) not in in_call
+        ]
+        self._release(requests + storing)
+        self.storing = 0
+        if storing:
+            logger.error("%d jobs were being stored by the lost pool process: running them again", len(storing))
+        now = time.monotonic()
+        for req in storing:
+            job, _ = parse_job(req.payload)
+            self.buffer.add(batch_key(job, self.defaults) if job else ("alone", req.id), req, now)
+        self._retry_alone(requests, error)
+
+    def _release(self, requests: list[Any]) -> None:
+        """Forget that the pool holds these requests."""
+        for req in requests:
+            queue = self.held.get(req.id)
+            if queue and req in queue:
+                queue.remove(req)
+                if not queue:
+                    del self.held[req.id]
+
+    def _send_back(self, requests: list[Any]) -> None:
+        for req in requests:
+            req.reject(requeue=True)
+            worker_state.task_ready(req)
 
     def _retry_alone(self, requests: list[Any], error: BaseException) -> None:
         """Run each job of a lost batch on its own; fail the ones lost MAX_LOSSES times."""

@@ -21,7 +21,8 @@ np = pytest.importorskip("numpy")
 from producer.job import Job  # noqa: E402
 from worker.batching import BatchKey, RecipeDefaults, batch_key  # noqa: E402
 from worker.deepcache import branch_count  # noqa: E402
-from worker.engine import SCHEDULERS, Engine, ModelError, model_fingerprint  # noqa: E402
+from worker.engine import SCHEDULERS, Engine, decode_needs_slicing  # noqa: E402
+from worker.model import ModelError, model_fingerprint  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
 
 DEFAULTS = RecipeDefaults(model="tiny", scheduler="ddim", cache_interval=3, cache_branch=0)
@@ -336,3 +337,32 @@ def test_model_fingerprint_of_a_hub_id_not_in_the_cache() -> None:
         "id": "some-org/some-model-not-cached",
         "revision": "main",
     }
+
+
+def test_decode_needs_slicing_only_when_the_batch_might_not_fit() -> None:
+    gib = 2**30
+    # SD at 512x512 in fp16, 8 images: about 5 GiB estimated; plenty free on a big card.
+    assert not decode_needs_slicing(8, 512, 512, 2, 100 * gib)
+    assert decode_needs_slicing(8, 512, 512, 2, 6 * gib)
+    assert decode_needs_slicing(8, 1024, 1024, 2, 24 * gib)
+    assert not decode_needs_slicing(1, 2048, 2048, 4, 1)  # one image: nothing to slice
+    assert decode_needs_slicing(2, 64, 64, 4, None)  # unknown free memory: slice
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("on", True), ("off", False), ("auto", False)])
+def test_vae_slicing_follows_the_setting(tiny_model: Path, setting: str, expected: bool) -> None:
+    engine = Engine.load(WorkerSettings(model=str(tiny_model), device="cpu", vae_slicing=setting))
+    batch = jobs([1, 2])
+    engine.generate(batch_key(batch[0], DEFAULTS), batch)
+    assert engine.pipe.vae.use_slicing is expected  # auto: two 64x64 images fit in this machine's RAM
+
+
+def test_the_scheduler_is_swapped_only_when_a_batch_asks_for_another(engine: Engine) -> None:
+    first = jobs([1], scheduler="euler")
+    engine.generate(batch_key(first[0], DEFAULTS), first)
+    euler = engine.pipe.scheduler
+    engine.generate(batch_key(first[0], DEFAULTS), first)
+    assert engine.pipe.scheduler is euler
+    other = jobs([1], scheduler="ddim")
+    engine.generate(batch_key(other[0], DEFAULTS), other)
+    assert type(engine.pipe.scheduler).__name__ == "DDIMScheduler"

@@ -1,0 +1,89 @@
+"""What a worker knows about its model without loading it: torch-free, safe in the main process.
+
+The worker's main process forks its pool, and CUDA does not survive a fork once diffusers has
+been imported: everything here reads files (``model_index.json``, weight-file samples) and uses
+huggingface_hub only, never torch or diffusers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+#: Pipeline classes the engine serves, and the model_index names diffusers' AutoPipelineForText2Image
+#: turns into them.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+TEXT2IMAGE_OF = {
+    **{name: name for name in SUPPORTED_PIPELINES},
+    "StableDiffusionImg2ImgPipeline": "StableDiffusionPipeline",
+    "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
+}
+
+
+class ModelError(RuntimeError):
+    """The model cannot be served by this worker (not found, wrong pipeline type)."""
+
+
+def read_model_index(model: str, revision: str | None = None) -> dict[str, Any]:
+    """The model's ``model_index.json``: from a local folder, or from the Hub (or its cache)."""
+    path = Path(model)
+    try:
+        if path.is_dir():
+            index_file = path / "model_index.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            index_file = Path(hf_hub_download(model, "model_index.json", revision=revision))
+        index = json.loads(index_file.read_text())
+    except Exception as error:  # missing file, no network, bad repo id, bad JSON: all say "unreadable"
+        raise ModelError(f"cannot read model {model!r}: {type(error).__name__}: {error}") from error
+    if not isinstance(index, dict):
+        raise ModelError(f"cannot read model {model!r}: model_index.json is not a JSON object")
+    return index
+
+
+def check_pipeline_class(model: str, index: dict[str, Any]) -> str:
+    """The pipeline class this model loads as, or a ModelError naming what is served."""
+    name = index.get("_class_name")
+    if name not in TEXT2IMAGE_OF:
+        raise ModelError(
+            f"{model!r} is a {name or 'model without _class_name'}; deepqueue serves "
+            f"{' and '.join(SUPPORTED_PIPELINES)} models"
+        )
+    return TEXT2IMAGE_OF[name]
+
+
+def model_fingerprint(model: str, revision: str | None) -> dict[str, Any]:
+    """Identify the weights: the Hub commit for Hub ids, a sampled content hash for folders.
+
+    The folder hash covers every file's path and size, all JSON configs in full, and the first
+    and last MiB of each weight file: quick on multi-GB models, and it changes when the weights
+    are retrained or swapped.
+    """
+    path = Path(model)
+    if not path.is_dir():
+        return {"id": model, "revision": _hub_commit(model, revision) or revision}
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path)}:{size}\n".encode())
+        with file.open("rb") as handle:
+            if file.suffix == ".json" or size <= 2 << 20:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(1 << 20))
+                handle.seek(-(1 << 20), os.SEEK_END)
+                digest.update(handle.read())
+    return {"id": model, "revision": revision, "hash": "sha256:" + digest.hexdigest()[:16]}
+
+
+def _hub_commit(model: str, revision: str | None) -> str | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, local_files_only=True)).name
+    except Exception:  # not cached, or not a Hub id: the id and revision are all we know
+        return None
