@@ -106,24 +106,25 @@ def worker_env(
     *,
     broker_url: str,
     result_backend: str,
-    s3_endpoint: str,
-    bucket: str,
     model: str,
+    s3_endpoint: str | None = None,
+    bucket: str | None = None,
     keep_user_settings: bool = False,
     **settings: object,
 ) -> dict[str, str]:
     """The environment of a worker on these servers; ``settings`` are more DEEPQUEUE_* values
     (``max_wait_s=1.0``). Unless ``keep_user_settings``, the caller's own DEEPQUEUE_* variables
-    are dropped, so the worker runs with exactly these and the defaults (tests, benchmarks)."""
+    are dropped, so the worker runs with exactly these and the defaults (tests, benchmarks).
+    Without an S3 endpoint and bucket, pass ``storage="local"`` and an ``output_dir``."""
     inherited = {
         key: value for key, value in os.environ.items() if keep_user_settings or not key.startswith("DEEPQUEUE_")
     }
+    s3 = {"s3_endpoint_url": s3_endpoint, "s3_bucket": bucket}
     given = {
         "broker_url": broker_url,
         "result_backend": result_backend,
-        "s3_endpoint_url": s3_endpoint,
-        "s3_bucket": bucket,
         "model": model,
+        **{key: value for key, value in s3.items() if value is not None},
         **settings,
     }
     return {

@@ -15,6 +15,7 @@ from producer.job import Job
 from producer.state import JobResult, JobState
 from worker.batching import BatchBuffer, batch_key
 from worker.encode import EXTENSIONS
+from worker.engine import Engine
 from worker.executor import BatchExecutor, Delivery, Outcome
 from worker.settings import WorkerSettings
 from worker.storage import LocalStorage, image_key, sidecar_key
@@ -65,12 +66,13 @@ class Summary:
         return lines
 
 
-def run_embedded(jobs: Sequence[Job], settings: WorkerSettings, *, progress: bool = True) -> Summary:
-    """Generate ``jobs`` into ``settings.output_dir`` with the same code the workers run."""
-    from worker.engine import Engine
-
+def run_embedded(
+    jobs: Sequence[Job], settings: WorkerSettings, *, progress: bool = True, engine: Engine | None = None
+) -> Summary:
+    """Generate ``jobs`` into ``settings.output_dir`` with the same code the workers run
+    (``engine``: an already loaded one for ``settings.model``, as benchmarks pass)."""
     storage = LocalStorage(settings.output_dir)
-    executor = BatchExecutor(Engine.load(settings), storage, MemoryReporter(), settings)
+    executor = BatchExecutor(engine or Engine.load(settings), storage, MemoryReporter(), settings)
     summary = Summary(out_dir=settings.output_dir)
     buffer: BatchBuffer[Job] = BatchBuffer(settings.max_batch, 0.0)
     for job in jobs:

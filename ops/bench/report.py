@@ -175,6 +175,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"Batch sizes over all measured rounds: {_histogram(w['batch_sizes'])}.",
             "",
         ]
+    if "fork_check" in results:
+        f = results["fork_check"]
+        lines += ["## Fork check: can a forked child use CUDA after each import in its parent?", ""]
+        lines += [f"- {row['label']}: {row['verdict']}" for row in f["steps"]] or [f"- {f['skipped']}"]
+        lines.append("")
+    if "service" in results:
+        from ops.bench.service import markdown as service_markdown
+
+        lines += service_markdown(results["service"], "Service vs DeepCache's documented recipe")
     if "sd15" in results:
         s = results["sd15"]
         lines += [

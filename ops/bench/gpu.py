@@ -1,0 +1,173 @@
+"""Every GPU figure in one command: the service against DeepCache's documented recipe, the
+DeepCache matrix with peak memory, and the fork check, written as JSON + markdown with the card.
+
+    python -m ops.bench.gpu                      # builds the SD1.5-architecture model (random weights)
+    python -m ops.bench.gpu --model DIR          # any local SD/SDXL folder
+    bash ops/bench/gpu.sh                        # on a CUDA machine without network, from the .gpu bundle
+
+Needs no network. Defaults: 512x512, 50 DDIM steps, fp16 on CUDA, batches 1/4/8, 3 rounds, 64
+jobs end to end at batch 8 and 16 at batch 1. The test suite dry-runs it on CPU with the tiny
+model (``--model DIR --size 64 --steps 3``) so it cannot rot. See ops/bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from ops.bench.report import load_average, machine_info, markdown, write_results
+from ops.bench.service import Plan, run_service_bench
+from ops.localstack import start_redis, stop
+
+logger = logging.getLogger("ops.bench.gpu")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+#: Forks after the given statements and uses CUDA in the child; exits with the child's code.
+FORK_PROBE = """
+import os, sys
+for statement in sys.argv[1:]:
+    exec(statement)
+pid = os.fork()
+if pid == 0:
+    import torch
+    try:
+        torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
+        os._exit(0)
+    except Exception as error:
+        sys.stderr.write(repr(error)[:300])
+        os._exit(3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def fork_check(model: Path) -> dict[str, Any]:
+    """Which parent-side imports leave a forked child able to use CUDA (each in a fresh process)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device: the fork trap exists only on CUDA", "steps": []}
+    worker_main = [
+        "from worker.cli import _settings, check_model",
+        "from worker.app import create_app",
+        f"settings = _settings(model={str(model)!r})",
+        "check_model(settings)",
+        "create_app(settings)",
+    ]
+    steps = [
+        ("parent ran `import torch`", ["import torch"], {}),
+        ("parent ran `import diffusers` (the old worker main process)", ["import diffusers"], {}),
+        (
+            "parent ran `import diffusers` with PYTORCH_NVML_BASED_CUDA_CHECK=1",
+            ["import diffusers"],
+            {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"},
+        ),
+        ("parent ran what `deepqueue worker`'s main process runs (check_model, create_app)", worker_main, {}),
+    ]
+    env = {key: value for key, value in os.environ.items() if key != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    rows = []
+    for label, statements, extra in steps:
+        done = subprocess.run(
+            [sys.executable, "-c", FORK_PROBE, *statements], env={**env, **extra}, capture_output=True, text=True
+        )
+        ok = done.returncode == 0
+        verdict = "the child used CUDA" if ok else f"the child failed: {done.stderr.strip()[-300:]}"
+        rows.append({"label": label, "ok": ok, "verdict": verdict})
+        logger.info("fork check: %s: %s", label, verdict)
+    return {"steps": rows}
+
+
+def job_counts(text: str) -> dict[int, int]:
+    """``1:16,8:64`` -> {1: 16, 8: 64}."""
+    try:
+        return {int(b): int(n) for b, n in (pair.split(":") for pair in text.split(","))}
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected BATCH:JOBS,... such as 1:16,8:64, got {text!r}") from error
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.bench.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, help="model folder (default: build --arch into a temporary folder)")
+    parser.add_argument("--arch", default="sd15", choices=("tiny", "sd15", "sdxl-tiny"), help="model to build")
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default auto)")
+    parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved in-process rounds (default 3)")
+    parser.add_argument(
+        "--batches", type=lambda t: tuple(int(b) for b in t.split(",")), default=(1, 4, 8), help="matrix batch sizes"
+    )
+    parser.add_argument(
+        "--jobs", type=job_counts, default={1: 16, 8: 64}, help="end-to-end jobs per batch size (default 1:16,8:64)"
+    )
+    parser.add_argument("--no-worker", action="store_true", help="skip the real worker (no redis-server here)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    parser.add_argument("--name", default="gpu-latest", help="results file name, without extension")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    started = time.perf_counter()
+    results: dict[str, Any] = {"machine": machine_info()}
+    with ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deepqueue-gpu-bench-")))
+        model = args.model
+        if model is None:
+            from worker.testmodel import build_test_model
+
+            built = time.perf_counter()
+            model = build_test_model(scratch / args.arch, args.arch)
+            results["model_build_s"] = round(time.perf_counter() - built, 1)
+            logger.info("built the %s model in %.0f s", args.arch, results["model_build_s"])
+
+        def checkpoint(service: dict[str, Any] | None = None) -> None:
+            if service is not None:
+                results["service"] = service
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{args.name}.partial.json").write_text(json.dumps(results, indent=1) + "\n")
+
+        results["fork_check"] = fork_check(model)
+        checkpoint()
+        redis_url = ""
+        if not args.no_worker:
+            redis_process, redis_url = start_redis(scratch)
+            stack.callback(stop, redis_process)
+        plan = Plan(
+            model=model,
+            device=args.device,
+            size=args.size,
+            steps=args.steps,
+            rounds=args.rounds,
+            batches=args.batches,
+            table_batches=tuple(sorted(args.jobs)),
+            jobs=args.jobs,
+        )
+        results["service"] = run_service_bench(
+            plan, redis_url, scratch, worker=not args.no_worker, checkpoint=checkpoint
+        )
+        if args.model is None:
+            results["service"]["plan"]["model"] = f"{args.arch} (built by worker.testmodel, random weights)"
+    results["machine"]["loadavg_end"] = load_average()
+    results["machine"]["duration_s"] = round(time.perf_counter() - started, 1)
+    json_path, md_path = write_results(results, args.out, args.name)
+    (args.out / f"{args.name}.partial.json").unlink(missing_ok=True)
+    print(markdown(results))
+    logger.info("wrote %s and %s in %.0f s", json_path, md_path, results["machine"]["duration_s"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

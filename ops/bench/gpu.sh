@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, for a CUDA machine with torch but no network (run from anywhere):
+#   1. the gpu-marked tests (a real `deepqueue worker` serving on CUDA),
+#   2. python -m ops.bench.gpu "$@" (builds the SD1.5-architecture model unless --model is given).
+# Where .gpu/ exists (made on a development machine by shared/gpu-bundle.sh after `make venv`),
+# its wheels and redis-server are installed into a temporary folder first. Logs and results also
+# go to $OUT when it is set. On a machine without CUDA the tests skip and the benchmark runs on CPU.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1
+out=${OUT:-}
+python=${PYTHON:-python3}
+if [ -d .gpu/whl ] && ! "$python" -c "import diffusers, celery" 2>/dev/null; then
+  site=$(mktemp -d)
+  "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/whl/*.whl || exit 1
+  export PYTHONPATH=$site PATH=$PWD/.gpu/bin:$site/bin:$PATH
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+status=0
+"$python" -m pytest -q -p no:cacheprovider -m gpu tests/integration/test_gpu.py 2>&1 | tee ${out:+"$out/gpu-tests.log"}
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+"$python" -m ops.bench.gpu "$@" 2>&1 | tee ${out:+"$out/gpu-bench.log"}
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+if [ -n "$out" ]; then cp ops/bench/results/gpu-latest* "$out"/ 2>/dev/null; fi
+exit $status
