@@ -1,6 +1,6 @@
 """Run the deepqueue benchmarks and write their results (JSON + markdown) to ops/bench/results/.
 
-    python -m ops.bench.run                       # enqueue rate + worker throughput (~5 min on 2 quiet cores)
+    python -m ops.bench.run                       # enqueue, worker, service vs recipe (~7 min on 2 quiet cores)
     python -m ops.bench.run --sd15                # also the SD1.5-architecture check (+~2 min)
     python -m ops.bench.run --only enqueue --jobs 5000
 
@@ -22,8 +22,8 @@ from ops.bench.report import load_average, machine_info, markdown, write_results
 from ops.localstack import start_moto, start_redis, stop
 
 logger = logging.getLogger("ops.bench")
-BENCHMARKS = ("enqueue", "worker", "sd15")
-DEFAULT = ("enqueue", "worker")
+BENCHMARKS = ("enqueue", "worker", "service", "sd15")
+DEFAULT = ("enqueue", "worker", "service")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         choices=BENCHMARKS,
         action="append",
-        help="run only this benchmark (repeatable; default: enqueue and worker, and sd15 with --sd15)",
+        help="run only this benchmark (repeatable; default: enqueue, worker, service, and sd15 with --sd15)",
     )
     parser.add_argument("--sd15", action="store_true", help="also run the slow SD1.5-architecture benchmark")
     group = parser.add_argument_group("enqueue rate")
@@ -61,6 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cache", type=cache_setting, default=(3, 0), help="DeepCache on: INTERVAL/BRANCH (default 3/0)"
     )
     group.add_argument("--model", type=Path, help="tiny model folder (default: built into a temporary folder)")
+    group = parser.add_argument_group(
+        "service vs DeepCache's documented recipe (tiny model; on a GPU: ops/bench/gpu.py)"
+    )
+    group.add_argument("--service-steps", type=int, default=10, help="DDIM steps (default 10)")
+    group.add_argument("--service-rounds", type=int, default=3, help="rounds, 2 of them end to end (default 3)")
     group = parser.add_argument_group("SD1.5 architecture (with --sd15)")
     group.add_argument("--sd15-model", type=Path, help="SD1.5-architecture folder (default: built, 4 GB, ~25 s)")
     group.add_argument("--sd15-rounds", type=int, default=1, help="plain/cached pairs (default 1)")
@@ -77,7 +82,8 @@ def tiny_model(args: argparse.Namespace, scratch: Path) -> Path:
         return args.model
     from worker.testmodel import build_test_model
 
-    return build_test_model(scratch / "tiny", "tiny")
+    built = scratch / "tiny"
+    return built if (built / "model_index.json").exists() else build_test_model(built, "tiny")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deepqueue-bench-")))
-        if "enqueue" in selected or "worker" in selected:
+        if {"enqueue", "worker", "service"} & set(selected):
             redis_process, redis_url = start_redis(scratch)
             stack.callback(stop, redis_process)
         if "enqueue" in selected:
@@ -123,6 +129,21 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.model is None:
                 results["worker"]["model"] = "tiny (built by worker.testmodel into a temporary folder)"
+        if "service" in selected:
+            from ops.bench.service import Plan, run_service_bench
+
+            plan = Plan(
+                model=tiny_model(args, scratch),
+                device=args.device,
+                size=args.size,
+                steps=args.service_steps,
+                rounds=args.service_rounds,
+                jobs={1: 8, 8: 32},
+            )
+            logger.info("service vs recipe: %s", plan)
+            results["service"] = run_service_bench(plan, redis_url, scratch)
+            if args.model is None:
+                results["service"]["plan"]["model"] = "tiny (built by worker.testmodel into a temporary folder)"
     if "sd15" in selected:
         from ops.bench.sd15 import bench_sd15
 

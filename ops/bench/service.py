@@ -9,14 +9,15 @@ Four paths make the same images (same prompts, size, steps, guidance, DDIM):
 - ``worker``: a real ``deepqueue worker`` process on a private Redis with local storage,
   timed from ``Client.submit`` to every job ``done``.
 
-``recipe`` and ``engine`` run interleaved in the same rounds (the order alternates per round),
-beside the DeepCache matrix (modes x batch sizes, with peak device memory); the ratios compare
-medians of those rounds. ``embedded`` and ``worker`` are timed end to end over ``jobs`` images.
+All four run round by round, each path in turn (the order alternating), beside the DeepCache
+matrix (Engine: modes x batch sizes, with peak device memory): a GPU's speed drifts over minutes
+of load (seen on an H200: the same call 5-10% slower late in a run), so each ratio is taken
+against the recipe of the same round. ``embedded`` and ``worker`` are timed end to end over
+``jobs`` images, the workers started (one per batch size) before the first round.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import secrets
@@ -24,7 +25,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,8 @@ class Plan:
     rounds: int = 3
     batches: tuple[int, ...] = (1, 4, 8)  # the matrix
     table_batches: tuple[int, ...] = (1, 8)  # recipe / engine / embedded / worker
-    jobs: dict[int, int] = field(default_factory=lambda: {1: 16, 8: 64})  # end-to-end jobs per batch size
+    jobs: dict[int, int] = field(default_factory=lambda: {1: 8, 8: 48})  # end-to-end jobs per batch size
+    e2e_rounds: int = 2  # rounds that also run embedded and worker (the slow paths)
     sliced_check: bool = True  # one more matrix cell: batch max, 3/0, VAE slicing forced on
 
 
@@ -140,63 +142,6 @@ def engine_call(engine: Any, plan: Plan, batch: int, mode: str, steps: int | Non
     return time.perf_counter() - started
 
 
-def bench_in_process(engine: Any, recipe: Recipe, plan: Plan) -> dict[str, Any]:
-    """The matrix (Engine: modes x batches) and the recipe at the table's cells, interleaved."""
-    device = engine.device
-    for batch in plan.batches:  # first calls at each shape: kernels, allocator, DeepCache hooks
-        engine_call(engine, plan, batch, "3/0", steps=3)
-        if batch in plan.table_batches:
-            recipe([PROMPT.format(i=i) for i in range(batch)], "3/0", plan.size, 3)
-    engine_s: dict[tuple[int, str], list[float]] = {}
-    recipe_s: dict[tuple[int, str], list[float]] = {}
-    peaks: dict[tuple[int, str], float | None] = {}
-    cells = [(batch, mode) for batch in plan.batches for mode in MODES]
-    for round_ in range(plan.rounds):
-        for batch, mode in cells:
-            in_table = batch in plan.table_batches and mode in TABLE_MODES
-            order = ["engine", "recipe"] if round_ % 2 == 0 else ["recipe", "engine"]
-            for path in order if in_table else ["engine"]:
-                if path == "recipe":
-                    prompts = [PROMPT.format(i=i) for i in range(batch)]
-                    recipe_s.setdefault((batch, mode), []).append(recipe(prompts, mode, plan.size, plan.steps))
-                else:
-                    peak_memory_reset(device)
-                    engine_s.setdefault((batch, mode), []).append(engine_call(engine, plan, batch, mode))
-                    peaks[batch, mode] = peak_memory_gib(device)
-        logger.info("in-process round %d of %d done", round_ + 1, plan.rounds)
-    matrix = []
-    for batch, mode in cells:
-        seconds = summarize(engine_s[batch, mode])
-        off = statistics.median(engine_s[batch, "off"])
-        matrix.append(
-            {
-                "batch": batch,
-                "mode": mode,
-                "seconds_per_call": seconds,
-                "images_per_s": batch / seconds["median"],
-                "speedup_vs_off": off / seconds["median"],
-                "peak_memory_gib": peaks[batch, mode],
-            }
-        )
-    table = {
-        f"{batch} {mode}": {
-            "batch": batch,
-            "mode": mode,
-            "recipe_s": summarize(recipe_s[batch, mode]),
-            "engine_s": summarize(engine_s[batch, mode]),
-            "recipe_images_per_s": batch / statistics.median(recipe_s[batch, mode]),
-            "engine_images_per_s": batch / statistics.median(engine_s[batch, mode]),
-            "engine_over_recipe": statistics.median(recipe_s[batch, mode]) / statistics.median(engine_s[batch, mode]),
-        }
-        for batch in plan.table_batches
-        for mode in TABLE_MODES
-    }
-    result: dict[str, Any] = {"matrix": matrix, "table": table}
-    if plan.sliced_check:
-        result["vae_slicing"] = sliced_decode_check(engine, plan)
-    return result
-
-
 def sliced_decode_check(engine: Any, plan: Plan) -> dict[str, Any]:
     """The largest batch at 3/0 with VAE slicing forced on and off: what slicing costs, in time
     and memory (the engine's ``auto`` picks one per batch)."""
@@ -222,58 +167,47 @@ def sliced_decode_check(engine: Any, plan: Plan) -> dict[str, Any]:
 
 def sidecar_stats(out_dir: Path) -> dict[str, Any]:
     cars = [json.loads(path.read_text()) for path in out_dir.rglob("*.json")]
-    batches = {car["batch"]["id"]: car for car in cars}
+    batches = sorted({car["batch"]["id"]: car for car in cars}.values(), key=lambda car: car["timing"]["started_at"])
     return {
         "images": len(cars),
-        "pipeline_s": sum(car["timing"]["batch_inference_s"] for car in batches.values()),
-        "batch_sizes": dict(Counter(car["batch"]["size"] for car in batches.values())),
+        "pipeline_s": sum(car["timing"]["batch_inference_s"] for car in batches),
+        "batch_seconds": [round(car["timing"]["batch_inference_s"], 4) for car in batches],
+        "batch_sizes": dict(Counter(car["batch"]["size"] for car in batches)),
         "device": cars[0]["worker"]["device"] if cars else None,
     }
 
 
-def bench_embedded(engine: Any, plan: Plan, scratch: Path) -> dict[str, Any]:
-    from worker.embedded import run_embedded
-    from worker.settings import WorkerSettings
-
-    results = {}
-    for batch in plan.table_batches:
-        for mode in TABLE_MODES:
-            out = scratch / f"embedded-{batch}-{mode.replace('/', '_')}"
-            settings = WorkerSettings(
-                model=str(plan.model), device=engine.device, max_batch=batch, storage="local", output_dir=out
-            )
-            jobs = jobs_for(plan, plan.jobs[batch], mode, run_id=f"embedded-{batch}")
-            summary = run_embedded(jobs, settings, progress=False, engine=engine)
-            if summary.failed or summary.images != len(jobs):
-                raise RuntimeError(f"embedded run failed: {[o.reason for o in summary.failed][:3]}")
-            stats = sidecar_stats(out)
-            results[f"{batch} {mode}"] = {
-                "batch": batch,
-                "mode": mode,
-                "jobs": len(jobs),
-                "wall_s": summary.seconds,
-                "images_per_s": summary.images_per_s,
-                **stats,
-            }
-            logger.info("embedded batch %d %s: %.2f images/s", batch, mode, summary.images_per_s)
-    return results
-
-
 @contextmanager
-def worker_process(plan: Plan, redis_url: str, scratch: Path, batch: int, device: str) -> Iterator[dict[str, str]]:
+def worker_process(
+    plan: Plan,
+    redis_url: str,
+    scratch: Path,
+    batch: int,
+    device: str,
+    slot: int,
+    extra_env: dict[str, str] | None = None,
+    worker_args: tuple[str, ...] = (),
+) -> Iterator[dict[str, str]]:
+    """A ``deepqueue worker`` with max_batch ``batch``, on Redis databases 2 + 2 x slot and the next."""
+    import redis
+
     from ops.localstack import start_worker, stop, worker_env
 
+    broker, backend = f"{redis_url}/{2 + 2 * slot}", f"{redis_url}/{3 + 2 * slot}"
+    for url in (broker, backend):
+        redis.Redis.from_url(url).flushdb()
     env = worker_env(
-        broker_url=f"{redis_url}/4",
-        result_backend=f"{redis_url}/5",
+        broker_url=broker,
+        result_backend=backend,
         model=str(plan.model),
         device=device,
         max_batch=batch,
         storage="local",
         output_dir=str(scratch / f"worker-{batch}"),
     )
+    scratch.mkdir(parents=True, exist_ok=True)
     log = scratch / f"worker-{batch}.log"
-    process = start_worker(env, log, "--hostname", f"bench{batch}@%h")
+    process = start_worker({**env, **(extra_env or {})}, log, "--hostname", f"bench{batch}@%h", *worker_args)
     try:
         yield env | {"log": str(log)}
     except BaseException:
@@ -283,62 +217,53 @@ def worker_process(plan: Plan, redis_url: str, scratch: Path, batch: int, device
         stop(process)
 
 
-def bench_worker(plan: Plan, redis_url: str, scratch: Path, device: str) -> dict[str, Any]:
-    import redis
+def embedded_run(engine: Any, plan: Plan, scratch: Path, batch: int, mode: str, count: int) -> dict[str, Any]:
+    """``run_embedded`` on the bench's engine: images / wall time, and what the sidecars say."""
+    from worker.embedded import run_embedded
+    from worker.settings import WorkerSettings
 
-    from producer import Client, JobState
+    run_id = f"embedded-{batch}-{mode.replace('/', '')}-{secrets.token_hex(3)}"
+    out = scratch / "embedded"
+    settings = WorkerSettings(
+        model=str(plan.model), device=engine.device, max_batch=batch, storage="local", output_dir=out
+    )
+    summary = run_embedded(jobs_for(plan, count, mode, run_id=run_id), settings, progress=False, engine=engine)
+    if summary.failed or summary.images != count:
+        raise RuntimeError(f"embedded run {run_id} failed: {[o.reason for o in summary.failed][:3]}")
+    return {"wall_s": summary.seconds, "images_per_s": summary.images_per_s, **sidecar_stats(out / run_id)}
 
-    results: dict[str, Any] = {}
-    for batch in plan.table_batches:
-        for url in (f"{redis_url}/4", f"{redis_url}/5"):
-            redis.Redis.from_url(url).flushdb()
-        with worker_process(plan, redis_url, scratch, batch, device) as env:
-            log_text = Path(env["log"]).read_text()
-            with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
 
-                def submit(mode: str, count: int, steps: int, batch: int = batch) -> tuple[str, float]:
-                    run_id = f"w{batch}-{mode.replace('/', '')}-{secrets.token_hex(3)}"
-                    interval, branch = MODES[mode]
-                    started = time.perf_counter()
-                    run = client.submit(
-                        [PROMPT.format(i=i) for i in range(count)],
-                        run=run_id,
-                        seed=SEED,
-                        height=plan.size,
-                        width=plan.size,
-                        steps=steps,
-                        guidance=GUIDANCE,
-                        scheduler="ddim",
-                        cache_interval=interval,
-                        cache_branch=branch,
-                    )
-                    status = run.wait(timeout=1800, poll_s=0.02)
-                    wall = time.perf_counter() - started
-                    if status.counts[JobState.DONE] != count:
-                        raise RuntimeError(f"worker run {run_id}: {status}")
-                    return run_id, wall
+def worker_run(
+    client: Any, env: dict[str, str], plan: Plan, batch: int, mode: str, count: int, steps: int, fmt: str = "png"
+) -> dict[str, Any]:
+    """Submit ``count`` jobs to a worker and wait for all: images / wall time from submit to done."""
+    from producer import JobState
 
-                for mode in TABLE_MODES:  # the new process's first calls at this shape
-                    submit(mode, batch, 3)
-                for mode in TABLE_MODES:
-                    run_id, wall = submit(mode, plan.jobs[batch], plan.steps)
-                    stats = sidecar_stats(Path(env["DEEPQUEUE_OUTPUT_DIR"]) / run_id)
-                    results[f"{batch} {mode}"] = {
-                        "batch": batch,
-                        "mode": mode,
-                        "jobs": plan.jobs[batch],
-                        "wall_s": wall,
-                        "images_per_s": plan.jobs[batch] / wall,
-                        **stats,
-                    }
-                    logger.info("worker batch %d %s: %.2f images/s", batch, mode, plan.jobs[batch] / wall)
-        fork_safe = "main process is fork-safe" in log_text
-        results["main_process_fork_safe"] = results.get("main_process_fork_safe", True) and fork_safe
-    return results
+    run_id = f"worker-{batch}-{mode.replace('/', '')}-{secrets.token_hex(3)}"
+    interval, branch = MODES[mode]
+    started = time.perf_counter()
+    run = client.submit(
+        [PROMPT.format(i=i) for i in range(count)],
+        run=run_id,
+        seed=SEED,
+        height=plan.size,
+        width=plan.size,
+        steps=steps,
+        guidance=GUIDANCE,
+        scheduler="ddim",
+        cache_interval=interval,
+        cache_branch=branch,
+        format=fmt,
+    )
+    status = run.wait(timeout=1800, poll_s=0.02)
+    wall = time.perf_counter() - started
+    if status.counts[JobState.DONE] != count:
+        raise RuntimeError(f"worker run {run_id}: {status}")
+    return {"wall_s": wall, "images_per_s": count / wall, **sidecar_stats(Path(env["DEEPQUEUE_OUTPUT_DIR"]) / run_id)}
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole benchmark.
+# The whole benchmark: every path, round by round, so each ratio compares neighbours in time.
 
 
 def run_service_bench(
@@ -349,79 +274,145 @@ def run_service_bench(
     worker: bool = True,
     checkpoint: Callable[[dict[str, Any]], None] = lambda partial: None,
 ) -> dict[str, Any]:
-    """Every part above, in one process (plus the worker's); returns JSON-ready results, and
-    hands them to ``checkpoint`` after each part (a lease on a GPU machine can end any time)."""
-    import torch
-
+    """Every path above, interleaved round by round (a GPU's speed drifts over minutes of load);
+    returns JSON-ready results and hands them to ``checkpoint`` after each round."""
+    from producer import Client
     from worker.engine import Engine
     from worker.settings import WorkerSettings
 
     started = time.perf_counter()
     engine = Engine.load(WorkerSettings(model=str(plan.model), device=plan.device, storage="local"))
-    dtype = engine.pipe.unet.dtype
-    recipe = Recipe(plan.model, engine.device, dtype)
-    logger.info("loaded engine and recipe on %s as %s in %.0f s", engine.device, dtype, time.perf_counter() - started)
-    results: dict[str, Any] = {
-        "plan": {**asdict(plan), "model": str(plan.model), "jobs": {str(k): v for k, v in plan.jobs.items()}},
-        "device": engine.describe()["device"],
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-    results.update(bench_in_process(engine, recipe, plan))
-    checkpoint(results)
-    del recipe
-    gc.collect()
-    if engine.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    results["embedded"] = bench_embedded(engine, plan, scratch)
-    checkpoint(results)
-    device = engine.device
-    del engine
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()  # the worker's pool process needs the memory
-    if worker:
-        results["worker"] = bench_worker(plan, redis_url, scratch, device)
-    results["ratios"] = ratios(results)
+    recipe = Recipe(plan.model, engine.device, engine.pipe.unet.dtype)
+    cells = [(batch, mode) for batch in plan.table_batches for mode in TABLE_MODES]
+    with ExitStack() as stack:
+        workers = {}
+        if worker:
+            for slot, batch in enumerate(plan.table_batches):
+                env = stack.enter_context(worker_process(plan, redis_url, scratch, batch, engine.device, slot))
+                client = stack.enter_context(Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]))
+                workers[batch] = (env, client)
+        logger.info("engine, recipe and %d workers up in %.0f s", len(workers), time.perf_counter() - started)
+        # First calls at each shape (kernels, allocator, DeepCache hooks), in every process.
+        for batch in plan.batches:
+            engine_call(engine, plan, batch, "3/0", steps=3)
+        for batch, mode in cells:
+            recipe([PROMPT.format(i=i) for i in range(batch)], mode, plan.size, 3)
+            if batch in workers:
+                worker_run(workers[batch][1], workers[batch][0], plan, batch, mode, batch, steps=3)
+        samples = Samples()
+        results: dict[str, Any] = {
+            "plan": {**asdict(plan), "model": str(plan.model), "jobs": {str(k): v for k, v in plan.jobs.items()}},
+            "device": engine.describe()["device"],
+            "dtype": str(engine.pipe.unet.dtype).removeprefix("torch."),
+        }
+        for round_ in range(plan.rounds):
+            flip = round_ % 2 == 1  # alternate who goes first
+            for batch in plan.batches:
+                for mode in MODES:
+                    cell = f"{batch} {mode}"
+                    paths = ["engine", "recipe"] if (batch, mode) in cells else ["engine"]
+                    for path in reversed(paths) if flip else paths:
+                        if path == "recipe":
+                            prompts = [PROMPT.format(i=i) for i in range(batch)]
+                            samples.add("recipe", cell, round_, batch / recipe(prompts, mode, plan.size, plan.steps))
+                        else:
+                            peak_memory_reset(engine.device)
+                            samples.add("engine", cell, round_, batch / engine_call(engine, plan, batch, mode))
+                            samples.peaks[cell] = peak_memory_gib(engine.device)
+            if round_ < plan.e2e_rounds:
+                for batch, mode in reversed(cells) if flip else cells:
+                    cell, count = f"{batch} {mode}", plan.jobs[batch]
+                    run = embedded_run(engine, plan, scratch, batch, mode, count)
+                    samples.add("embedded", cell, round_, run["images_per_s"], run)
+                    if batch in workers:
+                        env, client = workers[batch]
+                        run = worker_run(client, env, plan, batch, mode, count, plan.steps)
+                        samples.add("worker", cell, round_, run["images_per_s"], run)
+            results.update(samples.summary(plan, cells))
+            checkpoint(results)
+            logger.info("round %d of %d done", round_ + 1, plan.rounds)
+        if plan.sliced_check:
+            results["vae_slicing"] = sliced_decode_check(engine, plan)
+        logs = [Path(env["log"]).read_text() for env, _ in workers.values()]
+        results["worker_main_process_fork_safe"] = all("main process is fork-safe" in log for log in logs) or None
     return results
 
 
-def ratios(results: dict[str, Any]) -> dict[str, Any]:
-    """Each path's images/s over the recipe's, at the same batch size and DeepCache mode."""
-    out: dict[str, Any] = {}
-    for cell, row in results["table"].items():
-        recipe = row["recipe_images_per_s"]
-        out[cell] = {
-            "engine": row["engine_images_per_s"] / recipe,
-            "embedded": results["embedded"][cell]["images_per_s"] / recipe if cell in results["embedded"] else None,
-            "worker": results["worker"][cell]["images_per_s"] / recipe if cell in results.get("worker", {}) else None,
-        }
-    return out
+@dataclass
+class Samples:
+    """Images/s by path, table cell and round, and what each end-to-end run reported."""
+
+    rates: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    peaks: dict[str, float | None] = field(default_factory=dict)
+
+    def add(self, path: str, cell: str, round_: int, rate: float, run: dict[str, Any] | None = None) -> None:
+        self.rates.setdefault(path, {}).setdefault(cell, {})[round_] = rate
+        if run is not None:
+            self.runs.setdefault(path, {}).setdefault(cell, []).append(run)
+
+    def summary(self, plan: Plan, cells: list[tuple[int, str]]) -> dict[str, Any]:
+        """The matrix (Engine), and per table cell each path's images/s and its ratio to the
+        recipe: the median over rounds of (path ÷ recipe in the same round)."""
+        engine = self.rates["engine"]
+        matrix = []
+        for batch in plan.batches:
+            off = statistics.median(engine[f"{batch} off"].values())
+            for mode in MODES:
+                rates = list(engine[f"{batch} {mode}"].values())
+                matrix.append(
+                    {
+                        "batch": batch,
+                        "mode": mode,
+                        "seconds_per_call": summarize([batch / rate for rate in rates]),
+                        "images_per_s": statistics.median(rates),
+                        "speedup_vs_off": statistics.median(rates) / off,
+                        "peak_memory_gib": self.peaks.get(f"{batch} {mode}"),
+                    }
+                )
+        table = {}
+        for batch, mode in cells:
+            cell = f"{batch} {mode}"
+            recipe = self.rates["recipe"][cell]
+            row: dict[str, Any] = {"batch": batch, "mode": mode, "images_per_s": {}, "over_recipe": {}}
+            for path, by_cell in self.rates.items():
+                if cell not in by_cell:
+                    continue
+                row["images_per_s"][path] = summarize(list(by_cell[cell].values()))
+                paired = [rate / recipe[r] for r, rate in by_cell[cell].items() if r in recipe]
+                if path != "recipe":
+                    row["over_recipe"][path] = summarize(paired)
+            table[cell] = row
+        return {"matrix": matrix, "table": table, "runs": self.runs}
+
+
+PATHS = ("recipe", "engine", "embedded", "worker")
 
 
 def markdown(results: dict[str, Any], title: str) -> list[str]:
     """The comparison table, the matrix and the slicing check, as markdown lines."""
     plan = results["plan"]
+    e2e_rounds = min(plan["e2e_rounds"], plan["rounds"])
     lines = [
         f"## {title}: {plan['size']}x{plan['size']}, {plan['steps']} DDIM steps, {results['device']}, "
         f"{results['dtype']}",
         "",
-        f"Model `{plan['model']}`. Recipe and Engine: median seconds per call over {plan['rounds']} interleaved "
-        f"rounds; embedded and worker: images / wall time over {plan['jobs']} jobs (by batch size), "
-        "worker timed from `Client.submit` to all done.",
+        f"Model `{plan['model']}`. {plan['rounds']} rounds; in each, every path runs in turn (order alternating): "
+        f"recipe and Engine one call per cell, embedded and worker (in {e2e_rounds} of them) "
+        f"{plan['jobs']} jobs by batch size, the worker timed from `Client.submit` to all done. "
+        "Images/s: median over rounds; ÷ recipe: median over rounds of the ratio to the recipe of the same round.",
         "",
-        "| batch | DeepCache | recipe img/s | Engine img/s | embedded img/s | worker img/s "
-        "| Engine ÷ recipe | embedded ÷ recipe | worker ÷ recipe |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | DeepCache | "
+        + " | ".join(f"{p} img/s" for p in PATHS)
+        + " | "
+        + " | ".join(f"{p} ÷ recipe" for p in PATHS[1:])
+        + " |",
+        "|---:|---|" + "---:|" * (2 * len(PATHS) - 1),
     ]
-    for cell, row in results["table"].items():
-        r = results["ratios"][cell]
-        embedded = results["embedded"].get(cell, {})
-        worker = results.get("worker", {}).get(cell, {})
-        lines.append(
-            f"| {row['batch']} | {row['mode']} | {row['recipe_images_per_s']:.2f} | {row['engine_images_per_s']:.2f} "
-            f"| {_num(embedded.get('images_per_s'))} | {_num(worker.get('images_per_s'))} | {r['engine']:.3f} "
-            f"| {_num(r['embedded'], 3)} | {_num(r['worker'], 3)} |"
-        )
+    for row in results["table"].values():
+        rates = [_num(row["images_per_s"].get(p, {}).get("median")) for p in PATHS]
+        ratios = [_num(row["over_recipe"].get(p, {}).get("median"), 3) for p in PATHS[1:]]
+        lines.append(f"| {row['batch']} | {row['mode']} | " + " | ".join(rates + ratios) + " |")
     lines += [
         "",
         "DeepCache matrix (Engine, seconds per call, median (min–max); peak device memory of the call):",
@@ -443,17 +434,14 @@ def markdown(results: dict[str, Any], title: str) -> list[str]:
             f"(peak {_num(v['on']['peak_memory_gib'])} GiB), off {v['off']['seconds_per_call']['median']:.3f} s/call "
             f"(peak {_num(v['off']['peak_memory_gib'])} GiB).",
         ]
-    for path in ("embedded", "worker"):
-        rows = {cell: row for cell, row in results.get(path, {}).items() if isinstance(row, dict)}
-        if rows:
-            share = ", ".join(
-                f"{cell}: {row['pipeline_s'] / row['wall_s']:.3f} (batches {row['batch_sizes']})"
-                for cell, row in rows.items()
-            )
-            lines += ["", f"{path}: share of wall time in pipeline calls — {share}."]
-    if "worker" in results:
-        fork_safe = results["worker"]["main_process_fork_safe"]
-        lines.append(f"Worker main process fork-safe (no torch/diffusers): {fork_safe}.")
+    for path, by_cell in results["runs"].items():
+        share = ", ".join(
+            f"{cell}: {statistics.median(r['pipeline_s'] / r['wall_s'] for r in runs):.3f}"
+            for cell, runs in by_cell.items()
+        )
+        lines += ["", f"{path}: share of wall time inside pipeline calls (median of runs) — {share}."]
+    if results.get("worker_main_process_fork_safe") is not None:
+        lines.append(f"Worker main process fork-safe (no torch/diffusers): {results['worker_main_process_fork_safe']}.")
     return lines + [""]
 
 
