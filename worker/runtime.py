@@ -20,8 +20,9 @@ from worker.storage import LocalStorage, S3Storage, Storage
 
 logger = logging.getLogger(__name__)
 
-#: Longest a ``collect_stored`` call holds the pool process while images are still being stored.
-COLLECT_WAIT_S = 1.0
+#: Longest a ``collect_stored`` call holds the pool process while images are still being stored:
+#: short, since a partial batch that comes due meanwhile waits for it.
+COLLECT_WAIT_S = 0.25
 
 _settings: WorkerSettings | None = None
 _executor: BatchExecutor | None = None
@@ -112,25 +113,24 @@ def _ready_executor() -> BatchExecutor:
     return _executor
 
 
-def _progress(executor: BatchExecutor, outcomes: list[Outcome]) -> dict[str, Any]:
-    return {"finished": [asdict(outcome) for outcome in outcomes], "storing": executor.backlog.pending}
+def _progress(outcomes: list[Outcome]) -> dict[str, Any]:
+    return {"finished": [asdict(outcome) for outcome in outcomes]}
 
 
 def execute_batch(deliveries: list[dict[str, Any]]) -> dict[str, Any]:
     """Run in a pool process: generate one batch, leave its images to the background stores.
 
-    Returns (picklable) the outcomes final so far, this batch's and earlier ones', and how many
-    images are still being stored; ``collect_stored`` fetches the rest.
+    Returns (picklable) the outcomes final so far, this batch's and earlier ones';
+    ``collect_stored`` fetches the rest.
     """
     executor = _ready_executor()
     decided = executor.submit([Delivery(**delivery) for delivery in deliveries])
-    return _progress(executor, decided + executor.collect())
+    return _progress(decided + executor.collect())
 
 
 def collect_stored() -> dict[str, Any]:
     """Run in a pool process with nothing to generate: the outcomes of images stored since."""
-    executor = _ready_executor()
-    return _progress(executor, executor.collect(wait=True, timeout=COLLECT_WAIT_S))
+    return _progress(_ready_executor().collect(wait=True, timeout=COLLECT_WAIT_S))
 
 
 def execute_now(deliveries: list[dict[str, Any]]) -> list[dict[str, Any]]:

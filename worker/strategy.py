@@ -56,12 +56,22 @@ def message_fields(req: Any) -> tuple[Any, float | None]:
     return (args[0] if args else None), (float(enqueued_at) if isinstance(enqueued_at, Real) else None)
 
 
-@dataclass
+@dataclass(eq=False)
 class PoolCall:
-    """One call handed to the pool: the requests it carries, and the process that took it."""
+    """One call handed to the pool and the requests it carries (none: a collect call)."""
 
     requests: list[Any]
-    pid: int | None = None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still exists (pool processes are reaped as soon as they exit)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process took the number: ours is gone
+        return False
+    return True
 
 
 class BatchingStrategy:
@@ -73,8 +83,7 @@ class BatchingStrategy:
         self.pool = consumer.pool
         self.slots = max(1, getattr(consumer.pool, "limit", 1) or 1)
         self.batch_timeout_s = settings.batch_timeout_s
-        self.in_flight = 0  # calls handed to the pool and not returned
-        self.storing = 0  # images the pool process was still storing when its last call returned
+        self.calls: list[PoolCall] = []  # handed to the pool, not returned
         self.held: defaultdict[str, deque[Any]] = defaultdict(deque)  # task id -> requests not final
         self.losses: Counter[str] = Counter()
         self.buffer: BatchBuffer[Any] = BatchBuffer(settings.max_batch, settings.max_wait_s)
@@ -123,12 +132,12 @@ class BatchingStrategy:
         ones also one ahead, so the next batch starts the moment a slot frees. With nothing to
         generate, fetch the outcomes of images still being stored."""
         now = time.monotonic()
-        while self.in_flight <= self.slots:
-            taken = self.buffer.take(now, allow_partial=self.in_flight < self.slots)
+        while len(self.calls) <= self.slots:
+            taken = self.buffer.take(now, allow_partial=len(self.calls) < self.slots)
             if taken is None:
                 break
             self._dispatch(taken[1])
-        if self.in_flight == 0 and self.storing:
+        if not self.calls and self.held:  # held, in no call: the pool process is storing them
             self._call(runtime.collect_stored, (), [])
 
     def _dispatch(self, requests: list[Any]) -> None:
@@ -142,27 +151,25 @@ class BatchingStrategy:
         self._call(runtime.execute_batch, (deliveries,), requests)
 
     def _call(self, function: Any, args: tuple[Any, ...], requests: list[Any]) -> None:
-        self.in_flight += 1
         call = PoolCall(requests)
+        self.calls.append(call)
         self.pool.apply_async(
             function,
             args=args,
             accept_callback=partial(self._on_accepted, call),
-            callback=self._on_result,
+            callback=partial(self._on_result, call),
             error_callback=partial(self._on_error, call),
             timeout=self.batch_timeout_s,
             correlation_id=requests[0].id if requests else "collect-stored",
         )
 
     def _on_accepted(self, call: PoolCall, pid: int, time_accepted: float) -> None:
-        call.pid = pid
         for req in call.requests:
             req.pool_pid = pid
             req.on_accepted(pid, time_accepted)  # active in `celery inspect`, task-started event
 
-    def _on_result(self, progress: dict[str, Any]) -> None:
-        self.in_flight -= 1
-        self.storing = progress["storing"]
+    def _on_result(self, call: PoolCall, progress: dict[str, Any]) -> None:
+        self.calls.remove(call)
         for outcome in progress["finished"]:
             queue = self.held.get(outcome["task_id"])
             if not queue:
@@ -175,15 +182,20 @@ class BatchingStrategy:
                 self._send_back([req])
             else:
                 self._finish(req, outcome["ok"], outcome["key"] if outcome["ok"] else outcome["reason"])
+        self._rerun_lost_stores()  # a process that died between two calls left no error behind
         self.pump()
 
     def _on_error(self, call: PoolCall, exc_info: Any) -> None:
-        self.in_flight -= 1
+        self.calls.remove(call)
         requests = call.requests
         error = getattr(exc_info, "exception", exc_info)
         error = getattr(error, "exc", error)  # billiard wraps it in ExceptionWithTraceback
         if isinstance(error, (WorkerLostError, TimeLimitExceeded)):
-            self._process_lost(call, error)
+            # The process died (or was killed for a timeout): the batch it ran is suspect; the
+            # images it was still storing are simply lost.
+            self._release(requests)
+            self._rerun_lost_stores()
+            self._retry_alone(requests, error)
         else:
             # The pool could not run the batch at all (no pipeline, Redis down): other workers
             # may. A worker without a pipeline stops instead of spinning on the queue.
@@ -195,26 +207,23 @@ class BatchingStrategy:
                 worker_state.should_stop = os.EX_SOFTWARE  # 70
         self.pump()
 
-    def _process_lost(self, call: PoolCall, error: BaseException) -> None:
-        """The pool process died (or was killed for a timeout): the batch it ran is suspect, the
-        images it was still storing are simply lost."""
-        requests = call.requests
-        in_call = {id(req) for req in requests}
-        storing = [
+    def _rerun_lost_stores(self) -> None:
+        """Buffer again the jobs whose images a pool process that has died was still storing."""
+        in_calls = {id(req) for call in self.calls for req in call.requests}
+        lost = [
             req
             for queue in self.held.values()
             for req in queue
-            if call.pid is not None and req.pool_pid == call.pid and id(req) not in in_call
+            if req.pool_pid is not None and id(req) not in in_calls and not process_alive(req.pool_pid)
         ]
-        self._release(requests + storing)
-        self.storing = 0
-        if storing:
-            logger.error("%d jobs were being stored by the lost pool process: running them again", len(storing))
+        if not lost:
+            return
+        logger.error("%d jobs were being stored by a pool process that died: running them again", len(lost))
+        self._release(lost)
         now = time.monotonic()
-        for req in storing:
+        for req in lost:
             job, _ = parse_job(req.payload)
             self.buffer.add(batch_key(job, self.defaults) if job else ("alone", req.id), req, now)
-        self._retry_alone(requests, error)
 
     def _release(self, requests: list[Any]) -> None:
         """Forget that the pool holds these requests."""

@@ -46,6 +46,12 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def pool_process(worker: subprocess.Popen) -> int:
+    """The pid of a worker's one pool process."""
+    [child] = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+    return int(child)
+
+
 def test_killed_pool_process_sends_its_batch_back_at_once(env, tmp_path):
     log = tmp_path / "worker.log"
     worker = start_worker(env, log)
@@ -53,8 +59,7 @@ def test_killed_pool_process_sends_its_batch_back_at_once(env, tmp_path):
         with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
             run = client.submit([f"kill {i}" for i in range(16)], run="kill", steps=60, width=64, height=64)
             wait_until(lambda: run.status().counts[JobState.RUNNING] > 0, 120, "a running batch")
-            [child] = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
-            os.kill(int(child), signal.SIGKILL)
+            os.kill(pool_process(worker), signal.SIGKILL)
             # Far below the 3600 s visibility timeout: the batch is requeued, not left unacked.
             status = run.wait(timeout=300)
         assert status.counts[JobState.DONE] == 16
@@ -123,3 +128,44 @@ def test_malformed_messages_do_not_stop_the_worker(env, tmp_path):
         assert [result.state for result in odd] == [JobState.FAILED] and "invalid job" in odd[0].reason
     finally:
         stop(worker)
+
+
+def test_jobs_being_stored_by_a_killed_pool_process_run_again(redis_urls, tiny_model, tmp_path):
+    """The pool process dies while its images wait on S3 (a private moto server stopped with
+    SIGSTOP: uploads hang, a real fault). Those jobs were generated and unacknowledged: they must
+    run again, and every object is still written once."""
+    from ops.localstack import start_moto
+
+    moto, endpoint = start_moto()
+    try:
+        moto_s3_client(endpoint).create_bucket(Bucket="stored")
+        broker, backend = redis_urls
+        env = worker_env(
+            broker_url=broker,
+            result_backend=backend,
+            model=str(tiny_model),
+            s3_endpoint=endpoint,
+            bucket="stored",
+            device="cpu",
+            max_wait_s=0.5,
+        )
+        log = tmp_path / "worker.log"
+        worker = start_worker(env, log)
+        try:
+            with Client(broker, backend) as client:
+                os.kill(moto.pid, signal.SIGSTOP)
+                run = client.submit([f"stored {i}" for i in range(16)], run="stored", steps=2, width=64, height=64)
+                # Both batches generated: their 16 images now wait on the stopped S3 server.
+                wait_until(lambda: log.read_text().count("steps, deepcache") >= 2, 120, "two generated batches")
+                os.kill(pool_process(worker), signal.SIGKILL)
+                os.kill(moto.pid, signal.SIGCONT)
+                status = run.wait(timeout=300)
+            assert status.counts[JobState.DONE] == 16
+            assert "were being stored by a pool process that died" in log.read_text()
+            listing = moto_s3_client(endpoint).list_objects_v2(Bucket="stored")
+            assert listing.get("KeyCount", 0) == 32  # image + sidecar per job, once each
+        finally:
+            stop(worker)
+    finally:
+        os.kill(moto.pid, signal.SIGCONT)
+        stop(moto)
