@@ -61,9 +61,6 @@ class PipelineGate(bootsteps.StartStopStep):
         runtime.report_to(write_fd)
         super().__init__(worker, **kwargs)
 
-    def create(self, worker: Any) -> PipelineGate:
-        return self
-
     def start(self, worker: Any) -> None:
         try:
             if is_forking_pool(worker.pool):

@@ -52,6 +52,7 @@ def test_main_process_stays_torch_free_and_ready_means_a_built_pipeline(env, tmp
             assert run.wait(timeout=120).counts[JobState.DONE] == 1
     finally:
         stop(worker)
+    assert "Traceback" not in log.read_text(), "a clean start, job and stop log no error"
 
 
 def test_a_main_process_that_imported_diffusers_refuses_to_start(env, tmp_path):
