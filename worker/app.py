@@ -35,6 +35,7 @@ def create_app(settings: WorkerSettings) -> Celery:
         worker_concurrency=1,  # one pipeline per process; one worker per GPU
         worker_prefetch_multiplier=settings.prefetch_count,
         worker_send_task_events=True,
+        worker_consumer="worker.consumer:GuardedConsumer",  # no message can stop the worker
         # Pool processes load the pipeline before reporting up: Celery's 4 s default would
         # kill every replacement process of a real model, again and again.
         worker_proc_alive_timeout=settings.load_timeout_s,

@@ -40,6 +40,7 @@ from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 from producer.state import JobState, RunStore
 from worker import runtime
 from worker.batching import BatchBuffer, batch_key
+from worker.consumer import drop_message
 from worker.executor import parse_job
 
 logger = logging.getLogger(__name__)
@@ -109,9 +110,8 @@ class BatchingStrategy:
         try:
             req = self._request(message, body, ack, reject)
             req.payload, req.enqueued_at = message_fields(req)
-        except Exception:  # a malformed message must cost itself, not the worker
-            logger.exception("dropping a message that is not a readable task: %r", message.body)
-            reject()
+        except Exception as error:  # a malformed message must cost itself, not the worker
+            drop_message(message, error, self.consumer.connection_errors)
             return
         if (req.expires or req.id in self.consumer.controller.state.revoked) and req.revoked():
             self._record_failure(req, "revoked or expired before it ran")
