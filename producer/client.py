@@ -24,6 +24,12 @@ def new_run_id() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
+def run_id_or_new(run: str | None) -> str:
+    """``run``, or a generated name when none is given. An empty name is not "none": it is
+    refused by the job contract, so an unset shell variable cannot start a new run."""
+    return new_run_id() if run is None else run
+
+
 class Run:
     """A handle on one run: its counts, its end, its per-job results."""
 
@@ -95,7 +101,7 @@ class Client:
 
     def prepare(self, source: Source, *, run: str | None = None, seed: int | None = None, **defaults: Any) -> list[Job]:
         """Validate ``source`` into jobs without sending anything (raises InvalidJobError)."""
-        return make_jobs(read_rows(source), run_id=run or new_run_id(), defaults=run_defaults(defaults), run_seed=seed)
+        return make_jobs(read_rows(source), run_id=run_id_or_new(run), defaults=run_defaults(defaults), run_seed=seed)
 
     def submit(
         self,

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from producer.errors import PromptFileError
+from producer.errors import InvalidJobError, PromptFileError
 from producer.job import JobDefaults
 
 Row = tuple[str, dict[str, Any]]
@@ -25,7 +25,24 @@ def read_rows(source: Source) -> list[Row]:
     """All rows of ``source``: a path to a prompt file, or an iterable of prompts/dicts/Jobs."""
     if isinstance(source, (str, os.PathLike)):
         return list(read_file(Path(source)))
-    return [(f"item {i}", _item_fields(item)) for i, item in enumerate(source)]
+    if isinstance(source, Mapping):  # iterating it would make one job of each key
+        raise PromptFileError("got one dict: pass a list of jobs ([{...}]) or a prompt file's path")
+    if isinstance(source, (bytes, bytearray)):
+        raise PromptFileError("got bytes: pass a list of prompt strings or a prompt file's path")
+    rows, problems = [], []
+    for i, item in enumerate(source):
+        if isinstance(item, (str, Mapping, JobDefaults)):
+            rows.append((f"item {i}", _item_fields(item)))
+        else:
+            shown = repr(item)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            kind = type(item).__name__
+            problems.append(
+                (f"item {i}", f"expected a prompt string, a dict of job fields or a Job, got {kind} {shown}")
+            )
+    if problems:
+        raise InvalidJobError(problems)
+    return rows
 
 
 def read_file(path: Path) -> Iterator[Row]:

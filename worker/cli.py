@@ -10,7 +10,7 @@ from typing import Any
 import click
 from celery import signals
 
-from producer.client import new_run_id
+from producer.client import run_id_or_new
 from producer.job import make_jobs, run_defaults
 from producer.sources import read_rows
 from worker.model import ModelError, check_pipeline_class, read_model_index
@@ -70,7 +70,12 @@ def run_local(
     check_model(settings)
     from worker.embedded import run_embedded
 
-    jobs = make_jobs(read_rows(file), run_id=run_id or new_run_id(), defaults=run_defaults(defaults), run_seed=seed)
+    jobs = make_jobs(
+        read_rows(file),
+        run_id=run_id_or_new(run_id),
+        defaults=run_defaults(defaults),
+        run_seed=seed,
+    )
     summary = run_embedded(jobs, settings)
     for line in summary.lines():
         click.echo(line)

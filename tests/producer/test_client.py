@@ -277,6 +277,14 @@ def test_invalid_run_name_refused(client, redis_urls):
     assert redis_is_empty(redis_urls[1])
 
 
+def test_empty_run_name_is_refused_not_replaced_by_a_new_run(client, redis_urls):
+    """An unset shell variable (``--run "$RUN"``) must not silently start a whole new run."""
+    with pytest.raises(InvalidJobError) as info:
+        client.submit(["a"], run="")
+    assert info.value.problems[0][1].endswith("got ''")
+    assert redis_is_empty(redis_urls[1])
+
+
 # -- following a run --------------------------------------------------------------------------------
 
 

@@ -293,3 +293,11 @@ def test_wait_timeout(env, tmp_path):
     result = invoke("wait", "slow", "--timeout", "0.01")
     assert result.exit_code != 0
     assert "run slow not finished after 0.01 s" in result.output
+
+
+def test_submit_with_an_empty_run_name_is_refused(env, tmp_path):
+    """``--run "$RUN"`` with RUN unset: exit 2 and nothing sent, not a new random run."""
+    result = invoke("submit", str(prompt_file(tmp_path, "p.txt", "a fox\n")), "--run", "")
+    assert result.exit_code == 2, result.output
+    assert "run_id" in result.output and "got ''" in result.output
+    assert jobs_on_queue(env[0]) == []

@@ -286,3 +286,32 @@ def test_parse_size_errors(text):
     with pytest.raises(PromptFileError, match="WIDTHxHEIGHT") as info:
         parse_size(text)
     assert repr(text) in str(info.value)
+
+
+# -- what read_rows refuses instead of misreading (issue 6, part 4) ------------------------------
+
+
+def test_one_dict_is_refused_not_read_as_one_job_per_key():
+    with pytest.raises(PromptFileError, match=r"got one dict: pass a list of jobs \(\[\{\.\.\.\}\]\)"):
+        read_rows({"prompt": "a koi pond", "width": 64})
+
+
+def test_bytes_are_refused():
+    with pytest.raises(PromptFileError, match="got bytes"):
+        read_rows(b"a fox")
+
+
+def test_items_of_the_wrong_type_are_named_all_at_once():
+    with pytest.raises(InvalidJobError) as info:
+        read_rows(["fine", 123, None, ["a", "list"], {"prompt": "also fine"}, b"bytes", 4.5])
+    assert [where for where, _ in info.value.problems] == ["item 1", "item 2", "item 3", "item 5", "item 6"]
+    messages = [message for _, message in info.value.problems]
+    assert messages[0] == "expected a prompt string, a dict of job fields or a Job, got int 123"
+    assert messages[1].endswith("got NoneType None") and messages[2].endswith("got list ['a', 'list']")
+    assert isinstance(info.value, ValueError)  # a DeepQueueError that is also a ValueError
+
+
+def test_a_long_bad_item_is_shortened_in_the_message():
+    with pytest.raises(InvalidJobError) as info:
+        read_rows([list(range(100))])
+    assert len(info.value.problems[0][1]) < 130 and info.value.problems[0][1].endswith("...")
