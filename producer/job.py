@@ -22,6 +22,7 @@ MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
 MAX_CACHE_INTERVAL = 20
 MAX_CACHE_BRANCH = 11
+MAX_INDEX = 10**9 - 1  # job ids and S3 keys stay short (S3 allows 1,024 bytes per key)
 
 SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "unipc", "lcm", "pndm", "heun", "kdpm2"]
 #: Schedulers that visit a timestep twice: DeepCache counts steps by timestep and breaks on them.
@@ -52,6 +53,24 @@ class JobDefaults(BaseModel):
     cache_branch: int | None = Field(None, ge=0, le=MAX_CACHE_BRANCH)
     format: ImageFormat = "png"
 
+    @field_validator("height", "width", "steps", "guidance", "cache_interval", "cache_branch", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        # Pydantic reads true as 1; for a number of steps or pixels that is a mistake, not a value.
+        if isinstance(value, bool):
+            raise ValueError("a number is needed, not true/false")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cache_off_for_repeating_schedulers(cls, data: Any) -> Any:
+        """pndm, heun and kdpm2 without a DeepCache setting run with caching off (interval 1)
+        instead of failing in a worker whose default interval is above 1."""
+        if isinstance(data, dict) and data.get("scheduler") in CACHE_BREAKING_SCHEDULERS:
+            if data.get("cache_interval") is None:
+                return {**data, "cache_interval": 1}
+        return data
+
     @model_validator(mode="after")
     def _scheduler_fits_cache(self) -> JobDefaults:
         if self.scheduler in CACHE_BREAKING_SCHEDULERS and self.cache_interval is not None and self.cache_interval > 1:
@@ -67,9 +86,14 @@ class Job(JobDefaults):
     """One image to generate: the message body of the ``deepqueue.generate`` task."""
 
     run_id: RunId
-    index: int = Field(ge=0)
+    index: int = Field(ge=0, le=MAX_INDEX)
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     seed: int = Field(ge=0, le=MAX_SEED)
+
+    @field_validator("index", "seed", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any) -> Any:
+        return cls._no_booleans(value)
 
     @field_validator("prompt")
     @classmethod
@@ -149,6 +173,8 @@ def make_jobs(
         raise InvalidJobError(
             [("run", f"run_id: 1-64 letters, digits, '.', '_' or '-', not starting with a symbol, got {run_id!r}")]
         )
+    if run_seed is not None and (type(run_seed) is not int or not 0 <= run_seed <= MAX_SEED):
+        raise InvalidJobError([("run", f"seed: a whole number from 0 to {MAX_SEED}, got {run_seed!r}")])
     base_seed = run_seed_for(run_id) if run_seed is None else run_seed
     base = defaults.model_dump(exclude_unset=True)
     jobs: list[Job] = []

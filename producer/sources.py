@@ -10,6 +10,7 @@ import csv
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def _read_jsonl(handle: Iterable[str], name: str) -> Iterator[Row]:
             continue
         where = f"line {number} of {name}"
         try:
-            value = json.loads(line)
+            value = json.loads(line, object_pairs_hook=partial(_unique_keys, where))
         except json.JSONDecodeError as error:
             raise PromptFileError(f"{where}: not valid JSON ({error.msg})") from error
         if isinstance(value, str):
@@ -95,6 +96,9 @@ def _read_csv(handle: Iterable[str], name: str) -> Iterator[Row]:
     reader = csv.DictReader(handle)
     if not reader.fieldnames or "prompt" not in reader.fieldnames:
         raise PromptFileError(f"{name}: the header row must have a 'prompt' column, got {reader.fieldnames}")
+    twice = sorted({column for column in reader.fieldnames if reader.fieldnames.count(column) > 1})
+    if twice:
+        raise PromptFileError(f"{name}: the header row names {', '.join(map(repr, twice))} more than once")
     for row in reader:
         if None in row:
             raise PromptFileError(f"line {reader.line_num} of {name}: more cells than header columns")
@@ -102,6 +106,15 @@ def _read_csv(handle: Iterable[str], name: str) -> Iterator[Row]:
         fields = {key: value for key, value in row.items() if value not in ("", None)}
         if fields:
             yield f"line {reader.line_num} of {name}", _normalise(fields)
+
+
+def _unique_keys(where: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json keeps the last one silently)."""
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise PromptFileError(f"{where}: the key(s) {', '.join(map(repr, twice))} appear more than once")
+    return dict(pairs)
 
 
 def _normalise(fields: dict[str, Any]) -> dict[str, Any]:

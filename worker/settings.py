@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from producer.job import MAX_CACHE_BRANCH, MAX_CACHE_INTERVAL, SchedulerName
+from producer.job import CACHE_BREAKING_SCHEDULERS, MAX_CACHE_BRANCH, MAX_CACHE_INTERVAL, SchedulerName
 from producer.settings import ClientSettings
 from worker.batching import RecipeDefaults
 
@@ -67,6 +67,15 @@ class WorkerSettings(ClientSettings):
     @property
     def store_backlog_count(self) -> int:
         return self.store_backlog or 2 * self.max_batch
+
+    @model_validator(mode="after")
+    def _default_scheduler_fits_cache(self) -> WorkerSettings:
+        if self.scheduler in CACHE_BREAKING_SCHEDULERS and self.cache_interval > 1:
+            raise ValueError(
+                f"scheduler {self.scheduler!r} repeats timesteps, which breaks DeepCache: set "
+                f"DEEPQUEUE_CACHE_INTERVAL=1 with it (got {self.cache_interval})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _prefetch_holds_a_batch(self) -> WorkerSettings:

@@ -49,12 +49,23 @@ logger = logging.getLogger(__name__)
 MAX_LOSSES = 2
 
 
+#: Enqueue times further in the future than this are not believed (clock skew allowance).
+FUTURE_SLACK_S = 86400.0
+
+
+def plausible_time(value: Any, now: float) -> float | None:
+    """A Unix time a producer could have stamped, or None (NaN, infinities, 1e308, booleans)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and 0 < value <= now + FUTURE_SLACK_S else None
+
+
 def message_fields(req: Any) -> tuple[Any, float | None]:
     """``(job payload, enqueued_at)`` from a request, whatever shape a hand-made message has."""
     args = req.args if isinstance(req.args, (list, tuple)) else ()
     kwargs = req.kwargs if isinstance(req.kwargs, dict) else {}
-    enqueued_at = kwargs.get("enqueued_at")
-    return (args[0] if args else None), (float(enqueued_at) if isinstance(enqueued_at, Real) else None)
+    return (args[0] if args else None), plausible_time(kwargs.get("enqueued_at"), time.time())
 
 
 @dataclass(eq=False)

@@ -220,7 +220,7 @@ def test_cache_breaking_scheduler_with_deepcache_refused(scheduler):
 @pytest.mark.parametrize("scheduler", sorted(CACHE_BREAKING_SCHEDULERS))
 def test_cache_breaking_scheduler_allowed_without_caching(scheduler):
     assert one_job(scheduler=scheduler, cache_interval=1).cache_interval == 1
-    assert one_job(scheduler=scheduler).cache_interval is None  # worker default decides
+    assert one_job(scheduler=scheduler).cache_interval == 1  # not the worker's default, which may cache
 
 
 def test_cache_breaking_scheduler_refused_in_run_defaults_too():
@@ -438,3 +438,40 @@ def test_job_id_function_matches_property():
     job = make()[1]
     assert job.job_id == job_id(job.run_id, job.index, job.recipe())
     assert job_id(RUN, 3, {"a": 1, "b": 2}) == job_id(RUN, 3, {"b": 2, "a": 1})  # key order irrelevant
+
+
+# -- strict where a user would expect it (issue 6, part 4) -------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["height", "width", "steps", "guidance", "cache_interval", "cache_branch", "seed"])
+@pytest.mark.parametrize("value", [True, False])
+def test_booleans_are_not_numbers(field, value):
+    with pytest.raises(InvalidJobError) as info:
+        one_job(**{field: value})
+    assert info.value.problems[0][1].startswith(f"{field}: a number is needed, not true/false")
+
+
+def test_a_boolean_index_is_refused_in_a_hand_made_message():
+    with pytest.raises(ValidationError, match="a number is needed"):
+        Job(run_id=RUN, index=True, prompt="p", seed=1)
+
+
+def test_a_huge_index_is_refused_so_keys_stay_short():
+    with pytest.raises(ValidationError, match="less than or equal to 999999999"):
+        Job(run_id=RUN, index=10**1100, prompt="p", seed=1)
+    assert len(Job(run_id=RUN, index=999_999_999, prompt="p", seed=1).job_id) == 22
+
+
+@pytest.mark.parametrize("scheduler", sorted(CACHE_BREAKING_SCHEDULERS))
+def test_repeating_schedulers_without_a_cache_setting_run_with_caching_off(scheduler):
+    """Accepted at submit and run by any worker, whatever its default interval."""
+    assert one_job(scheduler=scheduler).cache_interval == 1
+    assert JobDefaults(scheduler=scheduler).cache_interval == 1
+    with pytest.raises(InvalidJobError, match="repeats timesteps"):
+        one_job(scheduler=scheduler, cache_interval=3)
+
+
+@pytest.mark.parametrize("seed", ["abc", 1.5, True, -1, MAX_SEED + 1, None.__class__])
+def test_a_bad_run_seed_is_refused(seed):
+    with pytest.raises(InvalidJobError, match="seed: a whole number from 0 to"):
+        make_jobs([("item 0", {"prompt": "p"})], run_id=RUN, defaults=JobDefaults(), run_seed=seed)

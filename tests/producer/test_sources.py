@@ -315,3 +315,15 @@ def test_a_long_bad_item_is_shortened_in_the_message():
     with pytest.raises(InvalidJobError) as info:
         read_rows([list(range(100))])
     assert len(info.value.problems[0][1]) < 130 and info.value.problems[0][1].endswith("...")
+
+
+def test_duplicate_csv_columns_are_refused(tmp_path):
+    path = write(tmp_path, "p.csv", "prompt,steps,steps\na fox,5,6\n")
+    with pytest.raises(PromptFileError, match="the header row names 'steps' more than once"):
+        read_rows(path)
+
+
+def test_duplicate_json_keys_are_refused_naming_the_line(tmp_path):
+    path = write(tmp_path, "p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "steps": 5, "steps": 6}\n')
+    with pytest.raises(PromptFileError, match=r"line 2 of p.jsonl: the key\(s\) 'steps' appear more than once"):
+        read_rows(path)

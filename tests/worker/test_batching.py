@@ -132,10 +132,12 @@ def test_branch_is_normalised_when_caching_is_off() -> None:
 @pytest.mark.parametrize("scheduler", sorted(CACHE_BREAKING_SCHEDULERS))
 def test_problem_for_schedulers_that_repeat_timesteps(scheduler: str) -> None:
     assert {"heun", "pndm", "kdpm2"} == CACHE_BREAKING_SCHEDULERS
-    # The job contract refuses an explicit interval > 1 with these; the worker default can
-    # still ask for caching, so the key must catch it.
-    key = batch_key(make_job(scheduler=scheduler), DEFAULTS)
-    assert key.deepcache
+    # The job contract refuses an interval > 1 with these and turns caching off when a job names
+    # one without an interval; a worker whose own default scheduler is one of them can still
+    # ask for caching, so the key must catch it.
+    worker_defaults = RecipeDefaults(model="m", scheduler=scheduler, cache_interval=3, cache_branch=0)
+    key = batch_key(make_job(), worker_defaults)
+    assert key.deepcache and key.scheduler == scheduler
     problem = key.problem()
     assert problem is not None
     assert scheduler in problem and "DeepCache" in problem and "cache_interval=1" in problem
@@ -386,3 +388,20 @@ def test_random_sequences_match_the_policy(seed: int) -> None:
         check(got, want)
     assert len(buffer) == 0
     assert sorted(handed_out) == list(range(next_item))  # each exactly once
+
+
+# -- enqueue times from hand-made messages --------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e308, -5.0, 0, True, "yesterday", None])
+def test_implausible_enqueue_times_are_dropped(value):
+    from worker.strategy import plausible_time
+
+    assert plausible_time(value, now=1_800_000_000.0) is None
+
+
+def test_plausible_enqueue_times_are_kept():
+    from worker.strategy import plausible_time
+
+    assert plausible_time(1_799_999_000, now=1_800_000_000.0) == 1_799_999_000.0
+    assert plausible_time(1_800_000_100.5, now=1_800_000_000.0) == 1_800_000_100.5  # small clock skew
