@@ -85,7 +85,7 @@ def test_failures_are_counted_not_raised(tiny_model: Path, tmp_path: Path) -> No
     jobs = ten_jobs()[:2]
     jobs.append(
         make_jobs(
-            [("line 3", {"prompt": "x", "scheduler": "kdpm2"})],
+            [("line 3", {"prompt": "x", "cache_branch": 7})],  # no such branch in the tiny UNet
             run_id=RUN,
             defaults=JobDefaults(height=64, width=64, steps=2),
         )[0]
@@ -93,7 +93,7 @@ def test_failures_are_counted_not_raised(tiny_model: Path, tmp_path: Path) -> No
     summary = run_embedded(jobs, local_worker_settings(tiny_model, tmp_path), progress=False)
     assert summary.images == 2
     assert [o.job_id for o in summary.failed] == [jobs[2].job_id]
-    assert "DeepCache" in summary.failed[0].reason
+    assert "cache_branch 7" in summary.failed[0].reason
     assert any(line.startswith(f"failed {jobs[2].job_id}: ") for line in summary.lines())
 
 

@@ -255,20 +255,23 @@ def test_one_bad_job_does_not_fail_its_batch(tiny_model: Path, tmp_path: Path) -
 
 
 def test_unsupported_recipes_fail_with_a_reason(setup: Setup) -> None:
-    heun = make_job(0, scheduler="heun")  # cache_interval None: the worker default 3 applies
-    assert heun.cache_interval is None
     branch = make_job(1, cache_branch=7)  # valid in the contract, not in the tiny UNet
     fine = make_job(2)
-    outcomes = setup.executor.execute([deliver(heun), deliver(branch), deliver(fine)])
-    assert [o.ok for o in outcomes] == [False, False, True]
-    assert "DeepCache" in outcomes[0].reason and "heun" in outcomes[0].reason
-    assert "cache_branch 7" in outcomes[1].reason
-    assert all(o.batch_size == 0 for o in outcomes[:2])
-    assert setup.reporter.get(RUN, heun.job_id).state is JobState.FAILED
-    assert not setup.paths(heun)[0].exists()
-    # The same scheduler with caching off runs.
-    (ok,) = setup.executor.execute([deliver(make_job(3, scheduler="heun", cache_interval=1, steps=2))])
-    assert ok.ok
+    outcomes = setup.executor.execute([deliver(branch), deliver(fine)])
+    assert [o.ok for o in outcomes] == [False, True]
+    assert "cache_branch 7" in outcomes[0].reason and outcomes[0].batch_size == 0
+    assert setup.reporter.get(RUN, branch.job_id).state is JobState.FAILED
+    assert not setup.paths(branch)[0].exists()
+
+
+def test_a_repeating_scheduler_without_a_cache_setting_runs_uncached(setup: Setup) -> None:
+    """The contract turns caching off for heun when the job names no interval, so the worker's
+    default interval (3 here) cannot break it."""
+    heun = make_job(0, scheduler="heun", steps=2)
+    assert heun.cache_interval == 1
+    (outcome,) = setup.executor.execute([deliver(heun)])
+    assert outcome.ok, outcome.reason
+    assert setup.sidecar(heun)["deepcache"]["enabled"] is False
 
 
 class FlakyStorage(LocalStorage):
