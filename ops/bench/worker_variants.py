@@ -7,8 +7,9 @@ thing changed (the CUDA fork guard's environment variable, one store thread inst
 JPEG instead of PNG, a solo pool instead of prefork), at batch 8 with DeepCache 3/0, and reads
 every batch's ``batch_inference_s`` from the sidecars; then times the Engine in this process,
 alone and while four threads encode PNGs (the background stores' load). Prints one JSON line per
-variant and writes them all to ``--out``. Used on an H200 on 2026-11-26
-(results/gpu-2026-11-26-h200-worker-variants.json); see ops/bench/README.md.
+variant and writes them all to ``--out``. Written from the script whose H200 run on 2026-11-26
+is results/gpu-2026-11-26-h200-worker-variants.json (same variants and measurements); see
+ops/bench/README.md.
 """
 
 from __future__ import annotations
