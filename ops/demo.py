@@ -19,6 +19,8 @@ from pathlib import Path
 
 from ops.localstack import deepqueue_command, moto_s3_client, start_moto, start_redis, start_worker, stop, worker_env
 
+RUN = "demo"
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,7 +59,7 @@ def main() -> int:
                     "submit",
                     str(args.prompts),
                     "--run",
-                    "demo",
+                    RUN,
                     "--steps",
                     str(args.steps),
                     "--wait",
@@ -66,7 +68,7 @@ def main() -> int:
                 ],
                 env=env,
             )
-            copied = copy_bucket(s3, "deepqueue-demo", args.out)
+            copied = copy_bucket(s3, "deepqueue-demo", f"{RUN}/", args.out)
         finally:
             if worker is not None:
                 stop(worker)
@@ -78,9 +80,10 @@ def main() -> int:
     return submitted.returncode
 
 
-def copy_bucket(s3, bucket: str, out: Path) -> list[Path]:
+def copy_bucket(s3, bucket: str, prefix: str, out: Path) -> list[Path]:
+    """The run's objects (not the workers' start-up write check) into ``out``."""
     copied = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
             path = out / item["Key"]
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from typing import Any
 from producer.state import RunStore
 from worker.executor import BatchExecutor, Delivery, Outcome
 from worker.settings import WorkerSettings
-from worker.storage import LocalStorage, S3Storage, Storage
+from worker.storage import LocalStorage, S3Storage, Storage, write_check_key
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +54,22 @@ def settings() -> WorkerSettings:
 
 
 def make_storage(settings: WorkerSettings) -> Storage:
+    """The configured storage, once it has shown that it takes writes (StorageError if not)."""
+    storage: Storage
     if settings.storage == "s3":
-        return S3Storage.connect(settings.s3_bucket, settings.s3_endpoint_url)
-    return LocalStorage(settings.output_dir)
+        storage = S3Storage.connect(settings.s3_bucket, settings.s3_endpoint_url)
+    else:
+        storage = LocalStorage(settings.output_dir)
+    storage.check_writable(write_check_key(settings.s3_prefix))
+    return storage
 
 
 def build_executor(settings: WorkerSettings) -> BatchExecutor:
+    """Storage first: a missing bucket is found in a second, not after minutes of model loading."""
     from worker.engine import Engine
 
-    return BatchExecutor(
-        Engine.load(settings), make_storage(settings), RunStore.from_url(settings.result_backend), settings
-    )
+    storage = make_storage(settings)
+    return BatchExecutor(Engine.load(settings), storage, RunStore.from_url(settings.result_backend), settings)
 
 
 class PipelineUnavailable(RuntimeError):

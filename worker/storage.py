@@ -24,6 +24,9 @@ class Storage(Protocol):
 
     def url(self, key: str) -> str: ...
 
+    def check_writable(self, key: str) -> None:
+        """Write a small object at ``key`` (overwriting it), or raise StorageError saying why not."""
+
 
 def image_key(prefix: str, run_id: str, job_id: str, ext: str) -> str:
     """``{prefix}/{run}/images/{job_id}.{ext}`` (no leading slash when prefix is empty)."""
@@ -32,6 +35,11 @@ def image_key(prefix: str, run_id: str, job_id: str, ext: str) -> str:
 
 def sidecar_key(image: str) -> str:
     return image.rsplit(".", 1)[0] + ".json"
+
+
+def write_check_key(prefix: str) -> str:
+    """Where a worker proves at start-up that it can write: one object, overwritten each time."""
+    return "/".join(part for part in (prefix.strip("/"), ".deepqueue", "write-check") if part)
 
 
 class S3Storage:
@@ -88,6 +96,21 @@ class S3Storage:
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
+    def check_writable(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        where = f"s3://{self.bucket}"
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=b"ok\n", ContentType="text/plain")
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code"))
+            if code in ("404", "NoSuchBucket"):
+                raise StorageError(f"bucket {where} does not exist (DEEPQUEUE_S3_BUCKET): create it first") from error
+            raise StorageError(f"cannot write to {where}/{key}: {code}: {error}") from error
+        except BotoCoreError as error:
+            raise StorageError(f"cannot reach {where}: {error}") from error
+
 
 class LocalStorage:
     """Files under a root folder; metadata is not kept (the sidecar holds everything)."""
@@ -116,3 +139,11 @@ class LocalStorage:
 
     def url(self, key: str) -> str:
         return str(self.root / key)
+
+    def check_writable(self, key: str) -> None:
+        path = self.root / key
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"ok\n")
+        except OSError as error:
+            raise StorageError(f"cannot write to {path} (DEEPQUEUE_OUTPUT_DIR): {error}") from error

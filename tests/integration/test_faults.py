@@ -34,9 +34,9 @@ def env(redis_urls, s3_endpoint, tiny_model) -> dict[str, str]:
     )
 
 
-def object_count(env: dict[str, str]) -> int:
-    listing = moto_s3_client(env["DEEPQUEUE_S3_ENDPOINT_URL"]).list_objects_v2(Bucket=env["DEEPQUEUE_S3_BUCKET"])
-    return listing.get("KeyCount", 0)
+def object_count(endpoint: str, bucket: str, run: str) -> int:
+    """Objects stored for one run (a worker's start-up write check is not one of them)."""
+    return moto_s3_client(endpoint).list_objects_v2(Bucket=bucket, Prefix=f"{run}/").get("KeyCount", 0)
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
@@ -63,7 +63,7 @@ def test_killed_pool_process_sends_its_batch_back_at_once(env, tmp_path):
             # Far below the 3600 s visibility timeout: the batch is requeued, not left unacked.
             status = run.wait(timeout=300)
         assert status.counts[JobState.DONE] == 16
-        assert object_count(env) == 32  # every job once, image + sidecar
+        assert object_count(env["DEEPQUEUE_S3_ENDPOINT_URL"], env["DEEPQUEUE_S3_BUCKET"], "kill") == 32  # once each
         assert "WorkerLostError" in log.read_text()
     finally:
         stop(worker)
@@ -88,7 +88,8 @@ def test_warm_shutdown_returns_buffered_jobs_to_the_queue(env, tmp_path):
             assert run.wait(timeout=300).counts[JobState.DONE] == 24
         finally:
             stop(worker)
-    assert object_count(env) == 48  # written once: the done ones were only acknowledged again
+    # Written once: the done ones were only acknowledged again.
+    assert object_count(env["DEEPQUEUE_S3_ENDPOINT_URL"], env["DEEPQUEUE_S3_BUCKET"], "stop") == 48
 
 
 def test_a_batch_past_its_time_limit_is_retried_alone_then_failed(env, tmp_path):
@@ -162,8 +163,7 @@ def test_jobs_being_stored_by_a_killed_pool_process_run_again(redis_urls, tiny_m
                 status = run.wait(timeout=300)
             assert status.counts[JobState.DONE] == 16
             assert "were being stored by a pool process that died" in log.read_text()
-            listing = moto_s3_client(endpoint).list_objects_v2(Bucket="stored")
-            assert listing.get("KeyCount", 0) == 32  # image + sidecar per job, once each
+            assert object_count(endpoint, "stored", "stored") == 32  # image + sidecar per job, once each
         finally:
             stop(worker)
     finally:

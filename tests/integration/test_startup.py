@@ -89,3 +89,12 @@ def test_a_missing_model_is_refused_before_anything_starts(env, tmp_path):
     )
     assert code == 1
     assert "cannot read model" in log.read_text()
+
+
+def test_a_missing_bucket_stops_the_worker_before_ready(env, tmp_path):
+    """Found at start-up, before the model loads, not after each image is generated."""
+    log = tmp_path / "worker.log"
+    code = run_worker_to_exit([*deepqueue_command(), "worker"], {**env, "DEEPQUEUE_S3_BUCKET": "no-such-bucket"}, log)
+    text = log.read_text()
+    assert code == 70, text[-3000:]
+    assert "bucket s3://no-such-bucket does not exist" in text and "ready." not in text

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.storage import LocalStorage, S3Storage, StorageError, image_key, sidecar_key
+from worker.storage import LocalStorage, S3Storage, StorageError, image_key, sidecar_key, write_check_key
 
 boto3 = pytest.importorskip("boto3")
 
@@ -178,3 +178,38 @@ def test_local_failure_is_a_storage_error_naming_the_path(tmp_path: Path) -> Non
         storage.put("blocker/images/a.png", b"x", content_type="image/png", metadata={})
     assert isinstance(caught.value.__cause__, OSError)
     assert leftovers(tmp_path) == []
+
+
+# -- the start-up write check ------------------------------------------------------------------------
+
+
+def test_s3_write_check_names_a_missing_bucket(s3_endpoint: str, aws_env) -> None:
+    storage = S3Storage(boto3.client("s3", endpoint_url=s3_endpoint), "no-such-bucket-here")
+    with pytest.raises(StorageError, match=r"bucket s3://no-such-bucket-here does not exist \(DEEPQUEUE_S3_BUCKET\)"):
+        storage.check_writable(write_check_key("datasets"))
+
+
+def test_s3_write_check_writes_one_object_again_and_again(s3_endpoint: str, s3_bucket: str) -> None:
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    storage = S3Storage(client, s3_bucket)
+    key = write_check_key("/datasets/")
+    assert key == "datasets/.deepqueue/write-check" and write_check_key("") == ".deepqueue/write-check"
+    storage.check_writable(key)
+    storage.check_writable(key)  # every worker start overwrites it: not write-once
+    assert client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == b"ok\n"
+
+
+def test_s3_write_check_names_an_unreachable_endpoint(aws_env) -> None:
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url="http://127.0.0.1:9", config=Config(retries={"max_attempts": 1}))
+    with pytest.raises(StorageError, match="cannot reach s3://b"):
+        S3Storage(client, "b").check_writable(".deepqueue/write-check")
+
+
+def test_local_write_check(tmp_path: Path) -> None:
+    LocalStorage(tmp_path / "out").check_writable(write_check_key(""))
+    assert (tmp_path / "out" / ".deepqueue" / "write-check").read_bytes() == b"ok\n"
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(StorageError, match="DEEPQUEUE_OUTPUT_DIR"):
+        LocalStorage(tmp_path / "file").check_writable(write_check_key(""))
