@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from producer.client import Client, Run
-from producer.errors import DeepQueueError
+from producer.errors import DeepQueueError, WaitTimeoutError
 from producer.job import ImageFormat, SchedulerName
 from producer.sources import parse_size
 from producer.state import JobState, RunStatus
@@ -52,20 +52,48 @@ def recipe_defaults(size: str | None, negative: str | None, fmt: str | None, **f
     return defaults
 
 
+#: Exit codes, one meaning each (also in the README).
+EXIT_JOB_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_UNREACHABLE = 3
+EXIT_TIMEOUT = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
 class InputError(click.ClickException):
     """Bad input or an unknown run: exit 2, apart from 1 for "a job failed"."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
+
+
+class CommandError(click.ClickException):
+    """A one-line error with its own exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Group(click.Group):
-    """Turn deepqueue's own errors into a one-line message and exit code 2."""
+    """Turn errors a user can act on into one line and an exit code that says which kind."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from kombu.exceptions import OperationalError
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
         try:
             return super().invoke(ctx)
+        except WaitTimeoutError as error:
+            raise CommandError(str(error), EXIT_TIMEOUT) from error
         except DeepQueueError as error:
             raise InputError(str(error)) from error
+        except (RedisConnectionError, RedisTimeoutError, OperationalError) as error:
+            message = f"cannot reach Redis ({error}); check DEEPQUEUE_BROKER_URL and DEEPQUEUE_RESULT_BACKEND"
+            raise CommandError(message, EXIT_UNREACHABLE) from error
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -138,7 +166,7 @@ def _finish(run: Run, timeout: float | None) -> None:
     for result in failed[:10]:
         click.echo(f"failed {result.job_id}: {result.reason}", err=True)
     if failed:
-        sys.exit(1)
+        sys.exit(EXIT_JOB_FAILED)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

@@ -11,6 +11,7 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
+from ops.localstack import free_port
 from producer import Job, JobState
 from producer.cli import cli
 from producer.job import derive_seed
@@ -223,7 +224,7 @@ def test_submit_again_skips_running_and_done_jobs(env, tmp_path, store):
 def test_submit_wait_times_out(env, tmp_path):
     path = prompt_file(tmp_path, "p.txt", "a fox\n")
     result = invoke("submit", str(path), "--run", "nobody-works", "--wait", "--timeout", "0.01")
-    assert result.exit_code != 0
+    assert result.exit_code == 4  # timed out: its own code, not "bad input"
     assert "1 jobs enqueued" in result.output and "not finished" in result.output
 
 
@@ -291,7 +292,7 @@ def test_wait_exits_0_when_every_job_is_done(env, tmp_path, store):
 def test_wait_timeout(env, tmp_path):
     submitted_run(tmp_path, "slow", ["a"])
     result = invoke("wait", "slow", "--timeout", "0.01")
-    assert result.exit_code != 0
+    assert result.exit_code == 4
     assert "run slow not finished after 0.01 s" in result.output
 
 
@@ -301,3 +302,29 @@ def test_submit_with_an_empty_run_name_is_refused(env, tmp_path):
     assert result.exit_code == 2, result.output
     assert "run_id" in result.output and "got ''" in result.output
     assert jobs_on_queue(env[0]) == []
+
+
+@pytest.mark.parametrize("broker_up", [False, True])
+def test_unreachable_redis_is_one_line_and_exit_3(redis_urls, monkeypatch, tmp_path, broker_up):
+    """Redis down (a closed port): one line naming the settings to check, exit code 3."""
+    closed = f"redis://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("DEEPQUEUE_BROKER_URL", redis_urls[0] if broker_up else f"{closed}/0")
+    monkeypatch.setenv("DEEPQUEUE_RESULT_BACKEND", f"{closed}/1")
+    for args in (["submit", str(prompt_file(tmp_path, "p.txt", "a fox\n")), "--run", "down"], ["status", "down"]):
+        result = invoke(*args)
+        assert result.exit_code == 3, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "cannot reach Redis" in errors[0] and "DEEPQUEUE_RESULT_BACKEND" in errors[0]
+        assert "Traceback" not in result.output
+
+
+def test_ctrl_c_exits_130(env, tmp_path, monkeypatch):
+    """Interruption has its own code (faked: Client.submit raising KeyboardInterrupt, as Ctrl-C would)."""
+    from producer import client as client_module
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client_module.Client, "submit", interrupted)
+    result = invoke("submit", str(prompt_file(tmp_path, "p.txt", "a fox\n")))
+    assert result.exit_code == 130 and "interrupted" in result.output
