@@ -127,6 +127,11 @@ class BatchingStrategy:
         if (req.expires or req.id in self.consumer.controller.state.revoked) and req.revoked():
             self._record_failure(req, "revoked or expired before it ran")
             return
+        if req.eta is not None:  # a countdown/eta: holding it unacked for hours would block its batch
+            reason = "eta/countdown is not supported: deepqueue workers run jobs as they arrive; send it without one"
+            self._record_failure(req, reason)
+            self._finish(req, False, reason)
+            return
         signals.task_received.send(sender=self.consumer, request=req)
         req.send_event("task-received", name=req.name, args=req.argsrepr, kwargs=req.kwargsrepr)
         worker_state.task_reserved(req)

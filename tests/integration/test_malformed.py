@@ -14,6 +14,8 @@ from kombu import Connection, Exchange, Queue
 from ops.localstack import start_worker, stop, worker_env
 from producer import Client, JobState
 from producer.contract import TASK_NAME
+from producer.enqueue import producer_app
+from producer.settings import ClientSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -80,8 +82,16 @@ def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(redis_urls,
                     headers={**headers, **extra},
                 )
         with Client(broker, backend) as client:
+            # A valid job with a countdown: refused with its reason, not held unacknowledged for an hour.
+            (later,) = client.prepare(["later"], run="later", steps=2, width=64, height=64)
+            app = producer_app(ClientSettings(broker_url=broker))
+            app.send_task(TASK_NAME, args=[later.model_dump(mode="json")], countdown=3600)
+            app.close()
             run = client.submit(["after the malformed ones"], run="after", steps=2, width=64, height=64)
             assert run.wait(timeout=120).counts[JobState.DONE] == 1
+            refused = client.run("later").wait(timeout=60)
+            [result] = client.run("later").results()
+            assert refused.counts[JobState.FAILED] == 1 and "eta/countdown is not supported" in result.reason
         assert worker.poll() is None, "a malformed message stopped the worker"
     finally:
         stop(worker)
