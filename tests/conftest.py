@@ -69,3 +69,22 @@ def tiny_model(tmp_path_factory) -> Path:
     from worker.testmodel import build_test_model
 
     return build_test_model(tmp_path_factory.mktemp("models") / "tiny", "tiny")
+
+
+@pytest.fixture
+def s3_worker_env(redis_urls, s3_endpoint, tiny_model) -> dict[str, str]:
+    """The environment of a CPU worker on the test Redis, a new bucket and the tiny model."""
+    from ops.localstack import moto_s3_client, worker_env
+
+    bucket = f"dq-{uuid.uuid4().hex[:12]}"
+    moto_s3_client(s3_endpoint).create_bucket(Bucket=bucket)
+    broker, backend = redis_urls
+    return worker_env(
+        broker_url=broker,
+        result_backend=backend,
+        s3_endpoint=s3_endpoint,
+        bucket=bucket,
+        model=str(tiny_model),
+        device="cpu",
+        max_wait_s=0.5,
+    )

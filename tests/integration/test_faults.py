@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 
 import pytest
 import redis
@@ -16,22 +15,6 @@ from ops.localstack import moto_s3_client, start_worker, stop, worker_env
 from producer import Client, JobState
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture
-def env(redis_urls, s3_endpoint, tiny_model) -> dict[str, str]:
-    bucket = f"dq-{uuid.uuid4().hex[:12]}"
-    moto_s3_client(s3_endpoint).create_bucket(Bucket=bucket)
-    broker, backend = redis_urls
-    return worker_env(
-        broker_url=broker,
-        result_backend=backend,
-        s3_endpoint=s3_endpoint,
-        bucket=bucket,
-        model=str(tiny_model),
-        device="cpu",
-        max_wait_s=0.5,
-    )
 
 
 def object_count(endpoint: str, bucket: str, run: str) -> int:
@@ -52,27 +35,29 @@ def pool_process(worker: subprocess.Popen) -> int:
     return int(child)
 
 
-def test_killed_pool_process_sends_its_batch_back_at_once(env, tmp_path):
+def test_killed_pool_process_sends_its_batch_back_at_once(s3_worker_env, tmp_path):
     log = tmp_path / "worker.log"
-    worker = start_worker(env, log)
+    worker = start_worker(s3_worker_env, log)
     try:
-        with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with Client(s3_worker_env["DEEPQUEUE_BROKER_URL"], s3_worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
             run = client.submit([f"kill {i}" for i in range(16)], run="kill", steps=60, width=64, height=64)
             wait_until(lambda: run.status().counts[JobState.RUNNING] > 0, 120, "a running batch")
             os.kill(pool_process(worker), signal.SIGKILL)
             # Far below the 3600 s visibility timeout: the batch is requeued, not left unacked.
             status = run.wait(timeout=300)
         assert status.counts[JobState.DONE] == 16
-        assert object_count(env["DEEPQUEUE_S3_ENDPOINT_URL"], env["DEEPQUEUE_S3_BUCKET"], "kill") == 32  # once each
+        assert (
+            object_count(s3_worker_env["DEEPQUEUE_S3_ENDPOINT_URL"], s3_worker_env["DEEPQUEUE_S3_BUCKET"], "kill") == 32
+        )  # once each
         assert "WorkerLostError" in log.read_text()
     finally:
         stop(worker)
 
 
-def test_warm_shutdown_returns_buffered_jobs_to_the_queue(env, tmp_path):
-    worker = start_worker(env, tmp_path / "first.log")
-    broker = redis.Redis.from_url(env["DEEPQUEUE_BROKER_URL"])
-    with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+def test_warm_shutdown_returns_buffered_jobs_to_the_queue(s3_worker_env, tmp_path):
+    worker = start_worker(s3_worker_env, tmp_path / "first.log")
+    broker = redis.Redis.from_url(s3_worker_env["DEEPQUEUE_BROKER_URL"])
+    with Client(s3_worker_env["DEEPQUEUE_BROKER_URL"], s3_worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
         run = client.submit([f"stop {i}" for i in range(24)], run="stop", steps=30, width=64, height=64)
         wait_until(lambda: run.status().counts[JobState.DONE] > 0, 120, "a finished batch")
         stop(worker)  # SIGTERM: the running batch finishes, the buffered jobs go back
@@ -83,20 +68,20 @@ def test_warm_shutdown_returns_buffered_jobs_to_the_queue(env, tmp_path):
         # stored (state done) while exiting but could no longer report for acknowledgement.
         queued = broker.llen("deepqueue")
         assert 24 - done <= queued <= 24 - done + 8
-        worker = start_worker(env, tmp_path / "second.log")
+        worker = start_worker(s3_worker_env, tmp_path / "second.log")
         try:
             assert run.wait(timeout=300).counts[JobState.DONE] == 24
         finally:
             stop(worker)
     # Written once: the done ones were only acknowledged again.
-    assert object_count(env["DEEPQUEUE_S3_ENDPOINT_URL"], env["DEEPQUEUE_S3_BUCKET"], "stop") == 48
+    assert object_count(s3_worker_env["DEEPQUEUE_S3_ENDPOINT_URL"], s3_worker_env["DEEPQUEUE_S3_BUCKET"], "stop") == 48
 
 
-def test_a_batch_past_its_time_limit_is_retried_alone_then_failed(env, tmp_path):
+def test_a_batch_past_its_time_limit_is_retried_alone_then_failed(s3_worker_env, tmp_path):
     """A hung pipeline call, caused for real: 200 steps against a 1 s batch time limit."""
-    worker = start_worker({**env, "DEEPQUEUE_BATCH_TIMEOUT_S": "1"}, tmp_path / "worker.log")
+    worker = start_worker({**s3_worker_env, "DEEPQUEUE_BATCH_TIMEOUT_S": "1"}, tmp_path / "worker.log")
     try:
-        with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with Client(s3_worker_env["DEEPQUEUE_BROKER_URL"], s3_worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
             slow = client.submit(["slow a", "slow b"], run="slow", steps=200, width=64, height=64)
             fast = client.submit(["fast a", "fast b"], run="fast", steps=2, width=64, height=64)
             assert fast.wait(timeout=120).counts[JobState.DONE] == 2
@@ -108,20 +93,20 @@ def test_a_batch_past_its_time_limit_is_retried_alone_then_failed(env, tmp_path)
         stop(worker)
 
 
-def test_malformed_messages_do_not_stop_the_worker(env, tmp_path):
+def test_malformed_messages_do_not_stop_the_worker(s3_worker_env, tmp_path):
     """Hand-made messages of the wrong shape: each fails alone, the worker keeps serving."""
     from producer.contract import TASK_NAME
     from producer.enqueue import producer_app
     from producer.settings import ClientSettings
 
-    worker = start_worker(env, tmp_path / "worker.log")
+    worker = start_worker(s3_worker_env, tmp_path / "worker.log")
     try:
-        app = producer_app(ClientSettings(broker_url=env["DEEPQUEUE_BROKER_URL"]))
+        app = producer_app(ClientSettings(broker_url=s3_worker_env["DEEPQUEUE_BROKER_URL"]))
         with app.producer_or_acquire() as producer:
             app.send_task(TASK_NAME, args=[["a", "list"]], kwargs={"enqueued_at": "yesterday"}, producer=producer)
             app.send_task(TASK_NAME, args=[], producer=producer)
             app.send_task(TASK_NAME, args=[{"run_id": "odd", "x": 1}], kwargs={"unexpected": [1]}, producer=producer)
-        with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with Client(s3_worker_env["DEEPQUEUE_BROKER_URL"], s3_worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
             run = client.submit(["after the bad ones"], run="after", steps=2, width=64, height=64)
             assert run.wait(timeout=120).counts[JobState.DONE] == 1
             odd = list(client.run("odd").results())
