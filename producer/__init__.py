@@ -5,6 +5,7 @@ from producer.errors import (
     DeepQueueError,
     InvalidJobError,
     PromptFileError,
+    RecipeMismatchError,
     RunNotFoundError,
     WaitTimeoutError,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "JobResult",
     "JobState",
     "PromptFileError",
+    "RecipeMismatchError",
     "Run",
     "RunNotFoundError",
     "RunStatus",

@@ -11,8 +11,9 @@ from typing import Any
 import click
 
 from producer.client import Client, Run
-from producer.errors import DeepQueueError, WaitTimeoutError
+from producer.errors import DeepQueueError, PromptFileError, WaitTimeoutError
 from producer.job import ImageFormat, SchedulerName
+from producer.settings import ClientSettings, redact_url
 from producer.sources import parse_size
 from producer.state import JobState, RunStatus
 
@@ -32,7 +33,11 @@ def recipe_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--cache-interval", type=int, help="DeepCache interval; 1 turns caching off."),
         click.option("--cache-branch", type=int, help="DeepCache branch id."),
         click.option("--format", "fmt", type=click.Choice(FORMATS), help="Image format (default png)."),
-        click.option("--run", "run_id", help="Run name (default: generated). Reusing one resumes it."),
+        click.option(
+            "--run",
+            "run_id",
+            help="Run name (default: generated). Reusing one resumes it, with the same recipe flags.",
+        ),
         click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path)),
     ]
     for option in reversed(options):
@@ -43,8 +48,11 @@ def recipe_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def recipe_defaults(size: str | None, negative: str | None, fmt: str | None, **flags: Any) -> dict[str, Any]:
     """CLI flags -> Job defaults, leaving out what the user did not set."""
     defaults = {key: value for key, value in flags.items() if value is not None}
-    if size:
-        defaults.update(parse_size(size))
+    if size is not None:
+        try:
+            defaults.update(parse_size(size))
+        except PromptFileError as error:
+            raise PromptFileError(f"--size: {error}") from error
     if negative is not None:
         defaults["negative_prompt"] = negative
     if fmt:
@@ -79,21 +87,47 @@ class Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         from kombu.exceptions import OperationalError
+        from pydantic import ValidationError
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
+        # Every message goes through redact_url: a Redis URL in it never shows its password.
         try:
             return super().invoke(ctx)
         except WaitTimeoutError as error:
-            raise CommandError(str(error), EXIT_TIMEOUT) from error
+            raise CommandError(redact_url(str(error)), EXIT_TIMEOUT) from error
         except DeepQueueError as error:
-            raise InputError(str(error)) from error
+            raise InputError(redact_url(str(error))) from error
         except (RedisConnectionError, RedisTimeoutError, OperationalError) as error:
-            message = f"cannot reach Redis ({error}); check DEEPQUEUE_BROKER_URL and DEEPQUEUE_RESULT_BACKEND"
-            raise CommandError(message, EXIT_UNREACHABLE) from error
+            raise CommandError(unreachable_message(error), EXIT_UNREACHABLE) from error
+        except ValidationError as error:
+            if not error.title.endswith("Settings"):  # job errors arrive as InvalidJobError; others are bugs
+                raise
+            raise InputError(redact_url(settings_message(error))) from error
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+
+
+def unreachable_message(error: Exception) -> str:
+    """One line: what failed, and the two settings (passwords hidden) to check."""
+    try:
+        settings = ClientSettings()
+        where = f" (broker {settings.broker_url}, result backend {settings.result_backend})"
+    except ValueError:  # the settings themselves are broken: the error says enough
+        where = ""
+    reason = " ".join(str(error).split())  # one line, whatever the library put in it
+    return redact_url(f"cannot reach Redis ({reason}); check DEEPQUEUE_BROKER_URL and DEEPQUEUE_RESULT_BACKEND{where}")
+
+
+def settings_message(error: Any) -> str:
+    """A pydantic settings error as one line naming each DEEPQUEUE_* variable, value and rule."""
+    problems = []
+    for item in error.errors():
+        name = f"DEEPQUEUE_{str(item['loc'][0]).upper()}" if item["loc"] else "settings"
+        got = f", got {item['input']!r}" if item["loc"] and item["type"] != "missing" else ""
+        problems.append(f"{name}: {item['msg'].removeprefix('Value error, ')}{got}")
+    return "invalid setting: " + "; ".join(problems)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,6 +143,11 @@ def cli() -> None:
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the run to finish, with a progress bar.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
 @click.option("--resend-queued", is_flag=True, help="Also send jobs still queued (after the queue itself was lost).")
+@click.option(
+    "--allow-recipe-change",
+    is_flag=True,
+    help="Add jobs to an existing run even though its recipe flags differ from its first submit's.",
+)
 def submit(
     file: Path,
     run_id: str | None,
@@ -116,17 +155,43 @@ def submit(
     wait_: bool,
     timeout: float | None,
     resend_queued: bool,
+    allow_recipe_change: bool,
     **flags: Any,
 ) -> None:
     """Validate FILE (.txt, .jsonl or .csv) and enqueue one job per prompt.
 
     Submitting a run again sends only its new and failed jobs (and, with --resend-queued, the
-    queued ones).
+    queued ones). A run keeps the recipe flags of its first submit: a submit of the same run
+    with others is refused, unless --allow-recipe-change.
     """
+    defaults = recipe_defaults(**flags)
     with Client() as client:
-        defaults = recipe_defaults(**flags)
-        run = client.submit(file, run=run_id, seed=seed, progress=True, resend_queued=resend_queued, **defaults)
+        run = client.submit(
+            file,
+            run=run_id,
+            seed=seed,
+            progress=True,
+            resend_queued=resend_queued,
+            allow_recipe_change=allow_recipe_change,
+            **defaults,
+        )
         click.echo(f"run {run.run_id}: {run.submitted} jobs enqueued, {run.skipped} already queued, running or done")
+        if wait_:
+            _finish(run, timeout)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the run to finish, with a progress bar.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+def retry(run_id: str, wait_: bool, timeout: float | None) -> None:
+    """Send again every job of RUN_ID that is not done: queued, failed, or running on a worker
+    that is gone. Jobs running on a live worker are left to it."""
+    with Client() as client:
+        run = client.retry(run_id, progress=True)
+        click.echo(f"run {run.run_id}: {run.submitted} jobs sent again")
+        if run.skipped:
+            click.echo(f"{run.skipped} jobs not done predate kept jobs: submit their file again")
         if wait_:
             _finish(run, timeout)
 

@@ -7,12 +7,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import redis
 from tqdm import tqdm
 
+from producer.contract import WORKER_GONE_S, WORKERS_KEY
 from producer.enqueue import producer_app, publish
-from producer.errors import RunNotFoundError, WaitTimeoutError
-from producer.job import Job, make_jobs, run_defaults
-from producer.settings import ClientSettings
+from producer.errors import RecipeMismatchError, RunNotFoundError, WaitTimeoutError
+from producer.job import Job, make_jobs, recipe_differences, run_defaults, run_recipe
+from producer.settings import ClientSettings, redact_url
 from producer.sources import Source, read_rows
 from producer.state import JobResult, JobState, RunStatus, RunStore
 
@@ -22,6 +24,11 @@ SUBMIT_CHUNK = 5000
 
 def new_run_id() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def live_workers(broker: redis.Redis, since: float) -> set[str]:
+    """Workers that renewed their leases after ``since`` (see worker.leases)."""
+    return {name.decode() for name, at in broker.hgetall(WORKERS_KEY).items() if float(at) > since}
 
 
 def run_id_or_new(run: str | None) -> str:
@@ -36,7 +43,9 @@ class Run:
     def __init__(self, run_id: str, store: RunStore, *, submitted: int = 0, skipped: int = 0) -> None:
         self.run_id = run_id
         self.submitted = submitted  #: jobs sent by the submit that made this handle
-        self.skipped = skipped  #: jobs not sent again because they were running or done
+        #: jobs not sent: running or done (submit), or not done but not kept to send again (retry:
+        #: submitted before deepqueue kept jobs; submit their file again)
+        self.skipped = skipped
         self._store = store
 
     def __repr__(self) -> str:
@@ -101,7 +110,16 @@ class Client:
 
     def prepare(self, source: Source, *, run: str | None = None, seed: int | None = None, **defaults: Any) -> list[Job]:
         """Validate ``source`` into jobs without sending anything (raises InvalidJobError)."""
-        return make_jobs(read_rows(source), run_id=run_id_or_new(run), defaults=run_defaults(defaults), run_seed=seed)
+        return self._prepare(source, run, seed, defaults)[0]
+
+    @staticmethod
+    def _prepare(
+        source: Source, run: str | None, seed: int | None, defaults: dict[str, Any]
+    ) -> tuple[list[Job], dict[str, Any]]:
+        """The jobs of ``source`` and the run's recipe (its run-wide settings and seed)."""
+        run_id, run_wide = run_id_or_new(run), run_defaults(defaults)
+        jobs = make_jobs(read_rows(source), run_id=run_id, defaults=run_wide, run_seed=seed)
+        return jobs, run_recipe(run_wide, run_id=run_id, run_seed=seed)
 
     def submit(
         self,
@@ -111,6 +129,7 @@ class Client:
         seed: int | None = None,
         progress: bool = False,
         resend_queued: bool = False,
+        allow_recipe_change: bool = False,
         **defaults: Any,
     ) -> Run:
         """Validate every job, then enqueue them; nothing is sent if any job is invalid.
@@ -119,9 +138,16 @@ class Client:
         ``defaults`` are run-wide Job fields (height, width, steps, guidance, ...) that rows
         may override. Submitting a run again sends only its new and failed jobs, and with
         ``resend_queued`` also the queued ones (after the queue itself was lost).
+
+        A run keeps the recipe it was first submitted with (``defaults`` and ``seed``): a later
+        submit of the same run with other ones raises RecipeMismatchError naming each
+        difference, since its jobs would be a second set beside the first rather than the same
+        jobs again. ``allow_recipe_change=True`` adds them to the run all the same (a sweep of
+        settings under one run name). New rows with the same recipe are always welcome.
         """
-        jobs = self.prepare(source, run=run, seed=seed, **defaults)
+        jobs, recipe = self._prepare(source, run, seed, defaults)
         run_id = jobs[0].run_id
+        self._check_recipe(run_id, recipe, allow_recipe_change)
         resend = {None, JobState.FAILED} | ({JobState.QUEUED} if resend_queued else set())
         sent = 0
         with tqdm(total=len(jobs), unit="job", desc="enqueue", disable=not progress) as bar:
@@ -129,19 +155,57 @@ class Client:
                 chunk = jobs[start : start + SUBMIT_CHUNK]
                 states = self._store.states(run_id, [job.job_id for job in chunk])
                 to_send = [job for job, state in zip(chunk, states, strict=True) if state in resend]
-                # Publish first, then mark: a chunk that fails to publish is not marked, so
-                # submitting again sends it (and never a job that did reach the queue twice,
-                # but for the part of a failed chunk that was flushed before the failure).
-                publish(self._app, to_send)
-                self._store.mark_queued(run_id, [job.job_id for job in to_send])
+                self._send(run_id, to_send)
                 sent += len(to_send)
                 bar.update(len(chunk))
         return Run(run_id, self._store, submitted=sent, skipped=len(jobs) - sent)
 
+    def retry(self, run_id: str, *, progress: bool = False, gone_after_s: float = WORKER_GONE_S) -> Run:
+        """Send again every job of ``run_id`` that is not done: queued (its message may have been
+        lost: a purged queue, a Redis restarted without its data), failed, or running on a worker
+        that is gone (no lease renewal for ``gone_after_s``). Jobs running on a live worker are
+        left to it. A queued job whose message is still in the queue runs once all the same: a
+        worker skips a job that is already done, and outputs are written once.
+        """
+        self.run(run_id)  # RunNotFoundError if there is no such run
+        broker = redis.Redis.from_url(self.settings.broker_url, socket_timeout=30)
+        alive = live_workers(broker, time.time() - gone_after_s)
+        chosen = [
+            result.job_id
+            for result in self._store.results(run_id)
+            if result.state is not JobState.DONE
+            and not (result.state is JobState.RUNNING and result.details.get("worker") in alive)
+        ]
+        sent = unkept = 0
+        with tqdm(total=len(chosen), unit="job", desc="resend", disable=not progress) as bar:
+            for start in range(0, len(chosen), SUBMIT_CHUNK):
+                chunk = chosen[start : start + SUBMIT_CHUNK]
+                payloads = self._store.pending(run_id, chunk)
+                jobs = [Job.model_validate_json(payload) for payload in payloads if payload is not None]
+                self._send(run_id, jobs)
+                sent, unkept = sent + len(jobs), unkept + len(chunk) - len(jobs)
+                bar.update(len(chunk))
+        return Run(run_id, self._store, submitted=sent, skipped=unkept)
+
+    def _send(self, run_id: str, jobs: list[Job]) -> None:
+        """Publish ``jobs``, then mark them queued. A chunk that fails to publish is not marked,
+        so sending again sends it (and never a job that did reach the queue twice, but for the
+        part of a failed chunk that was flushed before the failure)."""
+        publish(self._app, jobs)
+        self._store.mark_queued(run_id, {job.job_id: job.model_dump_json(exclude_none=True) for job in jobs})
+
+    def _check_recipe(self, run_id: str, recipe: dict[str, Any], allow_change: bool) -> None:
+        """Record the run's recipe at its first submit; refuse another one unless allowed."""
+        recorded = self._store.claim_recipe(run_id, recipe, add=allow_change)
+        if recorded is None or recipe in recorded:  # a run from before recipes were recorded, or the same
+            return
+        closest = min(recorded, key=lambda earlier: len(recipe_differences(earlier, recipe)))
+        raise RecipeMismatchError(run_id, recipe_differences(closest, recipe))
+
     def run(self, run_id: str) -> Run:
         """A handle on an earlier run (raises RunNotFoundError if it was never submitted)."""
         if not self._store.exists(run_id):
-            raise RunNotFoundError(f"no run named {run_id!r} in {self.settings.result_backend}")
+            raise RunNotFoundError(f"no run named {run_id!r} in {redact_url(self.settings.result_backend)}")
         return Run(run_id, self._store)
 
     def runs(self) -> list[str]:

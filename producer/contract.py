@@ -8,6 +8,11 @@ from producer.settings import ClientSettings
 
 TASK_NAME = "deepqueue.generate"
 
+#: Broker Redis hash: worker name -> time of its last lease renewal (see worker.leases). A worker
+#: that has not renewed for WORKER_GONE_S is gone; the jobs it was running can be sent again.
+WORKERS_KEY = "deepqueue:workers"
+WORKER_GONE_S = 60.0
+
 
 def celery_config(settings: ClientSettings) -> dict[str, Any]:
     """Celery settings (Celery's own names) both sides must share."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DeepQueueError(Exception):
     """Base class of every error deepqueue raises on purpose."""
@@ -16,6 +18,10 @@ class InvalidJobError(DeepQueueError, ValueError):
 
     def __init__(self, problems: list[tuple[str, str]]) -> None:
         self.problems = problems
+        if len(problems) == 1:  # one line, as a shell user reads it after "Error: "
+            [(where, message)] = problems
+            super().__init__(f"{where}: {message}; nothing was enqueued")
+            return
         shown = "\n".join(f"  {where}: {message}" for where, message in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         super().__init__(f"{len(problems)} invalid field(s); nothing was enqueued:\n{shown}{more}")
@@ -23,6 +29,31 @@ class InvalidJobError(DeepQueueError, ValueError):
 
 class PromptFileError(DeepQueueError, ValueError):
     """A prompt file could not be read (unknown format, bad JSON, missing column)."""
+
+
+class RecipeMismatchError(DeepQueueError, ValueError):
+    """A run was submitted again with other run-wide settings (steps, size, seed, ...).
+
+    Its job ids derive from the recipe, so the submit would add a second set of jobs to the run
+    instead of resuming it; nothing was enqueued. ``differences`` lists ``(field, recorded
+    value, new value)``.
+    """
+
+    def __init__(self, run_id: str, differences: list[tuple[str, Any, Any]]) -> None:
+        self.run_id = run_id
+        self.differences = differences
+        before = ", ".join(f"{field}={_shown(old)}" for field, old, _ in differences)
+        after = ", ".join(f"{field}={_shown(new)}" for field, _, new in differences)
+        super().__init__(
+            f"run {run_id!r} was submitted with {before}; this submit has {after}: use another run name, "
+            f"or pass the same settings, or allow_recipe_change=True (--allow-recipe-change) to add these "
+            f"jobs to the run as well; nothing was enqueued"
+        )
+
+
+def _shown(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
 class RunNotFoundError(DeepQueueError, LookupError):

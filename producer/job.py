@@ -136,6 +136,26 @@ def derive_seed(run_seed: int, index: int) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
+def run_recipe(defaults: JobDefaults, *, run_id: str, run_seed: int | None) -> dict[str, Any]:
+    """What one submit sets for a whole run, in canonical form: every run-wide field (given or
+    left to its default) and the run seed it derives job seeds from.
+
+    Two submits with equal recipes name the same jobs for the same rows; the run records the
+    first one so that a later submit with other settings is refused instead of adding a second
+    set of jobs (see ``Client.submit``).
+    """
+    seed = run_seed_for(run_id) if run_seed is None else run_seed
+    return {**defaults.model_dump(mode="json"), "seed": seed}
+
+
+def recipe_differences(recorded: Mapping[str, Any], recipe: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(field, recorded value, new value)`` for each field where two run recipes differ."""
+    fields = sorted(set(recorded) | set(recipe))
+    return [
+        (field, recorded.get(field), recipe.get(field)) for field in fields if recorded.get(field) != recipe.get(field)
+    ]
+
+
 def format_errors(error: ValidationError) -> list[str]:
     """Pydantic errors as ``field: rule, got value`` lines."""
     lines = []

@@ -1,9 +1,17 @@
 """Connection settings shared by the client and the worker, read from ``DEEPQUEUE_*``.
 
 Nothing is read at import time: ``ClientSettings()`` reads the environment when called.
+
+Both URLs take what redis-py and kombu take: ``redis://:PASSWORD@host:6379/0`` (or
+``redis://USER:PASSWORD@...`` with Redis ACLs) and, for TLS, ``rediss://...`` with
+``?ssl_cert_reqs=required`` (plus ``&ssl_ca_certs=/path/ca.pem`` for a private CA). Without
+``ssl_cert_reqs`` kombu connects without checking the server's certificate. URLs are shown
+only through ``redact_url``, which hides passwords.
 """
 
 from __future__ import annotations
+
+import re
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,3 +33,20 @@ class ClientSettings(BaseSettings):
         description="Seconds before an unacked job is handed to another worker; must exceed "
         "the longest buffer wait plus batch time",
     )
+
+
+# The secret part of a URL's user info (``//user:secret@`` or ``//secret@``), and password query
+# arguments that redis-py passes on to its connection.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?:(?P<user>[^:/?#@\s]*):)?[^/?#\s]*@")
+_QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|ssl_password)=)[^&#\s]*", re.IGNORECASE)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``, safe to print or log:
+    ``redis://:s3cret@host:6379/0`` -> ``redis://:***@host:6379/0``."""
+
+    def userinfo(match: re.Match[str]) -> str:
+        user = match["user"]
+        return f"{match['scheme']}{'' if user is None else user + ':'}***@"
+
+    return _QUERY_SECRET.sub(r"\g<key>***", _USERINFO.sub(userinfo, text))

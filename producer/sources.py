@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
@@ -33,7 +34,7 @@ def read_rows(source: Source) -> list[Row]:
     rows, problems = [], []
     for i, item in enumerate(source):
         if isinstance(item, (str, Mapping, JobDefaults)):
-            rows.append((f"item {i}", _item_fields(item)))
+            rows.append((f"item {i}", _item_fields(item, f"item {i}")))
         else:
             shown = repr(item)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
@@ -59,14 +60,16 @@ def read_file(path: Path) -> Iterator[Row]:
             yield from reader(handle, path.name)
     except UnicodeDecodeError as error:
         raise PromptFileError(f"{path}: not UTF-8 text ({error.reason}); save it as UTF-8") from error
+    except OSError as error:  # no permission, a FIFO gone, an I/O error
+        raise PromptFileError(f"{path}: cannot be read ({error.strerror or error})") from error
 
 
-def _item_fields(item: str | Mapping[str, Any] | JobDefaults) -> dict[str, Any]:
+def _item_fields(item: str | Mapping[str, Any] | JobDefaults, where: str) -> dict[str, Any]:
     if isinstance(item, str):
         return {"prompt": item}
     if isinstance(item, JobDefaults):  # a Job from another run: keep its recipe, not its place
         return item.model_dump(exclude={"run_id", "index"}, exclude_unset=True)
-    return _normalise(dict(item))
+    return _normalise(dict(item), where)
 
 
 def _read_txt(handle: Iterable[str], name: str) -> Iterator[Row]:
@@ -83,17 +86,30 @@ def _read_jsonl(handle: Iterable[str], name: str) -> Iterator[Row]:
         where = f"line {number} of {name}"
         try:
             value = json.loads(line, object_pairs_hook=partial(_unique_keys, where))
+        except PromptFileError:
+            raise
         except json.JSONDecodeError as error:
             raise PromptFileError(f"{where}: not valid JSON ({error.msg})") from error
+        except ValueError as error:  # Python reads no integer of more than 4300 digits
+            raise PromptFileError(f"{where}: not valid JSON (a number too long to read)") from error
+        except RecursionError as error:  # thousands of nested [[[...
+            raise PromptFileError(f"{where}: not valid JSON (nested too deeply)") from error
         if isinstance(value, str):
             value = {"prompt": value}
         if not isinstance(value, dict):
             raise PromptFileError(f"{where}: expected a JSON object or string, got {type(value).__name__}")
-        yield where, _normalise(value)
+        yield where, _normalise(value, where)
 
 
 def _read_csv(handle: Iterable[str], name: str) -> Iterator[Row]:
     reader = csv.DictReader(handle)
+    try:
+        yield from _csv_rows(reader, name)
+    except csv.Error as error:  # a cell over the csv module's field limit (128 KiB)
+        raise PromptFileError(f"line {reader.line_num + 1} of {name}: not valid CSV ({error})") from error
+
+
+def _csv_rows(reader: csv.DictReader, name: str) -> Iterator[Row]:
     if not reader.fieldnames or "prompt" not in reader.fieldnames:
         raise PromptFileError(f"{name}: the header row must have a 'prompt' column, got {reader.fieldnames}")
     twice = sorted({column for column in reader.fieldnames if reader.fieldnames.count(column) > 1})
@@ -105,23 +121,27 @@ def _read_csv(handle: Iterable[str], name: str) -> Iterator[Row]:
         # Empty cells mean "use the run default", not "empty string".
         fields = {key: value for key, value in row.items() if value not in ("", None)}
         if fields:
-            yield f"line {reader.line_num} of {name}", _normalise(fields)
+            where = f"line {reader.line_num} of {name}"
+            yield where, _normalise(fields, where)
 
 
 def _unique_keys(where: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object, refusing a key given twice (json keeps the last one silently)."""
-    keys = [key for key, _ in pairs]
-    twice = sorted({key for key in keys if keys.count(key) > 1})
+    counts = Counter(key for key, _ in pairs)
+    twice = sorted(key for key, count in counts.items() if count > 1)
     if twice:
         raise PromptFileError(f"{where}: the key(s) {', '.join(map(repr, twice))} appear more than once")
     return dict(pairs)
 
 
-def _normalise(fields: dict[str, Any]) -> dict[str, Any]:
+def _normalise(fields: dict[str, Any], where: str) -> dict[str, Any]:
     """Accept ``size: "WxH"`` as a shorthand for width and height."""
     size = fields.pop("size", None)
     if size is not None:
-        fields.update(parse_size(str(size)))
+        try:
+            fields.update(parse_size(str(size)))
+        except PromptFileError as error:
+            raise PromptFileError(f"{where}: {error}") from error
     return fields
 
 

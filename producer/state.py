@@ -4,6 +4,11 @@ Layout (``{run}`` is a Redis Cluster hash tag, so one run's keys live together):
 
 - ``deepqueue:{run}:jobs``   hash  job_id -> JSON record (state, at, and key/reason/...)
 - ``deepqueue:{run}:<state>`` set   job ids currently in that state (O(1) counts)
+- ``deepqueue:{run}:pending`` hash  job_id -> the job as sent (JSON), until it is done: what
+  ``Client.retry`` sends again when a message was lost
+- ``deepqueue:{run}:losses``  hash  job_id -> times its pool process died under it (poison jobs)
+- ``deepqueue:{run}:recipes`` hash  canonical JSON of a recipe the run was submitted with (its
+  run-wide settings and run seed) -> time first seen; one unless a submit allowed a change
 - ``deepqueue:runs``          zset  run ids by first submission time
 
 Every transition is one Lua call, so the record and the sets never disagree. ``done`` is
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -33,7 +38,8 @@ class JobState(str, Enum):
 STATES = tuple(JobState)
 RUNS_KEY = "deepqueue:runs"
 
-# KEYS: jobs hash, then one set per state in STATES order. ARGV: job_id, new state, record.
+# KEYS: jobs hash, one set per state in STATES order, pending hash. ARGV: job_id, new state,
+# record, and for 'queued' optionally the job as sent (kept in pending until it is done).
 # Returns 1 if the transition happened, 0 if the current state forbids it.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
@@ -45,7 +51,24 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 local sets = {queued = KEYS[2], running = KEYS[3], done = KEYS[4], failed = KEYS[5]}
 if old and old ~= new then redis.call('SREM', sets[old], ARGV[1]) end
 redis.call('SADD', sets[new], ARGV[1])
+if new == 'done' then redis.call('HDEL', KEYS[6], ARGV[1]) end
+if ARGV[4] then redis.call('HSET', KEYS[6], ARGV[1], ARGV[4]) end
 return 1
+"""
+
+
+# KEYS: recipes hash, jobs hash. ARGV: canonical recipe JSON, time, '1' to add it to a run that
+# has other recipes. Returns the run's recipes as HGETALL does, after recording this one if the
+# run had none; false for a run submitted before recipes were recorded (jobs but no recipes),
+# which is left as it was. One call, so two first submits racing record one recipe, not two.
+_CLAIM_RECIPE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+elseif ARGV[3] == '1' then
+  redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+end
+return redis.call('HGETALL', KEYS[1])
 """
 
 
@@ -87,12 +110,25 @@ def _keys(run_id: str) -> list[str]:
     return [f"{base}:jobs", *(f"{base}:{state.value}" for state in STATES)]
 
 
+def _transition_keys(run_id: str) -> list[str]:
+    return [*_keys(run_id), f"deepqueue:{{{run_id}}}:pending"]
+
+
+def _recipes_key(run_id: str) -> str:
+    return f"deepqueue:{{{run_id}}}:recipes"
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 class RunStore:
     """Thin layer over a Redis client it is given."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
         self._transition = client.register_script(_TRANSITION)
+        self._claim_recipe = client.register_script(_CLAIM_RECIPE)
 
     @classmethod
     def from_url(cls, url: str) -> RunStore:
@@ -100,21 +136,47 @@ class RunStore:
 
     def mark(self, run_id: str, job_id: str, state: JobState, **details: Any) -> bool:
         """Move one job to ``state``; False if its current state forbids that."""
-        return bool(self._transition(keys=_keys(run_id), args=self._args(job_id, state, details)))
+        return bool(self._transition(keys=_transition_keys(run_id), args=self._args(job_id, state, details)))
 
     def states(self, run_id: str, job_ids: Sequence[str]) -> list[JobState | None]:
         """Each job's state (None: never submitted), in one round trip."""
         raws = self._redis.hmget(_keys(run_id)[0], job_ids) if job_ids else []
         return [None if raw is None else JobState(json.loads(raw)["state"]) for raw in raws]
 
-    def mark_queued(self, run_id: str, job_ids: Iterable[str]) -> None:
-        """Mark sent jobs queued in one round trip (those a worker already took stay as they are)."""
+    def mark_queued(self, run_id: str, sent: Mapping[str, str]) -> None:
+        """Mark sent jobs (job_id -> the job as sent, JSON) queued in one round trip, keeping
+        each until it is done; those a worker already took stay as they are."""
         self._redis.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
         pipe = self._redis.pipeline(transaction=False)
-        keys = _keys(run_id)
-        for job_id in job_ids:
-            self._transition(keys=keys, args=self._args(job_id, JobState.QUEUED, {}), client=pipe)
+        keys = _transition_keys(run_id)
+        for job_id, payload in sent.items():
+            self._transition(keys=keys, args=[*self._args(job_id, JobState.QUEUED, {}), payload], client=pipe)
         pipe.execute()
+
+    def pending(self, run_id: str, job_ids: Sequence[str]) -> list[str | None]:
+        """The jobs as sent (JSON) of these unfinished jobs; None where none was kept (a job
+        submitted before they were kept, or done)."""
+        raws = self._redis.hmget(_transition_keys(run_id)[-1], job_ids) if job_ids else []
+        return [None if raw is None else raw.decode() for raw in raws]
+
+    def count_loss(self, run_id: str, job_id: str) -> int:
+        """One more time this job's pool process died (or timed out) under it; returns the total."""
+        return int(self._redis.hincrby(f"deepqueue:{{{run_id}}}:losses", job_id, 1))
+
+    def claim_recipe(self, run_id: str, recipe: Mapping[str, Any], *, add: bool = False) -> list[dict[str, Any]] | None:
+        """Record ``recipe`` as the run's if the run has none yet (``add``: also if it has
+        others), and return the run's recipes, the first submitted first.
+
+        None for a run submitted before recipes were recorded: nothing is recorded for it.
+        """
+        raw = self._claim_recipe(
+            keys=[_recipes_key(run_id), _keys(run_id)[0]], args=[canonical_json(recipe), time.time(), int(add)]
+        )
+        return None if raw is None else _in_order(dict(zip(raw[0::2], raw[1::2], strict=True)))
+
+    def recipes(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's recorded recipes, the first submitted first (empty: none recorded)."""
+        return _in_order(self._redis.hgetall(_recipes_key(run_id)))
 
     def counts(self, run_id: str) -> dict[JobState, int]:
         pipe = self._redis.pipeline(transaction=False)
@@ -142,6 +204,11 @@ class RunStore:
     def _args(job_id: str, state: JobState, details: dict[str, Any]) -> list[str]:
         record = {"state": state.value, "at": time.time(), **details}
         return [job_id, state.value, json.dumps(record)]
+
+
+def _in_order(recipes: Mapping[bytes, bytes]) -> list[dict[str, Any]]:
+    """Recipes (canonical JSON -> time recorded) as dicts, the first recorded first."""
+    return [json.loads(text) for text, _ in sorted(recipes.items(), key=lambda item: float(item[1]))]
 
 
 def _result(job_id: str, raw: bytes) -> JobResult:

@@ -15,10 +15,12 @@ import redis
 from producer import (
     Client,
     ClientSettings,
+    DeepQueueError,
     InvalidJobError,
     Job,
     JobState,
     PromptFileError,
+    RecipeMismatchError,
     Run,
     RunNotFoundError,
     WaitTimeoutError,
@@ -142,7 +144,7 @@ def test_run_seed_gives_job_seeds_and_changes_ids(client, redis_urls):
     seeds = [Job.model_validate(m["args"][0]).seed for m in messages(redis_urls[0])]
     assert seeds == [derive_seed(7, 0), derive_seed(7, 1)]
     assert run.submitted == 2
-    other = client.submit(["a", "b"], run="seeded", seed=8)
+    other = client.submit(["a", "b"], run="seeded", seed=8, allow_recipe_change=True)
     assert other.submitted == 2  # new seeds, new recipes: new jobs in the same run
     assert other.status().total == 4
 
@@ -200,6 +202,40 @@ def test_resubmit_sends_failed_jobs_and_only_with_resend_queued_the_queued_ones(
     assert [m["headers"]["id"] for m in resent] == [by_prompt["queued"], by_prompt["failed"]]
 
 
+def test_retry_resends_queued_failed_and_gone_workers_jobs_from_what_was_kept(client, redis_urls, store):
+    """``retry`` needs no prompt file: the jobs as sent are kept until done. A job running on a
+    worker that renewed its leases lately is left to it; one whose worker is gone is resent."""
+    from producer.contract import WORKERS_KEY
+
+    prompts = ["queued", "failed", "on a live worker", "on a gone worker", "done"]
+    client.submit(prompts, run="lost", steps=7, width=64, height=64)
+    sent = {Job.model_validate(m["args"][0]).prompt: m for m in messages(redis_urls[0])}
+    ids = {prompt: message["headers"]["id"] for prompt, message in sent.items()}
+    broker = redis.Redis.from_url(redis_urls[0])
+    broker.hset(WORKERS_KEY, mapping={"celery@live:1": time.time(), "celery@gone:2": time.time() - 3600})
+    store.mark("lost", ids["failed"], FAILED, reason="cuda oom")
+    store.mark("lost", ids["on a live worker"], RUNNING, worker="celery@live:1")
+    store.mark("lost", ids["on a gone worker"], RUNNING, worker="celery@gone:2")
+    store.mark("lost", ids["done"], RUNNING, worker="celery@live:1")
+    store.mark("lost", ids["done"], DONE, key="k")
+    broker.delete("deepqueue")  # the queue is lost (a purge)
+
+    run = client.retry("lost")
+    assert (run.submitted, run.skipped) == (3, 0)
+    resent = {m["headers"]["id"]: m["args"][0] for m in messages(redis_urls[0])}
+    assert set(resent) == {ids["queued"], ids["failed"], ids["on a gone worker"]}
+    for job_id, payload in resent.items():  # the very jobs that were sent first
+        assert Job.model_validate(payload) == Job.model_validate(
+            next(m for m in sent.values() if m["headers"]["id"] == job_id)["args"][0]
+        )
+    assert run.status().counts == {QUEUED: 2, RUNNING: 2, DONE: 1, FAILED: 0}
+
+
+def test_retry_of_an_unknown_run_raises(client):
+    with pytest.raises(RunNotFoundError):
+        client.retry("never-submitted")
+
+
 def test_submit_spanning_chunks_skips_the_right_jobs(client, redis_urls, store):
     prompts = [f"prompt {n}" for n in range(SUBMIT_CHUNK + 3)]
     jobs = client.prepare(prompts, run="big", steps=2)
@@ -215,11 +251,146 @@ def test_submit_spanning_chunks_skips_the_right_jobs(client, redis_urls, store):
     assert run.status().counts == {QUEUED: SUBMIT_CHUNK + 1, RUNNING: 2, DONE: 0, FAILED: 0}
 
 
-def test_resubmit_with_a_changed_recipe_adds_new_jobs_to_the_run(client, store):
-    client.submit(["a", "b"], run="changed", steps=4)
-    again = client.submit(["a", "b"], run="changed", steps=5)
-    assert again.submitted == 2
-    assert again.status().total == 4
+# -- a run keeps its recipe (issue 6: `--steps 6` after `--steps 5` added 24 + 24 jobs) ---------------
+
+
+def test_resubmit_with_a_changed_recipe_is_refused_naming_what_differs(client, redis_urls, store):
+    client.submit(["a", "b"], run="koi", steps=5)
+    before = redis.Redis.from_url(redis_urls[0]).llen("deepqueue")
+    with pytest.raises(RecipeMismatchError) as info:
+        client.submit(["a", "b"], run="koi", steps=6)
+    assert str(info.value).startswith("run 'koi' was submitted with steps=5; this submit has steps=6: ")
+    assert "use another run name, or pass the same settings" in str(info.value)
+    assert info.value.differences == [("steps", 5, 6)] and info.value.run_id == "koi"
+    assert isinstance(info.value, DeepQueueError) and isinstance(info.value, ValueError)
+    assert redis.Redis.from_url(redis_urls[0]).llen("deepqueue") == before == 2
+    assert client.run("koi").status().total == 2
+    assert store.recipes("koi") == [client_recipe(client, "koi", steps=5)]
+
+
+def client_recipe(client: Client, run_id: str, seed: int | None = None, **defaults) -> dict:
+    from producer.job import run_defaults, run_recipe
+
+    return run_recipe(run_defaults(defaults), run_id=run_id, run_seed=seed)
+
+
+def test_every_difference_is_named_with_both_values(client):
+    client.submit(["a"], run="many", steps=5, height=64, width=64, negative_prompt="blurry", scheduler="euler")
+    with pytest.raises(RecipeMismatchError) as info:
+        client.submit(["a"], run="many", steps=5, height=128, width=64, guidance=4, seed=3)
+    differences = {field: (old, new) for field, old, new in info.value.differences}
+    assert set(differences) == {"height", "guidance", "negative_prompt", "scheduler", "seed"}
+    assert differences["height"] == (64, 128) and differences["guidance"] == (7.5, 4.0)
+    assert differences["negative_prompt"] == ("blurry", None) and differences["scheduler"] == ("euler", None)
+    assert differences["seed"][1] == 3
+    text = str(info.value)
+    assert "height=64, " in text and "height=128, " in text and "negative_prompt='blurry'" in text
+
+
+@pytest.mark.parametrize(
+    ("first", "again"),
+    [
+        ({}, {}),
+        ({"steps": 25}, {}),  # the default, given or not: the same jobs
+        ({}, {"seed": None}),
+        ({"guidance": 7}, {"guidance": 7.0}),
+        ({"height": 64, "width": 64}, {"width": 64, "height": 64}),
+        ({"scheduler": "heun"}, {"scheduler": "heun", "cache_interval": 1}),  # heun alone means interval 1
+    ],
+)
+def test_the_same_recipe_resumes_as_before(client, redis_urls, store, first, again):
+    run = client.submit(["a", "b"], run="same", **first)
+    job_ids = ids_of(run, store)
+    store.mark("same", job_ids[0], DONE, key="k")
+    store.mark("same", job_ids[1], FAILED, reason="oom")
+    resumed = client.submit(["a", "b"], run="same", **again)
+    assert (resumed.submitted, resumed.skipped) == (1, 1)  # the failed one, sent again
+    assert ids_of(resumed, store) == job_ids
+    assert len(store.recipes("same")) == 1
+
+
+def test_the_run_seed_derived_from_the_name_equals_the_same_seed_given(client, store):
+    from producer.job import run_seed_for
+
+    client.submit(["a"], run="derived")
+    assert client.submit(["a"], run="derived", seed=run_seed_for("derived")).skipped == 1
+    with pytest.raises(RecipeMismatchError, match=r"seed=\d+; this submit has seed=1:"):
+        client.submit(["a"], run="derived", seed=1)
+
+
+def test_new_prompts_with_the_same_recipe_join_the_run(client, redis_urls):
+    client.submit(["a", "b"], run="grow", steps=5)
+    more = client.submit(["a", "b", "c", "d"], run="grow", steps=5)
+    assert (more.submitted, more.skipped) == (2, 2)
+    assert more.status().total == 4
+
+
+def test_rows_may_still_set_their_own_fields(client):
+    """The recipe is the run-wide settings; rows of the source override them as before."""
+    client.submit([{"prompt": "a", "steps": 3}], run="rows", steps=5)
+    again = client.submit([{"prompt": "a", "steps": 3}, {"prompt": "b", "steps": 9}], run="rows", steps=5)
+    assert (again.submitted, again.skipped) == (1, 1)
+
+
+def test_allow_recipe_change_adds_a_second_set_and_both_resume(client, store):
+    client.submit(["a", "b"], run="sweep", steps=4)
+    with pytest.raises(RecipeMismatchError):
+        client.submit(["a", "b"], run="sweep", steps=5)
+    second = client.submit(["a", "b"], run="sweep", steps=5, allow_recipe_change=True)
+    assert second.submitted == 2 and second.status().total == 4
+    assert [recipe["steps"] for recipe in store.recipes("sweep")] == [4, 5]
+    # both recorded recipes now resume without the option; a third is refused again
+    assert client.submit(["a", "b"], run="sweep", steps=4).skipped == 2
+    assert client.submit(["a", "b"], run="sweep", steps=5).skipped == 2
+    with pytest.raises(RecipeMismatchError, match=r"steps=4; this submit has steps=6"):
+        client.submit(["a", "b"], run="sweep", steps=6)  # named against the closest recipe, the first on a tie
+    with pytest.raises(RecipeMismatchError, match=r"with guidance=7.5; this submit has guidance=2.0:"):
+        client.submit(["a", "b"], run="sweep", steps=5, guidance=2)  # closer to steps=5 than to steps=4
+
+
+def test_a_run_from_before_recipes_were_recorded_works_as_before(client, redis_urls, store):
+    """Runs submitted by an older client have jobs but no recipe: nothing is checked or recorded."""
+    client.submit(["a"], run="old", steps=4)
+    redis.Redis.from_url(redis_urls[1]).delete("deepqueue:{old}:recipes")
+    assert client.submit(["a"], run="old", steps=5).submitted == 1
+    assert client.submit(["a"], run="old", steps=4).skipped == 1
+    assert store.recipes("old") == []
+
+
+def test_concurrent_first_submits_of_one_run_record_one_recipe(redis_urls, store):
+    """Two clients starting the same run at once: one recipe wins, the other submit is refused."""
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def submit(steps: int) -> None:
+        with Client(*redis_urls) as client:
+            barrier.wait()
+            try:
+                client.submit(["a"], run="race", steps=steps)
+                outcomes.append(f"ok {steps}")
+            except RecipeMismatchError:
+                outcomes.append(f"refused {steps}")
+
+    threads = [threading.Thread(target=submit, args=(4 + n % 2,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    [recipe] = store.recipes("race")
+    winner = recipe["steps"]
+    assert sorted(outcomes) == sorted(f"{'ok' if 4 + n % 2 == winner else 'refused'} {4 + n % 2}" for n in range(8))
+    assert store.counts("race")[QUEUED] == 1
+
+
+def test_the_recipe_key_lives_with_the_run(client, redis_urls):
+    client.submit(["a"], run="tagged")
+    keys = sorted(key.decode() for key in redis.Redis.from_url(redis_urls[1]).keys("deepqueue:{tagged}:*"))
+    assert keys == [
+        "deepqueue:{tagged}:jobs",
+        "deepqueue:{tagged}:pending",
+        "deepqueue:{tagged}:queued",
+        "deepqueue:{tagged}:recipes",
+    ]
 
 
 # -- nothing is sent when anything is wrong ---------------------------------------------------------

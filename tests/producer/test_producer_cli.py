@@ -328,3 +328,32 @@ def test_ctrl_c_exits_130(env, tmp_path, monkeypatch):
     monkeypatch.setattr(client_module.Client, "submit", interrupted)
     result = invoke("submit", str(prompt_file(tmp_path, "p.txt", "a fox\n")))
     assert result.exit_code == 130 and "interrupted" in result.output
+
+
+def test_submit_again_with_other_recipe_flags_is_refused_unless_allowed(env, tmp_path, store):
+    """``--steps 6`` after ``--steps 5`` used to add a second set of jobs (24 + 24) to the run."""
+    path = prompt_file(tmp_path, "p.txt", "a koi\na carp\n")
+    assert invoke("submit", str(path), "--run", "koi", "--steps", "5").exit_code == 0
+    refused = invoke("submit", str(path), "--run", "koi", "--steps", "6")
+    assert refused.exit_code == 2
+    assert refused.output == (
+        "Error: run 'koi' was submitted with steps=5; this submit has steps=6: use another run name, or pass the "
+        "same settings, or allow_recipe_change=True (--allow-recipe-change) to add these jobs to the run as well; "
+        "nothing was enqueued\n"
+    )
+    assert len(jobs_on_queue(env[0])) == 2
+    resumed = invoke("submit", str(path), "--run", "koi", "--steps", "5")
+    assert "0 jobs enqueued, 2 already queued" in resumed.output
+    allowed = invoke("submit", str(path), "--run", "koi", "--steps", "6", "--allow-recipe-change")
+    assert allowed.exit_code == 0 and "2 jobs enqueued, 0 already queued" in allowed.output
+    assert store.counts("koi")[QUEUED] == 4
+
+
+def test_submit_again_without_the_first_flags_is_refused_naming_them(env, tmp_path):
+    """Leaving a flag out means its default, which is a different recipe: say which values differ."""
+    path = prompt_file(tmp_path, "p.txt", "a koi\n")
+    assert invoke("submit", str(path), "--run", "koi", "--size", "64x64", "--seed", "3").exit_code == 0
+    refused = invoke("submit", str(path), "--run", "koi")
+    assert refused.exit_code == 2
+    assert "was submitted with height=64, seed=3, width=64; this submit has height=512, seed=" in refused.output
+    assert ", width=512: " in refused.output

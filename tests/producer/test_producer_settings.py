@@ -32,6 +32,7 @@ def test_public_surface():
         "JobResult",
         "JobState",
         "PromptFileError",
+        "RecipeMismatchError",
         "Run",
         "RunNotFoundError",
         "RunStatus",
@@ -42,9 +43,10 @@ def test_public_surface():
 
 
 def test_error_tree():
-    for name in ["InvalidJobError", "PromptFileError", "RunNotFoundError", "WaitTimeoutError"]:
+    for name in ["InvalidJobError", "PromptFileError", "RecipeMismatchError", "RunNotFoundError", "WaitTimeoutError"]:
         assert issubclass(getattr(producer, name), producer.DeepQueueError)
     assert issubclass(producer.InvalidJobError, ValueError) and issubclass(producer.PromptFileError, ValueError)
+    assert issubclass(producer.RecipeMismatchError, ValueError)
     assert issubclass(producer.RunNotFoundError, LookupError)
     assert issubclass(producer.WaitTimeoutError, TimeoutError)
 

@@ -23,6 +23,11 @@ def store(backend) -> RunStore:
     return RunStore(backend)
 
 
+def sent(job_ids) -> dict[str, str]:
+    """``mark_queued``'s argument: each job id with a stand-in for the job as sent."""
+    return {job_id: f'{{"job": "{job_id}"}}' for job_id in job_ids}
+
+
 def consistent_counts(store: RunStore, run_id: str) -> dict[JobState, int]:
     """Counts from the per-state sets, checked against the records themselves."""
     counts = store.counts(run_id)
@@ -33,31 +38,31 @@ def consistent_counts(store: RunStore, run_id: str) -> dict[JobState, int]:
 
 def test_from_url_talks_to_that_database(redis_urls):
     store = RunStore.from_url(redis_urls[1])
-    store.mark_queued(RUN, ["j0"])
+    store.mark_queued(RUN, sent(["j0"]))
     assert redis.Redis.from_url(redis_urls[1]).zscore(RUNS_KEY, RUN) is not None
     assert redis.Redis.from_url(redis_urls[0]).zscore(RUNS_KEY, RUN) is None
 
 
 def test_mark_queued_new_jobs(store):
     assert store.states(RUN, ["j0", "j1"]) == [None, None]
-    store.mark_queued(RUN, ["j0", "j1", "j2"])
+    store.mark_queued(RUN, sent(["j0", "j1", "j2"]))
     assert store.states(RUN, ["j0", "j1", "j2", "nope"]) == [QUEUED, QUEUED, QUEUED, None]
     assert consistent_counts(store, RUN) == {QUEUED: 3, RUNNING: 0, DONE: 0, FAILED: 0}
 
 
 def test_mark_queued_empty_registers_the_run(store):
-    store.mark_queued(RUN, [])
+    store.mark_queued(RUN, sent([]))
     assert store.states(RUN, []) == []
     assert store.exists(RUN)
 
 
 def test_mark_queued_leaves_running_and_done_alone(store):
-    store.mark_queued(RUN, ["q", "r", "d", "f"])
+    store.mark_queued(RUN, sent(["q", "r", "d", "f"]))
     assert store.mark(RUN, "r", RUNNING)
     assert store.mark(RUN, "d", DONE, key="runs/run-a/d.png")
     assert store.mark(RUN, "f", FAILED, reason="boom")
     assert store.states(RUN, ["q", "r", "d", "f", "new"]) == [QUEUED, RUNNING, DONE, FAILED, None]
-    store.mark_queued(RUN, ["q", "r", "d", "f", "new"])
+    store.mark_queued(RUN, sent(["q", "r", "d", "f", "new"]))
     states = {result.job_id: result.state for result in store.results(RUN)}
     assert states == {"q": QUEUED, "r": RUNNING, "d": DONE, "f": QUEUED, "new": QUEUED}
     assert consistent_counts(store, RUN) == {QUEUED: 3, RUNNING: 1, DONE: 1, FAILED: 0}
@@ -66,16 +71,16 @@ def test_mark_queued_leaves_running_and_done_alone(store):
 
 
 def test_requeue_of_failed_job_drops_its_reason(store):
-    store.mark_queued(RUN, ["f"])
+    store.mark_queued(RUN, sent(["f"]))
     store.mark(RUN, "f", FAILED, reason="boom")
-    store.mark_queued(RUN, ["f"])
+    store.mark_queued(RUN, sent(["f"]))
     result = store.get(RUN, "f")
     assert result.state == QUEUED and result.reason is None
 
 
 @pytest.mark.parametrize("after", [RUNNING, FAILED, QUEUED])
 def test_done_is_final(store, after):
-    store.mark_queued(RUN, ["j"])
+    store.mark_queued(RUN, sent(["j"]))
     store.mark(RUN, "j", RUNNING)
     assert store.mark(RUN, "j", DONE, key="k")
     assert store.mark(RUN, "j", after, reason="late redelivery") is False
@@ -86,7 +91,7 @@ def test_done_is_final(store, after):
 
 def test_done_twice_keeps_the_first_record_and_one_count(store):
     """The first record matches the write-once sidecar; a duplicate delivery must not replace it."""
-    store.mark_queued(RUN, ["j"])
+    store.mark_queued(RUN, sent(["j"]))
     assert store.mark(RUN, "j", DONE, key="first")
     assert store.mark(RUN, "j", DONE, key="second") is False
     assert store.get(RUN, "j").key == "first"
@@ -94,7 +99,7 @@ def test_done_twice_keeps_the_first_record_and_one_count(store):
 
 
 def test_queued_after_running_refused(store):
-    store.mark_queued(RUN, ["j"])
+    store.mark_queued(RUN, sent(["j"]))
     store.mark(RUN, "j", RUNNING, worker="gpu0")
     assert store.mark(RUN, "j", QUEUED) is False
     assert store.get(RUN, "j").state == RUNNING
@@ -122,7 +127,7 @@ def test_allowed_paths(store, path, final):
 
 def test_counts_of_many_jobs_in_every_state(store):
     ids = [f"j{n:03d}" for n in range(40)]
-    store.mark_queued(RUN, ids)
+    store.mark_queued(RUN, sent(ids))
     for job in ids[:30]:
         store.mark(RUN, job, RUNNING)
     for job in ids[:12]:
@@ -133,8 +138,8 @@ def test_counts_of_many_jobs_in_every_state(store):
 
 
 def test_runs_are_kept_apart(store):
-    store.mark_queued("run-a", ["same-id"])
-    store.mark_queued("run-b", ["same-id"])
+    store.mark_queued("run-a", sent(["same-id"]))
+    store.mark_queued("run-b", sent(["same-id"]))
     store.mark(RUN, "same-id", DONE)
     assert store.get("run-b", "same-id").state == QUEUED
     assert store.counts("run-b")[QUEUED] == 1 and store.counts("run-a")[DONE] == 1
@@ -143,7 +148,7 @@ def test_runs_are_kept_apart(store):
 def test_results_stream_all_of_a_large_run(store):
     ids = [f"{n:08d}-abc" for n in range(2500)]
     for start in range(0, len(ids), 1000):
-        store.mark_queued(RUN, ids[start : start + 1000])
+        store.mark_queued(RUN, sent(ids[start : start + 1000]))
     for job in ids[:700]:
         store.mark(RUN, job, DONE, key=f"out/{job}.png")
     results = list(store.results(RUN))
@@ -161,9 +166,9 @@ def test_results_of_unknown_run_are_empty(store):
 
 def test_runs_and_exists(store):
     assert store.runs() == [] and not store.exists("first")
-    store.mark_queued("first", ["j"])
-    store.mark_queued("second", ["j"])
-    store.mark_queued("first", ["k"])  # resubmission keeps the first submission time
+    store.mark_queued("first", sent(["j"]))
+    store.mark_queued("second", sent(["j"]))
+    store.mark_queued("first", sent(["k"]))  # resubmission keeps the first submission time
     assert store.runs() == ["first", "second"]
     assert store.exists("first") and store.exists("second") and not store.exists("third")
 
@@ -176,7 +181,7 @@ def test_a_run_only_workers_wrote_exists_but_is_not_listed(store):
 
 
 def test_job_result_fields(store):
-    store.mark_queued(RUN, ["ok", "bad"])
+    store.mark_queued(RUN, sent(["ok", "bad"]))
     store.mark(RUN, "ok", DONE, key="s3://bucket/run-a/ok.png", width=64, timings={"unet_s": 1.5})
     store.mark(RUN, "bad", FAILED, reason="prompt too long for the tokenizer", attempts=3)
     ok, bad = store.get(RUN, "ok"), store.get(RUN, "bad")
@@ -191,10 +196,14 @@ def test_job_result_fields(store):
 
 
 def test_keys_share_one_cluster_hash_tag(store, backend):
-    store.mark_queued("tagged", ["j"])
+    store.mark_queued("tagged", sent(["j"]))
     store.mark("tagged", "j", RUNNING)
     keys = sorted(key.decode() for key in backend.keys("deepqueue:{tagged}:*"))
-    assert keys == ["deepqueue:{tagged}:jobs", "deepqueue:{tagged}:running"]  # empty sets vanish
+    assert keys == [
+        "deepqueue:{tagged}:jobs",
+        "deepqueue:{tagged}:pending",
+        "deepqueue:{tagged}:running",
+    ]  # empty sets vanish
 
 
 def test_job_state_is_a_string_enum():
@@ -207,3 +216,41 @@ def test_run_status_properties_and_text():
     assert (status.total, status.finished, status.is_finished) == (10, 7, False)
     assert str(status) == "r: 10 jobs (queued 1, running 2, done 3, failed 4)"
     assert RunStatus("r", {QUEUED: 0, RUNNING: 0, DONE: 2, FAILED: 1}).is_finished
+
+
+# -- recipes ----------------------------------------------------------------------------------------
+
+
+def test_the_first_claim_records_the_recipe_and_later_ones_read_it(store, backend):
+    assert store.recipes(RUN) == []
+    assert store.claim_recipe(RUN, {"steps": 5, "seed": 1}) == [{"steps": 5, "seed": 1}]
+    assert store.claim_recipe(RUN, {"seed": 1, "steps": 5}) == [{"steps": 5, "seed": 1}]  # key order is not a change
+    assert store.claim_recipe(RUN, {"steps": 6, "seed": 1}) == [{"steps": 5, "seed": 1}]  # read, not recorded
+    assert store.recipes(RUN) == [{"steps": 5, "seed": 1}]
+    assert backend.hlen("deepqueue:{run-a}:recipes") == 1
+
+
+def test_adding_a_recipe_keeps_the_order_they_came_in(store):
+    store.claim_recipe(RUN, {"steps": 5})
+    assert store.claim_recipe(RUN, {"steps": 6}, add=True) == [{"steps": 5}, {"steps": 6}]
+    assert store.claim_recipe(RUN, {"steps": 5}, add=True) == [{"steps": 5}, {"steps": 6}]
+    assert store.recipes(RUN) == [{"steps": 5}, {"steps": 6}]
+
+
+def test_a_run_with_jobs_but_no_recipe_is_left_alone(store, backend):
+    """Submitted by a client from before recipes were recorded: nothing to compare, nothing written."""
+    store.mark_queued(RUN, sent(["j"]))
+    assert store.claim_recipe(RUN, {"steps": 5}) is None
+    assert store.claim_recipe(RUN, {"steps": 5}, add=True) is None
+    assert not backend.exists("deepqueue:{run-a}:recipes")
+
+
+def test_the_job_as_sent_is_kept_until_it_is_done(store):
+    store.mark_queued(RUN, sent(["a", "b", "c"]))
+    store.mark(RUN, "a", RUNNING, worker="w")
+    store.mark(RUN, "b", FAILED, reason="boom")
+    store.mark(RUN, "c", RUNNING, worker="w")
+    store.mark(RUN, "c", DONE, key="s3://x")
+    assert store.pending(RUN, ["a", "b", "c", "never"]) == ['{"job": "a"}', '{"job": "b"}', None, None]
+    store.mark(RUN, "c", QUEUED)  # a done job stays done, and is not kept again
+    assert store.pending(RUN, ["c"]) == [None]
