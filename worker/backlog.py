@@ -3,7 +3,8 @@
 The pool process generates on its main thread and hands each finished image to a few threads
 that encode, upload and record it. ``reserve`` is the back-pressure: a batch is generated only
 when the images already waiting leave room for it, so a slow S3 holds the device back instead of
-growing memory without limit.
+growing memory without limit, and an S3 outage (whose uploads wait to be retried, holding their
+places) stops generation once the backlog is full.
 """
 
 from __future__ import annotations

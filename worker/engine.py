@@ -1,9 +1,14 @@
-"""The warm pipeline: load once per process, then generate homogeneous batches."""
+"""The warm pipeline: load once per process, then generate homogeneous batches.
+
+torch is imported only inside functions, so the worker's main process can import this module.
+"""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +60,23 @@ def decode_needs_slicing(images: int, height: int, width: int, itemsize: int, fr
     if free_bytes is None:
         return True
     return images * height * width * DECODE_ELEMENTS_PER_PIXEL * itemsize > DECODE_MEMORY_SHARE * free_bytes
+
+
+#: What an error says when memory ran out: CUDA and MPS ("... out of memory"), torch's CPU
+#: allocator ("DefaultCPUAllocator: can't allocate memory").
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says the device (or host) ran out of memory: torch's OutOfMemoryError,
+    a RuntimeError saying so (older torch, other backends) or Python's MemoryError."""
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # not imported here: a torch error means torch is loaded
+    kinds = (getattr(torch, "OutOfMemoryError", None), getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None))
+    if any(isinstance(kind, type) and isinstance(error, kind) for kind in kinds):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error).lower() for text in OUT_OF_MEMORY_MESSAGES)
 
 
 def resolve_device(setting: str) -> str:
@@ -165,6 +187,15 @@ class Engine:
         if len(output.images) != len(jobs):
             raise RuntimeError(f"the pipeline returned {len(output.images)} images for {len(jobs)} prompts")
         return Generated(images=list(output.images), seconds=time.perf_counter() - started)
+
+    def free_memory(self) -> None:
+        """Give back what a failed call left behind before the next try: unreachable Python
+        objects (and the tensors they hold), then the blocks CUDA's allocator keeps cached."""
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
 
     def describe(self) -> dict[str, Any]:
         """Device and library versions, for the sidecar."""

@@ -5,6 +5,11 @@ ends with its own outcome: one bad job never fails the others in its batch. ``su
 once the device is free again; the images are stored by a bounded ``Backlog`` while the next
 batch generates, and their outcomes come from ``collect`` only after image, sidecar and state
 are all written.
+
+A batch that fails runs again in parts: in halves after an out-of-memory error (the allocator
+emptied first), down to single images, else one job at a time. Uploads that fail for a reason
+that passes are retried in the background (``worker.store_retry``) for up to ``store_retry_s``;
+meanwhile the full backlog holds the next batch back.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from producer.state import JobResult, JobState
 from worker.backlog import Backlog
 from worker.batching import BatchBuffer, BatchKey, batch_key
 from worker.encode import CONTENT_TYPES, EXTENSIONS, encode_image
-from worker.engine import Engine
+from worker.engine import Engine, Generated, is_out_of_memory
 from worker.settings import WorkerSettings
 from worker.sidecar import BatchInfo, build_sidecar, s3_metadata
 from worker.storage import Storage, image_key, sidecar_key
+from worker.store_retry import RetriesExhausted, StoreInterrupted, StoreRetry
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +78,18 @@ def parse_job(payload: Any) -> tuple[Job | None, str | None]:
 
 
 class BatchExecutor:
-    def __init__(self, engine: Engine, storage: Storage, reporter: Reporter, settings: WorkerSettings) -> None:
+    def __init__(
+        self, engine: Engine, storage: Storage, reporter: Reporter, settings: WorkerSettings, *, name: str | None = None
+    ) -> None:
         self.engine = engine
         self.storage = storage
         self.reporter = reporter
         self.settings = settings
         self.defaults = settings.recipe_defaults()
         self.worker = {"hostname": socket.gethostname(), **engine.describe()}
+        self.name = name or self.worker["hostname"]  # in running records: whether its worker is alive
         self.backlog: Backlog[Outcome] = Backlog(settings.store_threads, settings.store_backlog_count)
+        self.store_retry = StoreRetry(settings.store_retry_s)
 
     def execute(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
         """Generate and store ``deliveries``, then return their outcomes in order (no overlap)."""
@@ -104,7 +114,7 @@ class BatchExecutor:
         # 2. Skip jobs a previous delivery finished; mark the rest running.
         pending = []
         for delivery, job in ready:
-            if self.reporter.mark(job.run_id, job.job_id, JobState.RUNNING, worker=self.worker["hostname"]):
+            if self.reporter.mark(job.run_id, job.job_id, JobState.RUNNING, worker=self.name):
                 pending.append((delivery, job))
             else:  # refused: only a finished job refuses ``running``
                 done = self.reporter.get(job.run_id, job.job_id)
@@ -123,7 +133,9 @@ class BatchExecutor:
         return self.backlog.collect(wait, timeout)
 
     def close(self) -> None:
-        """Finish storing what was generated."""
+        """Finish storing what was generated, without waiting out a storage outage: uploads
+        waiting to be retried give up, and their jobs come back with ``retry`` (not failed)."""
+        self.store_retry.stop()
         self.backlog.close()
 
     def _run_group(self, key: BatchKey, items: list[tuple[Delivery, Job]]) -> list[Outcome]:
@@ -131,19 +143,42 @@ class BatchExecutor:
         problem = self.engine.check(key)
         if problem:
             return [self._fail(delivery, job, problem) for delivery, job in items]
-        # Back-pressure: generate only when the images waiting to be stored leave room.
+        # Back-pressure: generate only when the images waiting to be stored leave room (while
+        # storage is down, they wait until it is back: no new batch runs meanwhile).
         self.backlog.reserve(len(items))
-        # 4. Generate; if the batch fails, run its jobs alone so only the bad one fails.
+        # 4. Generate; if the batch fails, run it again in parts so only a bad job fails: halves
+        #    after running out of memory (8 -> 4 + 4 -> 2 + 2 ...), single jobs after any other error.
+        started_at = time.time()
         try:
-            started_at = time.time()
             generated = self.engine.generate(key, [job for _, job in items])
         except Exception as error:  # any failure of one call: isolate it, keep the cause
             self.backlog.release(len(items))
+            out_of_memory = is_out_of_memory(error)
             if len(items) == 1:
                 logger.warning("job %s failed: %r", items[0][1].job_id, error, exc_info=True)
-                return [self._fail(items[0][0], items[0][1], f"generation failed: {error!r}")]
-            logger.warning("batch of %d failed (%r); retrying its jobs one by one", len(items), error)
-            return [outcome for item in items for outcome in self._run_group(key, [item])]
+                what = "out of memory with this job alone" if out_of_memory else "generation failed"
+                return [self._fail(items[0][0], items[0][1], f"{what}: {error!r}")]
+            if out_of_memory:
+                half = (len(items) + 1) // 2
+                parts = [items[:half], items[half:]]
+                logger.warning(
+                    "batch of %d ran out of memory; retrying it as %d + %d", len(items), half, len(items) - half
+                )
+            else:
+                parts = [[item] for item in items]
+                logger.warning("batch of %d failed (%r); retrying its jobs one by one", len(items), error)
+        else:
+            self._queue_stores(key, items, generated, started_at)
+            return []
+        # Out of the except block, the failed call's frames (and the tensors they held) are gone.
+        if out_of_memory:
+            self.engine.free_memory()
+        return [outcome for part in parts for outcome in self._run_group(key, part)]
+
+    def _queue_stores(
+        self, key: BatchKey, items: list[tuple[Delivery, Job]], generated: Generated, started_at: float
+    ) -> None:
+        """5. In the background: encode, upload image then sidecar, report."""
         batch = BatchInfo(
             id=uuid.uuid4().hex[:12],
             job_ids=tuple(job.job_id for _, job in items),
@@ -161,14 +196,17 @@ class BatchExecutor:
             generated.seconds,
             extra={"batch_id": batch.id, "batch_size": batch.size, "inference_s": generated.seconds},
         )
-        # 5. In the background: encode, upload image then sidecar, report.
         for (delivery, job), image in zip(items, generated.images, strict=True):
             self.backlog.submit(
                 partial(self._store, delivery, job, key, image, batch), partial(self._unrecorded, delivery, job)
             )
-        return []
 
     def _store(self, delivery: Delivery, job: Job, key: BatchKey, image: Any, batch: BatchInfo) -> Outcome:
+        retry = self.store_retry.job()  # both uploads share the job's retry budget
+
+        def upload(at: str, body: bytes, content_type: str, metadata: dict[str, str]) -> bool:
+            return retry.call(partial(self.storage.put, at, body, content_type=content_type, metadata=metadata))
+
         try:
             began = time.perf_counter()
             data = encode_image(
@@ -178,7 +216,7 @@ class BatchExecutor:
             image_at = image_key(self.settings.s3_prefix, job.run_id, job.job_id, EXTENSIONS[job.format])
             url = self.storage.url(image_at)
             metadata = s3_metadata(job, self.engine.model)
-            wrote = self.storage.put(image_at, data, content_type=CONTENT_TYPES[job.format], metadata=metadata)
+            wrote = upload(image_at, data, CONTENT_TYPES[job.format], metadata)
             uploaded = time.perf_counter()
             timing = {
                 "enqueued_at": delivery.enqueued_at,
@@ -202,7 +240,13 @@ class BatchExecutor:
                 timing=timing,
             )
             body = json.dumps(sidecar, indent=1, ensure_ascii=False).encode()
-            self.storage.put(sidecar_key(image_at), body, content_type="application/json", metadata=metadata)
+            upload(sidecar_key(image_at), body, "application/json", metadata)
+        except StoreInterrupted as error:  # shutting down during an outage: deliver it again
+            logger.warning("job %s: storing %s; it will be delivered again", job.job_id, error)
+            return Outcome(delivery.task_id, False, job.job_id, reason=f"storing {error}", retry=True)
+        except RetriesExhausted as error:
+            logger.error("storing job %s failed %s", job.job_id, error)
+            return self._fail(delivery, job, f"storing failed {error}")
         except Exception as error:  # encode or upload: this job alone fails, with the cause
             logger.error("storing job %s failed: %r", job.job_id, error, exc_info=True)
             return self._fail(delivery, job, f"storing failed: {error}")

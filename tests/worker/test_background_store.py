@@ -232,3 +232,66 @@ def test_backlog_reserve_waits_for_room_and_admits_an_oversized_batch_alone() ->
 def test_backlog_refuses_nonsense_sizes() -> None:
     with pytest.raises(ValueError):
         Backlog(threads=0, limit=1)
+
+
+# Storage down for real: an S3 client on a loopback port nobody listens on (connection refused).
+
+
+def dead_s3_executor(engine: Engine, tiny_model: Path, out: Path, **settings: Any) -> BatchExecutor:
+    import socket
+
+    boto3 = pytest.importorskip("boto3")
+    from botocore.config import Config
+
+    from worker.storage import S3Storage
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=2)
+    client = boto3.client(
+        "s3", endpoint_url=f"http://127.0.0.1:{port}", config=config, aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    full = local_worker_settings(tiny_model, out, max_batch=2, store_backlog=2, store_threads=2, **settings)
+    return BatchExecutor(engine, S3Storage(client, "bucket"), MemoryReporter(), full)
+
+
+def test_an_outage_longer_than_the_budget_fails_the_job_with_the_cause(
+    engine: Engine, tiny_model: Path, tmp_path: Path, caplog
+) -> None:
+    executor = dead_s3_executor(engine, tiny_model, tmp_path, store_retry_s=0.3)
+    with caplog.at_level("WARNING", logger="worker.store_retry"):
+        executor.submit(deliveries(0, 1))
+        outcomes = executor.collect(wait=True, timeout=WAIT_S)
+    assert len(outcomes) == 2
+    for outcome in outcomes:
+        assert not outcome.ok and not outcome.retry
+        assert outcome.reason.startswith("storing failed after 0.3 s of retries: upload of s3://bucket/")
+        assert "Could not connect" in outcome.reason
+        assert executor.reporter.get(RUN, outcome.job_id).state is JobState.FAILED
+    # Two jobs, several attempts each: one warning.
+    warnings = [r.getMessage() for r in caplog.records if r.name == "worker.store_retry"]
+    assert len(warnings) == 1 and warnings[0].startswith("storage unavailable (upload of s3://bucket/")
+    executor.close()
+
+
+def test_shutdown_during_an_outage_sends_the_jobs_back_instead_of_waiting(
+    engine: Engine, tiny_model: Path, tmp_path: Path
+) -> None:
+    executor = dead_s3_executor(engine, tiny_model, tmp_path, store_retry_s=600)
+    executor.submit(deliveries(0, 1))
+    deadline = threading.Event()
+    for _ in range(WAIT_S * 100):  # until the uploads are failing and waiting to be retried
+        if not executor.store_retry.available:
+            break
+        deadline.wait(0.01)
+    assert executor.collect() == [] and executor.backlog.pending == 2  # waiting, not failed
+    closer = threading.Thread(target=executor.close)
+    closer.start()
+    closer.join(WAIT_S)  # well under the 600 s budget
+    assert not closer.is_alive()
+    outcomes = executor.collect()
+    assert len(outcomes) == 2
+    for outcome in outcomes:
+        assert outcome.retry and not outcome.ok and "interrupted by shutdown" in outcome.reason
+        assert executor.reporter.get(RUN, outcome.job_id).state is JobState.RUNNING  # neither done nor failed

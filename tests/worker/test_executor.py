@@ -254,6 +254,83 @@ def test_one_bad_job_does_not_fail_its_batch(tiny_model: Path, tmp_path: Path) -
         assert setup.reporter.get(RUN, job.job_id).state is JobState.DONE
 
 
+class OutOfMemoryEngine(Engine):
+    """Fault injection: a CPU has no device memory to run out of, so this engine raises torch's own
+    OutOfMemoryError, as a GPU does, for any batch larger than ``fits`` images and for any batch
+    holding a prompt with HUGE (too big even alone). It records the batch sizes tried and how
+    often the executor emptied the allocator."""
+
+    calls: list[int]
+    fits: int
+    freed: int
+
+    def generate(self, key, jobs: Sequence[Job]) -> Generated:
+        import torch
+
+        self.calls.append(len(jobs))
+        if len(jobs) > self.fits or any("HUGE" in job.prompt for job in jobs):
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(jobs)} GiB (injected)")
+        return super().generate(key, jobs)
+
+    def free_memory(self) -> None:
+        self.freed += 1
+        super().free_memory()
+
+
+def oom_setup(tiny_model: Path, tmp_path: Path, fits: int) -> tuple[Setup, OutOfMemoryEngine]:
+    settings = local_worker_settings(tiny_model, tmp_path / "out", max_batch=8)
+    engine = OutOfMemoryEngine.load(settings)
+    engine.calls, engine.fits, engine.freed = [], fits, 0
+    return Setup(engine, settings), engine
+
+
+def test_out_of_memory_splits_the_batch_in_halves(tiny_model: Path, tmp_path: Path) -> None:
+    setup, engine = oom_setup(tiny_model, tmp_path, fits=2)
+    jobs = [make_job(i, steps=2) for i in range(8)]
+    outcomes = setup.executor.execute([deliver(job) for job in jobs])
+
+    assert engine.calls == [8, 4, 2, 2, 4, 2, 2]  # 8 -> 4 + 4 -> 2 + 2 each; never one by one
+    assert engine.freed == 3  # after each failed try
+    assert all(o.ok for o in outcomes) and [o.batch_size for o in outcomes] == [2] * 8
+    assert setup.sidecar(jobs[0])["batch"]["job_ids"] == [jobs[0].job_id, jobs[1].job_id]
+    assert all(setup.reporter.get(RUN, job.job_id).state is JobState.DONE for job in jobs)
+
+
+def test_a_job_out_of_memory_alone_fails_alone_with_the_reason(tiny_model: Path, tmp_path: Path) -> None:
+    setup, engine = oom_setup(tiny_model, tmp_path, fits=8)
+    jobs = [make_job(i, steps=2, prompt="HUGE cat" if i == 2 else f"cat {i}") for i in range(4)]
+    outcomes = setup.executor.execute([deliver(job) for job in jobs])
+
+    assert engine.calls == [4, 2, 2, 1, 1]  # the whole, its halves, then the failing half's jobs
+    assert [o.ok for o in outcomes] == [True, True, False, True]
+    assert [o.batch_size for o in outcomes] == [2, 2, 0, 1]
+    reason = outcomes[2].reason
+    assert reason.startswith("out of memory with this job alone: OutOfMemoryError(") and "injected" in reason
+    state = setup.reporter.get(RUN, jobs[2].job_id)
+    assert state.state is JobState.FAILED and state.reason == reason
+
+
+def test_out_of_memory_is_told_from_other_errors() -> None:
+    import torch
+
+    from worker.engine import is_out_of_memory
+
+    try:  # a real one: torch's CPU allocator refusing 4 PiB (more than any address space)
+        torch.empty(2**50)
+    except RuntimeError as error:
+        real = error
+    else:
+        pytest.fail("allocating 4 PiB succeeded")
+    assert "can't allocate memory" in str(real) and is_out_of_memory(real)
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB)"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("poisoned prompt"))
+    assert not is_out_of_memory(ValueError("out of memory, says a validator"))  # not a runtime error
+
+
 def test_unsupported_recipes_fail_with_a_reason(setup: Setup) -> None:
     branch = make_job(1, cache_branch=7)  # valid in the contract, not in the tiny UNet
     fine = make_job(2)
