@@ -47,28 +47,19 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    """A redis-server with no persistence; returns (process, ``redis://127.0.0.1:PORT``)."""
+def start_redis(data_dir: Path, *, port: int | None = None, persistent: bool = False) -> tuple[subprocess.Popen, str]:
+    """A redis-server; returns (process, ``redis://127.0.0.1:PORT``). ``persistent``: an
+    append-only file fsynced on every write in ``data_dir``, so a restart on the same port and
+    folder (after SIGKILL too) comes back with every acknowledged write."""
     import redis
 
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)")
-    port = free_port()
+    port = port or free_port()
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
     process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(data_dir),
-        ],
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence, "--dir", str(data_dir)],
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}"

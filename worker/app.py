@@ -8,6 +8,7 @@ from celery import Celery, Task, signals
 
 from producer.contract import TASK_NAME, celery_config
 from worker import runtime
+from worker.leases import LeaseKeeper
 from worker.readiness import PipelineGate
 from worker.settings import WorkerSettings
 
@@ -44,6 +45,7 @@ def create_app(settings: WorkerSettings) -> Celery:
     )
     app.register_task(GenerateTask())
     app.steps["worker"].add(PipelineGate)
+    app.steps["worker"].add(LeaseKeeper)
     signals.worker_process_init.connect(runtime.init_process, weak=False)
     signals.worker_process_shutdown.connect(runtime.shutdown_process, weak=False)
     return app

@@ -5,16 +5,28 @@ Celery's own task handler raises on some malformed messages before any task stra
 worker; the message comes back and stops the next worker too. ``GuardedConsumer`` wraps that
 handler: a message it cannot handle is dropped (rejected, not requeued) with one log line naming
 its task id and why. Nothing is deserialised beyond what Celery does (JSON only), and nothing runs.
+
+It also survives losing Redis with messages reserved: closing the broken connection makes kombu
+restore those messages to a Redis that is not there, and a second close then fails inside kombu
+(``'NoneType' object has no attribute 'hostname'``), which Celery reports as an unrecoverable
+error, stopping the worker. The consumer discards the broken connection anyway, so that failure is
+logged and the consumer reconnects; the messages stay in Redis's unacked set, where the worker's
+leases put them back (see ``worker.leases``). It reconnects every few seconds, not kombu's up to 30.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 from celery.worker.consumer import Consumer
 
 logger = logging.getLogger(__name__)
+
+#: Reconnect attempts 1 s apart at first, then at most every RECONNECT_MAX_S: kombu's default
+#: (2 s, 4 s, ... up to 30 s) would leave a worker idle up to 30 s after Redis is back.
+RECONNECT_MAX_S = 3.0
 
 
 def task_id_of(message: Any) -> str:
@@ -32,7 +44,20 @@ def drop_message(message: Any, why: BaseException | str, connection_errors: tupl
 
 
 class GuardedConsumer(Consumer):
-    """Celery's consumer, with a task handler that cannot raise on what a message holds."""
+    """Celery's consumer, with a task handler that cannot raise on what a message holds, and a
+    reconnect that a failing cleanup of the broken connection cannot stop."""
+
+    def ensure_connected(self, conn: Any) -> Any:
+        conn.ensure_connection = partial(
+            conn.ensure_connection, interval_start=1.0, interval_step=1.0, interval_max=RECONNECT_MAX_S
+        )
+        return super().ensure_connected(conn)
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        try:
+            super().on_connection_error_after_connected(exc)
+        except Exception as error:  # cleanup of a connection already dropped: reconnect regardless
+            logger.warning("closing the lost broker connection failed (%r); reconnecting anyway", error)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)

@@ -28,6 +28,7 @@ _settings: WorkerSettings | None = None
 _executor: BatchExecutor | None = None
 _init_error: str | None = None
 _report_fd: int | None = None  # where a pool process says whether its pipeline is built
+_worker_name: str | None = None  # this worker in job records and leases: node name and main pid
 
 
 def configure(settings: WorkerSettings) -> None:
@@ -40,6 +41,16 @@ def report_to(fd: int) -> None:
     """Pool processes write whether their pipeline is built to ``fd`` (one JSON line each)."""
     global _report_fd
     _report_fd = fd
+
+
+def name_worker(name: str) -> None:
+    """Called in the main process before the pool forks: how job records name this worker."""
+    global _worker_name
+    _worker_name = name
+
+
+def worker_name() -> str | None:
+    return _worker_name
 
 
 def init_error() -> str | None:
@@ -69,7 +80,9 @@ def build_executor(settings: WorkerSettings) -> BatchExecutor:
     from worker.engine import Engine
 
     storage = make_storage(settings)
-    return BatchExecutor(Engine.load(settings), storage, RunStore.from_url(settings.result_backend), settings)
+    return BatchExecutor(
+        Engine.load(settings), storage, RunStore.from_url(settings.result_backend), settings, name=_worker_name
+    )
 
 
 class PipelineUnavailable(RuntimeError):

@@ -40,6 +40,16 @@ class WorkerSettings(ClientSettings):
     store_backlog: int | None = Field(
         None, ge=1, description="Images generated but not yet stored, at most (default 2 x max batch)"
     )
+    lease_renew_s: float = Field(5.0, gt=0, description="How often a worker renews the leases on the jobs it holds")
+    lease_expiry_s: float = Field(
+        20.0, gt=0, description="A job whose lease is this old (its worker gone) goes back to the queue"
+    )
+    store_retry_s: float = Field(
+        600.0,
+        ge=0,
+        description="How long a job's uploads are retried through a storage outage (from its first failure) "
+        "before it fails; keep it below batch_timeout_s, since a batch waits for room meanwhile",
+    )
     scheduler: SchedulerName = Field("ddim", description="Scheduler for jobs that name none")
     cache_interval: int = Field(3, ge=1, le=MAX_CACHE_INTERVAL, description="DeepCache interval; 1 turns caching off")
     cache_branch: int = Field(0, ge=0, le=MAX_CACHE_BRANCH, description="DeepCache branch id")
@@ -74,6 +84,15 @@ class WorkerSettings(ClientSettings):
             raise ValueError(
                 f"scheduler {self.scheduler!r} repeats timesteps, which breaks DeepCache: set "
                 f"DEEPQUEUE_CACHE_INTERVAL=1 with it (got {self.cache_interval})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _leases_outlive_renewals(self) -> WorkerSettings:
+        # A lease renewed late (a busy host, a slow Redis) must not expire between two renewals.
+        if self.lease_expiry_s < 3 * self.lease_renew_s:
+            raise ValueError(
+                f"lease_expiry_s ({self.lease_expiry_s}) must be at least 3 x lease_renew_s ({self.lease_renew_s})"
             )
         return self
 

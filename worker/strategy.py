@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from functools import partial
 from numbers import Real
@@ -73,6 +73,7 @@ class PoolCall:
     """One call handed to the pool and the requests it carries (none: a collect call)."""
 
     requests: list[Any]
+    accepted: bool = False  # a pool process took it (Celery drops the others on a lost connection)
 
 
 def process_alive(pid: int) -> bool:
@@ -96,8 +97,11 @@ class BatchingStrategy:
         self.slots = max(1, getattr(consumer.pool, "limit", 1) or 1)
         self.batch_timeout_s = settings.batch_timeout_s
         self.calls: list[PoolCall] = []  # handed to the pool, not returned
-        self.held: defaultdict[str, deque[Any]] = defaultdict(deque)  # task id -> requests not final
-        self.losses: Counter[str] = Counter()
+        self.leases = consumer.controller.leases
+        self.retired = False
+        # task id -> requests not final. Shared with the strategy this one replaces after a lost
+        # connection: a pool process reports stored images in whichever call comes next.
+        self.held: defaultdict[str, deque[Any]] = consumer.__dict__.setdefault("deepqueue_held", defaultdict(deque))
         self.buffer: BatchBuffer[Any] = BatchBuffer(settings.max_batch, settings.max_wait_s)
         self.store = RunStore.from_url(settings.result_backend)
         self.defaults = settings.recipe_defaults()
@@ -111,6 +115,10 @@ class BatchingStrategy:
         )
         tick = min(0.25, max(settings.max_wait_s / 2, 0.05))
         consumer.timer.call_repeatedly(tick, self.pump)
+        previous = consumer.__dict__.get("deepqueue_strategy")
+        if previous is not None:
+            previous.retire()
+        consumer.deepqueue_strategy = self
 
     def handle(self, message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **_: Any) -> None:
         """Called by the consumer for every message of the task (see celery.worker.strategy).
@@ -119,7 +127,7 @@ class BatchingStrategy:
         task is logged and dropped, anything else reaches the pool, which records why it failed.
         """
         try:
-            req = self._request(message, body, ack, reject)
+            req = self._request(message, body)
             req.payload, req.enqueued_at = message_fields(req)
         except Exception as error:  # a malformed message must cost itself, not the worker
             drop_message(message, error, self.consumer.connection_errors)
@@ -132,6 +140,7 @@ class BatchingStrategy:
             self._record_failure(req, reason)
             self._finish(req, False, reason)
             return
+        self.leases.hold(req.message.delivery_tag)
         signals.task_received.send(sender=self.consumer, request=req)
         req.send_event("task-received", name=req.name, args=req.argsrepr, kwargs=req.kwargsrepr)
         worker_state.task_reserved(req)
@@ -147,6 +156,8 @@ class BatchingStrategy:
         """Hand the pool what is ready: partial batches only while a pool slot is idle, full
         ones also one ahead, so the next batch starts the moment a slot frees. With nothing to
         generate, fetch the outcomes of images still being stored."""
+        if self.retired:
+            return
         now = time.monotonic()
         while len(self.calls) <= self.slots:
             taken = self.buffer.take(now, allow_partial=len(self.calls) < self.slots)
@@ -180,6 +191,7 @@ class BatchingStrategy:
         )
 
     def _on_accepted(self, call: PoolCall, pid: int, time_accepted: float) -> None:
+        call.accepted = True
         for req in call.requests:
             req.pool_pid = pid
             req.on_accepted(pid, time_accepted)  # active in `celery inspect`, task-started event
@@ -225,6 +237,8 @@ class BatchingStrategy:
 
     def _rerun_lost_stores(self) -> None:
         """Buffer again the jobs whose images a pool process that has died was still storing."""
+        if self.retired:  # its successor sees every call in flight; this one does not
+            return
         in_calls = {id(req) for call in self.calls for req in call.requests}
         lost = [
             req
@@ -236,10 +250,32 @@ class BatchingStrategy:
             return
         logger.error("%d jobs were being stored by a pool process that died: running them again", len(lost))
         self._release(lost)
-        now = time.monotonic()
         for req in lost:
             job, _ = parse_job(req.payload)
-            self.buffer.add(batch_key(job, self.defaults) if job else ("alone", req.id), req, now)
+            self._buffer_again(req, batch_key(job, self.defaults) if job else ("alone", req.id), time.monotonic())
+
+    def _buffer_again(self, req: Any, key: Any, since: float) -> None:
+        """Run ``req`` again here, or, once this strategy is retired, anywhere (back to the queue)."""
+        if self.retired:
+            self.leases.give_back([req.message.delivery_tag])
+            worker_state.task_ready(req)
+        else:
+            self.buffer.add(key, req, since)
+
+    def retire(self) -> None:
+        """The consumer lost its connection and made a new strategy. The messages this one
+        buffers, or handed to the pool but no process took (Celery dropped those calls), go back
+        to the queue now; batches already running finish and report here."""
+        self.retired = True
+        dropped = [call for call in self.calls if not call.accepted]
+        self.calls = [call for call in self.calls if call.accepted]
+        returned = [req for _, requests in self.buffer.drain() for req in requests]
+        returned += [req for call in dropped for req in call.requests]
+        self._release(returned)
+        self.leases.give_back(req.message.delivery_tag for req in returned)
+        for req in returned:
+            worker_state.task_ready(req)
+        logger.warning("connection lost: %d jobs this worker had not started go back to the queue", len(returned))
 
     def _release(self, requests: list[Any]) -> None:
         """Forget that the pool holds these requests."""
@@ -260,14 +296,23 @@ class BatchingStrategy:
         reason = "its pool process died" if isinstance(error, WorkerLostError) else "it timed out"
         logger.error("batch of %d lost (%r): retrying its jobs one by one", len(requests), error)
         for req in requests:
-            self.losses[req.id] += 1
-            if self.losses[req.id] >= MAX_LOSSES:
-                del self.losses[req.id]
+            if self._count_loss(req) >= MAX_LOSSES:
                 message = f"generation failed: {reason} {MAX_LOSSES} times while running this job"
                 self._record_failure(req, message)
                 self._finish(req, False, message)
             else:
-                self.buffer.add(("alone", req.id), req, -math.inf)
+                self._buffer_again(req, ("alone", req.id), -math.inf)
+
+    def _count_loss(self, req: Any) -> int:
+        """Times this job's batch was lost, counted in Redis: across workers and restarts."""
+        job, _ = parse_job(req.payload)
+        if job is None:
+            return MAX_LOSSES  # a job that is not one has nothing worth running again
+        try:
+            return self.store.count_loss(job.run_id, job.job_id)
+        except Exception as error:  # Redis down: count it as the first loss, the job runs once more
+            logger.warning("could not count the loss of job %s: %r", job.job_id, error)
+            return 1
 
     def _finish(self, req: Any, ok: bool, detail: str | None) -> None:
         req.acknowledge()
@@ -283,7 +328,24 @@ class BatchingStrategy:
         if job is not None:
             self.store.mark(job.run_id, job.job_id, JobState.FAILED, reason=reason)
 
-    def _request(self, message: Any, body: Any, ack: Any, reject: Any) -> Any:
+    def _settle(self, message: Any, requeue: bool | None) -> None:
+        """Acknowledge (``requeue`` None) or reject a message, now. One whose channel went with
+        a lost connection, or that Redis is down for, is settled by the lease keeper's own
+        connection instead, once Redis answers: kombu fails on a closed channel with an
+        AttributeError that would stop the worker."""
+        tag = message.delivery_tag
+        try:
+            if requeue is None:
+                message.ack()
+            else:
+                message.reject(requeue=requeue)
+        except Exception as error:  # a lost channel or Redis: the lease keeper retries it
+            logger.debug("message %s not settled (%r): the lease keeper will", tag, error)
+            self.leases.settle(tag, requeue=bool(requeue))
+        else:
+            self.leases.release(tag)
+
+    def _request(self, message: Any, body: Any) -> Any:
         if body is None and "args" not in message.payload:
             body, headers, decoded, utc = message.body, message.headers, False, self.app.uses_utc_timezone()
         elif "args" in message.payload:
@@ -292,8 +354,8 @@ class BatchingStrategy:
             body, headers, decoded, utc = proto1_to_proto2(message, body)
         return self.Request(
             message,
-            on_ack=ack,
-            on_reject=reject,
+            on_ack=lambda *_: self._settle(message, requeue=None),
+            on_reject=lambda _logger, _errors, requeue: self._settle(message, requeue=requeue),
             app=self.app,
             hostname=self.consumer.hostname,
             eventer=self.consumer.event_dispatcher,

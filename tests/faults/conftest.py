@@ -1,0 +1,138 @@
+"""A fault suite (marker ``faults``): real Redis, S3 and worker processes, and real faults.
+
+Every test reports its counts the same way (``FaultCounts``): jobs accepted, done, failed with a
+reason, lost, objects written twice, and seconds from the end of the fault to the last job done.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from ops.localstack import free_port, moto_s3_client, start_redis, stop, worker_env
+from producer import Client, JobState
+
+
+class RestartableRedis:
+    """A redis-server with an fsync-always append-only file, on one port across restarts."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process, _ = start_redis(self.data_dir, port=self.port, persistent=True)
+
+    def kill(self) -> None:
+        """SIGKILL: what was acknowledged is in the append-only file, nothing else survives."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            stop(self.process)
+
+
+@pytest.fixture
+def restartable_redis(tmp_path) -> Iterator[RestartableRedis]:
+    server = RestartableRedis(tmp_path / "redis")
+    server.data_dir.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fault_env(restartable_redis, s3_endpoint, tiny_model) -> dict[str, str]:
+    """A CPU worker's environment on the restartable Redis and a new versioned bucket (a second
+    write of a key would show as a second version)."""
+    bucket = f"dq-{uuid.uuid4().hex[:12]}"
+    s3 = moto_s3_client(s3_endpoint)
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    return worker_env(
+        broker_url=f"{restartable_redis.url}/0",
+        result_backend=f"{restartable_redis.url}/1",
+        s3_endpoint=s3_endpoint,
+        bucket=bucket,
+        model=str(tiny_model),
+        device="cpu",
+        max_wait_s=0.5,
+    )
+
+
+def client_for(env: dict[str, str]) -> Client:
+    return Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"])
+
+
+def wait_until(condition, timeout: float, what: str, poll_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except redis.ConnectionError:  # the fault under test may be going on
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll_s)
+
+
+@dataclass
+class FaultCounts:
+    accepted: int
+    done: int
+    failed: int
+    lost: int
+    written_twice: int
+    recovery_s: float | None  # fault end -> last job done
+
+    @classmethod
+    def measure(cls, env: dict[str, str], runs: dict[str, int], fault_ended_at: float) -> FaultCounts:
+        """Counts over ``runs`` (run name -> jobs accepted), read from Redis and the bucket."""
+        done = failed = 0
+        finished_at = 0.0
+        with client_for(env) as client:
+            for run_id in runs:
+                for result in client.run(run_id).results():
+                    if result.state is JobState.DONE:
+                        done += 1
+                        finished_at = max(finished_at, result.details["at"])
+                    elif result.state is JobState.FAILED:
+                        failed += 1
+                        assert result.reason, f"job {result.job_id} failed without a reason"
+        versions = versions_per_key(env)
+        accepted = sum(runs.values())
+        return cls(
+            accepted=accepted,
+            done=done,
+            failed=failed,
+            lost=accepted - done - failed,
+            written_twice=sum(count > 1 for count in versions.values()),
+            recovery_s=round(finished_at - fault_ended_at, 1) if finished_at else None,
+        )
+
+    def report(self, fault: str) -> None:
+        print(
+            f"\n[fault] {fault}: accepted {self.accepted}, done {self.done}, failed with reason {self.failed}, "
+            f"lost {self.lost}, written twice {self.written_twice}, fault end -> last done {self.recovery_s} s"
+        )
+
+
+def versions_per_key(env: dict[str, str]) -> dict[str, int]:
+    s3 = moto_s3_client(env["DEEPQUEUE_S3_ENDPOINT_URL"])
+    counts: dict[str, int] = {}
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=env["DEEPQUEUE_S3_BUCKET"]):
+        for version in page.get("Versions", []):
+            if not version["Key"].startswith(".deepqueue/"):
+                counts[version["Key"]] = counts.get(version["Key"], 0) + 1
+    return counts

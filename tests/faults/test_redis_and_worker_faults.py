@@ -1,0 +1,135 @@
+"""Faults of the queue itself, caused for real: Redis SIGKILLed and restarted mid-run, Redis
+down 20 s, a worker's main process SIGKILLed. After each, every accepted job is done within 60 s
+of the fault's end (default lease settings), each object written once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import redis
+
+from ops.localstack import start_worker, stop
+from producer import JobState
+
+from .conftest import FaultCounts, client_for, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
+
+#: The goal of issue 6: seconds from a fault's end to the last job done.
+RECOVERY_S = 60
+
+
+def submit(env: dict[str, str], run: str, count: int, steps: int = 20):
+    with client_for(env) as client:
+        return client.submit([f"{run} {i}" for i in range(count)], run=run, steps=steps, width=64, height=64)
+
+
+def running_jobs(env: dict[str, str], run: str) -> int:
+    with client_for(env) as client:
+        return client.run(run).status().counts[JobState.RUNNING]
+
+
+def wait_for_run(env: dict[str, str], run: str, count: int, timeout: float) -> None:
+    def finished() -> bool:
+        with client_for(env) as client:
+            return client.run(run).status().finished == count
+
+    wait_until(finished, timeout, f"run {run} to finish", poll_s=0.5)
+
+
+def pool_processes(worker: subprocess.Popen) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+def check(counts: FaultCounts, fault: str, accepted: int) -> None:
+    counts.report(fault)
+    assert (counts.accepted, counts.done, counts.failed, counts.lost, counts.written_twice) == (
+        accepted,
+        accepted,
+        0,
+        0,
+        0,
+    )
+    assert counts.recovery_s is not None and counts.recovery_s <= RECOVERY_S
+
+
+def test_redis_killed_and_restarted_mid_run(fault_env, restartable_redis, tmp_path):
+    worker = start_worker(fault_env, tmp_path / "worker.log")
+    try:
+        submit(fault_env, "restart", 24)
+        wait_until(lambda: running_jobs(fault_env, "restart") > 0, 120, "a running batch")
+        restartable_redis.kill()
+        time.sleep(1)
+        restartable_redis.start()
+        fault_ended_at = time.time()
+        wait_for_run(fault_env, "restart", 24, RECOVERY_S + 60)
+        check(FaultCounts.measure(fault_env, {"restart": 24}, fault_ended_at), "redis kill -9 + restart", 24)
+        assert worker.poll() is None
+    finally:
+        stop(worker)
+
+
+def test_redis_down_20_s_mid_run(fault_env, restartable_redis, tmp_path):
+    worker = start_worker(fault_env, tmp_path / "worker.log")
+    try:
+        submit(fault_env, "down", 24)
+        wait_until(lambda: running_jobs(fault_env, "down") > 0, 120, "a running batch")
+        restartable_redis.stop()  # SIGTERM: Redis writes its file and exits
+        time.sleep(20)
+        restartable_redis.start()
+        fault_ended_at = time.time()
+        wait_for_run(fault_env, "down", 24, RECOVERY_S + 60)
+        check(FaultCounts.measure(fault_env, {"down": 24}, fault_ended_at), "redis down 20 s", 24)
+        assert worker.poll() is None
+    finally:
+        stop(worker)
+
+
+def test_worker_main_process_sigkilled(fault_env, tmp_path):
+    first = start_worker(fault_env, tmp_path / "first.log")
+    second = None
+    try:
+        submit(fault_env, "sigkill", 32)
+        wait_until(lambda: running_jobs(fault_env, "sigkill") > 0, 120, "a running batch")
+        os.kill(first.pid, signal.SIGKILL)  # its pool process is orphaned and ends on its own
+        first.wait()
+        fault_ended_at = time.time()
+        second = start_worker(fault_env, tmp_path / "second.log")
+        wait_for_run(fault_env, "sigkill", 32, RECOVERY_S + 60)
+        check(FaultCounts.measure(fault_env, {"sigkill": 32}, fault_ended_at), "worker main process SIGKILL", 32)
+    finally:
+        for worker in (first, second):
+            if worker is not None and worker.poll() is None:
+                stop(worker)
+
+
+def test_lost_messages_of_a_killed_worker_are_sent_again_by_retry(fault_env, tmp_path):
+    """The worst case: the worker and its messages are both gone (a purge after a SIGKILL), so
+    no lease can bring them back. Its jobs stay `running`; `retry` sends them again from the
+    jobs kept in Redis, no prompt file needed."""
+    first = start_worker(fault_env, tmp_path / "first.log")
+    second = None
+    try:
+        submit(fault_env, "purged", 16)
+        wait_until(lambda: running_jobs(fault_env, "purged") > 0, 120, "a running batch")
+        for pid in (*pool_processes(first), first.pid):
+            os.kill(pid, signal.SIGKILL)
+        first.wait()
+        broker = redis.Redis.from_url(fault_env["DEEPQUEUE_BROKER_URL"])
+        broker.delete("deepqueue", "unacked", "unacked_index")  # every message is lost
+        fault_ended_at = time.time()
+        second = start_worker(fault_env, tmp_path / "second.log")
+        with client_for(fault_env) as client:
+            run = client.retry("purged", gone_after_s=0)  # count every worker gone: the first one is
+            assert run.submitted == 16 - client.run("purged").status().counts[JobState.DONE]
+        wait_for_run(fault_env, "purged", 16, RECOVERY_S + 60)
+        check(FaultCounts.measure(fault_env, {"purged": 16}, fault_ended_at), "worker SIGKILL + messages lost", 16)
+    finally:
+        for worker in (first, second):
+            if worker is not None and worker.poll() is None:
+                stop(worker)

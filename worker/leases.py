@@ -1,0 +1,228 @@
+"""Leases on the messages a worker holds: a dead worker's jobs come back within seconds, a live
+worker's long batches never run twice.
+
+kombu's Redis transport keeps every delivered, unacknowledged message in the ``unacked`` hash and
+its delivery time in the ``unacked_index`` sorted set; its own sweep puts back those older than
+the visibility timeout. One timeout cannot serve both ends: short, it hands a batch still running
+to a second worker; long (an hour), it strands the jobs of a worker that died. So the time in
+``unacked_index`` becomes a lease, kept by one thread in each worker's main process:
+
+- every ``lease_renew_s`` it sets the time of every message the worker holds (buffered,
+  generating or being stored) to now, and records the worker in ``deepqueue:workers``;
+- it puts back on the queue every message of deepqueue's queue whose time is older than
+  ``lease_expiry_s``: no live worker holds it (its worker was SIGKILLed, or lost its connection
+  and the requests it had, or could not send it back while Redis was down);
+- messages the worker gives up itself (after a lost connection) are put back at once, and those
+  it could not acknowledge or send back (their channel went with the connection, or Redis was
+  down) are settled through this thread's own connection as soon as Redis answers.
+
+A Redis restart or outage stops every renewal while it lasts, so the sweep waits until Redis has
+been up, and this thread connected, for ``lease_expiry_s``: by then every live worker has renewed.
+kombu's visibility timeout stays as the backstop. Times are the hosts' wall clocks, as kombu's
+are: keep workers' clocks in sync (NTP) to well within ``lease_expiry_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from celery import bootsteps
+
+from producer.contract import WORKERS_KEY, celery_config
+from worker import runtime
+
+logger = logging.getLogger(__name__)
+
+#: Workers silent this long are dropped from WORKERS_KEY.
+FORGET_S = 86400.0
+
+
+def routed_to(raw: bytes | None, queue: str) -> bool:
+    """Whether a kombu ``unacked`` entry (``[message, exchange, routing_key]``) is for ``queue``."""
+    if raw is None:
+        return False
+    try:
+        _, exchange, routing_key = json.loads(raw)
+    except (ValueError, TypeError):
+        return False
+    return queue in (exchange, routing_key)
+
+
+def may_sweep(connected_s: float, redis_uptime_s: float, expiry_s: float) -> bool:
+    """Sweep only when every live worker has had ``expiry_s`` to renew since Redis came back."""
+    return min(connected_s, redis_uptime_s) >= expiry_s
+
+
+class Leases:
+    """The delivery tags one worker holds, renewed (and others' expired ones swept) by a thread."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        transport_options: dict[str, Any],
+        *,
+        queue: str,
+        name: str,
+        renew_s: float,
+        expiry_s: float,
+    ) -> None:
+        self.queue = queue
+        self.name = name
+        self.renew_s = renew_s
+        self.expiry_s = expiry_s
+        self._broker_url = broker_url
+        self._transport_options = transport_options
+        self._held: set[str] = set()
+        self._returned: set[str] = set()
+        self._acked: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, tag: str) -> None:
+        with self._lock:
+            self._held.add(tag)
+
+    def release(self, tag: str) -> None:
+        with self._lock:
+            self._held.discard(tag)
+
+    def give_back(self, tags: Iterable[str]) -> None:
+        """Stop holding ``tags`` and put their messages back on the queue at the next beat (soon)."""
+        with self._lock:
+            for tag in tags:
+                self._held.discard(tag)
+                self._returned.add(tag)
+        self._wake.set()
+
+    def settle(self, tag: str, *, requeue: bool) -> None:
+        """Acknowledge (or, ``requeue``, send back) a message from this thread, as soon as it can."""
+        if requeue:
+            self.give_back([tag])
+            return
+        with self._lock:
+            self._held.discard(tag)
+            self._acked.add(tag)
+        self._wake.set()
+
+    def held(self) -> set[str]:
+        with self._lock:
+            return set(self._held)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="deepqueue-leases", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        from kombu import Connection
+
+        connected_since: float | None = None
+        with Connection(self._broker_url, transport_options=self._transport_options) as connection:
+            while not self._stopped.is_set():
+                try:
+                    channel = connection.default_channel
+                    if connected_since is None:
+                        connected_since = time.monotonic()
+                        logger.info("leases: renewing every %.0f s, expiring after %.0f s", self.renew_s, self.expiry_s)
+                    self.beat(channel, time.monotonic() - connected_since)
+                except Exception as error:  # Redis down or restarting: say so once, keep trying
+                    if connected_since is not None:
+                        logger.warning("leases: cannot reach Redis (%r); retrying", error)
+                    connected_since = None
+                    connection.collect()  # a fresh channel next time
+                self._wake.wait(self.renew_s)
+                self._wake.clear()
+            try:  # a worker that stops says so: `deepqueue retry` need not wait for it to look gone
+                connection.default_channel.client.hdel(WORKERS_KEY, self.name)
+            except Exception as error:  # Redis down: its entry just ages
+                logger.info("leases: could not remove this worker's entry (%r)", error)
+
+    def beat(self, channel: Any, connected_s: float) -> None:
+        """One round: renew what is held, put back what was given back, sweep expired leases."""
+        client, qos = channel.client, channel.qos
+        now = time.time()
+        with self._lock:
+            held, returned, acked = list(self._held), list(self._returned), list(self._acked)
+        pipe = client.pipeline(transaction=False)
+        pipe.hset(WORKERS_KEY, self.name, now)
+        if held:
+            pipe.zadd(channel.unacked_index_key, dict.fromkeys(held, now), xx=True)
+        if acked:  # what kombu's QoS.ack does
+            pipe.zrem(channel.unacked_index_key, *acked).hdel(channel.unacked_key, *acked)
+        pipe.execute()
+        for tag in returned:
+            qos.restore_by_tag(tag, client)
+        if returned or acked:
+            logger.info("leases: %d messages put back on the queue, %d acknowledged", len(returned), len(acked))
+            with self._lock:
+                self._returned.difference_update(returned)
+                self._acked.difference_update(acked)
+        uptime = float(client.info("server")["uptime_in_seconds"])
+        if may_sweep(connected_s, uptime, self.expiry_s):
+            self._sweep(channel, now, set(held))
+
+    def _sweep(self, channel: Any, now: float, held: set[str]) -> None:
+        from kombu.transport.redis import Mutex, MutexHeld
+
+        client, qos = channel.client, channel.qos
+        try:
+            with Mutex(client, channel.unacked_mutex_key, channel.unacked_mutex_expire):
+                expired = [
+                    tag.decode()
+                    for tag in client.zrangebyscore(channel.unacked_index_key, "-inf", now - self.expiry_s)
+                    if tag.decode() not in held
+                ]
+                ours = [tag for tag in expired if routed_to(client.hget(channel.unacked_key, tag), self.queue)]
+                for tag in ours:
+                    qos.restore_by_tag(tag, client)
+                forgotten = [name for name, at in client.hgetall(WORKERS_KEY).items() if now - float(at) > FORGET_S]
+                if forgotten:
+                    client.hdel(WORKERS_KEY, *forgotten)
+        except MutexHeld:  # another worker is sweeping
+            return
+        if ours:
+            logger.warning(
+                "leases: %d messages held by no live worker for %.0f s put back on the queue",
+                len(ours),
+                self.expiry_s,
+                extra={"restored": len(ours)},
+            )
+
+
+class LeaseKeeper(bootsteps.StartStopStep):
+    """Worker bootstep: the worker's ``Leases`` (``worker.leases``), kept from start to stop."""
+
+    requires = ("celery.worker.components:Hub",)
+    label = "LeaseKeeper"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        settings = runtime.settings()
+        runtime.name_worker(f"{worker.hostname}:{os.getpid()}")  # before the pool forks
+        worker.leases = Leases(
+            settings.broker_url,
+            celery_config(settings)["broker_transport_options"],
+            queue=settings.queue,
+            name=runtime.worker_name(),
+            renew_s=settings.lease_renew_s,
+            expiry_s=settings.lease_expiry_s,
+        )
+        super().__init__(worker, **kwargs)
+
+    def start(self, worker: Any) -> None:
+        worker.leases.start()
+
+    def stop(self, worker: Any) -> None:
+        worker.leases.stop()
