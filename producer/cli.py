@@ -224,6 +224,15 @@ def results(run_id: str, state: str | None) -> None:
             click.echo(json.dumps(record))
 
 
+@cli.command("dead-letters")
+@click.option("--limit", type=int, default=100, show_default=True, help="The newest this many.")
+def dead_letters(limit: int) -> None:
+    """One JSON line per message a worker dropped as unreadable, newest first."""
+    with Client() as client:
+        for record in client.dead_letters(limit):
+            click.echo(json.dumps(record, ensure_ascii=False))
+
+
 def _finish(run: Run, timeout: float | None) -> None:
     final: RunStatus = run.wait(progress=True, timeout=timeout)
     click.echo(str(final))

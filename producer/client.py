@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ from typing import Any
 import redis
 from tqdm import tqdm
 
-from producer.contract import WORKER_GONE_S, WORKERS_KEY
+from producer.contract import DEAD_LETTERS_KEY, WORKER_GONE_S, WORKERS_KEY
 from producer.enqueue import producer_app, publish
 from producer.errors import RecipeMismatchError, RunNotFoundError, WaitTimeoutError
 from producer.job import Job, make_jobs, recipe_differences, run_defaults, run_recipe
@@ -168,8 +169,7 @@ class Client:
         worker skips a job that is already done, and outputs are written once.
         """
         self.run(run_id)  # RunNotFoundError if there is no such run
-        broker = redis.Redis.from_url(self.settings.broker_url, socket_timeout=30)
-        alive = live_workers(broker, time.time() - gone_after_s)
+        alive = live_workers(self._broker(), time.time() - gone_after_s)
         chosen = [
             result.job_id
             for result in self._store.results(run_id)
@@ -186,6 +186,14 @@ class Client:
                 sent, unkept = sent + len(jobs), unkept + len(chunk) - len(jobs)
                 bar.update(len(chunk))
         return Run(run_id, self._store, submitted=sent, skipped=unkept)
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The messages workers dropped as unreadable (not a task, not JSON, ...), newest first:
+        task id, reason, time, content type and the body's first bytes as text."""
+        return [json.loads(raw) for raw in self._broker().lrange(DEAD_LETTERS_KEY, 0, limit - 1)]
+
+    def _broker(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.broker_url, socket_timeout=30, socket_connect_timeout=10)
 
     def _send(self, run_id: str, jobs: list[Job]) -> None:
         """Publish ``jobs``, then mark them queued. A chunk that fails to publish is not marked,

@@ -13,6 +13,11 @@ TASK_NAME = "deepqueue.generate"
 WORKERS_KEY = "deepqueue:workers"
 WORKER_GONE_S = 60.0
 
+#: Broker Redis list of the messages workers dropped as unreadable (newest first, JSON records
+#: with task id, reason, time and the body's first bytes as text), for ``deepqueue dead-letters``.
+DEAD_LETTERS_KEY = "deepqueue:dead-letters"
+DEAD_LETTERS_KEPT = 1000
+
 
 def celery_config(settings: ClientSettings) -> dict[str, Any]:
     """Celery settings (Celery's own names) both sides must share."""

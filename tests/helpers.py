@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
+import uuid
 from pathlib import Path
 from typing import Any
+
+from producer.contract import TASK_NAME
 
 #: The sidecar fields the job contract promises (issue #2), and its timing fields.
 SIDECAR_FIELDS = frozenset(
@@ -32,3 +36,57 @@ def local_worker_settings(model: Path, out: Path, **overrides: Any) -> Any:
         s3_prefix="",
     )
     return WorkerSettings(**{**fields, **overrides})
+
+
+class CreatesFile:
+    """Unpickling this creates a file: the test checks that nobody unpickled it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def malformed(tmp_path: Path) -> dict[str, tuple[bytes, str, dict]]:
+    """name -> (body, content type, headers); every one is a message a worker must survive."""
+    task = {"task": TASK_NAME}
+    canary = tmp_path / "executed"
+    good_body = b'[[{"run_id": "x", "index": 0, "prompt": "p", "seed": 1}], {}, {}]'
+    return {
+        "not-json": (b"{not json", "application/json", task),
+        "pickle": (pickle.dumps(CreatesFile(canary)), "application/x-python-serialize", task),
+        "yaml": (f"!!python/object/apply:os.system ['touch {canary}']".encode(), "application/x-yaml", task),
+        "json-null": (b"null", "application/json", task),
+        "json-string": (b'"generate a cat"', "application/json", task),
+        "json-object": (b'{"prompt": "a cat"}', "application/json", task),
+        "two-elements": (b'[[{"prompt": "a cat"}], {}]', "application/json", task),
+        "no-id-header": (good_body, "application/json", task),
+        "task-header-list": (good_body, "application/json", {"task": [TASK_NAME]}),
+        "task-header-dict": (good_body, "application/json", {"task": {"name": TASK_NAME}}),
+        "args-not-a-list": (b'[{"prompt": "a cat"}, {}, {}]', "application/json", task),
+    }
+
+
+def publish_raw(broker_url: str, kinds: dict[str, tuple[bytes, str, dict]]) -> dict[str, str]:
+    """Put hand-made messages (see ``malformed``) on the deepqueue queue; returns name -> task id
+    (the ``no-id-header`` kind goes without one)."""
+    from kombu import Connection, Exchange, Queue
+
+    queue = Queue("deepqueue", Exchange("deepqueue", "direct"), "deepqueue")
+    ids = {}
+    with Connection(broker_url) as connection:
+        producer = connection.Producer()
+        for name, (body, content_type, headers) in kinds.items():
+            ids[name] = f"bad-{name}-{uuid.uuid4().hex[:6]}"
+            extra = {} if name == "no-id-header" else {"id": ids[name]}
+            producer.publish(
+                body,
+                exchange=queue.exchange,
+                routing_key="deepqueue",
+                declare=[queue],
+                content_type=content_type,
+                content_encoding="utf-8" if content_type != "application/x-python-serialize" else "binary",
+                headers={**headers, **extra},
+            )
+    return ids

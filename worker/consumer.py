@@ -16,11 +16,15 @@ leases put them back (see ``worker.leases``). It reconnects every few seconds, n
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from functools import partial
 from typing import Any
 
 from celery.worker.consumer import Consumer
+
+from producer.contract import DEAD_LETTERS_KEPT, DEAD_LETTERS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +44,31 @@ def drop_message(message: Any, why: BaseException | str, connection_errors: tupl
     """Reject ``message`` for good, logging one line with its task id and the reason."""
     reason = why if isinstance(why, str) else f"{type(why).__name__}: {why}"
     logger.error("dropping malformed message %s: %s", task_id_of(message), reason[:500])
+    keep_dead_letter(message, reason)
     message.reject_log_error(logger, connection_errors, requeue=False)
+
+
+def dead_letter(message: Any, reason: str, now: float) -> dict[str, Any]:
+    """What is kept of a dropped message: enough to find its sender, never deserialised."""
+    body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+    return {
+        "task_id": task_id_of(message),
+        "reason": reason[:2000],
+        "at": now,
+        "content_type": getattr(message, "content_type", None),
+        "body": body[:4096].decode("utf-8", errors="replace"),
+    }
+
+
+def keep_dead_letter(message: Any, reason: str) -> None:
+    """Push the message's dead letter on the broker's capped list; never raises (best effort)."""
+    try:
+        record = json.dumps(dead_letter(message, reason, time.time()))
+        message.channel.client.pipeline().lpush(DEAD_LETTERS_KEY, record).ltrim(
+            DEAD_LETTERS_KEY, 0, DEAD_LETTERS_KEPT - 1
+        ).execute()
+    except Exception as error:  # the drop itself matters more than its record
+        logger.warning("could not keep the dead letter of %s: %r", task_id_of(message), error)
 
 
 class GuardedConsumer(Consumer):

@@ -74,6 +74,7 @@ class PipelineGate(bootsteps.StartStopStep):
         if report.get("error"):
             raise StartupError(f"cannot build the pipeline: {report['error']}; stopping before taking any job")
         logger.info("pipeline ready in pool process %s: %s", report.get("pid", os.getpid()), report.get("worker"))
+        runtime.mark_serving()
 
     def _check_fork_safety(self) -> None:
         unsafe = fork_unsafe_imports()

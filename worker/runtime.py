@@ -29,6 +29,7 @@ _executor: BatchExecutor | None = None
 _init_error: str | None = None
 _report_fd: int | None = None  # where a pool process says whether its pipeline is built
 _worker_name: str | None = None  # this worker in job records and leases: node name and main pid
+_serving = False  # set in the main process once its first pool process is ready; forks inherit it
 
 
 def configure(settings: WorkerSettings) -> None:
@@ -53,6 +54,13 @@ def worker_name() -> str | None:
     return _worker_name
 
 
+def mark_serving() -> None:
+    """Called in the main process once the worker is ready: pool processes forked from now on
+    replace one that died, on a worker whose storage has already shown that it takes writes."""
+    global _serving
+    _serving = True
+
+
 def init_error() -> str | None:
     """Why this process could not build its pipeline, or None."""
     return _init_error
@@ -64,22 +72,26 @@ def settings() -> WorkerSettings:
     return _settings
 
 
-def make_storage(settings: WorkerSettings) -> Storage:
+def make_storage(settings: WorkerSettings, *, check: bool = True) -> Storage:
     """The configured storage, once it has shown that it takes writes (StorageError if not)."""
     storage: Storage
     if settings.storage == "s3":
         storage = S3Storage.connect(settings.s3_bucket, settings.s3_endpoint_url)
     else:
         storage = LocalStorage(settings.output_dir)
-    storage.check_writable(write_check_key(settings.s3_prefix))
+    if check:
+        storage.check_writable(write_check_key(settings.s3_prefix))
     return storage
 
 
 def build_executor(settings: WorkerSettings) -> BatchExecutor:
-    """Storage first: a missing bucket is found in a second, not after minutes of model loading."""
+    """Storage first: a missing bucket is found in a second, not after minutes of model loading.
+    A process that replaces one that died skips that check: its worker's storage took writes,
+    and an outage now (the reason it died, perhaps) is for the uploads' retries to wait out, not
+    a reason to stop the worker."""
     from worker.engine import Engine
 
-    storage = make_storage(settings)
+    storage = make_storage(settings, check=not _serving)
     return BatchExecutor(
         Engine.load(settings), storage, RunStore.from_url(settings.result_backend), settings, name=_worker_name
     )

@@ -142,7 +142,8 @@ class BatchingStrategy:
             return
         self.leases.hold(req.message.delivery_tag)
         signals.task_received.send(sender=self.consumer, request=req)
-        req.send_event("task-received", name=req.name, args=req.argsrepr, kwargs=req.kwargsrepr)
+        # Prompts stay out of task events (and Flower), whatever a producer put in argsrepr.
+        req.send_event("task-received", name=req.name, args=f"job={req.id}", kwargs="")
         worker_state.task_reserved(req)
         req.received_at = time.time()
         job, _ = parse_job(req.payload)

@@ -6,7 +6,9 @@ reason, lost, objects written twice, and seconds from the end of the fault to th
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -94,7 +96,7 @@ class FaultCounts:
     failed: int
     lost: int
     written_twice: int
-    recovery_s: float | None  # fault end -> last job done
+    recovery_s: float | None  # fault end -> last job done or failed
 
     @classmethod
     def measure(cls, env: dict[str, str], runs: dict[str, int], fault_ended_at: float) -> FaultCounts:
@@ -104,9 +106,10 @@ class FaultCounts:
         with client_for(env) as client:
             for run_id in runs:
                 for result in client.run(run_id).results():
+                    if result.state in (JobState.DONE, JobState.FAILED):
+                        finished_at = max(finished_at, result.details["at"])
                     if result.state is JobState.DONE:
                         done += 1
-                        finished_at = max(finished_at, result.details["at"])
                     elif result.state is JobState.FAILED:
                         failed += 1
                         assert result.reason, f"job {result.job_id} failed without a reason"
@@ -124,7 +127,7 @@ class FaultCounts:
     def report(self, fault: str) -> None:
         print(
             f"\n[fault] {fault}: accepted {self.accepted}, done {self.done}, failed with reason {self.failed}, "
-            f"lost {self.lost}, written twice {self.written_twice}, fault end -> last done {self.recovery_s} s"
+            f"lost {self.lost}, written twice {self.written_twice}, fault end -> last finished {self.recovery_s} s"
         )
 
 
@@ -136,3 +139,72 @@ def versions_per_key(env: dict[str, str]) -> dict[str, int]:
             if not version["Key"].startswith(".deepqueue/"):
                 counts[version["Key"]] = counts.get(version["Key"], 0) + 1
     return counts
+
+
+class CuttableProxy:
+    """A TCP proxy on loopback in front of a server: ``cut()`` closes its port and every
+    connection through it (clients get "connection refused", a real network fault), ``restore()``
+    listens on the same port again. The server behind it keeps its state throughout."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.restore()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            sockets, self._connections = [self._listener, *self._connections], []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def s3_proxy(s3_endpoint) -> Iterator[CuttableProxy]:
+    proxy = CuttableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    yield proxy
+    proxy.cut()

@@ -14,7 +14,7 @@ import redis
 from ops.localstack import moto_s3_client, start_worker, stop, worker_env
 from producer import Client, JobState
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
 
 def object_count(endpoint: str, bucket: str, run: str) -> int:

@@ -357,3 +357,34 @@ def test_submit_again_without_the_first_flags_is_refused_naming_them(env, tmp_pa
     assert refused.exit_code == 2
     assert "was submitted with height=64, seed=3, width=64; this submit has height=512, seed=" in refused.output
     assert ", width=512: " in refused.output
+
+
+def test_retry_resends_a_lost_queue_without_the_prompt_file(env, tmp_path):
+    import redis
+
+    submitted_run(tmp_path, "relost", ["a fox", "a heron"])
+    redis.Redis.from_url(env[0]).delete("deepqueue")  # the queue is lost
+    result = invoke("retry", "relost")
+    assert result.exit_code == 0, result.output
+    assert "run relost: 2 jobs sent again" in result.output
+    assert sorted(job.prompt for job in jobs_on_queue(env[0])) == ["a fox", "a heron"]
+
+
+def test_retry_of_an_unknown_run_is_bad_input(env):
+    result = invoke("retry", "never-submitted")
+    assert result.exit_code == 2 and "no run named 'never-submitted'" in result.output
+
+
+def test_dead_letters_lists_what_workers_dropped_newest_first(env):
+    import json
+
+    import redis
+
+    from producer.contract import DEAD_LETTERS_KEY
+
+    broker = redis.Redis.from_url(env[0])
+    for task_id in ("older", "newer"):
+        broker.lpush(DEAD_LETTERS_KEY, json.dumps({"task_id": task_id, "reason": "not JSON", "body": "{x"}))
+    result = invoke("dead-letters")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["task_id"] for line in result.output.splitlines()] == ["newer", "older"]
