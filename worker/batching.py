@@ -20,6 +20,9 @@ class RecipeDefaults:
     scheduler: str
     cache_interval: int
     cache_branch: int
+    #: The model encodes a missing negative prompt as "" (see worker.model.empty_negative_is_default):
+    #: then jobs with and without one share a call; unknown, they are kept apart.
+    empty_negative_is_default: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ def batch_key(job: Job, defaults: RecipeDefaults) -> BatchKey:
         cache_interval=interval,
         # The branch means nothing without caching: let such jobs batch together.
         cache_branch=branch if interval > 1 else 0,
-        negative_prompt=job.negative_prompt is not None,
+        # Whether the call gets a list of negative prompts ("" for a job with none).
+        negative_prompt=defaults.empty_negative_is_default or job.negative_prompt is not None,
         format=job.format,
     )
 

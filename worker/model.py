@@ -45,6 +45,13 @@ def read_model_index(model: str, revision: str | None = None) -> dict[str, Any]:
     return index
 
 
+def empty_negative_is_default(index: dict[str, Any]) -> bool:
+    """Whether the pipeline encodes a missing negative prompt as the empty one, so jobs with and
+    without one can share a call. SD 1.x/2.x do; SDXL uses zero embeddings instead unless its
+    ``force_zeros_for_empty_prompt`` is off."""
+    return index.get("_class_name") in TEXT2IMAGE_OF and not index.get("force_zeros_for_empty_prompt", False)
+
+
 def check_pipeline_class(model: str, index: dict[str, Any]) -> str:
     """The pipeline class this model loads as, or a ModelError naming what is served."""
     name = index.get("_class_name")

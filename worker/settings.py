@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from producer.job import CACHE_BREAKING_SCHEDULERS, MAX_CACHE_BRANCH, MAX_CACHE_INTERVAL, SchedulerName
 from producer.settings import ClientSettings
+from worker import model as model_files
 from worker.batching import RecipeDefaults
 
 
@@ -62,12 +63,20 @@ class WorkerSettings(ClientSettings):
     jpeg_quality: int = Field(95, ge=1, le=100, description="Quality of jpeg images")
 
     def recipe_defaults(self) -> RecipeDefaults:
-        """What this worker uses for the recipe fields a job leaves open."""
+        """What this worker uses for the recipe fields a job leaves open (reads the model's
+        ``model_index.json``, which the worker already checked at start-up)."""
+        try:
+            empty_negative_is_default = model_files.empty_negative_is_default(
+                model_files.read_model_index(self.model, self.model_revision)
+            )
+        except model_files.ModelError:  # unknown: keep jobs with and without a negative prompt apart
+            empty_negative_is_default = False
         return RecipeDefaults(
             model=self.model,
             scheduler=self.scheduler,
             cache_interval=self.cache_interval,
             cache_branch=self.cache_branch,
+            empty_negative_is_default=empty_negative_is_default,
         )
 
     @property

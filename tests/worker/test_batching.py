@@ -405,3 +405,26 @@ def test_plausible_enqueue_times_are_kept():
 
     assert plausible_time(1_799_999_000, now=1_800_000_000.0) == 1_799_999_000.0
     assert plausible_time(1_800_000_100.5, now=1_800_000_000.0) == 1_800_000_100.5  # small clock skew
+
+
+def test_a_missing_and_an_empty_negative_prompt_share_a_key_where_the_model_encodes_them_alike() -> None:
+    sd = RecipeDefaults(model="m", scheduler="ddim", cache_interval=3, cache_branch=0, empty_negative_is_default=True)
+    keys = {batch_key(make_job(negative_prompt=text), sd) for text in (None, "", "blurry")}
+    assert len(keys) == 1 and next(iter(keys)).negative_prompt  # one call, negatives passed as a list
+    # Unknown or SDXL (zeroed embeddings for a missing one): kept apart.
+    assert batch_key(make_job(negative_prompt=None), DEFAULTS) != batch_key(make_job(negative_prompt=""), DEFAULTS)
+
+
+@pytest.mark.parametrize(
+    ("index", "alike"),
+    [
+        ({"_class_name": "StableDiffusionPipeline"}, True),
+        ({"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True}, False),
+        ({"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": False}, True),
+        ({"_class_name": "FluxPipeline"}, False),
+    ],
+)
+def test_which_models_encode_a_missing_negative_prompt_as_the_empty_one(index: dict, alike: bool) -> None:
+    from worker.model import empty_negative_is_default
+
+    assert empty_negative_is_default(index) is alike

@@ -122,6 +122,20 @@ def test_negative_prompts_per_image(engine: Engine) -> None:
     assert not np.array_equal(images[0], without[0])  # the negative prompt is used
 
 
+def test_a_missing_negative_prompt_is_the_empty_one_so_both_share_a_call(engine: Engine, tiny_model: Path) -> None:
+    """SD 1.x/2.x encode no negative prompt as "": the same pixels either way, which is why
+    such jobs share a batch key (and SDXL's zeroed embeddings keep them apart)."""
+    from worker.model import empty_negative_is_default, read_model_index
+
+    defaults = RecipeDefaults("tiny", "ddim", 3, 0, empty_negative_is_default(read_model_index(str(tiny_model))))
+    assert defaults.empty_negative_is_default
+    none, empty = jobs([7]), jobs([7], negative_prompt="")
+    assert batch_key(none[0], defaults) == batch_key(empty[0], defaults)
+    apart = engine.generate(batch_key(none[0], DEFAULTS), none).images[0]  # None passed to diffusers
+    mixed = engine.generate(batch_key(empty[0], defaults), [*empty, *jobs([8])]).images[0]  # ["", ""]
+    assert np.array_equal(np.asarray(apart), np.asarray(mixed))
+
+
 def test_seeds_are_per_image(engine: Engine) -> None:
     """Image i of a batch is (nearly) the image of seed i alone; the same batch is exact."""
     pair = jobs([11, 22])
