@@ -15,7 +15,7 @@ from producer.job import Job
 from producer.state import JobResult, JobState
 from worker.batching import BatchBuffer, batch_key
 from worker.encode import EXTENSIONS
-from worker.engine import Engine
+from worker.engine import Engine, load_engine
 from worker.executor import BatchExecutor, Delivery, Outcome
 from worker.settings import WorkerSettings
 from worker.storage import LocalStorage, image_key, sidecar_key
@@ -72,7 +72,7 @@ def run_embedded(
     """Generate ``jobs`` into ``settings.output_dir`` with the same code the workers run
     (``engine``: an already loaded one for ``settings.model``, as benchmarks pass)."""
     storage = LocalStorage(settings.output_dir)
-    executor = BatchExecutor(engine or Engine.load(settings), storage, MemoryReporter(), settings)
+    executor = BatchExecutor(engine or load_engine(settings), storage, MemoryReporter(), settings)
     summary = Summary(out_dir=settings.output_dir)
     buffer: BatchBuffer[Job] = BatchBuffer(settings.max_batch, 0.0)
     for job in jobs:

@@ -17,7 +17,7 @@ from typing import Any
 from producer.job import Job
 from worker.batching import BatchKey
 from worker.deepcache import DeepCacheGuard
-from worker.model import SUPPORTED_PIPELINES, ModelError, model_fingerprint
+from worker.model import SUPPORTED_PIPELINES, ModelError, model_fingerprint, parse_simulated
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,16 @@ def resolve_dtype(setting: str, device: str) -> Any:
     if setting == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     return getattr(torch, setting)
+
+
+def load_engine(settings: WorkerSettings) -> Any:
+    """The configured model's engine: ``Engine``, or a ``SimulatedEngine`` for ``simulated:...``."""
+    simulated = parse_simulated(settings.model)
+    if simulated is not None:
+        from worker.simulated import SimulatedEngine
+
+        return SimulatedEngine(settings.model, simulated)
+    return Engine.load(settings)
 
 
 class Engine:

@@ -86,8 +86,9 @@ class BatchExecutor:
         self.reporter = reporter
         self.settings = settings
         self.defaults = settings.recipe_defaults()
-        self.worker = {"hostname": socket.gethostname(), **engine.describe()}
-        self.name = name or self.worker["hostname"]  # in running records: whether its worker is alive
+        # name: the worker in running records (whether it is alive) and sidecars (which one made it)
+        self.name = name or socket.gethostname()
+        self.worker = {"hostname": socket.gethostname(), "name": self.name, **engine.describe()}
         self.backlog: Backlog[Outcome] = Backlog(settings.store_threads, settings.store_backlog_count)
         self.store_retry = StoreRetry(settings.store_retry_s)
 

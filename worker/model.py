@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,45 @@ class ModelError(RuntimeError):
     """The model cannot be served by this worker (not found, wrong pipeline type)."""
 
 
+#: ``simulated:a=0.05,b=0.01``: no model, a device that takes a + b x batch size seconds per call
+#: (see worker.simulated). It batches like an SD 1.x model.
+SIMULATED_PREFIX = "simulated:"
+SIMULATED_MAX_S = 600.0
+
+
+@dataclass(frozen=True)
+class SimulatedDevice:
+    a: float = 0.05  # seconds per pipeline call
+    b: float = 0.01  # seconds per image in it
+
+    def call_seconds(self, images: int) -> float:
+        return self.a + self.b * images
+
+
+def parse_simulated(model: str) -> SimulatedDevice | None:
+    """The simulated device a model name asks for, None for a real model, ModelError if malformed."""
+    if not model.startswith(SIMULATED_PREFIX):
+        return None
+    params: dict[str, float] = {}
+    for part in filter(None, model.removeprefix(SIMULATED_PREFIX).split(",")):
+        name, _, text = part.partition("=")
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if name.strip() not in ("a", "b") or not 0 <= value <= SIMULATED_MAX_S:
+            raise ModelError(
+                f"bad simulated device {model!r} at {part!r}: expected simulated:a=SECONDS,b=SECONDS "
+                f"(per call, per image; 0 to {SIMULATED_MAX_S:.0f})"
+            )
+        params[name.strip()] = value
+    return SimulatedDevice(**params)
+
+
 def read_model_index(model: str, revision: str | None = None) -> dict[str, Any]:
     """The model's ``model_index.json``: from a local folder, or from the Hub (or its cache)."""
+    if parse_simulated(model) is not None:
+        return {"_class_name": "StableDiffusionPipeline", "simulated": True}
     path = Path(model)
     try:
         if path.is_dir():
@@ -71,6 +110,8 @@ def model_fingerprint(model: str, revision: str | None) -> dict[str, Any]:
     are retrained or swapped.
     """
     path = Path(model)
+    if parse_simulated(model) is not None:
+        return {"id": model, "revision": None}
     if not path.is_dir():
         return {"id": model, "revision": _hub_commit(model, revision) or revision}
     digest = hashlib.sha256()

@@ -89,11 +89,11 @@ def build_executor(settings: WorkerSettings) -> BatchExecutor:
     A process that replaces one that died skips that check: its worker's storage took writes,
     and an outage now (the reason it died, perhaps) is for the uploads' retries to wait out, not
     a reason to stop the worker."""
-    from worker.engine import Engine
+    from worker.engine import load_engine
 
     storage = make_storage(settings, check=not _serving)
     return BatchExecutor(
-        Engine.load(settings), storage, RunStore.from_url(settings.result_backend), settings, name=_worker_name
+        load_engine(settings), storage, RunStore.from_url(settings.result_backend), settings, name=_worker_name
     )
 
 

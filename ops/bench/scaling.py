@@ -1,0 +1,165 @@
+"""Scaling to many workers without GPUs: N real ``deepqueue worker`` processes on the simulated
+device (``simulated:a=A,b=B``), one redis-server and one moto S3 server, as they are.
+
+The device is calibrated on the H200 figures in ops/bench/README.md (SD1.5 architecture, fp16,
+512x512, 50 DDIM steps, DeepCache 3/0): 0.60 s per call at batch 1 and 1.26 s at batch 8, so
+a = 0.51 s per call and b = 0.094 s per image. The images are 64x64 JPEG: two CPU cores must
+encode and upload for up to 16 simulated GPUs, so the figures measure the queue, batching,
+storage and state path, not the encoder.
+
+For each N (1, 2, 4, 8, 16): N workers start, N x CALLS x 8 jobs are submitted at once, and the
+wall time from submit to the last job done gives images/s; scaling = that ÷ (N x one worker's).
+From the sidecars: batch fill (mean batch size ÷ 8) and, per worker, the critical-path overhead:
+the gaps between consecutive pipeline calls ÷ the calls' own time (0: the device never waits).
+
+    .venv/bin/python -m ops.bench.scaling [--workers 1,2,4,8,16] [--calls 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from ops.bench.report import command_line, load_average, machine_info
+from ops.localstack import moto_s3_client, start_moto, start_redis, start_worker, stop, worker_env
+from producer import Client, JobState
+
+logger = logging.getLogger(__name__)
+
+#: H200 calibration (see the module docstring).
+DEVICE = "simulated:a=0.51,b=0.094"
+MAX_BATCH = 8
+RESULTS = Path(__file__).parent / "results"
+
+
+def critical_path(sidecars: list[dict[str, Any]]) -> dict[str, float]:
+    """Per worker, gaps between consecutive pipeline calls ÷ call time; batch fill overall."""
+    batches: dict[str, dict[str, tuple[float, float, int]]] = defaultdict(dict)
+    for sidecar in sidecars:
+        batch, timing = sidecar["batch"], sidecar["timing"]
+        batches[sidecar["worker"]["name"]][batch["id"]] = (
+            timing["started_at"],
+            timing["batch_inference_s"],
+            batch["size"],
+        )
+    gaps, calls, sizes = [], [], []
+    for per_worker in batches.values():
+        ordered = sorted(per_worker.values())
+        sizes += [size for _, _, size in ordered]
+        calls += [seconds for _, seconds, _ in ordered]
+        gaps += [max(0.0, nxt[0] - (cur[0] + cur[1])) for cur, nxt in zip(ordered, ordered[1:], strict=False)]
+    return {
+        "batches": len(sizes),
+        "batch_fill": statistics.fmean(sizes) / MAX_BATCH,
+        "median_gap_s": statistics.median(gaps) if gaps else 0.0,
+        "overhead": (sum(gaps) / sum(calls[: len(gaps)])) if gaps else 0.0,
+    }
+
+
+def measure(n: int, calls: int, redis_url: str, s3: str, tmp: Path) -> dict[str, Any]:
+    """Images/s, batch fill and critical-path overhead of ``n`` simulated workers."""
+    broker, backend = f"{redis_url}/0", f"{redis_url}/1"
+    for url in (broker, backend):
+        redis.Redis.from_url(url).flushdb()
+    bucket = f"scaling-{n}"
+    moto_s3_client(s3).create_bucket(Bucket=bucket)
+    env = worker_env(broker_url=broker, result_backend=backend, s3_endpoint=s3, bucket=bucket, model=DEVICE)
+    with ThreadPoolExecutor(n) as pool:
+        workers = list(
+            pool.map(lambda i: start_worker(env, tmp / f"n{n}-w{i}.log", "--hostname", f"w{i}@%h"), range(n))
+        )
+    try:
+        jobs = [{"prompt": f"scale {i}", "format": "jpeg"} for i in range(n * calls * MAX_BATCH)]
+        with Client(broker, backend) as client:
+            started = time.perf_counter()
+            run = client.submit(jobs, run=f"scale-{n}", width=64, height=64)
+            while run.status().counts[JobState.DONE] < len(jobs):
+                time.sleep(0.05)
+            seconds = time.perf_counter() - started
+    finally:
+        for worker in workers:
+            stop(worker)
+    client_s3 = moto_s3_client(s3)
+    sidecars = []
+    for page in client_s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"scale-{n}/"):
+        for item in page.get("Contents", []):
+            if item["Key"].endswith(".json"):
+                sidecars.append(json.loads(client_s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()))
+    return {
+        "workers": n,
+        "jobs": len(jobs),
+        "seconds": seconds,
+        "images_per_s": len(jobs) / seconds,
+        **critical_path(sidecars),
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    rows = [
+        "| workers | jobs | images/s | scaling (÷ linear) | batch fill | critical-path overhead | median gap |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for point in results["points"]:
+        rows.append(
+            f"| {point['workers']} | {point['jobs']} | {point['images_per_s']:.1f} | {point['scaling']:.2f} | "
+            f"{point['batch_fill']:.2f} | {point['overhead']:.3f} | {point['median_gap_s'] * 1000:.0f} ms |"
+        )
+    return (
+        f"# Scaling on the simulated device ({results['device']})\n\n"
+        f"Command: `{results['command']}`; machine: {results['machine'].get('cpu')}, "
+        f"load {results['load_before']} -> {results['load_after']}.\n\n" + "\n".join(rows) + "\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default="1,2,4,8,16", help="worker counts, comma-separated")
+    parser.add_argument("--calls", type=int, default=6, help="full pipeline calls per worker")
+    parser.add_argument("--name", default="scaling-latest", help="results file name (no extension)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    counts = [int(part) for part in args.workers.split(",")]
+    results: dict[str, Any] = {"device": DEVICE, "command": command_line(), "machine": machine_info()}
+    results["load_before"] = load_average()
+    with tempfile.TemporaryDirectory() as tmp:
+        redis_process, redis_url = start_redis(Path(tmp))
+        moto_process, s3 = start_moto()
+        try:
+            points = []
+            for n in counts:
+                point = measure(n, args.calls, redis_url, s3, Path(tmp))
+                logger.info(
+                    "%d workers: %.1f images/s, fill %.2f, overhead %.3f",
+                    n,
+                    point["images_per_s"],
+                    point["batch_fill"],
+                    point["overhead"],
+                )
+                points.append(point)
+        finally:
+            stop(moto_process)
+            stop(redis_process)
+    single = next(
+        (p["images_per_s"] for p in points if p["workers"] == 1), points[0]["images_per_s"] / points[0]["workers"]
+    )
+    for point in points:
+        point["scaling"] = point["images_per_s"] / (point["workers"] * single)
+    results["points"], results["load_after"] = points, load_average()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / f"{args.name}.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
