@@ -10,7 +10,11 @@ next batch's call, or with a ``collect_stored`` call when there is no next batch
 
 When a pool process dies or a batch outlives ``batch_timeout_s``, its jobs run again one by one
 in this worker, so a job that kills the process takes no peers with it; a job lost
-``MAX_LOSSES`` times fails with the reason. Jobs whose images that process was still storing
+``MAX_LOSSES`` times (counted in Redis, across workers and restarts) fails with the reason.
+Every message held here is leased (``worker.leases``): if this worker dies, its messages go back
+to the queue within seconds. When the consumer loses its connection, Celery builds a new
+strategy: the old one is retired, sending back what it had not started, and its acks go through
+the lease keeper's own connection. Jobs whose images that process was still storing
 run again as ordinary jobs. When the pipeline cannot be built at all, the batch
 goes back to the queue for other workers and this one stops with a non-zero exit code.
 
