@@ -12,7 +12,8 @@ to a second worker; long (an hour), it strands the jobs of a worker that died. S
 - it puts back on the queue every message of deepqueue's queue whose time is older than
   ``lease_expiry_s``: no live worker holds it (its worker was SIGKILLed, or lost its connection
   and the requests it had, or could not send it back while Redis was down);
-- messages the worker gives up itself (after a lost connection) are put back at once, and those
+- messages the worker gives up itself (after a lost connection) are put back at once (from its
+  own copy if Redis died between handing one out and recording it as unacked), and those
   it could not acknowledge or send back (their channel went with the connection, or Redis was
   down) are settled through this thread's own connection as soon as Redis answers.
 
@@ -79,7 +80,7 @@ class Leases:
         self._broker_url = broker_url
         self._transport_options = transport_options
         self._held: set[str] = set()
-        self._returned: set[str] = set()
+        self._returned: dict[str, tuple[Any, str, str]] = {}  # tag -> (raw message, exchange, routing key)
         self._acked: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -94,22 +95,23 @@ class Leases:
         with self._lock:
             self._held.discard(tag)
 
-    def give_back(self, tags: Iterable[str]) -> None:
-        """Stop holding ``tags`` and put their messages back on the queue at the next beat (soon)."""
+    def give_back(self, messages: Iterable[Any]) -> None:
+        """Stop holding these (kombu) messages and put them back on the queue at the next beat."""
         with self._lock:
-            for tag in tags:
-                self._held.discard(tag)
-                self._returned.add(tag)
+            for message in messages:
+                self._held.discard(message.delivery_tag)
+                info = message.delivery_info
+                self._returned[message.delivery_tag] = (message._raw, info["exchange"], info["routing_key"])
         self._wake.set()
 
-    def settle(self, tag: str, *, requeue: bool) -> None:
+    def settle(self, message: Any, *, requeue: bool) -> None:
         """Acknowledge (or, ``requeue``, send back) a message from this thread, as soon as it can."""
         if requeue:
-            self.give_back([tag])
+            self.give_back([message])
             return
         with self._lock:
-            self._held.discard(tag)
-            self._acked.add(tag)
+            self._held.discard(message.delivery_tag)
+            self._acked.add(message.delivery_tag)
         self._wake.set()
 
     def held(self) -> set[str]:
@@ -155,7 +157,7 @@ class Leases:
         client, qos = channel.client, channel.qos
         now = time.time()
         with self._lock:
-            held, returned, acked = list(self._held), list(self._returned), list(self._acked)
+            held, returned, acked = list(self._held), dict(self._returned), list(self._acked)
         pipe = client.pipeline(transaction=False)
         pipe.hset(WORKERS_KEY, self.name, now)
         if held:
@@ -163,12 +165,16 @@ class Leases:
         if acked:  # what kombu's QoS.ack does
             pipe.zrem(channel.unacked_index_key, *acked).hdel(channel.unacked_key, *acked)
         pipe.execute()
-        for tag in returned:
-            qos.restore_by_tag(tag, client)
+        for tag, copy in returned.items():
+            if client.hexists(channel.unacked_key, tag):
+                qos.restore_by_tag(tag, client)
+            else:  # Redis died after handing it out, before recording it: this copy is all there is
+                channel._do_restore_message(*copy, client)  # what restore_by_tag does with Redis's copy
         if returned or acked:
             logger.info("leases: %d messages put back on the queue, %d acknowledged", len(returned), len(acked))
             with self._lock:
-                self._returned.difference_update(returned)
+                for tag in returned:
+                    self._returned.pop(tag, None)
                 self._acked.difference_update(acked)
         uptime = float(client.info("server")["uptime_in_seconds"])
         if may_sweep(connected_s, uptime, self.expiry_s):

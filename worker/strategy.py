@@ -262,7 +262,7 @@ class BatchingStrategy:
     def _buffer_again(self, req: Any, key: Any, since: float) -> None:
         """Run ``req`` again here, or, once this strategy is retired, anywhere (back to the queue)."""
         if self.retired:
-            self.leases.give_back([req.message.delivery_tag])
+            self.leases.give_back([req.message])
             worker_state.task_ready(req)
         else:
             self.buffer.add(key, req, since)
@@ -277,7 +277,7 @@ class BatchingStrategy:
         returned = [req for _, requests in self.buffer.drain() for req in requests]
         returned += [req for call in dropped for req in call.requests]
         self._release(returned)
-        self.leases.give_back(req.message.delivery_tag for req in returned)
+        self.leases.give_back(req.message for req in returned)
         for req in returned:
             worker_state.task_ready(req)
         logger.warning("connection lost: %d jobs this worker had not started go back to the queue", len(returned))
@@ -346,7 +346,7 @@ class BatchingStrategy:
                 message.reject(requeue=requeue)
         except Exception as error:  # a lost channel or Redis: the lease keeper retries it
             logger.debug("message %s not settled (%r): the lease keeper will", tag, error)
-            self.leases.settle(tag, requeue=bool(requeue))
+            self.leases.settle(message, requeue=bool(requeue))
         else:
             self.leases.release(tag)
 

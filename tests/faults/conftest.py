@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from ops.localstack import free_port, moto_s3_client, start_redis, stop, worker_env
-from producer import Client, JobState
+from producer import Client, Job, JobState
 
 
 class RestartableRedis:
@@ -124,9 +124,10 @@ class FaultCounts:
             recovery_s=round(finished_at - fault_ended_at, 1) if finished_at else None,
         )
 
-    def report(self, fault: str) -> None:
+    def report(self, fault: str, resent: int = 0) -> None:
         print(
             f"\n[fault] {fault}: accepted {self.accepted}, done {self.done}, failed with reason {self.failed}, "
+            f"lost in delivery and resent {resent}, "
             f"lost {self.lost}, written twice {self.written_twice}, fault end -> last finished {self.recovery_s} s"
         )
 
@@ -208,3 +209,33 @@ def s3_proxy(s3_endpoint) -> Iterator[CuttableProxy]:
     proxy = CuttableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     yield proxy
     proxy.cut()
+
+
+def wait_resending_lost(env: dict[str, str], run: str, count: int, timeout: float) -> int:
+    """Wait until ``run`` has ``count`` jobs finished, resending any job lost in delivery.
+
+    kombu's Redis transport hands a message over in two commands (BRPOP, then a record in
+    ``unacked``): Redis SIGKILLed between them loses that message. Its job stays queued, with
+    no message in the queue or unacked, and its job as sent kept in Redis; it is sent again
+    from there, as ``deepqueue retry`` would (which also resends failed jobs, not wanted here).
+    Returns how many were resent.
+    """
+    broker = redis.Redis.from_url(env["DEEPQUEUE_BROKER_URL"])
+    deadline, resent, nowhere_since = time.monotonic() + timeout, 0, None
+    while True:
+        try:
+            with client_for(env) as client:
+                status = client.run(run).status()
+                if status.finished == count:
+                    return resent
+                nowhere = status.counts[JobState.QUEUED] and not broker.llen("deepqueue") and not broker.hlen("unacked")
+                nowhere_since = (nowhere_since or time.monotonic()) if nowhere else None
+                if nowhere_since and time.monotonic() - nowhere_since > 3:
+                    queued = [r.job_id for r in client.run(run).results(JobState.QUEUED)]
+                    jobs = [Job.model_validate_json(kept) for kept in client._store.pending(run, queued) if kept]
+                    client._send(run, jobs)
+                    resent, nowhere_since = resent + len(jobs), None
+        except redis.ConnectionError:  # the fault under test may be going on
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for run {run}"
+        time.sleep(0.5)
