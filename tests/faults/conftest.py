@@ -6,6 +6,8 @@ reason, lost, objects written twice, and seconds from the end of the fault to th
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -43,6 +45,25 @@ class RestartableRedis:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             stop(self.process)
+
+
+def pool_processes(worker: subprocess.Popen) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+def kill_worker(worker: subprocess.Popen) -> None:
+    """SIGKILL a worker and its pool processes: a machine or container gone at once."""
+    for pid in (*pool_processes(worker), worker.pid):
+        os.kill(pid, signal.SIGKILL)
+    worker.wait()
+
+
+def stop_running(*workers: subprocess.Popen | None) -> None:
+    """Warm-stop the workers a test started that are still running."""
+    for worker in workers:
+        if worker is not None and worker.poll() is None:
+            stop(worker)
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ lost, every worker alive at the end, nothing unpickled."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,8 +19,7 @@ from ops.localstack import start_worker, stop
 from producer import JobState
 from tests.helpers import malformed, publish_raw
 
-from .conftest import FaultCounts, client_for, wait_resending_lost, wait_until
-from .test_redis_and_worker_faults import pool_processes
+from .conftest import FaultCounts, client_for, kill_worker, stop_running, wait_resending_lost, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
@@ -88,9 +85,7 @@ def test_200_jobs_through_every_fault(fault_env, restartable_redis, s3_proxy, tm
             restartable_redis.start()
 
         def kill_worker_a() -> None:
-            for pid in (*pool_processes(workers["a"]), workers["a"].pid):
-                os.kill(pid, signal.SIGKILL)
-            workers["a"].wait()
+            kill_worker(workers["a"])
             workers["a"] = start("a2")
 
         def s3_down() -> None:
@@ -129,6 +124,4 @@ def test_200_jobs_through_every_fault(fault_env, restartable_redis, s3_proxy, tm
         dropped = sum(log.read_text().count("dropping malformed message") for log in logs)
         assert dropped >= 9  # args-not-a-list is a readable task: it fails alone instead (no run)
     finally:
-        for worker in workers.values():
-            if worker.poll() is None:
-                stop(worker)
+        stop_running(*workers.values())

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
 import pytest
@@ -15,7 +14,7 @@ import redis
 from ops.localstack import start_worker, stop
 from producer import JobState
 
-from .conftest import FaultCounts, client_for, wait_resending_lost, wait_until
+from .conftest import FaultCounts, client_for, kill_worker, stop_running, wait_resending_lost, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
@@ -39,11 +38,6 @@ def wait_for_run(env: dict[str, str], run: str, count: int, timeout: float) -> N
             return client.run(run).status().finished == count
 
     wait_until(finished, timeout, f"run {run} to finish", poll_s=0.5)
-
-
-def pool_processes(worker: subprocess.Popen) -> list[int]:
-    found = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in found]
 
 
 def check(counts: FaultCounts, fault: str, accepted: int, resent: int = 0) -> None:
@@ -104,9 +98,7 @@ def test_worker_main_process_sigkilled(fault_env, tmp_path):
         wait_for_run(fault_env, "sigkill", 32, RECOVERY_S + 60)
         check(FaultCounts.measure(fault_env, {"sigkill": 32}, fault_ended_at), "worker main process SIGKILL", 32)
     finally:
-        for worker in (first, second):
-            if worker is not None and worker.poll() is None:
-                stop(worker)
+        stop_running(first, second)
 
 
 def test_lost_messages_of_a_killed_worker_are_sent_again_by_retry(fault_env, tmp_path):
@@ -118,9 +110,7 @@ def test_lost_messages_of_a_killed_worker_are_sent_again_by_retry(fault_env, tmp
     try:
         submit(fault_env, "purged", 16)
         wait_until(lambda: running_jobs(fault_env, "purged") > 0, 120, "a running batch")
-        for pid in (*pool_processes(first), first.pid):
-            os.kill(pid, signal.SIGKILL)
-        first.wait()
+        kill_worker(first)
         broker = redis.Redis.from_url(fault_env["DEEPQUEUE_BROKER_URL"])
         broker.delete("deepqueue", "unacked", "unacked_index")  # every message is lost
         fault_ended_at = time.time()
@@ -131,6 +121,4 @@ def test_lost_messages_of_a_killed_worker_are_sent_again_by_retry(fault_env, tmp
         wait_for_run(fault_env, "purged", 16, RECOVERY_S + 60)
         check(FaultCounts.measure(fault_env, {"purged": 16}, fault_ended_at), "worker SIGKILL + messages lost", 16)
     finally:
-        for worker in (first, second):
-            if worker is not None and worker.poll() is None:
-                stop(worker)
+        stop_running(first, second)

@@ -3,8 +3,6 @@ uploads are refused), and a poison job that gets its pool process killed every t
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest
@@ -12,8 +10,8 @@ import pytest
 from ops.localstack import start_worker, stop
 from producer import JobState
 
-from .conftest import FaultCounts, client_for, wait_until
-from .test_redis_and_worker_faults import RECOVERY_S, check, pool_processes, submit, wait_for_run
+from .conftest import FaultCounts, client_for, kill_worker, stop_running, wait_until
+from .test_redis_and_worker_faults import RECOVERY_S, check, submit, wait_for_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
@@ -57,9 +55,7 @@ def test_a_poison_job_fails_after_two_losses_counted_across_workers(fault_env, t
             client.submit(["poison"], run="poison", steps=200, width=256, height=256, cache_interval=1)
         submit(env, "peers", 16, steps=2)
         wait_until(lambda: "retrying its jobs one by one" in first_log.read_text(), 120, "the first loss")
-        for pid in (*pool_processes(first), first.pid):
-            os.kill(pid, signal.SIGKILL)
-        first.wait()
+        kill_worker(first)
         fault_ended_at = time.time()
         second = start_worker(env, tmp_path / "second.log")
         wait_for_run(env, "poison", 1, RECOVERY_S + 60)
@@ -72,6 +68,4 @@ def test_a_poison_job_fails_after_two_losses_counted_across_workers(fault_env, t
         assert poison.reason == "generation failed: it timed out 2 times while running this job"
         assert second.poll() is None
     finally:
-        for worker in (first, second):
-            if worker is not None and worker.poll() is None:
-                stop(worker)
+        stop_running(first, second)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import threading
 import time
@@ -31,13 +30,6 @@ from producer.job import derive_seed
 from producer.state import RunStore
 
 QUEUED, RUNNING, DONE, FAILED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED
-
-
-@pytest.fixture(autouse=True)
-def no_deepqueue_env(monkeypatch):
-    """A developer's own DEEPQUEUE_* settings must not leak into these tests."""
-    for name in [name for name in os.environ if name.startswith("DEEPQUEUE_")]:
-        monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ every key of both databases are byte for byte what they were.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,6 @@ ROW = "job 0 (item 0)"  #: what names the first item of a list in an error
 def row(**fields: Any) -> list[dict[str, Any]]:
     """A one-item source: a prompt and the given fields."""
     return [{"prompt": "a", **fields}]
-
-
-@pytest.fixture(autouse=True)
-def no_deepqueue_env(monkeypatch):
-    for name in [name for name in os.environ if name.startswith("DEEPQUEUE_")]:
-        monkeypatch.delenv(name)
 
 
 @pytest.fixture

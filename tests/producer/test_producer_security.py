@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import datetime
 import json
-import os
 import shutil
 import ssl
 import subprocess
@@ -27,12 +26,6 @@ from producer.state import RunStore
 PASSWORD = "s3cr3t-Pa55word"
 PROMPT = "PRIVATE-PROMPT a portrait of my neighbour's kid"
 NEGATIVE = "PRIVATE-NEGATIVE blurry"
-
-
-@pytest.fixture(autouse=True)
-def no_deepqueue_env(monkeypatch):
-    for name in [name for name in os.environ if name.startswith("DEEPQUEUE_")]:
-        monkeypatch.delenv(name)
 
 
 def invoke(*args: str) -> Result:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from pydantic import ValidationError
@@ -13,12 +12,6 @@ from producer.contract import TASK_NAME, celery_config
 from producer.enqueue import message_args, producer_app
 from producer.job import JobDefaults, make_jobs
 from producer.settings import ClientSettings
-
-
-@pytest.fixture(autouse=True)
-def no_deepqueue_env(monkeypatch):
-    for name in [name for name in os.environ if name.startswith("DEEPQUEUE_")]:
-        monkeypatch.delenv(name)
 
 
 def test_public_surface():
