@@ -97,11 +97,16 @@ class Leases:
 
     def give_back(self, messages: Iterable[Any]) -> None:
         """Stop holding these (kombu) messages and put them back on the queue at the next beat."""
+        for message in messages:
+            info = message.delivery_info
+            self.release(message.delivery_tag)
+            self.put_back(message.delivery_tag, (message._raw, info["exchange"], info["routing_key"]))
+
+    def put_back(self, tag: str, copy: tuple[Any, str, str]) -> None:
+        """Put a message this worker took but could not record as held (``worker.transport``)
+        back on the queue at the next beat: ``copy`` is (raw message, exchange, routing key)."""
         with self._lock:
-            for message in messages:
-                self._held.discard(message.delivery_tag)
-                info = message.delivery_info
-                self._returned[message.delivery_tag] = (message._raw, info["exchange"], info["routing_key"])
+            self._returned[tag] = copy
         self._wake.set()
 
     def settle(self, message: Any, *, requeue: bool) -> None:
@@ -217,7 +222,7 @@ class LeaseKeeper(bootsteps.StartStopStep):
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         settings = runtime.settings()
         runtime.name_worker(f"{worker.hostname}:{os.getpid()}")  # before the pool forks
-        worker.leases = Leases(
+        worker.leases = leases = Leases(
             settings.broker_url,
             celery_config(settings)["broker_transport_options"],
             queue=settings.queue,
@@ -225,6 +230,7 @@ class LeaseKeeper(bootsteps.StartStopStep):
             renew_s=settings.lease_renew_s,
             expiry_s=settings.lease_expiry_s,
         )
+        runtime.keep_leases(leases)
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:

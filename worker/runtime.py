@@ -11,12 +11,15 @@ import json
 import logging
 import os
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from producer.state import RunStore
 from worker.executor import BatchExecutor, Delivery, Outcome
 from worker.settings import WorkerSettings
 from worker.storage import LocalStorage, S3Storage, Storage, write_check_key
+
+if TYPE_CHECKING:
+    from worker.leases import Leases
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,7 @@ _executor: BatchExecutor | None = None
 _init_error: str | None = None
 _report_fd: int | None = None  # where a pool process says whether its pipeline is built
 _worker_name: str | None = None  # this worker in job records and leases: node name and main pid
+_leases: Leases | None = None  # the main process's leases, for what its broker transport could not deliver
 _serving = False  # set in the main process once its first pool process is ready; forks inherit it
 
 
@@ -52,6 +56,16 @@ def name_worker(name: str) -> None:
 
 def worker_name() -> str | None:
     return _worker_name
+
+
+def keep_leases(leases: Leases) -> None:
+    """Called in the main process: the leases that put back what a failed delivery took."""
+    global _leases
+    _leases = leases
+
+
+def leases() -> Leases | None:
+    return _leases
 
 
 def mark_serving() -> None:

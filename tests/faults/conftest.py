@@ -208,12 +208,15 @@ class CuttableProxy:
             with self._lock:
                 self._connections += [client, upstream]
             for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(source, sink, source is client), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def passes(self, data: bytes) -> bool:
+        """Whether data a client sends goes through; if not, it is dropped with its connection."""
+        return True
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
         try:
-            while data := source.recv(65536):
+            while (data := source.recv(65536)) and (not from_client or self.passes(data)):
                 sink.sendall(data)
         except OSError:
             pass
@@ -223,6 +226,35 @@ class CuttableProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+class DeliveryCutter(CuttableProxy):
+    """A proxy in front of Redis that, once armed, drops kombu's record of a delivered message
+    (the transaction with ``HSET unacked``, sent after its ``BRPOP``) and that connection, for
+    ``window_s`` from the first it sees: redis-py's retries of that transaction meet the same
+    fault. That is a connection lost between taking a message and recording it, each time."""
+
+    RECORD = b"$4\r\nHSET\r\n$7\r\nunacked\r\n"
+
+    def __init__(self, target_port: int, window_s: float) -> None:
+        super().__init__(target_port)
+        self.window_s = window_s
+        self.cuts = 0
+        self.first_cut_at: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def passes(self, data: bytes) -> bool:
+        if self.RECORD not in data:
+            return True
+        now = time.time()
+        self.first_cut_at = self.first_cut_at or now
+        if now - self.first_cut_at > self.window_s:
+            return True
+        self.cuts += 1
+        return False
 
 
 @pytest.fixture
@@ -236,10 +268,12 @@ def wait_resending_lost(env: dict[str, str], run: str, count: int, timeout: floa
     """Wait until ``run`` has ``count`` jobs finished, resending any job lost in delivery.
 
     kombu's Redis transport hands a message over in two commands (BRPOP, then a record in
-    ``unacked``): Redis SIGKILLed between them loses that message. Its job stays queued, with
-    no message in the queue or unacked, and its job as sent kept in Redis; it is sent again
-    from there, as ``deepqueue retry`` would (which also resends failed jobs, not wanted here).
-    Returns how many were resent.
+    ``unacked``). The worker puts back a message it received but could not record
+    (``worker.transport``); Redis SIGKILLed after the BRPOP and before its reply reached the
+    worker still loses that message: no one has it. Its job stays queued, with no message in the
+    queue or unacked, and its job as sent kept in Redis; it is sent again from there, as
+    ``deepqueue retry`` would (which also resends failed jobs, not wanted here). Returns how
+    many were resent.
     """
     broker = redis.Redis.from_url(env["DEEPQUEUE_BROKER_URL"])
     deadline, resent, nowhere_since = time.monotonic() + timeout, 0, None

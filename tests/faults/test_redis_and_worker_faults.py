@@ -14,7 +14,15 @@ import redis
 from ops.localstack import start_worker, stop
 from producer import JobState
 
-from .conftest import FaultCounts, client_for, kill_worker, stop_running, wait_resending_lost, wait_until
+from .conftest import (
+    DeliveryCutter,
+    FaultCounts,
+    client_for,
+    kill_worker,
+    stop_running,
+    wait_resending_lost,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
@@ -67,6 +75,25 @@ def test_redis_killed_and_restarted_mid_run(fault_env, restartable_redis, tmp_pa
         assert worker.poll() is None
     finally:
         stop(worker)
+
+
+def test_connection_lost_between_taking_a_message_and_recording_it(fault_env, restartable_redis, tmp_path):
+    """kombu takes a message (BRPOP), then records it as unacked: a connection lost in between
+    (a proxy drops the record, 10 s long) used to lose the message. The worker puts its copy back."""
+    cutter = DeliveryCutter(restartable_redis.port, window_s=10)
+    worker = start_worker({**fault_env, "DEEPQUEUE_BROKER_URL": cutter.url}, tmp_path / "worker.log")
+    try:
+        submit(fault_env, "record", 24)
+        wait_until(lambda: cutter.first_cut_at is not None, 120, "a delivery through the proxy")
+        wait_until(lambda: time.time() > cutter.first_cut_at + cutter.window_s, 30, "the end of the fault")
+        fault_ended_at = time.time()
+        wait_for_run(fault_env, "record", 24, RECOVERY_S + 60)
+        check(FaultCounts.measure(fault_env, {"record": 24}, fault_ended_at), "unacked record lost", 24)
+        assert cutter.cuts >= 1 and worker.poll() is None
+        assert "goes back on the queue when Redis answers" in (tmp_path / "worker.log").read_text()
+    finally:
+        stop(worker)
+        cutter.cut()
 
 
 def test_redis_down_20_s_mid_run(fault_env, restartable_redis, tmp_path):
