@@ -98,12 +98,15 @@ class BatchBuffer(Generic[T]):
             self._resort()  # a new key that arrived "earlier" (a retry) moves up the line
 
     def take(self, now: float, *, allow_partial: bool = True) -> tuple[Hashable, list[T]] | None:
-        """The next batch to run, or None: of the keys that are full, or (``allow_partial``)
-        have waited ``max_wait_s``, the one holding the oldest item, so a steady stream of
-        full batches never starves a partial one."""
+        """The next batch to run, or None: the key holding the oldest item among those that are
+        full or have waited ``max_wait_s`` (due). A due partial key is handed out only with
+        ``allow_partial`` (a pool slot is idle); until then it holds the line, so that a steady
+        stream of younger full batches never starves it."""
         for key, group in self._groups.items():
-            if len(group) >= self.max_batch or (allow_partial and now - group[0][0] >= self.max_wait_s):
+            if len(group) >= self.max_batch:
                 return key, self._pop(key, self.max_batch)
+            if now - group[0][0] >= self.max_wait_s:
+                return (key, self._pop(key, self.max_batch)) if allow_partial else None
         return None
 
     def drain(self) -> Iterable[tuple[Hashable, list[T]]]:

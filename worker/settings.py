@@ -27,7 +27,19 @@ class WorkerSettings(ClientSettings):
     )
     max_batch: int = Field(8, ge=1, le=64, description="Images per pipeline call at most")
     max_wait_s: float = Field(2.0, ge=0, description="Longest a partial batch waits for peers of the same shape")
-    prefetch: int | None = Field(None, ge=1, description="Messages reserved from Redis at once (default 4 x max_batch)")
+    mixed_shapes: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="Batch keys (sizes, step counts, ...) a queue may mix at random: the default prefetch "
+        "reserves enough messages to fill batches from that many",
+    )
+    prefetch: int | None = Field(
+        None,
+        ge=1,
+        description="Messages reserved from Redis at once (default: mixed_shapes x (max_batch - 1) + 1 to batch "
+        "from, plus 2 batches in flight and the store backlog)",
+    )
     batch_timeout_s: float = Field(
         1800.0, gt=0, description="A batch running longer is killed; its jobs are retried one by one"
     )
@@ -81,7 +93,19 @@ class WorkerSettings(ClientSettings):
 
     @property
     def prefetch_count(self) -> int:
-        return self.prefetch or 4 * self.max_batch
+        return self.prefetch or self.buffer_for_full_batches + self.busy_messages
+
+    @property
+    def buffer_for_full_batches(self) -> int:
+        """Messages among which some key always has a full batch, however ``mixed_shapes`` keys
+        are mixed (pigeonhole: one fewer than a batch for every key, plus one)."""
+        return self.mixed_shapes * (self.max_batch - 1) + 1
+
+    @property
+    def busy_messages(self) -> int:
+        """Reserved messages that are not in the buffer while the device is busy: a batch
+        running, one handed over ahead of it, and the images still being stored."""
+        return 2 * self.max_batch + self.store_backlog_count
 
     @property
     def store_backlog_count(self) -> int:
@@ -107,9 +131,24 @@ class WorkerSettings(ClientSettings):
 
     @model_validator(mode="after")
     def _prefetch_holds_a_batch(self) -> WorkerSettings:
-        # Reserved-but-unacked messages are all the buffer can batch from.
-        if self.prefetch is not None and self.prefetch < self.max_batch:
+        # Reserved-but-unacked messages are all the buffer can batch from: with fewer than the
+        # busy ones plus a batch, the next batch cannot form while the device works.
+        least = self.busy_messages + self.max_batch
+        if self.prefetch is not None and self.prefetch < least:
             raise ValueError(
-                f"prefetch ({self.prefetch}) must be at least max_batch ({self.max_batch}), or batches never fill"
+                f"prefetch ({self.prefetch}) must be at least {least}: 2 batches in flight and the store backlog "
+                f"({self.busy_messages} with max_batch {self.max_batch} and store_backlog "
+                f"{self.store_backlog_count}) plus one batch to fill; leave it unset for the default "
+                f"({self.buffer_for_full_batches + self.busy_messages})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _visibility_outlives_leases(self) -> WorkerSettings:
+        # kombu puts back any message older than its visibility timeout, renewed lease or not.
+        if self.visibility_timeout_s < self.lease_expiry_s:
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s}) must be at least lease_expiry_s "
+                f"({self.lease_expiry_s}): kombu would hand messages this worker holds to another worker"
             )
         return self

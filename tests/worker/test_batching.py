@@ -202,13 +202,34 @@ def test_an_overdue_partial_is_not_starved_by_younger_full_batches() -> None:
     assert buffer.take(6.0) == ("new", ["n1", "n2"])
 
 
-def test_full_batches_go_while_partials_may_not() -> None:
+def test_a_due_partial_holds_the_line_while_partials_may_not_go() -> None:
     buffer: BatchBuffer[str] = BatchBuffer(2, 1.0)
     buffer.add("old", "o1", now=0.0)
     buffer.add("new", "n1", now=5.0)
     buffer.add("new", "n2", now=5.5)
-    assert buffer.take(6.0, allow_partial=False) == ("new", ["n1", "n2"])
-    assert buffer.take(6.0, allow_partial=False) is None
+    assert buffer.take(0.5, allow_partial=False) == ("new", ["n1", "n2"])  # "old" not due yet: full ones go
+    buffer.add("new", "n3", now=6.0)
+    buffer.add("new", "n4", now=6.0)
+    assert buffer.take(6.0, allow_partial=False) is None  # "old" is due: no younger batch jumps it
+    assert buffer.take(6.0) == ("old", ["o1"])
+    assert buffer.take(6.0, allow_partial=False) == ("new", ["n3", "n4"])
+
+
+def test_no_key_starves_behind_a_stream_of_full_batches() -> None:
+    """A busy pool (partials not allowed but when a slot is idle, every other take) and a full
+    batch of another key arriving before every take: the lone job still goes by its due time."""
+    buffer: BatchBuffer[str] = BatchBuffer(2, 1.0)
+    buffer.add("lone", "l", now=0.0)
+    taken_at = None
+    for step in range(40):
+        now = step * 0.25
+        buffer.add("busy", f"b{step}a", now=now)
+        buffer.add("busy", f"b{step}b", now=now)
+        got = buffer.take(now, allow_partial=step % 2 == 0)
+        if got is not None and got[0] == "lone":
+            taken_at = now
+            break
+    assert taken_at is not None and taken_at <= 1.0 + 0.25
 
 
 def test_a_retry_added_with_an_early_time_goes_first() -> None:
@@ -336,12 +357,11 @@ class ReferenceBuffer:
         return min(keys, key=lambda k: self.groups[k][0][0])
 
     def take(self, now: float, allow_partial: bool) -> tuple[Any, list[Any]] | None:
-        ready = [
-            k
-            for k, g in self.groups.items()
-            if len(g) >= self.max_batch or (allow_partial and now - g[0][0] >= self.max_wait_s)
-        ]
-        return self._pop(self._oldest(ready)) if ready else None
+        ready = [k for k, g in self.groups.items() if len(g) >= self.max_batch or now - g[0][0] >= self.max_wait_s]
+        if not ready:
+            return None
+        first = self._oldest(ready)
+        return self._pop(first) if allow_partial or len(self.groups[first]) >= self.max_batch else None
 
     def drain(self) -> list[tuple[Any, list[Any]]]:
         out = []
