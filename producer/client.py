@@ -5,18 +5,27 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
 from tqdm import tqdm
 
 from producer.contract import DEAD_LETTERS_KEY, WORKER_GONE_S, WORKERS_KEY
-from producer.enqueue import producer_app, publish
-from producer.errors import RecipeMismatchError, RunNotFoundError, WaitTimeoutError
-from producer.job import Job, make_jobs, recipe_differences, run_defaults, run_recipe
+from producer.enqueue import publish
+from producer.errors import PromptFileError, RecipeMismatchError, RunNotFoundError, WaitTimeoutError
+from producer.job import (
+    Job,
+    check_rows,
+    grouped_by_shape,
+    make_jobs,
+    recipe_differences,
+    run_defaults,
+    run_recipe,
+    validated,
+)
 from producer.settings import ClientSettings, redact_url
-from producer.sources import Source, read_rows
+from producer.sources import Rows, Source
 from producer.state import JobResult, JobState, RunStatus, RunStore
 
 #: Jobs marked queued and published per chunk: bounds memory and round trips alike.
@@ -25,6 +34,21 @@ SUBMIT_CHUNK = 5000
 
 def new_run_id() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def chunked(items: Iterable[Job | list[tuple[str, str]]], size: int) -> Iterator[list[Job]]:
+    """Checked jobs in lists of ``size``; a problem here means the source changed since it was checked."""
+    chunk: list[Job] = []
+    for item in items:
+        if not isinstance(item, Job):
+            where, message = item[0]
+            raise PromptFileError(f"{where}: {message}: the input changed while it was being submitted")
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def live_workers(broker: redis.Redis, since: float) -> set[str]:
@@ -97,8 +121,8 @@ class Client:
         overrides = {"broker_url": broker_url, "result_backend": result_backend, "queue": queue}
         base = settings or ClientSettings()
         self.settings = base.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-        self._app = producer_app(self.settings)
         self._store = RunStore.from_url(self.settings.result_backend)
+        self._broker_client: redis.Redis | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -107,20 +131,13 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._app.close()
+        if self._broker_client is not None:
+            self._broker_client.close()
+        self._store.close()
 
     def prepare(self, source: Source, *, run: str | None = None, seed: int | None = None, **defaults: Any) -> list[Job]:
         """Validate ``source`` into jobs without sending anything (raises InvalidJobError)."""
-        return self._prepare(source, run, seed, defaults)[0]
-
-    @staticmethod
-    def _prepare(
-        source: Source, run: str | None, seed: int | None, defaults: dict[str, Any]
-    ) -> tuple[list[Job], dict[str, Any]]:
-        """The jobs of ``source`` and the run's recipe (its run-wide settings and seed)."""
-        run_id, run_wide = run_id_or_new(run), run_defaults(defaults)
-        jobs = make_jobs(read_rows(source), run_id=run_id, defaults=run_wide, run_seed=seed)
-        return jobs, run_recipe(run_wide, run_id=run_id, run_seed=seed)
+        return make_jobs(Rows(source), run_id=run_id_or_new(run), defaults=run_defaults(defaults), run_seed=seed)
 
     def submit(
         self,
@@ -135,10 +152,14 @@ class Client:
     ) -> Run:
         """Validate every job, then enqueue them; nothing is sent if any job is invalid.
 
-        ``source`` is a prompt file (.txt/.jsonl/.csv) or a list of prompts, dicts or Jobs;
-        ``defaults`` are run-wide Job fields (height, width, steps, guidance, ...) that rows
-        may override. Submitting a run again sends only its new and failed jobs, and with
-        ``resend_queued`` also the queued ones (after the queue itself was lost).
+        ``source`` is a prompt file (.txt, .jsonl, .csv, .tsv, .json, .parquet; the text ones
+        also .gz) or an iterable of prompts, dicts or Jobs; ``defaults`` are run-wide Job fields
+        (height, width, steps, guidance, ...) that rows may override. Memory stays constant
+        whatever the size: the rows are read twice, once to check them all and once to send
+        them in chunks (an iterable that can be read only once is spooled to a temporary file).
+        Within a chunk, jobs of one shape are sent together, so workers fill their batches.
+        Submitting a run again sends only its new and failed jobs, and with ``resend_queued``
+        also the queued ones (after the queue itself was lost).
 
         A run keeps the recipe it was first submitted with (``defaults`` and ``seed``): a later
         submit of the same run with other ones raises RecipeMismatchError naming each
@@ -146,20 +167,20 @@ class Client:
         jobs again. ``allow_recipe_change=True`` adds them to the run all the same (a sweep of
         settings under one run name). New rows with the same recipe are always welcome.
         """
-        jobs, recipe = self._prepare(source, run, seed, defaults)
-        run_id = jobs[0].run_id
-        self._check_recipe(run_id, recipe, allow_recipe_change)
+        run_id, run_wide = run_id_or_new(run), run_defaults(defaults)
+        rows = Rows(source)
+        total = check_rows(rows, run_id=run_id, defaults=run_wide, run_seed=seed)
+        self._check_recipe(run_id, run_recipe(run_wide, run_id=run_id, run_seed=seed), allow_recipe_change)
         resend = {None, JobState.FAILED} | ({JobState.QUEUED} if resend_queued else set())
         sent = 0
-        with tqdm(total=len(jobs), unit="job", desc="enqueue", disable=not progress) as bar:
-            for start in range(0, len(jobs), SUBMIT_CHUNK):
-                chunk = jobs[start : start + SUBMIT_CHUNK]
+        with tqdm(total=total, unit="job", desc="enqueue", disable=not progress) as bar:
+            for chunk in chunked(validated(rows, run_id=run_id, defaults=run_wide, run_seed=seed), SUBMIT_CHUNK):
                 states = self._store.states(run_id, [job.job_id for job in chunk])
                 to_send = [job for job, state in zip(chunk, states, strict=True) if state in resend]
-                self._send(run_id, to_send)
+                self._send(run_id, grouped_by_shape(to_send))
                 sent += len(to_send)
                 bar.update(len(chunk))
-        return Run(run_id, self._store, submitted=sent, skipped=len(jobs) - sent)
+        return Run(run_id, self._store, submitted=sent, skipped=total - sent)
 
     def retry(self, run_id: str, *, progress: bool = False, gone_after_s: float = WORKER_GONE_S) -> Run:
         """Send again every job of ``run_id`` that is not done: queued (its message may have been
@@ -193,13 +214,17 @@ class Client:
         return [json.loads(raw) for raw in self._broker().lrange(DEAD_LETTERS_KEY, 0, limit - 1)]
 
     def _broker(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.broker_url, socket_timeout=30, socket_connect_timeout=10)
+        if self._broker_client is None:
+            self._broker_client = redis.Redis.from_url(
+                self.settings.broker_url, socket_timeout=30, socket_connect_timeout=10
+            )
+        return self._broker_client
 
     def _send(self, run_id: str, jobs: list[Job]) -> None:
         """Publish ``jobs``, then mark them queued. A chunk that fails to publish is not marked,
         so sending again sends it (and never a job that did reach the queue twice, but for the
         part of a failed chunk that was flushed before the failure)."""
-        publish(self._app, jobs)
+        publish(self._broker(), self.settings.queue, jobs)
         self._store.mark_queued(run_id, {job.job_id: job.model_dump_json(exclude_none=True) for job in jobs})
 
     def _check_recipe(self, run_id: str, recipe: dict[str, Any], allow_change: bool) -> None:

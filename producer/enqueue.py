@@ -1,58 +1,79 @@
-"""Send jobs to the queue: many publishes per Redis round trip through kombu's batch producer.
+"""Send jobs to the queue: Celery task messages in kombu's Redis format, hundreds per round trip.
 
-Celery copies a text form of a task's arguments into each message's headers (``argsrepr``,
-``kwargsrepr``), and workers send it on in their task events, which Flower shows and stores.
-Left to Celery that text is the whole job, prompt included: here it is ``run=... job=...``, so
-prompts stay in the message body only (and each message carries the job once, not twice).
+Celery's ``send_task`` builds every message through kombu's producer (about 250 µs a job, most
+of a submit's time). Here each message is one JSON string, written the way kombu's Redis
+transport stores a message (an envelope with ``body``, ``headers`` and ``properties``, LPUSHed on
+the queue's list) and read back by kombu and Celery unchanged:
+
+- the body is Celery's protocol 2 ``[args, kwargs, embed]`` as JSON text, not base64 (kombu
+  reads a message without ``body_encoding`` as is): the job appears once, at its own size;
+- the headers are the two a worker needs, ``task`` and ``id`` (the job id); no ``argsrepr`` or
+  ``kwargsrepr``, so prompts never reach task events or Flower;
+- the properties are kombu's delivery tag and routing (default exchange, the queue's name).
+
+A producer that uses Celery itself (``app.send_task``) still works: workers read both.
 """
 
 from __future__ import annotations
 
+import json
+import secrets
 import time
 from collections.abc import Sequence
 
+import redis
 from celery import Celery
 
 from producer.contract import TASK_NAME, celery_config
 from producer.job import Job
 from producer.settings import ClientSettings
 
-#: Publishes per Redis pipeline flush.
+#: Messages per LPUSH (and per pipeline flush).
 PUBLISH_BATCH = 500
+
+_COMPACT = {"separators": (",", ":"), "ensure_ascii": False}
 
 
 def producer_app(settings: ClientSettings) -> Celery:
-    """A Celery app that only sends: no tasks, no worker settings, no torch."""
+    """A Celery app that only sends (hand-made messages in tests, the benchmark's baseline)."""
     app = Celery("deepqueue-producer", set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
 
 
-def message_args(job: Job) -> tuple[list, dict]:
+def message_args(job: Job, enqueued_at: float) -> tuple[list, dict]:
     """The task's positional and keyword arguments for one job."""
-    return [job.model_dump(mode="json")], {"enqueued_at": time.time()}
+    return [job.model_dump(mode="json", exclude_none=True)], {"enqueued_at": enqueued_at}
 
 
-def message_reprs(job: Job) -> tuple[str, str]:
-    """What task events and Flower show of a job's arguments: where it is, never its prompt."""
-    return f"run={job.run_id} job={job.job_id}", ""
+def queue_message(job: Job, *, queue: str, enqueued_at: float) -> str:
+    """One job as kombu's Redis transport stores a Celery task message."""
+    args, kwargs = message_args(job, enqueued_at)
+    return json.dumps(
+        {
+            "body": json.dumps([args, kwargs, {}], **_COMPACT),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {"task": TASK_NAME, "id": job.job_id},
+            "properties": {
+                "delivery_tag": secrets.token_hex(8),
+                "delivery_info": {"exchange": "", "routing_key": queue},
+            },
+        },
+        **_COMPACT,
+    )
 
 
-def publish(app: Celery, jobs: Sequence[Job]) -> None:
-    """Publish one message per job; the Celery task id is the job id.
+def publish(broker: redis.Redis, queue: str, jobs: Sequence[Job]) -> None:
+    """Put one message per job on ``queue``, the first job first out; the task id is the job id.
 
-    Raises ``kombu.exceptions.BatchPublishError`` if a pipeline flush fails.
+    Raises redis-py's errors if a flush fails (the messages of earlier flushes are queued).
     """
-    with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
-        for job in jobs:
-            args, kwargs = message_args(job)
-            argsrepr, kwargsrepr = message_reprs(job)
-            app.send_task(
-                TASK_NAME,
-                args=args,
-                kwargs=kwargs,
-                task_id=job.job_id,
-                producer=producer,
-                argsrepr=argsrepr,
-                kwargsrepr=kwargsrepr,
-            )
+    now = time.time()
+    pipe = broker.pipeline(transaction=False)
+    for start in range(0, len(jobs), PUBLISH_BATCH):
+        batch = jobs[start : start + PUBLISH_BATCH]
+        pipe.lpush(queue, *(queue_message(job, queue=queue, enqueued_at=now) for job in batch))
+        if len(pipe) >= 8:
+            pipe.execute()
+    pipe.execute()

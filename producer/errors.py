@@ -16,15 +16,17 @@ class InvalidJobError(DeepQueueError, ValueError):
     (its position and, for files, its line) so a user can fix the input in one pass.
     """
 
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
+    def __init__(self, problems: list[tuple[str, str]], *, omitted: int = 0) -> None:
         self.problems = problems
-        if len(problems) == 1:  # one line, as a shell user reads it after "Error: "
+        self.omitted = omitted  #: problems beyond those kept (a huge file with many bad rows)
+        if len(problems) == 1 and not omitted:  # one line, as a shell user reads it after "Error: "
             [(where, message)] = problems
             super().__init__(f"{where}: {message}; nothing was enqueued")
             return
+        total = len(problems) + omitted
         shown = "\n".join(f"  {where}: {message}" for where, message in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        super().__init__(f"{len(problems)} invalid field(s); nothing was enqueued:\n{shown}{more}")
+        more = f"\n  ... and {total - 20} more" if total > 20 else ""
+        super().__init__(f"{total} invalid field(s); nothing was enqueued:\n{shown}{more}")
 
 
 class PromptFileError(DeepQueueError, ValueError):

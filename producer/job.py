@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -106,7 +107,7 @@ class Job(JobDefaults):
         """Everything that decides the pixels (all fields but the run id and position)."""
         return self.model_dump(exclude={"run_id", "index"})
 
-    @property
+    @cached_property
     def job_id(self) -> str:
         return job_id(self.run_id, self.index, self.recipe())
 
@@ -177,37 +178,105 @@ def run_defaults(fields: Mapping[str, Any]) -> JobDefaults:
         raise InvalidJobError([("run defaults", line) for line in format_errors(error)]) from error
 
 
-def make_jobs(
-    rows: Iterable[tuple[str, Mapping[str, Any]]],
-    *,
-    run_id: str,
-    defaults: JobDefaults,
-    run_seed: int | None = None,
-) -> list[Job]:
-    """Turn ``(where, fields)`` rows into validated jobs, or raise one error naming them all.
-
-    ``where`` says where a row came from (``"line 4 of prompts.csv"``). Row fields override
-    ``defaults``; a row without ``seed`` gets one derived from the run seed and its position.
-    """
+def check_run(run_id: str, run_seed: int | None) -> int:
+    """The run seed job seeds derive from, or InvalidJobError for a bad run name or seed."""
     if not is_run_id(run_id):
         raise InvalidJobError(
             [("run", f"run_id: 1-64 letters, digits, '.', '_' or '-', not starting with a symbol, got {run_id!r}")]
         )
     if run_seed is not None and (type(run_seed) is not int or not 0 <= run_seed <= MAX_SEED):
         raise InvalidJobError([("run", f"seed: a whole number from 0 to {MAX_SEED}, got {run_seed!r}")])
-    base_seed = run_seed_for(run_id) if run_seed is None else run_seed
+    return run_seed_for(run_id) if run_seed is None else run_seed
+
+
+def validated(
+    rows: Iterable[tuple[str, Mapping[str, Any] | str]],
+    *,
+    run_id: str,
+    defaults: JobDefaults,
+    run_seed: int | None = None,
+) -> Iterator[Job | list[tuple[str, str]]]:
+    """Each ``(where, fields)`` row as a Job, or as its problems (``(where, message)`` lines).
+
+    ``where`` says where a row came from (``"line 4 of prompts.csv"``); fields that are a string
+    are a reason the row is no job at all. Row fields override ``defaults``; a row without
+    ``seed`` gets one derived from the run seed and its position.
+    """
+    base_seed = check_run(run_id, run_seed)
     base = defaults.model_dump(exclude_unset=True)
-    jobs: list[Job] = []
-    problems: list[tuple[str, str]] = []
     for index, (where, row) in enumerate(rows):
+        if isinstance(row, str):
+            yield [(where, row)]
+            continue
         fields = {**base, **row, "run_id": run_id, "index": index}
         fields.setdefault("seed", derive_seed(base_seed, index))
         try:
-            jobs.append(Job.model_validate(fields))
+            yield Job.model_validate(fields)
         except ValidationError as error:
-            problems.extend((f"job {index} ({where})", line) for line in format_errors(error))
+            yield [(f"job {index} ({where})", line) for line in format_errors(error)]
+
+
+def make_jobs(
+    rows: Iterable[tuple[str, Mapping[str, Any] | str]],
+    *,
+    run_id: str,
+    defaults: JobDefaults,
+    run_seed: int | None = None,
+) -> list[Job]:
+    """Turn rows into validated jobs (see ``validated``), or raise one error naming every problem."""
+    jobs: list[Job] = []
+    problems: list[tuple[str, str]] = []
+    for item in validated(rows, run_id=run_id, defaults=defaults, run_seed=run_seed):
+        if isinstance(item, Job):
+            jobs.append(item)
+        else:
+            problems.extend(item)
     if problems:
         raise InvalidJobError(problems)
     if not jobs:
         raise InvalidJobError([("input", "no prompts found")])
     return jobs
+
+
+def check_rows(rows: Iterable[tuple[str, Mapping[str, Any] | str]], *, keep: int = 1000, **run: Any) -> int:
+    """Validate every row without keeping its job (constant memory); return how many jobs they
+    make, or raise InvalidJobError naming the first ``keep`` problems and counting the rest."""
+    count, problems, omitted = 0, [], 0
+    for item in validated(rows, **run):
+        if isinstance(item, Job):
+            count += 1
+        else:
+            room = max(0, keep - len(problems))
+            problems.extend(item[:room])
+            omitted += len(item) - min(room, len(item))
+    if problems:
+        raise InvalidJobError(problems, omitted=omitted)
+    if not count:
+        raise InvalidJobError([("input", "no prompts found")])
+    return count
+
+
+def shape(job: Job) -> tuple[Any, ...]:
+    """What a worker batches on, as far as the job says (the worker fills in its defaults):
+    jobs of one shape are sent next to each other, so that a worker's buffer sees full batches.
+    With and without a negative prompt stay together: SD 1.x/2.x batch them as one, and a
+    worker that keeps them apart (SDXL) finds both halves side by side."""
+    return (
+        job.height,
+        job.width,
+        job.steps,
+        job.guidance,
+        job.scheduler,
+        job.cache_interval,
+        job.cache_branch,
+        job.format,
+    )
+
+
+def grouped_by_shape(jobs: Iterable[Job]) -> list[Job]:
+    """``jobs`` with each shape's jobs together, shapes in order of first appearance, each
+    shape's jobs in their order."""
+    groups: dict[tuple[Any, ...], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(shape(job), []).append(job)
+    return [job for group in groups.values() for job in group]

@@ -1,65 +1,138 @@
-"""Read prompts from the places users keep them: a list, a .txt, .jsonl or .csv file.
+"""Read prompts from the places users keep them: a list, or a .txt, .jsonl, .csv, .tsv, .json
+(an array), .parquet file, the text ones also gzip'd (``.jsonl.gz``, ...).
 
-Every reader yields ``(where, fields)`` pairs; ``where`` names the line so that validation
-errors point at the input to fix.
+Every reader streams ``(where, fields)`` rows (``where`` names the line so that validation errors
+point at the input to fix), in constant memory whatever the file's size. ``Rows`` can be read
+more than once: ``Client.submit`` checks every row before it sends any.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
+import pickle
+import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from producer.errors import InvalidJobError, PromptFileError
 from producer.job import JobDefaults
 
-Row = tuple[str, dict[str, Any]]
+Row = tuple[str, "dict[str, Any] | RowProblem"]
 Source = str | os.PathLike | Iterable[str | Mapping[str, Any] | JobDefaults]
-SUFFIXES = (".txt", ".jsonl", ".csv")
+SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv", ".json", ".parquet")
+GZIPPED = (".txt", ".jsonl", ".csv", ".tsv", ".json")  # also read as NAME.gz
 
 
-def read_rows(source: Source) -> list[Row]:
-    """All rows of ``source``: a path to a prompt file, or an iterable of prompts/dicts/Jobs."""
-    if isinstance(source, (str, os.PathLike)):
-        return list(read_file(Path(source)))
-    if isinstance(source, Mapping):  # iterating it would make one job of each key
-        raise PromptFileError("got one dict: pass a list of jobs ([{...}]) or a prompt file's path")
-    if isinstance(source, (bytes, bytearray)):
-        raise PromptFileError("got bytes: pass a list of prompt strings or a prompt file's path")
-    rows, problems = [], []
-    for i, item in enumerate(source):
+class RowProblem(str):
+    """A row that is no job at all (an item of the wrong type): the reason, kept in its place so
+    that every such row is reported with the others."""
+
+
+class Rows(Iterable[Row]):
+    """The rows of a source, read afresh on every iteration: a file is read again, a list walked
+    again; any other iterable (a generator) is read once, into a temporary spool file."""
+
+    def __init__(self, source: Source) -> None:
+        if isinstance(source, Mapping):  # iterating it would make one job of each key
+            raise PromptFileError("got one dict: pass a list of jobs ([{...}]) or a prompt file's path")
+        if isinstance(source, (bytes, bytearray)):
+            raise PromptFileError("got bytes: pass a list of prompt strings or a prompt file's path")
+        self._read: Callable[[], Iterator[Row]]
+        if isinstance(source, (str, os.PathLike)):
+            self._read = partial(read_file, Path(source))
+            check_readable(Path(source))
+        elif isinstance(source, Sequence):
+            self._read = partial(_read_items, source)
+        else:
+            self._read = _Spool(_read_items(source)).read
+
+    def __iter__(self) -> Iterator[Row]:
+        return self._read()
+
+
+class _Spool:
+    """Rows of a one-shot iterable, kept on disk as they are first read (pickled: our own file)."""
+
+    def __init__(self, rows: Iterator[Row]) -> None:
+        self._rows: Iterator[Row] | None = rows
+        self._file: IO[bytes] = tempfile.TemporaryFile(prefix="deepqueue-rows-")
+
+    def read(self) -> Iterator[Row]:
+        if self._rows is not None:
+            rows, self._rows = self._rows, None
+            for row in rows:
+                pickle.dump(row, self._file)
+                yield row
+            return
+        self._file.seek(0)
+        while True:
+            try:
+                yield pickle.load(self._file)
+            except EOFError:
+                return
+
+
+def read_rows(source: Source) -> list[tuple[str, dict[str, Any]]]:
+    """All rows of ``source`` in a list (small inputs; ``Rows`` streams), raising
+    InvalidJobError naming every item that is no job at all."""
+    rows = list(Rows(source))
+    problems = [(where, str(fields)) for where, fields in rows if isinstance(fields, RowProblem)]
+    if problems:
+        raise InvalidJobError(problems)
+    return rows  # type: ignore[return-value]
+
+
+def _read_items(items: Iterable[Any]) -> Iterator[Row]:
+    for i, item in enumerate(items):
+        where = f"item {i}"
         if isinstance(item, (str, Mapping, JobDefaults)):
-            rows.append((f"item {i}", _item_fields(item, f"item {i}")))
+            yield where, _item_fields(item, where)
         else:
             shown = repr(item)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             kind = type(item).__name__
-            problems.append(
-                (f"item {i}", f"expected a prompt string, a dict of job fields or a Job, got {kind} {shown}")
-            )
-    if problems:
-        raise InvalidJobError(problems)
-    return rows
+            yield where, RowProblem(f"expected a prompt string, a dict of job fields or a Job, got {kind} {shown}")
+
+
+def file_format(path: Path) -> tuple[str, bool]:
+    """``(suffix, gzipped)`` of a prompt file, or PromptFileError for a format not read here."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    gzipped = bool(suffixes) and suffixes[-1] == ".gz"
+    suffix = (suffixes[-2] if len(suffixes) > 1 else "") if gzipped else (suffixes[-1] if suffixes else "")
+    if suffix not in (GZIPPED if gzipped else SUFFIXES):
+        known = ", ".join((*SUFFIXES, *(f"{name}.gz" for name in GZIPPED)))
+        raise PromptFileError(f"{path}: unknown prompt file type {''.join(path.suffixes)!r}, use one of {known}")
+    return suffix, gzipped
+
+
+def check_readable(path: Path) -> None:
+    file_format(path)
+    if not path.is_file():
+        raise PromptFileError(f"{path}: no such file")
 
 
 def read_file(path: Path) -> Iterator[Row]:
-    readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise PromptFileError(f"{path}: unknown prompt file type {path.suffix!r}, use one of {SUFFIXES}")
-    if not path.is_file():
-        raise PromptFileError(f"{path}: no such file")
+    suffix, gzipped = file_format(path)
+    check_readable(path)
+    if suffix == ".parquet":
+        yield from _read_parquet(path)
+        return
+    readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv, ".tsv": _read_tsv, ".json": _read_json}
     # utf-8-sig: spreadsheet exports often start with a byte-order mark; it is not part of the data.
+    opener = partial(gzip.open, path, "rt") if gzipped else path.open
     try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            yield from reader(handle, path.name)
+        with opener(encoding="utf-8-sig", newline="") as handle:
+            yield from readers[suffix](handle, path.name)
     except UnicodeDecodeError as error:
         raise PromptFileError(f"{path}: not UTF-8 text ({error.reason}); save it as UTF-8") from error
+    except (gzip.BadGzipFile, EOFError) as error:
+        raise PromptFileError(f"{path}: not a complete gzip file ({error})") from error
     except OSError as error:  # no permission, a FIFO gone, an I/O error
         raise PromptFileError(f"{path}: cannot be read ({error.strerror or error})") from error
 
@@ -94,19 +167,82 @@ def _read_jsonl(handle: Iterable[str], name: str) -> Iterator[Row]:
             raise PromptFileError(f"{where}: not valid JSON (a number too long to read)") from error
         except RecursionError as error:  # thousands of nested [[[...
             raise PromptFileError(f"{where}: not valid JSON (nested too deeply)") from error
-        if isinstance(value, str):
-            value = {"prompt": value}
-        if not isinstance(value, dict):
-            raise PromptFileError(f"{where}: expected a JSON object or string, got {type(value).__name__}")
-        yield where, _normalise(value, where)
+        yield where, _json_fields(value, where)
 
 
-def _read_csv(handle: Iterable[str], name: str) -> Iterator[Row]:
-    reader = csv.DictReader(handle)
+def _json_fields(value: Any, where: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        value = {"prompt": value}
+    if not isinstance(value, dict):
+        raise PromptFileError(f"{where}: expected a JSON object or string, got {type(value).__name__}")
+    return _normalise(dict(value), where)
+
+
+def _read_csv(handle: Iterable[str], name: str, delimiter: str = ",") -> Iterator[Row]:
+    reader = csv.DictReader(handle, delimiter=delimiter)
     try:
         yield from _csv_rows(reader, name)
     except csv.Error as error:  # a cell over the csv module's field limit (128 KiB)
         raise PromptFileError(f"line {reader.line_num + 1} of {name}: not valid CSV ({error})") from error
+
+
+_read_tsv = partial(_read_csv, delimiter="\t")
+
+
+def _read_json(handle: IO[str], name: str) -> Iterator[Row]:
+    """A JSON array of prompt strings or job objects, streamed (ijson): constant memory."""
+    import ijson
+
+    number = -1
+    try:
+        for number, value in enumerate(ijson.items(handle, "item", use_float=True, map_type=_KeysSeen)):
+            where = f"item {number} of {name}"
+            if isinstance(value, _KeysSeen) and value.twice:
+                twice = ", ".join(map(repr, sorted(value.twice)))
+                raise PromptFileError(f"{where}: the key(s) {twice} appear more than once")
+            yield where, _json_fields(value, where)
+    except ijson.JSONError as error:
+        where = f"after item {number} of {name}" if number >= 0 else name
+        raise PromptFileError(f"{where}: not a valid JSON array of prompts or job objects ({error})") from error
+
+
+class _KeysSeen(dict):
+    """A JSON object as ijson builds it, noting keys given twice (json keeps the last silently;
+    raising here would unwind through ijson's C backend)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.twice: set[str] = set()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in self:
+            self.twice.add(key)
+        super().__setitem__(key, value)
+
+
+def _read_parquet(path: Path) -> Iterator[Row]:
+    """A Parquet table with a ``prompt`` column (and any job fields), read a row group at a time."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as error:
+        raise PromptFileError(f"{path}: reading Parquet needs pyarrow: pip install 'deepqueue[parquet]'") from error
+    try:
+        table = pq.ParquetFile(path)
+        columns = table.schema_arrow.names
+        if "prompt" not in columns:
+            raise PromptFileError(f"{path.name}: the table must have a 'prompt' column, got {columns}")
+        number = 0
+        for batch in table.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                where = f"row {number} of {path.name}"
+                number += 1
+                fields = {key: value for key, value in row.items() if value is not None}  # null: the run default
+                if fields:
+                    yield where, _normalise(fields, where)
+    except (OSError, ValueError) as error:
+        if isinstance(error, PromptFileError):
+            raise
+        raise PromptFileError(f"{path}: not a readable Parquet file ({error})") from error
 
 
 def _csv_rows(reader: csv.DictReader, name: str) -> Iterator[Row]:

@@ -91,11 +91,13 @@ class BatchBuffer(Generic[T]):
     def __len__(self) -> int:
         return sum(len(group) for group in self._groups.values())
 
-    def add(self, key: Hashable, item: T, now: float) -> None:
+    def add(self, key: Hashable, item: T, now: float) -> bool:
+        """Buffer ``item``; True if it starts a group (due ``max_wait_s`` from ``now``)."""
         group = self._groups.setdefault(key, [])
         group.append((now, item))
         if len(group) == 1 and any(other[0][0] > now for other in self._groups.values()):
             self._resort()  # a new key that arrived "earlier" (a retry) moves up the line
+        return len(group) == 1
 
     def take(self, now: float, *, allow_partial: bool = True) -> tuple[Hashable, list[T]] | None:
         """The next batch to run, or None: the key holding the oldest item among those that are

@@ -154,7 +154,9 @@ class BatchingStrategy:
         if job is None:
             self._dispatch([req])  # the pool records why it failed; it has no peers to wait for
             return
-        self.buffer.add(batch_key(job, self.defaults), req, time.monotonic())
+        if self.buffer.add(batch_key(job, self.defaults), req, time.monotonic()):
+            # Pumped when due, not at the next tick: a lone job waits max_wait_s, not a tick more.
+            self.consumer.timer.call_after(self.buffer.max_wait_s, self.pump)
         self.pump()
 
     def pump(self) -> None:

@@ -1,12 +1,14 @@
-"""Benchmark 1: how fast jobs reach the queue, three ways, side by side on one redis-server.
+"""Benchmark 1: how fast jobs reach the queue, four ways, side by side on one redis-server.
 
 - ``send_task loop``: ``app.send_task`` per job, no ``producer.batch()`` (what an
   ``apply_async`` loop does): one Redis round trip per message.
-- ``publish``: ``producer.enqueue.publish``, kombu's pipelined batch producer.
-- ``Client.submit``: the full path: validation, job ids, state marking (one Lua call per job,
-  pipelined), then ``publish``.
+- ``kombu batch``: ``app.send_task`` through kombu's pipelined batch producer (deepqueue's
+  publish path until it built its messages itself).
+- ``publish``: ``producer.enqueue.publish``: messages built as kombu stores them, 500 per LPUSH.
+- ``Client.submit``: the full path: both validation passes, job ids, grouping by shape, state
+  marking (one Lua call per 500 jobs), then ``publish``.
 
-(a) and (b) send the same pre-validated jobs; (c) starts from plain prompt strings. Both Redis
+(a), (b) and (c) send the same pre-validated jobs; (d) starts from plain prompt strings. Both Redis
 databases are flushed before every measurement, and the variants are interleaved (their order
 rotates each round) so slow phases of a shared machine hit all of them.
 """
@@ -33,7 +35,8 @@ logger = logging.getLogger(__name__)
 RECIPE = {"height": 512, "width": 512, "steps": 25}
 LABELS = {
     "send_task_loop": "`app.send_task` loop (no `producer.batch()`)",
-    "publish": "`producer.enqueue.publish` (pipelined batches)",
+    "kombu_batch": "`app.send_task` in kombu's `producer.batch()`",
+    "publish": "`producer.enqueue.publish` (built messages, 500 per LPUSH)",
     "client_submit": "`Client.submit` (validate + mark queued + publish)",
 }
 WARMUP_JOBS = 200
@@ -46,8 +49,16 @@ def prompts(count: int) -> list[str]:
 def send_task_loop(app: Any, jobs: Sequence[Job]) -> None:
     """The baseline: one publish (one Redis round trip) per job, as an apply_async loop does."""
     for job in jobs:
-        args, kwargs = message_args(job)
+        args, kwargs = message_args(job, time.time())
         app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=job.job_id)
+
+
+def kombu_batch(app: Any, jobs: Sequence[Job]) -> None:
+    """Celery's messages through kombu's batch producer: 500 publishes per pipeline flush."""
+    with app.producer_or_acquire() as producer, producer.batch(max_size=500):
+        for job in jobs:
+            args, kwargs = message_args(job, time.time())
+            app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=job.job_id, producer=producer)
 
 
 def bench_enqueue(redis_url: str, *, jobs: int, rounds: int) -> dict[str, Any]:
@@ -59,7 +70,8 @@ def bench_enqueue(redis_url: str, *, jobs: int, rounds: int) -> dict[str, Any]:
     prepared = client.prepare(texts, run="bench-enqueue", seed=0, **RECIPE)
     variants: dict[str, Callable[[int], None]] = {
         "send_task_loop": lambda n: send_task_loop(app, prepared[:n]),
-        "publish": lambda n: publish(app, prepared[:n]),
+        "kombu_batch": lambda n: kombu_batch(app, prepared[:n]),
+        "publish": lambda n: publish(databases[0], settings.queue, prepared[:n]),
         "client_submit": lambda n: client.submit(texts[:n], run="bench-enqueue", seed=0, **RECIPE),
     }
 

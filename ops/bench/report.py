@@ -108,13 +108,36 @@ def command_line() -> str:
     return shlex.join([*entry, *sys.argv[1:]])
 
 
+RESULTS = Path(__file__).parent / "results"
+
+
 def write_results(results: dict[str, Any], out_dir: Path, name: str) -> tuple[Path, Path]:
     """``name.json`` (everything) and ``name.md`` (a short table) in ``out_dir``."""
+    return write_json_and_markdown(results, name, markdown(results), out_dir)
+
+
+def write_json_and_markdown(
+    results: dict[str, Any], name: str, text: str, out_dir: Path = RESULTS
+) -> tuple[Path, Path]:
+    """``name.json`` (every measurement) and ``name.md`` (``text``) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
-    md_path.write_text(markdown(results))
+    md_path.write_text(text)
     return json_path, md_path
+
+
+def s3_sidecars(endpoint: str, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
+    """Every JSON sidecar under ``prefix`` in a (moto) S3 bucket."""
+    from ops.localstack import moto_s3_client
+
+    client = moto_s3_client(endpoint)
+    found = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            if item["Key"].endswith(".json") and not item["Key"].startswith(".deepqueue/"):
+                found.append(json.loads(client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()))
+    return found
 
 
 def _fmt(summary: dict[str, Any], digits: int = 1) -> str:

@@ -18,7 +18,6 @@ the gaps between consecutive pipeline calls ÷ the calls' own time (0: the devic
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import tempfile
@@ -30,7 +29,7 @@ from typing import Any
 
 import redis
 
-from ops.bench.report import command_line, load_average, machine_info
+from ops.bench.report import command_line, load_average, machine_info, s3_sidecars, write_json_and_markdown
 from ops.localstack import moto_s3_client, start_moto, start_redis, start_worker, stop, worker_env
 from producer import Client, JobState
 
@@ -39,7 +38,6 @@ logger = logging.getLogger(__name__)
 #: H200 calibration (see the module docstring).
 DEVICE = "simulated:a=0.51,b=0.094"
 MAX_BATCH = 8
-RESULTS = Path(__file__).parent / "results"
 
 
 def critical_path(sidecars: list[dict[str, Any]]) -> dict[str, float]:
@@ -89,12 +87,7 @@ def measure(n: int, calls: int, redis_url: str, s3: str, tmp: Path) -> dict[str,
     finally:
         for worker in workers:
             stop(worker)
-    client_s3 = moto_s3_client(s3)
-    sidecars = []
-    for page in client_s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"scale-{n}/"):
-        for item in page.get("Contents", []):
-            if item["Key"].endswith(".json"):
-                sidecars.append(json.loads(client_s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()))
+    sidecars = s3_sidecars(s3, bucket, f"scale-{n}/")
     return {
         "workers": n,
         "jobs": len(jobs),
@@ -155,9 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     for point in points:
         point["scaling"] = point["images_per_s"] / (point["workers"] * single)
     results["points"], results["load_after"] = points, load_average()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / f"{args.name}.md").write_text(markdown(results))
+    write_json_and_markdown(results, args.name, markdown(results))
     print(markdown(results))
 
 

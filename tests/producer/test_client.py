@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import threading
@@ -10,6 +9,7 @@ import time
 
 import pytest
 import redis
+from kombu import Connection
 
 from producer import (
     Client,
@@ -44,14 +44,16 @@ def store(redis_urls) -> RunStore:
 
 
 def messages(broker_url: str, queue: str = "deepqueue") -> list[dict]:
-    """The Celery messages waiting in ``queue``, oldest first, with the body decoded."""
+    """The Celery messages waiting in ``queue``, oldest first, as kombu's Redis transport reads
+    them (a real channel's Message, left in the queue), with the body decoded."""
     raw = redis.Redis.from_url(broker_url).lrange(queue, 0, -1)
     decoded = []
-    for item in reversed(raw):  # kombu LPUSHes and BRPOPs: the list's tail is the oldest
-        message = json.loads(item)
-        assert message["properties"]["body_encoding"] == "base64"
-        args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-        decoded.append({"headers": message["headers"], "args": args, "kwargs": kwargs})
+    with Connection(broker_url) as connection:
+        channel = connection.default_channel
+        for item in reversed(raw):  # kombu LPUSHes and BRPOPs: the list's tail is the oldest
+            message = channel.Message(json.loads(item), channel=channel)
+            args, kwargs, _embed = message.decode()
+            decoded.append({"headers": message.headers, "args": args, "kwargs": kwargs, "raw": item})
     return decoded
 
 
@@ -84,6 +86,34 @@ def test_submit_puts_one_valid_message_per_job_on_the_queue(client, redis_urls):
         assert set(message["kwargs"]) == {"enqueued_at"}
         assert isinstance(message["kwargs"]["enqueued_at"], float)
     assert [Job.model_validate(m["args"][0]).prompt for m in sent] == prompts
+
+
+def test_messages_are_lean_and_read_by_celery_as_its_own(client, redis_urls):
+    """The hand-built message: the job once, as JSON text (no base64), no prompt outside the
+    body, and Celery's own request machinery reads task, id and arguments from it."""
+    from celery import Celery
+    from celery.worker.request import Request
+
+    prompt = "a photograph of a red fox in fresh snow at dawn, soft light"
+    client.submit([prompt], run="lean", height=64, width=64, steps=4)
+    [message] = messages(redis_urls[0])
+    raw = message["raw"].decode()
+    assert raw.count(prompt) == 1 and "base64" not in raw and "argsrepr" not in raw
+    assert len(raw) < 450 + len(prompt)
+    with Connection(redis_urls[0]) as connection:
+        channel = connection.default_channel
+        kombu_message = channel.Message(json.loads(raw), channel=channel)
+    assert kombu_message.delivery_info == {"exchange": "", "routing_key": "deepqueue"}
+    assert kombu_message.delivery_tag and kombu_message.content_type == "application/json"
+    app = Celery(set_as_current=False)
+
+    @app.task(name=TASK_NAME, shared=False)
+    def task(job, enqueued_at=None):
+        return None
+
+    request = Request(kombu_message, app=app, task=task)
+    assert (request.id, request.name) == (message["headers"]["id"], TASK_NAME)
+    assert request.args[0]["prompt"] == prompt and set(request.kwargs) == {"enqueued_at"}
 
 
 def test_submit_marks_every_job_queued(client, store):
@@ -542,3 +572,84 @@ def test_results_all_and_by_state(client, store):
     assert (failed.job_id, failed.reason) == (job_ids[1], "bad luck")
     assert [r.job_id for r in run.results(QUEUED)] == [job_ids[2]]
     assert list(run.results(RUNNING)) == []
+
+
+# -- sent grouped by shape, streamed (issue 7) ------------------------------------------------------
+
+
+def test_submit_sends_each_shapes_jobs_together_in_their_order(client, redis_urls):
+    """Shuffled shapes in, one block per shape out (in order of first appearance), so that a
+    worker's reservation holds full batches; job ids and indexes are those of the rows."""
+    rows = [
+        {"prompt": f"p{i}", "width": 64 if i % 3 else 128, "negative_prompt": "" if i % 2 else None} for i in range(12)
+    ]
+    rows = [{key: value for key, value in row.items() if value is not None} for row in rows]
+    client.submit(rows, run="grouped", height=64)
+    sent = [Job.model_validate(message["args"][0]) for message in messages(redis_urls[0])]
+    assert [job.width for job in sent] == [128] * 4 + [64] * 8
+    assert [job.index for job in sent] == [0, 3, 6, 9, 1, 2, 4, 5, 7, 8, 10, 11]
+    assert sorted(job.job_id for job in sent) == sorted(
+        job.job_id for job in client.prepare(rows, run="grouped", height=64)
+    )
+
+
+def test_a_bad_row_late_in_a_big_file_sends_nothing(client, redis_urls, tmp_path):
+    """Every row is checked before any is sent, whatever the file's size: the 12,001st row is
+    bad, three chunks' worth of good rows before it, and the queue and state stay empty."""
+    path = tmp_path / "big.jsonl"
+    with path.open("w") as out:
+        out.writelines(json.dumps({"prompt": f"prompt {i}"}) + "\n" for i in range(3 * SUBMIT_CHUNK))
+        out.write(json.dumps({"prompt": "bad", "steps": 0}) + "\n")
+    with pytest.raises(InvalidJobError, match=rf"job {3 * SUBMIT_CHUNK} \(line {3 * SUBMIT_CHUNK + 1} of big.jsonl\)"):
+        client.submit(path, run="late-bad")
+    assert redis_is_empty(redis_urls[0]) and redis_is_empty(redis_urls[1])
+    path.write_text(path.read_text().replace('"steps": 0', '"steps": 5'))
+    assert client.submit(path, run="late-bad").submitted == 3 * SUBMIT_CHUNK + 1
+
+
+def test_many_bad_rows_are_counted_not_all_kept(client, tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_text("".join(f"{'x' * 3000}\n" for _ in range(1500)))
+    with pytest.raises(InvalidJobError) as info:
+        client.submit(path, run="all-bad")
+    assert len(info.value.problems) == 1000 and info.value.omitted == 500
+    assert "1500 invalid field(s)" in str(info.value)
+
+
+def test_a_generator_is_read_once_checked_then_sent(client, redis_urls):
+    consumed = []
+
+    def rows():
+        for i in range(7):
+            consumed.append(i)
+            yield f"generated {i}"
+
+    run = client.submit(rows(), run="generated")
+    assert consumed == list(range(7)) and run.submitted == 7
+    assert [Job.model_validate(m["args"][0]).prompt for m in messages(redis_urls[0])] == [
+        f"generated {i}" for i in range(7)
+    ]
+    with pytest.raises(InvalidJobError, match="item 2"):
+        client.submit((p for p in ["fine", "also fine", ""]), run="generated-bad")
+    assert client.run("generated").status().total == 7 and not client._store.exists("generated-bad")
+
+
+def test_a_file_changed_between_check_and_send_is_refused(client, redis_urls, tmp_path, monkeypatch):
+    """The rows are read twice; a file rewritten in between (a row made invalid) stops the send
+    with a clear error (faked here: the second read is the changed file)."""
+    from producer import sources
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    reads = []
+    real = sources.read_file
+
+    def read_then_change(p):
+        reads.append(p)
+        if len(reads) == 2:
+            path.write_text('{"prompt": "a"}\n{"prompt": ""}\n')
+        return real(p)
+
+    monkeypatch.setattr(sources, "read_file", read_then_change)
+    with pytest.raises(PromptFileError, match="the input changed while it was being submitted"):
+        client.submit(path, run="changed")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from pathlib import Path
@@ -43,7 +42,7 @@ def invoke(*args: str) -> Result:
 def jobs_on_queue(broker_url: str) -> list[Job]:
     """The jobs waiting in the default queue, oldest first."""
     raw = redis.Redis.from_url(broker_url).lrange("deepqueue", 0, -1)
-    return [Job.model_validate(json.loads(base64.b64decode(json.loads(item)["body"]))[0][0]) for item in reversed(raw)]
+    return [Job.model_validate(json.loads(json.loads(item)["body"])[0][0]) for item in reversed(raw)]
 
 
 def prompt_file(tmp_path: Path, name: str, text: str) -> Path:

@@ -8,7 +8,7 @@ import pytest
 
 from producer.errors import InvalidJobError, PromptFileError
 from producer.job import Job, JobDefaults, make_jobs
-from producer.sources import parse_size, read_rows
+from producer.sources import RowProblem, Rows, parse_size, read_rows
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -174,7 +174,7 @@ def test_csv_strings_coerced_by_the_job(tmp_path):
 # -- files in general -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["p.json", "p.yaml", "prompts", "p.txt.bak"])
+@pytest.mark.parametrize("name", ["p.yaml", "prompts", "p.txt.bak", "p.gz", "p.parquet.gz", "p.yaml.gz"])
 def test_unknown_suffix_refused(tmp_path, name):
     path = write(tmp_path, name, "a\n")
     with pytest.raises(PromptFileError, match="unknown prompt file type") as info:
@@ -327,3 +327,114 @@ def test_duplicate_json_keys_are_refused_naming_the_line(tmp_path):
     path = write(tmp_path, "p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "steps": 5, "steps": 6}\n')
     with pytest.raises(PromptFileError, match=r"line 2 of p.jsonl: the key\(s\) 'steps' appear more than once"):
         read_rows(path)
+
+
+# -- streamed formats: .tsv, .json arrays, .parquet, gzip'd text (issue 7) --------------------------
+
+ROWS = [
+    {"prompt": "a red fox", "steps": 5},
+    {"prompt": "a koi pond", "size": "64x128"},
+    {"prompt": 'tabs\tand "quotes"'},
+]
+WANTED = [
+    {"prompt": "a red fox", "steps": 5},
+    {"prompt": "a koi pond", "width": 64, "height": 128},
+    {"prompt": 'tabs\tand "quotes"'},
+]
+
+
+def write_format(tmp_path, suffix: str, rows: list[dict]) -> Path:
+    """``rows`` written the way other tools write that format."""
+    import csv
+    import gzip
+    import io
+    import json
+
+    path = tmp_path / f"prompts{suffix}"
+    inner = suffix.removesuffix(".gz")
+    if inner == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        pq.write_table(
+            pa.table({column: [row.get(column) for row in rows] for column in columns}), path, row_group_size=2
+        )
+        return path
+    text = io.StringIO()
+    if inner in (".csv", ".tsv"):
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(text, columns, delimiter="\t" if inner == ".tsv" else ",")
+        writer.writeheader()
+        writer.writerows(rows)
+    elif inner == ".json":
+        json.dump(rows, text, indent=1)
+    else:
+        text.writelines(json.dumps(row) + "\n" for row in rows)
+    data = text.getvalue().encode()
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".json", ".parquet", ".jsonl.gz", ".csv.gz", ".tsv.gz", ".json.gz"])
+def test_every_format_reads_the_same_rows(tmp_path, suffix):
+    rows = read_rows(write_format(tmp_path, suffix, ROWS))
+    got = [{key: (int(v) if key == "steps" else v) for key, v in fields.items()} for _, fields in rows]
+    assert got == WANTED
+    jobs = make_jobs(rows, run_id="r", defaults=JobDefaults(height=64, width=64))
+    assert [job.prompt for job in jobs] == [row["prompt"] for row in ROWS]
+
+
+def test_txt_gz_reads_lines(tmp_path):
+    import gzip
+
+    path = tmp_path / "p.txt.gz"
+    path.write_bytes(gzip.compress(b"a fox\n# note\n\nan owl\n"))
+    assert read_rows(path) == [
+        ("line 1 of p.txt.gz", {"prompt": "a fox"}),
+        ("line 4 of p.txt.gz", {"prompt": "an owl"}),
+    ]
+
+
+def test_json_array_of_strings_and_where_errors_point(tmp_path):
+    path = write(tmp_path, "p.json", '["a fox", {"prompt": "an owl", "steps": 3}]')  # noqa: E501
+    assert read_rows(path) == [
+        ("item 0 of p.json", {"prompt": "a fox"}),
+        ("item 1 of p.json", {"prompt": "an owl", "steps": 3}),
+    ]
+    with pytest.raises(PromptFileError, match=r"item 1 of q.json: expected a JSON object or string, got int"):
+        read_rows(write(tmp_path, "q.json", '["a", 5]'))
+    with pytest.raises(PromptFileError, match=r"after item 0 of r.json: not a valid JSON array"):
+        read_rows(write(tmp_path, "r.json", '["a", {"prompt": '))
+    with pytest.raises(PromptFileError, match=r"item 1 of d.json: the key\(s\) 'steps' appear more than once"):
+        read_rows(write(tmp_path, "d.json", '["a", {"prompt": "b", "steps": 1, "steps": 2}]'))
+
+
+def test_parquet_without_a_prompt_column_and_nulls_as_defaults(tmp_path):
+    with pytest.raises(PromptFileError, match="must have a 'prompt' column"):
+        read_rows(write_format(tmp_path, ".parquet", [{"text": "a"}]))
+    rows = read_rows(
+        write_format(tmp_path / "..", ".parquet", [{"prompt": "a", "steps": None}, {"prompt": "b", "steps": 4}])
+    )
+    assert rows == [
+        ("row 0 of prompts.parquet", {"prompt": "a"}),
+        ("row 1 of prompts.parquet", {"prompt": "b", "steps": 4}),
+    ]
+
+
+def test_not_parquet_and_truncated_gzip_are_refused(tmp_path):
+    with pytest.raises(PromptFileError, match="not a readable Parquet file"):
+        read_rows(write(tmp_path, "p.parquet", "not parquet"))
+    import gzip
+
+    path = tmp_path / "p.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"prompt": "a"}\n' * 1000)[:-40])
+    with pytest.raises(PromptFileError, match="not a complete gzip file"):
+        read_rows(path)
+
+
+def test_rows_of_a_generator_can_be_read_twice():
+    rows = Rows(prompt for prompt in ["a", "b", 3])
+    first, second = list(rows), list(rows)
+    assert first == second == [("item 0", {"prompt": "a"}), ("item 1", {"prompt": "b"}), ("item 2", first[2][1])]
+    assert isinstance(first[2][1], RowProblem) and "got int 3" in first[2][1]

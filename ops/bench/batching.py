@@ -1,0 +1,216 @@
+"""Batch fill and latency on the simulated device: one real ``deepqueue worker`` (default
+settings), one redis-server and one moto S3 server.
+
+- **Deep shuffled queue, two ways.** Two runs of jobs over 10 sizes, in random order, half with
+  ``negative_prompt: ""`` and half with none (one batch key per size on an SD 1.x model), all
+  queued before the worker starts:
+  - *submit*: sent by ``Client.submit`` (which sends each chunk's jobs grouped by shape);
+  - *shuffled messages*: the same jobs published one message per job in their random order, as
+    other producers might (``producer.enqueue.publish`` without grouping): the worker's buffer
+    alone must find full batches.
+  Batch fill = mean batch size ÷ max batch. Since each key's last batch of a run may be
+  partial, the table also gives fill ÷ the best possible (Σ ceil(jobs of a key ÷ 8) batches).
+- **Lone job.** An idle worker gets one job of a size nobody else has: its wait in the worker
+  (pipeline start − arrival, from its sidecar) ÷ ``max_wait_s``; goal ≤ 1.10.
+- **No starvation.** The same lone job sent right after a deep queue of another size: its wait
+  ÷ (``max_wait_s`` + one batch's time); goal ≤ 1.10.
+
+    .venv/bin/python -m ops.bench.batching [--jobs-per-size 40] [--device simulated:a=0.05,b=0.01]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from ops.bench.report import command_line, load_average, machine_info, s3_sidecars, write_json_and_markdown
+from ops.localstack import moto_s3_client, start_moto, start_redis, start_worker, stop, worker_env
+from producer import Client, JobState
+from producer.enqueue import publish
+from producer.job import make_jobs, run_defaults
+
+logger = logging.getLogger(__name__)
+
+SIZES = [(64, 64), (64, 72), (72, 64), (64, 80), (80, 64), (72, 72), (64, 88), (88, 64), (80, 80), (96, 64)]
+LONE_SIZE = (104, 64)
+MAX_BATCH = 8
+MAX_WAIT_S = 2.0  # the worker's default
+
+
+def shuffled_jobs(run: str, per_size: int, seed: int) -> list[dict[str, Any]]:
+    rows = [
+        {
+            "prompt": f"{run} {w}x{h} {i}",
+            "width": w,
+            "height": h,
+            "format": "jpeg",
+            **({"negative_prompt": ""} if i % 2 else {}),
+        }
+        for w, h in SIZES
+        for i in range(per_size)
+    ]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def best_batches(sizes: Counter) -> int:
+    return sum(math.ceil(count / MAX_BATCH) for count in sizes.values())
+
+
+def fill(sidecars: list[dict[str, Any]]) -> dict[str, Any]:
+    batches = {
+        sidecar["batch"]["id"]: (sidecar["batch"]["size"], (sidecar["width"], sidecar["height"]))
+        for sidecar in sidecars
+    }
+    sizes = [size for size, _ in batches.values()]
+    jobs_per_key = Counter(shape for shape in ((s["width"], s["height"]) for s in sidecars))
+    return {
+        "jobs": len(sidecars),
+        "batches": len(batches),
+        "best_batches": best_batches(jobs_per_key),
+        "batch_fill": statistics.fmean(sizes) / MAX_BATCH,
+        "fill_vs_best": best_batches(jobs_per_key) / len(batches),
+        "histogram": dict(sorted(Counter(sizes).items())),
+    }
+
+
+class Stack:
+    """The servers and one worker's environment; a fresh bucket and flushed Redis per scenario."""
+
+    def __init__(self, tmp: Path, device: str) -> None:
+        self.tmp, self.device = tmp, device
+        self.redis_process, redis_url = start_redis(tmp)
+        self.moto_process, self.s3 = start_moto()
+        self.broker, self.backend = f"{redis_url}/0", f"{redis_url}/1"
+
+    def fresh(self, name: str) -> dict[str, str]:
+        for url in (self.broker, self.backend):
+            redis.Redis.from_url(url).flushdb()
+        moto_s3_client(self.s3).create_bucket(Bucket=name)
+        return worker_env(
+            broker_url=self.broker, result_backend=self.backend, s3_endpoint=self.s3, bucket=name, model=self.device
+        )
+
+    def close(self) -> None:
+        stop(self.moto_process)
+        stop(self.redis_process)
+
+    def wait_done(self, client: Client, runs: dict[str, int], timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        while any(client.run(run).status().counts[JobState.DONE] < count for run, count in runs.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"runs {runs} not done after {timeout} s")
+            time.sleep(0.1)
+
+
+def deep_queue(stack: Stack, per_size: int, *, grouped: bool) -> dict[str, Any]:
+    bucket = "fill-submit" if grouped else "fill-shuffled"
+    env = stack.fresh(bucket)
+    runs = {"fill-a": shuffled_jobs("fill-a", per_size, 1), "fill-b": shuffled_jobs("fill-b", per_size, 2)}
+    with Client(stack.broker, stack.backend) as client:
+        for run, rows in runs.items():
+            if grouped:
+                client.submit(rows, run=run)
+            else:  # one message per job, in the rows' random order: no grouping anywhere
+                jobs = make_jobs([(str(i), row) for i, row in enumerate(rows)], run_id=run, defaults=run_defaults({}))
+                publish(redis.Redis.from_url(stack.broker), client.settings.queue, jobs)
+                client._store.mark_queued(run, {job.job_id: job.model_dump_json() for job in jobs})
+        worker = start_worker(env, stack.tmp / f"{bucket}.log")
+        try:
+            stack.wait_done(client, {run: len(rows) for run, rows in runs.items()})
+        finally:
+            stop(worker)
+    return fill(s3_sidecars(stack.s3, bucket))
+
+
+def lone_job(stack: Stack, *, behind: int) -> dict[str, Any]:
+    """One job of its own size, sent after ``behind`` jobs of another size (0: an idle worker)."""
+    bucket = f"lone-{behind}"
+    env = stack.fresh(bucket)
+    with Client(stack.broker, stack.backend) as client:
+        worker = start_worker(env, stack.tmp / f"{bucket}.log")
+        try:
+            if behind:
+                client.submit([f"deep {i}" for i in range(behind)], run="deep", width=64, height=64, format="jpeg")
+            client.submit(["alone"], run="lone", width=LONE_SIZE[0], height=LONE_SIZE[1], format="jpeg")
+            stack.wait_done(client, {"lone": 1, **({"deep": behind} if behind else {})})
+        finally:
+            stop(worker)
+    sidecars = s3_sidecars(stack.s3, bucket)
+    [lone] = [s for s in sidecars if s["run_id"] == "lone"]
+    calls = {s["batch"]["id"]: s["timing"]["batch_inference_s"] for s in sidecars if s["run_id"] == "deep"}
+    batch_s = statistics.median(calls.values()) if calls else 0.0
+    wait = lone["timing"]["started_at"] - lone["timing"]["received_at"]
+    return {
+        "behind": behind,
+        "wait_s": wait,
+        "batch_s": batch_s,
+        "ratio": wait / (MAX_WAIT_S + (batch_s if behind else 0.0)),
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"# Batch fill and latency on the simulated device ({results['device']})",
+        "",
+        f"Command: `{results['command']}`; machine: {results['machine'].get('cpu')}, "
+        f"load {results['load_before']} -> {results['load_after']}. One worker, default settings "
+        f"(max batch {MAX_BATCH}, max wait {MAX_WAIT_S} s, prefetch 103).",
+        "",
+        "| deep shuffled queue (2 runs x 10 sizes) | jobs | batches | best possible | batch fill | fill ÷ best "
+        "| sizes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, point in results["fill"].items():
+        lines.append(
+            f"| {name} | {point['jobs']} | {point['batches']} | {point['best_batches']} | "
+            f"{point['batch_fill']:.3f} | {point['fill_vs_best']:.3f} | {point['histogram']} |"
+        )
+    lines += [
+        "",
+        "| lone job | wait in worker | one batch | wait ÷ (max wait + batch) (goal ≤ 1.10) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for point in results["lone"]:
+        what = "idle worker" if not point["behind"] else f"behind {point['behind']} jobs of another size"
+        lines.append(f"| {what} | {point['wait_s']:.2f} s | {point['batch_s']:.2f} s | {point['ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs-per-size", type=int, default=40, help="jobs per size and run (x 10 sizes x 2 runs)")
+    parser.add_argument("--device", default="simulated:a=0.05,b=0.01", help="simulated device of the worker")
+    parser.add_argument("--name", default="batching-latest", help="results file name (no extension)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    results: dict[str, Any] = {"device": args.device, "command": command_line(), "machine": machine_info()}
+    results["load_before"] = load_average()
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(Path(tmp), args.device)
+        try:
+            results["fill"] = {
+                "`Client.submit` (grouped by shape)": deep_queue(stack, args.jobs_per_size, grouped=True),
+                "shuffled messages, one per job": deep_queue(stack, args.jobs_per_size, grouped=False),
+            }
+            results["lone"] = [lone_job(stack, behind=0), lone_job(stack, behind=10 * MAX_BATCH)]
+        finally:
+            stack.close()
+    results["load_after"] = load_average()
+    write_json_and_markdown(results, args.name, markdown(results))
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Submitting big prompt files: producer memory, enqueue rate and Redis bytes per queued job.
+
+For each size (10k, 100k, 1M prompts of 100 characters; ``--sizes``) a ``.jsonl`` file is
+written, and a fresh Python process submits it with ``Client.submit`` to a private
+redis-server (no worker). That process reports its peak RSS before and after the submit
+(``VmHWM``) and the submit's wall time; the server's ``used_memory`` before and after gives
+the bytes each queued job costs Redis (messages and run state together), and ``MEMORY USAGE``
+of each key how they split.
+
+    .venv/bin/python -m ops.bench.submit_scale [--sizes 10000,100000,1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from ops.bench.report import command_line, load_average, machine_info, write_json_and_markdown
+from ops.localstack import start_redis, stop
+
+logger = logging.getLogger(__name__)
+
+RUN = "run-20261126-120000-abcd"  # as long as a generated run name
+PROMPT_CHARS = 100
+
+
+def write_prompts(path: Path, count: int) -> None:
+    base = "a photograph of a red fox standing in fresh snow at dawn, soft light, shallow depth of field, "
+    with path.open("w") as out:
+        for i in range(count):
+            prompt = f"{i:09d} {base}".ljust(PROMPT_CHARS, "x")[:PROMPT_CHARS]
+            out.write(json.dumps({"prompt": prompt}) + "\n")
+
+
+#: The submitting process: nothing imported but what a user's script needs (``python -c``).
+CHILD = """
+import json, sys, time
+from producer import Client
+
+def peak_mib():  # VmHWM: this process's peak resident memory (ru_maxrss would carry the parent's over exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+path, broker, backend, run = sys.argv[1:]
+with Client(broker, backend) as client:
+    client.submit(["warm-up"], run="warm-up", width=512, height=512)  # connections, scripts
+    before = peak_mib()
+    started = time.perf_counter()
+    sent = client.submit(path, run=run, width=512, height=512).submitted
+    seconds = time.perf_counter() - started
+print(json.dumps({"rss_before_mib": before, "rss_peak_mib": peak_mib(), "seconds": seconds, "sent": sent}))
+"""
+
+
+def measure(count: int, tmp: Path, redis_url: str) -> dict[str, Any]:
+    path = tmp / f"prompts-{count}.jsonl"
+    write_prompts(path, count)
+    broker, backend = f"{redis_url}/0", f"{redis_url}/1"
+    server = redis.Redis.from_url(broker)
+    server.flushall()
+    base = server.info("memory")["used_memory"]
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), broker, backend, RUN],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    used = server.info("memory")["used_memory"] - base
+    keys: dict[str, float] = {}
+    for db in (0, 1):
+        client = redis.Redis.from_url(f"{redis_url}/{db}")
+        for key in client.scan_iter(count=1000):
+            keys[key.decode()] = client.memory_usage(key, samples=0) / count
+    server.flushall()
+    path.unlink()
+    assert result["sent"] == count, result
+    return {
+        "prompts": count,
+        **result,
+        "jobs_per_s": count / result["seconds"],
+        "redis_bytes_per_job": used / count,
+        "redis_bytes_per_job_by_key": {key: round(value, 1) for key, value in keys.items() if value >= 1},
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "# Submitting big prompt files",
+        "",
+        f"Command: `{results['command']}`; machine: {results['machine'].get('cpu')}, "
+        f"load {results['load_before']} -> {results['load_after']}. 100-character prompts in a .jsonl file, "
+        "512x512 jobs, run name of 24 characters, one `Client.submit` in a fresh process, no worker.",
+        "",
+        "| prompts | producer RSS before → peak | submit | jobs/s | Redis bytes per queued job |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for point in results["points"]:
+        lines.append(
+            f"| {point['prompts']:,} | {point['rss_before_mib']:.0f} → {point['rss_peak_mib']:.0f} MiB | "
+            f"{point['seconds']:.1f} s | {point['jobs_per_s']:,.0f} | {point['redis_bytes_per_job']:,.0f} |"
+        )
+    last = results["points"][-1]["redis_bytes_per_job_by_key"]
+    lines += ["", "Redis bytes per queued job, by key: " + ", ".join(f"`{k}` {v:,.0f}" for k, v in last.items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000", help="prompt counts, comma-separated")
+    parser.add_argument("--name", default="submit-latest", help="results file name (no extension)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    results: dict[str, Any] = {"command": command_line(), "machine": machine_info(), "load_before": load_average()}
+    with tempfile.TemporaryDirectory() as tmp:
+        process, redis_url = start_redis(Path(tmp))
+        try:
+            results["points"] = []
+            for count in (int(part) for part in args.sizes.split(",")):
+                results["points"].append(measure(count, Path(tmp), redis_url))
+                logger.info("submit of %d: %s", count, results["points"][-1])
+        finally:
+            stop(process)
+    results["load_after"] = load_average()
+    write_json_and_markdown(results, args.name, markdown(results))
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
