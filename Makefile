@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo run test bench lint
+.PHONY: venv demo run test bench bench-full lint
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml ops/setup.sh
 	bash ops/setup.sh
@@ -20,7 +20,13 @@ run: venv
 test: venv
 	$(PY) -m pytest -q
 
+# Queue-level goals side by side (batch fill, latency, scaling, submit, Redis bytes, worker memory).
 bench: venv
+	$(PY) -m ops.bench.goals
+
+# The goals at full size (16 workers, 1M prompts, 500 batches), then worker throughput and DeepCache.
+bench-full: venv
+	$(PY) -m ops.bench.goals --full
 	$(PY) -m ops.bench.run
 
 lint: venv

@@ -117,9 +117,10 @@ def write_results(results: dict[str, Any], out_dir: Path, name: str) -> tuple[Pa
 
 
 def write_json_and_markdown(
-    results: dict[str, Any], name: str, text: str, out_dir: Path = RESULTS
+    results: dict[str, Any], name: str, text: str, out_dir: Path | None = None
 ) -> tuple[Path, Path]:
-    """``name.json`` (every measurement) and ``name.md`` (``text``) in ``out_dir``."""
+    """``name.json`` (every measurement) and ``name.md`` (``text``) in ``out_dir`` (default RESULTS)."""
+    out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     json_path.write_text(json.dumps(results, indent=1) + "\n")

@@ -114,7 +114,7 @@ def markdown(results: dict[str, Any]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2,4,8,16", help="worker counts, comma-separated")
     parser.add_argument("--calls", type=int, default=6, help="full pipeline calls per worker")
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     results["points"], results["load_after"] = points, load_average()
     write_json_and_markdown(results, args.name, markdown(results))
     print(markdown(results))
+    return results
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ops.bench import scaling
+from ops.bench import report, scaling
 
 
 def sidecar(worker: str, batch: str, started: float, seconds: float, size: int) -> dict:
@@ -34,7 +34,7 @@ def test_critical_path_counts_gaps_between_one_workers_calls_only() -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_scaling_bench_runs_end_to_end(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(scaling, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
     monkeypatch.setattr(scaling, "DEVICE", "simulated:a=0.05,b=0.01")
     scaling.main(["--workers", "1,2", "--calls", "1", "--name", "dry"])
     results = json.loads((tmp_path / "dry.json").read_text())
