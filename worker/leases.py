@@ -15,7 +15,9 @@ to a second worker; long (an hour), it strands the jobs of a worker that died. S
 - messages the worker gives up itself (after a lost connection) are put back at once (from its
   own copy if Redis died between handing one out and recording it as unacked), and those
   it could not acknowledge or send back (their channel went with the connection, or Redis was
-  down) are settled through this thread's own connection as soon as Redis answers.
+  down) are settled through this thread's own connection as soon as Redis answers;
+- it empties the taking lists (``worker.transport``) of workers gone for ``lease_expiry_s``:
+  messages they took from the queue but never recorded as held.
 
 A Redis restart or outage stops every renewal while it lasts, so the sweep waits until Redis has
 been up, and this thread connected, for ``lease_expiry_s``: by then every live worker has renewed.
@@ -37,6 +39,7 @@ from celery import bootsteps
 
 from producer.contract import WORKERS_KEY, celery_config
 from worker import runtime
+from worker.transport import TAKING_PREFIX, put_back_taken
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +156,10 @@ class Leases:
                 self._wake.wait(self.renew_s)
                 self._wake.clear()
             try:  # a worker that stops says so: `deepqueue retry` need not wait for it to look gone
-                connection.default_channel.client.hdel(WORKERS_KEY, self.name)
-            except Exception as error:  # Redis down: its entry just ages
+                channel = connection.default_channel
+                put_back_taken(channel.client, self.name, channel.unacked_key, self.queue)  # a pop at shutdown
+                channel.client.hdel(WORKERS_KEY, self.name)
+            except Exception as error:  # Redis down: its entry ages, other workers' sweeps do the rest
                 logger.info("leases: could not remove this worker's entry (%r)", error)
 
     def beat(self, channel: Any, connected_s: float) -> None:
@@ -199,18 +204,31 @@ class Leases:
                 ours = [tag for tag in expired if routed_to(client.hget(channel.unacked_key, tag), self.queue)]
                 for tag in ours:
                     qos.restore_by_tag(tag, client)
-                forgotten = [name for name, at in client.hgetall(WORKERS_KEY).items() if now - float(at) > FORGET_S]
+                workers = {name.decode(): float(at) for name, at in client.hgetall(WORKERS_KEY).items()}
+                taken = self._put_back_taken_by_gone(channel, now, workers)
+                forgotten = [name for name, at in workers.items() if now - at > FORGET_S]
                 if forgotten:
                     client.hdel(WORKERS_KEY, *forgotten)
         except MutexHeld:  # another worker is sweeping
             return
-        if ours:
+        if ours or taken:
             logger.warning(
-                "leases: %d messages held by no live worker for %.0f s put back on the queue",
+                "leases: %d messages held by no live worker for %.0f s put back on the queue, and %d that "
+                "gone workers had taken but not recorded",
                 len(ours),
                 self.expiry_s,
-                extra={"restored": len(ours)},
+                taken,
+                extra={"restored": len(ours) + taken},
             )
+
+    def _put_back_taken_by_gone(self, channel: Any, now: float, workers: dict[str, float]) -> int:
+        """Empty the taking lists (``worker.transport``) of workers silent for the expiry."""
+        restored = 0
+        for key in channel.client.scan_iter(match=f"{TAKING_PREFIX}*", count=100):
+            worker = key.decode().removeprefix(TAKING_PREFIX)
+            if worker != self.name and now - workers.get(worker, 0.0) > self.expiry_s:
+                restored += put_back_taken(channel.client, worker, channel.unacked_key, self.queue)
+        return restored
 
 
 class LeaseKeeper(bootsteps.StartStopStep):

@@ -1,33 +1,91 @@
-"""kombu's Redis transport, with no message lost between its two delivery commands.
+"""kombu's Redis transport, with no message lost between taking it and recording it as held.
 
 kombu hands a message over in two steps: ``BRPOP`` takes it off the queue, then one transaction
-records it as unacknowledged (``unacked`` and ``unacked_index``). If Redis dies or the connection
-drops between the two, the pop is kept (Redis persisted it) but the record is not: the message
-exists nowhere but in this worker's memory, and kombu drops it with the failed delivery. Here the
-worker keeps that copy and its leases (``worker.leases``) put it back on the queue as soon as Redis
-answers: from Redis's own record if the transaction did go through (its reply was lost), else from
-the copy. The delivery still fails, so kombu reconnects as before.
+records it as unacknowledged (``unacked`` and ``unacked_index``). Redis killed, or the connection
+lost, between the two (after Redis applied the pop, before its reply arrived, or while the record
+was on its way) loses the message: it exists nowhere but, at best, in this worker's memory.
+
+Here a worker takes messages with ``BLMOVE`` instead: in one step Redis moves the message from
+the queue to this worker's *taking list* (``deepqueue:taking:{worker}``), where it survives any
+such failure, and the record transaction also removes it from there. Whatever is left in a
+taking list was never recorded: the worker puts it back on the queue when it connects again
+(before it takes anything else), and the lease sweep (``worker.leases``) does so for the taking
+lists of workers that are gone. A message whose record did go through (only its reply was lost)
+is already in ``unacked`` and is only dropped from the list; the leases take it from there.
+
+``BLMOVE`` reads one list: the queue's own. Messages a producer sent with a priority land in
+kombu's priority lists; whenever the queue's own list stays empty for a poll, the worker moves
+one from those (``LMOVE``, the same way). deepqueue's producer sends no priorities.
 
 The worker uses this transport through Celery's ``broker_transport`` setting (see
-``worker_broker_settings``); producers keep kombu's own.
+``worker_broker_settings``); producers do not consume. ``BLMOVE`` needs Redis 6.2 or later.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+from queue import Empty
+from time import monotonic, time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from kombu.transport import redis
+from kombu.transport import redis, virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
 from worker import runtime
 
 logger = logging.getLogger(__name__)
 
+TAKING_PREFIX = "deepqueue:taking:"
+
+# KEYS: a taking list, unacked hash. Puts each message of the list that is not recorded in
+# unacked back on the queue it came from (the tail: next out), and empties the list. One call,
+# so a message is put back once. Returns how many were put back.
+PUT_BACK_TAKEN = """
+local restored = 0
+for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local ok, message = pcall(cjson.decode, item)
+  local properties = ok and type(message) == 'table' and message['properties'] or {}
+  local tag = type(properties) == 'table' and properties['delivery_tag'] or nil
+  local info = type(properties) == 'table' and properties['delivery_info'] or nil
+  local queue = type(info) == 'table' and info['routing_key'] or nil
+  if type(queue) ~= 'string' or queue == '' then queue = ARGV[1] end
+  if not (type(tag) == 'string' and redis.call('HEXISTS', KEYS[2], tag) == 1) then
+    redis.call('RPUSH', queue, item)
+    restored = restored + 1
+  end
+end
+redis.call('DEL', KEYS[1])
+return restored
+"""
+
+
+def taking_key(worker: str) -> str:
+    return f"{TAKING_PREFIX}{worker}"
+
+
+def put_back_taken(client: Any, worker: str, unacked_key: str, queue: str) -> int:
+    """Put what ``worker`` took but never recorded back on the queue; how many."""
+    return int(client.eval(PUT_BACK_TAKEN, 2, taking_key(worker), unacked_key, queue))
+
 
 class QoS(redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
+        taken = self.channel.taking
+        if taken is None:  # kombu's BRPOP: nothing else holds the message if this fails
+            self._append_or_keep(message, delivery_tag)
+            return
+        key, raw = taken
+        info = message.delivery_info
+        with self.pipe_or_acquire() as pipe:  # one transaction: recorded and out of the taking list
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(
+                self.unacked_key, delivery_tag, dumps([message._raw, info["exchange"], info["routing_key"]])
+            ).lrem(key, 1, raw).execute()
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def _append_or_keep(self, message: Any, delivery_tag: str) -> None:
         try:
             super().append(message, delivery_tag)
         except self.channel.connection_errors as error:
@@ -47,6 +105,69 @@ class QoS(redis.QoS):
 
 class Channel(redis.Channel):
     QoS = QoS
+
+    #: (taking list, the message as Redis holds it) while a message taken by BLMOVE is delivered
+    taking: tuple[str, bytes] | None = None
+    _moving_from: str | None = None
+    _taking_checked = False
+
+    def _taking_key(self) -> str | None:
+        """This worker's taking list, when BLMOVE can serve the channel (else kombu's BRPOP)."""
+        worker = runtime.worker_name()
+        if worker is None or self.global_keyprefix or len(self.active_queues) != 1:
+            return None
+        return taking_key(worker)
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        key = self._taking_key()
+        if key is None:
+            super()._brpop_start(timeout)
+            return
+        [queue] = self.active_queues
+        if not self._taking_checked:  # a new connection: first put back what the last one left
+            restored = put_back_taken(self.client, runtime.worker_name() or "", self.unacked_key, queue)
+            if restored:
+                logger.warning("%d messages taken but never recorded (a lost connection): back on the queue", restored)
+            self._taking_checked = True
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        self._moving_from = queue
+        timeout = self.brpop_timeout if timeout is None else timeout
+        self.client.connection.send_command("BLMOVE", queue, key, "RIGHT", "LEFT", timeout or 0)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        queue, self._moving_from = self._moving_from, None
+        if queue is None:
+            return super()._brpop_read(**options)
+        try:
+            try:
+                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            key = self._taking_key() or ""
+            if item is None:  # the queue's own list stayed empty: any in kombu's priority lists?
+                item = self._take_prioritised(queue, key)
+            if item is None:
+                raise Empty()
+            self.taking = (key, item)
+            try:
+                self.connection._deliver(loads(bytes_to_str(item)), queue)
+            finally:
+                self.taking = None
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _take_prioritised(self, queue: str, key: str) -> bytes | None:
+        """A message from kombu's lists of prioritised messages (no wait), moved like BLMOVE does."""
+        for priority in self.priority_steps:
+            if priority:
+                item = self.client.lmove(self._q_for_pri(queue, priority), key, "RIGHT", "LEFT")
+                if item is not None:
+                    return item
+        return None
 
 
 class Transport(redis.Transport):

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from ops.localstack import free_port, moto_s3_client, start_redis, stop, worker_env
-from producer import Client, Job, JobState
+from producer import Client, JobState
 
 
 class RestartableRedis:
@@ -145,10 +145,9 @@ class FaultCounts:
             recovery_s=round(finished_at - fault_ended_at, 1) if finished_at else None,
         )
 
-    def report(self, fault: str, resent: int = 0) -> None:
+    def report(self, fault: str) -> None:
         print(
             f"\n[fault] {fault}: accepted {self.accepted}, done {self.done}, failed with reason {self.failed}, "
-            f"lost in delivery and resent {resent}, "
             f"lost {self.lost}, written twice {self.written_twice}, fault end -> last finished {self.recovery_s} s"
         )
 
@@ -207,16 +206,18 @@ class CuttableProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self._lock:
                 self._connections += [client, upstream]
+            state: dict[str, bytes] = {}  # what one connection's pipes know of it
             for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink, source is client), daemon=True).start()
+                args = (source, sink, source is client, state)
+                threading.Thread(target=self._pipe, args=args, daemon=True).start()
 
-    def passes(self, data: bytes) -> bool:
-        """Whether data a client sends goes through; if not, it is dropped with its connection."""
+    def passes(self, data: bytes, from_client: bool, state: dict[str, bytes]) -> bool:
+        """Whether data goes through; if not, it is dropped with its connection."""
         return True
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, from_client: bool, state: dict[str, bytes]) -> None:
         try:
-            while (data := source.recv(65536)) and (not from_client or self.passes(data)):
+            while (data := source.recv(65536)) and self.passes(data, from_client, state):
                 sink.sendall(data)
         except OSError:
             pass
@@ -229,16 +230,23 @@ class CuttableProxy:
 
 
 class DeliveryCutter(CuttableProxy):
-    """A proxy in front of Redis that, once armed, drops kombu's record of a delivered message
-    (the transaction with ``HSET unacked``, sent after its ``BRPOP``) and that connection, for
-    ``window_s`` from the first it sees: redis-py's retries of that transaction meet the same
-    fault. That is a connection lost between taking a message and recording it, each time."""
+    """A proxy in front of Redis that cuts a worker's connection between taking a message and
+    recording it as held, every time for ``window_s`` from the first (redis-py's retries meet
+    the same fault):
+
+    - ``drop="record"``: drops kombu's record of a delivered message (the transaction with
+      ``HSET unacked``, sent after the pop) and its connection;
+    - ``drop="reply"``: drops Redis's reply to a blocking pop that took a message (``BRPOP`` or
+      ``BLMOVE``), and its connection: Redis took the message, the worker never got it.
+    """
 
     RECORD = b"$4\r\nHSET\r\n$7\r\nunacked\r\n"
+    POPS = (b"BRPOP\r\n", b"BLMOVE\r\n")
+    NO_MESSAGE = (b"*-1", b"$-1", b"_")
 
-    def __init__(self, target_port: int, window_s: float) -> None:
+    def __init__(self, target_port: int, window_s: float, drop: str) -> None:
         super().__init__(target_port)
-        self.window_s = window_s
+        self.window_s, self.drop = window_s, drop
         self.cuts = 0
         self.first_cut_at: float | None = None
 
@@ -246,8 +254,14 @@ class DeliveryCutter(CuttableProxy):
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
-    def passes(self, data: bytes) -> bool:
-        if self.RECORD not in data:
+    def passes(self, data: bytes, from_client: bool, state: dict[str, bytes]) -> bool:
+        if from_client:
+            state["last"] = data
+            hit = self.drop == "record" and self.RECORD in data
+        else:
+            popped = any(pop in state.get("last", b"") for pop in self.POPS)
+            hit = self.drop == "reply" and popped and not data.startswith(self.NO_MESSAGE)
+        if not hit:
             return True
         now = time.time()
         self.first_cut_at = self.first_cut_at or now
@@ -262,35 +276,3 @@ def s3_proxy(s3_endpoint) -> Iterator[CuttableProxy]:
     proxy = CuttableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     yield proxy
     proxy.cut()
-
-
-def wait_resending_lost(env: dict[str, str], run: str, count: int, timeout: float) -> int:
-    """Wait until ``run`` has ``count`` jobs finished, resending any job lost in delivery.
-
-    kombu's Redis transport hands a message over in two commands (BRPOP, then a record in
-    ``unacked``). The worker puts back a message it received but could not record
-    (``worker.transport``); Redis SIGKILLed after the BRPOP and before its reply reached the
-    worker still loses that message: no one has it. Its job stays queued, with no message in the
-    queue or unacked, and its job as sent kept in Redis; it is sent again from there, as
-    ``deepqueue retry`` would (which also resends failed jobs, not wanted here). Returns how
-    many were resent.
-    """
-    broker = redis.Redis.from_url(env["DEEPQUEUE_BROKER_URL"])
-    deadline, resent, nowhere_since = time.monotonic() + timeout, 0, None
-    while True:
-        try:
-            with client_for(env) as client:
-                status = client.run(run).status()
-                if status.finished == count:
-                    return resent
-                nowhere = status.counts[JobState.QUEUED] and not broker.llen("deepqueue") and not broker.hlen("unacked")
-                nowhere_since = (nowhere_since or time.monotonic()) if nowhere else None
-                if nowhere_since and time.monotonic() - nowhere_since > 3:
-                    queued = [r.job_id for r in client.run(run).results(JobState.QUEUED)]
-                    jobs = [Job.model_validate_json(kept) for kept in client._store.pending(run, queued) if kept]
-                    client._send(run, jobs)
-                    resent, nowhere_since = resent + len(jobs), None
-        except redis.ConnectionError:  # the fault under test may be going on
-            pass
-        assert time.monotonic() < deadline, f"timed out waiting for run {run}"
-        time.sleep(0.5)

@@ -653,3 +653,28 @@ def test_a_file_changed_between_check_and_send_is_refused(client, redis_urls, tm
     monkeypatch.setattr(sources, "read_file", read_then_change)
     with pytest.raises(PromptFileError, match="the input changed while it was being submitted"):
         client.submit(path, run="changed")
+
+
+def test_submit_memory_does_not_grow_with_the_file(client, redis_urls, tmp_path, monkeypatch):
+    """Peak Python memory (tracemalloc) while submitting 2,000 and 20,000 rows in chunks of 500:
+    ten times the rows, about the same peak. A submit that held every job would need ~10x."""
+    import tracemalloc
+
+    from producer import client as client_module
+
+    monkeypatch.setattr(client_module, "SUBMIT_CHUNK", 500)
+
+    def peak(rows: int) -> int:
+        path = tmp_path / f"p{rows}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": f"row {i} " + "x" * 90}) + "\n" for i in range(rows)))
+        for url in redis_urls:
+            redis.Redis.from_url(url).flushdb()
+        tracemalloc.start()
+        try:
+            assert client.submit(path, run=f"mem-{rows}").submitted == rows
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(2000), peak(20000)
+    assert large < 1.5 * small, (small, large)

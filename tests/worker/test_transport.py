@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import ssl
+import time
 
 import pytest
+import redis
 from kombu import Connection
 
+from producer.contract import WORKERS_KEY
 from worker.app import create_app
+from worker.leases import Leases
 from worker.settings import WorkerSettings
-from worker.transport import Transport, worker_broker_settings
+from worker.transport import Transport, put_back_taken, taking_key, worker_broker_settings
 
 
 def connection_for(url: str) -> Connection:
@@ -37,3 +42,37 @@ def test_tls_is_what_kombu_gives_the_same_url(url, wanted):
     assert ours.ssl == wanted
     assert bool(ours.ssl) == bool(Connection(url).ssl) and (not wanted or ours.ssl == Connection(url).ssl)
     assert (ours.hostname, ours.password) == ("h", "pw")
+
+
+# -- taking lists: what a worker took but never recorded goes back, once ----------------------------
+
+
+def kombu_message(tag: str, queue: str = "deepqueue") -> bytes:
+    properties = {"delivery_tag": tag, "delivery_info": {"routing_key": queue}}
+    return json.dumps({"body": "[]", "headers": {}, "properties": properties}).encode()
+
+
+def test_put_back_taken_restores_only_what_was_not_recorded(redis_urls):
+    client = redis.Redis.from_url(redis_urls[0])
+    client.rpush(taking_key("w1"), kombu_message("a"), kombu_message("b"), b"not json at all")
+    client.hset("unacked", "b", "recorded")  # its record went through; only the reply was lost
+    assert put_back_taken(client, "w1", "unacked", "deepqueue") == 2
+    assert client.lrange("deepqueue", 0, -1) == [kombu_message("a"), b"not json at all"]
+    assert not client.exists(taking_key("w1"))
+    assert put_back_taken(client, "w1", "unacked", "deepqueue") == 0  # nothing twice
+
+
+def test_a_gone_workers_taking_list_is_swept_by_a_live_worker(redis_urls):
+    """The lease sweep with a real channel: the list of a worker silent past the expiry (or never
+    seen) goes back, a live worker's stays (its message may be on its way to being recorded)."""
+    client = redis.Redis.from_url(redis_urls[0])
+    now = time.time()
+    client.hset(WORKERS_KEY, mapping={"gone": now - 100, "alive": now})
+    client.rpush(taking_key("gone"), kombu_message("g"))
+    client.rpush(taking_key("alive"), kombu_message("l"))
+    client.rpush(taking_key("never-renewed"), kombu_message("n"))
+    leases = Leases(redis_urls[0], {}, queue="deepqueue", name="sweeper", renew_s=5, expiry_s=20)
+    with Connection(redis_urls[0]) as connection:
+        leases._sweep(connection.default_channel, time.time(), held=set())
+    assert sorted(client.lrange("deepqueue", 0, -1)) == sorted([kombu_message("g"), kombu_message("n")])
+    assert client.lrange(taking_key("alive"), 0, -1) == [kombu_message("l")]
