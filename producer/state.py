@@ -34,6 +34,9 @@ class JobState(str, Enum):
     DONE = "done"
     FAILED = "failed"
 
+    def __str__(self) -> str:  # print(result.state) shows "done", not "JobState.DONE"
+        return self.value
+
 
 STATES = tuple(JobState)
 RUNS_KEY = "deepqueue:runs"

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     parts = {
         "batching": batching.main([]),
-        "scaling": scaling.main(["--workers", "1,2,4,8,16" if args.full else "1,2,4", "--calls", "6"]),
+        "scaling": scaling.main(["--workers", "1,2,4,8,16" if args.full else "1,2,4", "--calls", "24"]),
         "submit": submit_scale.main(["--sizes", "10000,100000,1000000" if args.full else "10000,100000"]),
         "memory": worker_memory.main(["--batches", "500" if args.full else "200", "--warmup", "50"]),
     }

@@ -117,7 +117,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2,4,8,16", help="worker counts, comma-separated")
-    parser.add_argument("--calls", type=int, default=6, help="full pipeline calls per worker")
+    parser.add_argument("--calls", type=int, default=24, help="full pipeline calls per worker (default 24: steady state)")
     parser.add_argument("--name", default="scaling-latest", help="results file name (no extension)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
