@@ -148,24 +148,28 @@ def _scheduler() -> Any:
     return DDIMScheduler(**_SCHEDULER_KWARGS)
 
 
-#: The UNet shape of diffusers' fast tests, shared by the tiny SD and SDXL pipelines.
+#: The UNet shape of diffusers' fast tests, shared by the tiny SD and SDXL pipelines (default
+#: size: sample_size 8 x the VAE's factor 8 = 64x64).
 TINY_UNET: dict[str, Any] = {
     "block_out_channels": (32, 64),
     "layers_per_block": 2,
-    "sample_size": 32,
+    "sample_size": 8,
     "in_channels": 4,
     "out_channels": 4,
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
 }
 
-#: The VAE of diffusers' fast tests, likewise shared.
+#: A small VAE that downsamples 8x like Stable Diffusion's (four blocks: 2**3), so latents are
+#: as small as a real model's at any size and a README example at 512x512 takes seconds on CPU
+#: (diffusers' fast-test VAE halves the size only). Likewise shared.
 TINY_VAE: dict[str, Any] = {
-    "block_out_channels": (32, 64),
+    "block_out_channels": (8, 16, 32, 32),
+    "norm_num_groups": 8,
     "in_channels": 3,
     "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
     "latent_channels": 4,
 }
 

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -69,6 +70,34 @@ def s3_objects(env: dict[str, str], run_id: str) -> dict[str, bytes]:
 
 def client_for(env: dict[str, str]) -> Client:
     return Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"])
+
+
+def test_the_readme_client_example_runs_as_written(stack, capsys):
+    """The README's Python client example, only its Redis URLs pointed at this test's servers:
+    512x512 and 768x512 on the tiny model (its VAE downsamples 8x, like Stable Diffusion's)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = readme.split("## Python client", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    urls = '"redis://localhost:6379/0", "redis://localhost:6379/1"'
+    assert urls in code
+    code = code.replace(urls, f'"{stack["DEEPQUEUE_BROKER_URL"]}", "{stack["DEEPQUEUE_RESULT_BACKEND"]}"')
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert "foxes-v1: 2 jobs (queued 0, running 0, done 2, failed 0)" in printed
+    results = [line.split() for line in printed if line.startswith("0000")]
+    assert len(results) == 2 and all(state == "done" and key.startswith("s3://") for _, state, key in results)
+
+
+def test_the_demo_prompts_come_out_as_three_full_batches(stack):
+    """examples/prompts.jsonl (what `make demo` submits): 24 prompts over three sizes, some with
+    a negative prompt and some without. On an SD 1.x model they batch together: 3 batches of 8."""
+    prompts = Path(__file__).resolve().parents[2] / "examples" / "prompts.jsonl"
+    with client_for(stack) as client:
+        run = client.submit(prompts, run="itest-demo", steps=4)
+        assert run.wait(timeout=300).counts[JobState.DONE] == 24
+    sidecars = [json.loads(v) for k, v in s3_objects(stack, run.run_id).items() if k.endswith(".json")]
+    batches = {sidecar["batch"]["id"]: sidecar["batch"]["size"] for sidecar in sidecars}
+    assert sorted(batches.values()) == [8, 8, 8]
+    assert {sidecar["negative_prompt"] is None for sidecar in sidecars} == {True, False}  # both kinds, batched together
 
 
 def test_mixed_resolutions_land_in_s3_in_homogeneous_batches(stack):

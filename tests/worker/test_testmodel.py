@@ -87,7 +87,8 @@ def test_tiny_loads_and_generates(tiny_path: pathlib.Path) -> None:
     assert pipe.safety_checker is None
     assert pipe.unet.config.block_out_channels == [32, 64]
     _check_pipeline(pipe)
-    # The default resolution is 64x64 (sample_size 32 x VAE scale factor 2).
+    # The VAE downsamples 8x as Stable Diffusion's does; the default resolution is 64x64 (sample_size 8 x 8).
+    assert pipe.vae_scale_factor == 8
     out = pipe("a cat", num_inference_steps=1, generator=torch.Generator().manual_seed(0))
     assert out.images[0].size == (64, 64)
 
