@@ -131,6 +131,7 @@ def settings_message(error: Any) -> str:
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="deepqueue")
 def cli() -> None:
     """deepqueue: bulk image generation with warm DeepCache workers.
 
@@ -158,7 +159,8 @@ def submit(
     allow_recipe_change: bool,
     **flags: Any,
 ) -> None:
-    """Validate FILE (.txt, .jsonl or .csv) and enqueue one job per prompt.
+    """Validate FILE (.txt, .jsonl, .csv, .tsv, .json, .parquet; the text ones also .gz) and
+    enqueue one job per prompt, streaming: memory stays flat whatever its size.
 
     Submitting a run again sends only its new and failed jobs (and, with --resend-queued, the
     queued ones). A run keeps the recipe flags of its first submit: a submit of the same run

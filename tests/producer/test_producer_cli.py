@@ -67,6 +67,13 @@ def test_top_level_help_lists_every_command():
     assert "DEEPQUEUE_BROKER_URL" in result.output
 
 
+def test_version_is_the_installed_packages():
+    from importlib.metadata import version
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"deepqueue, version {version('deepqueue')}"
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_every_command_has_help(command, flag):
