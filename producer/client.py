@@ -83,7 +83,10 @@ class Run:
         """Block until every job is done or failed; raise WaitTimeoutError after ``timeout`` s."""
         deadline = None if timeout is None else time.monotonic() + timeout
         status = self.status()
-        with tqdm(total=status.total, unit="img", desc=self.run_id, disable=not progress) as bar:
+        # initial: the rate counts what finishes while waiting, not what had finished before.
+        with tqdm(
+            total=status.total, initial=status.finished, unit="img", desc=self.run_id, disable=not progress
+        ) as bar:
             while True:
                 bar.total = status.total
                 bar.set_postfix(failed=status.counts[JobState.FAILED], refresh=False)

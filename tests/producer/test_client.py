@@ -678,3 +678,14 @@ def test_submit_memory_does_not_grow_with_the_file(client, redis_urls, tmp_path,
 
     small, large = peak(2000), peak(20000)
     assert large < 1.5 * small, (small, large)
+
+
+def test_waiting_on_a_finished_run_shows_no_rate(client, store, capsys):
+    """tqdm's rate counts only what finishes during the wait: a finished run shows none, not
+    hundreds of thousands of images per second."""
+    run = client.submit(["a", "b"], run="finished")
+    for job in client.prepare(["a", "b"], run="finished"):
+        store.mark("finished", job.job_id, DONE, key="s3://b/k")
+    run.wait(progress=True, timeout=5)
+    bar = capsys.readouterr().err
+    assert "2/2" in bar and not re.search(r"\d img/s|\dimg/s", bar), bar
