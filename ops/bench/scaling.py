@@ -7,7 +7,7 @@ a = 0.51 s per call and b = 0.094 s per image. The images are 64x64 JPEG: two CP
 encode and upload for up to 16 simulated GPUs, so the figures measure the queue, batching,
 storage and state path, not the encoder.
 
-For each N (1, 2, 4, 8, 16): N workers start, N x CALLS x 8 jobs are submitted at once, and the
+For each N (1, 2, 4, 8, 16): N workers start, N x CALLS (24) x 8 jobs are submitted at once, and the
 wall time from submit to the last job done gives images/s; scaling = that ÷ (N x one worker's).
 From the sidecars: batch fill (mean batch size ÷ 8) and, per worker, the critical-path overhead:
 the gaps between consecutive pipeline calls ÷ the calls' own time (0: the device never waits).
@@ -117,7 +117,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2,4,8,16", help="worker counts, comma-separated")
-    parser.add_argument("--calls", type=int, default=24, help="full pipeline calls per worker (default 24: steady state)")
+    parser.add_argument("--calls", type=int, default=24, help="full pipeline calls per worker (24: steady state)")
     parser.add_argument("--name", default="scaling-latest", help="results file name (no extension)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
