@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -200,10 +201,29 @@ def retry(run_id: str, wait_: bool, timeout: float | None) -> None:
 
 @cli.command()
 @click.argument("run_id")
-def status(run_id: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: run, total and a count per state.")
+def status(run_id: str, as_json: bool) -> None:
     """Counts of RUN_ID's jobs per state."""
     with Client() as client:
-        click.echo(str(client.run(run_id).status()))
+        current = client.run(run_id).status()
+        click.echo(json.dumps(status_record(current)) if as_json else str(current))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def runs(as_json: bool) -> None:
+    """Every submitted run, oldest first: its jobs per state and when it was first submitted."""
+    with Client() as client:
+        for run_id, since in client.run_times().items():
+            current = client.run(run_id).status()
+            if as_json:
+                click.echo(json.dumps({**status_record(current), "submitted_at": since}))
+            else:
+                click.echo(f"{current}, first submitted {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}")
+
+
+def status_record(current: RunStatus) -> dict[str, Any]:
+    return {"run": current.run_id, "total": current.total, **{state.value: n for state, n in current.counts.items()}}
 
 
 @cli.command()

@@ -246,3 +246,7 @@ class Client:
 
     def runs(self) -> list[str]:
         return self._store.runs()
+
+    def run_times(self) -> dict[str, float]:
+        """Every submitted run and the time of its first submit, oldest first."""
+        return dict(self._store.runs_since())

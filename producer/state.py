@@ -219,7 +219,11 @@ class RunStore:
         return self._redis.zscore(RUNS_KEY, run_id) is not None or bool(self._redis.exists(_keys(run_id)[0]))
 
     def runs(self) -> list[str]:
-        return [name.decode() for name in self._redis.zrange(RUNS_KEY, 0, -1)]
+        return [name for name, _ in self.runs_since()]
+
+    def runs_since(self) -> list[tuple[str, float]]:
+        """Every submitted run and the time of its first submit, oldest first."""
+        return [(name.decode(), at) for name, at in self._redis.zrange(RUNS_KEY, 0, -1, withscores=True)]
 
     def close(self) -> None:
         self._redis.close()

@@ -17,7 +17,7 @@ from producer.job import derive_seed
 from producer.state import RunStore
 
 QUEUED, RUNNING, DONE, FAILED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED
-COMMANDS = ["submit", "status", "wait", "results", "worker", "run", "make-test-model"]
+COMMANDS = ["submit", "status", "runs", "wait", "results", "worker", "run", "make-test-model"]
 
 
 @pytest.fixture
@@ -245,6 +245,20 @@ def test_status_of_a_run(env, tmp_path, store):
     result = invoke("status", "st")
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "st: 3 jobs (queued 1, running 0, done 1, failed 1)"
+
+
+def test_status_json_and_runs_list_every_run(env, tmp_path, store):
+    submitted_run(tmp_path, "first", ["a", "b"])
+    submitted_run(tmp_path, "second", ["c"])
+    store.mark("first", jobs_on_queue(env[0])[0].job_id, DONE, key="k")
+    result = invoke("status", "first", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"run": "first", "total": 2, "queued": 1, "running": 0, "done": 1, "failed": 0}
+    listed = [json.loads(line) for line in invoke("runs", "--json").output.splitlines()]
+    assert [(r["run"], r["total"], r["done"]) for r in listed] == [("first", 2, 1), ("second", 1, 0)]
+    assert listed[0]["submitted_at"] <= listed[1]["submitted_at"]
+    text = invoke("runs").output.splitlines()
+    assert text[0].startswith("first: 2 jobs (queued 1, running 0, done 1, failed 0), first submitted 20")
 
 
 @pytest.mark.parametrize("command", ["status", "wait", "results"])
