@@ -39,7 +39,7 @@ from celery import bootsteps
 
 from producer.contract import WORKERS_KEY, celery_config
 from worker import runtime
-from worker.transport import TAKING_PREFIX, put_back_taken
+from worker.transport import put_back_taken, taking_key
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ class Leases:
                 self._wake.clear()
             try:  # a worker that stops says so: `deepqueue retry` need not wait for it to look gone
                 channel = connection.default_channel
-                put_back_taken(channel.client, self.name, channel.unacked_key, self.queue)  # a pop at shutdown
+                key = taking_key(self.queue, self.name)
+                put_back_taken(channel.client, key, channel.unacked_key, self.queue)  # a pop at shutdown
                 channel.client.hdel(WORKERS_KEY, self.name)
             except Exception as error:  # Redis down: its entry ages, other workers' sweeps do the rest
                 logger.info("leases: could not remove this worker's entry (%r)", error)
@@ -223,11 +224,11 @@ class Leases:
 
     def _put_back_taken_by_gone(self, channel: Any, now: float, workers: dict[str, float]) -> int:
         """Empty the taking lists (``worker.transport``) of workers silent for the expiry."""
-        restored = 0
-        for key in channel.client.scan_iter(match=f"{TAKING_PREFIX}*", count=100):
-            worker = key.decode().removeprefix(TAKING_PREFIX)
+        restored, ours = 0, taking_key(self.queue, "")
+        for key in channel.client.scan_iter(match=f"{ours}*", count=100):
+            worker = key.decode().removeprefix(ours)
             if worker != self.name and now - workers.get(worker, 0.0) > self.expiry_s:
-                restored += put_back_taken(channel.client, worker, channel.unacked_key, self.queue)
+                restored += put_back_taken(channel.client, key, channel.unacked_key, self.queue)
         return restored
 
 

@@ -40,20 +40,17 @@ logger = logging.getLogger(__name__)
 
 TAKING_PREFIX = "deepqueue:taking:"
 
-# KEYS: a taking list, unacked hash. Puts each message of the list that is not recorded in
-# unacked back on the queue it came from (the tail: next out), and empties the list. One call,
-# so a message is put back once. Returns how many were put back.
+# KEYS: a taking list, unacked hash, the queue it was filled from. Puts each message of the list
+# that is not recorded in unacked back on the queue (the tail: next out), and empties the list.
+# One call, so a message is put back once. Returns how many were put back.
 PUT_BACK_TAKEN = """
 local restored = 0
 for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
   local ok, message = pcall(cjson.decode, item)
-  local properties = ok and type(message) == 'table' and message['properties'] or {}
+  local properties = ok and type(message) == 'table' and message['properties'] or nil
   local tag = type(properties) == 'table' and properties['delivery_tag'] or nil
-  local info = type(properties) == 'table' and properties['delivery_info'] or nil
-  local queue = type(info) == 'table' and info['routing_key'] or nil
-  if type(queue) ~= 'string' or queue == '' then queue = ARGV[1] end
   if not (type(tag) == 'string' and redis.call('HEXISTS', KEYS[2], tag) == 1) then
-    redis.call('RPUSH', queue, item)
+    redis.call('RPUSH', KEYS[3], item)
     restored = restored + 1
   end
 end
@@ -62,13 +59,14 @@ return restored
 """
 
 
-def taking_key(worker: str) -> str:
-    return f"{TAKING_PREFIX}{worker}"
+def taking_key(queue: str, worker: str) -> str:
+    """The list a worker moves messages of ``queue`` into while it records them."""
+    return f"{TAKING_PREFIX}{queue}:{worker}"
 
 
-def put_back_taken(client: Any, worker: str, unacked_key: str, queue: str) -> int:
-    """Put what ``worker`` took but never recorded back on the queue; how many."""
-    return int(client.eval(PUT_BACK_TAKEN, 2, taking_key(worker), unacked_key, queue))
+def put_back_taken(client: Any, key: str, unacked_key: str, queue: str) -> int:
+    """Put what a taking list holds but ``unacked`` does not back on ``queue``; how many."""
+    return int(client.eval(PUT_BACK_TAKEN, 3, key, unacked_key, queue))
 
 
 class QoS(redis.QoS):
@@ -83,7 +81,7 @@ class QoS(redis.QoS):
             pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(
                 self.unacked_key, delivery_tag, dumps([message._raw, info["exchange"], info["routing_key"]])
             ).lrem(key, 1, raw).execute()
-        virtual.QoS.append(self, message, delivery_tag)
+        virtual.QoS.append(self, message, delivery_tag)  # kombu's own bookkeeping, as redis.QoS.append ends
 
     def _append_or_keep(self, message: Any, delivery_tag: str) -> None:
         try:
@@ -116,7 +114,7 @@ class Channel(redis.Channel):
         worker = runtime.worker_name()
         if worker is None or self.global_keyprefix or len(self.active_queues) != 1:
             return None
-        return taking_key(worker)
+        return taking_key(self.active_queues[0], worker)
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         key = self._taking_key()
@@ -125,7 +123,7 @@ class Channel(redis.Channel):
             return
         [queue] = self.active_queues
         if not self._taking_checked:  # a new connection: first put back what the last one left
-            restored = put_back_taken(self.client, runtime.worker_name() or "", self.unacked_key, queue)
+            restored = put_back_taken(self.client, key, self.unacked_key, queue)
             if restored:
                 logger.warning("%d messages taken but never recorded (a lost connection): back on the queue", restored)
             self._taking_checked = True

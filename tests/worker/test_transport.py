@@ -54,12 +54,13 @@ def kombu_message(tag: str, queue: str = "deepqueue") -> bytes:
 
 def test_put_back_taken_restores_only_what_was_not_recorded(redis_urls):
     client = redis.Redis.from_url(redis_urls[0])
-    client.rpush(taking_key("w1"), kombu_message("a"), kombu_message("b"), b"not json at all")
+    key = taking_key("deepqueue", "w1")
+    client.rpush(key, kombu_message("a"), kombu_message("b"), b"not json at all")
     client.hset("unacked", "b", "recorded")  # its record went through; only the reply was lost
-    assert put_back_taken(client, "w1", "unacked", "deepqueue") == 2
+    assert put_back_taken(client, key, "unacked", "deepqueue") == 2
     assert client.lrange("deepqueue", 0, -1) == [kombu_message("a"), b"not json at all"]
-    assert not client.exists(taking_key("w1"))
-    assert put_back_taken(client, "w1", "unacked", "deepqueue") == 0  # nothing twice
+    assert not client.exists(key)
+    assert put_back_taken(client, key, "unacked", "deepqueue") == 0  # nothing twice
 
 
 def test_a_gone_workers_taking_list_is_swept_by_a_live_worker(redis_urls):
@@ -68,11 +69,13 @@ def test_a_gone_workers_taking_list_is_swept_by_a_live_worker(redis_urls):
     client = redis.Redis.from_url(redis_urls[0])
     now = time.time()
     client.hset(WORKERS_KEY, mapping={"gone": now - 100, "alive": now})
-    client.rpush(taking_key("gone"), kombu_message("g"))
-    client.rpush(taking_key("alive"), kombu_message("l"))
-    client.rpush(taking_key("never-renewed"), kombu_message("n"))
+    client.rpush(taking_key("deepqueue", "gone"), kombu_message("g"))
+    client.rpush(taking_key("deepqueue", "alive"), kombu_message("l"))
+    client.rpush(taking_key("deepqueue", "never-renewed"), kombu_message("n"))
+    client.rpush(taking_key("other-queue", "gone"), kombu_message("o"))  # another deployment's queue
     leases = Leases(redis_urls[0], {}, queue="deepqueue", name="sweeper", renew_s=5, expiry_s=20)
     with Connection(redis_urls[0]) as connection:
         leases._sweep(connection.default_channel, time.time(), held=set())
     assert sorted(client.lrange("deepqueue", 0, -1)) == sorted([kombu_message("g"), kombu_message("n")])
-    assert client.lrange(taking_key("alive"), 0, -1) == [kombu_message("l")]
+    assert client.lrange(taking_key("deepqueue", "alive"), 0, -1) == [kombu_message("l")]
+    assert client.llen(taking_key("other-queue", "gone")) == 1 and not client.exists("other-queue")
