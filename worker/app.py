@@ -34,7 +34,7 @@ def create_app(settings: WorkerSettings) -> Celery:
     app = Celery("deepqueue", set_as_current=False)
     app.conf.update(
         celery_config(settings),
-        **worker_broker_settings(settings.broker_url),  # no message lost between BRPOP and its unacked record
+        **worker_broker_settings(settings.broker_url),  # BLMOVE: no message lost between taking and recording it
         worker_concurrency=1,  # one pipeline per process; one worker per GPU
         worker_prefetch_multiplier=settings.prefetch_count,
         worker_send_task_events=True,
