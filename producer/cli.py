@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from producer.client import Client, Run
+from producer.contract import WORKER_GONE_S
 from producer.errors import DeepQueueError, PromptFileError, WaitTimeoutError
 from producer.job import ImageFormat, SchedulerName
 from producer.settings import ClientSettings, redact_url
@@ -180,7 +181,7 @@ def submit(
         )
         click.echo(f"run {run.run_id}: {run.submitted} jobs enqueued, {run.skipped} already queued, running or done")
         if wait_:
-            _finish(run, timeout)
+            _finish(client, run, timeout)
 
 
 @cli.command()
@@ -196,7 +197,7 @@ def retry(run_id: str, wait_: bool, timeout: float | None) -> None:
         if run.skipped:
             click.echo(f"{run.skipped} jobs not done predate kept jobs: submit their file again")
         if wait_:
-            _finish(run, timeout)
+            _finish(client, run, timeout)
 
 
 @cli.command()
@@ -232,7 +233,7 @@ def status_record(current: RunStatus) -> dict[str, Any]:
 def wait(run_id: str, timeout: float | None) -> None:
     """Wait for RUN_ID to finish, with a progress bar; exit 1 if any job failed."""
     with Client() as client:
-        _finish(client.run(run_id), timeout)
+        _finish(client, client.run(run_id), timeout)
 
 
 @cli.command()
@@ -255,7 +256,13 @@ def dead_letters(limit: int) -> None:
             click.echo(json.dumps(record, ensure_ascii=False))
 
 
-def _finish(run: Run, timeout: float | None) -> None:
+def _finish(client: Client, run: Run, timeout: float | None) -> None:
+    if not run.status().is_finished and not client.workers():
+        click.echo(
+            f"no worker has renewed its leases in the last {WORKER_GONE_S:.0f} s: start one "
+            f"(deepqueue worker) on queue {client.settings.queue!r}, or the run will not progress",
+            err=True,
+        )
     final: RunStatus = run.wait(progress=True, timeout=timeout)
     click.echo(str(final))
     failed = list(run.results(JobState.FAILED))

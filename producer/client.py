@@ -247,6 +247,10 @@ class Client:
     def runs(self) -> list[str]:
         return self._store.runs()
 
+    def workers(self, *, gone_after_s: float = WORKER_GONE_S) -> set[str]:
+        """The workers that renewed their leases in the last ``gone_after_s`` (serving now)."""
+        return live_workers(self._broker(), time.time() - gone_after_s)
+
     def run_times(self) -> dict[str, float]:
         """Every submitted run and the time of its first submit, oldest first."""
         return dict(self._store.runs_since())

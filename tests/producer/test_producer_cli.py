@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from click.testing import CliRunner, Result
 from ops.localstack import free_port
 from producer import Job, JobState
 from producer.cli import cli
+from producer.contract import WORKERS_KEY
 from producer.job import derive_seed
 from producer.state import RunStore
 
@@ -314,6 +316,15 @@ def test_wait_timeout(env, tmp_path):
     result = invoke("wait", "slow", "--timeout", "0.01")
     assert result.exit_code == 4
     assert "run slow not finished after 0.01 s" in result.output
+
+
+def test_wait_says_when_no_worker_serves_the_queue(env, tmp_path):
+    submitted_run(tmp_path, "unserved", ["a"])
+    result = invoke("wait", "unserved", "--timeout", "0.01")
+    assert "no worker has renewed its leases in the last 60 s" in result.stderr
+    assert "'deepqueue', or the run will not progress" in result.stderr
+    redis.Redis.from_url(env[0]).hset(WORKERS_KEY, "gpu0@host:1", time.time())  # a worker renewing its leases
+    assert "no worker" not in invoke("wait", "unserved", "--timeout", "0.01").stderr
 
 
 def test_submit_with_an_empty_run_name_is_refused(env, tmp_path):
