@@ -78,11 +78,12 @@ def test_warm_shutdown_returns_buffered_jobs_to_the_queue(s3_worker_env, tmp_pat
 
 
 def test_a_batch_past_its_time_limit_is_retried_alone_then_failed(s3_worker_env, tmp_path):
-    """A hung pipeline call, caused for real: 200 steps against a 1 s batch time limit."""
+    """A hung pipeline call, caused for real: 200 steps at 512x512 (about a minute on the tiny
+    model) against a 1 s batch time limit."""
     worker = start_worker({**s3_worker_env, "DEEPQUEUE_BATCH_TIMEOUT_S": "1"}, tmp_path / "worker.log")
     try:
         with Client(s3_worker_env["DEEPQUEUE_BROKER_URL"], s3_worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
-            slow = client.submit(["slow a", "slow b"], run="slow", steps=200, width=64, height=64)
+            slow = client.submit(["slow a", "slow b"], run="slow", steps=200, width=512, height=512, cache_interval=1)
             fast = client.submit(["fast a", "fast b"], run="fast", steps=2, width=64, height=64)
             assert fast.wait(timeout=120).counts[JobState.DONE] == 2
             assert slow.wait(timeout=120).counts[JobState.FAILED] == 2
