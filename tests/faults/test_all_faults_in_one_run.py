@@ -34,7 +34,8 @@ def rows() -> list[dict]:
         {"prompt": f"mixed {i}", "width": SIZES[i % 3][0], "height": SIZES[i % 3][1], "steps": 10} for i in range(GOOD)
     ]
     for n in range(POISON):
-        poison = {"prompt": f"poison {n}", "width": 512, "height": 512, "steps": 200, "cache_interval": 1}
+        # 1024x1024 at 200 uncached steps: about 6 minutes alone on the tiny model (8x VAE), far past 30 s.
+        poison = {"prompt": f"poison {n}", "width": 1024, "height": 1024, "steps": 200, "cache_interval": 1}
         jobs.insert(n * 20 + 10, poison)
     return jobs
 

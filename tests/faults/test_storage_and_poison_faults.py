@@ -52,7 +52,7 @@ def test_a_poison_job_fails_after_two_losses_counted_across_workers(fault_env, t
     second = None
     try:
         with client_for(env) as client:
-            client.submit(["poison"], run="poison", steps=200, width=256, height=256, cache_interval=1)
+            client.submit(["poison"], run="poison", steps=200, width=512, height=512, cache_interval=1)
         submit(env, "peers", 16, steps=2)
         wait_until(lambda: "retrying its jobs one by one" in first_log.read_text(), 120, "the first loss")
         kill_worker(first)
