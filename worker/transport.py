@@ -77,10 +77,14 @@ class QoS(redis.QoS):
             return
         key, raw = taken
         info = message.delivery_info
-        with self.pipe_or_acquire() as pipe:  # one transaction: recorded and out of the taking list
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(
-                self.unacked_key, delivery_tag, dumps([message._raw, info["exchange"], info["routing_key"]])
-            ).lrem(key, 1, raw).execute()
+        try:
+            with self.pipe_or_acquire() as pipe:  # one transaction: recorded and out of the taking list
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(
+                    self.unacked_key, delivery_tag, dumps([message._raw, info["exchange"], info["routing_key"]])
+                ).lrem(key, 1, raw).execute()
+        except self.channel.connection_errors:
+            self.channel.taking_checked.discard(key)  # it waits in the taking list: put it back first thing
+            raise
         virtual.QoS.append(self, message, delivery_tag)  # kombu's own bookkeeping, as redis.QoS.append ends
 
     def _append_or_keep(self, message: Any, delivery_tag: str) -> None:
@@ -107,12 +111,17 @@ class Channel(redis.Channel):
     #: (taking list, the message as Redis holds it) while a message taken by BLMOVE is delivered
     taking: tuple[str, bytes] | None = None
     _moving_from: str | None = None
-    _taking_checked = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: taking lists known to hold nothing unrecorded (none on a new channel, nor after a failed delivery)
+        self.taking_checked: set[str] = set()
+        super().__init__(*args, **kwargs)
 
     def _taking_key(self) -> str | None:
-        """This worker's taking list, when BLMOVE can serve the channel (else kombu's BRPOP)."""
+        """This worker's taking list, when the channel consumes deepqueue's queue alone (else
+        kombu's BRPOP: Celery's own reply queues, say, which share the channel at start-up)."""
         worker = runtime.worker_name()
-        if worker is None or self.global_keyprefix or len(self.active_queues) != 1:
+        if worker is None or self.global_keyprefix or self.active_queues != [runtime.settings().queue]:
             return None
         return taking_key(self.active_queues[0], worker)
 
@@ -122,11 +131,11 @@ class Channel(redis.Channel):
             super()._brpop_start(timeout)
             return
         [queue] = self.active_queues
-        if not self._taking_checked:  # a new connection: first put back what the last one left
+        if key not in self.taking_checked:  # first put back what a failed delivery left
             restored = put_back_taken(self.client, key, self.unacked_key, queue)
             if restored:
                 logger.warning("%d messages taken but never recorded (a lost connection): back on the queue", restored)
-            self._taking_checked = True
+            self.taking_checked.add(key)
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
         self._moving_from = queue
@@ -142,6 +151,7 @@ class Channel(redis.Channel):
                 item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
+                self.taking_checked.discard(self._taking_key() or "")  # Redis may have moved one we never saw
                 raise
             key = self._taking_key() or ""
             if item is None:  # the queue's own list stayed empty: any in kombu's priority lists?
