@@ -41,45 +41,31 @@ class JobState(str, Enum):
 STATES = tuple(JobState)
 RUNS_KEY = "deepqueue:runs"
 
-# KEYS: jobs hash, one set per state in STATES order, pending hash. ARGV: job_id, new state,
-# record, and for 'queued' optionally the job as sent (kept in pending until it is done).
-# Returns 1 if the transition happened, 0 if the current state forbids it.
+# KEYS: jobs hash, one set per state in STATES order, pending hash. ARGV: the new state, then for
+# each job its id, its record and the job as sent ('' for none; for 'queued', kept in pending until
+# the job is done). A job moves unless it is done, or running and asked to be queued again.
+# Returns how many moved.
 _TRANSITION = """
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-local old = current and cjson.decode(current)['state'] or false
-local new = ARGV[2]
-if old == 'done' then return 0 end
-if new == 'queued' and old == 'running' then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+local new = ARGV[1]
 local sets = {queued = KEYS[2], running = KEYS[3], done = KEYS[4], failed = KEYS[5]}
-if old and old ~= new then redis.call('SREM', sets[old], ARGV[1]) end
-redis.call('SADD', sets[new], ARGV[1])
-if new == 'done' then redis.call('HDEL', KEYS[6], ARGV[1]) end
-if ARGV[4] then redis.call('HSET', KEYS[6], ARGV[1], ARGV[4]) end
-return 1
-"""
-
-
-# KEYS as _TRANSITION. ARGV: the record of a queued job, then pairs of job_id and the job as sent.
-# Marks each queued (and keeps it in pending) unless it is running or done; what _TRANSITION does
-# for one job, for hundreds in one call.
-_MARK_QUEUED = """
-local sets = {queued = KEYS[2], running = KEYS[3], done = KEYS[4], failed = KEYS[5]}
-for i = 2, #ARGV, 2 do
+local moved = 0
+for i = 2, #ARGV, 3 do
   local id = ARGV[i]
   local current = redis.call('HGET', KEYS[1], id)
   local old = current and cjson.decode(current)['state'] or false
-  if old ~= 'done' and old ~= 'running' then
-    redis.call('HSET', KEYS[1], id, ARGV[1])
-    if old and old ~= 'queued' then redis.call('SREM', sets[old], id) end
-    redis.call('SADD', KEYS[2], id)
-    redis.call('HSET', KEYS[6], id, ARGV[i + 1])
+  if old ~= 'done' and not (new == 'queued' and old == 'running') then
+    redis.call('HSET', KEYS[1], id, ARGV[i + 1])
+    if old and old ~= new then redis.call('SREM', sets[old], id) end
+    redis.call('SADD', sets[new], id)
+    if new == 'done' then redis.call('HDEL', KEYS[6], id) end
+    if ARGV[i + 2] ~= '' then redis.call('HSET', KEYS[6], id, ARGV[i + 2]) end
+    moved = moved + 1
   end
 end
-return 1
+return moved
 """
 
-#: Jobs per _MARK_QUEUED call: Redis runs a script without serving other clients meanwhile.
+#: Jobs per _TRANSITION call when marking many: Redis serves no other client meanwhile.
 MARK_BATCH = 500
 
 
@@ -155,7 +141,6 @@ class RunStore:
         self._redis = client
         self._transition = client.register_script(_TRANSITION)
         self._claim_recipe = client.register_script(_CLAIM_RECIPE)
-        self._mark_queued = client.register_script(_MARK_QUEUED)
 
     @classmethod
     def from_url(cls, url: str) -> RunStore:
@@ -163,7 +148,8 @@ class RunStore:
 
     def mark(self, run_id: str, job_id: str, state: JobState, **details: Any) -> bool:
         """Move one job to ``state``; False if its current state forbids that."""
-        return bool(self._transition(keys=_transition_keys(run_id), args=self._args(job_id, state, details)))
+        record = json.dumps({"state": state.value, "at": time.time(), **details})
+        return bool(self._transition(keys=_transition_keys(run_id), args=[state.value, job_id, record, ""]))
 
     def states(self, run_id: str, job_ids: Sequence[str]) -> list[JobState | None]:
         """Each job's state (None: never submitted), in one round trip."""
@@ -177,10 +163,9 @@ class RunStore:
         record = json.dumps({"state": JobState.QUEUED.value, "at": time.time()})
         items = list(sent.items())
         pipe = self._redis.pipeline(transaction=False)
-        keys = _transition_keys(run_id)
         for start in range(0, len(items), MARK_BATCH):
-            pairs = [value for item in items[start : start + MARK_BATCH] for value in item]
-            self._mark_queued(keys=keys, args=[record, *pairs], client=pipe)
+            args = [value for job_id, job in items[start : start + MARK_BATCH] for value in (job_id, record, job)]
+            self._transition(keys=_transition_keys(run_id), args=[JobState.QUEUED.value, *args], client=pipe)
         pipe.execute()
 
     def pending(self, run_id: str, job_ids: Sequence[str]) -> list[str | None]:
@@ -236,11 +221,6 @@ class RunStore:
         """Every job of the run, streamed (HSCAN), in no particular order."""
         for job_id, raw in self._redis.hscan_iter(_keys(run_id)[0], count=1000):
             yield _result(job_id.decode(), raw)
-
-    @staticmethod
-    def _args(job_id: str, state: JobState, details: dict[str, Any]) -> list[str]:
-        record = {"state": state.value, "at": time.time(), **details}
-        return [job_id, state.value, json.dumps(record)]
 
 
 def _in_order(recipes: Mapping[bytes, bytes]) -> list[dict[str, Any]]:
