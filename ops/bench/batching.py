@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-from ops.bench.report import command_line, load_average, machine_info, s3_sidecars, write_json_and_markdown
+from ops.bench.report import finish, new_results, run_line, s3_sidecars
 from ops.localstack import moto_s3_client, start_moto, start_redis, start_worker, stop, worker_env
 from producer import Client, JobState
 from producer.enqueue import publish
@@ -163,8 +163,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Batch fill and latency on the simulated device ({results['device']})",
         "",
-        f"Command: `{results['command']}`; machine: {results['machine'].get('cpu')}, "
-        f"load {results['load_before']} -> {results['load_after']}. One worker, default settings "
+        f"{run_line(results)} One worker, default settings "
         f"(max batch {MAX_BATCH}, max wait {MAX_WAIT_S} s, prefetch 103).",
         "",
         "| deep shuffled queue (2 runs x 10 sizes) | jobs | batches | best possible | batch fill | fill ÷ best "
@@ -194,8 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default="batching-latest", help="results file name (no extension)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results: dict[str, Any] = {"device": args.device, "command": command_line(), "machine": machine_info()}
-    results["load_before"] = load_average()
+    results = new_results(device=args.device)
     with tempfile.TemporaryDirectory() as tmp:
         stack = Stack(Path(tmp), args.device)
         try:
@@ -206,10 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["lone"] = [lone_job(stack, behind=0), lone_job(stack, behind=10 * MAX_BATCH)]
         finally:
             stack.close()
-    results["load_after"] = load_average()
-    write_json_and_markdown(results, args.name, markdown(results))
-    print(markdown(results))
-    return results
+    return finish(results, args.name, markdown)
 
 
 if __name__ == "__main__":

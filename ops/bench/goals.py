@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from ops.bench import batching, scaling, submit_scale, worker_memory
-from ops.bench.report import command_line, load_average, machine_info, write_json_and_markdown
+from ops.bench.report import finish, new_results, run_line
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Queue-level goals (issue 7)",
         "",
-        f"Command: `{results['command']}` ({results['seconds']:.0f} s); machine: {results['machine'].get('cpu')}, "
-        f"{results['machine'].get('usable_cores')} cores, load {results['load_before']} -> {results['load_after']}. "
+        f"{run_line(results)} {results['seconds']:.0f} s. "
         "Details: batching-latest, scaling-latest, submit-latest, worker-memory-latest (.md/.json).",
         "",
         "| goal | measured | target | met |",
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--full", action="store_true", help="16 workers, a 1M-prompt submit, 500 batches")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results: dict[str, Any] = {"command": command_line(), "machine": machine_info(), "load_before": load_average()}
+    results = new_results()
     started = time.perf_counter()
     parts = {
         "batching": batching.main([]),
@@ -114,10 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "submit": submit_scale.main(["--sizes", "10000,100000,1000000" if args.full else "10000,100000"]),
         "memory": worker_memory.main(["--batches", "500" if args.full else "200", "--warmup", "50"]),
     }
-    results.update(seconds=time.perf_counter() - started, load_after=load_average(), goals=goal_rows(parts))
-    write_json_and_markdown(results, "goals-latest", markdown(results))
-    print(markdown(results))
-    return results
+    results.update(seconds=time.perf_counter() - started, goals=goal_rows(parts))
+    return finish(results, "goals-latest", markdown)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,28 @@ def write_json_and_markdown(
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     md_path.write_text(text)
     return json_path, md_path
+
+
+def new_results(**extra: Any) -> dict[str, Any]:
+    """The start of a benchmark's results: its command, the machine and its load now."""
+    return {"command": command_line(), "machine": machine_info(), "load_before": load_average(), **extra}
+
+
+def run_line(results: dict[str, Any]) -> str:
+    """ "Command: ...; machine: ..., load before -> after." for a results file's header."""
+    return (
+        f"Command: `{results['command']}`; machine: {results['machine'].get('cpu')}, "
+        f"{results['machine'].get('usable_cores')} cores, load {results['load_before']} -> {results['load_after']}."
+    )
+
+
+def finish(results: dict[str, Any], name: str, markdown_of: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Record the load at the end, write ``name``.json/.md (see ``write_json_and_markdown``), print the markdown."""
+    results["load_after"] = load_average()
+    text = markdown_of(results)
+    write_json_and_markdown(results, name, text)
+    print(text)
+    return results
 
 
 def s3_sidecars(endpoint: str, bucket: str, prefix: str = "") -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from ops.bench.report import command_line, load_average, machine_info, s3_sidecars, write_json_and_markdown
+from ops.bench.report import finish, new_results, run_line, s3_sidecars
 from ops.localstack import moto_s3_client, start_moto, start_redis, start_worker, stop, worker_env
 from producer import Client, JobState
 
@@ -108,9 +108,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{point['batch_fill']:.2f} | {point['overhead']:.3f} | {point['median_gap_s'] * 1000:.0f} ms |"
         )
     return (
-        f"# Scaling on the simulated device ({results['device']})\n\n"
-        f"Command: `{results['command']}`; machine: {results['machine'].get('cpu')}, "
-        f"load {results['load_before']} -> {results['load_after']}.\n\n" + "\n".join(rows) + "\n"
+        f"# Scaling on the simulated device ({results['device']})\n\n{run_line(results)}\n\n" + "\n".join(rows) + "\n"
     )
 
 
@@ -122,8 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     counts = [int(part) for part in args.workers.split(",")]
-    results: dict[str, Any] = {"device": DEVICE, "command": command_line(), "machine": machine_info()}
-    results["load_before"] = load_average()
+    results = new_results(device=DEVICE)
     with tempfile.TemporaryDirectory() as tmp:
         redis_process, redis_url = start_redis(Path(tmp))
         moto_process, s3 = start_moto()
@@ -147,10 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     for point in points:
         point["scaling"] = point["images_per_s"] / (point["workers"] * single)
-    results["points"], results["load_after"] = points, load_average()
-    write_json_and_markdown(results, args.name, markdown(results))
-    print(markdown(results))
-    return results
+    results["points"] = points
+    return finish(results, args.name, markdown)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from ops.bench.report import command_line, load_average, machine_info, write_json_and_markdown
+from ops.bench.report import finish, new_results, run_line
 from ops.localstack import start_redis, stop
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Submitting big prompt files",
         "",
-        f"Command: `{results['command']}`; machine: {results['machine'].get('cpu')}, "
-        f"load {results['load_before']} -> {results['load_after']}. 100-character prompts in a .jsonl file, "
+        f"{run_line(results)} 100-character prompts in a .jsonl file, "
         "512x512 jobs, run name of 24 characters, one `Client.submit` in a fresh process, no worker.",
         "",
         "| prompts | producer RSS before → peak | submit | jobs/s | Redis bytes per queued job |",
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default="submit-latest", help="results file name (no extension)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results: dict[str, Any] = {"command": command_line(), "machine": machine_info(), "load_before": load_average()}
+    results = new_results()
     with tempfile.TemporaryDirectory() as tmp:
         process, redis_url = start_redis(Path(tmp))
         try:
@@ -130,10 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 logger.info("submit of %d: %s", count, results["points"][-1])
         finally:
             stop(process)
-    results["load_after"] = load_average()
-    write_json_and_markdown(results, args.name, markdown(results))
-    print(markdown(results))
-    return results
+    return finish(results, args.name, markdown)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ops.bench.report import command_line, load_average, machine_info, write_json_and_markdown
+from ops.bench.report import finish, new_results, run_line
 from ops.localstack import moto_s3_client, start_moto, start_redis, start_worker, stop, worker_env
 from producer import Client, JobState
 
@@ -93,8 +93,7 @@ def markdown(results: dict[str, Any]) -> str:
     rows = [
         f"# Worker memory over {point['batches']} batches",
         "",
-        f"Command: `{results['command']}`; machine: {results['machine'].get('cpu')}, "
-        f"load {results['load_before']} -> {results['load_after']}. Tiny model, 8 x 64x64 per batch, "
+        f"{run_line(results)} Tiny model, 8 x 64x64 per batch, "
         f"2 DDIM steps, JPEG to moto S3; {point['seconds']:.0f} s.",
         "",
         f"| process | RSS after {point['warmup_batches']} batches | RSS at the end | growth (goal < 5 %) |",
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default="worker-memory-latest", help="results file name (no extension)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results: dict[str, Any] = {"command": command_line(), "machine": machine_info(), "load_before": load_average()}
+    results = new_results()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
@@ -123,10 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             model = build_test_model(Path(tmp) / "tiny", "tiny")
         results["point"] = measure(model, args.batches, args.warmup, Path(tmp))
-    results["load_after"] = load_average()
-    write_json_and_markdown(results, args.name, markdown(results))
-    print(markdown(results))
-    return results
+    return finish(results, args.name, markdown)
 
 
 if __name__ == "__main__":
