@@ -231,10 +231,7 @@ def make_jobs(
             jobs.append(item)
         else:
             problems.extend(item)
-    if problems:
-        raise InvalidJobError(problems)
-    if not jobs:
-        raise InvalidJobError([("input", "no prompts found")])
+    refuse_bad_input(problems, 0, len(jobs))
     return jobs
 
 
@@ -249,11 +246,16 @@ def check_rows(rows: Iterable[tuple[str, Mapping[str, Any] | str]], *, keep: int
             room = max(0, keep - len(problems))
             problems.extend(item[:room])
             omitted += len(item) - min(room, len(item))
+    refuse_bad_input(problems, omitted, count)
+    return count
+
+
+def refuse_bad_input(problems: list[tuple[str, str]], omitted: int, jobs: int) -> None:
+    """InvalidJobError if any row was bad, or if the rows made no job at all."""
     if problems:
         raise InvalidJobError(problems, omitted=omitted)
-    if not count:
+    if not jobs:
         raise InvalidJobError([("input", "no prompts found")])
-    return count
 
 
 def shape(job: Job) -> tuple[Any, ...]:
