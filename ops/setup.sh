@@ -19,7 +19,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1 && ! .venv/bin/python -c "import torc
     "${pip[@]}" "torch==$TORCH_VERSION"
   fi
 fi
-"${pip[@]}" -e ".[worker,parquet,test,dev]"
+"${pip[@]}" -e ".[worker,parquet,export,test,dev]"
 
 if ! command -v redis-server >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

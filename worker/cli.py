@@ -34,6 +34,24 @@ def check_model(settings: WorkerSettings) -> None:
         ) from error
 
 
+def node_name(name: str | None, host: str | None) -> str:
+    """The Celery node name ``NAME@HOST`` a worker takes unless given ``--hostname``.
+
+    ``name`` (DEEPQUEUE_WORKER_NAME: ``gpu0`` in docker compose, the pod's name in Kubernetes)
+    defaults to ``worker``; ``host`` (DEEPQUEUE_HOST: the machine's name; the node's name in
+    Kubernetes) to ``%h``, which Celery expands to this container's or machine's hostname.
+    So each host's GPU-0 worker is ``gpu0@node-a``, ``gpu0@node-b``: unique across hosts and
+    readable. Leases add a random part of their own (``worker.leases``), so two workers never
+    share one even when their node names collide.
+    """
+    return f"{(name or '').strip() or 'worker'}@{(host or '').strip() or '%h'}"
+
+
+def _names_node(extra: list[str]) -> bool:
+    """Whether the extra ``celery worker`` arguments set the node name themselves."""
+    return any(arg in ("-n", "--hostname") or arg.startswith(("-n", "--hostname=")) for arg in extra)
+
+
 def start_worker(*, model: str | None, device: str | None, loglevel: str, extra: list[str]) -> None:
     # A second guard besides worker.readiness: torch, if something imported it here after all,
     # then checks CUDA through NVML, which leaves a forked pool process able to use CUDA.
@@ -54,6 +72,9 @@ def start_worker(*, model: str | None, device: str | None, loglevel: str, extra:
         f"--queues={settings.queue}",
         *extra,
     ]
+    if not _names_node(extra):
+        name, host = os.environ.get("DEEPQUEUE_WORKER_NAME"), os.environ.get("DEEPQUEUE_HOST")
+        argv.append(f"--hostname={node_name(name, host)}")
     # app.worker_main drops the worker's exit code; a worker that stops because it cannot
     # build its pipeline must exit non-zero so that its supervisor sees it.
     exit_codes: list[int] = []

@@ -126,6 +126,10 @@ class Leases:
         with self._lock:
             return set(self._held)
 
+    def alive(self) -> bool:
+        """False only when the thread, once started, stopped without being asked to (``/livez``)."""
+        return self._thread is None or self._thread.is_alive() or self._stopped.is_set()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="deepqueue-leases", daemon=True)
         self._thread.start()
@@ -240,7 +244,7 @@ class LeaseKeeper(bootsteps.StartStopStep):
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         settings = runtime.settings()
-        runtime.name_worker(f"{worker.hostname}:{os.getpid()}")  # before the pool forks
+        runtime.name_worker(f"{worker.hostname}:{os.getpid()}:{os.urandom(3).hex()}")  # before the pool forks; unique
         worker.leases = leases = Leases(
             settings.broker_url,
             celery_config(settings)["broker_transport_options"],

