@@ -106,7 +106,8 @@ def worker_env(
     """The environment of a worker on these servers; ``settings`` are more DEEPQUEUE_* values
     (``max_wait_s=1.0``). Unless ``keep_user_settings``, the caller's own DEEPQUEUE_* variables
     are dropped, so the worker runs with exactly these and the defaults (tests, benchmarks).
-    Without an S3 endpoint and bucket, pass ``storage="local"`` and an ``output_dir``."""
+    Without an S3 endpoint and bucket, pass ``storage="local"`` and an ``output_dir``. The metrics
+    server is off unless ``metrics_port`` is given (or kept): several workers share this host."""
     inherited = {
         key: value for key, value in os.environ.items() if keep_user_settings or not key.startswith("DEEPQUEUE_")
     }
@@ -119,6 +120,7 @@ def worker_env(
         **settings,
     }
     return {
+        "DEEPQUEUE_METRICS_PORT": "0",
         **inherited,
         **AWS_ENV,
         "PYTHONUNBUFFERED": "1",

@@ -1,4 +1,5 @@
-"""What producer and worker agree on besides the job schema: task name and Celery settings."""
+"""What producer and worker agree on besides the job schema: task name, Celery settings and
+where a run's files are."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ WORKER_GONE_S = 60.0
 #: with task id, reason, time and the body's first bytes as text), for ``deepqueue dead-letters``.
 DEAD_LETTERS_KEY = "deepqueue:dead-letters"
 DEAD_LETTERS_KEPT = 1000
+
+
+def run_key(prefix: str, run_id: str, *parts: str) -> str:
+    """``{prefix}/{run}/{parts...}``: where a run's objects live (no leading slash when prefix is empty)."""
+    return "/".join(part for part in (prefix.strip("/"), run_id, *parts) if part)
 
 
 def celery_config(settings: ClientSettings) -> dict[str, Any]:

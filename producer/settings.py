@@ -12,6 +12,8 @@ only through ``redact_url``, which hides passwords.
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +35,12 @@ class ClientSettings(BaseSettings):
         description="Seconds before an unacked job is handed to another worker; must exceed "
         "the longest buffer wait plus batch time",
     )
+    # Where workers write images and sidecars; the client reads them there (manifest, exports, audit).
+    storage: Literal["s3", "local"] = Field("s3", description="Where images and sidecars go")
+    s3_bucket: str = Field("deepqueue", description="Bucket for images and sidecars")
+    s3_prefix: str = Field("", description="Key prefix inside the bucket")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, a test server)")
+    output_dir: Path = Field(Path("out"), description="Root folder of the local storage")
 
 
 # The secret part of a URL's user info (``//user:secret@`` or ``//secret@``), and password query

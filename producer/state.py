@@ -9,11 +9,16 @@ Layout (``{run}`` is a Redis Cluster hash tag, so one run's keys live together):
 - ``deepqueue:{run}:losses``  hash  job_id -> times its pool process died under it (poison jobs)
 - ``deepqueue:{run}:recipes`` hash  canonical JSON of a recipe the run was submitted with (its
   run-wide settings and run seed) -> time first seen; one unless a submit allowed a change
+- ``deepqueue:{run}:meta``    hash  first_started_at, last_done_at (Redis clock), cancelled_at,
+  deleted_at (a deleted run's tombstone, kept ``TOMBSTONE_S`` so its messages still queued
+  recreate nothing)
+- ``deepqueue:{run}:minutes`` hash  minute (Unix time // 60) -> jobs done in it: the run's rate
 - ``deepqueue:runs``          zset  run ids by first submission time
 
-Every transition is one Lua call, so the record and the sets never disagree. ``done`` is
-final: a redelivered job can neither turn a finished job back into ``running`` or ``failed``
-nor replace its record (which matches the write-once sidecar).
+Every transition is one Lua call, so the record and the sets never disagree. ``done`` and
+``cancelled`` are final: a redelivered job can neither turn a finished job back into ``running``
+or ``failed`` nor replace its record (which matches the write-once sidecar). In a cancelled run,
+a job that a worker is about to start, or a producer to queue, ends ``cancelled`` instead.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -33,6 +38,7 @@ class JobState(str, Enum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     def __str__(self) -> str:  # print(result.state) shows "done", not "JobState.DONE"
         return self.value
@@ -41,25 +47,44 @@ class JobState(str, Enum):
 STATES = tuple(JobState)
 RUNS_KEY = "deepqueue:runs"
 
-# KEYS: jobs hash, one set per state in STATES order, pending hash. ARGV: the new state, then for
-# each job its id, its record and the job as sent ('' for none; for 'queued', kept in pending until
-# the job is done). A job moves unless it is done, or running and asked to be queued again.
-# Returns how many moved.
+# KEYS: jobs hash, one set per state in STATES order, pending hash, meta hash, minutes hash. ARGV:
+# the new state, then for each job its id, its record and the job as sent ('' for none; for
+# 'queued', kept in pending until the job is final). A job moves unless it is final (done,
+# cancelled), or running and asked to be queued again; only a queued job can be cancelled. In a
+# cancelled run, 'running' and 'queued' become 'cancelled'; in a deleted one nothing is written.
+# Returns how many moved to the state asked for.
 _TRANSITION = """
-local new = ARGV[1]
-local sets = {queued = KEYS[2], running = KEYS[3], done = KEYS[4], failed = KEYS[5]}
+if redis.call('HEXISTS', KEYS[8], 'deleted_at') == 1 then return 0 end
+local asked = ARGV[1]
+local new = asked
+if (new == 'running' or new == 'queued') and redis.call('HEXISTS', KEYS[8], 'cancelled_at') == 1 then
+  new = 'cancelled'
+end
+local sets = {queued = KEYS[2], running = KEYS[3], done = KEYS[4], failed = KEYS[5], cancelled = KEYS[6]}
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 local moved = 0
 for i = 2, #ARGV, 3 do
   local id = ARGV[i]
   local current = redis.call('HGET', KEYS[1], id)
   local old = current and cjson.decode(current)['state'] or false
-  if old ~= 'done' and not (new == 'queued' and old == 'running') then
-    redis.call('HSET', KEYS[1], id, ARGV[i + 1])
+  local final = old == 'done' or old == 'cancelled'
+  local allowed = not final and not (new == 'queued' and old == 'running')
+    and not (new == 'cancelled' and old and old ~= 'queued')
+  if allowed then
+    local record = ARGV[i + 1]
+    if new ~= asked then record = cjson.encode({state = new, at = now, reason = 'run cancelled'}) end
+    redis.call('HSET', KEYS[1], id, record)
     if old and old ~= new then redis.call('SREM', sets[old], id) end
     redis.call('SADD', sets[new], id)
-    if new == 'done' then redis.call('HDEL', KEYS[6], id) end
-    if ARGV[i + 2] ~= '' then redis.call('HSET', KEYS[6], id, ARGV[i + 2]) end
-    moved = moved + 1
+    if new == 'done' or new == 'cancelled' then redis.call('HDEL', KEYS[7], id) end
+    if new == 'queued' and ARGV[i + 2] ~= '' then redis.call('HSET', KEYS[7], id, ARGV[i + 2]) end
+    if new == 'running' then redis.call('HSETNX', KEYS[8], 'first_started_at', now) end
+    if new == 'done' then
+      redis.call('HSET', KEYS[8], 'last_done_at', now)
+      redis.call('HINCRBY', KEYS[9], math.floor(now / 60), 1)
+    end
+    if new == asked then moved = moved + 1 end
   end
 end
 return moved
@@ -99,6 +124,10 @@ class JobResult:
 class RunStatus:
     run_id: str
     counts: dict[JobState, int]
+    #: images done per second: lately (the last ``RATE_WINDOW_S``) while the run goes on, over its
+    #: whole span once it has finished; None before its first image
+    images_per_s: float | None = None
+    workers: int | None = None  #: workers serving the queue, when asked for
 
     @property
     def total(self) -> int:
@@ -106,15 +135,68 @@ class RunStatus:
 
     @property
     def finished(self) -> int:
-        return self.counts[JobState.DONE] + self.counts[JobState.FAILED]
+        return self.counts[JobState.DONE] + self.counts[JobState.FAILED] + self.counts[JobState.CANCELLED]
 
     @property
     def is_finished(self) -> bool:
         return self.finished == self.total
 
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until every job is final at the current rate (None: no rate yet)."""
+        if self.is_finished:
+            return 0.0
+        return (self.total - self.finished) / self.images_per_s if self.images_per_s else None
+
     def __str__(self) -> str:
         parts = ", ".join(f"{state.value} {self.counts[state]}" for state in STATES)
-        return f"{self.run_id}: {self.total} jobs ({parts})"
+        extra = ""
+        if self.images_per_s is not None:
+            extra += f", {self.images_per_s:.3g} img/s"
+        if self.eta_s and not self.is_finished:
+            extra += f", ETA {format_duration(self.eta_s)}"
+        if self.workers is not None:
+            extra += f", {self.workers} worker{'' if self.workers == 1 else 's'} online"
+        return f"{self.run_id}: {self.total} jobs ({parts}){extra}"
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``, ``3d04h``: short, for progress lines."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+#: The span the rate of a running run is measured over.
+RATE_WINDOW_S = 300.0
+#: How long a deleted run's tombstone stays: its messages still queued are dropped meanwhile.
+TOMBSTONE_S = 7 * 86400
+
+
+def rate_minutes(now: float, window_s: float = RATE_WINDOW_S) -> list[int]:
+    """The minutes (Unix time // 60) whose done counts make the rate at ``now``."""
+    return list(range(int((now - window_s) // 60), int(now // 60) + 1))
+
+
+def images_per_s(
+    meta: Mapping[str, float], done: int, minute_counts: Sequence[int], now: float, *, finished: bool
+) -> float | None:
+    """The run's rate: done over its whole span once finished; else the jobs done in the minutes
+    of ``rate_minutes(now)`` over the time they cover (from the run's first start if later)."""
+    started = meta.get("first_started_at")
+    if started is None:
+        return None
+    if finished:
+        span = meta.get("last_done_at", started) - started
+        return done / span if span > 0 else None
+    first_minute = rate_minutes(now)[0] * 60
+    span = now - max(first_minute, started)
+    return sum(minute_counts) / span if span > 0 else None
 
 
 def _keys(run_id: str) -> list[str]:
@@ -123,7 +205,16 @@ def _keys(run_id: str) -> list[str]:
 
 
 def _transition_keys(run_id: str) -> list[str]:
-    return [*_keys(run_id), f"deepqueue:{{{run_id}}}:pending"]
+    base = f"deepqueue:{{{run_id}}}"
+    return [*_keys(run_id), f"{base}:pending", f"{base}:meta", f"{base}:minutes"]
+
+
+def _pending_key(run_id: str) -> str:
+    return f"deepqueue:{{{run_id}}}:pending"
+
+
+def _meta_key(run_id: str) -> str:
+    return f"deepqueue:{{{run_id}}}:meta"
 
 
 def _recipes_key(run_id: str) -> str:
@@ -171,7 +262,7 @@ class RunStore:
     def pending(self, run_id: str, job_ids: Sequence[str]) -> list[str | None]:
         """The jobs as sent (JSON) of these unfinished jobs; None where none was kept (a job
         submitted before they were kept, or done)."""
-        raws = self._redis.hmget(_transition_keys(run_id)[-1], job_ids) if job_ids else []
+        raws = self._redis.hmget(_pending_key(run_id), job_ids) if job_ids else []
         return [None if raw is None else raw.decode() for raw in raws]
 
     def count_loss(self, run_id: str, job_id: str) -> int:
@@ -194,10 +285,61 @@ class RunStore:
         return _in_order(self._redis.hgetall(_recipes_key(run_id)))
 
     def counts(self, run_id: str) -> dict[JobState, int]:
+        return self.status(run_id).counts
+
+    def status(self, run_id: str, now: float | None = None) -> RunStatus:
+        """Counts per state and the rate (see ``images_per_s``), in one round trip."""
+        now = time.time() if now is None else now
+        minutes = rate_minutes(now)
         pipe = self._redis.pipeline(transaction=False)
         for key in _keys(run_id)[1:]:
             pipe.scard(key)
-        return dict(zip(STATES, pipe.execute(), strict=True))
+        pipe.hgetall(_meta_key(run_id))
+        pipe.hmget(_transition_keys(run_id)[-1], minutes)
+        *sizes, meta, per_minute = pipe.execute()
+        status = RunStatus(run_id, dict(zip(STATES, sizes, strict=True)))
+        done, counts = status.counts[JobState.DONE], [int(n or 0) for n in per_minute]
+        rate = images_per_s(_floats(meta), done, counts, now, finished=status.is_finished)
+        return replace(status, images_per_s=rate)
+
+    def meta(self, run_id: str) -> dict[str, float]:
+        """first_started_at, last_done_at, cancelled_at, deleted_at: those the run has."""
+        return _floats(self._redis.hgetall(_meta_key(run_id)))
+
+    def cancel(self, run_id: str) -> int:
+        """Cancel the run: its queued jobs end ``cancelled`` now, and any job a worker or a
+        producer comes to later (a message still queued) ends so too. Running jobs finish.
+        Returns how many jobs this call cancelled."""
+        self._redis.hsetnx(_meta_key(run_id), "cancelled_at", time.time())
+        record = json.dumps({"state": JobState.CANCELLED.value, "at": time.time(), "reason": "run cancelled"})
+        cancelled, chunk = 0, []
+        queued = _keys(run_id)[1 + STATES.index(JobState.QUEUED)]
+        for job_id in self._redis.sscan_iter(queued, count=MARK_BATCH):
+            chunk.append(job_id)
+            if len(chunk) == MARK_BATCH:
+                cancelled += self._cancel(run_id, chunk, record)
+                chunk = []
+        return cancelled + (self._cancel(run_id, chunk, record) if chunk else 0)
+
+    def _cancel(self, run_id: str, job_ids: list[bytes], record: str) -> int:
+        args = [value for job_id in job_ids for value in (job_id, record, "")]
+        return int(self._transition(keys=_transition_keys(run_id), args=[JobState.CANCELLED.value, *args]))
+
+    def delete(self, run_id: str) -> None:
+        """Forget the run: every key of its state goes (UNLINK: freed without blocking Redis),
+        and a tombstone stays ``TOMBSTONE_S`` so that its messages still queued write nothing."""
+        base = f"deepqueue:{{{run_id}}}"
+        keys = [*_transition_keys(run_id), f"{base}:losses", _recipes_key(run_id)]
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.unlink(*keys)
+        pipe.hset(_meta_key(run_id), "deleted_at", time.time())
+        pipe.expire(_meta_key(run_id), TOMBSTONE_S)
+        pipe.zrem(RUNS_KEY, run_id)
+        pipe.execute()
+
+    def reuse_deleted(self, run_id: str) -> None:
+        """Drop a deleted run's tombstone so that its name can be submitted again."""
+        self._redis.unlink(_meta_key(run_id))
 
     def exists(self, run_id: str) -> bool:
         """Submitted by a client, or named by a job a worker recorded (hand-made messages too)."""
@@ -221,6 +363,10 @@ class RunStore:
         """Every job of the run, streamed (HSCAN), in no particular order."""
         for job_id, raw in self._redis.hscan_iter(_keys(run_id)[0], count=1000):
             yield _result(job_id.decode(), raw)
+
+
+def _floats(fields: Mapping[bytes, bytes]) -> dict[str, float]:
+    return {name.decode(): float(value) for name, value in fields.items()}
 
 
 def _in_order(recipes: Mapping[bytes, bytes]) -> list[dict[str, Any]]:

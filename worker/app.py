@@ -7,8 +7,9 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from producer.contract import TASK_NAME, celery_config
-from worker import runtime
+from worker import logs, runtime
 from worker.leases import LeaseKeeper
+from worker.metrics import MetricsServer
 from worker.readiness import PipelineGate
 from worker.settings import WorkerSettings
 from worker.transport import worker_broker_settings
@@ -46,8 +47,12 @@ def create_app(settings: WorkerSettings) -> Celery:
         worker_max_tasks_per_child=None,
     )
     app.register_task(GenerateTask())
+    app.steps["worker"].add(MetricsServer)  # /metrics, /livez, /readyz from before the pipeline loads
     app.steps["worker"].add(PipelineGate)
     app.steps["worker"].add(LeaseKeeper)
+    # Celery sets its log handlers up before the pool forks; their lines then carry ids as fields.
+    for logging_set_up in (signals.after_setup_logger, signals.after_setup_task_logger):
+        logging_set_up.connect(lambda logger, **_: logs.install(settings.log_format, logger), weak=False)
     signals.worker_process_init.connect(runtime.init_process, weak=False)
     signals.worker_process_shutdown.connect(runtime.shutdown_process, weak=False)
     return app

@@ -19,8 +19,9 @@ import logging
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
@@ -32,6 +33,7 @@ from worker.backlog import Backlog
 from worker.batching import BatchBuffer, BatchKey, batch_key
 from worker.encode import CONTENT_TYPES, EXTENSIONS, encode_image
 from worker.engine import Engine, Generated, is_out_of_memory
+from worker.manifest import ManifestWriter, manifest_row
 from worker.settings import WorkerSettings
 from worker.sidecar import BatchInfo, build_sidecar, s3_metadata
 from worker.storage import Storage, image_key, sidecar_key
@@ -67,6 +69,34 @@ class Outcome:
     reason: str | None = None  # why it failed
     batch_size: int = 0  # images in the pipeline call that made it (0: none ran)
     retry: bool = False  # not decided here (its state could not be recorded): deliver it again
+    skipped: str | None = None  # why nothing was generated: "done" (an earlier delivery) or "cancelled"
+    error: str | None = None  # the kind of error that failed it or sends it back (worker.metrics.ERROR_KINDS)
+    seconds: dict[str, float] = field(default_factory=dict, compare=False)  # its image's stage times, for metrics
+
+
+@dataclass(frozen=True)
+class BatchCall:
+    """One pipeline call, for metrics: its size and seconds, or the kind of error it raised
+    (the batch then ran again in parts)."""
+
+    size: int
+    seconds: float | None = None
+    error: str | None = None
+
+
+#: Pipeline calls kept for ``take_calls`` at most (embedded mode never takes them).
+KEPT_CALLS = 1024
+
+
+def stage_seconds(timing: dict[str, Any]) -> dict[str, float]:
+    """A sidecar's timing as the per-image stage times of ``worker.metrics`` (queue wait when known)."""
+    stages = {"queue_wait": timing["queue_wait_s"], "encode": timing["encode_s"], "upload": timing["upload_s"]}
+    return {stage: seconds for stage, seconds in stages.items() if seconds is not None}
+
+
+def ids(job: Job, batch: BatchInfo | None = None) -> dict[str, str]:
+    """The fields a log line about ``job`` carries (see ``worker.logs``)."""
+    return {"run_id": job.run_id, "job_id": job.job_id, **({"batch_id": batch.id} if batch else {})}
 
 
 def parse_job(payload: Any) -> tuple[Job | None, str | None]:
@@ -91,6 +121,14 @@ class BatchExecutor:
         self.worker = {"hostname": socket.gethostname(), "name": self.name, **engine.describe()}
         self.backlog: Backlog[Outcome] = Backlog(settings.store_threads, settings.store_backlog_count)
         self.store_retry = StoreRetry(settings.store_retry_s)
+        self.manifest = ManifestWriter(
+            storage,
+            settings.s3_prefix,
+            self.name,
+            max_rows=settings.manifest_part_rows,
+            max_age_s=settings.manifest_part_age_s,
+        )
+        self.calls: deque[BatchCall] = deque(maxlen=KEPT_CALLS)
 
     def execute(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
         """Generate and store ``deliveries``, then return their outcomes in order (no overlap)."""
@@ -112,14 +150,14 @@ class BatchExecutor:
                 outcomes.append(self._fail_unparsed(delivery, problem or "invalid job"))
             else:
                 ready.append((delivery, job))
-        # 2. Skip jobs a previous delivery finished; mark the rest running.
+        # 2. Skip jobs a previous delivery finished and jobs of cancelled or deleted runs; mark
+        #    the rest running.
         pending = []
         for delivery, job in ready:
             if self.reporter.mark(job.run_id, job.job_id, JobState.RUNNING, worker=self.name):
                 pending.append((delivery, job))
-            else:  # refused: only a finished job refuses ``running``
-                done = self.reporter.get(job.run_id, job.job_id)
-                outcomes.append(Outcome(delivery.task_id, True, job.job_id, done.key if done else None))
+            else:  # refused: a final job (done, cancelled) or a deleted run's (no record)
+                outcomes.append(self._skipped(delivery, job))
         # 3. Group by batch key: the consumer already did, direct callers may not have.
         groups = BatchBuffer[tuple[Delivery, Job]](self.settings.max_batch, 0.0)
         for delivery, job in pending:
@@ -133,17 +171,24 @@ class BatchExecutor:
         """Outcomes of the images stored since the last call (``wait``: until none is pending)."""
         return self.backlog.collect(wait, timeout)
 
+    def take_calls(self) -> list[BatchCall]:
+        """The pipeline calls made since the last call (for the worker's metrics)."""
+        taken = list(self.calls)
+        self.calls.clear()
+        return taken
+
     def close(self) -> None:
         """Finish storing what was generated, without waiting out a storage outage: uploads
         waiting to be retried give up, and their jobs come back with ``retry`` (not failed)."""
         self.store_retry.stop()
         self.backlog.close()
+        self.manifest.close()  # the rows of every image stored: a part per run
 
     def _run_group(self, key: BatchKey, items: list[tuple[Delivery, Job]]) -> list[Outcome]:
         """Generate one batch and queue its images; returns the outcomes decided here."""
         problem = self.engine.check(key)
         if problem:
-            return [self._fail(delivery, job, problem) for delivery, job in items]
+            return [self._fail(delivery, job, problem, kind="unsupported") for delivery, job in items]
         # Back-pressure: generate only when the images waiting to be stored leave room (while
         # storage is down, they wait until it is back: no new batch runs meanwhile).
         self.backlog.reserve(len(items))
@@ -155,20 +200,32 @@ class BatchExecutor:
         except Exception as error:  # any failure of one call: isolate it, keep the cause
             self.backlog.release(len(items))
             out_of_memory = is_out_of_memory(error)
+            kind = "out_of_memory" if out_of_memory else "generation"
+            self.calls.append(BatchCall(len(items), error=kind))
             if len(items) == 1:
-                logger.warning("job %s failed: %r", items[0][1].job_id, error, exc_info=True)
+                logger.warning("job %s failed: %r", items[0][1].job_id, error, exc_info=True, extra=ids(items[0][1]))
                 what = "out of memory with this job alone" if out_of_memory else "generation failed"
-                return [self._fail(items[0][0], items[0][1], f"{what}: {error!r}")]
+                return [self._fail(items[0][0], items[0][1], f"{what}: {error!r}", kind=kind)]
             if out_of_memory:
                 half = (len(items) + 1) // 2
                 parts = [items[:half], items[half:]]
                 logger.warning(
-                    "batch of %d ran out of memory; retrying it as %d + %d", len(items), half, len(items) - half
+                    "batch of %d ran out of memory; retrying it as %d + %d",
+                    len(items),
+                    half,
+                    len(items) - half,
+                    extra={"jobs": ",".join(job.job_id for _, job in items)},
                 )
             else:
                 parts = [[item] for item in items]
-                logger.warning("batch of %d failed (%r); retrying its jobs one by one", len(items), error)
+                logger.warning(
+                    "batch of %d failed (%r); retrying its jobs one by one",
+                    len(items),
+                    error,
+                    extra={"jobs": ",".join(job.job_id for _, job in items)},
+                )
         else:
+            self.calls.append(BatchCall(len(items), generated.seconds))
             self._queue_stores(key, items, generated, started_at)
             return []
         # Out of the except block, the failed call's frames (and the tensors they held) are gone.
@@ -195,7 +252,13 @@ class BatchExecutor:
             key.steps,
             f"{key.cache_interval}/{key.cache_branch}" if key.deepcache else "off",
             generated.seconds,
-            extra={"batch_id": batch.id, "batch_size": batch.size, "inference_s": generated.seconds},
+            extra={
+                "run_id": ",".join(sorted({job.run_id for _, job in items})),
+                "batch_id": batch.id,
+                "batch_size": batch.size,
+                "inference_s": round(generated.seconds, 4),
+                "jobs": ",".join(batch.job_ids),
+            },
         )
         for (delivery, job), image in zip(items, generated.images, strict=True):
             self.backlog.submit(
@@ -241,27 +304,44 @@ class BatchExecutor:
                 timing=timing,
             )
             body = json.dumps(sidecar, indent=1, ensure_ascii=False).encode()
-            upload(sidecar_key(image_at), body, "application/json", metadata)
+            sidecar_written = upload(sidecar_key(image_at), body, "application/json", metadata)
         except StoreInterrupted as error:  # shutting down during an outage: deliver it again
-            logger.warning("job %s: storing %s; it will be delivered again", job.job_id, error)
-            return Outcome(delivery.task_id, False, job.job_id, reason=f"storing {error}", retry=True)
+            logger.warning("job %s: storing %s; it will be delivered again", job.job_id, error, extra=ids(job, batch))
+            return Outcome(delivery.task_id, False, job.job_id, reason=f"storing {error}", retry=True, error="storage")
         except RetriesExhausted as error:
-            logger.error("storing job %s failed %s", job.job_id, error)
-            return self._fail(delivery, job, f"storing failed {error}")
+            logger.error("storing job %s failed %s", job.job_id, error, extra=ids(job, batch))
+            return self._fail(delivery, job, f"storing failed {error}", kind="storage")
         except Exception as error:  # encode or upload: this job alone fails, with the cause
-            logger.error("storing job %s failed: %r", job.job_id, error, exc_info=True)
-            return self._fail(delivery, job, f"storing failed: {error}")
-        self.reporter.mark(job.run_id, job.job_id, JobState.DONE, key=url, batch_id=batch.id, batch_size=batch.size)
-        return Outcome(delivery.task_id, True, job.job_id, url, batch_size=batch.size)
+            logger.error("storing job %s failed: %r", job.job_id, error, exc_info=True, extra=ids(job, batch))
+            return self._fail(delivery, job, f"storing failed: {error}", kind="storage")
+        recorded = self.reporter.mark(
+            job.run_id, job.job_id, JobState.DONE, key=url, batch_id=batch.id, batch_size=batch.size
+        )
+        # The manifest row, unless the run was deleted meanwhile (not recorded) or an earlier
+        # delivery's sidecar stands (compaction reads that one).
+        if recorded and sidecar_written:
+            row = manifest_row(sidecar, image_at, sidecar_key(image_at), len(data) if wrote else None)
+            self.manifest.add(job.run_id, row)
+        return Outcome(delivery.task_id, True, job.job_id, url, batch_size=batch.size, seconds=stage_seconds(timing))
+
+    def _skipped(self, delivery: Delivery, job: Job) -> Outcome:
+        final = self.reporter.get(job.run_id, job.job_id)
+        if final is not None and final.state is JobState.DONE:
+            return Outcome(delivery.task_id, True, job.job_id, final.key, skipped="done")
+        logger.info("job %s: its run %s is cancelled or deleted: dropped", job.job_id, job.run_id, extra=ids(job))
+        return Outcome(delivery.task_id, True, job.job_id, reason="run cancelled", skipped="cancelled")
 
     def _unrecorded(self, delivery: Delivery, job: Job, error: BaseException) -> Outcome:
         """A stored job whose state could not be written (Redis down): its message goes back."""
-        logger.error("job %s: recording its state failed: %r; it will be delivered again", job.job_id, error)
-        return Outcome(delivery.task_id, False, job.job_id, reason=f"recording state failed: {error!r}", retry=True)
+        logger.error(
+            "job %s: recording its state failed: %r; it will be delivered again", job.job_id, error, extra=ids(job)
+        )
+        reason = f"recording state failed: {error!r}"
+        return Outcome(delivery.task_id, False, job.job_id, reason=reason, retry=True, error="state")
 
-    def _fail(self, delivery: Delivery, job: Job, reason: str) -> Outcome:
+    def _fail(self, delivery: Delivery, job: Job, reason: str, *, kind: str) -> Outcome:
         self.reporter.mark(job.run_id, job.job_id, JobState.FAILED, reason=reason)
-        return Outcome(delivery.task_id, False, job.job_id, reason=reason)
+        return Outcome(delivery.task_id, False, job.job_id, reason=reason, error=kind)
 
     def _fail_unparsed(self, delivery: Delivery, reason: str) -> Outcome:
         """Record a job that is not a Job under its task id, if it names a usable run."""
@@ -270,4 +350,4 @@ class BatchExecutor:
             self.reporter.mark(run_id, delivery.task_id, JobState.FAILED, reason=reason)
         else:
             logger.error("task %s: %s (no run to record it in)", delivery.task_id, reason)
-        return Outcome(delivery.task_id, False, None, reason=reason)
+        return Outcome(delivery.task_id, False, None, reason=reason, error="invalid_job")

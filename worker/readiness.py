@@ -51,7 +51,8 @@ def is_forking_pool(pool: Any) -> bool:
 class PipelineGate(bootsteps.StartStopStep):
     """Worker bootstep between the pool and the consumer (see the module's docstring)."""
 
-    requires = ("celery.worker.components:Pool",)
+    # The metrics server answers /livez and /readyz (503) while this step waits for the pipeline.
+    requires = ("celery.worker.components:Pool", "worker.metrics:MetricsServer")
     label = "PipelineGate"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
@@ -68,12 +69,13 @@ class PipelineGate(bootsteps.StartStopStep):
                 report = self._wait_for_pool(worker.pool, runtime.settings().load_timeout_s)
             else:  # solo or threads: the pipeline lives in this process, nothing forks
                 runtime.init_process()
-                report = {"error": runtime.init_error()}
+                report = runtime.pipeline_report()
         finally:
             os.close(self.read_fd)  # later pool processes report nothing (their writes are ignored)
         if report.get("error"):
             raise StartupError(f"cannot build the pipeline: {report['error']}; stopping before taking any job")
         logger.info("pipeline ready in pool process %s: %s", report.get("pid", os.getpid()), report.get("worker"))
+        runtime.metrics().describe_worker(runtime.settings(), report)
         runtime.mark_serving()
 
     def _check_fork_safety(self) -> None:

@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from producer.state import RunStore
 from worker.executor import BatchExecutor, Delivery, Outcome
 from worker.settings import WorkerSettings
-from worker.storage import LocalStorage, S3Storage, Storage, write_check_key
+from worker.storage import make_storage
 
 if TYPE_CHECKING:
     from worker.leases import Leases
+    from worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ _report_fd: int | None = None  # where a pool process says whether its pipeline 
 _worker_name: str | None = None  # this worker in job records and leases: node name and main pid
 _leases: Leases | None = None  # the main process's leases, for what its broker transport could not deliver
 _serving = False  # set in the main process once its first pool process is ready; forks inherit it
+_pipeline_report: dict[str, Any] = {}  # what this process reported on building its pipeline
+_metrics: WorkerMetrics | None = None  # the main process's metrics (worker.metrics)
 
 
 def configure(settings: WorkerSettings) -> None:
@@ -75,6 +79,32 @@ def mark_serving() -> None:
     _serving = True
 
 
+def serving() -> bool:
+    """Whether the worker is ready: its first pool process built the pipeline (main process)."""
+    return _serving
+
+
+def keep_metrics(metrics: WorkerMetrics) -> None:
+    """Called in the main process: the metrics its server exposes."""
+    global _metrics
+    _metrics = metrics
+
+
+def metrics() -> WorkerMetrics:
+    """The main process's metrics: the served ones, or an unserved set where none were kept."""
+    global _metrics
+    if _metrics is None:
+        from worker.metrics import WorkerMetrics
+
+        _metrics = WorkerMetrics()
+    return _metrics
+
+
+def pipeline_report() -> dict[str, Any]:
+    """What ``init_process`` reported: pid, error, worker description and load seconds."""
+    return dict(_pipeline_report)
+
+
 def init_error() -> str | None:
     """Why this process could not build its pipeline, or None."""
     return _init_error
@@ -84,18 +114,6 @@ def settings() -> WorkerSettings:
     if _settings is None:
         raise RuntimeError("worker settings not configured: build the app with worker.app.create_app")
     return _settings
-
-
-def make_storage(settings: WorkerSettings, *, check: bool = True) -> Storage:
-    """The configured storage, once it has shown that it takes writes (StorageError if not)."""
-    storage: Storage
-    if settings.storage == "s3":
-        storage = S3Storage.connect(settings.s3_bucket, settings.s3_endpoint_url)
-    else:
-        storage = LocalStorage(settings.output_dir)
-    if check:
-        storage.check_writable(write_check_key(settings.s3_prefix))
-    return storage
 
 
 def build_executor(settings: WorkerSettings) -> BatchExecutor:
@@ -121,13 +139,20 @@ def init_process(**_: Any) -> None:
     Celery swallows exceptions of signal handlers, so a failure is kept: it is reported to the
     main process (which refuses to start) and again by any batch sent here.
     """
-    global _executor, _init_error
+    global _executor, _init_error, _pipeline_report
+    started = time.monotonic()
     try:
         _executor = build_executor(settings())
     except Exception as error:  # any: the cause goes to the main process and back with each batch
         logger.critical("cannot build the pipeline: %r", error, exc_info=True)
         _init_error = f"{type(error).__name__}: {error}"
-    _report({"pid": os.getpid(), "error": _init_error, "worker": _executor.worker if _executor else None})
+    _pipeline_report = {
+        "pid": os.getpid(),
+        "error": _init_error,
+        "worker": _executor.worker if _executor else None,
+        "load_s": time.monotonic() - started,  # the worker's deepqueue_model_load_seconds
+    }
+    _report(_pipeline_report)
 
 
 def shutdown_process(**_: Any) -> None:
@@ -157,8 +182,12 @@ def _ready_executor() -> BatchExecutor:
     return _executor
 
 
-def _progress(outcomes: list[Outcome]) -> dict[str, Any]:
-    return {"finished": [asdict(outcome) for outcome in outcomes]}
+def _progress(outcomes: list[Outcome], executor: BatchExecutor) -> dict[str, Any]:
+    """What a pool call returns: final outcomes, and the pipeline calls made since (for metrics)."""
+    return {
+        "finished": [asdict(outcome) for outcome in outcomes],
+        "batches": [asdict(call) for call in executor.take_calls()],
+    }
 
 
 def execute_batch(deliveries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -169,12 +198,13 @@ def execute_batch(deliveries: list[dict[str, Any]]) -> dict[str, Any]:
     """
     executor = _ready_executor()
     decided = executor.submit([Delivery(**delivery) for delivery in deliveries])
-    return _progress(decided + executor.collect())
+    return _progress(decided + executor.collect(), executor)
 
 
 def collect_stored() -> dict[str, Any]:
     """Run in a pool process with nothing to generate: the outcomes of images stored since."""
-    return _progress(_ready_executor().collect(wait=True, timeout=COLLECT_WAIT_S))
+    executor = _ready_executor()
+    return _progress(executor.collect(wait=True, timeout=COLLECT_WAIT_S), executor)
 
 
 def execute_now(deliveries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -66,13 +65,21 @@ class WorkerSettings(ClientSettings):
     scheduler: SchedulerName = Field("ddim", description="Scheduler for jobs that name none")
     cache_interval: int = Field(3, ge=1, le=MAX_CACHE_INTERVAL, description="DeepCache interval; 1 turns caching off")
     cache_branch: int = Field(0, ge=0, le=MAX_CACHE_BRANCH, description="DeepCache branch id")
-    storage: Literal["s3", "local"] = Field("s3", description="Where images and sidecars go")
-    s3_bucket: str = Field("deepqueue", description="Bucket for images and sidecars")
-    s3_prefix: str = Field("", description="Key prefix inside the bucket")
-    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, a test server)")
-    output_dir: Path = Field(Path("out"), description="Root folder of the local storage")
     webp_quality: int = Field(90, ge=1, le=100, description="Quality of webp images")
     jpeg_quality: int = Field(95, ge=1, le=100, description="Quality of jpeg images")
+    manifest_part_rows: int = Field(
+        1000, ge=1, description="Rows of a run a worker buffers before it writes them as one manifest part"
+    )
+    manifest_part_age_s: float = Field(
+        30.0, gt=0, description="Longest a stored image's manifest row waits before its part is written"
+    )
+    metrics_port: int = Field(
+        9808, ge=0, le=65535, description="Port of the worker's /metrics, /livez and /readyz; 0 turns the server off"
+    )
+    metrics_host: str = Field("0.0.0.0", description="Address the metrics and health server listens on")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Worker log lines: text with run_id=/job_id=/batch_id= fields, or one JSON object each"
+    )
 
     def recipe_defaults(self) -> RecipeDefaults:
         """What this worker uses for the recipe fields a job leaves open (reads the model's

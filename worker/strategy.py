@@ -46,6 +46,7 @@ from worker import runtime
 from worker.batching import BatchBuffer, batch_key
 from worker.consumer import drop_message
 from worker.executor import parse_job
+from worker.metrics import call_error_kind
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class BatchingStrategy:
         self.buffer: BatchBuffer[Any] = BatchBuffer(settings.max_batch, settings.max_wait_s)
         self.store = RunStore.from_url(settings.result_backend)
         self.defaults = settings.recipe_defaults()
+        self.metrics = runtime.metrics()
+        self.metrics.watch(lambda: sum(map(len, list(self.held.values()))), lambda: len(self.buffer))
         self.Request = create_request_cls(
             symbol_by_name(task.Request),
             task,
@@ -137,11 +140,11 @@ class BatchingStrategy:
             drop_message(message, error, self.consumer.connection_errors)
             return
         if (req.expires or req.id in self.consumer.controller.state.revoked) and req.revoked():
-            self._record_failure(req, "revoked or expired before it ran")
+            self._record_failure(req, "revoked or expired before it ran", kind="revoked")
             return
         if req.eta is not None:  # a countdown/eta: holding it unacked for hours would block its batch
             reason = "eta/countdown is not supported: deepqueue workers run jobs as they arrive; send it without one"
-            self._record_failure(req, reason)
+            self._record_failure(req, reason, kind="unsupported")
             self._finish(req, False, reason)
             return
         self.leases.hold(req.message.delivery_tag)
@@ -205,6 +208,7 @@ class BatchingStrategy:
 
     def _on_result(self, call: PoolCall, progress: dict[str, Any]) -> None:
         self.calls.remove(call)
+        self.metrics.record(progress)
         for outcome in progress["finished"]:
             queue = self.held.get(outcome["task_id"])
             if not queue:
@@ -225,6 +229,7 @@ class BatchingStrategy:
         requests = call.requests
         error = getattr(exc_info, "exception", exc_info)
         error = getattr(error, "exc", error)  # billiard wraps it in ExceptionWithTraceback
+        self.metrics.error(call_error_kind(error), len(requests))
         if isinstance(error, (WorkerLostError, TimeLimitExceeded)):
             # The process died (or was killed for a timeout): the batch it ran is suspect; the
             # images it was still storing are simply lost.
@@ -256,6 +261,7 @@ class BatchingStrategy:
         if not lost:
             return
         logger.error("%d jobs were being stored by a pool process that died: running them again", len(lost))
+        self.metrics.error("process_lost", len(lost))
         self._release(lost)
         for req in lost:
             job, _ = parse_job(req.payload)
@@ -329,8 +335,12 @@ class BatchingStrategy:
         else:
             req.send_event("task-failed", exception=detail, traceback="")
 
-    def _record_failure(self, req: Any, reason: str) -> None:
-        """Failures decided here, outside the pool: recorded like the executor's."""
+    def _record_failure(self, req: Any, reason: str, *, kind: str | None = None) -> None:
+        """Failures decided here, outside the pool: recorded like the executor's (``kind``: the
+        error's, unless it was counted when it happened)."""
+        if kind:
+            self.metrics.error(kind)
+        self.metrics.ended("failed")
         job, _ = parse_job(req.payload)
         if job is not None:
             self.store.mark(job.run_id, job.job_id, JobState.FAILED, reason=reason)

@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
 
 def object_count(endpoint: str, bucket: str, run: str) -> int:
-    """Objects stored for one run (a worker's start-up write check is not one of them)."""
-    return moto_s3_client(endpoint).list_objects_v2(Bucket=bucket, Prefix=f"{run}/").get("KeyCount", 0)
+    """Images and sidecars stored for one run (not the write check, nor the manifest parts)."""
+    return moto_s3_client(endpoint).list_objects_v2(Bucket=bucket, Prefix=f"{run}/images/").get("KeyCount", 0)
 
 
 def wait_until(condition, timeout: float, what: str) -> None:

@@ -164,7 +164,7 @@ def test_jobs_wait_through_an_s3_outage_and_are_written_once(
     assert all(o.ok for o in outcomes), [o.reason for o in outcomes if not o.ok]
     assert engine.calls == 3 and recovered_s < 60
     # Written once: one version per key, and every sidecar says its image was written by this run.
-    versions = client.list_object_versions(Bucket=bucket, Prefix=f"{RUN}/")
+    versions = client.list_object_versions(Bucket=bucket, Prefix=f"{RUN}/images/")  # not the manifest part
     keys = [version["Key"] for version in versions.get("Versions", [])]
     assert len(keys) == 12 and len(set(keys)) == 12 and not versions.get("DeleteMarkers")
     for i in range(6):

@@ -10,7 +10,7 @@ import redis
 from producer.state import RUNS_KEY, STATES, JobResult, JobState, RunStatus, RunStore
 
 RUN = "run-a"
-QUEUED, RUNNING, DONE, FAILED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_mark_queued_new_jobs(store):
     assert store.states(RUN, ["j0", "j1"]) == [None, None]
     store.mark_queued(RUN, sent(["j0", "j1", "j2"]))
     assert store.states(RUN, ["j0", "j1", "j2", "nope"]) == [QUEUED, QUEUED, QUEUED, None]
-    assert consistent_counts(store, RUN) == {QUEUED: 3, RUNNING: 0, DONE: 0, FAILED: 0}
+    assert consistent_counts(store, RUN) == {QUEUED: 3, RUNNING: 0, DONE: 0, FAILED: 0, CANCELLED: 0}
 
 
 def test_mark_queued_empty_registers_the_run(store):
@@ -65,7 +65,7 @@ def test_mark_queued_leaves_running_and_done_alone(store):
     store.mark_queued(RUN, sent(["q", "r", "d", "f", "new"]))
     states = {result.job_id: result.state for result in store.results(RUN)}
     assert states == {"q": QUEUED, "r": RUNNING, "d": DONE, "f": QUEUED, "new": QUEUED}
-    assert consistent_counts(store, RUN) == {QUEUED: 3, RUNNING: 1, DONE: 1, FAILED: 0}
+    assert consistent_counts(store, RUN) == {QUEUED: 3, RUNNING: 1, DONE: 1, FAILED: 0, CANCELLED: 0}
     # the refused transitions left the records as they were
     assert store.get(RUN, "d").key == "runs/run-a/d.png"
 
@@ -95,7 +95,7 @@ def test_done_twice_keeps_the_first_record_and_one_count(store):
     assert store.mark(RUN, "j", DONE, key="first")
     assert store.mark(RUN, "j", DONE, key="second") is False
     assert store.get(RUN, "j").key == "first"
-    assert consistent_counts(store, RUN) == {QUEUED: 0, RUNNING: 0, DONE: 1, FAILED: 0}
+    assert consistent_counts(store, RUN) == {QUEUED: 0, RUNNING: 0, DONE: 1, FAILED: 0, CANCELLED: 0}
 
 
 def test_queued_after_running_refused(store):
@@ -134,7 +134,7 @@ def test_counts_of_many_jobs_in_every_state(store):
         store.mark(RUN, job, DONE, key=f"{job}.png")
     for job in ids[12:20]:
         store.mark(RUN, job, FAILED, reason="oom")
-    assert consistent_counts(store, RUN) == {QUEUED: 10, RUNNING: 10, DONE: 12, FAILED: 8}
+    assert consistent_counts(store, RUN) == {QUEUED: 10, RUNNING: 10, DONE: 12, FAILED: 8, CANCELLED: 0}
 
 
 def test_runs_are_kept_apart(store):
@@ -154,13 +154,13 @@ def test_results_stream_all_of_a_large_run(store):
     results = list(store.results(RUN))
     assert len(results) == 2500
     assert sorted(result.job_id for result in results) == ids
-    assert consistent_counts(store, RUN) == {QUEUED: 1800, RUNNING: 0, DONE: 700, FAILED: 0}
+    assert consistent_counts(store, RUN) == {QUEUED: 1800, RUNNING: 0, DONE: 700, FAILED: 0, CANCELLED: 0}
     assert all(result.key == f"out/{result.job_id}.png" for result in results if result.state == DONE)
 
 
 def test_results_of_unknown_run_are_empty(store):
     assert list(store.results("nope")) == []
-    assert store.counts("nope") == {QUEUED: 0, RUNNING: 0, DONE: 0, FAILED: 0}
+    assert store.counts("nope") == {QUEUED: 0, RUNNING: 0, DONE: 0, FAILED: 0, CANCELLED: 0}
     assert store.get("nope", "j") is None
 
 
@@ -201,6 +201,7 @@ def test_keys_share_one_cluster_hash_tag(store, backend):
     keys = sorted(key.decode() for key in backend.keys("deepqueue:{tagged}:*"))
     assert keys == [
         "deepqueue:{tagged}:jobs",
+        "deepqueue:{tagged}:meta",
         "deepqueue:{tagged}:pending",
         "deepqueue:{tagged}:running",
     ]  # empty sets vanish
@@ -208,14 +209,14 @@ def test_keys_share_one_cluster_hash_tag(store, backend):
 
 def test_job_state_is_a_string_enum():
     assert JobState("done") is DONE and DONE == "done"
-    assert [state.value for state in STATES] == ["queued", "running", "done", "failed"]
+    assert [state.value for state in STATES] == ["queued", "running", "done", "failed", "cancelled"]
 
 
 def test_run_status_properties_and_text():
-    status = RunStatus("r", {QUEUED: 1, RUNNING: 2, DONE: 3, FAILED: 4})
+    status = RunStatus("r", {QUEUED: 1, RUNNING: 2, DONE: 3, FAILED: 4, CANCELLED: 0})
     assert (status.total, status.finished, status.is_finished) == (10, 7, False)
-    assert str(status) == "r: 10 jobs (queued 1, running 2, done 3, failed 4)"
-    assert RunStatus("r", {QUEUED: 0, RUNNING: 0, DONE: 2, FAILED: 1}).is_finished
+    assert str(status) == "r: 10 jobs (queued 1, running 2, done 3, failed 4, cancelled 0)"
+    assert RunStatus("r", {QUEUED: 0, RUNNING: 0, DONE: 2, FAILED: 1, CANCELLED: 0}).is_finished
 
 
 # -- recipes ----------------------------------------------------------------------------------------

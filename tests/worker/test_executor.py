@@ -136,6 +136,7 @@ def test_mixed_deliveries(setup: Setup, tiny_model: Path) -> None:
     recorded = setup.reporter.get(RUN, "task-bad-height")
     assert recorded is not None and recorded.state is JobState.FAILED and recorded.reason == bad.reason
     assert not by_task["task-not-a-dict"].ok and "invalid job" in by_task["task-not-a-dict"].reason
+    assert {by_task[task].error for task in ("task-bad-height", "task-not-a-dict", "task-none")} == {"invalid_job"}
     assert not by_task["task-none"].ok
     assert "run_id" in by_task["task-bad-run"].reason and "seed" in by_task["task-bad-run"].reason
     # Nothing recorded where the payload names no usable run.
@@ -149,6 +150,7 @@ def test_mixed_deliveries(setup: Setup, tiny_model: Path) -> None:
             outcome = by_task[job.job_id]
             image_path, sidecar_path = setup.paths(job)
             assert outcome == Outcome(job.job_id, True, job.job_id, str(image_path), batch_size=size)
+            assert set(outcome.seconds) == {"queue_wait", "encode", "upload"}  # for the worker's metrics
             decoded = Image.open(io.BytesIO(image_path.read_bytes()))
             assert decoded.format == fmt and decoded.size == (job.width, job.height)
             sidecar = setup.sidecar(job)
@@ -165,7 +167,7 @@ def test_mixed_deliveries(setup: Setup, tiny_model: Path) -> None:
             assert state.state is JobState.DONE and state.key == str(image_path)
             assert state.details["batch_size"] == size and state.details["batch_id"] == batch_ids
     assert setup.sidecar(wide[1])["negative_prompt"] == "blurry"
-    files = sorted(p.name for p in setup.settings.output_dir.rglob("*") if p.is_file())
+    files = sorted(p.name for p in setup.settings.output_dir.rglob("*") if p.is_file() and "manifest" not in p.parts)
     assert len(files) == 10 and not [name for name in files if name.startswith(".part-")]
 
 
@@ -182,7 +184,7 @@ def test_finished_jobs_are_skipped(setup: Setup, engine: Engine, monkeypatch) ->
     again = setup.executor.execute([deliver(jobs[0]), deliver(third), deliver(jobs[1])])
     assert calls == [1]  # only the new job ran
     assert [o.ok for o in again] == [True, True, True]
-    assert again[0] == Outcome(jobs[0].job_id, True, jobs[0].job_id, first[0].key)  # batch_size 0
+    assert again[0] == Outcome(jobs[0].job_id, True, jobs[0].job_id, first[0].key, skipped="done")  # batch_size 0
     assert again[2].key == first[1].key and again[2].batch_size == 0
     assert again[1].batch_size == 1
     assert {job.job_id: setup.paths(job)[0].stat().st_mtime_ns for job in jobs} == before
@@ -239,6 +241,11 @@ def test_one_bad_job_does_not_fail_its_batch(tiny_model: Path, tmp_path: Path) -
     outcomes = setup.executor.execute([deliver(job) for job in jobs])
 
     assert poison_engine.calls == [4, 1, 1, 1, 1]  # the batch, then each job alone
+    assert outcomes[2].error == "generation" and [o.error for o in outcomes if o.ok] == [None] * 3
+    calls = setup.executor.take_calls()  # what the worker's metrics count
+    sizes_and_errors = [(call.size, call.error) for call in calls]
+    assert sizes_and_errors == [(4, "generation"), (1, None), (1, None), (1, "generation"), (1, None)]
+    assert all(call.seconds > 0 for call in calls if call.error is None) and setup.executor.take_calls() == []
     assert [o.ok for o in outcomes] == [True, True, False, True]
     assert "generation failed" in outcomes[2].reason and "poisoned prompt" in outcomes[2].reason
     assert outcomes[2].job_id == jobs[2].job_id
@@ -306,6 +313,7 @@ def test_a_job_out_of_memory_alone_fails_alone_with_the_reason(tiny_model: Path,
     assert [o.batch_size for o in outcomes] == [2, 2, 0, 1]
     reason = outcomes[2].reason
     assert reason.startswith("out of memory with this job alone: OutOfMemoryError(") and "injected" in reason
+    assert outcomes[2].error == "out_of_memory"
     state = setup.reporter.get(RUN, jobs[2].job_id)
     assert state.state is JobState.FAILED and state.reason == reason
 
@@ -337,6 +345,7 @@ def test_unsupported_recipes_fail_with_a_reason(setup: Setup) -> None:
     outcomes = setup.executor.execute([deliver(branch), deliver(fine)])
     assert [o.ok for o in outcomes] == [False, True]
     assert "cache_branch 7" in outcomes[0].reason and outcomes[0].batch_size == 0
+    assert outcomes[0].error == "unsupported"
     assert setup.reporter.get(RUN, branch.job_id).state is JobState.FAILED
     assert not setup.paths(branch)[0].exists()
 
@@ -370,6 +379,7 @@ def test_a_failed_upload_fails_only_its_job(setup: Setup, engine: Engine) -> Non
     outcomes = setup.executor.execute([deliver(job) for job in jobs])
     assert [o.ok for o in outcomes] == [True, False, True]
     assert "storing failed" in outcomes[1].reason and jobs[1].job_id in outcomes[1].reason
+    assert outcomes[1].error == "storage" and outcomes[1].seconds == {}
     assert setup.reporter.get(RUN, jobs[1].job_id).state is JobState.FAILED
     assert setup.sidecar(jobs[2])["batch"]["size"] == 3
 
@@ -415,3 +425,4 @@ def test_no_enqueue_time_gives_no_queue_wait(setup: Setup) -> None:
     assert outcome.ok
     timing = setup.sidecar(job)["timing"]
     assert timing["enqueued_at"] is None and timing["queue_wait_s"] is None
+    assert set(outcome.seconds) == {"encode", "upload"}  # no queue wait to measure

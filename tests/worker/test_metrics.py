@@ -1,0 +1,229 @@
+"""worker.metrics: what a worker's /metrics, /livez and /readyz say.
+
+The counting from what a pool process returns (made here by a real executor on the simulated
+device, through the same ``_progress`` a pool call returns), the queue depth read from a real
+Redis holding real kombu messages, and the HTTP server on a real socket. A whole worker process
+is scraped in tests/integration/test_metrics.py.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from billiard.exceptions import TimeLimitExceeded, WorkerLostError
+from celery.worker import state as worker_state
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ops.localstack import free_port
+from producer.contract import celery_config
+from producer.job import Job
+from producer.settings import ClientSettings
+from tests.helpers import local_worker_settings
+from worker import runtime
+from worker.embedded import MemoryReporter
+from worker.engine import load_engine
+from worker.executor import BatchExecutor, Delivery
+from worker.metrics import (
+    ERROR_KINDS,
+    OUTCOMES,
+    STAGES,
+    QueueDepth,
+    WorkerMetrics,
+    call_error_kind,
+    ended_as,
+    not_ready,
+    start_server,
+)
+from worker.storage import LocalStorage
+
+
+def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def simulated_executor(tmp_path: Path) -> BatchExecutor:
+    """The real executor, on the simulated device (no torch), a local folder and states in memory."""
+    settings = local_worker_settings("simulated:a=0,b=0", tmp_path / "out", max_batch=4)
+    return BatchExecutor(load_engine(settings), LocalStorage(settings.output_dir), MemoryReporter(), settings)
+
+
+def delivery(index: int) -> Delivery:
+    job = Job(run_id="metrics", index=index, prompt=f"cat {index}", seed=index, height=64, width=64, steps=2)
+    return Delivery(job.job_id, job.model_dump(mode="json"), time.time() - 2.0, time.time())
+
+
+def test_what_a_pool_call_returns_is_counted(tmp_path: Path) -> None:
+    executor = simulated_executor(tmp_path)
+    metrics = WorkerMetrics()
+    decided = executor.submit([delivery(0), delivery(1), delivery(2), Delivery("not-a-job", {"prompt": 1})])
+    metrics.record(runtime._progress(decided + executor.collect(wait=True), executor))
+    # The same job delivered again: an earlier delivery finished it.
+    again = executor.submit([delivery(0)])
+    metrics.record(runtime._progress(again + executor.collect(wait=True), executor))
+    executor.close()
+
+    images = {outcome: sample(metrics, "deepqueue_images_total", outcome=outcome) for outcome in OUTCOMES}
+    assert images == {"done": 3, "failed": 1, "skipped": 1, "cancelled": 0}
+    assert sample(metrics, "deepqueue_errors_total", kind="invalid_job") == 1
+    assert sum(sample(metrics, "deepqueue_errors_total", kind=kind) for kind in ERROR_KINDS) == 1
+    assert sample(metrics, "deepqueue_batches_total") == 1
+    assert sample(metrics, "deepqueue_batch_size_count") == 1 and sample(metrics, "deepqueue_batch_size_sum") == 3
+    assert sample(metrics, "deepqueue_batch_size_bucket", le="2.0") == 0
+    assert sample(metrics, "deepqueue_batch_size_bucket", le="3.0") == 1
+    counts = {stage: sample(metrics, "deepqueue_stage_seconds_count", stage=stage) for stage in STAGES}
+    assert counts == {"queue_wait": 3, "inference": 1, "encode": 3, "upload": 3}
+    assert sample(metrics, "deepqueue_stage_seconds_sum", stage="queue_wait") >= 3 * 2.0  # enqueued 2 s before
+
+
+@pytest.mark.parametrize(
+    ("outcome", "label"),
+    [
+        ({"ok": True, "batch_size": 4}, "done"),
+        ({"ok": True, "skipped": "done"}, "skipped"),
+        ({"ok": True, "skipped": "cancelled"}, "cancelled"),
+        ({"ok": False, "error": "storage"}, "failed"),
+        ({"ok": False, "error": "state", "retry": True}, None),  # not final: it is delivered again
+    ],
+)
+def test_how_an_outcome_ended(outcome: dict, label: str | None) -> None:
+    assert ended_as(outcome) == label
+
+
+def test_a_retried_job_counts_its_error_but_no_image() -> None:
+    metrics = WorkerMetrics()
+    metrics.record({"finished": [{"ok": False, "retry": True, "error": "state"}], "batches": []})
+    metrics.record({"finished": [], "batches": [{"size": 8, "seconds": None, "error": "out_of_memory"}]})
+    assert sample(metrics, "deepqueue_errors_total", kind="state") == 1
+    assert sum(sample(metrics, "deepqueue_images_total", outcome=outcome) for outcome in OUTCOMES) == 0
+    assert sample(metrics, "deepqueue_batch_failures_total", kind="out_of_memory") == 1
+    assert sample(metrics, "deepqueue_batches_total") == 0
+
+
+def test_the_kind_of_a_pool_call_that_raised() -> None:
+    assert call_error_kind(WorkerLostError("signal 9")) == "process_lost"
+    assert call_error_kind(TimeLimitExceeded(1800)) == "timeout"
+    assert call_error_kind(runtime.PipelineUnavailable("no GPU")) == "pipeline"
+    assert call_error_kind(redis.ConnectionError("refused")) == "state"
+    assert call_error_kind(ValueError("anything else")) == "internal"
+
+
+def test_worker_info_says_what_the_pool_process_reported(tmp_path: Path) -> None:
+    settings = local_worker_settings("simulated:a=0", tmp_path, cache_interval=5, cache_branch=1, max_batch=6)
+    metrics = WorkerMetrics()
+    metrics.describe_worker(settings, {})  # at start-up: the settings only
+    metrics.describe_worker(settings, {"worker": {"device": "cuda (NVIDIA H200)", "dtype": "float16"}, "load_s": 42.5})
+    families = text_string_to_metric_families(generate_latest(metrics.registry).decode())
+    (info,) = next(f for f in families if f.name == "deepqueue_worker_info").samples  # start-up series replaced
+    assert info.value == 1
+    assert info.labels == {
+        "model": "simulated:a=0",
+        "device": "cuda (NVIDIA H200)",
+        "dtype": "float16",
+        "cache_interval": "5",
+        "cache_branch": "1",
+        "max_batch": "6",
+        "queue": settings.queue,
+    }
+    assert sample(metrics, "deepqueue_model_load_seconds") == 42.5
+
+
+def test_in_flight_and_buffered_are_read_at_scrape_time() -> None:
+    metrics = WorkerMetrics()
+    held = {"a": [1, 2], "b": [3]}
+    metrics.watch(lambda: sum(map(len, held.values())), lambda: 5)
+    assert sample(metrics, "deepqueue_jobs_in_flight") == 3 and sample(metrics, "deepqueue_jobs_buffered") == 5
+    held.clear()
+    assert sample(metrics, "deepqueue_jobs_in_flight") == 0
+
+    def resized() -> int:
+        raise RuntimeError("dictionary changed size during iteration")
+
+    metrics.watch(resized, lambda: 0)  # never settles: NaN, and the scrape still renders
+    assert generate_latest(metrics.registry) and sample(metrics, "deepqueue_jobs_in_flight") != 0
+
+
+def test_queue_depth_counts_waiting_and_reserved_messages(redis_server: str) -> None:
+    """Real kombu messages on a real Redis: one in a priority list, one taken and not acknowledged."""
+    from kombu import Connection
+
+    broker = f"{redis_server}/5"
+    queue = f"metrics-{uuid.uuid4().hex[:8]}"
+    options = celery_config(ClientSettings(broker_url=broker))["broker_transport_options"]
+    depth = QueueDepth(broker, queue, options)
+    registry = CollectorRegistry()
+    registry.register(depth)
+    client = redis.Redis.from_url(broker)
+    try:
+        with Connection(broker, transport_options=options) as connection:
+            simple = connection.SimpleQueue(queue, no_ack=False)
+            for index in range(3):
+                simple.put({"n": index})
+            simple.put({"n": 3}, priority=9)
+            assert depth.depth() == (4, 0)
+            message = simple.get(timeout=5)
+            assert depth.depth() == (3, 1)  # taken, not acknowledged: in kombu's unacked hash
+            values = {
+                s.labels["state"]: s.value
+                for f in text_string_to_metric_families(generate_latest(registry).decode())
+                for s in f.samples
+                if s.name == "deepqueue_queue_jobs" and s.labels["queue"] == queue
+            }
+            assert values == {"waiting": 3, "reserved": 1}
+            message.ack()
+            assert depth.depth() == (3, 0)
+            simple.close()
+    finally:
+        client.delete(*depth.waiting_keys, depth.unacked_key, "unacked_index", "_kombu.binding." + queue)
+
+
+def test_queue_depth_is_left_out_while_redis_is_down() -> None:
+    metrics = WorkerMetrics()
+    metrics.registry.register(QueueDepth(f"redis://127.0.0.1:{free_port()}/0", "deepqueue", {}))
+    started = time.monotonic()
+    text = generate_latest(metrics.registry).decode()
+    assert time.monotonic() - started < 5
+    assert "deepqueue_queue_jobs" not in text and "deepqueue_images_total" in text
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(), error.headers["Content-Type"]
+
+
+def test_the_server_answers_metrics_and_probes() -> None:
+    metrics = WorkerMetrics()
+    state = {"ready": "loading pipeline"}
+    server = start_server(metrics.registry, "127.0.0.1", 0, live=lambda: None, ready=lambda: state["ready"])
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert get(f"{base}/livez")[:2] == (200, "ok\n")
+        assert get(f"{base}/readyz")[:2] == (503, "loading pipeline\n")
+        state["ready"] = None
+        assert get(f"{base}/readyz?verbose")[:2] == (200, "ready\n")
+        status, body, content_type = get(f"{base}/metrics")
+        assert status == 200 and content_type.startswith("text/plain; version=")
+        names = {family.name for family in text_string_to_metric_families(body)}
+        assert {"deepqueue_images", "deepqueue_stage_seconds", "deepqueue_worker_info"} <= names
+        assert get(f"{base}/")[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_ready_means_a_built_pipeline_and_no_shutdown(monkeypatch) -> None:
+    monkeypatch.setattr(runtime, "_serving", False)
+    assert not_ready() == "loading pipeline"
+    monkeypatch.setattr(runtime, "_serving", True)
+    assert not_ready() is None
+    monkeypatch.setattr(worker_state, "should_stop", 0)  # what Celery's SIGTERM handler sets: EX_OK
+    assert not_ready() == "shutting down"

@@ -1,0 +1,231 @@
+"""Manifest parts: every stored image's row, written by the worker that stored it.
+
+A row is the image's full sidecar plus ``key`` (the image's object key), ``sidecar_key`` and
+``bytes`` (the image's size; None when an earlier delivery stored the image). ``ManifestWriter``
+buffers rows per run and writes them as one gzipped JSON-lines object per flush::
+
+    {prefix}/{run}/manifest/parts/{worker}-{time_ns}-{random}.jsonl.gz
+
+when a run's buffer holds ``max_rows`` rows, when its oldest row is ``max_age_s`` old (a timer
+thread checks), and at ``close``. Names are unique, so parts are written create-only and never
+replaced; S3 takes thousands of such objects without trouble, where one appended file would
+need a read-modify-write per flush.
+
+Parts are an optimisation, never the truth: a worker killed before it flushed loses its buffered
+rows, and a part that could not be written is retried at the next flush, then dropped once the
+buffer is ``max_rows * RETRY_FACTOR`` rows long (memory stays bounded through an outage).
+Compaction (``producer.manifest``) checks the run's done jobs in Redis and reads the sidecars of
+those missing from the parts, so the compacted manifest is complete either way.
+
+Also the layout of the run's manifest objects, shared by the worker and the client.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from producer.contract import run_key
+
+logger = logging.getLogger(__name__)
+
+#: A run's unwritten rows are kept through failed writes up to this many times ``max_rows``.
+RETRY_FACTOR = 10
+PART_SUFFIX = ".jsonl.gz"
+PART_CONTENT_TYPE = "application/gzip"
+
+
+class PartSink(Protocol):
+    """What the writer needs of ``worker.storage.Storage``: a create-only put."""
+
+    def put(self, key: str, data: bytes, *, content_type: str, metadata: dict[str, str]) -> bool: ...
+
+
+# --- layout (pure) ---------------------------------------------------------------------------
+
+
+def manifest_prefix(prefix: str, run_id: str) -> str:
+    """``{prefix}/{run}/manifest/``: parts, compacted shards and audit rows."""
+    return run_key(prefix, run_id, "manifest") + "/"
+
+
+def parts_prefix(prefix: str, run_id: str) -> str:
+    return run_key(prefix, run_id, "manifest", "parts") + "/"
+
+
+def safe_name(name: str) -> str:
+    """A worker name (``gpu0@host:1234``) as a key segment: ``[A-Za-z0-9._-]``, 64 characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:64] or "worker"
+
+
+def part_key(prefix: str, run_id: str, worker: str, time_ns: int, token: str) -> str:
+    return run_key(prefix, run_id, "manifest", "parts", f"{safe_name(worker)}-{time_ns}-{token}{PART_SUFFIX}")
+
+
+def shard_key(prefix: str, run_id: str, index: int) -> str:
+    """The compacted manifest: ``{prefix}/{run}/manifest/manifest-00000.parquet``, ..."""
+    return run_key(prefix, run_id, "manifest", f"manifest-{index:05d}.parquet")
+
+
+def stats_key(prefix: str, run_id: str) -> str:
+    return run_key(prefix, run_id, "stats.json")
+
+
+def audit_rows_key(prefix: str, run_id: str) -> str:
+    """One JSON line per audited job (``job_id``, ``psnr``, ``ssim``, ``uncached_key``)."""
+    return run_key(prefix, run_id, "manifest", "audit.jsonl")
+
+
+def audit_summary_key(prefix: str, run_id: str) -> str:
+    return run_key(prefix, run_id, "audit.json")
+
+
+def manifest_row(sidecar: dict[str, Any], key: str, sidecar_at: str, size: int | None) -> dict[str, Any]:
+    """One manifest row: the sidecar, where the image and sidecar are, and the image's size."""
+    return {**sidecar, "key": key, "sidecar_key": sidecar_at, "bytes": size}
+
+
+def encode_part(rows: list[dict[str, Any]]) -> bytes:
+    lines = "".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n" for row in rows)
+    return gzip.compress(lines.encode(), compresslevel=6, mtime=0)
+
+
+def decode_part(data: bytes) -> list[dict[str, Any]]:
+    """A part's rows; raises ValueError (gzip or JSON) for a damaged part."""
+    try:
+        text = gzip.decompress(data).decode()
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise ValueError(f"not a gzipped JSON-lines part: {error}") from error
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# --- the writer ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Buffer:
+    since: float  # clock time of the oldest row (or of the last failed write)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    hold_until: float = float("-inf")  # after a failed write, a full buffer waits for the timer
+
+
+class ManifestWriter:
+    """Thread-safe: the store threads add rows; writes happen outside the lock."""
+
+    def __init__(
+        self,
+        storage: PartSink,
+        prefix: str,
+        worker: str,
+        *,
+        max_rows: int = 1000,
+        max_age_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        timer: bool = True,
+    ) -> None:
+        if max_rows < 1 or max_age_s <= 0:
+            raise ValueError(f"max_rows must be >= 1 and max_age_s > 0, got {max_rows} and {max_age_s}")
+        self.storage = storage
+        self.prefix = prefix
+        self.worker = worker
+        self.max_rows = max_rows
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buffers: dict[str, _Buffer] = {}
+        self._use_timer = timer
+        self._timer: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.parts_written = 0
+        self.rows_dropped = 0
+
+    def add(self, run_id: str, row: dict[str, Any]) -> None:
+        """Buffer one row; writes the run's part at once if it is full."""
+        with self._lock:
+            buffer = self._buffers.get(run_id)
+            if buffer is None:
+                buffer = self._buffers[run_id] = _Buffer(self._clock())
+            buffer.rows.append(row)
+            full = len(buffer.rows) >= self.max_rows and self._clock() >= buffer.hold_until
+            if full:  # taken under the lock: a part holds max_rows rows, however many threads add
+                del self._buffers[run_id]
+            if self._use_timer and self._timer is None and not self._stop.is_set():
+                self._timer = threading.Thread(target=self._tick, name="manifest-flush", daemon=True)
+                self._timer.start()
+        if full:
+            self._write(run_id, buffer.rows)
+
+    def flush(self, *, due_only: bool = False) -> int:
+        """Write every run's buffered rows (``due_only``: only those whose oldest row is
+        ``max_age_s`` old); returns how many parts were written."""
+        now = self._clock()
+        with self._lock:
+            runs = [
+                run for run, buffer in self._buffers.items() if not due_only or now - buffer.since >= self.max_age_s
+            ]
+        return sum(self._write(run_id, self._take(run_id)) for run_id in runs)
+
+    def close(self) -> None:
+        """Stop the timer and write what is buffered (a failed write is logged, not raised)."""
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(timeout=30)
+        self.flush()
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(len(buffer.rows) for buffer in self._buffers.values())
+
+    def _take(self, run_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            buffer = self._buffers.pop(run_id, None)
+        return buffer.rows if buffer else []
+
+    def _write(self, run_id: str, rows: list[dict[str, Any]]) -> bool:
+        if not rows:
+            return False
+        key = part_key(self.prefix, run_id, self.worker, time.time_ns(), secrets.token_hex(3))
+        try:
+            self.storage.put(key, encode_part(rows), content_type=PART_CONTENT_TYPE, metadata={})
+        except Exception as error:  # any storage failure: the rows wait for the next flush, or are dropped
+            self._put_back(run_id, rows, error)
+            return False
+        self.parts_written += 1
+        return True
+
+    def _put_back(self, run_id: str, rows: list[dict[str, Any]], error: Exception) -> None:
+        with self._lock:
+            now = self._clock()
+            buffer = self._buffers.setdefault(run_id, _Buffer(now))
+            buffer.rows[:0] = rows
+            buffer.since, buffer.hold_until = now, now + self.max_age_s  # the timer tries again
+            kept = len(buffer.rows) <= self.max_rows * RETRY_FACTOR and not self._stop.is_set()
+            if not kept:
+                dropped = len(buffer.rows)
+                del self._buffers[run_id]
+                self.rows_dropped += dropped
+        if kept:
+            logger.warning("writing a manifest part of run %s failed (%s); retrying at the next flush", run_id, error)
+        else:
+            logger.warning(
+                "writing a manifest part of run %s failed (%s); dropped %d rows: compaction reads their sidecars",
+                run_id,
+                error,
+                dropped,
+            )
+
+    def _tick(self) -> None:
+        interval = max(0.05, min(self.max_age_s / 2, 5.0))
+        while not self._stop.wait(interval):
+            try:
+                self.flush(due_only=True)
+            except Exception:  # never let the timer die: the next tick or close() writes the rows
+                logger.exception("manifest flush failed")

@@ -1,0 +1,432 @@
+"""Prometheus metrics and health probes of a worker, served by its main process.
+
+``GET /metrics`` (Prometheus text format), ``GET /livez`` and ``GET /readyz`` on
+``DEEPQUEUE_METRICS_HOST:DEEPQUEUE_METRICS_PORT`` (``0.0.0.0:9808``; port 0 turns the server off).
+``MetricsServer`` is a worker bootstep that starts the server right after the pool forks, while
+the pool process is still loading the pipeline: ``/livez`` answers 200 ``ok`` as long as the main
+process runs and its lease thread lives; ``/readyz`` answers 503 with a one-line reason
+(``loading pipeline``, ``shutting down``) until ``PipelineGate`` has seen the pipeline built,
+and 200 ``ready`` from then on until the worker begins to shut down. A port already taken stops
+the worker before it is ready (exit code 70), as any other start-up failure does.
+
+Where the numbers come from. The pool process generates, encodes and uploads; the main process
+holds the consumer, the batch buffer and this server. The pool process returns its measurements
+with the results it returns anyway: each job's ``Outcome`` carries how it ended, the kind of
+error when one ended or sent it back, and its image's stage seconds (queue wait, encode,
+upload); each call's result carries the pipeline calls made since the last one (size and
+seconds, or the error that split the batch); the readiness report carries the pipeline's load
+time and description. The main process counts all of it, and what it decides itself (lost
+processes, timeouts, revoked jobs), in ordinary metrics of one ``CollectorRegistry``. Why not
+prometheus_client's multiprocess mode: it needs a folder of mmap files shared by the processes,
+wiped at every start and marked per dead pid, and a merge mode per gauge, for numbers that
+already travel to the main process. What this loses: the measurements of a pool process that
+dies before its call returns (its jobs count as ``process_lost`` instead).
+
+``deepqueue_queue_jobs`` is read from Redis at scrape time (``QueueDepth``): ``waiting`` is the
+length of the queue's list plus kombu's priority lists, ``reserved`` the size of kombu's
+``unacked`` hash, where messages wait while workers hold them (buffered, generating, being
+stored) and where ``LLEN`` and Flower do not look. ``unacked`` is shared by every queue on the
+broker's database, so ``reserved`` counts them all. Every worker reports the same figures:
+aggregate them with ``max``, not ``sum``. While Redis does not answer (one second's timeout) the
+family is absent from the scrape; the rest is served as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import redis
+from billiard.exceptions import TimeLimitExceeded, WorkerLostError
+from celery import bootsteps
+from celery.worker import state as worker_state
+from kombu.transport import redis as kombu_redis
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from producer.contract import celery_config
+from worker import runtime
+from worker.readiness import StartupError
+from worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+#: How a job ended here (``deepqueue_images_total{outcome}``).
+OUTCOMES = ("done", "failed", "skipped", "cancelled")
+#: ``deepqueue_stage_seconds{stage}``: queue_wait, encode and upload per image, inference per pipeline call.
+STAGES = ("queue_wait", "inference", "encode", "upload")
+#: ``deepqueue_errors_total{kind}``, one per job that failed or went back to the queue for it:
+#: invalid_job (not a job), unsupported (a job this worker cannot run: scheduler, DeepCache
+#: settings, eta), generation and out_of_memory (its pipeline call failed with the job alone),
+#: storage (encode or upload), state (Redis), process_lost (its pool process died), timeout
+#: (its batch outlived DEEPQUEUE_BATCH_TIMEOUT_S), pipeline (no pipeline in the pool process),
+#: revoked (revoked or expired before it ran), internal (a pool call failed otherwise).
+ERROR_KINDS = (
+    "invalid_job",
+    "unsupported",
+    "generation",
+    "out_of_memory",
+    "storage",
+    "state",
+    "process_lost",
+    "timeout",
+    "pipeline",
+    "revoked",
+    "internal",
+)
+#: ``deepqueue_batch_failures_total{kind}``: pipeline calls that raised (the batch runs again in parts).
+CALL_ERROR_KINDS = ("out_of_memory", "generation")
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+INFO_LABELS = ("model", "device", "dtype", "cache_interval", "cache_branch", "max_batch", "queue")
+#: Seconds a scrape waits for Redis before it leaves out the queue depth.
+REDIS_TIMEOUT_S = 1.0
+
+
+def ended_as(outcome: Mapping[str, Any]) -> str | None:
+    """The ``outcome`` label of a job's outcome (an ``Outcome`` as a dict); None: not final."""
+    if outcome.get("retry"):
+        return None
+    skipped = outcome.get("skipped")
+    if skipped:
+        return "cancelled" if skipped == "cancelled" else "skipped"
+    return "done" if outcome.get("ok") else "failed"
+
+
+def call_error_kind(error: BaseException) -> str:
+    """The error kind of a pool call that raised instead of returning outcomes."""
+    if isinstance(error, WorkerLostError):
+        return "process_lost"
+    if isinstance(error, TimeLimitExceeded):
+        return "timeout"
+    if isinstance(error, runtime.PipelineUnavailable):
+        return "pipeline"
+    if isinstance(error, redis.RedisError):
+        return "state"
+    return "internal"
+
+
+class WorkerMetrics:
+    """Every metric family of a worker, in its own registry (nothing is registered globally)."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.images = Counter(
+            "deepqueue_images",
+            "Jobs that ended here, by outcome: done, failed, skipped (an earlier delivery finished it), "
+            "cancelled (its run was cancelled or deleted)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.batches = Counter("deepqueue_batches", "Pipeline calls that generated images", registry=registry)
+        self.batch_size = Histogram(
+            "deepqueue_batch_size", "Images per pipeline call", buckets=BATCH_SIZE_BUCKETS, registry=registry
+        )
+        self.stage_seconds = Histogram(
+            "deepqueue_stage_seconds",
+            "Seconds per stage: queue_wait (enqueued to its batch's start), encode and upload per image; "
+            "inference per pipeline call",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=registry,
+        )
+        self.errors = Counter(
+            "deepqueue_errors",
+            "Jobs that failed or went back to the queue, by kind of error",
+            ["kind"],
+            registry=registry,
+        )
+        self.batch_failures = Counter(
+            "deepqueue_batch_failures",
+            "Pipeline calls that raised, by kind: the batch ran again in parts, or its one job failed",
+            ["kind"],
+            registry=registry,
+        )
+        self.model_load = Gauge(
+            "deepqueue_model_load_seconds",
+            "Seconds the pool process took to build its pipeline (storage check and model load)",
+            registry=registry,
+        )
+        self.info = Gauge(
+            "deepqueue_worker_info",
+            "This worker's model, device and DeepCache settings",
+            INFO_LABELS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "deepqueue_jobs_in_flight", "Jobs handed to the pool process and not final yet", registry=registry
+        )
+        self.buffered = Gauge("deepqueue_jobs_buffered", "Jobs waiting in the batch buffer", registry=registry)
+        self.ready = Gauge("deepqueue_ready", "1 when the worker is ready (what /readyz says)", registry=registry)
+        for outcome in OUTCOMES:  # every series present from the start: rate() needs no first event
+            self.images.labels(outcome)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind)
+        for kind in CALL_ERROR_KINDS:
+            self.batch_failures.labels(kind)
+
+    def record(self, progress: Mapping[str, Any]) -> None:
+        """What a pool call returned (``worker.runtime._progress``): outcomes and pipeline calls."""
+        for outcome in progress.get("finished", ()):
+            self.job(outcome)
+        for call in progress.get("batches", ()):
+            self.call(call)
+
+    def job(self, outcome: Mapping[str, Any]) -> None:
+        """One job's outcome (an ``Outcome`` as a dict)."""
+        if outcome.get("error"):
+            self.errors.labels(outcome["error"]).inc()
+        ended = ended_as(outcome)
+        if ended:
+            self.images.labels(ended).inc()
+        for stage, seconds in (outcome.get("seconds") or {}).items():
+            self.stage_seconds.labels(stage).observe(max(0.0, seconds))  # queue wait: clocks may disagree
+
+    def call(self, call: Mapping[str, Any]) -> None:
+        """One pipeline call (a ``BatchCall`` as a dict)."""
+        if call.get("error"):
+            self.batch_failures.labels(call["error"]).inc()
+            return
+        self.batches.inc()
+        self.batch_size.observe(call["size"])
+        if call.get("seconds") is not None:
+            self.stage_seconds.labels("inference").observe(call["seconds"])
+
+    def error(self, kind: str, jobs: int = 1) -> None:
+        """Errors decided in the main process (lost processes, timeouts, revoked jobs)."""
+        if jobs:
+            self.errors.labels(kind).inc(jobs)
+
+    def ended(self, outcome: str, jobs: int = 1) -> None:
+        """Jobs that ended in the main process (failed after being lost twice, revoked)."""
+        if jobs:
+            self.images.labels(outcome).inc(jobs)
+
+    def describe_worker(self, settings: WorkerSettings, report: Mapping[str, Any]) -> None:
+        """``deepqueue_worker_info`` and the load time; ``report``: the pool process's readiness
+        report (``worker.runtime.pipeline_report``), or empty before it arrives."""
+        worker = report.get("worker") or {}
+        self.info.clear()
+        self.info.labels(
+            model=settings.model,
+            device=str(worker.get("device", settings.device)),
+            dtype=str(worker.get("dtype", settings.dtype)),
+            cache_interval=str(settings.cache_interval),
+            cache_branch=str(settings.cache_branch),
+            max_batch=str(settings.max_batch),
+            queue=settings.queue,
+        ).set(1)
+        if report.get("load_s") is not None:
+            self.model_load.set(report["load_s"])
+
+    def watch(self, in_flight: Callable[[], int], buffered: Callable[[], int]) -> None:
+        """Read the in-flight and buffered job counts at scrape time (the strategy's own state)."""
+        self.in_flight.set_function(_tolerant(in_flight))
+        self.buffered.set_function(_tolerant(buffered))
+
+
+def _tolerant(count: Callable[[], int]) -> Callable[[], float]:
+    """``count`` read from the server's thread while the worker's loop changes what it counts:
+    a dict resized under it raises RuntimeError; the next try reads a settled one."""
+
+    def read() -> float:
+        for _ in range(3):
+            try:
+                return float(count())
+            except RuntimeError:
+                continue
+        return float("nan")
+
+    return read
+
+
+class QueueDepth(Collector):
+    """``deepqueue_queue_jobs{queue, state}`` read from the broker's Redis at scrape time."""
+
+    def __init__(self, broker_url: str, queue: str, transport_options: Mapping[str, Any]) -> None:
+        self.broker_url = broker_url
+        self.queue = queue
+        prefix = transport_options.get("global_keyprefix", "")
+        steps = transport_options.get("priority_steps", kombu_redis.PRIORITY_STEPS)
+        separator = transport_options.get("sep", kombu_redis.Channel.sep)
+        # kombu's lists for one queue: its own (priority 0) and one per other priority step.
+        self.waiting_keys = [prefix + queue] + [f"{prefix}{queue}{separator}{step}" for step in steps if step]
+        self.unacked_key = prefix + transport_options.get("unacked_key", kombu_redis.Channel.unacked_key)
+        self._client: redis.Redis | None = None
+
+    def depth(self) -> tuple[int, int]:
+        """(waiting, reserved); raises redis.RedisError (or ValueError: a URL redis-py cannot read)."""
+        if self._client is None:
+            self._client = redis.Redis.from_url(
+                self.broker_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+            )
+        pipe = self._client.pipeline(transaction=False)
+        for key in self.waiting_keys:
+            pipe.llen(key)
+        pipe.hlen(self.unacked_key)
+        *lengths, reserved = pipe.execute()
+        return sum(lengths), reserved
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            waiting, reserved = self.depth()
+        except (redis.RedisError, ValueError) as error:
+            logger.debug("queue depth left out of the scrape: %r", error)
+            return
+        family = GaugeMetricFamily(
+            "deepqueue_queue_jobs",
+            "Jobs of the queue in Redis: waiting (in its lists) and reserved (held unacked by workers; "
+            "every queue of the broker database)",
+            labels=["queue", "state"],
+        )
+        family.add_metric([self.queue, "waiting"], waiting)
+        family.add_metric([self.queue, "reserved"], reserved)
+        yield family
+
+
+class HealthServer(ThreadingHTTPServer):
+    """``/metrics``, ``/livez``, ``/readyz``; a probe is a function that returns why it fails, or None."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        registry: CollectorRegistry,
+        *,
+        live: Callable[[], str | None],
+        ready: Callable[[], str | None],
+    ) -> None:
+        self.registry = registry
+        self.probes = {"/livez": (live, "ok"), "/readyz": (ready, "ready")}
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: HealthServer
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            try:
+                body = generate_latest(self.server.registry)
+            except Exception as error:  # a broken collector: say so, keep serving the probes
+                logger.exception("cannot render /metrics")
+                self._send(500, f"cannot render metrics: {error!r}\n".encode(), "text/plain; charset=utf-8")
+                return
+            self._send(200, body, CONTENT_TYPE_LATEST)
+        elif path in self.server.probes:
+            probe, fine = self.server.probes[path]
+            problem = probe()
+            self._send(200 if problem is None else 503, f"{problem or fine}\n".encode(), "text/plain; charset=utf-8")
+        else:
+            self._send(404, b"not found: try /metrics, /livez or /readyz\n", "text/plain; charset=utf-8")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("metrics server: " + format, *args)
+
+
+def start_server(
+    registry: CollectorRegistry,
+    host: str,
+    port: int,
+    *,
+    live: Callable[[], str | None],
+    ready: Callable[[], str | None],
+) -> HealthServer:
+    """Serve ``registry`` and the probes on a daemon thread (``port`` 0: any free port).
+
+    Processes forked later (a pool process replacing one that died) close their copy of the
+    listening socket, so that only this process holds the port.
+    """
+    server = HealthServer((host, port), registry, live=live, ready=ready)
+    threading.Thread(target=server.serve_forever, name="deepqueue-metrics", daemon=True).start()
+    reference = weakref.ref(server)
+
+    def close_in_child() -> None:
+        forked = reference()
+        if forked is not None:
+            forked.socket.close()
+
+    os.register_at_fork(after_in_child=close_in_child)
+    return server
+
+
+def not_live() -> str | None:
+    """Why the main process should be restarted, or None."""
+    leases = runtime.leases()
+    if leases is not None and not leases.alive():
+        return "lease keeper thread stopped"
+    return None
+
+
+def not_ready() -> str | None:
+    """Why the worker takes no jobs, or None."""
+    if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+        return "shutting down"
+    if not runtime.serving():
+        return "loading pipeline"
+    return None
+
+
+class MetricsServer(bootsteps.StartStopStep):
+    """Worker bootstep: the worker's metrics and health server (see the module's docstring).
+
+    It starts after the pool has forked (no server thread or socket is copied into the pool
+    process) and before ``PipelineGate`` waits for the pipeline, which requires it.
+    """
+
+    requires = ("celery.worker.components:Pool",)
+    label = "MetricsServer"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        settings = runtime.settings()
+        self.metrics = WorkerMetrics()
+        self.metrics.describe_worker(settings, {})
+        self.metrics.ready.set_function(lambda: float(not_ready() is None))
+        options = celery_config(settings)["broker_transport_options"]
+        self.metrics.registry.register(QueueDepth(settings.broker_url, settings.queue, options))
+        runtime.keep_metrics(self.metrics)
+        self.server: HealthServer | None = None
+        super().__init__(worker, **kwargs)
+
+    def start(self, worker: Any) -> None:
+        settings = runtime.settings()
+        if not settings.metrics_port:
+            logger.info("metrics and health server off (DEEPQUEUE_METRICS_PORT=0)")
+            return
+        try:
+            self.server = start_server(
+                self.metrics.registry, settings.metrics_host, settings.metrics_port, live=not_live, ready=not_ready
+            )
+        except OSError as error:
+            raise StartupError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({error}): "
+                "set DEEPQUEUE_METRICS_PORT to a free port, or 0 to turn the server off"
+            ) from error
+        logger.info(
+            "metrics and health on http://%s:%d (/metrics, /livez, /readyz)",
+            settings.metrics_host,
+            settings.metrics_port,
+        )
+
+    def stop(self, worker: Any) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
