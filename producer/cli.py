@@ -6,18 +6,20 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
+from pydantic_settings import BaseSettings
 
-from producer.client import Client, Run
+from producer.client import Client, Run, new_run_id
 from producer.contract import WORKER_GONE_S
 from producer.errors import DeepQueueError, PromptFileError, WaitTimeoutError
-from producer.job import ImageFormat, SchedulerName
+from producer.job import ImageFormat, JobDefaults, SchedulerName
 from producer.settings import ClientSettings, redact_url
 from producer.sources import parse_size
-from producer.state import JobState, RunStatus
+from producer.state import JobState, RunStatus, format_duration
 
 SCHEDULERS = SchedulerName.__args__  # type: ignore[attr-defined]
 FORMATS = ImageFormat.__args__  # type: ignore[attr-defined]
@@ -25,16 +27,33 @@ FORMATS = ImageFormat.__args__  # type: ignore[attr-defined]
 
 def recipe_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Run-wide recipe flags shared by ``submit`` and ``run``; rows of the file override them."""
+    default = {name: info.default for name, info in JobDefaults.model_fields.items()}
     options = [
-        click.option("--size", metavar="WxH", help="Width x height, e.g. 768x512 (multiples of 8)."),
-        click.option("--steps", type=int, help="Denoising steps."),
-        click.option("--guidance", type=float, help="Classifier-free guidance scale."),
+        click.option(
+            "--size",
+            metavar="WxH",
+            help=f"Width x height, multiples of 8 [default: {default['width']}x{default['height']}].",
+        ),
+        click.option("--steps", type=int, help=f"Denoising steps [default: {default['steps']}]."),
+        click.option(
+            "--guidance", type=float, help=f"Classifier-free guidance scale [default: {default['guidance']}]."
+        ),
         click.option("--seed", type=int, help="Run seed; job seeds derive from it and their position."),
         click.option("--negative", help="Negative prompt for every job."),
-        click.option("--scheduler", type=click.Choice(SCHEDULERS), help="Scheduler (default: the worker's)."),
-        click.option("--cache-interval", type=int, help="DeepCache interval; 1 turns caching off."),
-        click.option("--cache-branch", type=int, help="DeepCache branch id."),
-        click.option("--format", "fmt", type=click.Choice(FORMATS), help="Image format (default png)."),
+        click.option(
+            "--scheduler", type=click.Choice(SCHEDULERS), help="Scheduler [default: the worker's, DEEPQUEUE_SCHEDULER]."
+        ),
+        click.option(
+            "--cache-interval",
+            type=int,
+            help="DeepCache interval; 1 turns caching off [default: the worker's, DEEPQUEUE_CACHE_INTERVAL].",
+        ),
+        click.option(
+            "--cache-branch", type=int, help="DeepCache branch id [default: the worker's, DEEPQUEUE_CACHE_BRANCH]."
+        ),
+        click.option(
+            "--format", "fmt", type=click.Choice(FORMATS), help=f"Image format [default: {default['format']}]."
+        ),
         click.option(
             "--run",
             "run_id",
@@ -132,12 +151,33 @@ def settings_message(error: Any) -> str:
     return "invalid setting: " + "; ".join(problems)
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+def settings_help(settings: type[BaseSettings], *, leave_out: type[BaseSettings] | None = None) -> str:
+    """Every DEEPQUEUE_* variable of ``settings`` with its default and description, for --help."""
+    skip = set(leave_out.model_fields) if leave_out else set()
+    lines = ["\b", "Settings (environment variables):"]
+    for name, info in settings.model_fields.items():
+        if name not in skip:
+            default = "unset" if info.default is None else info.default
+            lines.append(f"  DEEPQUEUE_{name.upper()}={default}  {info.description or ''}".rstrip())
+    return "\n".join(lines)
+
+
+class SettingsEpilog(click.Command):
+    """A command whose --help ends with the settings it reads (built only when asked for)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from worker.settings import WorkerSettings
+
+        formatter.write("\n" + settings_help(WorkerSettings, leave_out=ClientSettings).removeprefix("\b\n") + "\n")
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=settings_help(ClientSettings))
 @click.version_option(package_name="deepqueue")
 def cli() -> None:
     """deepqueue: bulk image generation with warm DeepCache workers.
 
-    Connection settings come from DEEPQUEUE_BROKER_URL and DEEPQUEUE_RESULT_BACKEND.
+    Connection settings come from DEEPQUEUE_BROKER_URL and DEEPQUEUE_RESULT_BACKEND; where
+    images go (read back by export and audit) from DEEPQUEUE_STORAGE and DEEPQUEUE_S3_*.
     """
 
 
@@ -145,6 +185,13 @@ def cli() -> None:
 @recipe_options
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the run to finish, with a progress bar.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@click.option(
+    "--audit",
+    "audit_sample",
+    type=click.IntRange(min=1),
+    metavar="K",
+    help="With --wait: then audit K of the images against DeepCache off (see deepqueue audit).",
+)
 @click.option("--resend-queued", is_flag=True, help="Also send jobs still queued (after the queue itself was lost).")
 @click.option(
     "--allow-recipe-change",
@@ -159,6 +206,7 @@ def submit(
     timeout: float | None,
     resend_queued: bool,
     allow_recipe_change: bool,
+    audit_sample: int | None,
     **flags: Any,
 ) -> None:
     """Validate FILE (.txt, .jsonl, .csv, .tsv, .json, .parquet; the text ones also .gz) and
@@ -169,7 +217,12 @@ def submit(
     with others is refused, unless --allow-recipe-change.
     """
     defaults = recipe_defaults(**flags)
+    if audit_sample and not wait_:
+        raise click.UsageError("--audit needs --wait (or run `deepqueue audit RUN --sample K` once the run is done)")
     with Client() as client:
+        if run_id is None:
+            run_id = new_run_id()
+            click.echo(f"run {run_id} (a new name: pass --run {run_id} to resume it, or follow it with deepqueue wait)")
         run = client.submit(
             file,
             run=run_id,
@@ -181,7 +234,7 @@ def submit(
         )
         click.echo(f"run {run.run_id}: {run.submitted} jobs enqueued, {run.skipped} already queued, running or done")
         if wait_:
-            _finish(client, run, timeout)
+            _finish(client, run, timeout, audit_sample=audit_sample)
 
 
 @cli.command()
@@ -202,29 +255,89 @@ def retry(run_id: str, wait_: bool, timeout: float | None) -> None:
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object: run, total and a count per state.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: counts per state, rate, ETA, workers.")
 def status(run_id: str, as_json: bool) -> None:
-    """Counts of RUN_ID's jobs per state."""
+    """RUN_ID's jobs per state, images/s (the last 5 minutes; overall once finished), ETA and
+    the workers online."""
     with Client() as client:
-        current = client.run(run_id).status()
+        current = replace(client.run(run_id).status(), workers=len(client.workers()))
         click.echo(json.dumps(status_record(current)) if as_json else str(current))
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def runs(as_json: bool) -> None:
-    """Every submitted run, oldest first: its jobs per state and when it was first submitted."""
+    """Every submitted run, oldest first: its jobs per state, rate and age."""
     with Client() as client:
+        now = time.time()
         for run_id, since in client.run_times().items():
             current = client.run(run_id).status()
             if as_json:
                 click.echo(json.dumps({**status_record(current), "submitted_at": since}))
             else:
-                click.echo(f"{current}, first submitted {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}")
+                click.echo(f"{current}, submitted {format_duration(now - since)} ago")
 
 
 def status_record(current: RunStatus) -> dict[str, Any]:
-    return {"run": current.run_id, "total": current.total, **{state.value: n for state, n in current.counts.items()}}
+    return {
+        "run": current.run_id,
+        "total": current.total,
+        **{state.value: n for state, n in current.counts.items()},
+        "images_per_s": current.images_per_s,
+        "eta_s": current.eta_s,
+        **({} if current.workers is None else {"workers": current.workers}),
+    }
+
+
+@cli.command()
+@click.argument("run_id")
+def cancel(run_id: str) -> None:
+    """Cancel RUN_ID: its queued jobs end cancelled without being generated (workers drop their
+    messages as they reach them); running jobs finish. A cancelled run takes no new jobs."""
+    with Client() as client:
+        run = client.run(run_id)
+        cancelled = run.cancel()
+        click.echo(f"run {run_id}: {cancelled} queued jobs cancelled; {run.status()}")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--outputs", is_flag=True, help="Also delete its images, sidecars and manifest from storage.")
+@click.option("--force", is_flag=True, help="Delete a run that still has queued or running jobs (cancels it first).")
+def delete(run_id: str, outputs: bool, force: bool) -> None:
+    """Delete RUN_ID's state from Redis (and with --outputs its files). Its messages still
+    queued are dropped by workers; the run name can be used again."""
+    with Client() as client:
+        removed = client.delete(run_id, outputs=outputs, force=force)
+        files = f", {removed} objects deleted from storage" if outputs else ""
+        click.echo(f"run {run_id} deleted{files}")
+
+
+@cli.command()
+@click.option(
+    "--older-than", "older_than", required=True, metavar="AGE", help="First submitted before this: 7d, 12h, 30m."
+)
+@click.option("--outputs", is_flag=True, help="Also delete their images, sidecars and manifests.")
+@click.option("--dry-run", is_flag=True, help="List the runs that would be deleted, delete nothing.")
+def prune(older_than: str, outputs: bool, dry_run: bool) -> None:
+    """Delete the state of finished runs first submitted more than AGE ago (a clean-up to run
+    from cron); runs with queued or running jobs are kept."""
+    with Client() as client:
+        for run_id in client.prune(parse_age(older_than), outputs=outputs, dry_run=dry_run):
+            click.echo(f"{'would delete' if dry_run else 'deleted'} {run_id}")
+
+
+def parse_age(text: str) -> float:
+    """``7d``, ``12h``, ``30m``, ``45s`` (or plain seconds) as seconds."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: a number with d, h, m or s, e.g. 7d") from None
+    if seconds < 0:
+        raise click.BadParameter(f"{text!r}: an age cannot be negative")
+    return seconds
 
 
 @cli.command()
@@ -256,7 +369,30 @@ def dead_letters(limit: int) -> None:
             click.echo(json.dumps(record, ensure_ascii=False))
 
 
-def _finish(client: Client, run: Run, timeout: float | None) -> None:
+@cli.command()
+@click.argument("run_id")
+@click.option("--sample", type=click.IntRange(min=1), default=16, show_default=True, help="Images to compare.")
+@click.option("--timeout", type=float, help="Give up waiting for the uncached twins after this many seconds.")
+def audit(run_id: str, sample: int, timeout: float | None) -> None:
+    """Regenerate a sample of RUN_ID's images with DeepCache off (same seeds and settings, on the
+    workers, as run RUN_ID.audit) and record PSNR and SSIM of each pair in the run's manifest and
+    audit.json. The way to choose DEEPQUEUE_CACHE_INTERVAL and _BRANCH for a model."""
+    with Client() as client:
+        click.echo(f"auditing {sample} images of {run_id} against twins made without DeepCache")
+        click.echo(audit_text(client.audit(run_id, sample=sample, timeout=timeout, progress=True)))
+
+
+def audit_text(summary: dict[str, Any]) -> str:
+    psnr, ssim, cache = summary["psnr_db"], summary["ssim"], summary["deepcache"]
+    setting = f"interval {cache.get('interval')}, branch {cache.get('branch')}" if cache.get("enabled") else "off"
+    return (
+        f"audit of {summary['run']} (DeepCache {setting}): {summary['audited']} of {summary['requested']} images "
+        f"compared; PSNR mean {psnr['mean']} dB, worst {psnr['worst']} dB ({psnr['worst_job']}); "
+        f"SSIM mean {ssim['mean']}, worst {ssim['worst']} ({ssim['worst_job']})"
+    )
+
+
+def _finish(client: Client, run: Run, timeout: float | None, *, audit_sample: int | None = None) -> None:
     if not run.status().is_finished and not client.workers():
         click.echo(
             f"no worker has renewed its leases in the last {WORKER_GONE_S:.0f} s: start one "
@@ -264,15 +400,32 @@ def _finish(client: Client, run: Run, timeout: float | None) -> None:
             err=True,
         )
     final: RunStatus = run.wait(progress=True, timeout=timeout)
-    click.echo(str(final))
+    click.echo(summary(final, run.span(), client.outputs_url(run.run_id)))
+    if audit_sample and final.counts[JobState.DONE]:
+        click.echo(audit_text(client.audit(run.run_id, sample=audit_sample, timeout=timeout, progress=True)))
     failed = list(run.results(JobState.FAILED))
     for result in failed[:10]:
         click.echo(f"failed {result.job_id}: {result.reason}", err=True)
+    if len(failed) > 10:
+        click.echo(f"... and {len(failed) - 10} more: deepqueue results {run.run_id} --state failed", err=True)
     if failed:
         sys.exit(EXIT_JOB_FAILED)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+def summary(final: RunStatus, span: tuple[float, float] | None, where: str) -> str:
+    """The end of a wait: images, failures, time and rate, and where the files are."""
+    counts = final.counts
+    text = f"run {final.run_id} finished: {counts[JobState.DONE]} images, {counts[JobState.FAILED]} failed"
+    if counts[JobState.CANCELLED]:
+        text += f", {counts[JobState.CANCELLED]} cancelled"
+    if span is not None and span[1] > span[0]:
+        text += f" in {format_duration(span[1] - span[0])}"
+    if final.images_per_s:
+        text += f" ({final.images_per_s:.3g} img/s)"
+    return f"{text}; files in {where}"
+
+
+@cli.command(cls=SettingsEpilog, context_settings={"ignore_unknown_options": True})
 @click.option("--model", help="Model id or folder (default DEEPQUEUE_MODEL).")
 @click.option("--device", help="auto, cpu, cuda or cuda:N (default DEEPQUEUE_DEVICE).")
 @click.option("--loglevel", default="INFO", show_default=True)
@@ -326,6 +479,84 @@ def make_test_model(directory: Path, arch: str, seed: int) -> None:
     except FileExistsError as error:
         raise InputError(str(error)) from error
     click.echo(f"wrote {arch} model to {path}")
+
+
+#: ``producer.export.FORMATS``, without importing pyarrow for ``--help``.
+EXPORT_FORMATS = ("parquet", "imagefolder", "webdataset")
+
+
+def _storage_failed(error: Exception) -> CommandError:
+    return CommandError(
+        f"storage: {error} (check DEEPQUEUE_STORAGE, DEEPQUEUE_S3_* or DEEPQUEUE_OUTPUT_DIR)", EXIT_UNREACHABLE
+    )
+
+
+@cli.command("manifest")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole stats.json.")
+def manifest_command(run_id: str, as_json: bool) -> None:
+    """Compact RUN_ID's manifest: Parquet shards {run}/manifest/manifest-*.parquet with one row
+    per image (every sidecar field, its key and size) and {run}/stats.json (counts, failures by
+    reason, images/s, GPU-seconds, time span, sizes, models). Jobs done but missing from the
+    workers' parts are read from their sidecars. Needs the export extra."""
+    from worker.storage import StorageError
+
+    with Client() as client:
+        try:
+            stats = client.manifest(run_id, progress=True)
+        except StorageError as error:
+            raise _storage_failed(error) from error
+    if as_json:
+        click.echo(json.dumps(stats, indent=1, ensure_ascii=False))
+        return
+    for line in manifest_lines(stats):
+        click.echo(line)
+
+
+def manifest_lines(stats: dict[str, Any]) -> list[str]:
+    manifest = stats["manifest"]
+    lines = [
+        f"{stats['run_id']}: {manifest['rows']} images in {len(manifest['shards'])} manifest shards "
+        f"({stats['repaired_from_sidecars']} read from sidecars, {stats['missing']} missing)",
+        f"jobs: {stats['count']} ("
+        + ", ".join(f"{state.value} {stats.get(state.value, 0)}" for state in JobState)
+        + ")",
+    ]
+    if stats.get("duration_s"):
+        lines.append(
+            f"{stats['images_per_s']:.3g} images/s over {format_duration(stats['duration_s'])}, "
+            f"{stats['gpu_seconds']:.1f} GPU-seconds"
+        )
+    lines += [f"failed {count}: {reason}" for reason, count in list(stats["failed_by_reason"].items())[:10]]
+    return lines
+
+
+@cli.command("export")
+@click.argument("run_id")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True, help="What to write.")
+@click.option(
+    "--to",
+    metavar="s3://BUCKET/PREFIX|DIR",
+    help="Where (S3 on the run's endpoint, or a folder); default: {run}/exports/{format}/ beside the run.",
+)
+@click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True, help="Images per shard.")
+@click.option("--overwrite", is_flag=True, help="Empty the target first if it is not empty.")
+def export_command(run_id: str, fmt: str, to: str | None, shard_size: int, overwrite: bool) -> None:
+    """Export RUN_ID's images with their recipes: parquet (an image column datasets decodes),
+    imagefolder (metadata.jsonl per folder, for datasets' imagefolder) or webdataset (tar
+    shards with .png/.json/.txt per image and a parquet per shard, as img2dataset writes them).
+    Streamed shard by shard; the manifest is compacted first if it is missing or stale."""
+    from worker.storage import StorageError
+
+    with Client() as client:
+        try:
+            result = client.export(run_id, fmt, to, shard_size=shard_size, overwrite=overwrite, progress=True)
+        except StorageError as error:
+            raise _storage_failed(error) from error
+    click.echo(
+        f"exported {result.rows} images of {run_id} as {fmt} in {result.shards} shards to {result.to} "
+        f"({result.seconds:.1f} s)"
+    )
 
 
 def main() -> None:

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import redis
 from tqdm import tqdm
 
-from producer.contract import DEAD_LETTERS_KEY, WORKER_GONE_S, WORKERS_KEY
+from producer.contract import DEAD_LETTERS_KEY, WORKER_GONE_S, WORKERS_KEY, run_key
 from producer.enqueue import publish
-from producer.errors import PromptFileError, RecipeMismatchError, RunNotFoundError, WaitTimeoutError
+from producer.errors import (
+    ExtraMissingError,
+    InvalidJobError,
+    PromptFileError,
+    RecipeMismatchError,
+    RunBusyError,
+    RunCancelledError,
+    RunNotFoundError,
+    WaitTimeoutError,
+)
 from producer.job import (
     Job,
     check_rows,
@@ -24,9 +36,14 @@ from producer.job import (
     run_recipe,
     validated,
 )
+from producer.progress import LINE_EVERY_S, Progress
 from producer.settings import ClientSettings, redact_url
 from producer.sources import Rows, Source
 from producer.state import JobResult, JobState, RunStatus, RunStore
+
+if TYPE_CHECKING:
+    from producer.export import ExportResult
+    from worker.storage import Storage
 
 #: Jobs marked queued and published per chunk: bounds memory and round trips alike.
 SUBMIT_CHUNK = 5000
@@ -77,26 +94,42 @@ class Run:
         return f"Run({self.run_id!r})"
 
     def status(self) -> RunStatus:
-        return RunStatus(self.run_id, self._store.counts(self.run_id))
+        """Counts per state and the rate (lately while it runs, overall once finished)."""
+        return self._store.status(self.run_id)
 
-    def wait(self, *, progress: bool = False, timeout: float | None = None, poll_s: float = 0.5) -> RunStatus:
-        """Block until every job is done or failed; raise WaitTimeoutError after ``timeout`` s."""
+    def wait(
+        self,
+        *,
+        progress: bool = False,
+        timeout: float | None = None,
+        poll_s: float = 0.5,
+        stream: TextIO | None = None,
+        line_every_s: float = LINE_EVERY_S,
+    ) -> RunStatus:
+        """Block until every job is final (done, failed or cancelled); raise WaitTimeoutError
+        after ``timeout`` s. ``progress``: a bar on a terminal, else a line every ``line_every_s``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         status = self.status()
-        # initial: the rate counts what finishes while waiting, not what had finished before.
-        with tqdm(
-            total=status.total, initial=status.finished, unit="img", desc=self.run_id, disable=not progress
-        ) as bar:
+        with Progress(status, enabled=progress, stream=stream, line_every_s=line_every_s) as shown:
             while True:
-                bar.total = status.total
-                bar.set_postfix(failed=status.counts[JobState.FAILED], refresh=False)
-                bar.update(status.finished - bar.n)
+                shown.show(status)
                 if status.is_finished:
                     return status
                 if deadline is not None and time.monotonic() >= deadline:
                     raise WaitTimeoutError(f"run {self.run_id} not finished after {timeout} s: {status}")
                 time.sleep(poll_s)
                 status = self.status()
+
+    def cancel(self) -> int:
+        """Cancel the run: queued jobs end ``cancelled`` without being generated (workers drop
+        their messages), running ones finish. Returns how many jobs were cancelled now."""
+        return self._store.cancel(self.run_id)
+
+    def span(self) -> tuple[float, float] | None:
+        """When its first job started and its last one finished (None: none started yet)."""
+        meta = self._store.meta(self.run_id)
+        started = meta.get("first_started_at")
+        return None if started is None else (started, meta.get("last_done_at", started))
 
     def results(self, state: JobState | None = None) -> Iterator[JobResult]:
         """Per-job state, storage key or failure reason, streamed; optionally one state only."""
@@ -173,6 +206,7 @@ class Client:
         run_id, run_wide = run_id_or_new(run), run_defaults(defaults)
         rows = Rows(source)
         total = check_rows(rows, run_id=run_id, defaults=run_wide, run_seed=seed)
+        self._check_not_cancelled(run_id)
         self._check_recipe(run_id, run_recipe(run_wide, run_id=run_id, run_seed=seed), allow_recipe_change)
         resend = {None, JobState.FAILED} | ({JobState.QUEUED} if resend_queued else set())
         sent = 0
@@ -230,6 +264,17 @@ class Client:
         publish(self._broker(), self.settings.queue, jobs)
         self._store.mark_queued(run_id, {job.job_id: job.model_dump_json(exclude_none=True) for job in jobs})
 
+    def _check_not_cancelled(self, run_id: str) -> None:
+        """A cancelled run takes no more jobs; a deleted one's name starts a new run."""
+        meta = self._store.meta(run_id)
+        if "deleted_at" in meta:
+            self._store.reuse_deleted(run_id)
+        elif "cancelled_at" in meta:
+            raise RunCancelledError(
+                f"run {run_id!r} was cancelled: its jobs would be dropped; use another run name "
+                f"(or delete the run first: deepqueue delete {run_id})"
+            )
+
     def _check_recipe(self, run_id: str, recipe: dict[str, Any], allow_change: bool) -> None:
         """Record the run's recipe at its first submit; refuse another one unless allowed."""
         recorded = self._store.claim_recipe(run_id, recipe, add=allow_change)
@@ -247,6 +292,52 @@ class Client:
     def runs(self) -> list[str]:
         return self._store.runs()
 
+    def cancel(self, run_id: str) -> int:
+        """Cancel ``run_id`` (see ``Run.cancel``); returns how many jobs were cancelled now."""
+        return self.run(run_id).cancel()
+
+    def delete(self, run_id: str, *, outputs: bool = False, force: bool = False) -> int:
+        """Forget ``run_id``: its state in Redis, and with ``outputs`` its objects in storage
+        (returns how many). A run with queued or running jobs is refused unless ``force``, which
+        cancels it first; its messages still queued are dropped by the workers (see
+        ``RunStore.delete``). The name can then be submitted again as a new run."""
+        status = self.run(run_id).status()
+        busy = status.counts[JobState.QUEUED] + status.counts[JobState.RUNNING]
+        if busy and not force:
+            raise RunBusyError(
+                f"run {run_id!r} has {busy} queued or running jobs: cancel it first (deepqueue cancel), "
+                f"or pass force=True (--force)"
+            )
+        self._store.cancel(run_id)  # in-flight work stops writing state before it is gone
+        removed = self._storage().delete_prefix(run_key(self.settings.s3_prefix, run_id) + "/") if outputs else 0
+        self._store.delete(run_id)
+        return removed
+
+    def prune(self, older_than_s: float, *, outputs: bool = False, dry_run: bool = False) -> list[str]:
+        """Delete finished runs first submitted more than ``older_than_s`` ago; returns their names."""
+        cutoff = time.time() - older_than_s
+        chosen = [
+            run_id
+            for run_id, since in self._store.runs_since()
+            if since < cutoff and self._store.status(run_id).is_finished
+        ]
+        if not dry_run:
+            for run_id in chosen:
+                self.delete(run_id, outputs=outputs)
+        return chosen
+
+    def outputs_url(self, run_id: str) -> str:
+        """Where the run's images and sidecars are: ``s3://bucket/prefix/run/images/`` or a folder."""
+        folder = run_key(self.settings.s3_prefix, run_id, "images") + "/"
+        if self.settings.storage == "s3":
+            return f"s3://{self.settings.s3_bucket}/{folder}"
+        return f"{self.settings.output_dir / folder}{os.sep}".rstrip(os.sep) + os.sep
+
+    def _storage(self) -> Storage:
+        from worker.storage import make_storage  # boto3 only where outputs are touched
+
+        return make_storage(self.settings, check=False)
+
     def workers(self, *, gone_after_s: float = WORKER_GONE_S) -> set[str]:
         """The workers that renewed their leases in the last ``gone_after_s`` (serving now)."""
         return live_workers(self._broker(), time.time() - gone_after_s)
@@ -254,3 +345,122 @@ class Client:
     def run_times(self) -> dict[str, float]:
         """Every submitted run and the time of its first submit, oldest first."""
         return dict(self._store.runs_since())
+
+    def manifest(self, run_id: str, *, progress: bool = False) -> dict[str, Any]:
+        """Compact ``run_id``'s manifest from the workers' parts, its sidecars and its job states:
+        Parquet shards ``{prefix}/{run}/manifest/manifest-00000.parquet`` ... (one row per done
+        image, every sidecar field) and ``{prefix}/{run}/stats.json``, which it returns. Memory
+        stays flat whatever the run's size (see ``producer.manifest``). Needs the ``export`` extra."""
+        self.run(run_id)  # RunNotFoundError if there is no such run
+        with export_extra():
+            from producer.manifest import compact
+            from worker.storage import make_storage
+
+            storage = make_storage(self.settings, check=False)
+            return compact(self._store, storage, self.settings.s3_prefix, run_id, progress=progress)
+
+    def export(
+        self,
+        run_id: str,
+        format: str,
+        to: str | os.PathLike | None = None,
+        *,
+        shard_size: int = 10_000,
+        overwrite: bool = False,
+        progress: bool = False,
+    ) -> ExportResult:
+        """Export ``run_id`` as ``format`` (``parquet``, ``imagefolder`` or ``webdataset``) to
+        ``to``: ``s3://bucket/prefix`` (on the run's S3 endpoint), a folder, or by default
+        ``{prefix}/{run}/exports/{format}/`` beside the run. Streamed shard by shard from the
+        manifest, which is compacted first when it is missing or stale; ``shard_size`` images
+        per shard. The target must be empty unless ``overwrite``. Needs the ``export`` extra."""
+        self.run(run_id)
+        with export_extra():
+            from producer.export import export, resolve_target
+            from worker.storage import make_storage
+
+            storage, prefix = make_storage(self.settings, check=False), self.settings.s3_prefix
+            target = resolve_target(
+                to, format, run_id=run_id, storage=storage, prefix=prefix, endpoint_url=self.settings.s3_endpoint_url
+            )
+            return export(
+                self._store,
+                storage,
+                prefix,
+                run_id,
+                format,
+                target,
+                shard_size=shard_size,
+                overwrite=overwrite,
+                progress=progress,
+            )
+
+    def audit(self, run_id: str, *, sample: int = 16, timeout: float | None = None, progress: bool = False) -> dict:
+        """Regenerate ``sample`` of ``run_id``'s done images with DeepCache off, same seeds and
+        settings (the twin run ``{run}.audit``, on the workers), compare each pair by PSNR and
+        SSIM, and write them into the run's manifest (``audit_*`` columns) and ``audit.json``,
+        whose summary it returns. Waits for the twins (``timeout``: WaitTimeoutError). Needs the
+        ``export`` extra (numpy, pillow, pyarrow). See ``producer.audit``."""
+        run = self.run(run_id)
+        if sample < 1:
+            raise InvalidJobError([("audit", f"sample: at least 1 job, got {sample}")])
+        with export_extra():
+            from producer import audit as quality
+            from producer.manifest import job_index
+            from worker.manifest import audit_rows_key, audit_summary_key
+            from worker.storage import image_key, make_storage, sidecar_key
+
+            storage, prefix = make_storage(self.settings, check=False), self.settings.s3_prefix
+            chosen = quality.sample(run.results(JobState.DONE), sample)
+            if not chosen:
+                raise RunBusyError(f"run {run_id!r} has no done image to audit yet")
+            images = [image_key(prefix, run_id, result.job_id, extension(result.key)) for result in chosen]
+            sidecars = [json.loads(storage.get(sidecar_key(key))) for key in images]
+            twins = self.submit([quality.twin_row(sidecar) for sidecar in sidecars], run=quality.audit_run_id(run_id))
+            twins.wait(progress=progress, timeout=timeout)
+            made = {job_index(twin.job_id): twin for twin in twins.results(JobState.DONE)}
+            records = []
+            for position, (result, image) in enumerate(zip(chosen, images, strict=True)):
+                if position in made:
+                    twin = made[position]
+                    uncached = image_key(prefix, twins.run_id, twin.job_id, extension(twin.key))
+                    records.append(
+                        quality.audit_record(result.job_id, storage.get(image), storage.get(uncached), uncached)
+                    )
+            deepcache = sidecars[0]["deepcache"]
+            summary = quality.summarize(records, run_id=run_id, requested=len(chosen), deepcache=deepcache)
+            put_replacing(storage, audit_rows_key(prefix, run_id), quality.to_jsonl(records), "application/x-ndjson")
+            put_replacing(storage, audit_summary_key(prefix, run_id), json.dumps(summary, indent=1).encode())
+        self.manifest(run_id, progress=progress)
+        return summary
+
+
+def extension(url: str | None) -> str:
+    """An image's extension from its URL in the job record (png when it has none)."""
+    name = (url or "").rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[1] if "." in name else "png"
+
+
+def put_replacing(storage: Storage, key: str, data: bytes, content_type: str = "application/json") -> None:
+    """Write ``key`` whole, replacing what is there (storage's ``put`` never replaces)."""
+    with tempfile.NamedTemporaryFile() as file:
+        file.write(data)
+        file.flush()
+        storage.upload(key, file.name, content_type=content_type)
+
+
+#: Modules of the ``export`` extra: a missing one is named with the extra to install.
+EXPORT_MODULES = frozenset({"pyarrow", "boto3", "botocore", "numpy", "PIL"})
+
+
+@contextlib.contextmanager
+def export_extra() -> Iterator[None]:
+    """Turn the ImportError of a missing ``export`` extra module into ExtraMissingError."""
+    try:
+        yield
+    except ImportError as error:
+        if isinstance(error, ExtraMissingError) or (error.name or "").split(".")[0] not in EXPORT_MODULES:
+            raise
+        raise ExtraMissingError(
+            f"manifests and exports need {error.name}, which is not installed: pip install 'deepqueue[export]'"
+        ) from error

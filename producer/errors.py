@@ -62,5 +62,22 @@ class RunNotFoundError(DeepQueueError, LookupError):
     """No run of that name is known to the result backend."""
 
 
+class RunCancelledError(DeepQueueError, ValueError):
+    """The run was cancelled: it takes no new jobs."""
+
+
+class RunBusyError(DeepQueueError, ValueError):
+    """The run still has queued or running jobs, and the operation needs it finished or cancelled."""
+
+
 class WaitTimeoutError(DeepQueueError, TimeoutError):
     """A run did not finish within the time asked for."""
+
+
+class ExtraMissingError(DeepQueueError, ImportError):
+    """An optional part of deepqueue needs packages that are not installed; the message names the
+    extra that brings them (``pip install 'deepqueue[export]'``)."""
+
+
+class ExportError(DeepQueueError, ValueError):
+    """A manifest or export cannot be made as asked (a target that is not empty, a bad ``--to``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import threading
@@ -29,7 +30,7 @@ from producer.contract import TASK_NAME
 from producer.job import derive_seed
 from producer.state import RunStore
 
-QUEUED, RUNNING, DONE, FAILED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ def test_messages_are_lean_and_read_by_celery_as_its_own(client, redis_urls):
 
 def test_submit_marks_every_job_queued(client, store):
     run = client.submit(["a", "b"], run="marked")
-    assert run.status().counts == {QUEUED: 2, RUNNING: 0, DONE: 0, FAILED: 0}
+    assert run.status().counts == {QUEUED: 2, RUNNING: 0, DONE: 0, FAILED: 0, CANCELLED: 0}
     assert ids_of(run, store) == [job.job_id for job in client.prepare(["a", "b"], run="marked")]
 
 
@@ -198,7 +199,7 @@ def test_resubmit_sends_nothing_once_every_job_is_running_or_done(client, redis_
     second = client.submit(prompts, run="again", steps=4)
     assert (second.submitted, second.skipped) == (0, 3)
     assert len(messages(redis_urls[0])) == 3  # only the first submission's
-    assert second.status().counts == {QUEUED: 0, RUNNING: 1, DONE: 2, FAILED: 0}
+    assert second.status().counts == {QUEUED: 0, RUNNING: 1, DONE: 2, FAILED: 0, CANCELLED: 0}
 
 
 def test_resubmit_sends_failed_jobs_and_only_with_resend_queued_the_queued_ones(client, redis_urls, store):
@@ -215,7 +216,7 @@ def test_resubmit_sends_failed_jobs_and_only_with_resend_queued_the_queued_ones(
     assert (second.submitted, second.skipped) == (1, 3)
     resent = messages(redis_urls[0])[len(prompts) :]
     assert [m["headers"]["id"] for m in resent] == [by_prompt["failed"]]
-    assert second.status().counts == {QUEUED: 2, RUNNING: 1, DONE: 1, FAILED: 0}
+    assert second.status().counts == {QUEUED: 2, RUNNING: 1, DONE: 1, FAILED: 0, CANCELLED: 0}
     assert first.run_id == second.run_id
 
     third = client.submit(prompts, run="partial", resend_queued=True)
@@ -250,7 +251,7 @@ def test_retry_resends_queued_failed_and_gone_workers_jobs_from_what_was_kept(cl
         assert Job.model_validate(payload) == Job.model_validate(
             next(m for m in sent.values() if m["headers"]["id"] == job_id)["args"][0]
         )
-    assert run.status().counts == {QUEUED: 2, RUNNING: 2, DONE: 1, FAILED: 0}
+    assert run.status().counts == {QUEUED: 2, RUNNING: 2, DONE: 1, FAILED: 0, CANCELLED: 0}
 
 
 def test_retry_of_an_unknown_run_raises(client):
@@ -270,7 +271,7 @@ def test_submit_spanning_chunks_skips_the_right_jobs(client, redis_urls, store):
     raw = redis.Redis.from_url(redis_urls[0]).lrange("deepqueue", 0, -1)
     sent_ids = {json.loads(item)["headers"]["id"] for item in raw}
     assert sent_ids == {job.job_id for job in jobs} - skipped
-    assert run.status().counts == {QUEUED: SUBMIT_CHUNK + 1, RUNNING: 2, DONE: 0, FAILED: 0}
+    assert run.status().counts == {QUEUED: SUBMIT_CHUNK + 1, RUNNING: 2, DONE: 0, FAILED: 0, CANCELLED: 0}
 
 
 # -- a run keeps its recipe (issue 6: `--steps 6` after `--steps 5` added 24 + 24 jobs) ---------------
@@ -488,9 +489,10 @@ def test_run_status_counts(client, store):
     store.mark("counted", job_ids[1], DONE, key="k")
     store.mark("counted", job_ids[2], FAILED, reason="r")
     status = client.run("counted").status()
-    assert status.counts == {QUEUED: 2, RUNNING: 1, DONE: 1, FAILED: 1}
+    assert status.counts == {QUEUED: 2, RUNNING: 1, DONE: 1, FAILED: 1, CANCELLED: 0}
     assert (status.total, status.finished, status.is_finished) == (5, 2, False)
-    assert str(status) == "counted: 5 jobs (queued 2, running 1, done 1, failed 1)"
+    assert str(status).startswith("counted: 5 jobs (queued 2, running 1, done 1, failed 1, cancelled 0), ")
+    assert status.images_per_s > 0 and " img/s, ETA " in str(status)
 
 
 def test_run_handle_for_unknown_run_raises(client):
@@ -541,7 +543,7 @@ def test_wait_returns_when_every_job_is_done_or_failed(client, store):
     final = run.wait(timeout=30, poll_s=0.01)
     worker.join()
     assert final.is_finished
-    assert final.counts == {QUEUED: 0, RUNNING: 0, DONE: 2, FAILED: 1}
+    assert final.counts == {QUEUED: 0, RUNNING: 0, DONE: 2, FAILED: 1, CANCELLED: 0}
 
 
 def test_wait_with_progress_bar(client, store, capsys):
@@ -680,12 +682,45 @@ def test_submit_memory_does_not_grow_with_the_file(client, redis_urls, tmp_path,
     assert large < 1.5 * small, (small, large)
 
 
-def test_waiting_on_a_finished_run_shows_no_rate(client, store, capsys):
+class Terminal(io.StringIO):
+    """Output that says it is a terminal, as a shell's stderr does."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_waiting_on_a_finished_run_shows_no_rate(client, store):
     """tqdm's rate counts only what finishes during the wait: a finished run shows none, not
     hundreds of thousands of images per second."""
     run = client.submit(["a", "b"], run="finished")
     for job in client.prepare(["a", "b"], run="finished"):
         store.mark("finished", job.job_id, DONE, key="s3://b/k")
-    run.wait(progress=True, timeout=5)
-    bar = capsys.readouterr().err
+    terminal = Terminal()
+    run.wait(progress=True, timeout=5, stream=terminal)
+    bar = terminal.getvalue()
     assert "2/2" in bar and not re.search(r"\d img/s|\dimg/s", bar), bar
+
+
+def test_progress_off_a_terminal_is_a_line_now_and_then(client, store):
+    """Not a terminal (CI logs, nohup): whole lines, at most one per line_every_s and the final
+    one, with counts and the run's own rate; no carriage returns."""
+    run = client.submit(["a", "b", "c"], run="lines")
+    jobs = client.prepare(["a", "b", "c"], run="lines")
+    out = io.StringIO()
+
+    def finish_them() -> None:
+        time.sleep(0.3)  # after the wait's first poll
+        for job in jobs:
+            store.mark("lines", job.job_id, RUNNING)
+            store.mark("lines", job.job_id, DONE, key="s3://b/k")
+            time.sleep(0.05)
+
+    worker = threading.Thread(target=finish_them)
+    worker.start()
+    run.wait(progress=True, timeout=10, poll_s=0.01, stream=out, line_every_s=3600)
+    worker.join()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert len(lines) == 2, lines  # the first poll, then the end: none in between within the hour
+    assert "lines: 3 jobs (queued 3, running 0, done 0" in lines[0]
+    assert "done 3, failed 0, cancelled 0)" in lines[1] and " img/s" in lines[1]

@@ -18,8 +18,20 @@ from producer.contract import WORKERS_KEY
 from producer.job import derive_seed
 from producer.state import RunStore
 
-QUEUED, RUNNING, DONE, FAILED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED
-COMMANDS = ["submit", "status", "runs", "wait", "results", "worker", "run", "make-test-model"]
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)
+COMMANDS = [
+    "submit",
+    "status",
+    "runs",
+    "wait",
+    "results",
+    "cancel",
+    "delete",
+    "prune",
+    "worker",
+    "run",
+    "make-test-model",
+]
 
 
 @pytest.fixture
@@ -82,6 +94,21 @@ def test_every_command_has_help(command, flag):
     result = invoke(command, flag)
     assert result.exit_code == 0, result.output
     assert f"Usage: deepqueue {command}" in result.output
+
+
+def test_help_shows_defaults_and_settings():
+    submit = " ".join(invoke("submit", "--help").output.split())  # as read, not as wrapped
+    assert "[default: 512x512]" in submit and "[default: 25]" in submit and "[default: 7.5]" in submit
+    top = invoke("--help").output
+    for name in [
+        "DEEPQUEUE_RESULT_BACKEND=redis://127.0.0.1:6379/1",
+        "DEEPQUEUE_QUEUE=deepqueue",
+        "DEEPQUEUE_S3_BUCKET",
+    ]:
+        assert name in top
+    worker = invoke("worker", "--help").output
+    assert "DEEPQUEUE_MAX_BATCH=8" in worker and "DEEPQUEUE_CACHE_INTERVAL=3" in worker
+    assert "DEEPQUEUE_BROKER_URL" not in worker  # the top-level help has the connection settings
 
 
 @pytest.mark.parametrize("command", ["submit", "run"])
@@ -242,25 +269,75 @@ def test_submit_wait_times_out(env, tmp_path):
 def test_status_of_a_run(env, tmp_path, store):
     submitted_run(tmp_path, "st", ["a", "b", "c"])
     ids = [job.job_id for job in jobs_on_queue(env[0])]
+    store.mark("st", ids[0], RUNNING)
     store.mark("st", ids[0], DONE, key="k")
     store.mark("st", ids[1], FAILED, reason="r")
     result = invoke("status", "st")
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == "st: 3 jobs (queued 1, running 0, done 1, failed 1)"
+    text = result.output.strip()
+    assert text.startswith("st: 3 jobs (queued 1, running 0, done 1, failed 1, cancelled 0), "), text
+    assert " img/s, ETA " in text and text.endswith(", 0 workers online")
 
 
 def test_status_json_and_runs_list_every_run(env, tmp_path, store):
     submitted_run(tmp_path, "first", ["a", "b"])
     submitted_run(tmp_path, "second", ["c"])
     store.mark("first", jobs_on_queue(env[0])[0].job_id, DONE, key="k")
+    redis.Redis.from_url(env[0]).hset(WORKERS_KEY, "gpu0@host:1", time.time())
     result = invoke("status", "first", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == {"run": "first", "total": 2, "queued": 1, "running": 0, "done": 1, "failed": 0}
+    assert json.loads(result.output) == {
+        "run": "first",
+        "total": 2,
+        "queued": 1,
+        "running": 0,
+        "done": 1,
+        "failed": 0,
+        "cancelled": 0,
+        "images_per_s": None,  # no job was seen starting
+        "eta_s": None,
+        "workers": 1,
+    }
     listed = [json.loads(line) for line in invoke("runs", "--json").output.splitlines()]
     assert [(r["run"], r["total"], r["done"]) for r in listed] == [("first", 2, 1), ("second", 1, 0)]
     assert listed[0]["submitted_at"] <= listed[1]["submitted_at"]
     text = invoke("runs").output.splitlines()
-    assert text[0].startswith("first: 2 jobs (queued 1, running 0, done 1, failed 0), first submitted 20")
+    assert text[0].startswith("first: 2 jobs (queued 1, running 0, done 1, failed 0, cancelled 0), submitted ")
+    assert text[0].endswith("s ago")
+
+
+def test_cancel_then_delete_a_run(env, tmp_path, store):
+    submitted_run(tmp_path, "stop", ["a", "b", "c"])
+    ids = [job.job_id for job in jobs_on_queue(env[0])]
+    store.mark("stop", ids[0], RUNNING)
+    refused = invoke("delete", "stop")
+    assert refused.exit_code == 2 and "3 queued or running jobs: cancel it first" in refused.output
+    result = invoke("cancel", "stop")
+    assert result.exit_code == 0, result.output
+    assert "run stop: 2 queued jobs cancelled; stop: 3 jobs (queued 0, running 1, done 0, failed 0, cancelled 2)" in (
+        result.output
+    )
+    again = invoke("submit", str(prompt_file(tmp_path, "p.txt", "d\n")), "--run", "stop")
+    assert again.exit_code == 2 and "run 'stop' was cancelled" in again.output
+    busy = invoke("delete", "stop")
+    assert busy.exit_code == 2 and "1 queued or running jobs" in busy.output
+    assert invoke("delete", "stop", "--force").exit_code == 0
+    assert invoke("status", "stop").exit_code == 2  # no such run any more
+    assert "stop" not in invoke("runs").output
+    reused = invoke("submit", str(prompt_file(tmp_path, "p.txt", "d\n")), "--run", "stop")
+    assert reused.exit_code == 0, reused.output  # a deleted run's name starts a new run
+
+
+def test_prune_deletes_finished_runs_older_than_the_age(env, tmp_path, store):
+    submitted_run(tmp_path, "old-done", ["a"])
+    submitted_run(tmp_path, "old-busy", ["b"])
+    store.mark("old-done", jobs_on_queue(env[0])[0].job_id, DONE, key="k")
+    assert invoke("prune", "--older-than", "1h").output == ""  # both too young
+    dry = invoke("prune", "--older-than", "0s", "--dry-run")
+    assert dry.exit_code == 0 and dry.output.splitlines() == ["would delete old-done"]
+    assert invoke("prune", "--older-than", "0").output.splitlines() == ["deleted old-done"]
+    assert [line.split(":")[0] for line in invoke("runs").output.splitlines()] == ["old-busy"]
+    assert invoke("prune", "--older-than", "soon").exit_code == 2
 
 
 @pytest.mark.parametrize("command", ["status", "wait", "results"])
@@ -298,7 +375,7 @@ def test_wait_exits_1_and_prints_the_reason_when_a_job_failed(env, tmp_path, sto
     store.mark("w", ids[1], FAILED, reason="CUDA out of memory")
     result = invoke("wait", "w")
     assert result.exit_code == 1
-    assert "w: 2 jobs (queued 0, running 0, done 1, failed 1)" in result.stdout
+    assert "run w finished: 1 images, 1 failed; files in s3://deepqueue/w/images/" in result.stdout
     assert f"failed {ids[1]}: CUDA out of memory" in result.stderr
 
 
@@ -308,7 +385,8 @@ def test_wait_exits_0_when_every_job_is_done(env, tmp_path, store):
         store.mark("ok", job.job_id, DONE, key="k")
     result = invoke("wait", "ok", "--timeout", "5")
     assert result.exit_code == 0, result.output
-    assert "done 2, failed 0" in result.output and "failed " not in result.stderr
+    assert "run ok finished: 2 images, 0 failed; files in s3://deepqueue/ok/images/" in result.output
+    assert "\nfailed " not in "\n" + result.stderr  # no failed job listed
 
 
 def test_wait_timeout(env, tmp_path):

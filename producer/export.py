@@ -1,0 +1,427 @@
+"""Exports of a run as Parquet, an imagefolder or WebDataset shards, streamed from its manifest.
+
+Every format reads the compacted manifest (``producer.manifest``, compacted first when it is
+missing or stale) shard by shard and the images one at a time (``READ_THREADS`` in flight), and
+writes shard by shard: a shard is built in a temporary file, then moved to the target (a folder,
+or uploaded to S3), then deleted. Memory: one Parquet row group of images (``GROUP_BYTES``) or
+one image per thread, plus one manifest record batch, whatever the run's size.
+
+- ``parquet``: ``part-00000.parquet``, ... with an ``image`` column (``struct<bytes, path>``)
+  and every manifest column. The schema carries Hugging Face features metadata
+  (``huggingface`` -> ``{"info": {"features": ...}}``, as ``datasets`` writes it), so
+  ``datasets.load_dataset("parquet", ...)`` decodes ``image`` as a PIL image; pyarrow and
+  pandas read it as a struct.
+- ``imagefolder``: ``00000/{job_id}.png`` ... and one ``00000/metadata.jsonl`` per folder
+  (``file_name`` + recipe columns), what ``datasets.load_dataset("imagefolder", data_dir=...)``
+  loads. ``datasets`` takes the column types from the first metadata lines it reads, so a column
+  that is null there and set later fails the load: the metadata keeps only columns that always
+  have a value (``negative_prompt`` is ``""`` when none was given, which is what the pipeline
+  used; ``cache_branch`` is 0 when DeepCache is off, as in the batch key).
+- ``webdataset``: ``00000.tar`` with ``{job_id}.png`` (or .webp/.jpg), ``{job_id}.json`` (the
+  manifest row) and ``{job_id}.txt`` (the prompt) per sample, plus ``00000.parquet`` (the rows,
+  without images) and ``00000_stats.json``, as img2dataset writes them. Job ids hold no dots,
+  so each is one WebDataset key.
+
+Targets: a folder, or ``s3://bucket/prefix`` on the run's S3 endpoint (images are copied
+server-side when the run is on S3 too); by default ``{prefix}/{run}/exports/{format}/`` beside
+the run. A target must be empty unless ``overwrite``, which empties it first.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from producer.contract import run_key
+from producer.errors import ExportError
+from producer.manifest import (
+    COLUMNS,
+    READ_THREADS,
+    ParquetShards,
+    arrow_schema,
+    ensure_manifest,
+    iter_manifest,
+    ordered_map,
+)
+from producer.state import RunStore
+from worker.storage import LocalStorage, S3Storage, Storage
+
+FORMATS = ("parquet", "imagefolder", "webdataset")
+DEFAULT_SHARD_SIZE = 10_000
+#: Image bytes per Parquet row group (and at most ``GROUP_ROWS`` rows).
+GROUP_BYTES = 64 << 20
+GROUP_ROWS = 1000
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+
+#: The imagefolder metadata columns: each always has a value (see the module docstring).
+IMAGEFOLDER_COLUMNS = (
+    "file_name",
+    "job_id",
+    "index",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "width",
+    "height",
+    "steps",
+    "guidance",
+    "scheduler",
+    "format",
+    "model",
+    "deepcache",
+    "cache_interval",
+    "cache_branch",
+    "batch_id",
+    "batch_size",
+)
+
+_VALUE_DTYPES = {
+    pa.string(): "string",
+    pa.int64(): "int64",
+    pa.int32(): "int32",
+    pa.float64(): "float64",
+    pa.bool_(): "bool",
+}
+
+
+# --- pure parts ------------------------------------------------------------------------------
+
+
+def hf_features(schema: pa.Schema) -> dict[str, Any]:
+    """The ``huggingface`` schema metadata ``datasets`` reads features from: ``image`` as an
+    Image, scalars as Values. List columns are left out: ``datasets`` infers them from their
+    Arrow type (their spelling changed between versions, ``Sequence`` -> ``List``)."""
+    features: dict[str, Any] = {}
+    for field in schema:
+        if field.name == "image" and field.type == IMAGE_TYPE:
+            features["image"] = {"_type": "Image"}
+        elif field.type in _VALUE_DTYPES:
+            features[field.name] = {"dtype": _VALUE_DTYPES[field.type], "_type": "Value"}
+    return {"info": {"features": features}}
+
+
+def parquet_schema() -> pa.Schema:
+    """``image`` first, then the manifest's columns, with the features metadata."""
+    schema = pa.schema([pa.field("image", IMAGE_TYPE), *arrow_schema()])
+    return schema.with_metadata({"huggingface": json.dumps(hf_features(schema))})
+
+
+def extension(row: Mapping[str, Any]) -> str:
+    """The image's file extension, from its object key (png, webp, jpg)."""
+    return str(row["key"]).rsplit(".", 1)[-1]
+
+
+def imagefolder_record(row: Mapping[str, Any], file_name: str) -> dict[str, Any]:
+    """One ``metadata.jsonl`` line: ``file_name`` and the recipe, never null (stable types)."""
+    record = {
+        "file_name": file_name,
+        "job_id": row["job_id"],
+        "index": int(row["index"]),
+        "prompt": row["prompt"],
+        "negative_prompt": row.get("negative_prompt") or "",
+        "seed": int(row["seed"]),
+        "width": int(row["width"]),
+        "height": int(row["height"]),
+        "steps": int(row["steps"]),
+        "guidance": float(row["guidance"]),
+        "scheduler": row.get("scheduler") or "",
+        "format": row.get("format") or extension(row),
+        "model": row.get("model_id") or "",
+        "deepcache": bool(row.get("deepcache")),
+        "cache_interval": int(row.get("cache_interval") or 1),
+        "cache_branch": int(row.get("cache_branch") or 0),
+        "batch_id": row.get("batch_id") or "",
+        "batch_size": int(row.get("batch_size") or 1),
+    }
+    assert tuple(record) == IMAGEFOLDER_COLUMNS
+    return record
+
+
+def sample_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A WebDataset sample's ``.json``: the manifest row, without the raw sidecar text."""
+    return {name: value for name, value in row.items() if name != "sidecar"}
+
+
+def shard_of(position: int, shard_size: int) -> int:
+    return position // shard_size
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """Where an export goes: a storage (a folder, an S3 bucket) and a key prefix in it."""
+
+    storage: Storage
+    prefix: str
+    url: str
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def is_empty(self) -> bool:
+        return next(iter(self.storage.list(self.key(""))), None) is None
+
+    def clear(self) -> int:
+        removed = 0
+        for key, _ in self.storage.list(self.key("")):  # streamed: S3 lists on past deleted keys
+            self.storage.delete(key)
+            removed += 1
+        return removed
+
+    def put_file(self, name: str, path: Path, content_type: str) -> None:
+        self.storage.upload(self.key(name), path, content_type=content_type)
+
+    def put_bytes(self, name: str, data: bytes, content_type: str) -> None:
+        self.storage.put(self.key(name), data, content_type=content_type, metadata={})
+
+    def copy_image(self, source: Storage, key: str, name: str, content_type: str) -> None:
+        """Server-side when both are S3 (one endpoint); else through this process."""
+        if isinstance(source, S3Storage) and isinstance(self.storage, S3Storage):
+            self.storage.copy_from(source, key, self.key(name))
+        else:
+            self.put_bytes(name, source.get(key), content_type)
+
+
+def resolve_target(
+    to: str | Path | None, fmt: str, *, run_id: str, storage: Storage, prefix: str, endpoint_url: str | None
+) -> Target:
+    """``s3://bucket/prefix``, a folder, or (None) ``{prefix}/{run}/exports/{format}`` beside the run."""
+    if to is None:
+        at = run_key(prefix, run_id, "exports", fmt)
+        return Target(storage, at, storage.url(at))
+    text = str(to)
+    if text.startswith("s3://"):
+        bucket, _, key_prefix = text[5:].partition("/")
+        if not bucket:
+            raise ExportError(f"--to {text!r}: an S3 target is s3://BUCKET[/PREFIX]")
+        key_prefix = key_prefix.strip("/")
+        target = S3Storage.connect(bucket, endpoint_url)
+        return Target(target, key_prefix, f"s3://{bucket}/{key_prefix}".rstrip("/"))
+    if "://" in text:
+        raise ExportError(f"--to {text!r}: give s3://BUCKET[/PREFIX] or a local folder")
+    folder = Path(text).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"--to {text!r} is a file, not a folder")
+    return Target(LocalStorage(folder), "", str(folder))
+
+
+# --- the export ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    run_id: str
+    format: str
+    to: str
+    rows: int
+    shards: int
+    bytes: int  # image bytes exported
+    seconds: float
+
+
+def export(
+    store: RunStore,
+    storage: Storage,
+    prefix: str,
+    run_id: str,
+    fmt: str,
+    target: Target,
+    *,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool = False,
+    threads: int = READ_THREADS,
+    tmp_dir: str | Path | None = None,
+) -> ExportResult:
+    """Export the run's images and manifest as ``fmt`` to ``target`` (see the module docstring)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if shard_size < 1:
+        raise ExportError(f"shard size must be at least 1, got {shard_size}")
+    began = time.perf_counter()
+    stats = ensure_manifest(store, storage, prefix, run_id, progress=progress)
+    if not target.is_empty():
+        if not overwrite:
+            raise ExportError(f"{target.url} is not empty: choose another target, or pass --overwrite to empty it")
+        target.clear()
+    writer = {"parquet": _parquet, "imagefolder": _imagefolder, "webdataset": _webdataset}[fmt]
+    with tempfile.TemporaryDirectory(prefix="deepqueue-export-", dir=tmp_dir) as tmp:
+        folder = Path(tmp)
+        rows = iter_manifest(storage, stats, folder)
+        total = stats["manifest"]["rows"]
+        with tqdm(total=total, unit="img", desc=f"export {fmt}", disable=not progress) as bar:
+            counted = _Counted(bar)
+            shards = writer(_Job(rows, storage, target, folder, shard_size, threads, counted))
+    return ExportResult(run_id, fmt, target.url, counted.rows, shards, counted.bytes, time.perf_counter() - began)
+
+
+class _Counted:
+    def __init__(self, bar: Any) -> None:
+        self.bar, self.rows, self.bytes = bar, 0, 0
+
+    def add(self, size: int) -> None:
+        self.rows += 1
+        self.bytes += size
+        self.bar.update()
+
+
+@dataclass
+class _Job:
+    rows: Iterator[dict[str, Any]]
+    storage: Storage
+    target: Target
+    folder: Path
+    shard_size: int
+    threads: int
+    counted: _Counted
+
+    def with_images(self) -> Iterator[tuple[int, dict[str, Any], bytes]]:
+        """``(position, row, image bytes)`` in manifest order, ``threads`` reads in flight."""
+
+        def fetch(item: tuple[int, dict[str, Any]]) -> bytes:
+            return self.storage.get(item[1]["key"])
+
+        for (position, row), data in ordered_map(fetch, enumerate(self.rows), self.threads):
+            yield position, row, data
+
+
+def _parquet(job: _Job) -> int:
+    schema = parquet_schema()
+
+    def publish(index: int, path: Path) -> None:
+        job.target.put_file(f"part-{index:05d}.parquet", path, "application/vnd.apache.parquet")
+
+    shards = ParquetShards(
+        job.folder, schema, publish, shard_rows=job.shard_size, group_rows=GROUP_ROWS, group_bytes=GROUP_BYTES
+    )
+    for _, row, data in job.with_images():
+        shards.add({"image": {"bytes": data, "path": f"{row['job_id']}.{extension(row)}"}, **row})
+        job.counted.add(len(data))
+    return shards.close()
+
+
+def _imagefolder(job: _Job) -> int:
+    def transfer(item: tuple[int, dict[str, Any]]) -> int:
+        position, row = item
+        name = f"{shard_of(position, job.shard_size):05d}/{row['job_id']}.{extension(row)}"
+        job.target.copy_image(job.storage, row["key"], name, _content_type(row))
+        return int(row.get("bytes") or 0)
+
+    shards, current, metadata = 0, -1, None
+    path = job.folder / "metadata.jsonl"
+
+    def finish(shard: int) -> None:
+        assert metadata is not None
+        metadata.close()
+        job.target.put_file(f"{shard:05d}/metadata.jsonl", path, "application/x-ndjson")
+
+    for (position, row), size in ordered_map(transfer, enumerate(job.rows), job.threads):
+        shard = shard_of(position, job.shard_size)
+        if shard != current:
+            if metadata is not None:
+                finish(current)
+            metadata, current, shards = path.open("w", encoding="utf-8"), shard, shards + 1
+        file_name = f"{row['job_id']}.{extension(row)}"
+        metadata.write(json.dumps(imagefolder_record(row, file_name), ensure_ascii=False) + "\n")
+        job.counted.add(size)
+    if metadata is not None:
+        finish(current)
+    return shards
+
+
+def _webdataset(job: _Job) -> int:
+    shards = 0
+    tar: tarfile.TarFile | None = None
+    rows: ParquetShards | None = None
+    current, stats = -1, _ShardStats()
+
+    def finish(shard: int) -> None:
+        assert tar is not None and rows is not None
+        tar.close()
+        job.target.put_file(f"{shard:05d}.tar", job.folder / "shard.tar", "application/x-tar")
+        rows.close()
+        job.target.put_bytes(
+            f"{shard:05d}_stats.json", json.dumps(stats.build(), indent=1).encode(), "application/json"
+        )
+
+    for position, row, data in job.with_images():
+        shard = shard_of(position, job.shard_size)
+        if shard != current:
+            if tar is not None:
+                finish(current)
+            tar = tarfile.open(job.folder / "shard.tar", "w")
+            rows = _rows_parquet(job, shard)
+            current, shards, stats = shard, shards + 1, _ShardStats()
+        assert tar is not None and rows is not None
+        when = int(row.get("finished_at") or 0)
+        key = row["job_id"]
+        _add_member(tar, f"{key}.{extension(row)}", data, when)
+        _add_member(tar, f"{key}.json", json.dumps(sample_json(row), ensure_ascii=False).encode(), when)
+        _add_member(tar, f"{key}.txt", (row.get("prompt") or "").encode(), when)
+        rows.add(row)
+        stats.add(len(data))
+        job.counted.add(len(data))
+    if tar is not None:
+        finish(current)
+    return shards
+
+
+def _rows_parquet(job: _Job, shard: int) -> ParquetShards:
+    """The shard's rows (no images) as ``{shard}.parquet``, written as one file."""
+
+    def publish(_: int, path: Path) -> None:
+        job.target.put_file(f"{shard:05d}.parquet", path, "application/vnd.apache.parquet")
+
+    return ParquetShards(job.folder, arrow_schema(COLUMNS), publish, shard_rows=job.shard_size)
+
+
+class _ShardStats:
+    """``{shard}_stats.json`` as img2dataset writes it (every sample here is a success)."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self.count = 0
+        self.bytes = 0
+
+    def add(self, size: int) -> None:
+        self.count += 1
+        self.bytes += size
+
+    def build(self) -> dict[str, Any]:
+        end = time.time()
+        return {
+            "count": self.count,
+            "successes": self.count,
+            "failed_to_download": 0,
+            "failed_to_resize": 0,
+            "duration": end - self.start,
+            "start_time": self.start,
+            "end_time": end,
+            "status_dict": {"success": self.count},
+            "bytes": self.bytes,
+        }
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), mtime, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+_CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
+
+
+def _content_type(row: Mapping[str, Any]) -> str:
+    return _CONTENT_TYPES.get(extension(row), "application/octet-stream")
