@@ -82,7 +82,9 @@ def test_the_readme_client_example_runs_as_written(stack, capsys):
     code = code.replace(urls, f'"{stack["DEEPQUEUE_BROKER_URL"]}", "{stack["DEEPQUEUE_RESULT_BACKEND"]}"')
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
-    assert "foxes-v1: 2 jobs (queued 0, running 0, done 2, failed 0)" in printed
+    assert any(
+        line.startswith("foxes-v1: 2 jobs (queued 0, running 0, done 2, failed 0, cancelled 0)") for line in printed
+    )
     results = [line.split() for line in printed if line.startswith("0000")]
     assert len(results) == 2 and all(state == "done" and key.startswith("s3://") for _, state, key in results)
 
@@ -157,7 +159,7 @@ def test_resubmitting_a_finished_run_sends_nothing(stack):
         first.wait(timeout=120)
         again = client.submit(["a", "b", "c"], run="itest-resubmit", steps=4, width=64, height=64)
     assert (again.submitted, again.skipped) == (0, 3)
-    assert len(s3_objects(stack, "itest-resubmit")) == 6
+    assert len([key for key in s3_objects(stack, "itest-resubmit") if "/images/" in key]) == 6
 
 
 def test_a_bad_message_fails_alone_and_its_batch_peers_succeed(stack):
@@ -218,7 +220,84 @@ def test_cli_submit_wait_over_three_resolutions(stack, tmp_path):
         timeout=400,
     )
     assert done.returncode == 0, done.stderr
-    assert "itest-cli: 9 jobs (queued 0, running 0, done 9, failed 0)" in done.stdout
-    status = subprocess.run([*deepqueue_command(), "status", "itest-cli"], env=stack, capture_output=True, text=True)
-    assert "done 9" in status.stdout
-    assert len(s3_objects(stack, "itest-cli")) == 18
+    bucket = stack["DEEPQUEUE_S3_BUCKET"]
+    assert "run itest-cli finished: 9 images, 0 failed in " in done.stdout
+    assert f"img/s); files in s3://{bucket}/datasets/itest-cli/images/" in done.stdout
+    assert "itest-cli: 9 jobs (queued 0, running 0, done 9, failed 0, cancelled 0)" in done.stderr  # the last line
+    status = subprocess.run(
+        [*deepqueue_command(), "status", "itest-cli", "--json"], env=stack, capture_output=True, text=True
+    )
+    record = json.loads(status.stdout)
+    assert (record["done"], record["total"], record["eta_s"], record["workers"]) == (9, 9, 0.0, 1)
+    assert record["images_per_s"] > 0
+    assert len([key for key in s3_objects(stack, "itest-cli") if "/images/" in key]) == 18  # not manifest parts
+
+
+def test_cancel_drops_queued_jobs_and_delete_removes_the_run(stack, monkeypatch):
+    """Cancel mid-run: the worker drops the queued jobs without generating them, the run ends with
+    done + cancelled = all; then delete --outputs removes its state and its files."""
+    rows = [f"cancel me {i}" for i in range(160)]
+    broker = redis.Redis.from_url(stack["DEEPQUEUE_BROKER_URL"])
+    for name, value in stack.items():  # the worker's settings and S3 credentials, as a user's shell has them
+        if name.startswith(("DEEPQUEUE_", "AWS_")):
+            monkeypatch.setenv(name, value)
+    with Client() as client:
+        run = client.submit(rows, run="itest-cancel", steps=4, width=64, height=64)
+        deadline = time.monotonic() + 120
+        while run.status().counts[JobState.DONE] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cancelled = run.cancel()
+        final = run.wait(timeout=120)
+        counts = final.counts
+        assert cancelled > 0 and counts[JobState.CANCELLED] >= cancelled, counts
+        assert counts[JobState.DONE] + counts[JobState.CANCELLED] == 160 and counts[JobState.FAILED] == 0, counts
+        while (
+            broker.llen(stack.get("DEEPQUEUE_QUEUE", "deepqueue")) and time.monotonic() < deadline
+        ):  # dropped, not kept
+            time.sleep(0.1)
+        assert broker.llen(stack.get("DEEPQUEUE_QUEUE", "deepqueue")) == 0
+        images = {
+            key.rsplit("/", 1)[1].removesuffix(".png") for key in s3_objects(stack, run.run_id) if key.endswith(".png")
+        }
+        assert images == {result.job_id for result in run.results(JobState.DONE)}  # nothing made for cancelled jobs
+        assert client.delete(run.run_id, outputs=True) >= 2 * len(images)  # and manifest parts, if flushed yet
+        assert s3_objects(stack, run.run_id) == {}
+        assert "itest-cancel" not in client.runs()
+
+
+def test_audit_writes_psnr_and_ssim_of_a_sample_into_the_manifest(stack, monkeypatch):
+    """`deepqueue audit`: twins with DeepCache off are made by the same worker, and each pair's
+    PSNR and SSIM land in the run's manifest and audit.json (random weights: the figures mean
+    nothing, the mechanism does)."""
+    import pyarrow.parquet as pq
+
+    for name, value in stack.items():
+        if name.startswith(("DEEPQUEUE_", "AWS_")):
+            monkeypatch.setenv(name, value)
+    with Client() as client:
+        run = client.submit([f"audit me {i}" for i in range(6)], run="itest-audit", steps=4, width=64, height=64)
+        assert run.wait(timeout=120).counts[JobState.DONE] == 6
+    done = subprocess.run(
+        [*deepqueue_command(), "audit", "itest-audit", "--sample", "3", "--timeout", "120"],
+        env=stack,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "audit of itest-audit (DeepCache interval 3, branch 0): 3 of 3 images compared; PSNR mean " in done.stdout
+    objects = s3_objects(stack, "itest-audit")
+    summary = json.loads(objects["datasets/itest-audit/audit.json"])
+    assert summary["audited"] == 3 and summary["twin_run"] == "itest-audit.audit"
+    assert summary["deepcache"] == {"enabled": True, "interval": 3, "branch": 0}
+    twins = [json.loads(v) for k, v in s3_objects(stack, "itest-audit.audit").items() if k.endswith(".json")]
+    assert len(twins) == 3 and all(twin["deepcache"]["enabled"] is False for twin in twins)
+    shards = [
+        io.BytesIO(v) for k, v in sorted(objects.items()) if k.startswith("datasets/itest-audit/manifest/manifest-")
+    ]
+    rows = [row for shard in shards for row in pq.read_table(shard).to_pylist()]
+    assert len(rows) == 6
+    audited = [row for row in rows if row["audit_ssim"] is not None]
+    assert len(audited) == 3
+    assert all(-1 <= row["audit_ssim"] < 1 and row["audit_psnr"] > 0 for row in audited)
+    assert all(row["audit_uncached_key"].startswith("datasets/itest-audit.audit/images/") for row in audited)
