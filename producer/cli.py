@@ -385,10 +385,15 @@ def audit(run_id: str, sample: int, timeout: float | None) -> None:
 def audit_text(summary: dict[str, Any]) -> str:
     psnr, ssim, cache = summary["psnr_db"], summary["ssim"], summary["deepcache"]
     setting = f"interval {cache.get('interval')}, branch {cache.get('branch')}" if cache.get("enabled") else "off"
+
+    def shown(value: float | None, digits: int) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
     return (
         f"audit of {summary['run']} (DeepCache {setting}): {summary['audited']} of {summary['requested']} images "
-        f"compared; PSNR mean {psnr['mean']} dB, worst {psnr['worst']} dB ({psnr['worst_job']}); "
-        f"SSIM mean {ssim['mean']}, worst {ssim['worst']} ({ssim['worst_job']})"
+        f"compared; PSNR mean {shown(psnr['mean'], 2)} dB, worst {shown(psnr['worst'], 2)} dB ({psnr['worst_job']}); "
+        f"SSIM mean {shown(ssim['mean'], 4)}, worst {shown(ssim['worst'], 4)} ({ssim['worst_job']}); "
+        f"per image in the manifest's audit_* columns"
     )
 
 

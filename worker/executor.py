@@ -328,7 +328,8 @@ class BatchExecutor:
         final = self.reporter.get(job.run_id, job.job_id)
         if final is not None and final.state is JobState.DONE:
             return Outcome(delivery.task_id, True, job.job_id, final.key, skipped="done")
-        logger.info("job %s: its run %s is cancelled or deleted: dropped", job.job_id, job.run_id, extra=ids(job))
+        # debug: cancelling a run of millions drops millions of messages
+        logger.debug("job %s: its run %s is cancelled or deleted: dropped", job.job_id, job.run_id, extra=ids(job))
         return Outcome(delivery.task_id, True, job.job_id, reason="run cancelled", skipped="cancelled")
 
     def _unrecorded(self, delivery: Delivery, job: Job, error: BaseException) -> Outcome:

@@ -230,6 +230,9 @@ def test_cli_submit_wait_over_three_resolutions(stack, tmp_path):
     record = json.loads(status.stdout)
     assert (record["done"], record["total"], record["eta_s"], record["workers"]) == (9, 9, 0.0, 1)
     assert record["images_per_s"] > 0
+    listed = subprocess.run([*deepqueue_command(), "runs", "--json"], env=stack, capture_output=True, text=True)
+    runs = {entry["run"]: entry for entry in map(json.loads, listed.stdout.splitlines())}
+    assert runs["itest-cli"]["done"] == 9 and runs["itest-cli"]["submitted_at"] <= time.time()
     assert len([key for key in s3_objects(stack, "itest-cli") if "/images/" in key]) == 18  # not manifest parts
 
 
