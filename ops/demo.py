@@ -93,7 +93,7 @@ def copy_bucket(s3, bucket: str, prefix: str, out: Path) -> list[Path]:
 
 
 def summarise(paths: list[Path], out: Path) -> None:
-    sidecars = [json.loads(path.read_text()) for path in paths if path.suffix == ".json"]
+    sidecars = [json.loads(p.read_text()) for p in paths if p.suffix == ".json" and p.parent.name == "images"]
     sizes = Counter(f"{s['width']}x{s['height']}" for s in sidecars)
     batches = Counter(s["batch"]["size"] for s in {s["batch"]["id"]: s for s in sidecars}.values())
     print(f"\n{len(sidecars)} images + sidecars copied from S3 to {out}/")
