@@ -227,6 +227,7 @@ class Client:
         worker skips a job that is already done, and outputs are written once.
         """
         self.run(run_id)  # RunNotFoundError if there is no such run
+        self._check_not_cancelled(run_id)
         alive = live_workers(self._broker(), time.time() - gone_after_s)
         chosen = [
             result.job_id
@@ -265,7 +266,7 @@ class Client:
         self._store.mark_queued(run_id, {job.job_id: job.model_dump_json(exclude_none=True) for job in jobs})
 
     def _check_not_cancelled(self, run_id: str) -> None:
-        """A cancelled run takes no more jobs; a deleted one's name starts a new run."""
+        """A cancelled run takes no more jobs (new or sent again); a deleted one's name starts a new run."""
         meta = self._store.meta(run_id)
         if "deleted_at" in meta:
             self._store.reuse_deleted(run_id)

@@ -319,6 +319,8 @@ def test_cancel_then_delete_a_run(env, tmp_path, store):
     )
     again = invoke("submit", str(prompt_file(tmp_path, "p.txt", "d\n")), "--run", "stop")
     assert again.exit_code == 2 and "run 'stop' was cancelled" in again.output
+    resend = invoke("retry", "stop")
+    assert resend.exit_code == 2 and "run 'stop' was cancelled" in resend.output
     busy = invoke("delete", "stop")
     assert busy.exit_code == 2 and "1 queued or running jobs" in busy.output
     assert invoke("delete", "stop", "--force").exit_code == 0
