@@ -409,13 +409,13 @@ class Client:
             from producer import audit as quality
             from producer.manifest import job_index
             from worker.manifest import audit_rows_key, audit_summary_key
-            from worker.storage import image_key, make_storage, sidecar_key
+            from worker.storage import image_key, make_storage, sidecar_key, url_extension
 
             storage, prefix = make_storage(self.settings, check=False), self.settings.s3_prefix
             chosen = quality.sample(run.results(JobState.DONE), sample)
             if not chosen:
                 raise RunBusyError(f"run {run_id!r} has no done image to audit yet")
-            images = [image_key(prefix, run_id, result.job_id, extension(result.key)) for result in chosen]
+            images = [image_key(prefix, run_id, result.job_id, url_extension(result.key)) for result in chosen]
             sidecars = [json.loads(storage.get(sidecar_key(key))) for key in images]
             twins = self.submit([quality.twin_row(sidecar) for sidecar in sidecars], run=quality.audit_run_id(run_id))
             twins.wait(progress=progress, timeout=timeout)
@@ -424,7 +424,7 @@ class Client:
             for position, (result, image) in enumerate(zip(chosen, images, strict=True)):
                 if position in made:
                     twin = made[position]
-                    uncached = image_key(prefix, twins.run_id, twin.job_id, extension(twin.key))
+                    uncached = image_key(prefix, twins.run_id, twin.job_id, url_extension(twin.key))
                     records.append(
                         quality.audit_record(result.job_id, storage.get(image), storage.get(uncached), uncached)
                     )
@@ -434,12 +434,6 @@ class Client:
             put_replacing(storage, audit_summary_key(prefix, run_id), json.dumps(summary, indent=1).encode())
         self.manifest(run_id, progress=progress)
         return summary
-
-
-def extension(url: str | None) -> str:
-    """An image's extension from its URL in the job record (png when it has none)."""
-    name = (url or "").rsplit("/", 1)[-1]
-    return name.rsplit(".", 1)[1] if "." in name else "png"
 
 
 def put_replacing(storage: Storage, key: str, data: bytes, content_type: str = "application/json") -> None:

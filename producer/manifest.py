@@ -62,7 +62,7 @@ from worker.manifest import (
     shard_key,
     stats_key,
 )
-from worker.storage import Storage, StorageError, image_key, sidecar_key
+from worker.storage import Storage, StorageError, image_key, sidecar_key, url_extension
 
 logger = logging.getLogger(__name__)
 
@@ -715,8 +715,7 @@ def _bucket_rows(
 
 def _from_sidecar(storage: Storage, prefix: str, run_id: str, job_id: str, url: str) -> dict[str, Any] | None:
     """The manifest row of a done job that no part holds, from its sidecar (None: unreadable)."""
-    ext = url.rsplit(".", 1)[-1] if "." in url.rsplit("/", 1)[-1] else "png"
-    key = image_key(prefix, run_id, job_id, ext)
+    key = image_key(prefix, run_id, job_id, url_extension(url))
     try:
         sidecar = json.loads(storage.get(sidecar_key(key)))
         size = storage.size(key)

@@ -62,6 +62,12 @@ def image_key(prefix: str, run_id: str, job_id: str, ext: str) -> str:
     return run_key(prefix, run_id, "images", f"{job_id}.{ext}")
 
 
+def url_extension(url: str | None) -> str:
+    """An image's extension from its key or URL, as a job record holds it (png when it has none)."""
+    name = (url or "").rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[1] if "." in name else "png"
+
+
 def sidecar_key(image: str) -> str:
     return image.rsplit(".", 1)[0] + ".json"
 
