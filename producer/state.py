@@ -50,9 +50,10 @@ RUNS_KEY = "deepqueue:runs"
 # KEYS: jobs hash, one set per state in STATES order, pending hash, meta hash, minutes hash. ARGV:
 # the new state, then for each job its id, its record and the job as sent ('' for none; for
 # 'queued', kept in pending until the job is final). A job moves unless it is final (done,
-# cancelled), or running and asked to be queued again; only a queued job can be cancelled. In a
-# cancelled run, 'running' and 'queued' become 'cancelled'; in a deleted one nothing is written.
-# Returns how many moved to the state asked for.
+# cancelled), or running and asked to be queued again; cancel moves only queued jobs. In a
+# cancelled run, a job asked to run (a first start, or again after its process died) or to be
+# queued ends 'cancelled' instead; in a deleted run nothing is written. Returns how many moved to
+# the state asked for.
 _TRANSITION = """
 if redis.call('HEXISTS', KEYS[8], 'deleted_at') == 1 then return 0 end
 local asked = ARGV[1]
@@ -69,8 +70,8 @@ for i = 2, #ARGV, 3 do
   local current = redis.call('HGET', KEYS[1], id)
   local old = current and cjson.decode(current)['state'] or false
   local final = old == 'done' or old == 'cancelled'
-  local allowed = not final and not (new == 'queued' and old == 'running')
-    and not (new == 'cancelled' and old and old ~= 'queued')
+  local allowed = not final and not (asked == 'queued' and old == 'running')
+    and not (asked == 'cancelled' and old and old ~= 'queued')
   if allowed then
     local record = ARGV[i + 1]
     if new ~= asked then record = cjson.encode({state = new, at = now, reason = 'run cancelled'}) end

@@ -7,7 +7,17 @@ from collections import Counter
 import pytest
 import redis
 
-from producer.state import RUNS_KEY, STATES, JobResult, JobState, RunStatus, RunStore
+from producer.state import (
+    RUNS_KEY,
+    STATES,
+    JobResult,
+    JobState,
+    RunStatus,
+    RunStore,
+    format_duration,
+    images_per_s,
+    rate_minutes,
+)
 
 RUN = "run-a"
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)
@@ -255,3 +265,72 @@ def test_the_job_as_sent_is_kept_until_it_is_done(store):
     assert store.pending(RUN, ["a", "b", "c", "never"]) == ['{"job": "a"}', '{"job": "b"}', None, None]
     store.mark(RUN, "c", QUEUED)  # a done job stays done, and is not kept again
     assert store.pending(RUN, ["c"]) == [None]
+
+
+# -- cancel, delete, rate ---------------------------------------------------------------------------
+
+
+def test_cancel_ends_queued_jobs_and_lets_running_ones_finish(store):
+    store.mark_queued(RUN, sent(["q0", "q1", "r", "f"]))
+    store.mark(RUN, "r", RUNNING)
+    store.mark(RUN, "f", FAILED, reason="bad")
+    assert store.cancel(RUN) == 2
+    assert consistent_counts(store, RUN) == {QUEUED: 0, RUNNING: 1, DONE: 0, FAILED: 1, CANCELLED: 2}
+    assert store.get(RUN, "q0").reason == "run cancelled"
+    assert store.pending(RUN, ["q0", "r"]) == [None, '{"job": "r"}']  # nothing left to resend
+    assert store.mark(RUN, "r", DONE, key="k")  # a running job finishes
+    assert store.status(RUN).is_finished
+    assert store.cancel(RUN) == 0 and "cancelled_at" in store.meta(RUN)
+
+
+def test_a_cancelled_run_cancels_what_would_start_or_be_queued(store):
+    """A worker starting a job (first time, or again after its process died) and a producer
+    queueing one, after the cancel: the job ends cancelled, so the run can finish."""
+    store.mark_queued(RUN, sent(["late", "again"]))
+    store.mark(RUN, "again", RUNNING)  # its pool process dies; it will be run again
+    store.cancel(RUN)
+    assert not store.mark(RUN, "late", RUNNING)  # refused: the worker drops it
+    assert not store.mark(RUN, "again", RUNNING)
+    store.mark_queued(RUN, sent(["new"]))
+    assert store.states(RUN, ["late", "again", "new"]) == [CANCELLED, CANCELLED, CANCELLED]
+    assert store.status(RUN).is_finished
+    assert not store.mark(RUN, "late", DONE, key="k")  # cancelled is final
+
+
+def test_a_deleted_run_leaves_only_a_tombstone_that_writes_nothing(store, backend):
+    store.mark_queued(RUN, sent(["a", "b"]))
+    store.mark(RUN, "a", RUNNING)
+    store.count_loss(RUN, "a")
+    store.claim_recipe(RUN, {"steps": 4})
+    store.delete(RUN)
+    assert not store.exists(RUN) and RUN not in store.runs()
+    assert [key.decode() for key in backend.keys(f"deepqueue:{{{RUN}}}:*")] == [f"deepqueue:{{{RUN}}}:meta"]
+    assert 0 < backend.ttl(f"deepqueue:{{{RUN}}}:meta") <= 7 * 86400
+    assert not store.mark(RUN, "b", RUNNING) and not store.mark(RUN, "a", DONE, key="k")
+    assert backend.keys(f"deepqueue:{{{RUN}}}:jobs") == []  # a message still queued recreates nothing
+    store.reuse_deleted(RUN)
+    store.mark_queued(RUN, sent(["a"]))
+    assert store.states(RUN, ["a"]) == [QUEUED]
+
+
+def test_rate_lately_while_running_and_overall_once_finished():
+    now = 1_000_000.0 * 60 + 30  # 30 s into a minute
+    minutes = rate_minutes(now)
+    assert minutes[-1] == int(now // 60) and len(minutes) == 6  # 5 minutes back, and this one
+    meta = {"first_started_at": now - 3600, "last_done_at": now - 10}
+    counts = [0] * 5 + [33]
+    # the 6 minutes' counts over the time since the first one began: 330 s
+    assert images_per_s(meta, 1000, counts, now, finished=False) == pytest.approx(33 / 330)
+    assert images_per_s({"first_started_at": now - 20}, 10, counts, now, finished=False) == pytest.approx(33 / 20)
+    assert images_per_s(meta, 1000, counts, now, finished=True) == pytest.approx(1000 / 3590)
+    assert images_per_s({}, 0, counts, now, finished=False) is None
+
+
+def test_store_status_has_the_rate_and_eta(store):
+    store.mark_queued(RUN, sent(["a", "b", "c"]))
+    for job in ("a", "b"):
+        store.mark(RUN, job, RUNNING)
+        store.mark(RUN, job, DONE, key="k")
+    status = store.status(RUN)
+    assert status.images_per_s > 0 and status.eta_s == pytest.approx(1 / status.images_per_s)
+    assert format_duration(42) == "42s" and format_duration(185) == "3m05s" and format_duration(7620) == "2h07m"
