@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -90,3 +93,27 @@ def publish_raw(broker_url: str, kinds: dict[str, tuple[bytes, str, dict]]) -> d
                 headers={**headers, **extra},
             )
     return ids
+
+
+def raw_entries() -> dict[str, bytes]:
+    """name -> bytes pushed straight onto the queue's list, no kombu envelope around them (issue 14):
+    what another application sharing the Redis, or a typo at a redis-cli prompt, can leave there."""
+    return {
+        "not-json": b"this is not json",
+        "no-properties": b'{"body": "x", "headers": {}}',
+        "array": b"[1, 2, 3]",
+        "null": b"null",
+        "1mb-random": os.urandom(1 << 20),
+        "json-not-envelope": b'{"task": "deepqueue.generate", "args": [{"prompt": "a cat"}], "kwargs": {}}',
+    }
+
+
+def get(url: str) -> tuple[int | None, str]:
+    """(status, body) of an HTTP GET; status None: nothing listens yet."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return None, ""

@@ -12,19 +12,26 @@ restore those messages to a Redis that is not there, and a second close then fai
 error, stopping the worker. The consumer discards the broken connection anyway, so that failure is
 logged and the consumer reconnects; the messages stay in Redis's unacked set, where the worker's
 leases put them back (see ``worker.leases``). It reconnects every few seconds, not kombu's up to 30.
+
+A consumer that loses its connection again and again as soon as it has one (a proxy or network
+that drops it, a fault that kombu reports as a lost connection on every read) serves nothing while
+the process looks alive: ``ReconnectLoop`` counts the losses, and ``/livez`` turns unhealthy with
+the reason while they go on (``worker.metrics``), so an orchestrator restarts the worker and an
+operator sees why. One outage, however long, is one loss: the reconnect attempts are not counted.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
 import time
+from collections import deque
 from functools import partial
 from typing import Any
 
 from celery.worker.consumer import Consumer
 
-from producer.contract import DEAD_LETTERS_KEPT, DEAD_LETTERS_KEY
+from worker.deadletters import dead_letter, headers_task_id, push_dead_letter
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +39,47 @@ logger = logging.getLogger(__name__)
 #: (2 s, 4 s, ... up to 30 s) would leave a worker idle up to 30 s after Redis is back.
 RECONNECT_MAX_S = 3.0
 
+#: A reconnect loop: at least LOOP_LOSSES losses within LOOP_WINDOW_S, the last one at most
+#: LOOP_RECENT_S ago (so a past burst of losses stops counting within seconds of its end).
+LOOP_LOSSES = 5
+LOOP_WINDOW_S = 60.0
+LOOP_RECENT_S = 15.0
+
+
+class ReconnectLoop:
+    """Losses of the broker connection after it was up, for the liveness probe (thread-safe:
+    the consumer records, the health server's thread asks)."""
+
+    def __init__(self) -> None:
+        self._losses: deque[float] = deque()
+        self._last_error = ""
+        self._lock = threading.Lock()
+
+    def lost(self, now: float, error: BaseException) -> None:
+        with self._lock:
+            self._losses.append(now)
+            self._last_error = f"{type(error).__name__}: {error}"[:300]
+            self._forget_before(now - LOOP_WINDOW_S)
+
+    def problem(self, now: float) -> str | None:
+        """Why the consumer is stuck reconnecting, or None."""
+        with self._lock:
+            self._forget_before(now - LOOP_WINDOW_S)
+            if len(self._losses) < LOOP_LOSSES or now - self._losses[-1] > LOOP_RECENT_S:
+                return None
+            return (
+                f"stuck reconnecting to the broker: the connection was lost {len(self._losses)} times "
+                f"in the last {LOOP_WINDOW_S:.0f} s (last: {self._last_error})"
+            )
+
+    def _forget_before(self, since: float) -> None:
+        while self._losses and self._losses[0] < since:
+            self._losses.popleft()
+
 
 def task_id_of(message: Any) -> str:
     """The message's task id if its headers hold a readable one, for the log line."""
-    headers = getattr(message, "headers", None)
-    task_id = headers.get("id") if isinstance(headers, dict) else None
-    return task_id if isinstance(task_id, str) else "(no id)"
+    return headers_task_id(getattr(message, "headers", None))
 
 
 def drop_message(message: Any, why: BaseException | str, connection_errors: tuple[type[BaseException], ...]) -> None:
@@ -48,25 +90,18 @@ def drop_message(message: Any, why: BaseException | str, connection_errors: tupl
     message.reject_log_error(logger, connection_errors, requeue=False)
 
 
-def dead_letter(message: Any, reason: str, now: float) -> dict[str, Any]:
-    """What is kept of a dropped message: enough to find its sender, never deserialised."""
-    body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-    return {
-        "task_id": task_id_of(message),
-        "reason": reason[:2000],
-        "at": now,
-        "content_type": getattr(message, "content_type", None),
-        "body": body[:4096].decode("utf-8", errors="replace"),
-    }
-
-
 def keep_dead_letter(message: Any, reason: str) -> None:
     """Push the message's dead letter on the broker's capped list; never raises (best effort)."""
+    body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+    record = dead_letter(
+        task_id=task_id_of(message),
+        reason=reason,
+        body=body,
+        content_type=getattr(message, "content_type", None),
+        now=time.time(),
+    )
     try:
-        record = json.dumps(dead_letter(message, reason, time.time()))
-        message.channel.client.pipeline().lpush(DEAD_LETTERS_KEY, record).ltrim(
-            DEAD_LETTERS_KEY, 0, DEAD_LETTERS_KEPT - 1
-        ).execute()
+        push_dead_letter(message.channel.client.pipeline(), record).execute()
     except Exception as error:  # the drop itself matters more than its record
         logger.warning("could not keep the dead letter of %s: %r", task_id_of(message), error)
 
@@ -75,6 +110,10 @@ class GuardedConsumer(Consumer):
     """Celery's consumer, with a task handler that cannot raise on what a message holds, and a
     reconnect that a failing cleanup of the broken connection cannot stop."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.reconnect_loop = ReconnectLoop()
+        super().__init__(*args, **kwargs)
+
     def ensure_connected(self, conn: Any) -> Any:
         conn.ensure_connection = partial(
             conn.ensure_connection, interval_start=1.0, interval_step=1.0, interval_max=RECONNECT_MAX_S
@@ -82,10 +121,16 @@ class GuardedConsumer(Consumer):
         return super().ensure_connected(conn)
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
+        self.reconnect_loop.lost(time.monotonic(), exc)
         try:
             super().on_connection_error_after_connected(exc)
         except Exception as error:  # cleanup of a connection already dropped: reconnect regardless
             logger.warning("closing the lost broker connection failed (%r); reconnecting anyway", error)
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        """A message kombu could not decode (its compression, its body's encoding): dropped to the
+        dead letters, not only logged and acknowledged as Celery does."""
+        drop_message(message, exc, self.connection_errors)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)

@@ -4,7 +4,8 @@
 ``DEEPQUEUE_METRICS_HOST:DEEPQUEUE_METRICS_PORT`` (``0.0.0.0:9808``; port 0 turns the server off).
 ``MetricsServer`` is a worker bootstep that starts the server right after the pool forks, while
 the pool process is still loading the pipeline: ``/livez`` answers 200 ``ok`` as long as the main
-process runs and its lease thread lives; ``/readyz`` answers 503 with a one-line reason
+process runs, its lease thread lives and its consumer is not stuck reconnecting to the broker
+(``worker.consumer.ReconnectLoop``), else 503 with the reason; ``/readyz`` answers 503 with a one-line reason
 (``loading pipeline``, ``shutting down``) until ``PipelineGate`` has seen the pipeline built,
 and 200 ``ready`` from then on until the worker begins to shut down. A port already taken stops
 the worker before it is ready (exit code 70), as any other start-up failure does.
@@ -36,8 +37,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -367,12 +370,13 @@ def start_server(
     return server
 
 
-def not_live() -> str | None:
+def not_live(worker: Any) -> str | None:
     """Why the main process should be restarted, or None."""
     leases = runtime.leases()
     if leases is not None and not leases.alive():
         return "lease keeper thread stopped"
-    return None
+    loop = getattr(getattr(worker, "consumer", None), "reconnect_loop", None)
+    return loop.problem(time.monotonic()) if loop is not None else None
 
 
 def not_ready() -> str | None:
@@ -412,7 +416,11 @@ class MetricsServer(bootsteps.StartStopStep):
             return
         try:
             self.server = start_server(
-                self.metrics.registry, settings.metrics_host, settings.metrics_port, live=not_live, ready=not_ready
+                self.metrics.registry,
+                settings.metrics_host,
+                settings.metrics_port,
+                live=partial(not_live, worker),
+                ready=not_ready,
             )
         except OSError as error:
             raise StartupError(

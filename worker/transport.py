@@ -17,6 +17,16 @@ is already in ``unacked`` and is only dropped from the list; the leases take it 
 kombu's priority lists; whenever the queue's own list stays empty for a poll, the worker moves
 one from those (``LMOVE``, the same way). deepqueue's producer sends no priorities.
 
+Any bytes can sit on a queue's list: another application sharing the Redis, a typo at a
+``redis-cli`` prompt, a foreign producer. kombu parses each entry it takes with no guard, and its
+errors stop the worker (a ``JSONDecodeError``) or, worse, count as a lost connection (a
+``KeyError``: no ``properties``), so the worker reconnects, the entry goes back on the queue and is
+taken again, forever, behind healthy probes. Here every entry taken, by ``BLMOVE`` or kombu's
+``BRPOP``, is read first (``read_entry``): one that is no message kombu can deliver, or that
+kombu then fails on, is dropped to the dead letters (``worker.deadletters``) with the reason and
+its first 4 KB, in the same transaction that removes it from the taking list, so nothing puts it
+back. Every entry ends delivered or dead-lettered, and the worker keeps serving.
+
 The worker uses this transport through Celery's ``broker_transport`` setting (see
 ``worker_broker_settings``); producers do not consume. ``BLMOVE`` needs Redis 6.2 or later.
 """
@@ -30,11 +40,14 @@ from time import monotonic, time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import redis as redis_py
+from kombu.exceptions import InconsistencyError
 from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from worker import runtime
+from worker.deadletters import NO_ID, dead_letter, headers_task_id, push_dead_letter
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +72,55 @@ return restored
 """
 
 
+#: Errors of Redis itself, of the network or of kombu's routing state, which a delivery passes on
+#: (Celery reconnects). kombu counts every KeyError as a connection error too, so anything else a
+#: delivery raises is the entry's fault: it is dropped, not retried.
+BROKER_ERRORS = (redis_py.RedisError, OSError, InconsistencyError)
+
+JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+class MalformedEntry(ValueError):
+    """An entry of a queue's list that is no message kombu can deliver; the text says why."""
+
+
+def read_entry(raw: bytes) -> dict[str, Any]:
+    """The kombu envelope ``raw`` holds, checked for what kombu itself reads before any consumer
+    sees it: UTF-8 JSON, an object whose ``properties`` hold a delivery tag and a delivery info
+    with exchange and routing key (kombu's record of it as held needs them). What the envelope
+    carries (body, headers, task) is the consumer's to judge (``worker.consumer``)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise MalformedEntry(f"not UTF-8 text ({error})") from None
+    try:
+        payload = loads(text)
+    except Exception as error:  # JSONDecodeError, kombu's type hooks, RecursionError on deep nesting
+        raise MalformedEntry(f"not JSON ({type(error).__name__}: {str(error)[:200]})") from None
+    if not isinstance(payload, dict):
+        kind = "null" if payload is None else JSON_TYPES.get(type(payload), type(payload).__name__)
+        raise MalformedEntry(f"a JSON {kind}, not a kombu message (an object with body, headers and properties)")
+    properties = payload.get("properties")
+    if not isinstance(properties, dict):
+        raise MalformedEntry("no properties object: not a kombu message")
+    tag = properties.get("delivery_tag")
+    if not isinstance(tag, str) or not tag:
+        raise MalformedEntry(f"properties.delivery_tag must be a non-empty string, got {tag!r:.100}")
+    info = properties.get("delivery_info")
+    if not (isinstance(info, dict) and all(isinstance(info.get(name), str) for name in ("exchange", "routing_key"))):
+        raise MalformedEntry(f"properties.delivery_info must hold exchange and routing_key strings, got {info!r:.200}")
+    return payload
+
+
+def entry_task_id(raw: bytes) -> str:
+    """The task id an entry's headers hold, if it is JSON enough to read one (for its dead letter)."""
+    try:
+        payload = loads(raw.decode("utf-8"))
+    except Exception:  # not readable: no id to name
+        return NO_ID
+    return headers_task_id(payload.get("headers")) if isinstance(payload, dict) else NO_ID
+
+
 def taking_key(queue: str, worker: str) -> str:
     """The list a worker moves messages of ``queue`` into while it records them."""
     return f"{TAKING_PREFIX}{queue}:{worker}"
@@ -72,10 +134,13 @@ def put_back_taken(client: Any, key: str, unacked_key: str, queue: str) -> int:
 class QoS(redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
         taken = self.channel.taking
-        if taken is None:  # kombu's BRPOP: nothing else holds the message if this fails
+        if taken is None or taken[0] is None:  # kombu's BRPOP: nothing else holds the message if this fails
             self._append_or_keep(message, delivery_tag)
-            return
-        key, raw = taken
+        else:
+            self._record_taken(message, delivery_tag, *taken)
+        self.channel.taking = None  # recorded: kombu's unacked hash holds it now
+
+    def _record_taken(self, message: Any, delivery_tag: str, key: str, raw: bytes) -> None:
         info = message.delivery_info
         try:
             with self.pipe_or_acquire() as pipe:  # one transaction: recorded and out of the taking list
@@ -108,8 +173,9 @@ class QoS(redis.QoS):
 class Channel(redis.Channel):
     QoS = QoS
 
-    #: (taking list, the message as Redis holds it) while a message taken by BLMOVE is delivered
-    taking: tuple[str, bytes] | None = None
+    #: (taking list, or None where BRPOP took it; the entry as Redis held it) while an entry is
+    #: being delivered, until kombu has recorded it as held
+    taking: tuple[str | None, bytes] | None = None
     _moving_from: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -144,29 +210,90 @@ class Channel(redis.Channel):
 
     def _brpop_read(self, **options: Any) -> bool:
         queue, self._moving_from = self._moving_from, None
-        if queue is None:
-            return super()._brpop_read(**options)
         try:
-            try:
-                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
-            except self.connection_errors:
-                self.client.connection.disconnect()
-                self.taking_checked.discard(self._taking_key() or "")  # Redis may have moved one we never saw
-                raise
-            key = self._taking_key() or ""
-            if item is None:  # the queue's own list stayed empty: any in kombu's priority lists?
-                item = self._take_prioritised(queue, key)
-            if item is None:
+            taken = self._read_popped(options) if queue is None else self._read_moved(queue, options)
+            if taken is None:
                 raise Empty()
-            self.taking = (key, item)
-            try:
-                self.connection._deliver(loads(bytes_to_str(item)), queue)
-            finally:
-                self.taking = None
+            self._deliver_entry(*taken)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _read_popped(self, options: dict[str, Any]) -> tuple[str, bytes, None] | None:
+        """kombu's BRPOP reply: (queue, entry, no taking list), or None."""
+        try:
+            reply = self.client.parse_response(self.client.connection, "BRPOP", **options)
+        except self.connection_errors:
+            self.client.connection.disconnect()  # the next poll reconnects
+            raise
+        if not reply:
+            return None
+        list_name, item = reply
+        queue = bytes_to_str(list_name).rsplit(self.sep, 1)[0]
+        self._queue_cycle.rotate(queue)
+        return queue, item, None
+
+    def _read_moved(self, queue: str, options: dict[str, Any]) -> tuple[str, bytes, str] | None:
+        """The BLMOVE reply (or a prioritised message): (queue, entry, the taking list holding it), or None."""
+        try:
+            item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+        except self.connection_errors:
+            self.client.connection.disconnect()
+            self.taking_checked.discard(self._taking_key() or "")  # Redis may have moved one we never saw
+            raise
+        key = self._taking_key() or ""
+        if item is None:  # the queue's own list stayed empty: any in kombu's priority lists?
+            item = self._take_prioritised(queue, key)
+        return None if item is None else (queue, item, key)
+
+    def _deliver_entry(self, queue: str, item: bytes, key: str | None) -> None:
+        """Deliver one entry taken off ``queue`` (``key``: the taking list holding it), or drop it
+        to the dead letters: one that is no message kombu can read, or that kombu fails on."""
+        try:
+            payload = read_entry(item)
+            self.Message(payload, channel=self)  # kombu's own reading: the body's encoding, the headers
+        except Exception as error:  # any: an entry costs itself, not the worker
+            self._drop_entry(queue, item, key, error)
+            return
+        self.taking = (key, item)
+        try:
+            self.connection._deliver(payload, queue)
+        except BROKER_ERRORS:
+            raise  # Redis or the network: Celery reconnects, a taking list keeps the entry
+        except Exception as error:  # what kombu or a consumer failed on after our checks
+            if self.taking is None:  # recorded as held: take it out of kombu's unacked records
+                self._forget_delivered(payload["properties"]["delivery_tag"])
+                key = None
+            self._drop_entry(queue, item, key, error)
+        finally:
+            self.taking = None
+
+    def _forget_delivered(self, tag: str) -> None:
+        try:
+            self.qos.reject(tag, requeue=False)
+        except BROKER_ERRORS:
+            raise
+        except Exception as error:  # settled already (kombu forgets a tag once): nothing to take out
+            logger.debug("message %s was settled already (%r)", tag, error)
+
+    def _drop_entry(self, queue: str, item: bytes, key: str | None, error: BaseException) -> None:
+        """Dead-letter an entry and, in the same transaction, take it out of its taking list (so no
+        put-back resurrects it). Raises what Redis raises: the entry then stays in the taking
+        list, to be put back on the queue and dropped again."""
+        detail = str(error) if isinstance(error, MalformedEntry) else f"{type(error).__name__}: {str(error)[:500]}"
+        reason = f"unreadable queue entry: {detail}"
+        logger.error("dropping an entry of queue %s (%d bytes): %s", queue, len(item), reason)
+        record = dead_letter(task_id=entry_task_id(item), reason=reason, body=item, content_type=None, now=time())
+        pipe = self.client.pipeline()
+        if key:
+            pipe.lrem(key, 1, item)
+        try:
+            push_dead_letter(pipe, record).execute()
+        except self.connection_errors:
+            if key:
+                self.taking_checked.discard(key)
+            raise
 
     def _take_prioritised(self, queue: str, key: str) -> bytes | None:
         """A message from kombu's lists of prioritised messages (no wait), moved like BLMOVE does."""

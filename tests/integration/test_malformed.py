@@ -1,6 +1,7 @@
 """Malformed messages on a real queue, from any producer: each is dropped with one log line that
 names its task id, the worker stays up, nothing is deserialised beyond JSON or executed, and the
-next good job is served (issue 6, part 1)."""
+next good job is served (issue 6, part 1). The same for raw entries on the queue's list that are
+no message at all (issue 14)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from producer import Client, JobState
 from producer.contract import TASK_NAME
 from producer.enqueue import producer_app
 from producer.settings import ClientSettings
-from tests.helpers import malformed, publish_raw
+from tests.helpers import malformed, publish_raw, raw_entries
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
@@ -67,3 +68,40 @@ def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(redis_urls,
     kept = {name for name, task_id in ids.items() if task_id in letters}
     assert kept == set(ids) - {"no-id-header", "args-not-a-list"} and "(no id)" in letters
     assert letters[ids["not-json"]]["body"] == "{not json" and letters[ids["not-json"]]["reason"]
+
+
+def test_raw_entries_on_the_list_are_dead_lettered_and_the_worker_keeps_serving(redis_urls, tiny_model, tmp_path):
+    """Entries pushed straight onto the list (not kombu envelopes) used to stop every worker (not
+    JSON: an unrecoverable error) or make it reconnect forever behind healthy probes (no
+    ``properties``: a KeyError, which kombu counts as a lost connection)."""
+    broker, backend = redis_urls
+    env = worker_env(
+        broker_url=broker,
+        result_backend=backend,
+        model=str(tiny_model),
+        device="cpu",
+        storage="local",
+        output_dir=str(tmp_path / "out"),
+        max_wait_s=0.5,
+    )
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, log)
+    entries = raw_entries()
+    db = redis.Redis.from_url(broker)
+    try:
+        db.lpush("deepqueue", *entries.values())
+        with Client(broker, backend) as client:
+            run = client.submit(["after the raw entries"], run="after-raw", steps=2, width=64, height=64)
+            assert run.wait(timeout=120).counts[JobState.DONE] == 1
+            letters = client.dead_letters()
+        assert worker.poll() is None, "a raw entry stopped the worker"
+    finally:
+        stop(worker)
+    text = log.read_text()
+    assert "Unrecoverable error" not in text and "Connection to broker lost" not in text
+    kept = [letter["body"].encode() for letter in letters]
+    for name, entry in entries.items():
+        head = entry[:4096].decode("utf-8", errors="replace").encode()
+        assert kept.count(head) == 1, f"{name}: not in the dead letters once"
+    assert all(letter["reason"].startswith("unreadable queue entry: ") for letter in letters)
+    assert db.llen("deepqueue") == 0 and db.hlen("unacked") == 0 and not db.keys("deepqueue:taking:*")

@@ -8,8 +8,6 @@ import json
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
@@ -17,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ops.localstack import deepqueue_command, free_port, stop
 from producer import Client, JobState
+from tests.helpers import get
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,17 +34,6 @@ FAMILIES = {
     "deepqueue_ready",
     "deepqueue_queue_jobs",
 }
-
-
-def get(url: str) -> tuple[int | None, str]:
-    """(status, body); status None: nothing listens yet."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except (urllib.error.URLError, ConnectionError):
-        return None, ""
 
 
 def scrape(base: str) -> dict[str, Any]:
