@@ -293,11 +293,26 @@ def status_record(current: RunStatus) -> dict[str, Any]:
 @click.argument("run_id")
 def cancel(run_id: str) -> None:
     """Cancel RUN_ID: its queued jobs end cancelled without being generated (workers drop their
-    messages as they reach them); running jobs finish. A cancelled run takes no new jobs."""
+    messages as they reach them); running jobs finish. A cancelled run takes no new jobs until it
+    is resumed (deepqueue resume)."""
     with Client() as client:
         run = client.run(run_id)
         cancelled = run.cancel()
         click.echo(f"run {run_id}: {cancelled} queued jobs cancelled; {run.status()}")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the run to finish, with a progress bar.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+def resume(run_id: str, wait_: bool, timeout: float | None) -> None:
+    """Take back a cancel of RUN_ID: its cancelled jobs are sent again and run; it takes new jobs
+    again. Done, failed and running jobs stay as they are."""
+    with Client() as client:
+        run = client.resume(run_id, progress=True)
+        click.echo(f"run {run.run_id} resumed: {run.submitted} cancelled jobs sent again")
+        if wait_:
+            _finish(client, run, timeout)
 
 
 @cli.command()
@@ -308,9 +323,10 @@ def delete(run_id: str, outputs: bool, force: bool) -> None:
     """Delete RUN_ID's state from Redis (and with --outputs its files). Its messages still
     queued are dropped by workers; the run name can be used again."""
     with Client() as client:
+        before = client.deleted(run_id)
         removed = client.delete(run_id, outputs=outputs, force=force)
         files = f", {removed} objects deleted from storage" if outputs else ""
-        click.echo(f"run {run_id} deleted{files}")
+        click.echo(f"run {run_id} {'was deleted before' if before else 'deleted'}{files}")
 
 
 @cli.command()

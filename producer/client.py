@@ -235,6 +235,23 @@ class Client:
             if result.state is not JobState.DONE
             and not (result.state is JobState.RUNNING and result.details.get("worker") in alive)
         ]
+        return self._resend(run_id, chosen, progress=progress)
+
+    def resume(self, run_id: str, *, progress: bool = False) -> Run:
+        """Take back ``cancel``: the run takes jobs again and its cancelled jobs are sent again
+        (each as it was first sent), so they run; done, failed and running jobs stay as they are.
+        A message of such a job still in the queue runs it once all the same (a worker skips a
+        done job; outputs are written once). Raises RunNotFoundError, or RunBusyError for a run
+        that is not cancelled."""
+        self.run(run_id)
+        if not self._store.resume(run_id):
+            raise RunBusyError(
+                f"run {run_id!r} is not cancelled: nothing to resume (deepqueue retry sends failed jobs)"
+            )
+        return self._resend(run_id, list(self._store.job_ids(run_id, JobState.CANCELLED)), progress=progress)
+
+    def _resend(self, run_id: str, chosen: list[str], *, progress: bool) -> Run:
+        """Send ``chosen`` jobs again as they were first sent (those kept: see ``RunStore.pending``)."""
         sent = unkept = 0
         with tqdm(total=len(chosen), unit="job", desc="resend", disable=not progress) as bar:
             for start in range(0, len(chosen), SUBMIT_CHUNK):
@@ -272,8 +289,8 @@ class Client:
             self._store.reuse_deleted(run_id)
         elif "cancelled_at" in meta:
             raise RunCancelledError(
-                f"run {run_id!r} was cancelled: its jobs would be dropped; use another run name "
-                f"(or delete the run first: deepqueue delete {run_id})"
+                f"run {run_id!r} was cancelled: its jobs would be dropped; resume it first (deepqueue resume "
+                f"{run_id}), use another run name, or delete the run (deepqueue delete {run_id})"
             )
 
     def _check_recipe(self, run_id: str, recipe: dict[str, Any], allow_change: bool) -> None:
@@ -300,8 +317,12 @@ class Client:
     def delete(self, run_id: str, *, outputs: bool = False, force: bool = False) -> int:
         """Forget ``run_id``: its state in Redis, and with ``outputs`` its objects in storage
         (returns how many). A run with queued or running jobs is refused unless ``force``, which
-        cancels it first; its messages still queued are dropped by the workers (see
-        ``RunStore.delete``). The name can then be submitted again as a new run."""
+        cancels it first; its messages still queued are dropped by the workers, and a batch in
+        flight stores nothing that stays (see ``RunStore.delete``). The name can then be
+        submitted again as a new run. A run deleted before (for 7 days) is not an error: with
+        ``outputs``, its files are removed (again)."""
+        if self._store.deleted(run_id):
+            return self._delete_outputs(run_id) if outputs else 0
         status = self.run(run_id).status()
         busy = status.counts[JobState.QUEUED] + status.counts[JobState.RUNNING]
         if busy and not force:
@@ -309,19 +330,31 @@ class Client:
                 f"run {run_id!r} has {busy} queued or running jobs: cancel it first (deepqueue cancel), "
                 f"or pass force=True (--force)"
             )
-        self._store.cancel(run_id)  # in-flight work stops writing state before it is gone
-        removed = self._storage().delete_prefix(run_key(self.settings.s3_prefix, run_id) + "/") if outputs else 0
+        self._store.cancel(run_id)  # no job of it starts from now on
+        # The tombstone before the files: an image stored after this is removed by its worker,
+        # one stored before is listed below.
         self._store.delete(run_id)
-        return removed
+        return self._delete_outputs(run_id) if outputs else 0
+
+    def deleted(self, run_id: str) -> bool:
+        """Whether ``run_id`` was deleted (and not submitted again since; tombstones last 7 days)."""
+        return self._store.deleted(run_id)
+
+    def _delete_outputs(self, run_id: str) -> int:
+        return self._storage().delete_prefix(run_key(self.settings.s3_prefix, run_id) + "/")
 
     def prune(self, older_than_s: float, *, outputs: bool = False, dry_run: bool = False) -> list[str]:
-        """Delete finished runs first submitted more than ``older_than_s`` ago; returns their names."""
+        """Delete finished runs first submitted more than ``older_than_s`` ago; returns their
+        names. With ``outputs``, also the files of such runs deleted earlier (their tombstones
+        last 7 days), whatever their deletion left behind."""
         cutoff = time.time() - older_than_s
         chosen = [
             run_id
             for run_id, since in self._store.runs_since()
             if since < cutoff and self._store.status(run_id).is_finished
         ]
+        if outputs:
+            chosen += [run_id for run_id, since in self._store.deleted_since() if since < cutoff]
         if not dry_run:
             for run_id in chosen:
                 self.delete(run_id, outputs=outputs)

@@ -5,7 +5,7 @@ Layout (``{run}`` is a Redis Cluster hash tag, so one run's keys live together):
 - ``deepqueue:{run}:jobs``   hash  job_id -> JSON record (state, at, and key/reason/...)
 - ``deepqueue:{run}:<state>`` set   job ids currently in that state (O(1) counts)
 - ``deepqueue:{run}:pending`` hash  job_id -> the job as sent (JSON), until it is done: what
-  ``Client.retry`` sends again when a message was lost
+  ``Client.retry`` sends again when a message was lost, and ``Client.resume`` after a cancel
 - ``deepqueue:{run}:losses``  hash  job_id -> times its pool process died under it (poison jobs)
 - ``deepqueue:{run}:recipes`` hash  canonical JSON of a recipe the run was submitted with (its
   run-wide settings and run seed) -> time first seen; one unless a submit allowed a change
@@ -14,11 +14,14 @@ Layout (``{run}`` is a Redis Cluster hash tag, so one run's keys live together):
   recreate nothing)
 - ``deepqueue:{run}:minutes`` hash  minute (Unix time // 60) -> jobs done in it: the run's rate
 - ``deepqueue:runs``          zset  run ids by first submission time
+- ``deepqueue:deleted``       zset  deleted run ids by first submission time, while their
+  tombstones last: ``prune --outputs`` still finds their files
 
 Every transition is one Lua call, so the record and the sets never disagree. ``done`` and
 ``cancelled`` are final: a redelivered job can neither turn a finished job back into ``running``
 or ``failed`` nor replace its record (which matches the write-once sidecar). In a cancelled run,
-a job that a worker is about to start, or a producer to queue, ends ``cancelled`` instead.
+a job that a worker is about to start, or a producer to queue, ends ``cancelled`` instead. Once a
+run is resumed (no longer cancelled), its cancelled jobs can be queued again, and only that.
 """
 
 from __future__ import annotations
@@ -46,19 +49,28 @@ class JobState(str, Enum):
 
 STATES = tuple(JobState)
 RUNS_KEY = "deepqueue:runs"
+DELETED_KEY = "deepqueue:deleted"
 
 # KEYS: jobs hash, one set per state in STATES order, pending hash, meta hash, minutes hash. ARGV:
 # the new state, then for each job its id, its record and the job as sent ('' for none; for
 # 'queued', kept in pending until the job is final). A job moves unless it is final (done,
 # cancelled), or running and asked to be queued again; cancel moves only queued jobs. In a
 # cancelled run, a job asked to run (a first start, or again after its process died) or to be
-# queued ends 'cancelled' instead; in a deleted run nothing is written. Returns how many moved to
-# the state asked for.
+# queued ends 'cancelled' instead; in a run resumed since, a cancelled job may be queued again. In
+# a deleted run nothing is written. Returns how many moved to the state asked for.
+# The state 'drop' is a worker's question about messages of a run it believes stopped: in a live
+# run nothing is written and -1 is returned; in a cancelled run the jobs end as a start would end
+# them (cancelled, unless final); in a deleted one nothing is written (0).
 _TRANSITION = """
 if redis.call('HEXISTS', KEYS[8], 'deleted_at') == 1 then return 0 end
 local asked = ARGV[1]
+local cancelled = redis.call('HEXISTS', KEYS[8], 'cancelled_at') == 1
+if asked == 'drop' then
+  if not cancelled then return -1 end
+  asked = 'running'
+end
 local new = asked
-if (new == 'running' or new == 'queued') and redis.call('HEXISTS', KEYS[8], 'cancelled_at') == 1 then
+if (new == 'running' or new == 'queued') and cancelled then
   new = 'cancelled'
 end
 local sets = {queued = KEYS[2], running = KEYS[3], done = KEYS[4], failed = KEYS[5], cancelled = KEYS[6]}
@@ -69,7 +81,7 @@ for i = 2, #ARGV, 3 do
   local id = ARGV[i]
   local current = redis.call('HGET', KEYS[1], id)
   local old = current and cjson.decode(current)['state'] or false
-  local final = old == 'done' or old == 'cancelled'
+  local final = old == 'done' or (old == 'cancelled' and new ~= 'queued')
   local allowed = not final and not (asked == 'queued' and old == 'running')
     and not (asked == 'cancelled' and old and old ~= 'queued')
   if allowed then
@@ -78,7 +90,7 @@ for i = 2, #ARGV, 3 do
     redis.call('HSET', KEYS[1], id, record)
     if old and old ~= new then redis.call('SREM', sets[old], id) end
     redis.call('SADD', sets[new], id)
-    if new == 'done' or new == 'cancelled' then redis.call('HDEL', KEYS[7], id) end
+    if new == 'done' then redis.call('HDEL', KEYS[7], id) end
     if new == 'queued' and ARGV[i + 2] ~= '' then redis.call('HSET', KEYS[7], id, ARGV[i + 2]) end
     if new == 'running' then redis.call('HSETNX', KEYS[8], 'first_started_at', now) end
     if new == 'done' then
@@ -322,25 +334,71 @@ class RunStore:
                 chunk = []
         return cancelled + (self._cancel(run_id, chunk, record) if chunk else 0)
 
+    def stopped(self, run_id: str) -> bool:
+        """Whether the run is cancelled or deleted (a guess for ``drop_if_stopped``: it may change)."""
+        return any(value is not None for value in self._redis.hmget(_meta_key(run_id), ["cancelled_at", "deleted_at"]))
+
+    def drop_if_stopped(self, run_id: str, job_ids: Sequence[str]) -> bool:
+        """If the run is cancelled or deleted, settle these jobs as a worker starting them would
+        (a cancelled run's end ``cancelled`` unless final; a deleted run's write nothing) and
+        return True: their messages can be dropped. Else write nothing and return False. One Lua
+        call per ``MARK_BATCH`` jobs, so the answer and the writes agree."""
+        stopped = True
+        for start in range(0, len(job_ids), MARK_BATCH):
+            args = [value for job_id in job_ids[start : start + MARK_BATCH] for value in (job_id, "", "")]
+            stopped = int(self._transition(keys=_transition_keys(run_id), args=["drop", *args])) >= 0 and stopped
+        return stopped
+
+    def resume(self, run_id: str) -> bool:
+        """Take back a cancel: the run takes jobs again, and its cancelled jobs may be queued
+        again (``Client.resume`` sends them). Returns whether the run was cancelled."""
+        return bool(self._redis.hdel(_meta_key(run_id), "cancelled_at"))
+
+    def job_ids(self, run_id: str, state: JobState) -> Iterator[str]:
+        """The ids of the run's jobs in ``state``, streamed (SSCAN)."""
+        for job_id in self._redis.sscan_iter(_keys(run_id)[1 + STATES.index(state)], count=MARK_BATCH):
+            yield job_id.decode()
+
     def _cancel(self, run_id: str, job_ids: list[bytes], record: str) -> int:
         args = [value for job_id in job_ids for value in (job_id, record, "")]
         return int(self._transition(keys=_transition_keys(run_id), args=[JobState.CANCELLED.value, *args]))
 
     def delete(self, run_id: str) -> None:
         """Forget the run: every key of its state goes (UNLINK: freed without blocking Redis),
-        and a tombstone stays ``TOMBSTONE_S`` so that its messages still queued write nothing."""
+        and a tombstone stays ``TOMBSTONE_S``: its messages still queued write nothing, and a
+        worker that finishes storing an image for it removes what it stored (``deleted``)."""
         base = f"deepqueue:{{{run_id}}}"
         keys = [*_transition_keys(run_id), f"{base}:losses", _recipes_key(run_id)]
+        now = time.time()
+        submitted = self._redis.zscore(RUNS_KEY, run_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.unlink(*keys)
-        pipe.hset(_meta_key(run_id), "deleted_at", time.time())
+        pipe.hset(_meta_key(run_id), "deleted_at", now)
         pipe.expire(_meta_key(run_id), TOMBSTONE_S)
         pipe.zrem(RUNS_KEY, run_id)
+        pipe.zadd(DELETED_KEY, {run_id: now if submitted is None else submitted})
         pipe.execute()
+
+    def deleted(self, run_id: str) -> bool:
+        """Whether the run has a tombstone: deleted, and not submitted again since."""
+        return bool(self._redis.hexists(_meta_key(run_id), "deleted_at"))
+
+    def deleted_since(self) -> list[tuple[str, float]]:
+        """Deleted runs whose tombstones last, with the time of their first submit, oldest first
+        (those whose tombstones expired are forgotten here)."""
+        listed = [(name.decode(), at) for name, at in self._redis.zrange(DELETED_KEY, 0, -1, withscores=True)]
+        pipe = self._redis.pipeline(transaction=False)
+        for name, _ in listed:
+            pipe.hexists(_meta_key(name), "deleted_at")
+        alive = pipe.execute() if listed else []
+        expired = [name for (name, _), kept in zip(listed, alive, strict=True) if not kept]
+        if expired:
+            self._redis.zrem(DELETED_KEY, *expired)
+        return [entry for entry, kept in zip(listed, alive, strict=True) if kept]
 
     def reuse_deleted(self, run_id: str) -> None:
         """Drop a deleted run's tombstone so that its name can be submitted again."""
-        self._redis.unlink(_meta_key(run_id))
+        self._redis.pipeline(transaction=True).unlink(_meta_key(run_id)).zrem(DELETED_KEY, run_id).execute()
 
     def exists(self, run_id: str) -> bool:
         """Submitted by a client, or named by a job a worker recorded (hand-made messages too)."""

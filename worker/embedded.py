@@ -39,6 +39,9 @@ class MemoryReporter:
     def get(self, run_id: str, job_id: str) -> JobResult | None:
         return self.states.get((run_id, job_id))
 
+    def deleted(self, run_id: str) -> bool:
+        return False  # embedded runs have no delete
+
 
 @dataclass
 class Summary:

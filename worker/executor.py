@@ -49,6 +49,8 @@ class Reporter(Protocol):
 
     def get(self, run_id: str, job_id: str) -> JobResult | None: ...
 
+    def deleted(self, run_id: str) -> bool: ...
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -127,6 +129,7 @@ class BatchExecutor:
             self.name,
             max_rows=settings.manifest_part_rows,
             max_age_s=settings.manifest_part_age_s,
+            deleted=reporter.deleted,
         )
         self.calls: deque[BatchCall] = deque(maxlen=KEPT_CALLS)
 
@@ -266,6 +269,11 @@ class BatchExecutor:
             )
 
     def _store(self, delivery: Delivery, job: Job, key: BatchKey, image: Any, batch: BatchInfo) -> Outcome:
+        """Encode and upload one image and its sidecar, then record it done. A run deleted
+        meanwhile keeps nothing: nothing is stored once its tombstone is there, and what was
+        stored as it came is removed (its delete lists the files only after the tombstone)."""
+        if self.reporter.deleted(job.run_id):
+            return self._skipped(delivery, job)
         retry = self.store_retry.job()  # both uploads share the job's retry budget
 
         def upload(at: str, body: bytes, content_type: str, metadata: dict[str, str]) -> bool:
@@ -317,12 +325,26 @@ class BatchExecutor:
         recorded = self.reporter.mark(
             job.run_id, job.job_id, JobState.DONE, key=url, batch_id=batch.id, batch_size=batch.size
         )
+        if not recorded and self.reporter.deleted(job.run_id):
+            self._remove(
+                [at for at, written in ((image_at, wrote), (sidecar_key(image_at), sidecar_written)) if written]
+            )
+            return self._skipped(delivery, job)
         # The manifest row, unless the run was deleted meanwhile (not recorded) or an earlier
         # delivery's sidecar stands (compaction reads that one).
         if recorded and sidecar_written:
             row = manifest_row(sidecar, image_at, sidecar_key(image_at), len(data) if wrote else None)
             self.manifest.add(job.run_id, row)
         return Outcome(delivery.task_id, True, job.job_id, url, batch_size=batch.size, seconds=stage_seconds(timing))
+
+    def _remove(self, keys: list[str]) -> None:
+        """Remove what this worker stored for a run deleted meanwhile (best effort: a failure is
+        logged; ``deepqueue delete RUN --outputs`` removes what is left)."""
+        for key in keys:
+            try:
+                self.storage.delete(key)
+            except Exception as error:  # storage trouble: the object stays, the job is dropped all the same
+                logger.warning("could not remove %s of a deleted run: %r", key, error)
 
     def _skipped(self, delivery: Delivery, job: Job) -> Outcome:
         final = self.reporter.get(job.run_id, job.job_id)

@@ -11,6 +11,9 @@ thread checks), and at ``close``. Names are unique, so parts are written create-
 replaced; S3 takes thousands of such objects without trouble, where one appended file would
 need a read-modify-write per flush.
 
+A run deleted meanwhile (``deleted``: its tombstone is there) gets no part: its rows are dropped
+before a write, and a part written as the tombstone came is removed again.
+
 Parts are an optimisation, never the truth: a worker killed before it flushed loses its buffered
 rows, and a part that could not be written is retried at the next flush, then dropped once the
 buffer is ``max_rows * RETRY_FACTOR`` rows long (memory stays bounded through an outage).
@@ -44,9 +47,15 @@ PART_CONTENT_TYPE = "application/gzip"
 
 
 class PartSink(Protocol):
-    """What the writer needs of ``worker.storage.Storage``: a create-only put."""
+    """What the writer needs of ``worker.storage.Storage``: a create-only put, and a delete."""
 
     def put(self, key: str, data: bytes, *, content_type: str, metadata: dict[str, str]) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+def never_deleted(run_id: str) -> bool:
+    return False
 
 
 # --- layout (pure) ---------------------------------------------------------------------------
@@ -130,6 +139,7 @@ class ManifestWriter:
         max_age_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         timer: bool = True,
+        deleted: Callable[[str], bool] = never_deleted,
     ) -> None:
         if max_rows < 1 or max_age_s <= 0:
             raise ValueError(f"max_rows must be >= 1 and max_age_s > 0, got {max_rows} and {max_age_s}")
@@ -139,6 +149,7 @@ class ManifestWriter:
         self.max_rows = max_rows
         self.max_age_s = max_age_s
         self._clock = clock
+        self._deleted = deleted
         self._lock = threading.Lock()
         self._buffers: dict[str, _Buffer] = {}
         self._use_timer = timer
@@ -194,8 +205,14 @@ class ManifestWriter:
             return False
         key = part_key(self.prefix, run_id, self.worker, time.time_ns(), secrets.token_hex(3))
         try:
+            if self._deleted(run_id):
+                logger.debug("run %s was deleted: its %d manifest rows are dropped", run_id, len(rows))
+                return False
             self.storage.put(key, encode_part(rows), content_type=PART_CONTENT_TYPE, metadata={})
-        except Exception as error:  # any storage failure: the rows wait for the next flush, or are dropped
+            if self._deleted(run_id):  # deleted while it was written: its delete may have listed the files before
+                self.storage.delete(key)
+                return False
+        except Exception as error:  # any storage or Redis failure: the rows wait for the next flush, or are dropped
             self._put_back(run_id, rows, error)
             return False
         self.parts_written += 1

@@ -18,6 +18,9 @@ the lease keeper's own connection. Jobs whose images that process was still stor
 run again as ordinary jobs. When the pipeline cannot be built at all, the batch
 goes back to the queue for other workers and this one stops with a non-zero exit code.
 
+Messages of cancelled and deleted runs skip all of that: they are settled in chunks, one Lua
+call per run, and acknowledged from here (``worker.stopped``).
+
 Why not celery-batches: it keeps one buffer per task (flushes mix resolutions), swallows
 exceptions of the batch function, sends no task events and pins celery<5.7.
 """
@@ -47,11 +50,16 @@ from worker.batching import BatchBuffer, batch_key
 from worker.consumer import drop_message
 from worker.executor import parse_job
 from worker.metrics import call_error_kind
+from worker.stopped import StoppedRuns
 
 logger = logging.getLogger(__name__)
 
 #: Times a job may be in a batch whose process died or timed out before it fails for good.
 MAX_LOSSES = 2
+
+#: Messages of stopped runs settled per round of Lua calls: well under the prefetch count, so
+#: that messages waiting to be settled never stop the consumer from taking more.
+DROP_CHUNK = 32
 
 
 #: Enqueue times further in the future than this are not believed (clock skew allowance).
@@ -109,6 +117,9 @@ class BatchingStrategy:
         self.held: defaultdict[str, deque[Any]] = consumer.__dict__.setdefault("deepqueue_held", defaultdict(deque))
         self.buffer: BatchBuffer[Any] = BatchBuffer(settings.max_batch, settings.max_wait_s)
         self.store = RunStore.from_url(settings.result_backend)
+        self.stopped = StoppedRuns(self._fetch_stopped)
+        self.dropping: list[tuple[Any, Any]] = []  # (request, job) of runs believed stopped
+        self.drop_chunk = max(1, min(DROP_CHUNK, settings.prefetch_count // 2))
         self.defaults = settings.recipe_defaults()
         self.metrics = runtime.metrics()
         self.metrics.watch(lambda: sum(map(len, list(self.held.values()))), lambda: len(self.buffer))
@@ -147,13 +158,22 @@ class BatchingStrategy:
             self._record_failure(req, reason, kind="unsupported")
             self._finish(req, False, reason)
             return
+        job, _ = parse_job(req.payload)
+        if job is not None and self.stopped.maybe_stopped(job.run_id, time.monotonic()):
+            self.dropping.append((req, job))
+            if len(self.dropping) >= self.drop_chunk:
+                self._drop_stopped()
+            return
+        self._accept(req, job)
+
+    def _accept(self, req: Any, job: Any) -> None:
+        """Hold the message and buffer its job (a job that is not one goes to the pool alone)."""
         self.leases.hold(req.message.delivery_tag)
         signals.task_received.send(sender=self.consumer, request=req)
         # Prompts stay out of task events (and Flower), whatever a producer put in argsrepr.
         req.send_event("task-received", name=req.name, args=f"job={req.id}", kwargs="")
         worker_state.task_reserved(req)
         req.received_at = time.time()
-        job, _ = parse_job(req.payload)
         if job is None:
             self._dispatch([req])  # the pool records why it failed; it has no peers to wait for
             return
@@ -168,6 +188,8 @@ class BatchingStrategy:
         generate, fetch the outcomes of images still being stored."""
         if self.retired:
             return
+        if self.dropping:
+            self._drop_stopped()
         now = time.monotonic()
         while len(self.calls) <= self.slots:
             taken = self.buffer.take(now, allow_partial=len(self.calls) < self.slots)
@@ -176,6 +198,52 @@ class BatchingStrategy:
             self._dispatch(taken[1])
         if not self.calls and self.held:  # held, in no call: the pool process is storing them
             self._call(runtime.collect_stored, (), [])
+
+    def _fetch_stopped(self, run_id: str) -> bool:
+        try:
+            return self.store.stopped(run_id)
+        except Exception as error:  # Redis trouble: the ordinary path decides (and retries)
+            logger.debug("could not read whether run %s is stopped: %r", run_id, error)
+            return False
+
+    def _drop_stopped(self) -> None:
+        """Settle the messages of runs believed stopped: acknowledged once their run's Lua call
+        confirms it (a cancelled run's jobs end cancelled), else (resumed since, or Redis in
+        trouble) handled as any other message."""
+        waiting, self.dropping = self.dropping, []
+        by_run: defaultdict[str, list[tuple[Any, Any]]] = defaultdict(list)
+        for req, job in waiting:
+            by_run[job.run_id].append((req, job))
+        for run_id, items in by_run.items():
+            try:
+                stopped = self.store.drop_if_stopped(run_id, [job.job_id for _, job in items])
+            except Exception as error:  # Redis trouble: the pool process's path records them, or retries
+                logger.debug("could not drop the jobs of run %s: %r", run_id, error)
+                stopped = False
+            self.stopped.learn(run_id, stopped, time.monotonic())
+            if stopped:
+                self._acknowledge_all([req for req, _ in items])
+                self.metrics.ended("cancelled", len(items))
+            else:
+                for req, job in items:
+                    self._accept(req, job)
+
+    def _acknowledge_all(self, requests: list[Any]) -> None:
+        """Acknowledge requests of one channel together where the transport can (one round trip),
+        else one by one; through the lease keeper when Redis or the channel fails meanwhile."""
+        qos = requests[0].message.channel.qos
+        if not hasattr(qos, "ack_many"):  # another transport than the worker's
+            for req in requests:
+                req.acknowledge()
+            return
+        try:
+            qos.ack_many([req.message.delivery_tag for req in requests])
+        except Exception as error:  # a lost channel or Redis: the lease keeper acknowledges them
+            logger.debug("%d messages not acknowledged (%r): the lease keeper will", len(requests), error)
+            for req in requests:
+                self.leases.settle(req.message, requeue=False)
+        for req in requests:
+            req.acknowledged = True
 
     def _dispatch(self, requests: list[Any]) -> None:
         deliveries = [
@@ -284,6 +352,8 @@ class BatchingStrategy:
         self.calls = [call for call in self.calls if call.accepted]
         returned = [req for _, requests in self.buffer.drain() for req in requests]
         returned += [req for call in dropped for req in call.requests]
+        returned += [req for req, _ in self.dropping]  # dropped by whichever worker takes them next
+        self.dropping = []
         self._release(returned)
         self.leases.give_back(req.message for req in returned)
         for req in returned:

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from queue import Empty
 from time import monotonic, time
 from typing import Any
@@ -132,6 +134,19 @@ def put_back_taken(client: Any, key: str, unacked_key: str, queue: str) -> int:
 
 
 class QoS(redis.QoS):
+    _client: Any = None
+
+    @contextmanager
+    def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
+        """kombu's, keeping one client of the channel's pool instead of building one per call
+        (a tenth of the consumer's time when it drains a stopped run)."""
+        if pipe is not None:
+            yield pipe
+            return
+        if client is None:
+            client = self._client = self._client or self.channel._create_client()
+        yield client.pipeline()
+
     def append(self, message: Any, delivery_tag: str) -> None:
         taken = self.channel.taking
         if taken is None or taken[0] is None:  # kombu's BRPOP: nothing else holds the message if this fails
@@ -151,6 +166,16 @@ class QoS(redis.QoS):
             self.channel.taking_checked.discard(key)  # it waits in the taking list: put it back first thing
             raise
         virtual.QoS.append(self, message, delivery_tag)  # kombu's own bookkeeping, as redis.QoS.append ends
+
+    def ack_many(self, tags: list[str]) -> None:
+        """Acknowledge these delivered messages in one round trip (kombu's ``ack`` makes one each):
+        for draining the messages of stopped runs (``worker.stopped``)."""
+        with self.pipe_or_acquire() as pipe:
+            for tag in tags:
+                self._remove_from_indices(tag, pipe)
+            pipe.execute()
+        for tag in tags:
+            virtual.QoS.ack(self, tag)  # kombu's own bookkeeping, as redis.QoS.ack ends
 
     def _append_or_keep(self, message: Any, delivery_tag: str) -> None:
         try:

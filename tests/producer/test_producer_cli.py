@@ -26,6 +26,7 @@ COMMANDS = [
     "wait",
     "results",
     "cancel",
+    "resume",
     "delete",
     "prune",
     "worker",
@@ -321,6 +322,7 @@ def test_cancel_then_delete_a_run(env, tmp_path, store):
     assert again.exit_code == 2 and "run 'stop' was cancelled" in again.output
     resend = invoke("retry", "stop")
     assert resend.exit_code == 2 and "run 'stop' was cancelled" in resend.output
+    assert "deepqueue resume stop" in resend.output
     busy = invoke("delete", "stop")
     assert busy.exit_code == 2 and "1 queued or running jobs" in busy.output
     assert invoke("delete", "stop", "--force").exit_code == 0
@@ -328,6 +330,43 @@ def test_cancel_then_delete_a_run(env, tmp_path, store):
     assert "stop" not in invoke("runs").output
     reused = invoke("submit", str(prompt_file(tmp_path, "p.txt", "d\n")), "--run", "stop")
     assert reused.exit_code == 0, reused.output  # a deleted run's name starts a new run
+
+
+def test_resume_sends_the_cancelled_jobs_again(env, tmp_path, store):
+    submitted_run(tmp_path, "undo", ["a", "b", "c"])
+    ids = [job.job_id for job in jobs_on_queue(env[0])]
+    store.mark("undo", ids[0], RUNNING)
+    store.mark("undo", ids[0], DONE, key="k")
+    assert invoke("cancel", "undo").exit_code == 0
+    redis.Redis.from_url(env[0]).delete("deepqueue")  # the workers drained the cancelled messages
+    result = invoke("resume", "undo")
+    assert result.exit_code == 0 and "run undo resumed: 2 cancelled jobs sent again" in result.output, result.output
+    assert sorted(job.job_id for job in jobs_on_queue(env[0])) == sorted(ids[1:])
+    assert store.counts("undo")[QUEUED] == 2 and store.counts("undo")[DONE] == 1
+    again = invoke("resume", "undo")
+    assert again.exit_code == 2 and "is not cancelled" in again.output
+    assert invoke("submit", str(prompt_file(tmp_path, "p.txt", "d\n")), "--run", "undo").exit_code == 0
+    assert invoke("resume", "no-such-run").exit_code == 2
+
+
+def test_delete_and_prune_outputs_reach_a_run_deleted_before(env, tmp_path, store, monkeypatch):
+    """A run's files can outlive its state (deleted without --outputs, or by a worker that was
+    storing as the run was deleted): delete --outputs and prune --outputs still find them."""
+    monkeypatch.setenv("DEEPQUEUE_STORAGE", "local")
+    monkeypatch.setenv("DEEPQUEUE_OUTPUT_DIR", str(tmp_path / "out"))
+    for run in ("kept-files", "pruned-files"):
+        submitted_run(tmp_path, run, ["a"])
+        (tmp_path / "out" / run / "images").mkdir(parents=True)
+        (tmp_path / "out" / run / "images" / "late.png").write_bytes(b"stored after the delete")
+        assert invoke("delete", run, "--force").exit_code == 0
+    result = invoke("delete", "kept-files", "--outputs")
+    assert result.exit_code == 0, result.output
+    assert "run kept-files was deleted before, 1 objects deleted from storage" in result.output
+    assert not (tmp_path / "out" / "kept-files" / "images" / "late.png").exists()
+    assert invoke("prune", "--older-than", "0", "--dry-run").output == ""  # state gone: nothing without --outputs
+    pruned = invoke("prune", "--older-than", "0", "--outputs")
+    assert pruned.output.splitlines() == ["deleted kept-files", "deleted pruned-files"], pruned.output
+    assert not (tmp_path / "out" / "pruned-files" / "images" / "late.png").exists()
 
 
 def test_prune_deletes_finished_runs_older_than_the_age(env, tmp_path, store):

@@ -277,7 +277,7 @@ def test_cancel_ends_queued_jobs_and_lets_running_ones_finish(store):
     assert store.cancel(RUN) == 2
     assert consistent_counts(store, RUN) == {QUEUED: 0, RUNNING: 1, DONE: 0, FAILED: 1, CANCELLED: 2}
     assert store.get(RUN, "q0").reason == "run cancelled"
-    assert store.pending(RUN, ["q0", "r"]) == [None, '{"job": "r"}']  # nothing left to resend
+    assert store.pending(RUN, ["q0", "r"]) == ['{"job": "q0"}', '{"job": "r"}']  # kept: a resume sends them
     assert store.mark(RUN, "r", DONE, key="k")  # a running job finishes
     assert store.status(RUN).is_finished
     assert store.cancel(RUN) == 0 and "cancelled_at" in store.meta(RUN)
@@ -297,6 +297,37 @@ def test_a_cancelled_run_cancels_what_would_start_or_be_queued(store):
     assert not store.mark(RUN, "late", DONE, key="k")  # cancelled is final
 
 
+def test_a_resumed_run_queues_its_cancelled_jobs_again_and_only_them(store):
+    store.mark_queued(RUN, sent(["q", "r", "d"]))
+    store.mark(RUN, "r", RUNNING)
+    store.mark(RUN, "d", RUNNING)
+    store.mark(RUN, "d", DONE, key="k")
+    store.cancel(RUN)
+    assert not store.resume("never-cancelled") and store.resume(RUN) and not store.resume(RUN)
+    assert "cancelled_at" not in store.meta(RUN)
+    assert list(store.job_ids(RUN, CANCELLED)) == ["q"]
+    assert not store.mark(RUN, "q", RUNNING)  # a message of the cancel's time: still cancelled
+    store.mark_queued(RUN, {"q": '{"job": "q"}', "d": '{"job": "d"}'})  # what Client.resume sends
+    assert store.states(RUN, ["q", "r", "d"]) == [QUEUED, RUNNING, DONE]
+    assert store.mark(RUN, "q", RUNNING) and store.mark(RUN, "q", DONE, key="k2")
+
+
+def test_drop_if_stopped_settles_a_stopped_runs_jobs_and_leaves_a_live_runs_alone(store):
+    """What a worker asks of the messages of runs it believes stopped (``worker.stopped``)."""
+    store.mark_queued(RUN, sent(["q", "r", "d"]))
+    store.mark(RUN, "r", RUNNING)  # its pool process died: its message comes again
+    store.mark(RUN, "d", RUNNING)
+    store.mark(RUN, "d", DONE, key="k")
+    assert not store.stopped(RUN) and not store.drop_if_stopped(RUN, ["q", "r", "d"])
+    assert store.states(RUN, ["q", "r", "d"]) == [QUEUED, RUNNING, DONE]  # a live run: nothing written
+    store._redis.hset(f"deepqueue:{{{RUN}}}:meta", "cancelled_at", 1.0)  # cancelled, the queued job not yet marked
+    assert store.stopped(RUN) and store.drop_if_stopped(RUN, ["q", "r", "d"])
+    assert store.states(RUN, ["q", "r", "d"]) == [CANCELLED, CANCELLED, DONE]
+    assert store.status(RUN).is_finished and store.get(RUN, "r").reason == "run cancelled"
+    store.delete(RUN)
+    assert store.stopped(RUN) and store.drop_if_stopped(RUN, ["q"]) and not store.exists(RUN)
+
+
 def test_a_deleted_run_leaves_only_a_tombstone_that_writes_nothing(store, backend):
     store.mark_queued(RUN, sent(["a", "b"]))
     store.mark(RUN, "a", RUNNING)
@@ -308,9 +339,23 @@ def test_a_deleted_run_leaves_only_a_tombstone_that_writes_nothing(store, backen
     assert 0 < backend.ttl(f"deepqueue:{{{RUN}}}:meta") <= 7 * 86400
     assert not store.mark(RUN, "b", RUNNING) and not store.mark(RUN, "a", DONE, key="k")
     assert backend.keys(f"deepqueue:{{{RUN}}}:jobs") == []  # a message still queued recreates nothing
+    assert store.deleted(RUN) and [name for name, _ in store.deleted_since()] == [RUN]
     store.reuse_deleted(RUN)
+    assert not store.deleted(RUN) and store.deleted_since() == []
     store.mark_queued(RUN, sent(["a"]))
     assert store.states(RUN, ["a"]) == [QUEUED]
+
+
+def test_deleted_runs_are_listed_by_first_submit_while_their_tombstones_last(store, backend):
+    store.mark_queued("old", sent(["a"]))
+    backend.zadd("deepqueue:runs", {"old": 1000.0})
+    store.delete("old")
+    store.delete("never-submitted")
+    listed = dict(store.deleted_since())
+    assert listed["old"] == 1000.0 and listed["never-submitted"] > 1000.0
+    backend.delete("deepqueue:{old}:meta")  # its tombstone expired
+    assert [name for name, _ in store.deleted_since()] == ["never-submitted"]
+    assert backend.zscore("deepqueue:deleted", "old") is None
 
 
 def test_rate_lately_while_running_and_overall_once_finished():

@@ -295,3 +295,49 @@ def test_shutdown_during_an_outage_sends_the_jobs_back_instead_of_waiting(
     for outcome in outcomes:
         assert outcome.retry and not outcome.ok and "interrupted by shutdown" in outcome.reason
         assert executor.reporter.get(RUN, outcome.job_id).state is JobState.RUNNING  # neither done nor failed
+
+
+class DeletableReporter(ObservedReporter):
+    """The run store as it is once ``deepqueue delete`` set the run's tombstone: nothing recorded."""
+
+    def __init__(self, journal: Journal) -> None:
+        super().__init__(journal)
+        self.gone = False
+
+    def mark(self, run_id: str, job_id: str, state: JobState, **details: Any) -> bool:
+        return not self.gone and super().mark(run_id, job_id, state, **details)
+
+    def deleted(self, run_id: str) -> bool:
+        return self.gone
+
+
+def stored_files(out: Path) -> list[Path]:
+    return sorted(path for path in (out / RUN).rglob("*") if path.is_file()) if (out / RUN).exists() else []
+
+
+@pytest.mark.parametrize("when", ["while-uploading", "before-storing"])
+def test_a_run_deleted_while_its_batch_is_stored_keeps_no_file(
+    engine: Engine, tiny_model: Path, tmp_path: Path, when: str
+) -> None:
+    """Deleted as its uploads were on their way (they finish, then the worker removes them), or
+    after its batch generated but before its images' store began (nothing is uploaded): either
+    way nothing of it stays, manifest part included, and its jobs end dropped, not failed."""
+    journal, uploads, stores = Journal(), threading.Event(), threading.Event()
+    settings = local_worker_settings(tiny_model, tmp_path, max_batch=2, store_backlog=3, store_threads=1)
+    reporter = DeletableReporter(journal)
+    storage = ObservedStorage(tmp_path, journal, gate=uploads)
+    executor = BatchExecutor(ObservedEngine(engine, journal), storage, reporter, settings)
+    if when == "before-storing":  # the one store thread is busy: the batch's stores wait behind it
+        executor.backlog.reserve(1)
+        executor.backlog.submit(lambda: stores.wait(WAIT_S), lambda error: None)
+        uploads.set()
+    assert executor.submit(deliveries(0, 1)) == []  # generated; its images wait to be stored
+    reporter.gone = True  # deepqueue delete RUN --outputs --force
+    stores.set()
+    uploads.set()
+    outcomes = [o for o in executor.collect(wait=True, timeout=WAIT_S) if o is not True]
+    executor.close()
+    assert len(outcomes) == 2 and all(o.ok and o.skipped == "cancelled" for o in outcomes)
+    assert stored_files(tmp_path) == []
+    put = [event for event in journal.events if event[0] == "put"]
+    assert bool(put) == (when == "while-uploading")  # the first job's image and sidecar were on their way

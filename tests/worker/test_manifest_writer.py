@@ -39,6 +39,10 @@ class Sink:
             self.parts[key] = decode_part(data)
         return True
 
+    def delete(self, key: str) -> None:
+        with self.lock:
+            del self.parts[key]
+
     def rows(self) -> list[dict[str, Any]]:
         return [row for rows in self.parts.values() for row in rows]
 
@@ -169,3 +173,18 @@ def test_parts_in_a_local_folder(tmp_path) -> None:
     listed = list(storage.list(parts_prefix("datasets", "run-1")))
     assert len(listed) == 2 and all(size > 0 for _, size in listed)
     assert [r["index"] for key, _ in listed for r in decode_part(storage.get(key))] == [0, 1, 2]
+
+
+def test_a_deleted_run_gets_no_part() -> None:
+    """Its rows are dropped before a write; a part written as its tombstone came is removed."""
+    sink, tombstones = Sink(), set()
+    writer = ManifestWriter(sink, "", "w", max_rows=2, timer=False, deleted=tombstones.__contains__)
+    writer.add("gone", row(0, "gone"))
+    writer.add("kept", row(1, "kept"))
+    tombstones.add("gone")
+    assert writer.flush() == 1 and [r["run_id"] for r in sink.rows()] == ["kept"] and writer.pending() == 0
+
+    answers = iter([False, True])  # not deleted before the put, deleted once it is written
+    writer = ManifestWriter(sink, "", "w", max_rows=1, timer=False, deleted=lambda run: next(answers))
+    writer.add("racing", row(2, "racing"))
+    assert [r["run_id"] for r in sink.rows()] == ["kept"] and writer.pending() == 0

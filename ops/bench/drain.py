@@ -1,0 +1,134 @@
+"""How fast one worker drops the queued messages of cancelled and deleted runs.
+
+A run of JOBS jobs is queued and then cancelled (``deepqueue cancel``) or deleted
+(``deepqueue delete --force``) while no worker runs; then one real ``deepqueue worker`` (default
+settings, the tiny model, local files, a private redis-server) starts and drops them. The queue's
+length is polled every 20 ms: the rate is the messages taken from the first drop until nothing is
+left waiting or held, over that time. Nothing is generated: a message that reached the pipeline
+would show as an image (checked). The two kinds alternate, ROUNDS each, one worker per round.
+
+    .venv/bin/python -m ops.bench.drain [--jobs 10000] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from ops.bench.report import finish, new_results, run_line, summarize
+from ops.localstack import start_redis, start_worker, stop, worker_env
+from producer import Client, JobState
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("cancelled", "deleted")
+QUEUE = "deepqueue"
+
+
+def drain_once(model: Path, tmp: Path, kind: str, jobs: int, timeout_s: float) -> dict[str, Any]:
+    """One round: queue ``jobs``, stop the run ``kind``-wise, start a worker, time the drain."""
+    redis_process, url = start_redis(tmp)
+    try:
+        broker, backend = f"{url}/0", f"{url}/1"
+        with Client(broker, backend) as client:
+            client.submit([f"drain {i}" for i in range(jobs)], run="drain", width=64, height=64, steps=2)
+            if kind == "cancelled":
+                client.cancel("drain")
+            else:
+                client.delete("drain", force=True)
+        db = redis.Redis.from_url(broker)
+        out = tmp / "out"
+        env = worker_env(
+            broker_url=broker, result_backend=backend, model=str(model), storage="local", output_dir=str(out)
+        )
+        worker = start_worker(env, tmp / f"worker-{kind}.log", timeout=timeout_s)
+        try:
+            first = last = None
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                waiting, held = db.llen(QUEUE), db.hlen("unacked")
+                now = time.perf_counter()
+                if first is None and waiting < jobs:
+                    first = (now, jobs - waiting - held)
+                if first is not None and waiting == 0 and held == 0:
+                    last = now
+                    break
+                time.sleep(0.02)
+            if first is None or last is None:
+                raise TimeoutError(f"the {kind} run's {jobs} messages were not drained within {timeout_s} s")
+        finally:
+            stop(worker)
+        images = list(out.rglob("*.png")) if out.exists() else []
+        if images:
+            raise RuntimeError(f"{len(images)} images were generated for a {kind} run")
+        if kind == "cancelled":
+            with Client(broker, backend) as client:
+                counts = client.run("drain").status().counts
+            if counts[JobState.CANCELLED] != jobs:
+                raise RuntimeError(f"the cancelled run ends {counts}, not {jobs} cancelled")
+    finally:
+        stop(redis_process)
+    started, taken_before = first
+    seconds = last - started
+    return {"kind": kind, "jobs": jobs, "seconds": seconds, "messages_per_s": (jobs - taken_before) / seconds}
+
+
+def measure(model: Path, tmp: Path, jobs: int, rounds: int, timeout_s: float) -> dict[str, Any]:
+    per_kind: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
+    for round_ in range(rounds):
+        for kind in KINDS:
+            folder = tmp / f"{kind}-{round_}"
+            folder.mkdir()
+            point = drain_once(model, folder, kind, jobs, timeout_s)
+            logger.info("%s run, round %d: %.0f messages/s", kind, round_ + 1, point["messages_per_s"])
+            per_kind[kind].append(point)
+    return {
+        kind: {"rounds": points, "messages_per_s": summarize([p["messages_per_s"] for p in points])}
+        for kind, points in per_kind.items()
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    rows = [
+        "# Draining cancelled and deleted runs",
+        "",
+        f"{run_line(results)} One worker (default settings), {results['jobs']} queued jobs per round, "
+        f"{results['rounds']} rounds per kind; median (min–max).",
+        "",
+        "| run | messages dropped per second |",
+        "| --- | ---: |",
+    ]
+    for kind in KINDS:
+        rate = results["drain"][kind]["messages_per_s"]
+        rows.append(f"| {kind} | {rate['median']:.0f} ({rate['min']:.0f}–{rate['max']:.0f}) |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=10_000, help="queued jobs per round (default 10000)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per kind (default 2)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds a worker start or a drain may take")
+    parser.add_argument("--model", type=Path, help="tiny model folder (default: built into a temporary folder)")
+    parser.add_argument("--name", default="drain-latest", help="results file name (no extension)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    results = new_results(jobs=args.jobs, rounds=args.rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            from worker.testmodel import build_test_model
+
+            model = build_test_model(Path(tmp) / "tiny", "tiny")
+        results["drain"] = measure(model, Path(tmp), args.jobs, args.rounds, args.timeout)
+    return finish(results, args.name, markdown)
+
+
+if __name__ == "__main__":
+    main()
