@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo run test bench bench-full lint
+.PHONY: venv demo services run test bench bench-full lint
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml ops/setup.sh
 	bash ops/setup.sh
@@ -11,6 +11,11 @@ $(VENV)/.installed: pyproject.toml ops/setup.sh
 # Redis + an S3 server + a worker, `deepqueue submit --wait`, then S3's contents in demo-out/.
 demo: venv
 	$(PY) -m ops.demo
+
+# Redis + an S3 server (bucket created) + a worker in the foreground for the README's examples;
+# prints the DEEPQUEUE_* lines to export; Ctrl-C stops them all.
+services: venv
+	$(PY) -m ops.services
 
 # Embedded mode: the same batching and pipeline in one process, no servers.
 run: venv

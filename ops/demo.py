@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-from ops.localstack import deepqueue_command, moto_s3_client, start_moto, start_redis, start_worker, stop, worker_env
+from ops.localstack import (
+    deepqueue_command,
+    default_model,
+    moto_s3_client,
+    start_moto,
+    start_redis,
+    start_worker,
+    stop,
+    worker_env,
+)
 
 RUN = "demo"
 
@@ -31,9 +39,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
 
-    model = os.environ.get("DEEPQUEUE_MODEL") or str(ROOT / "models" / "tiny")
-    if not Path(model, "model_index.json").exists() and model.startswith(str(ROOT)):
-        subprocess.run([*deepqueue_command(), "make-test-model", model, "--arch", "tiny"], check=True)
+    model = default_model(ROOT)
 
     with tempfile.TemporaryDirectory(prefix="deepqueue-demo-") as scratch:
         redis_process, redis_url = start_redis(Path(scratch))

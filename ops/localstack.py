@@ -67,9 +67,9 @@ def start_redis(data_dir: Path, *, port: int | None = None, persistent: bool = F
     return process, url
 
 
-def start_moto() -> tuple[subprocess.Popen, str]:
+def start_moto(*, port: int | None = None) -> tuple[subprocess.Popen, str]:
     """moto's S3 server (real HTTP) in its own process; returns (process, endpoint URL)."""
-    port = free_port()
+    port = port or free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -126,6 +126,14 @@ def worker_env(
         "PYTHONUNBUFFERED": "1",
         **{f"DEEPQUEUE_{key.upper()}": str(value) for key, value in given.items()},
     }
+
+
+def default_model(root: Path) -> str:
+    """``DEEPQUEUE_MODEL``, or the offline tiny model in ``root/models/tiny`` (built on first use)."""
+    model = os.environ.get("DEEPQUEUE_MODEL") or str(root / "models" / "tiny")
+    if not Path(model, "model_index.json").exists() and model.startswith(str(root)):
+        subprocess.run([*deepqueue_command(), "make-test-model", model, "--arch", "tiny"], check=True)
+    return model
 
 
 def deepqueue_command() -> list[str]:
