@@ -5,7 +5,7 @@
 scheduler the worker used, format), to the twin run ``{run}.audit`` on the same workers. When the
 twins are done it compares each pair, cached against uncached, by PSNR and SSIM, and writes:
 
-- ``{prefix}/{run}/manifest/audit.jsonl``: one line per audited job (``job_id``, ``psnr``,
+- ``{prefix}/{run}/audit.jsonl``: one line per audited job (``job_id``, ``psnr``,
   ``ssim``, ``uncached_key``), which the manifest joins as ``audit_*`` columns;
 - ``{prefix}/{run}/audit.json``: the summary (mean and worst of each, the DeepCache settings).
 

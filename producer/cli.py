@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from pydantic_settings import BaseSettings
 
-from producer.client import Client, Run, new_run_id
+from producer.client import Client, Run, run_id_or_new
 from producer.contract import WORKER_GONE_S
-from producer.errors import DeepQueueError, PromptFileError, WaitTimeoutError
+from producer.errors import DeepQueueError, InvalidJobError, PromptFileError, WaitTimeoutError
 from producer.job import ImageFormat, JobDefaults, SchedulerName
 from producer.settings import ClientSettings, redact_url
 from producer.sources import parse_size
+from producer.spill import job_index
 from producer.state import JobState, RunStatus, format_duration
+
+T = TypeVar("T")
+
+#: Results whose prompts are read from Redis in one round trip.
+RESULTS_CHUNK = 1000
 
 SCHEDULERS = SchedulerName.__args__  # type: ignore[attr-defined]
 FORMATS = ImageFormat.__args__  # type: ignore[attr-defined]
@@ -220,18 +227,26 @@ def submit(
     if audit_sample and not wait_:
         raise click.UsageError("--audit needs --wait (or run `deepqueue audit RUN --sample K` once the run is done)")
     with Client() as client:
-        if run_id is None:
-            run_id = new_run_id()
-            click.echo(f"run {run_id} (a new name: pass --run {run_id} to resume it, or follow it with deepqueue wait)")
-        run = client.submit(
-            file,
-            run=run_id,
-            seed=seed,
-            progress=True,
-            resend_queued=resend_queued,
-            allow_recipe_change=allow_recipe_change,
-            **defaults,
-        )
+        new, run_id = run_id is None, run_id_or_new(run_id)
+        named = f"run {run_id} (a new name: pass --run {run_id} to resume it, or follow it with deepqueue wait)"
+        try:
+            run = client.submit(
+                file,
+                run=run_id,
+                seed=seed,
+                progress=True,
+                resend_queued=resend_queued,
+                allow_recipe_change=allow_recipe_change,
+                **defaults,
+            )
+        except (InvalidJobError, PromptFileError):
+            raise  # nothing was sent: no name to remember
+        except BaseException:
+            if new:  # interrupted or failed while sending: the name resumes it
+                click.echo(named, err=True)
+            raise
+        if new:
+            click.echo(named)
         click.echo(f"run {run.run_id}: {run.submitted} jobs enqueued, {run.skipped} already queued, running or done")
         if wait_:
             _finish(client, run, timeout, audit_sample=audit_sample)
@@ -270,7 +285,10 @@ def runs(as_json: bool) -> None:
     """Every submitted run, oldest first: its jobs per state, rate and age."""
     with Client() as client:
         now = time.time()
-        for run_id, since in client.run_times().items():
+        times = client.run_times()
+        if not times and not as_json:
+            click.echo("no runs yet: submit one with deepqueue submit FILE")
+        for run_id, since in times.items():
             current = client.run(run_id).status()
             if as_json:
                 click.echo(json.dumps({**status_record(current), "submitted_at": since}))
@@ -369,11 +387,30 @@ def wait(run_id: str, timeout: float | None) -> None:
 @click.argument("run_id")
 @click.option("--state", type=click.Choice([state.value for state in JobState]), help="Only this state.")
 def results(run_id: str, state: str | None) -> None:
-    """One JSON line per job: id, state, storage key or failure reason."""
+    """One JSON line per job, by index: index, id, state, prompt, storage key or failure reason.
+    The prompt is there while Redis keeps the job (until it is done); a done job's prompt is in
+    its sidecar beside the image, and in the run's manifest."""
     with Client() as client:
-        for result in client.run(run_id).results(JobState(state) if state else None):
-            record = {"job_id": result.job_id, "state": result.state.value, "key": result.key, "reason": result.reason}
-            click.echo(json.dumps(record))
+        run = client.run(run_id)
+        for chunk in batched(run.results(JobState(state) if state else None, ordered=True), RESULTS_CHUNK):
+            prompts = run.prompts([result.job_id for result in chunk])
+            for result, prompt in zip(chunk, prompts, strict=True):
+                record = {
+                    "index": job_index(result.job_id),
+                    "job_id": result.job_id,
+                    "state": result.state.value,
+                    "prompt": prompt,
+                    "key": result.key,
+                    "reason": result.reason,
+                }
+                click.echo(json.dumps(record, ensure_ascii=False))
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of ``size`` items (the last one shorter)."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 @cli.command("dead-letters")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import secrets
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import redis
@@ -39,6 +41,7 @@ from producer.job import (
 from producer.progress import LINE_EVERY_S, Progress
 from producer.settings import ClientSettings, redact_url
 from producer.sources import Rows, Source
+from producer.spill import Buckets, job_index, sort_key
 from producer.state import JobResult, JobState, RunStatus, RunStore
 
 if TYPE_CHECKING:
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
 
 #: Jobs marked queued and published per chunk: bounds memory and round trips alike.
 SUBMIT_CHUNK = 5000
+#: Job indexes per temporary file when results are read in order (one file in memory at a time).
+RESULTS_SPAN = 50_000
 
 
 def new_run_id() -> str:
@@ -131,11 +136,31 @@ class Run:
         started = meta.get("first_started_at")
         return None if started is None else (started, meta.get("last_done_at", started))
 
-    def results(self, state: JobState | None = None) -> Iterator[JobResult]:
-        """Per-job state, storage key or failure reason, streamed; optionally one state only."""
-        for result in self._store.results(self.run_id):
-            if state is None or result.state == state:
-                yield result
+    def results(self, state: JobState | None = None, *, ordered: bool = False) -> Iterator[JobResult]:
+        """Per-job state, storage key or failure reason, streamed; optionally one state only.
+        ``ordered``: by job index, through temporary files on local disk (memory stays flat
+        whatever the run's size); else in Redis' order, at once."""
+        results = (result for result in self._store.results(self.run_id) if state is None or result.state == state)
+        if not ordered:
+            yield from results
+            return
+        with tempfile.TemporaryDirectory(prefix="deepqueue-results-") as folder:
+            buckets = Buckets(Path(folder), RESULTS_SPAN)
+            for result in results:
+                buckets.add(
+                    "r", result.job_id, json.dumps([result.state.value, result.key, result.reason, result.details])
+                )
+            for bucket in buckets.ids():
+                for _, job_id, payload in sorted(buckets.read(bucket), key=lambda line: sort_key(line[1])):
+                    state_value, key, reason, details = json.loads(payload)
+                    yield JobResult(job_id, JobState(state_value), key, reason, details)
+
+    def prompts(self, job_ids: list[str]) -> list[str | None]:
+        """The prompts of these jobs where Redis keeps them: until a job is done (a done job's
+        prompt is in its sidecar and the run's manifest)."""
+        return [
+            None if raw is None else json.loads(raw).get("prompt") for raw in self._store.pending(self.run_id, job_ids)
+        ]
 
 
 class Client:
@@ -304,7 +329,9 @@ class Client:
     def run(self, run_id: str) -> Run:
         """A handle on an earlier run (raises RunNotFoundError if it was never submitted)."""
         if not self._store.exists(run_id):
-            raise RunNotFoundError(f"no run named {run_id!r} in {redact_url(self.settings.result_backend)}")
+            close = difflib.get_close_matches(run_id, self._store.runs(), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else " (deepqueue runs lists them)"
+            raise RunNotFoundError(f"no run named {run_id!r} in {redact_url(self.settings.result_backend)}{hint}")
         return Run(run_id, self._store)
 
     def runs(self) -> list[str]:
@@ -440,7 +467,6 @@ class Client:
             raise InvalidJobError([("audit", f"sample: at least 1 job, got {sample}")])
         with export_extra():
             from producer import audit as quality
-            from producer.manifest import job_index
             from worker.manifest import audit_rows_key, audit_summary_key
             from worker.storage import image_key, make_storage, sidecar_key, url_extension
 

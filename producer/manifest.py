@@ -3,7 +3,7 @@
 Workers write their rows in parts (``worker.manifest``); parts are an optimisation, never the
 truth. ``compact`` makes the manifest whole:
 
-1. read every part, the audit rows (``manifest/audit.jsonl``, if any) and every job's state in
+1. read every part, the audit rows (``audit.jsonl``, if any) and every job's state in
    Redis (HSCAN), and spread them over temporary bucket files on local disk by job index
    (``BUCKET_SPAN`` indexes per bucket);
 2. per bucket, in index order: dedupe the rows by job id; read the sidecar of every job that
@@ -34,7 +34,6 @@ after this schema.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import logging
 import re
@@ -50,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from producer.spill import Buckets, sort_key
 from producer.state import JobResult, JobState, RunStore
 from worker.manifest import (
     PART_SUFFIX,
@@ -71,8 +71,6 @@ SHARD_ROWS = 100_000
 ROW_GROUP_ROWS = 2_000
 #: Job indexes per temporary bucket: the rows of one bucket are in memory at a time.
 BUCKET_SPAN = 10_000
-#: Buffered bucket lines are written out once they reach this many bytes.
-SPILL_BYTES = 16 << 20
 #: Concurrent reads from storage (parts, sidecars of missing rows).
 READ_THREADS = 16
 #: Distinct values kept per stats counter; the rest count as "(other)".
@@ -230,19 +228,6 @@ _TIMING = (
     "upload_s",
 )
 
-_INDEX = re.compile(r"^(\d+)-")
-
-
-def job_index(job_id: str) -> int:
-    """The position a job id starts with (``00000012-abcdef012345`` -> 12); 0 for any other id."""
-    match = _INDEX.match(job_id)
-    return int(match.group(1)) if match else 0
-
-
-def sort_key(job_id: str) -> tuple[int, str]:
-    return job_index(job_id), job_id
-
-
 # --- stats (pure) ----------------------------------------------------------------------------
 
 _VOLATILE = (
@@ -387,53 +372,6 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = READ_TH
         finally:
             for _, future in window:
                 future.cancel()
-
-
-class Buckets:
-    """Lines spread over gzipped files on local disk by job index (``span`` indexes each).
-
-    A line is ``kind``, job id and payload; lines are buffered and appended as one gzip member
-    per bucket once ``spill_bytes`` are buffered, so random order (Redis' HSCAN) costs no more
-    than sorted order.
-    """
-
-    def __init__(self, folder: Path, span: int, spill_bytes: int = SPILL_BYTES) -> None:
-        self.folder = folder
-        self.span = span
-        self.spill_bytes = spill_bytes
-        self._buffered: dict[int, list[str]] = {}
-        self._size = 0
-        self._written: set[int] = set()
-
-    def add(self, kind: str, job_id: str, payload: str) -> None:
-        if "\n" in payload or "\t" in job_id:
-            raise ValueError(f"bucket lines hold one line each: {job_id!r}")
-        line = f"{kind}\t{job_id}\t{payload}\n"
-        self._buffered.setdefault(job_index(job_id) // self.span, []).append(line)
-        self._size += len(line)
-        if self._size >= self.spill_bytes:
-            self.spill()
-
-    def spill(self) -> None:
-        for bucket, lines in self._buffered.items():
-            with open(self.folder / f"bucket-{bucket:08d}.gz", "ab") as out:
-                out.write(gzip.compress("".join(lines).encode(), compresslevel=1))
-            self._written.add(bucket)
-        self._buffered.clear()
-        self._size = 0
-
-    def ids(self) -> list[int]:
-        self.spill()
-        return sorted(self._written)
-
-    def read(self, bucket: int) -> Iterator[tuple[str, str, str]]:
-        """``(kind, job_id, payload)`` of one bucket, then its file is removed."""
-        path = self.folder / f"bucket-{bucket:08d}.gz"
-        with gzip.open(path, "rt", encoding="utf-8") as lines:
-            for line in lines:
-                kind, job_id, payload = line.rstrip("\n").split("\t", 2)
-                yield kind, job_id, payload
-        path.unlink()
 
 
 class ParquetShards:

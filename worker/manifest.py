@@ -4,7 +4,7 @@ A row is the image's full sidecar plus ``key`` (the image's object key), ``sidec
 ``bytes`` (the image's size; None when an earlier delivery stored the image). ``ManifestWriter``
 buffers rows per run and writes them as one gzipped JSON-lines object per flush::
 
-    {prefix}/{run}/manifest/parts/{worker}-{time_ns}-{random}.jsonl.gz
+    {prefix}/{run}/manifest-parts/{worker}-{time_ns}-{random}.jsonl.gz
 
 when a run's buffer holds ``max_rows`` rows, when its oldest row is ``max_age_s`` old (a timer
 thread checks), and at ``close``. Names are unique, so parts are written create-only and never
@@ -62,12 +62,14 @@ def never_deleted(run_id: str) -> bool:
 
 
 def manifest_prefix(prefix: str, run_id: str) -> str:
-    """``{prefix}/{run}/manifest/``: parts, compacted shards and audit rows."""
+    """``{prefix}/{run}/manifest/``: the compacted shards and nothing else, so that the folder
+    reads as one Parquet dataset (``pq.ParquetDataset``, s3fs, ``datasets``)."""
     return run_key(prefix, run_id, "manifest") + "/"
 
 
 def parts_prefix(prefix: str, run_id: str) -> str:
-    return run_key(prefix, run_id, "manifest", "parts") + "/"
+    """``{prefix}/{run}/manifest-parts/``: the rows as workers store images."""
+    return run_key(prefix, run_id, "manifest-parts") + "/"
 
 
 def safe_name(name: str) -> str:
@@ -76,7 +78,7 @@ def safe_name(name: str) -> str:
 
 
 def part_key(prefix: str, run_id: str, worker: str, time_ns: int, token: str) -> str:
-    return run_key(prefix, run_id, "manifest", "parts", f"{safe_name(worker)}-{time_ns}-{token}{PART_SUFFIX}")
+    return run_key(prefix, run_id, "manifest-parts", f"{safe_name(worker)}-{time_ns}-{token}{PART_SUFFIX}")
 
 
 def shard_key(prefix: str, run_id: str, index: int) -> str:
@@ -90,7 +92,7 @@ def stats_key(prefix: str, run_id: str) -> str:
 
 def audit_rows_key(prefix: str, run_id: str) -> str:
     """One JSON line per audited job (``job_id``, ``psnr``, ``ssim``, ``uncached_key``)."""
-    return run_key(prefix, run_id, "manifest", "audit.jsonl")
+    return run_key(prefix, run_id, "audit.jsonl")
 
 
 def audit_summary_key(prefix: str, run_id: str) -> str:

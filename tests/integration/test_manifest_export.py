@@ -147,7 +147,7 @@ def download(s3, bucket: str, prefix: str, folder: Path) -> list[str]:
 
 def test_the_executor_writes_a_row_per_stored_image(generated) -> None:
     assert len(generated.parts) == 3  # 4 + 4 rows when full, 2 at close
-    assert all(key.startswith(f"{PREFIX}/{RUN}/manifest/parts/gpu0_test-") for key in generated.parts)
+    assert all(key.startswith(f"{PREFIX}/{RUN}/manifest-parts/gpu0_test-") for key in generated.parts)
     assert sorted(row["job_id"] for row in generated.rows) == sorted(job.job_id for job in generated.jobs)
     for row in generated.rows:
         sidecar = json.loads(generated.storage.get(row["sidecar_key"]))
@@ -282,7 +282,7 @@ def test_a_real_worker_writes_its_parts_and_flushes_them_when_it_stops(s3_worker
     finally:
         stop(worker)  # SIGTERM: a warm shutdown, the pool process flushes what it holds
     s3 = moto_s3_client(env["DEEPQUEUE_S3_ENDPOINT_URL"])
-    parts = s3.list_objects_v2(Bucket=env["DEEPQUEUE_S3_BUCKET"], Prefix="served/manifest/parts/").get("Contents", [])
+    parts = s3.list_objects_v2(Bucket=env["DEEPQUEUE_S3_BUCKET"], Prefix="served/manifest-parts/").get("Contents", [])
     assert len(parts) == 3, [part["Key"] for part in parts]  # 5 + 5 while serving, 2 at shutdown
     settings = ClientSettings(
         broker_url=env["DEEPQUEUE_BROKER_URL"],

@@ -19,7 +19,6 @@ from producer.manifest import (  # noqa: E402
     COLUMNS,
     OTHER,
     TOP_KEPT,
-    Buckets,
     StatsBuilder,
     TopCounter,
     arrow_schema,
@@ -28,11 +27,11 @@ from producer.manifest import (  # noqa: E402
     fingerprint,
     flatten,
     is_current,
-    job_index,
     ordered_map,
     read_stats,
     reason_kind,
 )
+from producer.spill import Buckets, job_index  # noqa: E402
 from producer.state import JobResult, JobState, RunStore  # noqa: E402
 from tests.manifest_helpers import make_jobs, store_outputs  # noqa: E402
 from worker.manifest import audit_rows_key, audit_summary_key, parts_prefix, shard_key  # noqa: E402

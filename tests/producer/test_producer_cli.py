@@ -385,8 +385,35 @@ def test_prune_deletes_finished_runs_older_than_the_age(env, tmp_path, store):
 def test_unknown_run_is_a_clear_error(env, command):
     result = invoke(command, "no-such-run")
     assert result.exit_code != 0
-    assert "no run named 'no-such-run'" in result.output
+    assert "no run named 'no-such-run'" in result.output and "deepqueue runs lists them" in result.output
     assert "Traceback" not in result.output
+
+
+def test_an_unknown_run_close_to_a_known_one_is_named(env, tmp_path):
+    submitted_run(tmp_path, "foxes-v1", ["a"])
+    result = invoke("status", "foxes-v2")
+    assert result.exit_code == 2 and "did you mean 'foxes-v1'?" in result.output, result.output
+
+
+def test_runs_says_when_there_is_none(env):
+    assert invoke("runs").output == "no runs yet: submit one with deepqueue submit FILE\n"
+    assert invoke("runs", "--json").output == ""
+
+
+def test_results_come_in_index_order_across_temporary_files(env, tmp_path, monkeypatch):
+    """More jobs than one temporary file holds: the order still runs across them."""
+    monkeypatch.setattr("producer.client.RESULTS_SPAN", 7)
+    submitted_run(tmp_path, "many", [f"p{i}" for i in range(40)])
+    lines = [json.loads(line) for line in invoke("results", "many").output.splitlines()]
+    assert [record["index"] for record in lines] == list(range(40))
+    assert [record["prompt"] for record in lines] == [f"p{i}" for i in range(40)]
+
+
+def test_a_submit_refused_by_validation_names_no_new_run(env, tmp_path):
+    result = invoke("submit", str(prompt_file(tmp_path, "bad.jsonl", '{"prompt": "x", "width": 500}\n')))
+    assert result.exit_code == 2 and "a new name" not in result.output and "multiple of 8" in result.output
+    fine = invoke("submit", str(prompt_file(tmp_path, "good.txt", "a cat\n")))
+    assert fine.exit_code == 0 and "(a new name: pass --run" in fine.output
 
 
 def test_results_one_json_line_per_job_and_state_filter(env, tmp_path, store):
@@ -397,11 +424,16 @@ def test_results_one_json_line_per_job_and_state_filter(env, tmp_path, store):
 
     result = invoke("results", "res")
     assert result.exit_code == 0, result.output
-    records = {record["job_id"]: record for record in map(json.loads, result.output.splitlines())}
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert [record["index"] for record in lines] == [0, 1, 2]  # by index, whatever order Redis keeps
+    records = {record["job_id"]: record for record in lines}
     assert set(records) == set(ids)
-    assert records[ids[0]] == {"job_id": ids[0], "state": "done", "key": "res/a.png", "reason": None}
-    assert records[ids[1]] == {"job_id": ids[1], "state": "failed", "key": None, "reason": "too dark"}
-    assert records[ids[2]]["state"] == "queued"
+    # a done job's prompt is in its sidecar and the manifest; Redis keeps the others'
+    done = {"index": 0, "job_id": ids[0], "state": "done", "prompt": None, "key": "res/a.png", "reason": None}
+    assert records[ids[0]] == done
+    failed = {"index": 1, "job_id": ids[1], "state": "failed", "prompt": "b", "key": None, "reason": "too dark"}
+    assert records[ids[1]] == failed
+    assert records[ids[2]]["state"] == "queued" and records[ids[2]]["prompt"] == "c"
 
     failed = invoke("results", "res", "--state", "failed")
     assert failed.exit_code == 0

@@ -62,9 +62,9 @@ def row(index: int, run: str = "run-1") -> dict[str, Any]:
 
 def test_part_layout() -> None:
     key = part_key("datasets/", "run-1", "gpu0@host-a:1234", 1700000000123456789, "a1b2c3")
-    assert key == "datasets/run-1/manifest/parts/gpu0_host-a_1234-1700000000123456789-a1b2c3.jsonl.gz"
+    assert key == "datasets/run-1/manifest-parts/gpu0_host-a_1234-1700000000123456789-a1b2c3.jsonl.gz"
     assert key.startswith(parts_prefix("datasets", "run-1"))
-    assert part_key("", "r", "w", 1, "t") == "r/manifest/parts/w-1-t.jsonl.gz"
+    assert part_key("", "r", "w", 1, "t") == "r/manifest-parts/w-1-t.jsonl.gz"
     assert safe_name("../../etc") == "etc" and safe_name("@@@") == "worker" and len(safe_name("x" * 200)) == 64
 
 
@@ -88,7 +88,7 @@ def test_flushes_a_part_per_full_buffer_then_the_rest_at_close() -> None:
     writer.close()
     assert len(sink.parts) == 3 and writer.pending() == 0
     assert sorted(r["index"] for r in sink.rows()) == list(range(7))
-    assert all(key.startswith("run-1/manifest/parts/w-") for key in sink.parts)
+    assert all(key.startswith("run-1/manifest-parts/w-") for key in sink.parts)
     assert sink.rows()[0] == row(0)  # complete: the sidecar and key, sidecar_key, bytes
 
 
