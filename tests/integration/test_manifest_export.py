@@ -171,7 +171,8 @@ def test_compaction_makes_the_manifest_whole(generated, tmp_path: Path) -> None:
 
     folder = tmp_path / "manifest"
     download(generated.s3, generated.bucket, f"{PREFIX}/{RUN}/manifest", folder)
-    frame = pq.read_table(folder / "manifest-00000.parquet").to_pandas()
+    assert sorted(path.name for path in folder.iterdir()) == ["manifest-00000.parquet"]  # parts, audit rows elsewhere
+    frame = pq.ParquetDataset(folder).read().to_pandas()  # the folder reads as one dataset
     assert list(frame["job_id"]) == [job.job_id for job in generated.jobs]  # in order, no gaps
     assert list(frame["prompt"]) == [job.prompt for job in generated.jobs]
     audited = frame.set_index("job_id")
