@@ -142,6 +142,7 @@ def test_buckets_group_random_order_by_index(tmp_path: Path) -> None:
 
 
 def test_ordered_map_keeps_order_reads_ahead_boundedly_and_raises() -> None:
+    threads_before = threading.active_count()  # other tests' daemon threads may still be about
     consumed = []
 
     def items():
@@ -166,7 +167,7 @@ def test_ordered_map_keeps_order_reads_ahead_boundedly_and_raises() -> None:
     with pytest.raises(RuntimeError, match="read failed"):
         list(ordered_map(fails, range(10), threads=3))
     assert list(ordered_map(str, range(3), threads=1)) == [(0, "0"), (1, "1"), (2, "2")]
-    assert threading.active_count() < 20
+    assert threading.active_count() <= threads_before + 4  # its pools are shut down, not left behind
 
 
 # --- compaction ----------------------------------------------------------------------------------
