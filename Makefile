@@ -20,14 +20,21 @@ run: venv
 test: venv
 	$(PY) -m pytest -q
 
+# Fresh results go to a new folder under ops/bench/results/runs/; RECORD=1 writes over the
+# committed ops/bench/results/*-latest.* instead.
+RECORD_FLAG := $(if $(RECORD),--record)
+
 # Queue-level goals side by side (batch fill, latency, scaling, submit, Redis bytes, worker memory).
 bench: venv
-	$(PY) -m ops.bench.goals
+	$(PY) -m ops.bench.goals $(RECORD_FLAG)
 
-# The goals at full size (16 workers, 1M prompts, 500 batches), then worker throughput and DeepCache.
+# The goals at full size (16 workers, 1M prompts, 500 batches), then worker throughput and DeepCache;
+# the second runs even if a part of the first failed, and the target fails if either did.
 bench-full: venv
-	$(PY) -m ops.bench.goals --full
-	$(PY) -m ops.bench.run
+	status=0; \
+	$(PY) -m ops.bench.goals --full $(RECORD_FLAG) || status=1; \
+	$(PY) -m ops.bench.run $(RECORD_FLAG) || status=1; \
+	exit $$status
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
