@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo run test bench bench-full lint
+.PHONY: venv demo run test test-quick bench bench-full lint
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml ops/setup.sh
 	bash ops/setup.sh
@@ -17,8 +17,14 @@ run: venv
 	test -f models/tiny/model_index.json || $(VENV)/bin/deepqueue make-test-model models/tiny --arch tiny
 	$(VENV)/bin/deepqueue run examples/prompts.jsonl --out out --model models/tiny --steps 20
 
+# Every test: one line per test (name, outcome, progress), the slowest at the end, then pytest's
+# closing "N passed" line (about 20 minutes on 2 cores).
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -v --durations=15
+
+# Unit and contract tests: no slow, integration, fault or GPU tests (a few minutes on 2 cores).
+test-quick: venv
+	$(PY) -m pytest -v --durations=10 -m "not slow and not integration and not faults and not gpu"
 
 # Fresh results go to a new folder under ops/bench/results/runs/; RECORD=1 writes over the
 # committed ops/bench/results/*-latest.* instead.
