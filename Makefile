@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo services run test bench bench-full lint
+.PHONY: venv demo services run test test-quick bench bench-full lint
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml ops/setup.sh
 	bash ops/setup.sh
@@ -22,17 +22,30 @@ run: venv
 	test -f models/tiny/model_index.json || $(VENV)/bin/deepqueue make-test-model models/tiny --arch tiny
 	$(VENV)/bin/deepqueue run examples/prompts.jsonl --out out --model models/tiny --steps 20
 
+# Every test: one line per test (name, outcome, progress), the slowest at the end, then pytest's
+# closing "N passed" line (about 20 minutes on 2 cores).
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -v --durations=15
+
+# Unit and contract tests: no slow, integration, fault or GPU tests (a few minutes on 2 cores).
+test-quick: venv
+	$(PY) -m pytest -v --durations=10 -m "not slow and not integration and not faults and not gpu"
+
+# Fresh results go to a new folder under ops/bench/results/runs/; RECORD=1 writes over the
+# committed ops/bench/results/*-latest.* instead.
+RECORD_FLAG := $(if $(RECORD),--record)
 
 # Queue-level goals side by side (batch fill, latency, scaling, submit, Redis bytes, worker memory).
 bench: venv
-	$(PY) -m ops.bench.goals
+	$(PY) -m ops.bench.goals $(RECORD_FLAG)
 
-# The goals at full size (16 workers, 1M prompts, 500 batches), then worker throughput and DeepCache.
+# The goals at full size (16 workers, 1M prompts, 500 batches), then worker throughput and DeepCache;
+# the second runs even if a part of the first failed, and the target fails if either did.
 bench-full: venv
-	$(PY) -m ops.bench.goals --full
-	$(PY) -m ops.bench.run
+	status=0; \
+	$(PY) -m ops.bench.goals --full $(RECORD_FLAG) || status=1; \
+	$(PY) -m ops.bench.run $(RECORD_FLAG) || status=1; \
+	exit $$status
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,19 +1,23 @@
 """Start the real servers deepqueue talks to, on loopback, for the demo, tests and benchmarks.
 
 A private redis-server and a moto S3 server, each on a free port, and `deepqueue worker`
-processes; every function returns when its server answers, and ``stop`` ends it.
+processes; every function returns when its server answers, and ``stop`` ends it. A server that
+exits or does not answer within its ``timeout`` is stopped, and the error's first line says why
+(a worker's: the line of its log that most looks like the cause).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -34,7 +38,7 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
         except Exception:  # not up yet: connection refused, partial log
             pass
         time.sleep(0.1)
-    raise TimeoutError(f"{what} did not come up within {timeout} s")
+    raise TimeoutError(f"{what} did not come up within {timeout:g} s")
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -47,7 +51,31 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def start_redis(data_dir: Path, *, port: int | None = None, persistent: bool = False) -> tuple[subprocess.Popen, str]:
+def _await_start(
+    process: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float, log_path: Path | None = None
+) -> None:
+    """Return once ``ready()``; if the process exits first or ``timeout`` passes, stop it and raise
+    an error whose first line says what happened (and the likeliest cause from ``log_path``)."""
+    try:
+        wait_for(lambda: ready() or process.poll() is not None, timeout, what)
+    except TimeoutError as error:
+        stop(process)
+        raise TimeoutError(f"{error}{_log_cause(log_path)}") from None
+    if process.poll() is not None:
+        tail = f"\n{log_path.read_text()[-3000:]}" if log_path else ""
+        raise RuntimeError(f"{what} exited with {process.returncode}{_log_cause(log_path)}{tail}")
+
+
+def _log_cause(log_path: Path | None) -> str:
+    """``"; log: LINE"``: the log's last line that names an error, else its last line ("" without one)."""
+    lines = [line.strip() for line in log_path.read_text().splitlines() if line.strip()] if log_path else []
+    errors = [line for line in lines if re.search(r"Error|ERROR|Exception|error:", line)]
+    return f"; log: {(errors or lines)[-1]}" if lines else ""
+
+
+def start_redis(
+    data_dir: Path, *, port: int | None = None, persistent: bool = False, timeout: float = 10
+) -> tuple[subprocess.Popen, str]:
     """A redis-server; returns (process, ``redis://127.0.0.1:PORT``). ``persistent``: an
     append-only file fsynced on every write in ``data_dir``, so a restart on the same port and
     folder (after SIGKILL too) comes back with every acknowledged write."""
@@ -63,11 +91,11 @@ def start_redis(data_dir: Path, *, port: int | None = None, persistent: bool = F
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}"
-    wait_for(lambda: redis.Redis.from_url(url).ping(), 10, "redis-server")
+    _await_start(process, lambda: redis.Redis.from_url(url).ping(), "redis-server", timeout)
     return process, url
 
 
-def start_moto(*, port: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_moto(*, port: int | None = None, timeout: float = 30) -> tuple[subprocess.Popen, str]:
     """moto's S3 server (real HTTP) in its own process; returns (process, endpoint URL)."""
     port = port or free_port()
     process = subprocess.Popen(
@@ -76,8 +104,24 @@ def start_moto(*, port: int | None = None) -> tuple[subprocess.Popen, str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: urllib.request.urlopen(f"{url}/moto-api/", timeout=1).status == 200, 30, "moto server")
+
+    def ready() -> bool:
+        return urllib.request.urlopen(f"{url}/moto-api/", timeout=1).status == 200
+
+    _await_start(process, ready, "moto server", timeout)
     return process, url
+
+
+@contextmanager
+def redis_and_moto(data_dir: Path, *, timeout: float = 30) -> Iterator[tuple[str, str]]:
+    """A redis-server and a moto S3 server; yields (redis URL, S3 endpoint) and stops both on
+    exit (the first one too when the second does not start)."""
+    with ExitStack() as stack:
+        redis_process, redis_url = start_redis(data_dir, timeout=timeout)
+        stack.callback(stop, redis_process)
+        moto_process, s3 = start_moto(timeout=timeout)
+        stack.callback(stop, moto_process)
+        yield redis_url, s3
 
 
 def moto_s3_client(endpoint_url: str):
@@ -148,11 +192,5 @@ def start_worker(env: Mapping[str, str], log_path: Path, *args: str, timeout: fl
         process = subprocess.Popen(
             [*deepqueue_command(), "worker", *args], env=dict(env), stdout=log, stderr=subprocess.STDOUT
         )
-    try:
-        wait_for(lambda: "ready." in log_path.read_text() or process.poll() is not None, timeout, "deepqueue worker")
-    except TimeoutError:
-        stop(process)
-        raise
-    if process.poll() is not None:
-        raise RuntimeError(f"deepqueue worker exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+    _await_start(process, lambda: "ready." in log_path.read_text(), "deepqueue worker", timeout, log_path)
     return process

@@ -16,6 +16,9 @@ settings), one redis-server and one moto S3 server.
   ÷ (``max_wait_s`` + one batch's time); goal ≤ 1.10.
 
     .venv/bin/python -m ops.bench.batching [--jobs-per-size 40] [--device simulated:a=0.05,b=0.01]
+
+Each scenario is a part of its own: one that fails (a worker that does not start) is reported
+in one line and the others still run.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from ops.bench.report import finish, new_results, run_line, s3_sidecars
-from ops.localstack import moto_s3_client, start_moto, start_redis, start_worker, stop, worker_env
+from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_line, s3_sidecars
+from ops.localstack import moto_s3_client, redis_and_moto, start_worker, stop, worker_env
 from producer import Client, JobState
 from producer.enqueue import publish
 from producer.job import make_jobs, run_defaults
@@ -45,6 +49,8 @@ SIZES = [(64, 64), (64, 72), (72, 64), (64, 80), (80, 64), (72, 72), (64, 88), (
 LONE_SIZE = (104, 64)
 MAX_BATCH = 8
 MAX_WAIT_S = 2.0  # the worker's default
+#: The deep-queue scenarios: name -> sent grouped by shape (``Client.submit``) or one message per job.
+FILL_SCENARIOS = {"`Client.submit` (grouped by shape)": True, "shuffled messages, one per job": False}
 
 
 def shuffled_jobs(run: str, per_size: int, seed: int) -> list[dict[str, Any]]:
@@ -84,14 +90,24 @@ def fill(sidecars: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
 class Stack:
-    """The servers and one worker's environment; a fresh bucket and flushed Redis per scenario."""
+    """The servers, the simulated device and how long a worker may take to start; a fresh bucket
+    and flushed Redis per scenario."""
 
-    def __init__(self, tmp: Path, device: str) -> None:
-        self.tmp, self.device = tmp, device
-        self.redis_process, redis_url = start_redis(tmp)
-        self.moto_process, self.s3 = start_moto()
-        self.broker, self.backend = f"{redis_url}/0", f"{redis_url}/1"
+    tmp: Path
+    device: str
+    redis_url: str
+    s3: str
+    start_timeout: float
+
+    @property
+    def broker(self) -> str:
+        return f"{self.redis_url}/0"
+
+    @property
+    def backend(self) -> str:
+        return f"{self.redis_url}/1"
 
     def fresh(self, name: str) -> dict[str, str]:
         for url in (self.broker, self.backend):
@@ -100,10 +116,6 @@ class Stack:
         return worker_env(
             broker_url=self.broker, result_backend=self.backend, s3_endpoint=self.s3, bucket=name, model=self.device
         )
-
-    def close(self) -> None:
-        stop(self.moto_process)
-        stop(self.redis_process)
 
     def wait_done(self, client: Client, runs: dict[str, int], timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
@@ -125,7 +137,7 @@ def deep_queue(stack: Stack, per_size: int, *, grouped: bool) -> dict[str, Any]:
                 jobs = make_jobs([(str(i), row) for i, row in enumerate(rows)], run_id=run, defaults=run_defaults({}))
                 publish(redis.Redis.from_url(stack.broker), client.settings.queue, jobs)
                 client._store.mark_queued(run, {job.job_id: job.model_dump_json() for job in jobs})
-        worker = start_worker(env, stack.tmp / f"{bucket}.log")
+        worker = start_worker(env, stack.tmp / f"{bucket}.log", timeout=stack.start_timeout)
         try:
             stack.wait_done(client, {run: len(rows) for run, rows in runs.items()})
         finally:
@@ -138,7 +150,7 @@ def lone_job(stack: Stack, *, behind: int) -> dict[str, Any]:
     bucket = f"lone-{behind}"
     env = stack.fresh(bucket)
     with Client(stack.broker, stack.backend) as client:
-        worker = start_worker(env, stack.tmp / f"{bucket}.log")
+        worker = start_worker(env, stack.tmp / f"{bucket}.log", timeout=stack.start_timeout)
         try:
             if behind:
                 client.submit([f"deep {i}" for i in range(behind)], run="deep", width=64, height=64, format="jpeg")
@@ -190,22 +202,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs-per-size", type=int, default=40, help="jobs per size and run (x 10 sizes x 2 runs)")
     parser.add_argument("--device", default="simulated:a=0.05,b=0.01", help="simulated device of the worker")
-    parser.add_argument("--name", default="batching-latest", help="results file name (no extension)")
+    add_run_args(parser, "batching-latest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results = new_results(device=args.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack(Path(tmp), args.device)
-        try:
-            results["fill"] = {
-                "`Client.submit` (grouped by shape)": deep_queue(stack, args.jobs_per_size, grouped=True),
-                "shuffled messages, one per job": deep_queue(stack, args.jobs_per_size, grouped=False),
-            }
-            results["lone"] = [lone_job(stack, behind=0), lone_job(stack, behind=10 * MAX_BATCH)]
-        finally:
-            stack.close()
-    return finish(results, args.name, markdown)
+    results = new_results(device=args.device, fill={}, lone=[])
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        part(results, "servers"),
+        redis_and_moto(Path(tmp), timeout=args.start_timeout) as (redis_url, s3),
+    ):
+        stack = Stack(Path(tmp), args.device, redis_url, s3, args.start_timeout)
+        for name, grouped in FILL_SCENARIOS.items():
+            with part(results, f"batch fill, {name}"):
+                results["fill"][name] = deep_queue(stack, args.jobs_per_size, grouped=grouped)
+        for behind in (0, 10 * MAX_BATCH):
+            with part(results, f"lone job behind {behind} jobs"):
+                results["lone"].append(lone_job(stack, behind=behind))
+    return finish(results, markdown, out_dir=output_dir(args), name=args.name)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))

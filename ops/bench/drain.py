@@ -7,7 +7,7 @@ length is polled every 20 ms: the rate is the messages taken from the first drop
 left waiting or held, over that time. Nothing is generated: a message that reached the pipeline
 would show as an image (checked). The two kinds alternate, ROUNDS each, one worker per round.
 
-    .venv/bin/python -m ops.bench.drain [--jobs 10000] [--rounds 2]
+    .venv/bin/python -m ops.bench.drain [--jobs 10000] [--rounds 2] [--record]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from ops.bench.report import finish, new_results, run_line, summarize
+from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_line, summarize
 from ops.localstack import start_redis, start_worker, stop, worker_env
 from producer import Client, JobState
 
@@ -31,9 +31,9 @@ KINDS = ("cancelled", "deleted")
 QUEUE = "deepqueue"
 
 
-def drain_once(model: Path, tmp: Path, kind: str, jobs: int, timeout_s: float) -> dict[str, Any]:
+def drain_once(model: Path, tmp: Path, kind: str, jobs: int, timeout_s: float, start_s: float) -> dict[str, Any]:
     """One round: queue ``jobs``, stop the run ``kind``-wise, start a worker, time the drain."""
-    redis_process, url = start_redis(tmp)
+    redis_process, url = start_redis(tmp, timeout=start_s)
     try:
         broker, backend = f"{url}/0", f"{url}/1"
         with Client(broker, backend) as client:
@@ -47,7 +47,7 @@ def drain_once(model: Path, tmp: Path, kind: str, jobs: int, timeout_s: float) -
         env = worker_env(
             broker_url=broker, result_backend=backend, model=str(model), storage="local", output_dir=str(out)
         )
-        worker = start_worker(env, tmp / f"worker-{kind}.log", timeout=timeout_s)
+        worker = start_worker(env, tmp / f"worker-{kind}.log", timeout=start_s)
         try:
             first = last = None
             deadline = time.monotonic() + timeout_s
@@ -79,18 +79,21 @@ def drain_once(model: Path, tmp: Path, kind: str, jobs: int, timeout_s: float) -
     return {"kind": kind, "jobs": jobs, "seconds": seconds, "messages_per_s": (jobs - taken_before) / seconds}
 
 
-def measure(model: Path, tmp: Path, jobs: int, rounds: int, timeout_s: float) -> dict[str, Any]:
+def measure(results: dict[str, Any], model: Path, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Every round that worked, per kind; a round that failed is one line of the report."""
     per_kind: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
-    for round_ in range(rounds):
+    for round_ in range(args.rounds):
         for kind in KINDS:
-            folder = tmp / f"{kind}-{round_}"
-            folder.mkdir()
-            point = drain_once(model, folder, kind, jobs, timeout_s)
-            logger.info("%s run, round %d: %.0f messages/s", kind, round_ + 1, point["messages_per_s"])
-            per_kind[kind].append(point)
+            with part(results, f"{kind} run, round {round_ + 1}"):
+                folder = tmp / f"{kind}-{round_}"
+                folder.mkdir()
+                point = drain_once(model, folder, kind, args.jobs, args.timeout, args.start_timeout)
+                logger.info("%s run, round %d: %.0f messages/s", kind, round_ + 1, point["messages_per_s"])
+                per_kind[kind].append(point)
     return {
         kind: {"rounds": points, "messages_per_s": summarize([p["messages_per_s"] for p in points])}
         for kind, points in per_kind.items()
+        if points
     }
 
 
@@ -104,8 +107,8 @@ def markdown(results: dict[str, Any]) -> str:
         "| run | messages dropped per second |",
         "| --- | ---: |",
     ]
-    for kind in KINDS:
-        rate = results["drain"][kind]["messages_per_s"]
+    for kind, figures in results.get("drain", {}).items():
+        rate = figures["messages_per_s"]
         rows.append(f"| {kind} | {rate['median']:.0f} ({rate['min']:.0f}–{rate['max']:.0f}) |")
     return "\n".join(rows) + "\n"
 
@@ -114,21 +117,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=10_000, help="queued jobs per round (default 10000)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per kind (default 2)")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds a worker start or a drain may take")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds a drain may take")
     parser.add_argument("--model", type=Path, help="tiny model folder (default: built into a temporary folder)")
-    parser.add_argument("--name", default="drain-latest", help="results file name (no extension)")
+    add_run_args(parser, "drain-latest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     results = new_results(jobs=args.jobs, rounds=args.rounds)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, part(results, "tiny model"):
         model = args.model
         if model is None:
             from worker.testmodel import build_test_model
 
             model = build_test_model(Path(tmp) / "tiny", "tiny")
-        results["drain"] = measure(model, Path(tmp), args.jobs, args.rounds, args.timeout)
-    return finish(results, args.name, markdown)
+        results["drain"] = measure(results, model, Path(tmp), args)
+    return finish(results, markdown, out_dir=output_dir(args), name=args.name)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))

@@ -17,14 +17,12 @@ import argparse
 import io
 import json
 import logging
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ops.bench.report import finish, new_results, run_line
+from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_child, run_line
 from ops.localstack import start_redis, stop
 
 logger = logging.getLogger(__name__)
@@ -123,13 +121,7 @@ def measure(count: int, tmp: Path, redis_url: str) -> dict[str, Any]:
     point: dict[str, Any] = {"images": count, **write_run(root, redis_url, count)}
     for step in STEPS:
         out = tmp / f"export-{count}-{step}"
-        done = subprocess.run(
-            [sys.executable, "-c", CHILD, step, str(root), redis_url, RUN, str(out), str(SHARD_SIZE)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result = run_child(CHILD, step, str(root), redis_url, RUN, str(out), str(SHARD_SIZE))
         assert result["rows"] == count, result
         point[step] = result
         logger.info("%d images, %s: %s", count, step, result)
@@ -137,11 +129,13 @@ def measure(count: int, tmp: Path, redis_url: str) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [
-        "# Manifest and exports: memory as the run grows",
-        "",
+    lines = ["# Manifest and exports: memory as the run grows", ""]
+    if not results["points"]:
+        return "\n".join([*lines, run_line(results)]) + "\n"
+    first, last = results["points"][0], results["points"][-1]
+    lines += [
         f"{run_line(results)} A run written as workers write it (64x64 PNG of "
-        f"{results['points'][0]['image_bytes']:,} bytes per image, sidecars, Redis states, parts of 1,000 rows, "
+        f"{first['image_bytes']:,} bytes per image, sidecars, Redis states, parts of 1,000 rows, "
         f"one part in ten deleted), local storage; each step in a fresh process; exports in shards of {SHARD_SIZE:,}.",
         "",
         "| images | step | RSS after imports → peak | time | images/s |",
@@ -154,7 +148,6 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {point['images']:,} | {step} | {m['rss_before_mib']:.0f} → {m['rss_peak_mib']:.0f} MiB | "
                 f"{m['seconds']:.1f} s | {point['images'] / m['seconds']:,.0f} |"
             )
-    first, last = results["points"][0], results["points"][-1]
     growth = ", ".join(f"{step} {last[step]['rss_peak_mib'] - first[step]['rss_peak_mib']:+.0f} MiB" for step in STEPS)
     lines += ["", f"Peak RSS from {first['images']:,} to {last['images']:,} images: {growth}."]
     return "\n".join(lines) + "\n"
@@ -163,18 +156,20 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000", help="images per run, comma-separated")
-    parser.add_argument("--name", default="export-memory-latest", help="results file name (no extension)")
+    add_run_args(parser, "export-memory-latest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results = new_results()
-    with tempfile.TemporaryDirectory() as tmp:
-        process, redis_url = start_redis(Path(tmp))
+    results = new_results(points=[])
+    with tempfile.TemporaryDirectory() as tmp, part(results, "redis-server"):
+        process, redis_url = start_redis(Path(tmp), timeout=args.start_timeout)
         try:
-            results["points"] = [measure(int(size), Path(tmp), f"{redis_url}/0") for size in args.sizes.split(",")]
+            for size in [int(text) for text in args.sizes.split(",")]:
+                with part(results, f"{size:,} images"):
+                    results["points"].append(measure(size, Path(tmp), f"{redis_url}/0"))
         finally:
             stop(process)
-    return finish(results, args.name, markdown)
+    return finish(results, markdown, out_dir=output_dir(args), name=args.name)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))

@@ -1,9 +1,14 @@
 """The queue-level goals of issue 7 in one run, side by side: batch fill, lone-job latency,
 critical-path overhead, scaling, submit memory, Redis bytes per queued job, enqueue rate and
-worker memory growth. Each part also writes its own results file (see ops/bench/README.md).
+worker memory growth. Each part also writes its own results file (see ops/bench/README.md), all
+in one new folder under results/runs/ (``--record``: over the committed results/*-latest.*).
 
     make bench                                   # = python -m ops.bench.goals        (~8 min)
     .venv/bin/python -m ops.bench.goals --full   # scaling to 16 workers, 1M-prompt submit, 500 batches
+    .venv/bin/python -m ops.bench.goals --only scaling --start-timeout 1200
+
+A part that fails (a worker that does not start in time) is one line in the report; the other
+parts and goals are still measured, and the command exits 1 once the report is written.
 """
 
 from __future__ import annotations
@@ -11,43 +16,56 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ops.bench import batching, scaling, submit_scale, worker_memory
-from ops.bench.report import finish, new_results, run_line
+from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_line
 
 logger = logging.getLogger(__name__)
 
+#: The parts, in the order they run: name -> the benchmark's ``main``.
+PARTS: dict[str, Callable[[list[str]], dict[str, Any]]] = {
+    "batching": batching.main,
+    "scaling": scaling.main,
+    "submit": submit_scale.main,
+    "memory": worker_memory.main,
+}
+Row = tuple[str, str, str, bool | None]
 
-def goal_rows(parts: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
-    """``(goal, measured, target, met)`` rows; met None: reported, no target."""
-    fill, lone = parts["batching"]["fill"], parts["batching"]["lone"]
-    rows: list[tuple[str, str, str, bool | None]] = []
-    for name, point in fill.items():
-        rows.append(
-            (
-                f"batch fill, deep shuffled 10-size queue, {name}",
-                f"{point['batch_fill']:.3f}",
-                "≥ 0.95",
-                point["batch_fill"] >= 0.95,
-            )
-        )
-    for point in lone:
+
+def goal_rows(parts: dict[str, Any]) -> list[Row]:
+    """``(goal, measured, target, met)`` rows of whatever the parts measured; met None: reported, no target."""
+    return [
+        *batching_rows(parts.get("batching", {})),
+        *scaling_rows(parts.get("scaling", {}).get("points", [])),
+        *submit_rows(parts.get("submit", {}).get("points", [])),
+        *memory_rows(parts.get("memory", {}).get("point")),
+    ]
+
+
+def batching_rows(batching: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for name, point in batching.get("fill", {}).items():
+        fill = point["batch_fill"]
+        rows.append((f"batch fill, deep shuffled 10-size queue, {name}", f"{fill:.3f}", "≥ 0.95", fill >= 0.95))
+    for point in batching.get("lone", []):
         where = "idle worker" if not point["behind"] else f"behind {point['behind']} jobs"
         rows.append(
             (f"lone job wait ÷ (max wait + batch), {where}", f"{point['ratio']:.3f}", "≤ 1.10", point["ratio"] <= 1.10)
         )
-    points = parts["scaling"]["points"]
+    return rows
+
+
+def scaling_rows(points: list[dict[str, Any]]) -> list[Row]:
+    rows: list[Row] = [
+        (f"critical-path overhead, {p['workers']} simulated worker(s)", f"{p['overhead']:.3f}", "reported", None)
+        for p in points
+    ]
     for point in points:
-        rows.append(
-            (
-                f"critical-path overhead, {point['workers']} simulated worker(s)",
-                f"{point['overhead']:.3f}",
-                "reported",
-                None,
-            )
-        )
-    for point in points[1:]:
+        if point["workers"] == 1:
+            continue
         target = point["workers"] == 16
         rows.append(
             (
@@ -57,32 +75,29 @@ def goal_rows(parts: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                 (point["scaling"] >= 0.90) if target else None,
             )
         )
-    submits = parts["submit"]["points"]
-    peaks = ", ".join(f"{p['prompts']:,}: {p['rss_peak_mib']:.0f}" for p in submits)
-    flat = max(p["rss_peak_mib"] for p in submits) <= 1.10 * min(p["rss_peak_mib"] for p in submits)
-    rows.append(("submit peak RSS (MiB) by prompts", peaks, "flat (within 10 %)", flat))
-    biggest = submits[-1]
-    rows.append(
-        (
-            "Redis bytes per queued job (100-char prompt)",
-            f"{biggest['redis_bytes_per_job']:,.0f}",
-            "≤ 600",
-            biggest["redis_bytes_per_job"] <= 600,
-        )
-    )
-    rate = min(p["jobs_per_s"] for p in submits)
-    rows.append(("`Client.submit` enqueue rate (jobs/s, slowest size)", f"{rate:,.0f}", "≥ 5,000", rate >= 5000))
-    memory = parts["memory"]["point"]
-    growth = max(memory["main_mib"]["growth"], memory["pool_mib"]["growth"])
-    rows.append(
-        (
-            f"worker RSS growth over {memory['batches']} batches (larger of main, pool)",
-            f"{100 * growth:+.1f} %",
-            "< 5 %",
-            growth < 0.05,
-        )
-    )
     return rows
+
+
+def submit_rows(points: list[dict[str, Any]]) -> list[Row]:
+    if not points:
+        return []
+    peaks = ", ".join(f"{p['prompts']:,}: {p['rss_peak_mib']:.0f}" for p in points)
+    flat = max(p["rss_peak_mib"] for p in points) <= 1.10 * min(p["rss_peak_mib"] for p in points)
+    per_job = points[-1]["redis_bytes_per_job"]
+    rate = min(p["jobs_per_s"] for p in points)
+    return [
+        ("submit peak RSS (MiB) by prompts", peaks, "flat (within 10 %)", flat),
+        ("Redis bytes per queued job (100-char prompt)", f"{per_job:,.0f}", "≤ 600", per_job <= 600),
+        ("`Client.submit` enqueue rate (jobs/s, slowest size)", f"{rate:,.0f}", "≥ 5,000", rate >= 5000),
+    ]
+
+
+def memory_rows(point: dict[str, Any] | None) -> list[Row]:
+    if point is None:
+        return []
+    growth = max(point["main_mib"]["growth"], point["pool_mib"]["growth"])
+    goal = f"worker RSS growth over {point['batches']} batches (larger of main, pool)"
+    return [(goal, f"{100 * growth:+.1f} %", "< 5 %", growth < 0.05)]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -100,22 +115,38 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def part_args(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
+    """Each part's command line: its size (quick or ``--full``), the shared folder and start-up timeout."""
+    shared = ["--out", str(out), "--start-timeout", str(args.start_timeout)]
+    model = ["--model", str(args.model)] if args.model else []
+    return {
+        "batching": shared,
+        "scaling": ["--workers", "1,2,4,8,16" if args.full else "1,2,4", "--calls", "24", *shared],
+        "submit": ["--sizes", "10000,100000,1000000" if args.full else "10000,100000", *shared],
+        "memory": ["--batches", "500" if args.full else "200", "--warmup", "50", *model, *shared],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="16 workers, a 1M-prompt submit, 500 batches")
+    parser.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable)")
+    parser.add_argument("--model", type=Path, help="tiny model folder for the memory part (default: built)")
+    add_run_args(parser, "goals-latest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = output_dir(args)
     results = new_results()
     started = time.perf_counter()
-    parts = {
-        "batching": batching.main([]),
-        "scaling": scaling.main(["--workers", "1,2,4,8,16" if args.full else "1,2,4", "--calls", "24"]),
-        "submit": submit_scale.main(["--sizes", "10000,100000,1000000" if args.full else "10000,100000"]),
-        "memory": worker_memory.main(["--batches", "500" if args.full else "200", "--warmup", "50"]),
-    }
+    parts: dict[str, dict[str, Any]] = {}
+    for name in args.only or PARTS:
+        with part(results, name):
+            parts[name] = PARTS[name](part_args(args, out)[name])
+        for label, failure in parts.get(name, {}).get("failed", {}).items():
+            results.setdefault("failed", {})[f"{name}: {label}"] = failure
     results.update(seconds=time.perf_counter() - started, goals=goal_rows(parts))
-    return finish(results, "goals-latest", markdown)
+    return finish(results, markdown, out_dir=out, name=args.name)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))

@@ -1,8 +1,17 @@
-"""Statistics, machine description and result files of a benchmark run. No servers here."""
+"""Statistics, machine description and result files of a benchmark run. No servers here.
+
+Where results go: a plain run writes into a new folder ``results/runs/DATE-TIME-PID/`` (git
+ignores it), beside the committed ``results/*-latest.*`` files that the READMEs link to; only
+``--record`` writes over those. A run survives one part failing: ``part`` records the error (one
+line in the report, the traceback in the JSON) and the run goes on; the report has a "Failed"
+section, and the command exits 1 after writing it.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import platform
 import shlex
@@ -10,12 +19,20 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger("ops.bench")
+
 REPO = Path(__file__).resolve().parents[2]
+#: The committed results, which the READMEs link to (written with ``--record``).
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Seconds a server or worker may take to start: generous, since a loaded machine is slow.
+START_TIMEOUT_S = 600.0
 PACKAGES = ("torch", "diffusers", "transformers", "DeepCache", "celery", "kombu", "redis", "moto", "boto3")
 
 
@@ -108,7 +125,65 @@ def command_line() -> str:
     return shlex.join([*entry, *sys.argv[1:]])
 
 
-RESULTS = Path(__file__).parent / "results"
+def add_run_args(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every benchmark shares: where its results go and how long start-up may take."""
+    group = parser.add_argument_group("results and start-up")
+    group.add_argument("--name", default=name, help=f"results file name, without extension (default {name})")
+    group.add_argument("--out", type=Path, help="results folder (default: a new folder under ops/bench/results/runs/)")
+    group.add_argument(
+        "--record",
+        action="store_true",
+        help="write into ops/bench/results/, over the committed results the READMEs link to",
+    )
+    group.add_argument(
+        "--start-timeout",
+        type=float,
+        default=START_TIMEOUT_S,
+        help=f"seconds each server and worker may take to start (default {START_TIMEOUT_S:.0f})",
+    )
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--out``, else ``RESULTS`` with ``--record``, else a new folder under ``RESULTS/runs``."""
+    if args.out is not None:
+        return args.out
+    if args.record:
+        return RESULTS
+    return RESULTS / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+@contextmanager
+def part(results: dict[str, Any], label: str) -> Iterator[None]:
+    """Run one part of a benchmark: an exception ends this part only. It is recorded in
+    ``results["failed"][label]`` (one line, and the traceback for the JSON) and logged in one line."""
+    try:
+        yield
+    except Exception as error:
+        line = one_line(error)
+        results.setdefault("failed", {})[label] = {"error": line, "traceback": traceback.format_exc()}
+        logger.error("%s failed: %s", label, line)
+
+
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters."""
+    message = str(error).strip().splitlines()
+    line = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def failures_markdown(results: dict[str, Any]) -> str:
+    """The report's "Failed" section: one line per failed part ("" when none failed)."""
+    failed = results.get("failed", {})
+    if not failed:
+        return ""
+    lines = ["", f"## Failed: {len(failed)} part(s), traceback in the .json", ""]
+    lines += [f"- {label}: {failure['error']}" for label, failure in failed.items()]
+    return "\n".join(lines) + "\n"
+
+
+def exit_status(results: dict[str, Any]) -> int:
+    """The command's exit status: 1 when a part failed."""
+    return 1 if results.get("failed") else 0
 
 
 def write_results(results: dict[str, Any], out_dir: Path, name: str) -> tuple[Path, Path]:
@@ -116,11 +191,8 @@ def write_results(results: dict[str, Any], out_dir: Path, name: str) -> tuple[Pa
     return write_json_and_markdown(results, name, markdown(results), out_dir)
 
 
-def write_json_and_markdown(
-    results: dict[str, Any], name: str, text: str, out_dir: Path | None = None
-) -> tuple[Path, Path]:
-    """``name.json`` (every measurement) and ``name.md`` (``text``) in ``out_dir`` (default RESULTS)."""
-    out_dir = out_dir or RESULTS
+def write_json_and_markdown(results: dict[str, Any], name: str, text: str, out_dir: Path) -> tuple[Path, Path]:
+    """``name.json`` (every measurement) and ``name.md`` (``text``) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
@@ -141,13 +213,32 @@ def run_line(results: dict[str, Any]) -> str:
     )
 
 
-def finish(results: dict[str, Any], name: str, markdown_of: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
-    """Record the load at the end, write ``name``.json/.md (see ``write_json_and_markdown``), print the markdown."""
+def finish(
+    results: dict[str, Any], markdown_of: Callable[[dict[str, Any]], str], *, out_dir: Path, name: str
+) -> dict[str, Any]:
+    """Record the load at the end, write ``name``.json/.md in ``out_dir`` (the markdown with its
+    "Failed" section), print the markdown and log where it went."""
     results["load_after"] = load_average()
-    text = markdown_of(results)
-    write_json_and_markdown(results, name, text)
+    text = markdown_of(results) + failures_markdown(results)
     print(text)
+    log_written(write_json_and_markdown(results, name, text, out_dir), results)
     return results
+
+
+def log_written(paths: tuple[Path, Path], results: dict[str, Any]) -> None:
+    """Log where the results went, and how many parts failed."""
+    failed = len(results.get("failed", {}))
+    logger.info("wrote %s and %s%s", *paths, f"; {failed} part(s) failed" if failed else "")
+
+
+def run_child(code: str, *args: str) -> dict[str, Any]:
+    """``python -c code args`` in a fresh process: its last line of output, parsed as JSON. If it
+    fails, the RuntimeError's first line is the last line of its stderr (the exception)."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"the child process exited with {done.returncode}: {last}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def s3_sidecars(endpoint: str, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
@@ -242,7 +333,7 @@ def markdown(results: dict[str, Any]) -> str:
         for row in s["modes"].values():
             lines.append(f"| {row['label']} | {_fmt(row['seconds'], 1)} | {row['speedup']:.2f}x |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines) + failures_markdown(results)
 
 
 def _histogram(sizes: dict[str, int]) -> str:

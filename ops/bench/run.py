@@ -1,11 +1,14 @@
-"""Run the deepqueue benchmarks and write their results (JSON + markdown) to ops/bench/results/.
+"""Run the deepqueue benchmarks and write their results (JSON + markdown) under ops/bench/results/.
 
     python -m ops.bench.run                       # enqueue, worker, service vs recipe (~7 min on 2 quiet cores)
     python -m ops.bench.run --sd15                # also the SD1.5-architecture check (+~2 min)
     python -m ops.bench.run --only enqueue --jobs 5000
 
 Every server is private: a redis-server and a moto S3 server on free loopback ports, and a
-``deepqueue worker`` process, all stopped at the end. See ops/bench/README.md.
+``deepqueue worker`` process, all stopped at the end. Results go to a new folder under
+results/runs/ (``--record``: results/latest.*). A benchmark that fails is one line in the
+report, the others still run, and the command exits 1 once the report is written. See
+ops/bench/README.md.
 """
 
 from __future__ import annotations
@@ -14,23 +17,34 @@ import argparse
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops.bench.report import load_average, machine_info, markdown, write_results
+from ops.bench.report import (
+    add_run_args,
+    exit_status,
+    load_average,
+    log_written,
+    machine_info,
+    markdown,
+    output_dir,
+    part,
+    write_results,
+)
 from ops.localstack import start_moto, start_redis, stop
 
 logger = logging.getLogger("ops.bench")
-BENCHMARKS = ("enqueue", "worker", "service", "sd15")
 DEFAULT = ("enqueue", "worker", "service")
-RESULTS = Path(__file__).resolve().parent / "results"
+BUILT_TINY = "tiny (built by worker.testmodel into a temporary folder)"
 
 
 def cache_setting(text: str) -> tuple[int, int]:
     """``INTERVAL/BRANCH``, e.g. ``3/0``."""
     try:
-        interval, branch = (int(part) for part in text.split("/"))
+        interval, branch = (int(piece) for piece in text.split("/"))
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"expected INTERVAL/BRANCH such as 3/0, got {text!r}") from error
     if interval < 2:
@@ -72,18 +86,111 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--sd15-size", type=int, default=256, help="image side (default 256)")
     group.add_argument("--sd15-steps", type=int, default=20, help="DDIM steps (default 20)")
     parser.add_argument("--device", default="auto", help="worker and SD1.5 device: auto, cpu, cuda (default auto)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
-    parser.add_argument("--name", default="latest", help="results file name, without extension (default latest)")
+    add_run_args(parser, "latest")
     return parser.parse_args(argv)
 
 
-def tiny_model(args: argparse.Namespace, scratch: Path) -> Path:
-    if args.model is not None:
-        return args.model
-    from worker.testmodel import build_test_model
+@dataclass
+class Servers:
+    """The private servers and the tiny model, each started (or built) when a benchmark first asks."""
 
-    built = scratch / "tiny"
-    return built if (built / "model_index.json").exists() else build_test_model(built, "tiny")
+    args: argparse.Namespace
+    stack: ExitStack
+    scratch: Path
+    started: dict[str, str] = field(default_factory=dict)
+
+    def redis_url(self) -> str:
+        return self._start("redis", lambda: start_redis(self.scratch, timeout=self.args.start_timeout))
+
+    def s3_endpoint(self) -> str:
+        return self._start("s3", lambda: start_moto(timeout=self.args.start_timeout))
+
+    def _start(self, name: str, start: Callable[[], tuple[Any, str]]) -> str:
+        if name not in self.started:
+            process, self.started[name] = start()
+            self.stack.callback(stop, process)
+        return self.started[name]
+
+    def tiny_model(self) -> Path:
+        if self.args.model is not None:
+            return self.args.model
+        from worker.testmodel import build_test_model
+
+        built = self.scratch / "tiny"
+        return built if (built / "model_index.json").exists() else build_test_model(built, "tiny")
+
+
+def run_enqueue(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
+    from ops.bench.enqueue import bench_enqueue
+
+    redis_url = servers.redis_url()
+    logger.info("enqueue rate: %d jobs x %d rounds on %s", args.jobs, args.enqueue_rounds, redis_url)
+    return bench_enqueue(redis_url, jobs=args.jobs, rounds=args.enqueue_rounds)
+
+
+def run_worker(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
+    from ops.bench.throughput import bench_worker
+
+    model = servers.tiny_model()
+    logger.info("worker throughput: %d jobs, %d off/on pairs, model %s", args.worker_jobs, args.worker_rounds, model)
+    results = bench_worker(
+        servers.redis_url(),
+        servers.s3_endpoint(),
+        model,
+        servers.scratch / "worker.log",
+        jobs=args.worker_jobs,
+        rounds=args.worker_rounds,
+        width=args.size,
+        height=args.size,
+        steps=args.steps,
+        cache=args.cache,
+        device=args.device,
+        start_timeout=args.start_timeout,
+    )
+    if args.model is None:
+        results["model"] = BUILT_TINY
+    return results
+
+
+def run_service(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
+    from ops.bench.service import Plan, run_service_bench
+
+    plan = Plan(
+        model=servers.tiny_model(),
+        device=args.device,
+        size=args.size,
+        steps=args.service_steps,
+        rounds=args.service_rounds,
+        jobs={1: 8, 8: 32},
+        start_timeout=args.start_timeout,
+    )
+    logger.info("service vs recipe: %s", plan)
+    results = run_service_bench(plan, servers.redis_url(), servers.scratch)
+    if args.model is None:
+        results["plan"]["model"] = BUILT_TINY
+    return results
+
+
+def run_sd15(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
+    from ops.bench.sd15 import bench_sd15
+
+    return bench_sd15(
+        args.sd15_model,
+        rounds=args.sd15_rounds,
+        size=args.sd15_size,
+        steps=args.sd15_steps,
+        cache=args.cache,
+        device=args.device,
+    )
+
+
+#: The benchmarks by ``--only`` name, in the order they run.
+BENCHMARKS: dict[str, Callable[[argparse.Namespace, Servers], dict[str, Any]]] = {
+    "enqueue": run_enqueue,
+    "worker": run_worker,
+    "service": run_service,
+    "sd15": run_sd15,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,70 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deepqueue-bench-")))
-        if {"enqueue", "worker", "service"} & set(selected):
-            redis_process, redis_url = start_redis(scratch)
-            stack.callback(stop, redis_process)
-        if "enqueue" in selected:
-            from ops.bench.enqueue import bench_enqueue
-
-            logger.info("enqueue rate: %d jobs x %d rounds on %s", args.jobs, args.enqueue_rounds, redis_url)
-            results["enqueue"] = bench_enqueue(redis_url, jobs=args.jobs, rounds=args.enqueue_rounds)
-        if "worker" in selected:
-            from ops.bench.throughput import bench_worker
-
-            moto_process, s3_endpoint = start_moto()
-            stack.callback(stop, moto_process)
-            model = tiny_model(args, scratch)
-            logger.info(
-                "worker throughput: %d jobs, %d off/on pairs, model %s", args.worker_jobs, args.worker_rounds, model
-            )
-            results["worker"] = bench_worker(
-                redis_url,
-                s3_endpoint,
-                model,
-                scratch / "worker.log",
-                jobs=args.worker_jobs,
-                rounds=args.worker_rounds,
-                width=args.size,
-                height=args.size,
-                steps=args.steps,
-                cache=args.cache,
-                device=args.device,
-            )
-            if args.model is None:
-                results["worker"]["model"] = "tiny (built by worker.testmodel into a temporary folder)"
-        if "service" in selected:
-            from ops.bench.service import Plan, run_service_bench
-
-            plan = Plan(
-                model=tiny_model(args, scratch),
-                device=args.device,
-                size=args.size,
-                steps=args.service_steps,
-                rounds=args.service_rounds,
-                jobs={1: 8, 8: 32},
-            )
-            logger.info("service vs recipe: %s", plan)
-            results["service"] = run_service_bench(plan, redis_url, scratch)
-            if args.model is None:
-                results["service"]["plan"]["model"] = "tiny (built by worker.testmodel into a temporary folder)"
-    if "sd15" in selected:
-        from ops.bench.sd15 import bench_sd15
-
-        results["sd15"] = bench_sd15(
-            args.sd15_model,
-            rounds=args.sd15_rounds,
-            size=args.sd15_size,
-            steps=args.sd15_steps,
-            cache=args.cache,
-            device=args.device,
-        )
+        servers = Servers(args, stack, scratch)
+        for name, run in BENCHMARKS.items():
+            if name in selected:
+                with part(results, name):
+                    results[name] = run(args, servers)
     results["machine"]["loadavg_end"] = load_average()
     results["machine"]["duration_s"] = round(time.perf_counter() - started, 1)
-    json_path, md_path = write_results(results, args.out, args.name)
+    paths = write_results(results, output_dir(args), args.name)
     print(markdown(results))
-    logger.info("wrote %s and %s in %.0f s", json_path, md_path, results["machine"]["duration_s"])
-    return 0
+    log_written(paths, results)
+    return exit_status(results)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ From the sidecars: batch fill (mean batch size ÷ 8) and, per worker, the critic
 the gaps between consecutive pipeline calls ÷ the calls' own time (0: the device never waits).
 
     .venv/bin/python -m ops.bench.scaling [--workers 1,2,4,8,16] [--calls 6]
+
+Each N is a part of its own: if its workers do not all start (a loaded machine: ``--start-timeout``),
+the report says so in one line and the other counts are still measured.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import subprocess
 import tempfile
 import time
 from collections import defaultdict
@@ -29,8 +33,8 @@ from typing import Any
 
 import redis
 
-from ops.bench.report import finish, new_results, run_line, s3_sidecars
-from ops.localstack import moto_s3_client, start_moto, start_redis, start_worker, stop, worker_env
+from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_line, s3_sidecars
+from ops.localstack import moto_s3_client, redis_and_moto, start_worker, stop, worker_env
 from producer import Client, JobState
 
 logger = logging.getLogger(__name__)
@@ -64,7 +68,23 @@ def critical_path(sidecars: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def measure(n: int, calls: int, redis_url: str, s3: str, tmp: Path) -> dict[str, Any]:
+def start_workers(env: dict[str, str], n: int, tmp: Path, timeout: float) -> list[subprocess.Popen]:
+    """``n`` workers started at once; if one does not start, the others are stopped and its error raised."""
+    with ThreadPoolExecutor(n) as pool:
+        futures = [
+            pool.submit(start_worker, env, tmp / f"n{n}-w{i}.log", "--hostname", f"w{i}@%h", timeout=timeout)
+            for i in range(n)
+        ]
+    errors = [future.exception() for future in futures if future.exception() is not None]
+    started = [future.result() for future in futures if future.exception() is None]
+    if errors:
+        for worker in started:
+            stop(worker)
+        raise errors[0]
+    return started
+
+
+def measure(n: int, calls: int, redis_url: str, s3: str, tmp: Path, start_timeout: float) -> dict[str, Any]:
     """Images/s, batch fill and critical-path overhead of ``n`` simulated workers."""
     broker, backend = f"{redis_url}/0", f"{redis_url}/1"
     for url in (broker, backend):
@@ -72,10 +92,7 @@ def measure(n: int, calls: int, redis_url: str, s3: str, tmp: Path) -> dict[str,
     bucket = f"scaling-{n}"
     moto_s3_client(s3).create_bucket(Bucket=bucket)
     env = worker_env(broker_url=broker, result_backend=backend, s3_endpoint=s3, bucket=bucket, model=DEVICE)
-    with ThreadPoolExecutor(n) as pool:
-        workers = list(
-            pool.map(lambda i: start_worker(env, tmp / f"n{n}-w{i}.log", "--hostname", f"w{i}@%h"), range(n))
-        )
+    workers = start_workers(env, n, tmp, start_timeout)
     try:
         jobs = [{"prompt": f"scale {i}", "format": "jpeg"} for i in range(n * calls * MAX_BATCH)]
         with Client(broker, backend) as client:
@@ -112,22 +129,33 @@ def markdown(results: dict[str, Any]) -> str:
     )
 
 
+def add_scaling(points: list[dict[str, Any]]) -> None:
+    """Each point's scaling: its images/s ÷ (its workers x one worker's images/s), where one
+    worker's is the 1-worker point's, or else the first point's per worker."""
+    if not points:
+        return
+    ones = [p["images_per_s"] for p in points if p["workers"] == 1]
+    single = ones[0] if ones else points[0]["images_per_s"] / points[0]["workers"]
+    for point in points:
+        point["scaling"] = point["images_per_s"] / (point["workers"] * single)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2,4,8,16", help="worker counts, comma-separated")
     parser.add_argument("--calls", type=int, default=24, help="full pipeline calls per worker (24: steady state)")
-    parser.add_argument("--name", default="scaling-latest", help="results file name (no extension)")
+    add_run_args(parser, "scaling-latest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    counts = [int(part) for part in args.workers.split(",")]
-    results = new_results(device=DEVICE)
-    with tempfile.TemporaryDirectory() as tmp:
-        redis_process, redis_url = start_redis(Path(tmp))
-        moto_process, s3 = start_moto()
-        try:
-            points = []
-            for n in counts:
-                point = measure(n, args.calls, redis_url, s3, Path(tmp))
+    results = new_results(device=DEVICE, points=[])
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        part(results, "servers"),
+        redis_and_moto(Path(tmp), timeout=args.start_timeout) as (redis_url, s3),
+    ):
+        for n in [int(count) for count in args.workers.split(",")]:
+            with part(results, f"{n} workers"):
+                point = measure(n, args.calls, redis_url, s3, Path(tmp), args.start_timeout)
                 logger.info(
                     "%d workers: %.1f images/s, fill %.2f, overhead %.3f",
                     n,
@@ -135,18 +163,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     point["batch_fill"],
                     point["overhead"],
                 )
-                points.append(point)
-        finally:
-            stop(moto_process)
-            stop(redis_process)
-    single = next(
-        (p["images_per_s"] for p in points if p["workers"] == 1), points[0]["images_per_s"] / points[0]["workers"]
-    )
-    for point in points:
-        point["scaling"] = point["images_per_s"] / (point["workers"] * single)
-    results["points"] = points
-    return finish(results, args.name, markdown)
+                results["points"].append(point)
+    add_scaling(results["points"])
+    return finish(results, markdown, out_dir=output_dir(args), name=args.name)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))

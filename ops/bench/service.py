@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops.bench.report import summarize
+from ops.bench.report import START_TIMEOUT_S, summarize
 from producer.job import Job
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Plan:
     jobs: dict[int, int] = field(default_factory=lambda: {1: 8, 8: 48})  # end-to-end jobs per batch size
     e2e_rounds: int = 2  # rounds that also run embedded and worker (the slow paths)
     sliced_check: bool = True  # one more matrix cell: batch max, 3/0, VAE slicing forced on
+    start_timeout: float = START_TIMEOUT_S  # seconds a worker may take to start
 
 
 def jobs_for(plan: Plan, count: int, mode: str, *, run_id: str = "bench") -> list[Job]:
@@ -207,7 +208,9 @@ def worker_process(
     )
     scratch.mkdir(parents=True, exist_ok=True)
     log = scratch / f"worker-{batch}.log"
-    process = start_worker({**env, **(extra_env or {})}, log, "--hostname", f"bench{batch}@%h", *worker_args)
+    process = start_worker(
+        {**env, **(extra_env or {})}, log, "--hostname", f"bench{batch}@%h", *worker_args, timeout=plan.start_timeout
+    )
     try:
         yield env | {"log": str(log)}
     except BaseException:

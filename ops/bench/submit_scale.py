@@ -15,15 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from ops.bench.report import finish, new_results, run_line
+from ops.bench.report import (
+    add_run_args,
+    exit_status,
+    finish,
+    new_results,
+    output_dir,
+    part,
+    run_child,
+    run_line,
+)
 from ops.localstack import start_redis, stop
 
 logger = logging.getLogger(__name__)
@@ -68,13 +75,7 @@ def measure(count: int, tmp: Path, redis_url: str) -> dict[str, Any]:
     server = redis.Redis.from_url(broker)
     server.flushall()
     base = server.info("memory")["used_memory"]
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), broker, backend, RUN],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_child(CHILD, str(path), broker, backend, RUN)
     used = server.info("memory")["used_memory"] - base
     keys: dict[str, float] = {}
     for db in (0, 1):
@@ -108,29 +109,30 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {point['prompts']:,} | {point['rss_before_mib']:.0f} → {point['rss_peak_mib']:.0f} MiB | "
             f"{point['seconds']:.1f} s | {point['jobs_per_s']:,.0f} | {point['redis_bytes_per_job']:,.0f} |"
         )
-    last = results["points"][-1]["redis_bytes_per_job_by_key"]
-    lines += ["", "Redis bytes per queued job, by key: " + ", ".join(f"`{k}` {v:,.0f}" for k, v in last.items())]
+    if results["points"]:
+        last = results["points"][-1]["redis_bytes_per_job_by_key"]
+        lines += ["", "Redis bytes per queued job, by key: " + ", ".join(f"`{k}` {v:,.0f}" for k, v in last.items())]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000", help="prompt counts, comma-separated")
-    parser.add_argument("--name", default="submit-latest", help="results file name (no extension)")
+    add_run_args(parser, "submit-latest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results = new_results()
-    with tempfile.TemporaryDirectory() as tmp:
-        process, redis_url = start_redis(Path(tmp))
+    results = new_results(points=[])
+    with tempfile.TemporaryDirectory() as tmp, part(results, "redis-server"):
+        process, redis_url = start_redis(Path(tmp), timeout=args.start_timeout)
         try:
-            results["points"] = []
-            for count in (int(part) for part in args.sizes.split(",")):
-                results["points"].append(measure(count, Path(tmp), redis_url))
-                logger.info("submit of %d: %s", count, results["points"][-1])
+            for count in [int(text) for text in args.sizes.split(",")]:
+                with part(results, f"submit of {count:,} prompts"):
+                    results["points"].append(measure(count, Path(tmp), redis_url))
+                    logger.info("submit of %d: %s", count, results["points"][-1])
         finally:
             stop(process)
-    return finish(results, args.name, markdown)
+    return finish(results, markdown, out_dir=output_dir(args), name=args.name)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))

@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from ops.bench.report import load_average, ratio, summarize
+from ops.bench.report import START_TIMEOUT_S, load_average, ratio, summarize
 from ops.localstack import moto_s3_client, start_worker, stop, worker_env
 from producer import Client, JobState
 
@@ -40,7 +40,7 @@ WARMUP_JOBS = 8
 
 @contextmanager
 def worker_stack(
-    redis_url: str, s3_endpoint: str, model: Path, log_path: Path, device: str
+    redis_url: str, s3_endpoint: str, model: Path, log_path: Path, device: str, start_timeout: float
 ) -> Iterator[dict[str, str]]:
     """A worker on its own broker/state databases and bucket; yields its environment."""
     broker, backend = f"{redis_url}/2", f"{redis_url}/3"
@@ -55,7 +55,7 @@ def worker_stack(
         model=str(model),
         device=device,
     )
-    process = start_worker(env, log_path, "--hostname", "bench@%h")
+    process = start_worker(env, log_path, "--hostname", "bench@%h", timeout=start_timeout)
     try:
         yield env
     except BaseException:
@@ -132,11 +132,12 @@ def bench_worker(
     steps: int,
     cache: tuple[int, int],
     device: str = "auto",
+    start_timeout: float = START_TIMEOUT_S,
 ) -> dict[str, Any]:
     recipe = {"width": width, "height": height, "steps": steps}
     runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
     order: list[str] = []
-    with worker_stack(redis_url, s3_endpoint, model, log_path, device) as env:
+    with worker_stack(redis_url, s3_endpoint, model, log_path, device, start_timeout) as env:
         s3 = moto_s3_client(s3_endpoint)
         with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
             for mode in runs:  # first pipeline calls, DeepCache hooks, S3 connections: not measured

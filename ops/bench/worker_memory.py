@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ops.bench.report import finish, new_results, run_line
-from ops.localstack import moto_s3_client, start_moto, start_redis, start_worker, stop, worker_env
+from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_line
+from ops.localstack import moto_s3_client, redis_and_moto, start_worker, stop, worker_env
 from producer import Client, JobState
 
 logger = logging.getLogger(__name__)
@@ -43,14 +43,12 @@ def pool_pid(worker_pid: int) -> int:
     return int(children[0])
 
 
-def measure(model: Path, batches: int, warmup: int, tmp: Path) -> dict[str, Any]:
-    redis_process, redis_url = start_redis(tmp)
-    moto_process, s3 = start_moto()
-    try:
+def measure(model: Path, batches: int, warmup: int, tmp: Path, start_timeout: float) -> dict[str, Any]:
+    with redis_and_moto(tmp, timeout=start_timeout) as (redis_url, s3):
         broker, backend = f"{redis_url}/0", f"{redis_url}/1"
         moto_s3_client(s3).create_bucket(Bucket="memory")
         env = worker_env(broker_url=broker, result_backend=backend, s3_endpoint=s3, bucket="memory", model=str(model))
-        worker = start_worker(env, tmp / "worker.log")
+        worker = start_worker(env, tmp / "worker.log", timeout=start_timeout)
         try:
             pool = pool_pid(worker.pid)
             with Client(broker, backend) as client:
@@ -73,9 +71,6 @@ def measure(model: Path, batches: int, warmup: int, tmp: Path) -> dict[str, Any]
                 raise RuntimeError("the pool process was replaced during the run: its memory is not one process's")
         finally:
             stop(worker)
-    finally:
-        stop(moto_process)
-        stop(redis_process)
     after_warmup = next(sample for sample in samples if sample[0] >= warmup)
     end = samples[-1]
     return {
@@ -89,7 +84,9 @@ def measure(model: Path, batches: int, warmup: int, tmp: Path) -> dict[str, Any]
 
 
 def markdown(results: dict[str, Any]) -> str:
-    point = results["point"]
+    point = results.get("point")
+    if point is None:
+        return f"# Worker memory\n\n{run_line(results)}\n"
     rows = [
         f"# Worker memory over {point['batches']} batches",
         "",
@@ -111,19 +108,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batches", type=int, default=500, help="batches of 8 (default 500)")
     parser.add_argument("--warmup", type=int, default=50, help="batches before the first reading (default 50)")
     parser.add_argument("--model", type=Path, help="tiny model folder (default: built into a temporary folder)")
-    parser.add_argument("--name", default="worker-memory-latest", help="results file name (no extension)")
+    add_run_args(parser, "worker-memory-latest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     results = new_results()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, part(results, "worker memory"):
         model = args.model
         if model is None:
             from worker.testmodel import build_test_model
 
             model = build_test_model(Path(tmp) / "tiny", "tiny")
-        results["point"] = measure(model, args.batches, args.warmup, Path(tmp))
-    return finish(results, args.name, markdown)
+        results["point"] = measure(model, args.batches, args.warmup, Path(tmp), args.start_timeout)
+    return finish(results, markdown, out_dir=output_dir(args), name=args.name)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))

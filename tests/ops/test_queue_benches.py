@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from ops.bench import batching, goals, report, submit_scale, worker_memory
+from ops.bench import batching, drain, goals, submit_scale, worker_memory
 
 
 def sidecar(batch: str, size: int, width: int = 64) -> dict:
@@ -72,11 +72,20 @@ def test_goal_rows_say_met_or_not_from_the_figures() -> None:
     )
 
 
+def test_goal_rows_come_from_the_parts_that_measured_something() -> None:
+    """A failed part leaves its results empty (or absent): its goals have no row, the others do."""
+    memory = {"point": {"batches": 200, "main_mib": {"growth": 0.0}, "pool_mib": {"growth": 0.01}}}
+    parts = {"batching": {"fill": {}, "lone": []}, "scaling": {"points": []}, "memory": memory}
+    [(goal, measured, _, met)] = goals.goal_rows(parts)
+    assert (goal, measured, met) == ("worker RSS growth over 200 batches (larger of main, pool)", "+1.0 %", True)
+    assert goals.goal_rows({}) == []
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_batching_bench_runs_end_to_end(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(report, "RESULTS", tmp_path)
-    results = batching.main(["--jobs-per-size", "8", "--name", "dry"])
+def test_batching_bench_runs_end_to_end(tmp_path) -> None:
+    results = batching.main(["--jobs-per-size", "8", "--name", "dry", "--out", str(tmp_path)])
+    assert "failed" not in results, results["failed"]
     assert set(json.loads((tmp_path / "dry.json").read_text())) >= {"fill", "lone"}
     for point in results["fill"].values():
         assert point["jobs"] == 160 and 0 < point["batch_fill"] <= 1
@@ -84,9 +93,9 @@ def test_batching_bench_runs_end_to_end(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.integration
-def test_submit_bench_runs_end_to_end(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(report, "RESULTS", tmp_path)
-    results = submit_scale.main(["--sizes", "500,1000", "--name", "dry"])
+def test_submit_bench_runs_end_to_end(tmp_path) -> None:
+    results = submit_scale.main(["--sizes", "500,1000", "--name", "dry", "--out", str(tmp_path)])
+    assert "failed" not in results, results["failed"]
     assert [point["prompts"] for point in results["points"]] == [500, 1000]
     for point in results["points"]:
         assert point["sent"] == point["prompts"] and point["redis_bytes_per_job"] > 0
@@ -97,8 +106,21 @@ def test_submit_bench_runs_end_to_end(tmp_path, monkeypatch) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_worker_memory_bench_runs_end_to_end(tmp_path, monkeypatch, tiny_model) -> None:
-    monkeypatch.setattr(report, "RESULTS", tmp_path)
-    results = worker_memory.main(["--batches", "6", "--warmup", "2", "--model", str(tiny_model), "--name", "dry"])
+def test_worker_memory_bench_runs_end_to_end(tmp_path, tiny_model) -> None:
+    args = ["--batches", "6", "--warmup", "2", "--model", str(tiny_model), "--name", "dry", "--out", str(tmp_path)]
+    results = worker_memory.main(args)
+    assert "failed" not in results, results["failed"]
     point = results["point"]
     assert point["batches"] == 6 and point["pool_mib"]["end"] > point["main_mib"]["end"] > 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_drain_bench_runs_end_to_end(tmp_path, tiny_model) -> None:
+    """A cancelled and a deleted run drained by a real worker; nothing generated (checked inside)."""
+    args = ["--jobs", "200", "--rounds", "1", "--model", str(tiny_model), "--name", "dry", "--out", str(tmp_path)]
+    results = drain.main(args)
+    assert "failed" not in results, results["failed"]
+    assert set(results["drain"]) == {"cancelled", "deleted"}
+    assert all(figures["messages_per_s"]["median"] > 0 for figures in results["drain"].values())
+    assert (tmp_path / "dry.md").read_text().count("| cancelled |") == 1

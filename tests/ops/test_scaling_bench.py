@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ops.bench import report, scaling
+from ops.bench import scaling
 
 
 def sidecar(worker: str, batch: str, started: float, seconds: float, size: int) -> dict:
@@ -34,10 +34,10 @@ def test_critical_path_counts_gaps_between_one_workers_calls_only() -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_scaling_bench_runs_end_to_end(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(report, "RESULTS", tmp_path)
     monkeypatch.setattr(scaling, "DEVICE", "simulated:a=0.05,b=0.01")
-    scaling.main(["--workers", "1,2", "--calls", "1", "--name", "dry"])
+    scaling.main(["--workers", "1,2", "--calls", "1", "--name", "dry", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "dry.json").read_text())
+    assert "failed" not in results, results["failed"]
     assert [point["workers"] for point in results["points"]] == [1, 2]
     assert all(point["images_per_s"] > 0 and 0 < point["batch_fill"] <= 1 for point in results["points"])
     assert "| 2 | 16 |" in (tmp_path / "dry.md").read_text()

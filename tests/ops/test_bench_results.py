@@ -1,0 +1,112 @@
+"""What a benchmark run leaves behind: a part that fails is one line in the report (the run goes
+on, writes its report and exits 1, with no traceback at the end), and a plain run writes beside
+the committed results, never over them. The faults are real: a worker whose model folder does not
+exist, a server given no time to start."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ops.bench import report, submit_scale
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+def bench(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m ops.bench.MODULE ARGS`` as a user runs it, stdout and stderr in one stream."""
+    return subprocess.run(
+        [sys.executable, "-m", f"ops.bench.{module}", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+
+
+def assert_ends_with_the_report(done: subprocess.CompletedProcess, failed: int) -> None:
+    assert done.returncode == 1, done.stdout[-4000:]
+    assert "Traceback" not in done.stdout, done.stdout[-4000:]
+    assert done.stdout.strip().splitlines()[-1].endswith(f"; {failed} part(s) failed")
+
+
+def test_a_worker_that_cannot_start_is_one_line_and_the_other_benchmarks_are_measured(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    done = bench(
+        "run",
+        "--only",
+        "enqueue",
+        "--only",
+        "worker",
+        "--jobs",
+        "200",
+        "--enqueue-rounds",
+        "1",
+        "--model",
+        str(missing),
+        "--out",
+        str(tmp_path),
+    )
+    assert_ends_with_the_report(done, failed=1)
+    text = (tmp_path / "latest.md").read_text()
+    assert "## Enqueue rate: 200 jobs" in text and "| `Client.submit`" in text
+    [line] = [line for line in text.splitlines() if line.startswith("- worker: ")]
+    assert line.startswith("- worker: RuntimeError: deepqueue worker exited with 1; log: Error: cannot read model")
+    assert str(missing) in line
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert set(results["enqueue"]["variants"]) >= {"send_task_loop", "client_submit"} and "worker" not in results
+    assert "Traceback" in results["failed"]["worker"]["traceback"]
+
+
+def test_goals_report_a_part_that_failed_and_write_every_file_in_one_folder(tmp_path: Path) -> None:
+    done = bench("goals", "--only", "memory", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path))
+    assert_ends_with_the_report(done, failed=1)
+    goals = (tmp_path / "goals-latest.md").read_text()
+    assert "- memory: worker memory: RuntimeError: deepqueue worker exited with 1; log: Error:" in goals
+    assert "worker RSS growth" not in goals  # no figure: no goal row
+    memory = (tmp_path / "worker-memory-latest.md").read_text()
+    assert "- worker memory: RuntimeError: deepqueue worker exited with 1" in memory
+
+
+def test_a_start_up_timeout_is_reported_not_raised(tmp_path: Path) -> None:
+    results = submit_scale.main(["--sizes", "100", "--start-timeout", "0", "--out", str(tmp_path)])
+    assert results["failed"]["redis-server"]["error"] == "TimeoutError: redis-server did not come up within 0 s"
+    text = (tmp_path / "submit-latest.md").read_text()
+    assert "## Failed: 1 part(s)" in text and "- redis-server: TimeoutError:" in text
+    assert report.exit_status(results) == 1
+
+
+def test_a_plain_run_writes_beside_the_committed_results_and_record_over_them(tmp_path: Path, monkeypatch) -> None:
+    committed = tmp_path / "results"
+    shutil.copytree(report.RESULTS, committed, ignore=shutil.ignore_patterns("runs"))
+    monkeypatch.setattr(report, "RESULTS", committed)  # the folder only: the run itself is real
+    before = {path.name: path.read_bytes() for path in committed.iterdir()}
+    assert {"submit-latest.md", "submit-latest.json", "goals-latest.md"} <= set(before)
+
+    results = submit_scale.main(["--sizes", "100"])
+    assert "failed" not in results, results["failed"]
+    assert {path.name: path.read_bytes() for path in committed.iterdir() if path.is_file()} == before
+    [run] = (committed / "runs").iterdir()
+    assert "| 100 |" in (run / "submit-latest.md").read_text()
+
+    submit_scale.main(["--sizes", "100", "--record"])
+    assert "| 100 |" in (committed / "submit-latest.md").read_text()
+    assert len(list((committed / "runs").iterdir())) == 1
+
+
+def test_fresh_results_are_ignored_by_git() -> None:
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    path = report.output_dir(argparse.Namespace(out=None, record=False)) / "goals-latest.md"
+    done = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO_ROOT)
+    assert done.returncode == 0, f"{path} is not git-ignored"
