@@ -5,6 +5,7 @@ job."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from ops.localstack import deepqueue_command, start_worker, stop, wait_for
+from ops.localstack import deepqueue_command, moto_s3_client, start_worker, stop, wait_for
 from producer import Client, JobState
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -114,7 +115,7 @@ def test_a_missing_model_is_refused_before_anything_starts(s3_worker_env, tmp_pa
     code = run_worker_to_exit(
         [*deepqueue_command(), "worker"], {**s3_worker_env, "DEEPQUEUE_MODEL": str(tmp_path / "nothing")}, log
     )
-    assert code == 1
+    assert code == 70  # a worker that cannot serve (README, "Exit codes")
     assert "cannot read model" in log.read_text()
 
 
@@ -192,3 +193,31 @@ def test_a_broker_that_never_answers_stops_the_worker_with_the_reason(s3_worker_
     assert f"waiting for Redis (broker redis://{silent_server}/0): TimeoutError: Timeout reading from" in text
     assert f"Redis (broker redis://{silent_server}/0) did not answer within 3 s" in text
     assert "ready." not in text
+
+
+def test_worker_flags_override_the_environment(s3_worker_env, tmp_path):
+    """``deepqueue worker --max-batch 2 --scheduler euler --cache-interval 2`` against DEEPQUEUE_*
+    saying 8, ddim and 3: the flags decide how its pool process batches and generates."""
+    env = {
+        **s3_worker_env,
+        "DEEPQUEUE_MAX_BATCH": "8",
+        "DEEPQUEUE_SCHEDULER": "ddim",
+        "DEEPQUEUE_CACHE_INTERVAL": "3",
+    }
+    flags = ["--max-batch", "2", "--max-wait-s", "0.5", "--scheduler", "euler", "--cache-interval", "2"]
+    worker = start_worker(env, tmp_path / "worker.log", *flags)
+    try:
+        with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+            run = client.submit(["a", "b", "c", "d"], run="flags", steps=2, width=64, height=64)
+            assert run.wait(timeout=120).counts[JobState.DONE] == 4
+    finally:
+        stop(worker)
+    s3 = moto_s3_client(env["DEEPQUEUE_S3_ENDPOINT_URL"])
+    bucket = env["DEEPQUEUE_S3_BUCKET"]
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="flags/images/")["Contents"]
+    keys = [item["Key"] for item in listed if item["Key"].endswith(".json")]
+    sidecars = [json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read()) for key in keys]
+    assert len(sidecars) == 4
+    assert {sidecar["batch"]["size"] for sidecar in sidecars} <= {1, 2}
+    assert {sidecar["scheduler"] for sidecar in sidecars} == {"euler"}
+    assert {sidecar["deepcache"]["interval"] for sidecar in sidecars} == {2}
