@@ -122,9 +122,9 @@ def wait_for_redis(settings: WorkerSettings) -> None:
 
 
 def storage_name(settings: WorkerSettings) -> str:
-    """The storage as a log line names it: ``s3://bucket at http://endpoint`` or the local folder."""
+    """The storage as a log line names it: ``s3://bucket at http://endpoint`` or ``local folder out``."""
     if settings.storage == "local":
-        return str(settings.output_dir)
+        return f"local folder {settings.output_dir}"
     endpoint = f" at {settings.s3_endpoint_url}" if settings.s3_endpoint_url else ""
     return f"s3://{settings.s3_bucket}{endpoint}"
 

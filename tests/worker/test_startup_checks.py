@@ -118,6 +118,7 @@ def test_redis_and_storage_that_answer_pass_the_checks(redis_urls, s3_endpoint, 
     wait_for_redis(settings)
     wait_for_storage(settings)
     assert storage_name(settings) == f"s3://{s3_bucket} at {s3_endpoint}"
+    assert storage_name(WorkerSettings(storage="local", output_dir="out")) == "local folder out"
 
 
 def test_storage_that_never_answers_fails_within_the_budget(silent_port, aws_env):
