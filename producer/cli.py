@@ -32,6 +32,46 @@ SCHEDULERS = SchedulerName.__args__  # type: ignore[attr-defined]
 FORMATS = ImageFormat.__args__  # type: ignore[attr-defined]
 
 
+#: Scheduler and DeepCache flags: run-wide recipe flags of ``submit`` and ``run``, a worker's own
+#: defaults for ``worker``; either way, for the jobs that name none.
+CACHE_FLAGS = [
+    click.option(
+        "--scheduler",
+        type=click.Choice(SCHEDULERS),
+        help="Scheduler of jobs that name none [default: the worker's DEEPQUEUE_SCHEDULER].",
+    ),
+    click.option(
+        "--cache-interval",
+        type=int,
+        help="DeepCache interval of jobs that name none; 1 turns caching off "
+        "[default: the worker's DEEPQUEUE_CACHE_INTERVAL].",
+    ),
+    click.option(
+        "--cache-branch",
+        type=int,
+        help="DeepCache branch of jobs that name none [default: the worker's DEEPQUEUE_CACHE_BRANCH].",
+    ),
+]
+
+#: Model and batching flags of ``worker`` and ``run``; each overrides its DEEPQUEUE_* variable.
+ENGINE_FLAGS = [
+    click.option("--model", help="Model id or folder [default: DEEPQUEUE_MODEL]."),
+    click.option("--device", help="auto, cpu, cuda or cuda:N [default: DEEPQUEUE_DEVICE]."),
+    click.option("--max-batch", type=int, help="Images per pipeline call at most [default: DEEPQUEUE_MAX_BATCH, 8]."),
+]
+
+
+def with_flags(*options: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator adding ``options`` to a command, shown in --help in this order."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 def recipe_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Run-wide recipe flags shared by ``submit`` and ``run``; rows of the file override them."""
     default = {name: info.default for name, info in JobDefaults.model_fields.items()}
@@ -47,17 +87,7 @@ def recipe_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--seed", type=int, help="Run seed; job seeds derive from it and their position."),
         click.option("--negative", help="Negative prompt for every job."),
-        click.option(
-            "--scheduler", type=click.Choice(SCHEDULERS), help="Scheduler [default: the worker's, DEEPQUEUE_SCHEDULER]."
-        ),
-        click.option(
-            "--cache-interval",
-            type=int,
-            help="DeepCache interval; 1 turns caching off [default: the worker's, DEEPQUEUE_CACHE_INTERVAL].",
-        ),
-        click.option(
-            "--cache-branch", type=int, help="DeepCache branch id [default: the worker's, DEEPQUEUE_CACHE_BRANCH]."
-        ),
+        *CACHE_FLAGS,
         click.option(
             "--format", "fmt", type=click.Choice(FORMATS), help=f"Image format [default: {default['format']}]."
         ),
@@ -68,9 +98,7 @@ def recipe_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path)),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return with_flags(*options)(command)
 
 
 def recipe_defaults(size: str | None, negative: str | None, fmt: str | None, **flags: Any) -> dict[str, Any]:
@@ -93,6 +121,7 @@ EXIT_JOB_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_UNREACHABLE = 3
 EXIT_TIMEOUT = 4
+EXIT_CANNOT_SERVE = 70  # a worker that cannot serve: os.EX_SOFTWARE, as worker.readiness exits
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
@@ -484,19 +513,26 @@ def summary(final: RunStatus, span: tuple[float, float] | None, where: str) -> s
 
 
 @cli.command(cls=SettingsEpilog, context_settings={"ignore_unknown_options": True})
-@click.option("--model", help="Model id or folder (default DEEPQUEUE_MODEL).")
-@click.option("--device", help="auto, cpu, cuda or cuda:N (default DEEPQUEUE_DEVICE).")
+@with_flags(
+    *ENGINE_FLAGS,
+    click.option(
+        "--max-wait-s",
+        type=float,
+        help="Longest a partial batch waits for peers of its shape [default: DEEPQUEUE_MAX_WAIT_S, 2.0].",
+    ),
+    *CACHE_FLAGS,
+)
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(model: str | None, device: str | None, loglevel: str, celery_args: tuple[str, ...]) -> None:
+def worker(loglevel: str, celery_args: tuple[str, ...], **settings: Any) -> None:
     """Start a Celery worker: one warm pipeline, batching by shape.
 
-    Other settings come from DEEPQUEUE_* variables; extra arguments go to `celery worker`
-    (e.g. --hostname gpu0@%h).
+    Flags override their DEEPQUEUE_* variables; other settings come from those variables
+    (below); extra arguments go to `celery worker` (e.g. --hostname gpu0@%h).
     """
     from worker.cli import start_worker
 
-    start_worker(model=model, device=device, loglevel=loglevel, extra=list(celery_args))
+    start_worker(overrides=settings, loglevel=loglevel, extra=list(celery_args))
 
 
 @cli.command("run")
@@ -504,9 +540,7 @@ def worker(model: str | None, device: str | None, loglevel: str, celery_args: tu
 @click.option(
     "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."
 )
-@click.option("--model", help="Model id or folder (default DEEPQUEUE_MODEL).")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--max-batch", type=int, help="Images per pipeline call at most (default 8).")
+@with_flags(*ENGINE_FLAGS)
 def run_embedded(
     file: Path,
     run_id: str | None,

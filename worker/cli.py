@@ -10,6 +10,7 @@ from typing import Any
 import click
 from celery import signals
 
+from producer.cli import EXIT_BAD_INPUT, EXIT_CANNOT_SERVE, CommandError
 from producer.client import run_id_or_new
 from producer.job import make_jobs, run_defaults
 from producer.sources import read_rows
@@ -21,16 +22,19 @@ def _settings(**overrides: Any) -> WorkerSettings:
     return WorkerSettings(**{key: value for key, value in overrides.items() if value is not None})
 
 
-def check_model(settings: WorkerSettings) -> None:
-    """Fail before starting anything if the model has no diffusers config of a served pipeline.
+def check_model(settings: WorkerSettings, *, exit_code: int = EXIT_CANNOT_SERVE) -> None:
+    """Fail with ``exit_code`` (a worker's: it cannot serve) before starting anything if the model
+    has no diffusers config of a served pipeline.
 
     Reads ``model_index.json`` only: the worker's main process must not import diffusers.
     """
     try:
         check_pipeline_class(settings.model, read_model_index(settings.model, settings.model_revision))
     except ModelError as error:
-        raise click.ClickException(
-            f"{error} (DEEPQUEUE_MODEL)\nBuild an offline test model with: deepqueue make-test-model DIR --arch tiny"
+        raise CommandError(
+            f"{error} (--model or DEEPQUEUE_MODEL)\n"
+            "Build an offline test model with: deepqueue make-test-model DIR --arch tiny",
+            exit_code,
         ) from error
 
 
@@ -52,13 +56,15 @@ def _names_node(extra: list[str]) -> bool:
     return any(arg in ("-n", "--hostname") or arg.startswith(("-n", "--hostname=")) for arg in extra)
 
 
-def start_worker(*, model: str | None, device: str | None, loglevel: str, extra: list[str]) -> None:
+def start_worker(*, overrides: dict[str, Any], loglevel: str, extra: list[str]) -> None:
+    """Run a worker until it stops; ``overrides`` (the command's flags) take precedence over
+    DEEPQUEUE_* (None values are left out). A model it cannot serve exits 70 at once."""
     # A second guard besides worker.readiness: torch, if something imported it here after all,
     # then checks CUDA through NVML, which leaves a forked pool process able to use CUDA.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     from worker.app import create_app
 
-    settings = _settings(model=model, device=device)
+    settings = _settings(**overrides)
     check_model(settings)
     app = create_app(settings)
     # prefork: the pipeline lives in a child process, so a crash there requeues its batch at
@@ -88,7 +94,7 @@ def run_local(
 ) -> None:
     """Embedded mode; ``overrides`` take precedence over DEEPQUEUE_* (None values are left out)."""
     settings = _settings(**overrides, storage="local")
-    check_model(settings)
+    check_model(settings, exit_code=EXIT_BAD_INPUT)
     from worker.embedded import run_embedded
 
     jobs = make_jobs(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from producer.job import Job
+from worker import logs
 from worker.batching import BatchKey
 from worker.deepcache import DeepCacheGuard
 from worker.model import SUPPORTED_PIPELINES, ModelError, model_fingerprint, parse_simulated
@@ -121,6 +122,7 @@ class Engine:
     @classmethod
     def load(cls, settings: WorkerSettings) -> Engine:
         """``from_pretrained`` any SD/SDXL model id or folder, on the configured device."""
+        logs.quiet_torchvision_fallback()  # before transformers can warn
         import transformers
         from diffusers import AutoPipelineForText2Image
         from diffusers.utils import logging as diffusers_logging

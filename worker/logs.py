@@ -5,12 +5,15 @@ these formatters put such fields on the line, so a log search for one job, batch
 of it. ``DEEPQUEUE_LOG_FORMAT=json`` writes one JSON object per line instead (for Loki, Cloud
 Logging, ...). Celery sets up its handlers first; ``install`` then replaces their formatters, in
 the main process before the pool forks, so pool processes log the same way.
+
+``quiet_torchvision_fallback`` drops one known-harmless warning (see there), and only that one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any, Literal
 
 #: The fields a log call may add with ``extra=`` (in this order on a text line).
@@ -59,6 +62,30 @@ class JsonFormatter(logging.Formatter):
 def _text(value: Any) -> str:
     text = str(value)
     return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
+
+
+#: transformers' warning, once per processor in every process that loads a pipeline, that an image
+#: processor falls back to its PIL twin without torchvision: diffusers imports image processors
+#: that the text-to-image pipelines here never use, so it says nothing to act on.
+TORCHVISION_FALLBACK = re.compile(
+    r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back to `\w+ImageProcessorPil`"
+)
+#: The logger transformers warns through (``transformers.utils.import_utils``).
+TORCHVISION_FALLBACK_LOGGER = "transformers.utils.import_utils"
+
+
+class _DropTorchvisionFallback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not TORCHVISION_FALLBACK.match(record.getMessage())
+
+
+_drop_torchvision_fallback = _DropTorchvisionFallback()
+
+
+def quiet_torchvision_fallback() -> None:
+    """Drop transformers' "requires torchvision ... falling back to ...Pil" warnings in this
+    process; every other record of that logger still passes. Idempotent; needs no transformers."""
+    logging.getLogger(TORCHVISION_FALLBACK_LOGGER).addFilter(_drop_torchvision_fallback)
 
 
 def formatter(kind: Literal["text", "json"]) -> logging.Formatter:

@@ -5,9 +5,12 @@ CUDA cannot be used in a process forked from one that imported diffusers (measur
 ``Cannot re-initialize CUDA in forked subprocess``), so the main process of a prefork worker must
 never import torch, diffusers or transformers; the pipeline lives in the pool process only.
 ``PipelineGate`` is a worker bootstep that runs after the pool has forked and before the consumer
-takes any message: it refuses to start a main process that imported them, and waits for the pool
-process to report whether its pipeline is built, so a broken model or device stops the worker
-before it says ``ready``, with the reason.
+takes any message: it refuses to start a main process that imported them, waits for Redis (the
+broker and the result backend) to answer, and waits for the pool process to report whether its
+pipeline is built, so a broken model or device, or a storage or Redis that does not answer, stops
+the worker before it says ``ready``, with the reason. Its ``ReadyDeadline`` (``worker.startup``)
+ends a worker still not ready after ``load_timeout_s``, naming the step the pool process last
+reported.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ import json
 import logging
 import os
 import select
+import signal
 import sys
-import time
 from typing import Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
 
+from producer.settings import redact_url
 from worker import runtime
+from worker.startup import ReadyDeadline, StartupCheckFailed, wait_for_redis
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +65,28 @@ class PipelineGate(bootsteps.StartStopStep):
         # write end stays open here: processes forked later write into a closed pipe, harmlessly.
         self.read_fd, write_fd = os.pipe()
         runtime.report_to(write_fd)
+        # Counted from here, before the pool forks; watched from start(), after it has.
+        self.deadline = ReadyDeadline(runtime.settings().load_timeout_s, self._give_up)
+        self.pool: Any = None
+        signals.worker_ready.connect(self._ready)  # weak: this step lives as long as its worker
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:
+        settings = runtime.settings()
+        self.pool = worker.pool
+        self.deadline.start()
         try:
             if is_forking_pool(worker.pool):
                 self._check_fork_safety()
-                report = self._wait_for_pool(worker.pool, runtime.settings().load_timeout_s)
+            self.deadline.waiting_for("Redis (the broker and the result backend) to answer")
+            try:
+                wait_for_redis(settings)
+            except StartupCheckFailed as error:
+                raise StartupError(f"{error}; stopping before taking any job") from error
+            if is_forking_pool(worker.pool):
+                report = self._wait_for_pool(worker.pool)
             else:  # solo or threads: the pipeline lives in this process, nothing forks
+                self.deadline.waiting_for("the pipeline to build in this process")
                 runtime.init_process()
                 report = runtime.pipeline_report()
         finally:
@@ -77,6 +96,23 @@ class PipelineGate(bootsteps.StartStopStep):
         logger.info("pipeline ready in pool process %s: %s", report.get("pid", os.getpid()), report.get("worker"))
         runtime.metrics().describe_worker(runtime.settings(), report)
         runtime.mark_serving()
+        self.deadline.waiting_for(f"the consumer to connect to the broker ({redact_url(settings.broker_url)})")
+
+    def _ready(self, **_: Any) -> None:
+        """``worker_ready``: Celery's consumer is connected and says ``ready.``."""
+        self.deadline.ready()
+
+    def _give_up(self, reason: str) -> None:
+        """The deadline passed (its thread): say why, end the pool processes, exit 70 at once,
+        since the main thread may be blocked in a call that never returns."""
+        logger.critical("%s; stopping before taking any job", reason)
+        for process in _pool_processes(self.pool):
+            try:
+                os.kill(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, TypeError):  # gone already, or never started (pid None)
+                pass
+        logging.shutdown()  # flush the log handlers: os._exit skips that
+        os._exit(os.EX_SOFTWARE)
 
     def _check_fork_safety(self) -> None:
         unsafe = fork_unsafe_imports()
@@ -87,22 +123,29 @@ class PipelineGate(bootsteps.StartStopStep):
             )
         logger.info("main process is fork-safe: none of %s imported", ", ".join(FORK_UNSAFE_MODULES))
 
-    def _wait_for_pool(self, pool: Any, timeout: float) -> dict[str, Any]:
-        """The first pool process's report, or an error if it dies or hangs while loading."""
-        deadline = time.monotonic() + timeout
+    def _wait_for_pool(self, pool: Any) -> dict[str, Any]:
+        """The first pool process's report, or an error if it dies while loading; the stages it
+        reports on the way go to the deadline, which ends a pool process that hangs."""
         buffer = b""
-        while time.monotonic() < deadline:
+        stage = "the pool process to start"
+        while True:
+            self.deadline.waiting_for(stage)
             readable, _, _ = select.select([self.read_fd], [], [], 1.0)
             if readable:
                 buffer += os.read(self.read_fd, 65536)
-                if b"\n" in buffer:
-                    return json.loads(buffer.split(b"\n", 1)[0])
-            dead = [code for code in _pool_exit_codes(pool) if code is not None]
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    message = json.loads(line)
+                    if "stage" not in message:
+                        return message
+                    stage = f"{message['stage']} (pool process {message['pid']})"
+                    logger.info("waiting for %s", stage)
+                continue
+            dead = [process.exitcode for process in _pool_processes(pool) if process.exitcode is not None]
             if dead:
-                return {"error": f"the pool process exited with code {dead[0]} while loading the pipeline"}
-        return {"error": f"no pipeline in the pool process after {timeout:.0f} s (DEEPQUEUE_LOAD_TIMEOUT_S)"}
+                return {"error": f"the pool process exited with code {dead[0]} while waiting for {stage}"}
 
 
-def _pool_exit_codes(pool: Any) -> list[int | None]:
-    processes = getattr(getattr(pool, "_pool", None), "_pool", None) or []
-    return [getattr(process, "exitcode", None) for process in processes]
+def _pool_processes(pool: Any) -> list[Any]:
+    """The prefork pool's processes (none for other pools, or before the pool has started)."""
+    return list(getattr(getattr(pool, "_pool", None), "_pool", None) or [])

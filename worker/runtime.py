@@ -15,6 +15,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from producer.state import RunStore
+from worker import startup
 from worker.executor import BatchExecutor, Delivery, Outcome
 from worker.settings import WorkerSettings
 from worker.storage import make_storage
@@ -120,13 +121,17 @@ def build_executor(settings: WorkerSettings) -> BatchExecutor:
     """Storage first: a missing bucket is found in a second, not after minutes of model loading.
     A process that replaces one that died skips that check: its worker's storage took writes,
     and an outage now (the reason it died, perhaps) is for the uploads' retries to wait out, not
-    a reason to stop the worker."""
+    a reason to stop the worker. Each step is reported to the main process before it begins, so
+    a start-up that times out names the step it hung in."""
     from worker.engine import load_engine
 
-    storage = make_storage(settings, check=not _serving)
-    return BatchExecutor(
-        load_engine(settings), storage, RunStore.from_url(settings.result_backend), settings, name=_worker_name
-    )
+    if not _serving:
+        _report_stage(f"storage {startup.storage_name(settings)} to take the write check object")
+        startup.wait_for_storage(settings)
+    _report_stage(f"the model {settings.model} to load")
+    engine = load_engine(settings)
+    storage = make_storage(settings, check=False)
+    return BatchExecutor(engine, storage, RunStore.from_url(settings.result_backend), settings, name=_worker_name)
 
 
 class PipelineUnavailable(RuntimeError):
@@ -172,6 +177,11 @@ def _report(message: dict[str, Any]) -> None:
         os.write(_report_fd, json.dumps(message).encode() + b"\n")
     except OSError:  # the main process stopped listening (a replacement process): nothing to tell
         pass
+
+
+def _report_stage(waiting_for: str) -> None:
+    """Tell the main process what this process waits for now (named if start-up times out)."""
+    _report({"pid": os.getpid(), "stage": waiting_for})
 
 
 def _ready_executor() -> BatchExecutor:

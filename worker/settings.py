@@ -43,7 +43,19 @@ class WorkerSettings(ClientSettings):
         1800.0, gt=0, description="A batch running longer is killed; its jobs are retried one by one"
     )
     load_timeout_s: float = Field(
-        600.0, gt=0, description="Time a pool process may take to load the pipeline before it counts as hung"
+        600.0,
+        gt=0,
+        description="Time a worker may take from start to ready (storage and Redis checks, model load); "
+        "one still not ready exits with code 70, saying what it was waiting for",
+    )
+    startup_timeout_s: float = Field(
+        10.0, gt=0, description="Connect and read timeout of each call to S3 and Redis while the worker starts"
+    )
+    startup_retry_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long start-up retries S3 and Redis calls that fail for a reason that passes (refused, "
+        "timed out, 5xx) before the worker exits with code 70; below load_timeout_s",
     )
     vae_slicing: Literal["auto", "on", "off"] = Field(
         "auto", description="Decode a batch one image at a time: auto = only when the batch might not fit in memory"
@@ -147,6 +159,15 @@ class WorkerSettings(ClientSettings):
                 f"({self.busy_messages} with max_batch {self.max_batch} and store_backlog "
                 f"{self.store_backlog_count}) plus one batch to fill; leave it unset for the default "
                 f"({self.buffer_for_full_batches + self.busy_messages})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _startup_retries_end_before_the_load_timeout(self) -> WorkerSettings:
+        # Retries the load timeout always cuts short would never report their own reason.
+        if self.startup_retry_s >= self.load_timeout_s:
+            raise ValueError(
+                f"startup_retry_s ({self.startup_retry_s}) must be below load_timeout_s ({self.load_timeout_s})"
             )
         return self
 

@@ -85,12 +85,21 @@ class S3Storage:
         self.bucket = bucket
 
     @classmethod
-    def connect(cls, bucket: str, endpoint_url: str | None = None) -> S3Storage:
-        """A client from boto3's standard credential chain (env, profile, instance role)."""
+    def connect(cls, bucket: str, endpoint_url: str | None = None, *, timeout_s: float | None = None) -> S3Storage:
+        """A client from boto3's standard credential chain (env, profile, instance role).
+
+        ``timeout_s``: each call's connect and read timeout, one attempt per call (start-up checks,
+        whose caller retries and says so); otherwise 10 s to connect, 60 s to read, botocore's retries.
+        """
         import boto3
         from botocore.config import Config
 
-        config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+        if timeout_s is None:
+            config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+        else:
+            config = Config(
+                retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=timeout_s, read_timeout=timeout_s
+            )
         return cls(boto3.client("s3", endpoint_url=endpoint_url, config=config), bucket)
 
     def put(self, key: str, data: bytes, *, content_type: str, metadata: dict[str, str]) -> bool:
@@ -343,12 +352,12 @@ class LocalStorage:
             raise StorageError(f"cannot write to {path} (DEEPQUEUE_OUTPUT_DIR): {error}") from error
 
 
-def make_storage(settings: ClientSettings, *, check: bool = True) -> Storage:
+def make_storage(settings: ClientSettings, *, check: bool = True, timeout_s: float | None = None) -> Storage:
     """The configured storage (worker and client settings both name it); with ``check``, once
-    it has shown that it takes writes (StorageError if not)."""
+    it has shown that it takes writes (StorageError if not). ``timeout_s``: see ``S3Storage.connect``."""
     storage: Storage
     if settings.storage == "s3":
-        storage = S3Storage.connect(settings.s3_bucket, settings.s3_endpoint_url)
+        storage = S3Storage.connect(settings.s3_bucket, settings.s3_endpoint_url, timeout_s=timeout_s)
     else:
         storage = LocalStorage(settings.output_dir)
     if check:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -58,3 +61,28 @@ def test_json_lines_parse_with_every_field(capture):
     assert entry["message"] == "storing job j1 failed" and entry["level"] == "ERROR"
     assert (entry["job_id"], entry["run_id"]) == ("j1", "r")
     assert "ValueError: bad" in entry["exception"] and "T" in entry["time"]
+
+
+#: transformers itself, in a fresh process: it warns that an image processor falls back to its
+#: PIL twin (torchvision is not installed), then one other warning on the same logger.
+FALLBACK_SCRIPT = """
+import logging, sys
+from worker import logs
+if sys.argv[1] == "quiet":
+    logs.quiet_torchvision_fallback()
+import transformers
+transformers.CLIPImageProcessor
+logging.getLogger(logs.TORCHVISION_FALLBACK_LOGGER).warning("another warning still shows")
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "loud"])
+def test_only_the_torchvision_fallback_warnings_are_dropped(mode):
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: transformers does not warn")
+    result = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT, mode], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    warned = "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
+    assert (warned in result.stderr) == (mode == "loud"), result.stderr
+    assert "another warning still shows" in result.stderr
