@@ -7,6 +7,8 @@ own Redis data and runs the same in CI.
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,3 +90,24 @@ def s3_worker_env(redis_urls, s3_endpoint, tiny_model) -> dict[str, str]:
         device="cpu",
         max_wait_s=0.5,
     )
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port on loopback that accepts every connection and never answers: an S3 or Redis that
+    hangs (a proxy whose backend died, a server still starting, a full backlog)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+    for connection in held:
+        connection.close()

@@ -117,3 +117,18 @@ def get(url: str) -> tuple[int | None, str]:
         return error.code, error.read().decode()
     except (urllib.error.URLError, ConnectionError):
         return None, ""
+
+
+class FakeClock:
+    """Time that moves only when the code under test sleeps."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds

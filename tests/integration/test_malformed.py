@@ -5,6 +5,8 @@ no message at all (issue 14)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import redis
 
@@ -18,19 +20,24 @@ from tests.helpers import malformed, publish_raw, raw_entries
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
 
-def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(redis_urls, tiny_model, tmp_path):
+def local_worker_env(redis_urls: tuple[str, str], model: Path, tmp_path: Path) -> dict[str, str]:
+    """A CPU worker on the test Redis writing local files."""
     broker, backend = redis_urls
-    env = worker_env(
+    return worker_env(
         broker_url=broker,
         result_backend=backend,
-        model=str(tiny_model),
+        model=str(model),
         device="cpu",
         storage="local",
         output_dir=str(tmp_path / "out"),
         max_wait_s=0.5,
     )
+
+
+def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(redis_urls, tiny_model, tmp_path):
+    broker, backend = redis_urls
     log = tmp_path / "worker.log"
-    worker = start_worker(env, log)
+    worker = start_worker(local_worker_env(redis_urls, tiny_model, tmp_path), log)
     kinds = malformed(tmp_path)
     try:
         ids = publish_raw(broker, kinds)
@@ -75,17 +82,8 @@ def test_raw_entries_on_the_list_are_dead_lettered_and_the_worker_keeps_serving(
     JSON: an unrecoverable error) or make it reconnect forever behind healthy probes (no
     ``properties``: a KeyError, which kombu counts as a lost connection)."""
     broker, backend = redis_urls
-    env = worker_env(
-        broker_url=broker,
-        result_backend=backend,
-        model=str(tiny_model),
-        device="cpu",
-        storage="local",
-        output_dir=str(tmp_path / "out"),
-        max_wait_s=0.5,
-    )
     log = tmp_path / "worker.log"
-    worker = start_worker(env, log)
+    worker = start_worker(local_worker_env(redis_urls, tiny_model, tmp_path), log)
     entries = raw_entries()
     db = redis.Redis.from_url(broker)
     try:

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,27 +24,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def run_worker_to_exit(command: list[str], env: dict[str, str], log_path, timeout: float = 180) -> int:
     with log_path.open("w") as log:
         return subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
-
-
-@pytest.fixture
-def silent_server() -> Iterator[str]:
-    """``127.0.0.1:PORT`` of a server that accepts every connection and never answers: an S3 or
-    Redis that hangs (a proxy whose backend died, a server still starting, a full backlog)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                held.append(listener.accept()[0])
-            except OSError:  # closed at teardown
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield f"127.0.0.1:{listener.getsockname()[1]}"
-    listener.close()
-    for connection in held:
-        connection.close()
 
 
 def gone(pid: int) -> bool:
@@ -131,14 +107,14 @@ def test_a_missing_bucket_stops_the_worker_before_ready(s3_worker_env, tmp_path)
     assert "bucket s3://no-such-bucket does not exist" in text and "ready." not in text
 
 
-def test_storage_that_never_answers_stops_the_worker_with_the_reason(s3_worker_env, silent_server, tmp_path):
+def test_storage_that_never_answers_stops_the_worker_with_the_reason(s3_worker_env, silent_port, tmp_path):
     """Each start-up call to S3 times out, is retried with a line saying what the worker waits
     for, and once DEEPQUEUE_STARTUP_RETRY_S is spent the worker exits 70 naming the storage."""
     log = tmp_path / "worker.log"
     bucket = s3_worker_env["DEEPQUEUE_S3_BUCKET"]
     env = {
         **s3_worker_env,
-        "DEEPQUEUE_S3_ENDPOINT_URL": f"http://{silent_server}",
+        "DEEPQUEUE_S3_ENDPOINT_URL": f"http://127.0.0.1:{silent_port}",
         "DEEPQUEUE_STARTUP_TIMEOUT_S": "1",
         "DEEPQUEUE_STARTUP_RETRY_S": "4",
         "DEEPQUEUE_LOAD_TIMEOUT_S": "120",
@@ -146,14 +122,14 @@ def test_storage_that_never_answers_stops_the_worker_with_the_reason(s3_worker_e
     code = run_worker_to_exit([*deepqueue_command(), "worker"], env, log, timeout=240)
     text = log.read_text()
     assert code == 70, text[-3000:]
-    where = f"storage s3://{bucket} at http://{silent_server}"
+    where = f"storage s3://{bucket} at http://127.0.0.1:{silent_port}"
     assert f"waiting for {where}: StorageError: cannot reach s3://{bucket}: Read timeout" in text
     assert f"{where} did not answer within 4 s (DEEPQUEUE_STARTUP_RETRY_S" in text
     assert "ready." not in text
 
 
 def test_a_worker_not_ready_within_the_load_timeout_exits_70_saying_what_it_waited_for(
-    s3_worker_env, silent_server, tmp_path
+    s3_worker_env, silent_port, tmp_path
 ):
     """The backstop: a call that blocks past DEEPQUEUE_LOAD_TIMEOUT_S (here S3 calls given an
     hour each) ends the worker at the deadline, with what it waited for, and its pool process too."""
@@ -161,7 +137,7 @@ def test_a_worker_not_ready_within_the_load_timeout_exits_70_saying_what_it_wait
     bucket = s3_worker_env["DEEPQUEUE_S3_BUCKET"]
     env = {
         **s3_worker_env,
-        "DEEPQUEUE_S3_ENDPOINT_URL": f"http://{silent_server}",
+        "DEEPQUEUE_S3_ENDPOINT_URL": f"http://127.0.0.1:{silent_port}",
         "DEEPQUEUE_STARTUP_TIMEOUT_S": "3600",
         "DEEPQUEUE_LOAD_TIMEOUT_S": "30",
         "DEEPQUEUE_STARTUP_RETRY_S": "20",
@@ -171,7 +147,8 @@ def test_a_worker_not_ready_within_the_load_timeout_exits_70_saying_what_it_wait
     assert code == 70, text[-3000:]
     reason = re.search(
         rf"not ready after 30 s \(DEEPQUEUE_LOAD_TIMEOUT_S\): still waiting for storage s3://{bucket} at "
-        rf"http://{silent_server} to take the write check object \(pool process (\d+)\); stopping before taking",
+        rf"http://127.0.0.1:{silent_port} to take the write check object \(pool process (\d+)\); "
+        rf"stopping before taking",
         text,
     )
     assert reason, text[-3000:]
@@ -180,19 +157,19 @@ def test_a_worker_not_ready_within_the_load_timeout_exits_70_saying_what_it_wait
     assert "ready." not in text
 
 
-def test_a_broker_that_never_answers_stops_the_worker_with_the_reason(s3_worker_env, silent_server, tmp_path):
+def test_a_broker_that_never_answers_stops_the_worker_with_the_reason(s3_worker_env, silent_port, tmp_path):
     log = tmp_path / "worker.log"
     env = {
         **s3_worker_env,
-        "DEEPQUEUE_BROKER_URL": f"redis://{silent_server}/0",
+        "DEEPQUEUE_BROKER_URL": f"redis://127.0.0.1:{silent_port}/0",
         "DEEPQUEUE_STARTUP_TIMEOUT_S": "1",
         "DEEPQUEUE_STARTUP_RETRY_S": "3",
     }
     code = run_worker_to_exit([*deepqueue_command(), "worker"], env, log)
     text = log.read_text()
     assert code == 70, text[-3000:]
-    assert f"waiting for Redis (broker redis://{silent_server}/0): TimeoutError: Timeout reading from" in text
-    assert f"Redis (broker redis://{silent_server}/0) did not answer within 3 s" in text
+    assert f"waiting for Redis (broker redis://127.0.0.1:{silent_port}/0): TimeoutError: Timeout reading from" in text
+    assert f"Redis (broker redis://127.0.0.1:{silent_port}/0) did not answer within 3 s" in text
     assert "ready." not in text
 
 

@@ -4,13 +4,12 @@ servers; the retry policy itself on a given clock (no waiting)."""
 from __future__ import annotations
 
 import logging
-import socket
 import threading
-from collections.abc import Iterator
 
 import pytest
 import redis
 
+from tests.helpers import FakeClock
 from worker.settings import WorkerSettings
 from worker.startup import (
     ReadyDeadline,
@@ -25,23 +24,8 @@ from worker.startup import (
 from worker.storage import StorageError
 
 
-class Clock:
-    """Time that moves only when the code under test sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
 def test_a_failure_that_passes_is_retried_with_a_line_naming_what_is_awaited(caplog):
-    clock, tries = Clock(), []
+    clock, tries = FakeClock(), []
 
     def call() -> str:
         tries.append(clock.now)
@@ -59,7 +43,7 @@ def test_a_failure_that_passes_is_retried_with_a_line_naming_what_is_awaited(cap
 
 
 def test_the_budget_bounds_the_retries_and_the_error_names_the_service_and_the_cause():
-    clock = Clock()
+    clock = FakeClock()
 
     def call() -> None:
         clock.now += 2.0  # each try takes its timeout
@@ -73,7 +57,7 @@ def test_the_budget_bounds_the_retries_and_the_error_names_the_service_and_the_c
 
 
 def test_a_failure_that_does_not_pass_stops_at_once():
-    clock = Clock()
+    clock = FakeClock()
 
     def call() -> None:
         raise StorageError("bucket s3://nope does not exist (DEEPQUEUE_S3_BUCKET): create it first")
@@ -81,26 +65,6 @@ def test_a_failure_that_does_not_pass_stops_at_once():
     with pytest.raises(StartupCheckFailed, match="storage s3://nope: StorageError: bucket s3://nope does not exist"):
         wait_for("storage s3://nope", call, retry_s=60, clock=clock, sleep=clock.sleep)
     assert clock.sleeps == []
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port that accepts connections and never answers."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield listener.getsockname()[1]
-    listener.close()
-    for connection in held:
-        connection.close()
 
 
 def test_a_redis_that_never_answers_times_out_and_passes(silent_port):

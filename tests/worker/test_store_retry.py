@@ -13,6 +13,7 @@ import threading
 
 import pytest
 
+from tests.helpers import FakeClock
 from worker.storage import LocalStorage, S3Storage, StorageError
 from worker.store_retry import (
     MAX_DELAY_S,
@@ -47,19 +48,6 @@ def error_id(error: Exception) -> str:
     if isinstance(error, ClientError):
         return error.response["Error"]["Code"]
     return type(error).__name__
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 class Uploads:
@@ -174,7 +162,7 @@ def fake_policy(budget_s: float, clock: FakeClock) -> StoreRetry:
 
 
 def test_transient_failures_are_retried_on_the_schedule_until_the_upload_succeeds(caplog) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     policy = fake_policy(600, clock)
     down = wrapped(ConnectionRefusedError(111, "Connection refused"))
     upload = Uploads(*[down] * 8)
@@ -192,7 +180,7 @@ def test_transient_failures_are_retried_on_the_schedule_until_the_upload_succeed
 
 
 def test_the_budget_runs_out_and_the_reason_keeps_the_cause() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     policy = fake_policy(5, clock)
     upload = Uploads(*[wrapped(client_error("SlowDown", 503))] * 100)
     with pytest.raises(
@@ -206,7 +194,7 @@ def test_the_budget_runs_out_and_the_reason_keeps_the_cause() -> None:
 
 
 def test_a_zero_budget_fails_at_the_first_transient_error() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     upload = Uploads(TimeoutError("timed out"))
     with pytest.raises(RetriesExhausted, match="after 0 s of retries: timed out"):
         fake_policy(0, clock).job().call(upload)
@@ -214,7 +202,7 @@ def test_a_zero_budget_fails_at_the_first_transient_error() -> None:
 
 
 def test_a_permanent_error_is_raised_at_once(caplog) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     policy = fake_policy(600, clock)
     denied = wrapped(client_error("AccessDenied", 403))
     with caplog.at_level(logging.INFO, logger="worker.store_retry"), pytest.raises(StorageError) as caught:
@@ -224,7 +212,7 @@ def test_a_permanent_error_is_raised_at_once(caplog) -> None:
 
 
 def test_both_uploads_of_a_job_share_one_budget_counted_from_its_first_failure() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     policy = fake_policy(10, clock)
     down = ConnectionResetError(104, "reset")
     job = policy.job()
