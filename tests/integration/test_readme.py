@@ -26,6 +26,8 @@ README = (ROOT / "README.md").read_text()
 NOT_RUN = {
     "Scaling with docker compose": "no Docker engine here: tests/ops/test_compose.py validates the compose files "
     "and runs ops/compose/gpus.py as these lines do",
+    "Development": "the suite's own commands (make test-quick, pytest on one file): CI runs make test, whose "
+    "tests include every one these select",
 }
 
 

@@ -61,7 +61,7 @@ def test_a_worker_that_cannot_start_is_one_line_and_the_other_benchmarks_are_mea
     text = (tmp_path / "latest.md").read_text()
     assert "## Enqueue rate: 200 jobs" in text and "| `Client.submit`" in text
     [line] = [line for line in text.splitlines() if line.startswith("- worker: ")]
-    assert line.startswith("- worker: RuntimeError: deepqueue worker exited with 1; log: Error: cannot read model")
+    assert line.startswith("- worker: RuntimeError: deepqueue worker exited with 70; log: Error: cannot read model")
     assert str(missing) in line
     results = json.loads((tmp_path / "latest.json").read_text())
     assert set(results["enqueue"]["variants"]) >= {"send_task_loop", "client_submit"} and "worker" not in results
@@ -72,10 +72,10 @@ def test_goals_report_a_part_that_failed_and_write_every_file_in_one_folder(tmp_
     done = bench("goals", "--only", "memory", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path))
     assert_ends_with_the_report(done, failed=1)
     goals = (tmp_path / "goals-latest.md").read_text()
-    assert "- memory: worker memory: RuntimeError: deepqueue worker exited with 1; log: Error:" in goals
+    assert "- memory: worker memory: RuntimeError: deepqueue worker exited with 70; log: Error:" in goals
     assert "worker RSS growth" not in goals  # no figure: no goal row
     memory = (tmp_path / "worker-memory-latest.md").read_text()
-    assert "- worker memory: RuntimeError: deepqueue worker exited with 1" in memory
+    assert "- worker memory: RuntimeError: deepqueue worker exited with 70" in memory
 
 
 def test_a_start_up_timeout_is_reported_not_raised(tmp_path: Path) -> None:
