@@ -277,8 +277,7 @@ class Channel(redis.Channel):
         to the dead letters: one that is no message kombu can read, or that kombu fails on."""
         try:
             payload = read_entry(item)
-            self.Message(payload, channel=self)  # kombu's own reading: the body's encoding, the headers
-        except Exception as error:  # any: an entry costs itself, not the worker
+        except MalformedEntry as error:
             self._drop_entry(queue, item, key, error)
             return
         self.taking = (key, item)
@@ -286,7 +285,7 @@ class Channel(redis.Channel):
             self.connection._deliver(payload, queue)
         except BROKER_ERRORS:
             raise  # Redis or the network: Celery reconnects, a taking list keeps the entry
-        except Exception as error:  # what kombu or a consumer failed on after our checks
+        except Exception as error:  # what kombu (its reading of the body and headers) or a consumer failed on
             if self.taking is None:  # recorded as held: take it out of kombu's unacked records
                 self._forget_delivered(payload["properties"]["delivery_tag"])
                 key = None
