@@ -560,7 +560,7 @@ def run_embedded(
 
 @cli.command("make-test-model")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--arch", type=click.Choice(["tiny", "sd15", "sdxl-tiny"]), default="tiny", show_default=True)
+@click.option("--arch", type=click.Choice(["tiny", "sd15", "sdxl", "sdxl-tiny"]), default="tiny", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_test_model(directory: Path, arch: str, seed: int) -> None:
     """Build a random-weight pipeline in DIRECTORY (offline; loads like a real model)."""

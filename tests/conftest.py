@@ -73,6 +73,22 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_test_model(tmp_path_factory.mktemp("models") / "tiny", "tiny")
 
 
+@pytest.fixture(scope="session")
+def sdxl_tiny(tmp_path_factory) -> Path:
+    """The tiny random-weight SDXL pipeline (two text encoders, ``text_time``), built once."""
+    pytest.importorskip("torch")
+    from worker.testmodel import build_test_model
+
+    return build_test_model(tmp_path_factory.mktemp("models") / "sdxl-tiny", "sdxl-tiny")
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory) -> Path:
+    """One DEEPQUEUE_COMPILE_CACHE for the session: a graph compiles once (minutes on 2 cores),
+    then every later test and worker process reads it back."""
+    return tmp_path_factory.mktemp("compile-cache")
+
+
 @pytest.fixture
 def s3_worker_env(redis_urls, s3_endpoint, tiny_model) -> dict[str, str]:
     """The environment of a CPU worker on the test Redis, a new bucket and the tiny model."""

@@ -11,13 +11,13 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from producer.job import Job
 from worker import logs
+from worker.acceleration import Accelerator, Shape, compile_cache_dir, resolve_level
 from worker.batching import BatchKey
-from worker.deepcache import DeepCacheGuard
 from worker.model import SUPPORTED_PIPELINES, ModelError, model_fingerprint, parse_simulated
 from worker.settings import WorkerSettings
 
@@ -48,6 +48,7 @@ DECODE_MEMORY_SHARE = 0.5
 class Generated:
     images: list[Any]  # PIL images, in job order
     seconds: float  # wall time of the pipeline call, device synchronised
+    compiles: dict[str, int] = field(default_factory=dict)  # compile counts the call caused
 
 
 def decode_needs_slicing(images: int, height: int, width: int, itemsize: int, free_bytes: int | None) -> bool:
@@ -96,6 +97,30 @@ def resolve_dtype(setting: str, device: str) -> Any:
     return getattr(torch, setting)
 
 
+@dataclass(frozen=True)
+class WarmRecipe:
+    """The recipe fields a warm-up uses (the worker's defaults; the shape comes with each call)."""
+
+    scheduler: str
+    cache_interval: int
+    cache_branch: int
+    guidance: float
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return device
+
+
 def load_engine(settings: WorkerSettings) -> Any:
     """The configured model's engine: ``Engine``, or a ``SimulatedEngine`` for ``simulated:...``."""
     simulated = parse_simulated(settings.model)
@@ -107,14 +132,23 @@ def load_engine(settings: WorkerSettings) -> Any:
 
 
 class Engine:
-    """One diffusers pipeline, its schedulers and its DeepCache guard."""
+    """One diffusers pipeline, its schedulers, its DeepCache guard and its acceleration."""
 
-    def __init__(self, pipe: Any, *, device: str, model: dict[str, Any], vae_slicing: str = "auto") -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        device: str,
+        model: dict[str, Any],
+        vae_slicing: str = "auto",
+        accelerator: Accelerator | None = None,
+    ) -> None:
         self.pipe = pipe
         self.device = device
         self.model = model
         self.vae_slicing = vae_slicing
-        self.deepcache = DeepCacheGuard(pipe)
+        self.accelerator = accelerator or Accelerator(pipe, "off", device)
+        self.deepcache = self.accelerator.deepcache
         self._scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[str, Any] = {}
         self._scheduler_name: str | None = None
@@ -147,22 +181,48 @@ class Engine:
             )
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        engine = cls(
-            pipe,
-            device=device,
-            model=model_fingerprint(settings.model, settings.model_revision),
-            vae_slicing=settings.vae_slicing,
-        )
+        model = model_fingerprint(settings.model, settings.model_revision)
+        level = resolve_level(settings.acceleration, device)
+        cache_root = settings.compile_cache.expanduser()
+        cache_dir = compile_cache_dir(cache_root, model, _torch_version(), _device_name(device))
+        accelerator = Accelerator.prepare(pipe, level, device, cache_dir=cache_dir, graph_limit=settings.graph_shapes)
+        engine = cls(pipe, device=device, model=model, vae_slicing=settings.vae_slicing, accelerator=accelerator)
         logger.info(
-            "loaded %s (%s) on %s as %s in %.1f s",
+            "loaded %s (%s) on %s as %s, acceleration %s, in %.1f s",
             settings.model,
             type(pipe).__name__,
             device,
             dtype,
+            level,
             time.perf_counter() - started,
             extra={"model": engine.model, "device": device},
         )
         return engine
+
+    def warm_up(self, shapes: Sequence[tuple[int, int, int]], defaults: WarmRecipe) -> dict[str, Any]:
+        """Compile (and capture) ``shapes`` (width, height, images) with the worker's default
+        recipe before the first batch: the seconds it took (``warm_s``) and its ``compiles``.
+        Nothing to do at levels that do not compile."""
+        if not self.accelerator.compiled or not shapes:
+            return {}
+        started = time.perf_counter()
+        for width, height, images in shapes:
+            logger.info("warming up %dx%d x %d", width, height, images)
+            self._call(
+                ["warm-up"] * images,
+                None,
+                [0] * images,
+                width=width,
+                height=height,
+                steps=max(2, defaults.cache_interval + 1),  # a full step and a shallow one
+                guidance=defaults.guidance,
+                scheduler=defaults.scheduler,
+                cache=(defaults.cache_interval, defaults.cache_branch),
+            )
+        seconds = time.perf_counter() - started
+        compiles = self.accelerator.take_compile_counts()
+        logger.info("warmed up %d shapes in %.1f s (%s)", len(shapes), seconds, compiles or "nothing compiled")
+        return {"warm_s": seconds, "compiles": compiles}
 
     def check(self, key: BatchKey) -> str | None:
         """Why this batch cannot run here, or None."""
@@ -172,33 +232,67 @@ class Engine:
 
     def generate(self, key: BatchKey, jobs: Sequence[Job]) -> Generated:
         """One pipeline call for jobs that share ``key``; one generator per image."""
-        import torch
-
         problem = self.check(key)
         if problem:
             raise ValueError(problem)
-        self._use_scheduler(key.scheduler)
-        self._set_vae_slicing(len(jobs), key.height, key.width)
-        # CPU generators: the same seed gives the same noise on every machine.
-        generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
-        negatives = [job.negative_prompt or "" for job in jobs] if key.negative_prompt else None
         started = time.perf_counter()
-        with self.deepcache.active(key.cache_interval, key.cache_branch), torch.inference_mode():
+        images = self._call(
+            [job.prompt for job in jobs],
+            [job.negative_prompt or "" for job in jobs] if key.negative_prompt else None,
+            [job.seed for job in jobs],
+            width=key.width,
+            height=key.height,
+            steps=key.steps,
+            guidance=key.guidance,
+            scheduler=key.scheduler,
+            cache=(key.cache_interval, key.cache_branch),
+        )
+        seconds = time.perf_counter() - started
+        return Generated(images=images, seconds=seconds, compiles=self.accelerator.take_compile_counts())
+
+    def _call(
+        self,
+        prompts: list[str],
+        negatives: list[str] | None,
+        seeds: list[int],
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        guidance: float,
+        scheduler: str,
+        cache: tuple[int, int],
+    ) -> list[Any]:
+        """One pipeline call, padded to a compiled batch size where one holds it (the extra
+        images, copies of the last, are dropped)."""
+        import torch
+
+        wanted = len(prompts)
+        size = self.accelerator.batch_size(Shape(width, height, wanted, guided=guidance > 1))
+        extra = size - wanted
+        prompts, seeds = prompts + prompts[-1:] * extra, seeds + seeds[-1:] * extra
+        negatives = negatives + negatives[-1:] * extra if negatives is not None else None
+        self._use_scheduler(scheduler)
+        self._set_vae_slicing(size, height, width)
+        # CPU generators: the same seed gives the same noise on every machine.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        shape = Shape(width, height, size, guided=guidance > 1)
+        with self.accelerator.active(*cache, shape), torch.inference_mode():
             output = self.pipe(
-                prompt=[job.prompt for job in jobs],
+                prompt=prompts,
                 negative_prompt=negatives,
-                height=key.height,
-                width=key.width,
-                num_inference_steps=key.steps,
-                guidance_scale=key.guidance,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
                 generator=generators,
                 output_type="pil",
             )
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
-        if len(output.images) != len(jobs):
-            raise RuntimeError(f"the pipeline returned {len(output.images)} images for {len(jobs)} prompts")
-        return Generated(images=list(output.images), seconds=time.perf_counter() - started)
+        if len(output.images) != size:
+            raise RuntimeError(f"the pipeline returned {len(output.images)} images for {size} prompts")
+        return list(output.images[:wanted])
 
     def free_memory(self) -> None:
         """Give back what a failed call left behind before the next try: unreachable Python
@@ -226,6 +320,7 @@ class Engine:
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
             "deepcache": version("DeepCache"),
+            **self.accelerator.describe(),
         }
 
     def _use_scheduler(self, name: str) -> None:

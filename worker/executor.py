@@ -84,6 +84,7 @@ class BatchCall:
     size: int
     seconds: float | None = None
     error: str | None = None
+    compiles: dict[str, int] = field(default_factory=dict)  # compile counts it caused (worker.acceleration)
 
 
 #: Pipeline calls kept for ``take_calls`` at most (embedded mode never takes them).
@@ -228,7 +229,7 @@ class BatchExecutor:
                     extra={"jobs": ",".join(job.job_id for _, job in items)},
                 )
         else:
-            self.calls.append(BatchCall(len(items), generated.seconds))
+            self.calls.append(BatchCall(len(items), generated.seconds, compiles=generated.compiles))
             self._queue_stores(key, items, generated, started_at)
             return []
         # Out of the except block, the failed call's frames (and the tensors they held) are gone.

@@ -55,6 +55,7 @@ from prometheus_client.registry import Collector
 
 from producer.contract import celery_config
 from worker import runtime
+from worker.acceleration import COMPILE_COUNTERS
 from worker.readiness import StartupError
 from worker.settings import WorkerSettings
 
@@ -87,7 +88,9 @@ ERROR_KINDS = (
 CALL_ERROR_KINDS = ("out_of_memory", "generation")
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-INFO_LABELS = ("model", "device", "dtype", "cache_interval", "cache_branch", "max_batch", "queue")
+#: ``deepqueue_compiles_total{kind}`` (``worker.acceleration``).
+COMPILE_KINDS = tuple(COMPILE_COUNTERS)
+INFO_LABELS = ("model", "device", "dtype", "acceleration", "cache_interval", "cache_branch", "max_batch", "queue")
 #: Seconds a scrape waits for Redis before it leaves out the queue depth.
 REDIS_TIMEOUT_S = 1.0
 
@@ -167,12 +170,27 @@ class WorkerMetrics:
         )
         self.buffered = Gauge("deepqueue_jobs_buffered", "Jobs waiting in the batch buffer", registry=registry)
         self.ready = Gauge("deepqueue_ready", "1 when the worker is ready (what /readyz says)", registry=registry)
+        self.compiles = Counter(
+            "deepqueue_compiles",
+            "Compile events in the pool process (acceleration compile or graphs): graphs = graphs dynamo "
+            "compiled (a recompile adds one), cache_hits / cache_misses = kernels read from / written to the "
+            "compile cache",
+            ["kind"],
+            registry=registry,
+        )
+        self.warmup = Gauge(
+            "deepqueue_warmup_seconds",
+            "Seconds the pool process took to compile DEEPQUEUE_WARM_SHAPES before the worker said ready",
+            registry=registry,
+        )
         for outcome in OUTCOMES:  # every series present from the start: rate() needs no first event
             self.images.labels(outcome)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
+        for kind in COMPILE_KINDS:
+            self.compiles.labels(kind)
         for kind in CALL_ERROR_KINDS:
             self.batch_failures.labels(kind)
 
@@ -198,6 +216,7 @@ class WorkerMetrics:
         if call.get("error"):
             self.batch_failures.labels(call["error"]).inc()
             return
+        self.count_compiles(call.get("compiles") or {})
         self.batches.inc()
         self.batch_size.observe(call["size"])
         if call.get("seconds") is not None:
@@ -222,6 +241,7 @@ class WorkerMetrics:
             model=settings.model,
             device=str(worker.get("device", settings.device)),
             dtype=str(worker.get("dtype", settings.dtype)),
+            acceleration=str(worker.get("acceleration", settings.acceleration)),
             cache_interval=str(settings.cache_interval),
             cache_branch=str(settings.cache_branch),
             max_batch=str(settings.max_batch),
@@ -229,6 +249,15 @@ class WorkerMetrics:
         ).set(1)
         if report.get("load_s") is not None:
             self.model_load.set(report["load_s"])
+        if report.get("warm_s") is not None:
+            self.warmup.set(report["warm_s"])
+        self.count_compiles(report.get("compiles") or {})
+
+    def count_compiles(self, counts: Mapping[str, int]) -> None:
+        """Compile counts since the pool process last reported (``Accelerator.take_compile_counts``)."""
+        for kind, count in counts.items():
+            if kind in COMPILE_KINDS and count > 0:
+                self.compiles.labels(kind).inc(count)
 
     def watch(self, in_flight: Callable[[], int], buffered: Callable[[], int]) -> None:
         """Read the in-flight and buffered job counts at scrape time (the strategy's own state)."""

@@ -134,6 +134,24 @@ def build_executor(settings: WorkerSettings) -> BatchExecutor:
     return BatchExecutor(engine, storage, RunStore.from_url(settings.result_backend), settings, name=_worker_name)
 
 
+def warm_up(executor: BatchExecutor, settings: WorkerSettings) -> dict[str, Any]:
+    """Compile DEEPQUEUE_WARM_SHAPES before the worker says ready: their seconds and compile counts."""
+    from producer.job import Job
+    from worker.engine import WarmRecipe
+
+    shapes = settings.warm_shape_list
+    if not shapes:
+        return {}
+    _report_stage(f"the warm shapes {settings.warm_shapes} to compile")
+    recipe = WarmRecipe(
+        scheduler=settings.scheduler,
+        cache_interval=settings.cache_interval,
+        cache_branch=settings.cache_branch,
+        guidance=Job.model_fields["guidance"].default,
+    )
+    return executor.engine.warm_up(shapes, recipe)
+
+
 class PipelineUnavailable(RuntimeError):
     """This process could not build its pipeline, storage or state client: no batch can run."""
 
@@ -146,8 +164,10 @@ def init_process(**_: Any) -> None:
     """
     global _executor, _init_error, _pipeline_report
     started = time.monotonic()
+    warm: dict[str, Any] = {}
     try:
         _executor = build_executor(settings())
+        warm = warm_up(_executor, settings())
     except Exception as error:  # any: the cause goes to the main process and back with each batch
         logger.critical("cannot build the pipeline: %r", error, exc_info=True)
         _init_error = f"{type(error).__name__}: {error}"
@@ -155,7 +175,8 @@ def init_process(**_: Any) -> None:
         "pid": os.getpid(),
         "error": _init_error,
         "worker": _executor.worker if _executor else None,
-        "load_s": time.monotonic() - started,  # the worker's deepqueue_model_load_seconds
+        "load_s": time.monotonic() - started - warm.get("warm_s", 0.0),  # deepqueue_model_load_seconds
+        **warm,
     }
     _report(_pipeline_report)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from producer.job import CACHE_BREAKING_SCHEDULERS, MAX_CACHE_BRANCH, MAX_CACHE_INTERVAL, SchedulerName
 from producer.settings import ClientSettings
@@ -57,6 +58,23 @@ class WorkerSettings(ClientSettings):
         description="How long start-up retries S3 and Redis calls that fail for a reason that passes (refused, "
         "timed out, 5xx) before the worker exits with code 70; below load_timeout_s",
     )
+    acceleration: Literal["auto", "off", "fuse", "compile", "graphs"] = Field(
+        "auto",
+        description="off: diffusers + DeepCache as documented; fuse: channels-last, fused QKV; compile: fuse + "
+        "compiled UNet steps and VAE decoder; graphs: compile + CUDA graphs (CUDA only, else compile); "
+        "auto: fuse on CUDA, off on CPU",
+    )
+    warm_shapes: str = Field(
+        "",
+        description="WxH:N,... compiled (and captured) before the worker says ready, e.g. 512x512:8; other shapes "
+        "compile on first use",
+    )
+    compile_cache: Path = Field(
+        Path("~/.cache/deepqueue/compile"),
+        description="Folder of compiled kernels, one subfolder per model, torch version and device: mount it to "
+        "keep them across restarts",
+    )
+    graph_shapes: int = Field(8, ge=1, le=64, description="Input shapes whose CUDA graphs stay captured at once")
     vae_slicing: Literal["auto", "on", "off"] = Field(
         "auto", description="Decode a batch one image at a time: auto = only when the batch might not fit in memory"
     )
@@ -92,6 +110,16 @@ class WorkerSettings(ClientSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Worker log lines: text with run_id=/job_id=/batch_id= fields, or one JSON object each"
     )
+
+    @field_validator("warm_shapes")
+    @classmethod
+    def _warm_shapes_parse(cls, value: str) -> str:
+        parse_warm_shapes(value)
+        return value
+
+    @property
+    def warm_shape_list(self) -> list[tuple[int, int, int]]:
+        return parse_warm_shapes(self.warm_shapes)
 
     def recipe_defaults(self) -> RecipeDefaults:
         """What this worker uses for the recipe fields a job leaves open (reads the model's
@@ -129,6 +157,13 @@ class WorkerSettings(ClientSettings):
     @property
     def store_backlog_count(self) -> int:
         return self.store_backlog or 2 * self.max_batch
+
+    @model_validator(mode="after")
+    def _warm_shapes_fit_batches(self) -> WorkerSettings:
+        for width, height, images in self.warm_shape_list:
+            if images > self.max_batch:
+                raise ValueError(f"warm shape {width}x{height}:{images} is above max_batch ({self.max_batch})")
+        return self
 
     @model_validator(mode="after")
     def _default_scheduler_fits_cache(self) -> WorkerSettings:
@@ -180,3 +215,19 @@ class WorkerSettings(ClientSettings):
                 f"({self.lease_expiry_s}): kombu would hand messages this worker holds to another worker"
             )
         return self
+
+
+def parse_warm_shapes(text: str) -> list[tuple[int, int, int]]:
+    """``"512x512:8,768x512:4"`` as ``[(512, 512, 8), (768, 512, 4)]`` (width, height, images)."""
+    shapes = []
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        size, _, images = part.partition(":")
+        width, _, height = size.lower().partition("x")
+        try:
+            shape = (int(width), int(height), int(images or 1))
+        except ValueError:
+            raise ValueError(f"warm shape {part!r} is not WIDTHxHEIGHT:IMAGES (e.g. 512x512:8)") from None
+        if shape[0] % 8 or shape[1] % 8 or min(shape) < 1:
+            raise ValueError(f"warm shape {part!r}: width and height must be positive multiples of 8, images >= 1")
+        shapes.append(shape)
+    return shapes

@@ -47,6 +47,10 @@ class SimulatedEngine:
     def free_memory(self) -> None:
         """Nothing to free."""
 
+    def warm_up(self, shapes: Sequence[tuple[int, int, int]], defaults: Any) -> dict[str, Any]:
+        """Nothing compiles."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         call = f"{self.simulated.a} + {self.simulated.b} x n"
         return {"device": "simulated", "pipeline": "simulated", "call_s": call}

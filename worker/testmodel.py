@@ -8,13 +8,15 @@ Arches:
 
 - ``tiny``: the UNet/VAE/CLIP configs of diffusers' own fast tests (about 10 MiB, 64x64 images).
 - ``sd15``: the full Stable Diffusion 1.5 architecture, random weights (4 GiB fp32; slow to build).
+- ``sdxl``: the full SDXL 1.0 base architecture (UNet, both text encoders, VAE), random weights
+  (about 14 GiB fp32; for the GPU benchmark at 1024x1024).
 - ``sdxl-tiny``: a tiny ``StableDiffusionXLPipeline`` (two text encoders, ``text_time``
   conditioning) after diffusers' fast SDXL tests (64x64 images).
 
 The CLIP tokenizer is written by this module (byte-level symbols, a handful of merges, the two
 special tokens), so the outputs are noise but every code path of a real pipeline runs.
 
-Command line: ``deepqueue make-test-model DIR --arch tiny|sd15|sdxl-tiny``.
+Command line: ``deepqueue make-test-model DIR --arch tiny|sd15|sdxl|sdxl-tiny``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
-Arch = Literal["tiny", "sd15", "sdxl-tiny"]
-ARCHES: tuple[str, ...] = ("tiny", "sd15", "sdxl-tiny")
+Arch = Literal["tiny", "sd15", "sdxl", "sdxl-tiny"]
+ARCHES: tuple[str, ...] = ("tiny", "sd15", "sdxl", "sdxl-tiny")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"  # also the pad and unknown token, as in CLIP
@@ -265,13 +267,83 @@ def _build_sd15() -> Any:
     return _sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
 
 
-def _build_sdxl_tiny() -> Any:
-    """StableDiffusionXLPipeline with tiny components after diffusers' fast SDXL tests."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+def _build_sdxl() -> Any:
+    """StableDiffusionXLPipeline with SDXL 1.0 base's architecture and random weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = build_tokenizer()
-    tokenizer_2 = build_tokenizer()
+    # cross_attention_dim = 768 + 1280 (both encoders' hidden states, concatenated);
+    # projection_class_embeddings_input_dim = 6 * 256 (time ids) + 1280 (pooled text embeds).
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=1024,
+        scaling_factor=0.13025,
+    )
+    text_encoder = CLIPTextModel(
+        _clip_text_config(
+            tokenizer,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _clip_text_config(
+            tokenizer,
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_attention_heads=20,
+            num_hidden_layers=32,
+            projection_dim=1280,
+            hidden_act="gelu",
+        )
+    )
+    return _sdxl_pipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, unet=unet)
+
+
+def _sdxl_pipeline(**components: Any) -> Any:
+    """A StableDiffusionXLPipeline from these components, DDIM, one tokenizer per encoder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        **components, tokenizer=build_tokenizer(), tokenizer_2=build_tokenizer(), scheduler=_scheduler()
+    )
+
+
+def _build_sdxl_tiny() -> Any:
+    """StableDiffusionXLPipeline with tiny components after diffusers' fast SDXL tests."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_tokenizer()
     # cross_attention_dim = 32 + 32 (both encoders' hidden states, concatenated);
     # projection_class_embeddings_input_dim = 6 * 8 (time ids) + 32 (pooled text embeds).
     unet = UNet2DConditionModel(
@@ -297,16 +369,11 @@ def _build_sdxl_tiny() -> Any:
         hidden_act="gelu",
         projection_dim=32,
     )
-    text_encoder = CLIPTextModel(text_config)
-    text_encoder_2 = CLIPTextModelWithProjection(text_config)
-    return StableDiffusionXLPipeline(
+    return _sdxl_pipeline(
         vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
+        text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
         unet=unet,
-        scheduler=_scheduler(),
     )
 
 
@@ -314,7 +381,19 @@ def _exists_message(out: pathlib.Path) -> str:
     return f"{out} already holds a model (model_index.json); refusing to overwrite it"
 
 
-_BUILDERS = {"tiny": _build_tiny, "sd15": _build_sd15, "sdxl-tiny": _build_sdxl_tiny}
+_BUILDERS = {"tiny": _build_tiny, "sd15": _build_sd15, "sdxl": _build_sdxl, "sdxl-tiny": _build_sdxl_tiny}
+
+
+def build_pipeline(arch: Arch = "tiny", *, seed: int = 0) -> Any:
+    """The random-weight pipeline of ``arch`` in memory (the same weights for the same seed),
+    leaving the caller's torch RNG state untouched."""
+    if arch not in _BUILDERS:
+        raise ValueError(f"unknown test model arch {arch!r}; expected one of {ARCHES}")
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _BUILDERS[arch]()
 
 
 def build_test_model(out_dir: str | os.PathLike[str], arch: Arch = "tiny", *, seed: int = 0) -> pathlib.Path:
@@ -335,12 +414,7 @@ def build_test_model(out_dir: str | os.PathLike[str], arch: Arch = "tiny", *, se
         raise FileExistsError(_exists_message(out))
     out.mkdir(parents=True, exist_ok=True)
 
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        pipeline = _BUILDERS[arch]()
-
+    pipeline = build_pipeline(arch, seed=seed)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".build-", dir=out))
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)

@@ -28,6 +28,8 @@ FAMILIES = {
     "deepqueue_errors",
     "deepqueue_batch_failures",
     "deepqueue_model_load_seconds",
+    "deepqueue_warmup_seconds",
+    "deepqueue_compiles",
     "deepqueue_worker_info",
     "deepqueue_jobs_in_flight",
     "deepqueue_jobs_buffered",
@@ -126,12 +128,15 @@ def test_a_workers_probes_and_metrics_after_a_small_run(s3_worker_env, tmp_path)
         assert value(families, "deepqueue_stage_seconds", "deepqueue_stage_seconds_sum", stage=stage) > 0
     assert sum(families["deepqueue_errors"].values()) == 0
     assert value(families, "deepqueue_model_load_seconds", "deepqueue_model_load_seconds") > 0
+    assert value(families, "deepqueue_warmup_seconds", "deepqueue_warmup_seconds") == 0  # nothing to compile
+    assert sum(families["deepqueue_compiles"].values()) == 0
     ((_, labels), info) = next(iter(families["deepqueue_worker_info"].items()))
     assert info == 1 and len(families["deepqueue_worker_info"]) == 1
     assert dict(labels) == {
         "model": env["DEEPQUEUE_MODEL"],
         "device": "cpu",
         "dtype": "float32",
+        "acceleration": "off",
         "cache_interval": "3",
         "cache_branch": "0",
         "max_batch": "8",

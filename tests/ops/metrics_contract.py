@@ -17,6 +17,8 @@ FAMILIES = {
     "deepqueue_stage_seconds": "histogram",
     "deepqueue_errors_total": "counter",
     "deepqueue_model_load_seconds": "gauge",
+    "deepqueue_warmup_seconds": "gauge",
+    "deepqueue_compiles_total": "counter",
     "deepqueue_worker_info": "gauge",
     "deepqueue_jobs_in_flight": "gauge",
     "deepqueue_jobs_buffered": "gauge",

@@ -118,7 +118,14 @@ def test_worker_info_says_what_the_pool_process_reported(tmp_path: Path) -> None
     settings = local_worker_settings("simulated:a=0", tmp_path, cache_interval=5, cache_branch=1, max_batch=6)
     metrics = WorkerMetrics()
     metrics.describe_worker(settings, {})  # at start-up: the settings only
-    metrics.describe_worker(settings, {"worker": {"device": "cuda (NVIDIA H200)", "dtype": "float16"}, "load_s": 42.5})
+    report = {
+        "worker": {"device": "cuda (NVIDIA H200)", "dtype": "float16", "acceleration": "graphs"},
+        "load_s": 42.5,
+        "warm_s": 61.0,
+        "compiles": {"graphs": 6, "cache_hits": 6},
+    }
+    metrics.describe_worker(settings, report)
+    metrics.call({"size": 3, "seconds": 1.0, "compiles": {"graphs": 2, "cache_misses": 2}})  # a new shape
     families = text_string_to_metric_families(generate_latest(metrics.registry).decode())
     (info,) = next(f for f in families if f.name == "deepqueue_worker_info").samples  # start-up series replaced
     assert info.value == 1
@@ -126,12 +133,19 @@ def test_worker_info_says_what_the_pool_process_reported(tmp_path: Path) -> None
         "model": "simulated:a=0",
         "device": "cuda (NVIDIA H200)",
         "dtype": "float16",
+        "acceleration": "graphs",
         "cache_interval": "5",
         "cache_branch": "1",
         "max_batch": "6",
         "queue": settings.queue,
     }
     assert sample(metrics, "deepqueue_model_load_seconds") == 42.5
+    assert sample(metrics, "deepqueue_warmup_seconds") == 61.0
+    compiles = {
+        kind: sample(metrics, "deepqueue_compiles_total", kind=kind)
+        for kind in ("graphs", "cache_hits", "cache_misses")
+    }
+    assert compiles == {"graphs": 8, "cache_hits": 6, "cache_misses": 2}
 
 
 def test_in_flight_and_buffered_are_read_at_scrape_time() -> None:

@@ -29,11 +29,6 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return build_test_model(tmp_path_factory.mktemp("tiny") / "model", "tiny")
 
 
-@pytest.fixture(scope="module")
-def sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return build_test_model(tmp_path_factory.mktemp("sdxl") / "model", "sdxl-tiny")
-
-
 def _load(path: pathlib.Path):
     pipe = diffusers.AutoPipelineForText2Image.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
@@ -93,8 +88,8 @@ def test_tiny_loads_and_generates(tiny_path: pathlib.Path) -> None:
     assert out.images[0].size == (64, 64)
 
 
-def test_sdxl_tiny_loads_and_generates(sdxl_path: pathlib.Path) -> None:
-    pipe = _load(sdxl_path)
+def test_sdxl_tiny_loads_and_generates(sdxl_tiny: pathlib.Path) -> None:
+    pipe = _load(sdxl_tiny)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert pipe.unet.config.addition_embed_type == "text_time"
@@ -161,7 +156,7 @@ def test_same_seed_same_weights(tmp_path: pathlib.Path) -> None:
 
 
 def test_unknown_arch(tmp_path: pathlib.Path) -> None:
-    assert ARCHES == ("tiny", "sd15", "sdxl-tiny")
+    assert ARCHES == ("tiny", "sd15", "sdxl", "sdxl-tiny")
     with pytest.raises(ValueError, match="unknown test model arch"):
         build_test_model(tmp_path / "x", "sd21")  # type: ignore[arg-type]
     assert not (tmp_path / "x").exists()
@@ -195,3 +190,17 @@ def test_sd15_builds_and_loads(tmp_path: pathlib.Path) -> None:
         generator=torch.Generator().manual_seed(0),
     )
     assert out.images[0].size == (64, 64)
+
+
+def test_the_sdxl_arch_is_sdxl_base_shaped() -> None:
+    """Built on the meta device (no memory, seconds): SDXL 1.0 base's UNet parameter count, and a
+    1024x1024 latent through it keeps its shape."""
+    from worker.testmodel import build_pipeline
+
+    with torch.device("meta"):
+        pipe = build_pipeline("sdxl")
+        unet = pipe.unet
+        assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+        added = {"text_embeds": torch.empty(2, 1280), "time_ids": torch.empty(2, 6)}
+        out = unet(torch.empty(2, 4, 128, 128), 10, torch.empty(2, 77, 2048), added_cond_kwargs=added).sample
+    assert out.shape == (2, 4, 128, 128)
