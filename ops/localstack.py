@@ -87,7 +87,8 @@ def start_redis(
     port = port or free_port()
     persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence, "--dir", str(data_dir)],
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--databases", "64", "--save", "", *persistence]
+        + ["--dir", str(data_dir)],
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}"

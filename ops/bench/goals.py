@@ -1,6 +1,7 @@
 """The queue-level goals of issue 7 in one run, side by side: batch fill, lone-job latency,
 critical-path overhead, scaling, submit memory, Redis bytes per queued job, enqueue rate and
-worker memory growth. Each part also writes its own results file (see ops/bench/README.md), all
+worker memory growth, and the service against DeepCache's recipe at every acceleration level
+(tiny model). Each part also writes its own results file (see ops/bench/README.md), all
 in one new folder under results/runs/ (``--record``: over the committed results/*-latest.*).
 
     make bench                                   # = python -m ops.bench.goals        (~8 min)
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ops.bench import batching, scaling, submit_scale, worker_memory
+from ops.bench import batching, scaling, service, submit_scale, worker_memory
 from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_line
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ PARTS: dict[str, Callable[[list[str]], dict[str, Any]]] = {
     "scaling": scaling.main,
     "submit": submit_scale.main,
     "memory": worker_memory.main,
+    "service": service.main,
 }
 Row = tuple[str, str, str, bool | None]
 
@@ -42,6 +44,7 @@ def goal_rows(parts: dict[str, Any]) -> list[Row]:
         *scaling_rows(parts.get("scaling", {}).get("points", [])),
         *submit_rows(parts.get("submit", {}).get("points", [])),
         *memory_rows(parts.get("memory", {}).get("point")),
+        *service_rows(parts.get("service", {}).get("service")),
     ]
 
 
@@ -100,12 +103,39 @@ def memory_rows(point: dict[str, Any] | None) -> list[Row]:
     return [(goal, f"{100 * growth:+.1f} %", "< 5 %", growth < 0.05)]
 
 
+def service_rows(bench: dict[str, Any] | None) -> list[Row]:
+    """Each level's worker ÷ recipe at the largest batch, 3/0 (a trend off a GPU), and its quality gate."""
+    if not bench:
+        return []
+    batch = max(bench["plan"]["table_batches"])
+    cell = bench["table"].get(f"{batch} {service.E2E_MODE}", {"over_recipe": {}})
+    trend = "" if bench["device"].startswith("cuda") else " (CPU: trend only)"
+    rows: list[Row] = []
+    for level in bench["levels"]:
+        ratio = cell["over_recipe"].get(f"worker:{level}")
+        if ratio is not None:
+            goal = f"worker ÷ recipe, acceleration {level}, batch {batch}, {service.E2E_MODE}{trend}"
+            rows.append((goal, f"{ratio['median']:.3f}", "reported", None))
+    gate = bench.get("quality", {})
+    for level, row in gate.get("levels", {}).items():
+        worst = min(row["psnr_db"].values())
+        rows.append(
+            (
+                f"PSNR vs eager, acceleration {level} ({gate['dtype']})",
+                f"{worst:.1f} dB",
+                f"≥ {gate['gate_db']:g} dB",
+                row["passes"],
+            )
+        )
+    return rows
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Queue-level goals (issue 7)",
         "",
         f"{run_line(results)} {results['seconds']:.0f} s. "
-        "Details: batching-latest, scaling-latest, submit-latest, worker-memory-latest (.md/.json).",
+        "Details: batching-latest, scaling-latest, submit-latest, worker-memory-latest, service-latest (.md/.json).",
         "",
         "| goal | measured | target | met |",
         "| --- | ---: | ---: | :---: |",
@@ -124,6 +154,7 @@ def part_args(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
         "scaling": ["--workers", "1,2,4,8,16" if args.full else "1,2,4", "--calls", "24", *shared],
         "submit": ["--sizes", "10000,100000,1000000" if args.full else "10000,100000", *shared],
         "memory": ["--batches", "500" if args.full else "200", "--warmup", "50", *model, *shared],
+        "service": [*model, *shared],
     }
 
 

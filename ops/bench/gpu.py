@@ -1,13 +1,17 @@
-"""Every GPU figure in one command: the service against DeepCache's documented recipe, the
-DeepCache matrix with peak memory, and the fork check, written as JSON + markdown with the card.
+"""Every GPU figure in one command: the service against DeepCache's documented recipe at every
+acceleration level (quality gate, compile and warm-restart times, peak memory, share of the
+card's dense peak), the DeepCache matrix with peak memory, and the fork check, written as JSON +
+markdown with the card.
 
-    python -m ops.bench.gpu                      # builds the SD1.5-architecture model (random weights)
-    python -m ops.bench.gpu --model DIR          # any local SD/SDXL folder
+    python -m ops.bench.gpu                      # builds the SD1.5 and SDXL architectures (random weights)
+    python -m ops.bench.gpu --model DIR          # any local SD/SDXL folder (no SDXL part unless --sdxl-model)
     bash ops/bench/gpu.sh                        # on a CUDA machine without network, from the .gpu bundle
 
 Needs no network. Defaults: 512x512, 50 DDIM steps, fp16 on CUDA, batches 1/4/8, 3 rounds (2 of
-them with the end-to-end paths: 48 jobs at batch 8, 8 at batch 1). The test suite dry-runs it on CPU with the tiny
-model (``--model DIR --size 64 --steps 3``) so it cannot rot. See ops/bench/README.md.
+them with the end-to-end paths: 48 jobs at batch 8, 8 at batch 1); then the SDXL architecture at
+1024x1024, batch 4, DeepCache 3/0 (2 rounds, one end to end with 8 jobs). Partial results are
+written after every round. The test suite dry-runs it on CPU with the tiny models (``--model DIR
+--sdxl-model DIR --size 64 --sdxl-size 64 --steps 3``) so it cannot rot. See ops/bench/README.md.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from ops.bench.report import load_average, machine_info, markdown, write_results
-from ops.bench.service import Plan, run_service_bench
+from ops.bench.service import E2E_MODE, Plan, run_service_bench
 from ops.localstack import start_redis, stop
 
 logger = logging.getLogger("ops.bench.gpu")
@@ -95,12 +100,53 @@ def job_counts(text: str) -> dict[int, int]:
         raise argparse.ArgumentTypeError(f"expected BATCH:JOBS,... such as 1:16,8:64, got {text!r}") from error
 
 
+def built_model(scratch: Path, arch: str, results: dict[str, Any]) -> Path:
+    """Build ``arch`` (random weights) into ``scratch``, its build time in ``results["model_build_s"]``."""
+    from worker.testmodel import build_test_model
+
+    started = time.perf_counter()
+    model = build_test_model(scratch / arch, arch)  # type: ignore[arg-type]
+    results.setdefault("model_build_s", {})[arch] = round(time.perf_counter() - started, 1)
+    logger.info("built the %s model in %.0f s", arch, results["model_build_s"][arch])
+    return model
+
+
+def sdxl_plan(args: argparse.Namespace, model: Path) -> Plan:
+    """SDXL at one batch size, DeepCache off (the matrix's base) and 3/0 (the table)."""
+    return Plan(
+        model=model,
+        device=args.device,
+        size=args.sdxl_size,
+        steps=args.steps,
+        rounds=args.sdxl_rounds,
+        batches=(args.sdxl_batch,),
+        table_batches=(args.sdxl_batch,),
+        jobs={args.sdxl_batch: args.sdxl_jobs},
+        e2e_rounds=1,
+        sliced_check=False,
+        levels=args.sdxl_levels or args.levels,
+        compile_cache=args.compile_cache,
+        table_modes=(E2E_MODE,),
+        matrix_modes=("off", E2E_MODE),
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m ops.bench.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, help="model folder (default: build --arch into a temporary folder)")
     parser.add_argument("--arch", default="sd15", choices=("tiny", "sd15", "sdxl-tiny"), help="model to build")
+    group = parser.add_argument_group("SDXL architecture (after the first model)")
+    group.add_argument("--sdxl-model", type=Path, help="SDXL folder (default: build --arch sdxl, unless --model)")
+    group.add_argument("--no-sdxl", action="store_true", help="skip the SDXL part")
+    group.add_argument("--sdxl-size", type=int, default=1024, help="image side (default 1024)")
+    group.add_argument("--sdxl-batch", type=int, default=4, help="batch size (default 4)")
+    group.add_argument("--sdxl-jobs", type=int, default=8, help="end-to-end jobs (default 8)")
+    group.add_argument("--sdxl-rounds", type=int, default=2, help="rounds, one of them end to end (default 2)")
+    group.add_argument(
+        "--sdxl-levels", type=lambda t: tuple(t.split(",")), help="acceleration levels (default: --levels)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default auto)")
     parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
@@ -113,6 +159,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--e2e-rounds", type=int, default=2, help="rounds that run embedded and worker (default 2)")
     parser.add_argument("--no-worker", action="store_true", help="skip the real worker (no redis-server here)")
+    parser.add_argument(
+        "--levels",
+        type=lambda t: tuple(t.split(",")),
+        default=("off", "fuse", "compile", "graphs"),
+        help="acceleration levels, each with its own Engine and workers (default off,fuse,compile,graphs; "
+        "graphs only on CUDA)",
+    )
+    parser.add_argument("--compile-cache", type=Path, help="compile cache folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     parser.add_argument("--name", default="gpu-latest", help="results file name, without extension")
     return parser.parse_args(argv)
@@ -125,23 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine_info()}
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deepqueue-gpu-bench-")))
-        model = args.model
-        if model is None:
-            from worker.testmodel import build_test_model
+        model = args.model or built_model(scratch, args.arch, results)
 
-            built = time.perf_counter()
-            model = build_test_model(scratch / args.arch, args.arch)
-            results["model_build_s"] = round(time.perf_counter() - built, 1)
-            logger.info("built the %s model in %.0f s", args.arch, results["model_build_s"])
+        def checkpoint(key: str) -> Callable[[dict[str, Any]], None]:
+            def write(partial: dict[str, Any]) -> None:
+                results[key] = partial
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / f"{args.name}.partial.json").write_text(json.dumps(results, indent=1) + "\n")
 
-        def checkpoint(service: dict[str, Any] | None = None) -> None:
-            if service is not None:
-                results["service"] = service
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / f"{args.name}.partial.json").write_text(json.dumps(results, indent=1) + "\n")
+            return write
 
-        results["fork_check"] = fork_check(model)
-        checkpoint()
+        checkpoint("fork_check")(fork_check(model))
         redis_url = ""
         if not args.no_worker:
             redis_process, redis_url = start_redis(scratch)
@@ -156,12 +204,26 @@ def main(argv: list[str] | None = None) -> int:
             table_batches=tuple(sorted(args.jobs)),
             jobs=args.jobs,
             e2e_rounds=args.e2e_rounds,
+            levels=args.levels,
+            compile_cache=args.compile_cache,
+            sd15_shaped=args.model is None and args.arch == "sd15",
         )
         results["service"] = run_service_bench(
-            plan, redis_url, scratch, worker=not args.no_worker, checkpoint=checkpoint
+            plan, redis_url, scratch, worker=not args.no_worker, checkpoint=checkpoint("service")
         )
         if args.model is None:
             results["service"]["plan"]["model"] = f"{args.arch} (built by worker.testmodel, random weights)"
+        if args.sdxl_model or not (args.no_sdxl or args.model):
+            sdxl = args.sdxl_model or built_model(scratch, "sdxl", results)
+            results["sdxl"] = run_service_bench(
+                sdxl_plan(args, sdxl),
+                redis_url,
+                scratch / "sdxl",
+                worker=not args.no_worker,
+                checkpoint=checkpoint("sdxl"),
+            )
+            if args.sdxl_model is None:
+                results["sdxl"]["plan"]["model"] = "sdxl (built by worker.testmodel, random weights)"
     results["machine"]["loadavg_end"] = load_average()
     results["machine"]["duration_s"] = round(time.perf_counter() - started, 1)
     json_path, md_path = write_results(results, args.out, args.name)

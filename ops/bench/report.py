@@ -317,10 +317,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["## Fork check: can a forked child use CUDA after each import in its parent?", ""]
         lines += [f"- {row['label']}: {row['verdict']}" for row in f["steps"]] or [f"- {f['skipped']}"]
         lines.append("")
-    if "service" in results:
-        from ops.bench.service import markdown as service_markdown
+    for key, title in (("service", "Service vs DeepCache's documented recipe"), ("sdxl", "SDXL architecture")):
+        if key in results:
+            from ops.bench.service import markdown as service_markdown
 
-        lines += service_markdown(results["service"], "Service vs DeepCache's documented recipe")
+            lines += service_markdown(results[key], title)
     if "sd15" in results:
         s = results["sd15"]
         lines += [

@@ -80,6 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     group.add_argument("--service-steps", type=int, default=10, help="DDIM steps (default 10)")
     group.add_argument("--service-rounds", type=int, default=3, help="rounds, 2 of them end to end (default 3)")
+    group.add_argument(
+        "--service-levels",
+        type=lambda t: tuple(t.split(",")),
+        default=("off",),
+        help="acceleration levels (default off; make bench runs every level)",
+    )
     group = parser.add_argument_group("SD1.5 architecture (with --sd15)")
     group.add_argument("--sd15-model", type=Path, help="SD1.5-architecture folder (default: built, 4 GB, ~25 s)")
     group.add_argument("--sd15-rounds", type=int, default=1, help="plain/cached pairs (default 1)")
@@ -153,15 +159,15 @@ def run_worker(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
 
 
 def run_service(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
-    from ops.bench.service import Plan, run_service_bench
+    from ops.bench.service import run_service_bench, tiny_plan
 
-    plan = Plan(
-        model=servers.tiny_model(),
+    plan = tiny_plan(
+        servers.tiny_model(),
         device=args.device,
         size=args.size,
         steps=args.service_steps,
         rounds=args.service_rounds,
-        jobs={1: 8, 8: 32},
+        levels=args.service_levels,
         start_timeout=args.start_timeout,
     )
     logger.info("service vs recipe: %s", plan)

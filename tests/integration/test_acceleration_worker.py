@@ -44,7 +44,7 @@ def run_jobs(env: dict[str, str], run_id: str, count: int) -> list[dict[str, Any
         run = client.submit(prompts, run=run_id, steps=4, width=64, height=64)
         assert run.wait(timeout=READY_TIMEOUT_S).counts[JobState.DONE] == count
     s3 = moto_s3_client(env["DEEPQUEUE_S3_ENDPOINT_URL"])
-    listed = s3.list_objects_v2(Bucket=env["DEEPQUEUE_S3_BUCKET"], Prefix=f"datasets/{run_id}/")
+    listed = s3.list_objects_v2(Bucket=env["DEEPQUEUE_S3_BUCKET"], Prefix=f"{run_id}/images/")
     keys = [item["Key"] for item in listed.get("Contents", []) if item["Key"].endswith(".json")]
     sidecars = [json.loads(s3.get_object(Bucket=env["DEEPQUEUE_S3_BUCKET"], Key=key)["Body"].read()) for key in keys]
     return [sidecar for sidecar in sidecars if "job_id" in sidecar]

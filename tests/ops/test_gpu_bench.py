@@ -16,13 +16,19 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_gpu_bench_dry_run_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
+def test_gpu_bench_dry_run_on_cpu(tiny_model: Path, sdxl_tiny: Path, compile_cache: Path, tmp_path: Path) -> None:
+    """Every level's columns (graphs left out: no CUDA), the quality gate and a warm restart, at one
+    batch size (each shape a compiled level meets compiles for minutes on 2 cores); then the SDXL
+    part on the tiny SDXL pipeline at the levels that do not compile."""
     args = ["--model", str(tiny_model), "--device", "cpu", "--size", "64", "--steps", "3", "--rounds", "1"]
-    args += ["--jobs", "1:2,8:8", "--e2e-rounds", "1", "--out", str(tmp_path), "--name", "dry"]
+    args += ["--batches", "2", "--jobs", "2:4", "--e2e-rounds", "1", "--out", str(tmp_path), "--name", "dry"]
+    args += ["--sdxl-model", str(sdxl_tiny), "--sdxl-size", "64", "--sdxl-batch", "2", "--sdxl-jobs", "2"]
+    args += ["--sdxl-rounds", "1", "--sdxl-levels", "off,fuse"]
+    args += ["--compile-cache", str(compile_cache)]  # the suite's: kernels other tests compiled are read back
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("OUT", None)
     done = subprocess.run(
-        ["bash", "ops/bench/gpu.sh", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+        ["bash", "ops/bench/gpu.sh", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=2400
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     results = json.loads((tmp_path / "dry.json").read_text())
@@ -30,18 +36,35 @@ def test_gpu_bench_dry_run_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
     assert results["fork_check"]["skipped"].startswith("no CUDA device")
     service = results["service"]
     assert service["device"] == "cpu"
+    assert service["levels"] == ["off", "fuse", "compile"]
     assert {(row["batch"], row["mode"]) for row in service["matrix"]} == {
-        (batch, mode) for batch in (1, 4, 8) for mode in ("off", "3/0", "5/0", "5/1")
+        (2, mode) for mode in ("off", "3/0", "5/0", "5/1")
     }
-    assert set(service["table"]) == {"1 off", "1 3/0", "8 off", "8 3/0"}
-    for row in service["table"].values():
-        assert set(row["over_recipe"]) == {"engine", "embedded", "worker"}
+    assert set(service["table"]) == {"2 off", "2 3/0", "2 5/0"}
+    engines = {f"engine:{level}" for level in service["levels"]}
+    end_to_end = {f"{path}:{level}" for path in ("embedded", "worker") for level in service["levels"]}
+    for cell, row in service["table"].items():
+        assert set(row["over_recipe"]) == (engines | end_to_end if cell == "2 3/0" else engines), cell
         assert all(ratio["median"] > 0 for ratio in row["over_recipe"].values())
+    quality = service["quality"]
+    assert quality["gate_db"] == 50 and set(quality["levels"]) == {"fuse", "compile"}
+    assert all(row["passes"] for row in quality["levels"].values()), quality
+    assert set(service["first_calls_s"]) == {"off", "fuse", "compile"}
+    assert service["warm_restart"]["level"] == "compile" and len(service["warm_restart"]["start_s"]) == 2
     assert service["worker_main_process_fork_safe"] is True
-    assert [run["batch_sizes"] for run in service["runs"]["worker"]["8 3/0"]] == [{"8": 1}]
-    assert [run["images"] for run in service["runs"]["embedded"]["1 off"]] == [2]
+    assert [run["batch_sizes"] for run in service["runs"]["worker:compile"]["2 3/0"]] == [{"2": 2}]
+    assert [run["images"] for run in service["runs"]["embedded:fuse"]["2 3/0"]] == [4]
+    sdxl = results["sdxl"]
+    assert sdxl["levels"] == ["off", "fuse"] and set(sdxl["table"]) == {"2 3/0"}
+    assert {(row["batch"], row["mode"]) for row in sdxl["matrix"]} == {(2, "off"), (2, "3/0")}
+    assert set(sdxl["table"]["2 3/0"]["over_recipe"]) == {
+        f"{path}:{level}" for path in ("engine", "embedded", "worker") for level in ("off", "fuse")
+    }
+    assert set(sdxl["quality"]["levels"]) == {"fuse"} and sdxl["quality"]["levels"]["fuse"]["passes"]
     markdown = (tmp_path / "dry.md").read_text()
-    assert "Service vs DeepCache's documented recipe" in markdown and "worker ÷ recipe" in markdown
+    assert "Service vs DeepCache's documented recipe" in markdown and "Quality gate" in markdown
+    assert "| 2 | 3/0 | worker | compile |" in markdown
+    assert "## SDXL architecture: 64x64" in markdown
 
 
 def test_worker_variants_dry_run_on_cpu(tiny_model: Path, tmp_path: Path) -> None:

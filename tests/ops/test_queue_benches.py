@@ -81,6 +81,26 @@ def test_goal_rows_come_from_the_parts_that_measured_something() -> None:
     assert goals.goal_rows({}) == []
 
 
+def test_the_service_part_reports_each_levels_worker_ratio_and_quality_gate() -> None:
+    service = {
+        "device": "cpu",
+        "plan": {"table_batches": [1, 8]},
+        "levels": ["off", "compile"],
+        "table": {"8 3/0": {"over_recipe": {"worker:off": {"median": 0.95}, "worker:compile": {"median": 1.2}}}},
+        "quality": {
+            "dtype": "float32",
+            "gate_db": 50.0,
+            "levels": {"compile": {"psnr_db": {"off": 80.0, "3/0": 49.0}, "passes": False}},
+        },
+    }
+    rows = goals.goal_rows({"service": {"service": service}})
+    assert rows == [
+        ("worker ÷ recipe, acceleration off, batch 8, 3/0 (CPU: trend only)", "0.950", "reported", None),
+        ("worker ÷ recipe, acceleration compile, batch 8, 3/0 (CPU: trend only)", "1.200", "reported", None),
+        ("PSNR vs eager, acceleration compile (float32)", "49.0 dB", "≥ 50 dB", False),
+    ]
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_batching_bench_runs_end_to_end(tmp_path) -> None:
