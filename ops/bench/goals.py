@@ -4,7 +4,7 @@ worker memory growth, and the service against DeepCache's recipe at every accele
 (tiny model). Each part also writes its own results file (see ops/bench/README.md), all
 in one new folder under results/runs/ (``--record``: over the committed results/*-latest.*).
 
-    make bench                                   # = python -m ops.bench.goals        (~8 min)
+    make bench                                   # = python -m ops.bench.goals (its service part ~6 min)
     .venv/bin/python -m ops.bench.goals --full   # scaling to 16 workers, 1M-prompt submit, 500 batches
     .venv/bin/python -m ops.bench.goals --only scaling --start-timeout 1200
 

@@ -39,7 +39,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops.bench.report import START_TIMEOUT_S, add_run_args, finish, new_results, output_dir, part, run_line, summarize
+from ops.bench.report import (
+    START_TIMEOUT_S,
+    add_run_args,
+    exit_status,
+    finish,
+    new_results,
+    output_dir,
+    part,
+    run_line,
+    summarize,
+)
 from producer.job import Job
 from worker.acceleration import LEVELS
 
@@ -382,8 +392,9 @@ def quality_gate(engines: dict[str, Any], plan: Plan) -> dict[str, Any]:
 
 
 def warm_restart(plan: Plan, redis_url: str, scratch: Path, device: str, level: str, slot: int) -> dict[str, Any]:
-    """A compiled worker started twice on one compile cache (the benchmark's workers filled it):
-    seconds from start to ready, and what the restart compiled (nothing, when the cache works)."""
+    """A compiled worker started twice on the compile cache the benchmark's Engines and workers
+    filled: seconds from start to ready, and the last warm-up's counts (only cache hits, when the
+    cache works)."""
     batch = max(plan.table_batches)
     times = []
     for _ in range(2):
@@ -729,3 +740,7 @@ def service_markdown(results: dict[str, Any]) -> str:
     if "service" in results:
         lines += markdown(results["service"], "Service vs recipe")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(exit_status(main()))
