@@ -12,12 +12,16 @@ to a second worker; long (an hour), it strands the jobs of a worker that died. S
 - it puts back on the queue every message of deepqueue's queue whose time is older than
   ``lease_expiry_s``: no live worker holds it (its worker was SIGKILLed, or lost its connection
   and the requests it had, or could not send it back while Redis was down);
-- messages the worker gives up itself (after a lost connection) are put back at once (from its
+- messages the worker gives up itself (after a lost connection, those it had not started) are put back at once (from its
   own copy if Redis died between handing one out and recording it as unacked), and those
   it could not acknowledge or send back (their channel went with the connection, or Redis was
   down) are settled through this thread's own connection as soon as Redis answers;
 - it empties the taking lists (``worker.transport``) of workers gone for ``lease_expiry_s``:
   messages they took from the queue but never recorded as held.
+
+What is held, working, owed back or owed an acknowledgement is kept in a ``DeliveryLedger``
+(``worker.ledger``): the one place that decides what goes back, so that kombu's channel closing,
+the strategy and this thread never put back one message twice, nor one a batch still runs.
 
 A Redis restart or outage stops every renewal while it lasts, so the sweep waits until Redis has
 been up, and this thread connected, for ``lease_expiry_s``: by then every live worker has renewed.
@@ -39,6 +43,7 @@ from celery import bootsteps
 
 from producer.contract import WORKERS_KEY, celery_config
 from worker import runtime
+from worker.ledger import Copy, DeliveryLedger, message_copy
 from worker.transport import put_back_taken, taking_key
 
 logger = logging.getLogger(__name__)
@@ -64,7 +69,8 @@ def may_sweep(connected_s: float, redis_uptime_s: float, expiry_s: float) -> boo
 
 
 class Leases:
-    """The delivery tags one worker holds, renewed (and others' expired ones swept) by a thread."""
+    """The delivery tags one worker holds (a ``DeliveryLedger``), renewed, settled and put back
+    by a thread with its own connection, which also sweeps other workers' expired ones."""
 
     def __init__(
         self,
@@ -80,55 +86,63 @@ class Leases:
         self.name = name
         self.renew_s = renew_s
         self.expiry_s = expiry_s
+        self.ledger = DeliveryLedger()
         self._broker_url = broker_url
         self._transport_options = transport_options
-        self._held: set[str] = set()
-        self._returned: dict[str, tuple[Any, str, str]] = {}  # tag -> (raw message, exchange, routing key)
-        self._acked: set[str] = set()
-        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
     def hold(self, tag: str) -> None:
-        with self._lock:
-            self._held.add(tag)
+        self.ledger.hold(tag)
 
-    def release(self, tag: str) -> None:
-        with self._lock:
-            self._held.discard(tag)
+    def working(self, tags: Iterable[str]) -> None:
+        """A pool process took these messages: they are not put back if the connection is lost."""
+        self.ledger.working(tags)
+
+    def idle(self, tags: Iterable[str]) -> None:
+        self.ledger.idle(tags)
+
+    def settled(self, tag: str) -> None:
+        """The worker acknowledged or rejected this message on its own channel."""
+        self.ledger.settled_here(tag)
 
     def give_back(self, messages: Iterable[Any]) -> None:
-        """Stop holding these (kombu) messages and put them back on the queue at the next beat."""
+        """Stop holding these (kombu) messages and put them back on the queue at the next beat
+        (each once, whoever else asks)."""
         for message in messages:
-            info = message.delivery_info
-            self.release(message.delivery_tag)
-            self.put_back(message.delivery_tag, (message._raw, info["exchange"], info["routing_key"]))
+            self.put_back(message.delivery_tag, message_copy(message))
 
-    def put_back(self, tag: str, copy: tuple[Any, str, str]) -> None:
-        """Put a message this worker took but could not record as held (``worker.transport``)
-        back on the queue at the next beat: ``copy`` is (raw message, exchange, routing key)."""
-        with self._lock:
-            self._returned[tag] = copy
-        self._wake.set()
+    def put_back(self, tag: str, copy: Copy) -> None:
+        """Put a message back on the queue at the next beat, also one this worker took but could
+        not record as held (``worker.transport``): ``copy`` is (raw message, exchange, routing key)."""
+        if self.ledger.give_back(tag, copy):
+            self._wake.set()
 
     def settle(self, message: Any, *, requeue: bool) -> None:
         """Acknowledge (or, ``requeue``, send back) a message from this thread, as soon as it can."""
         if requeue:
             self.give_back([message])
-            return
-        with self._lock:
-            self._held.discard(message.delivery_tag)
-            self._acked.add(message.delivery_tag)
-        self._wake.set()
+        elif self.ledger.acknowledge(message.delivery_tag):
+            self._wake.set()
+
+    def return_delivered(self, delivered: dict[str, Any], channel: Any) -> int:
+        """What kombu does when a channel closes (it puts back every message it delivered), done
+        once. After a lost connection the messages no pool process is working on go back at the
+        next beat; batches still running finish and are acknowledged through this thread. At
+        shutdown (this thread stopped with the pool, the channel closes last) nothing will
+        finish them: every message still unsettled goes back now, on ``channel``. Returns how many."""
+        shutting_down = self._stopped.is_set()
+        returned = list(delivered) if shutting_down else self.ledger.not_working(delivered)
+        for tag in returned:
+            self.ledger.idle([tag])
+            self.put_back(tag, message_copy(delivered[tag]))
+        if shutting_down:
+            self._put_back(channel, returned)
+        return len(returned)
 
     def held(self) -> set[str]:
-        with self._lock:
-            return set(self._held)
-
-    def alive(self) -> bool:
-        """False only when the thread, once started, stopped without being asked to (``/livez``)."""
-        return self._thread is None or self._thread.is_alive() or self._stopped.is_set()
+        return self.ledger.held()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="deepqueue-leases", daemon=True)
@@ -159,8 +173,9 @@ class Leases:
                     connection.collect()  # a fresh channel next time
                 self._wake.wait(self.renew_s)
                 self._wake.clear()
-            try:  # a worker that stops says so: `deepqueue retry` need not wait for it to look gone
+            try:  # a worker that stops settles what it owes and says so: `deepqueue retry` need not wait
                 channel = connection.default_channel
+                self.beat(channel, 0.0)
                 key = taking_key(self.queue, self.name)
                 put_back_taken(channel.client, key, channel.unacked_key, self.queue)  # a pop at shutdown
                 channel.client.hdel(WORKERS_KEY, self.name)
@@ -168,32 +183,44 @@ class Leases:
                 logger.info("leases: could not remove this worker's entry (%r)", error)
 
     def beat(self, channel: Any, connected_s: float) -> None:
-        """One round: renew what is held, put back what was given back, sweep expired leases."""
-        client, qos = channel.client, channel.qos
+        """One round: renew what is held, settle what is owed, sweep expired leases."""
+        client = channel.client
         now = time.time()
-        with self._lock:
-            held, returned, acked = list(self._held), dict(self._returned), list(self._acked)
+        due = self.ledger.due()
         pipe = client.pipeline(transaction=False)
         pipe.hset(WORKERS_KEY, self.name, now)
-        if held:
-            pipe.zadd(channel.unacked_index_key, dict.fromkeys(held, now), xx=True)
-        if acked:  # what kombu's QoS.ack does
-            pipe.zrem(channel.unacked_index_key, *acked).hdel(channel.unacked_key, *acked)
+        if due.held:
+            pipe.zadd(channel.unacked_index_key, dict.fromkeys(due.held, now), xx=True)
+        if due.acks:  # what kombu's QoS.ack does
+            pipe.zrem(channel.unacked_index_key, *due.acks).hdel(channel.unacked_key, *due.acks)
         pipe.execute()
-        for tag, copy in returned.items():
-            if client.hexists(channel.unacked_key, tag):
-                qos.restore_by_tag(tag, client)
-            else:  # Redis died after handing it out, before recording it: this copy is all there is
-                channel._do_restore_message(*copy, client)  # what restore_by_tag does with Redis's copy
-        if returned or acked:
-            logger.info("leases: %d messages put back on the queue, %d acknowledged", len(returned), len(acked))
-            with self._lock:
-                for tag in returned:
-                    self._returned.pop(tag, None)
-                self._acked.difference_update(acked)
+        self.ledger.sent(acked=due.acks)
+        self._put_back(channel, due.returns)
+        if due.returns or due.acks:
+            logger.info("leases: %d messages put back on the queue, %d acknowledged", len(due.returns), len(due.acks))
         uptime = float(client.info("server")["uptime_in_seconds"])
         if may_sweep(connected_s, uptime, self.expiry_s):
-            self._sweep(channel, now, set(held))
+            self._sweep(channel, now, set(due.held))
+
+    def _put_back(self, channel: Any, tags: Iterable[str]) -> None:
+        """Put these owed messages back on the queue, each claimed first and marked settled as
+        soon as it is back, so that neither a failure half-way nor a second caller sends one
+        twice: Redis's own record where it has one, else the copy (Redis died between handing
+        the message out and recording it)."""
+        client, qos = channel.client, channel.qos
+        for tag in tags:
+            copy = self.ledger.claim(tag)
+            if copy is None:
+                continue
+            try:
+                if client.hexists(channel.unacked_key, tag):
+                    qos.restore_by_tag(tag, client)
+                else:
+                    channel._do_restore_message(*copy, client)  # what restore_by_tag does with Redis's copy
+            except BaseException:
+                self.ledger.unclaim(tag)
+                raise
+            self.ledger.sent(returned=(tag,))
 
     def _sweep(self, channel: Any, now: float, held: set[str]) -> None:
         from kombu.transport.redis import Mutex, MutexHeld

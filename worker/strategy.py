@@ -270,6 +270,7 @@ class BatchingStrategy:
 
     def _on_accepted(self, call: PoolCall, pid: int, time_accepted: float) -> None:
         call.accepted = True
+        self.leases.working(req.message.delivery_tag for req in call.requests)
         for req in call.requests:
             req.pool_pid = pid
             req.on_accepted(pid, time_accepted)  # active in `celery inspect`, task-started event
@@ -362,6 +363,7 @@ class BatchingStrategy:
 
     def _release(self, requests: list[Any]) -> None:
         """Forget that the pool holds these requests."""
+        self.leases.idle(req.message.delivery_tag for req in requests)
         for req in requests:
             queue = self.held.get(req.id)
             if queue and req in queue:
@@ -430,7 +432,7 @@ class BatchingStrategy:
             logger.debug("message %s not settled (%r): the lease keeper will", tag, error)
             self.leases.settle(message, requeue=bool(requeue))
         else:
-            self.leases.release(tag)
+            self.leases.settled(tag)
 
     def _request(self, message: Any, body: Any) -> Any:
         if body is None and "args" not in message.payload:

@@ -50,6 +50,7 @@ from kombu.utils.json import dumps, loads
 
 from worker import runtime
 from worker.deadletters import NO_ID, dead_letter, headers_task_id, push_dead_letter
+from worker.ledger import message_copy
 
 logger = logging.getLogger(__name__)
 
@@ -190,9 +191,26 @@ class QoS(redis.QoS):
                 delivery_tag,
                 error,
             )
-            info = message.delivery_info
-            leases.put_back(delivery_tag, (message._raw, info["exchange"], info["routing_key"]))
+            leases.put_back(delivery_tag, message_copy(message))
             raise
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """kombu's, when a channel closes (a lost connection, a shutdown), puts back every message
+        it delivered, batches still running included, while the worker puts back what it had not
+        started: each message twice, and a batch generated again. In a worker the leases decide
+        (``Leases.return_delivered``), once; elsewhere kombu's own."""
+        leases = runtime.leases()
+        if leases is None:
+            super().restore_unacked(client)
+            return
+        delivered = dict(self._delivered)
+        self._delivered.clear()
+        returned = leases.return_delivered(delivered, self.channel)
+        logger.info(
+            "channel closed: %d messages not started go back to the queue, %d running finish here",
+            returned,
+            len(delivered) - returned,
+        )
 
 
 class Channel(redis.Channel):

@@ -4,9 +4,11 @@ of the fault's end (default lease settings), each object written once."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+from collections import Counter
 
 import pytest
 import redis
@@ -96,6 +98,44 @@ def test_connection_lost_between_taking_a_message_and_recording_it(fault_env, re
     finally:
         stop(worker)
         cutter.cut()
+
+
+def generations_per_job(log: str) -> Counter[str]:
+    """How many times each job went through a pipeline call, from a JSON worker log's batch lines."""
+    counts: Counter[str] = Counter()
+    for line in log.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # Celery's own lines before logging is set up
+            continue
+        if isinstance(record, dict) and record.get("jobs"):
+            counts.update(record["jobs"].split(","))
+    return counts
+
+
+def test_every_connection_dropped_mid_run_generates_each_job_once(fault_env, restartable_redis, tmp_path):
+    """A Redis blip (every client connection killed) while a batch runs and more wait in the
+    worker's buffer: each message goes back to the queue once, by one party, so every job runs
+    through the pipeline exactly once and nothing stays unacknowledged when the run is done.
+    (kombu restored the reserved messages on the lost channel and the lease keeper put the same
+    ones back again: 64 messages for 32 jobs, and the running batch generated twice.)"""
+    log = tmp_path / "worker.log"
+    worker = start_worker({**fault_env, "DEEPQUEUE_LOG_FORMAT": "json"}, log)
+    broker = redis.Redis.from_url(fault_env["DEEPQUEUE_BROKER_URL"])
+    try:
+        submit(fault_env, "blip", 32)
+        wait_until(lambda: running_jobs(fault_env, "blip") > 0, 120, "a running batch")
+        assert broker.client_kill_filter(_type="normal", skipme=True) >= 1
+        fault_ended_at = time.time()
+        wait_for_run(fault_env, "blip", 32, RECOVERY_S + 60)
+        check(FaultCounts.measure(fault_env, {"blip": 32}, fault_ended_at), "every connection killed", 32)
+        wait_until(lambda: broker.hlen("unacked") == 0, 30, "every message acknowledged")
+        assert broker.llen("deepqueue") == 0
+        generations = generations_per_job(log.read_text())
+        assert len(generations) == 32 and set(generations.values()) == {1}, generations
+        assert worker.poll() is None
+    finally:
+        stop(worker)
 
 
 def test_redis_down_20_s_mid_run(fault_env, restartable_redis, tmp_path):
