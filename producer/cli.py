@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings
 
 from producer.client import Client, Run, run_id_or_new
 from producer.contract import WORKER_GONE_S
-from producer.errors import DeepQueueError, InvalidJobError, PromptFileError, WaitTimeoutError
+from producer.errors import DeepQueueError, InvalidJobError, PromptFileError, StorageError, WaitTimeoutError
 from producer.job import ImageFormat, JobDefaults, SchedulerName
 from producer.settings import ClientSettings, redact_url
 from producer.sources import parse_size
@@ -121,6 +121,7 @@ EXIT_JOB_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_UNREACHABLE = 3
 EXIT_TIMEOUT = 4
+EXIT_STORAGE = 5
 EXIT_CANNOT_SERVE = 70  # a worker that cannot serve: os.EX_SOFTWARE, as worker.readiness exits
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
@@ -153,6 +154,8 @@ class Group(click.Group):
             return super().invoke(ctx)
         except WaitTimeoutError as error:
             raise CommandError(redact_url(str(error)), EXIT_TIMEOUT) from error
+        except StorageError as error:
+            raise CommandError(storage_message(error), EXIT_STORAGE) from error
         except DeepQueueError as error:
             raise InputError(redact_url(str(error))) from error
         except (RedisConnectionError, RedisTimeoutError, OperationalError) as error:
@@ -164,6 +167,12 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+
+
+def storage_message(error: Exception) -> str:
+    """One line: what the run's storage failed on, and the settings to check."""
+    reason = " ".join(str(error).split())
+    return redact_url(f"storage: {reason} (check DEEPQUEUE_STORAGE, DEEPQUEUE_S3_* or DEEPQUEUE_OUTPUT_DIR)")
 
 
 def unreachable_message(error: Exception) -> str:
@@ -220,7 +229,7 @@ def cli() -> None:
 @cli.command()
 @recipe_options
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the run to finish, with a progress bar.")
-@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="With --wait: give up after this many seconds.")
 @click.option(
     "--audit",
     "audit_sample",
@@ -284,7 +293,7 @@ def submit(
 @cli.command()
 @click.argument("run_id")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the run to finish, with a progress bar.")
-@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="With --wait: give up after this many seconds.")
 def retry(run_id: str, wait_: bool, timeout: float | None) -> None:
     """Send again every job of RUN_ID that is not done: queued, failed, or running on a worker
     that is gone. Jobs running on a live worker are left to it."""
@@ -351,7 +360,7 @@ def cancel(run_id: str) -> None:
 @cli.command()
 @click.argument("run_id")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the run to finish, with a progress bar.")
-@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="With --wait: give up after this many seconds.")
 def resume(run_id: str, wait_: bool, timeout: float | None) -> None:
     """Take back a cancel of RUN_ID: its cancelled jobs are sent again and run; it takes new jobs
     again. Done, failed and running jobs stay as they are."""
@@ -405,7 +414,7 @@ def parse_age(text: str) -> float:
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--timeout", type=float, help="Give up after this many seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Give up after this many seconds.")
 def wait(run_id: str, timeout: float | None) -> None:
     """Wait for RUN_ID to finish, with a progress bar; exit 1 if any job failed."""
     with Client() as client:
@@ -443,7 +452,7 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 @cli.command("dead-letters")
-@click.option("--limit", type=int, default=100, show_default=True, help="The newest this many.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="The newest this many.")
 def dead_letters(limit: int) -> None:
     """One JSON line per message a worker dropped as unreadable, newest first."""
     with Client() as client:
@@ -454,7 +463,9 @@ def dead_letters(limit: int) -> None:
 @cli.command()
 @click.argument("run_id")
 @click.option("--sample", type=click.IntRange(min=1), default=16, show_default=True, help="Images to compare.")
-@click.option("--timeout", type=float, help="Give up waiting for the uncached twins after this many seconds.")
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), help="Give up waiting for the uncached twins after this many seconds."
+)
 def audit(run_id: str, sample: int, timeout: float | None) -> None:
     """Regenerate a sample of RUN_ID's images with DeepCache off (same seeds and settings, on the
     workers, as run RUN_ID.audit) and record PSNR and SSIM of each pair in the run's manifest and
@@ -577,12 +588,6 @@ def make_test_model(directory: Path, arch: str, seed: int) -> None:
 EXPORT_FORMATS = ("parquet", "imagefolder", "webdataset")
 
 
-def _storage_failed(error: Exception) -> CommandError:
-    return CommandError(
-        f"storage: {error} (check DEEPQUEUE_STORAGE, DEEPQUEUE_S3_* or DEEPQUEUE_OUTPUT_DIR)", EXIT_UNREACHABLE
-    )
-
-
 @cli.command("manifest")
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole stats.json.")
@@ -591,13 +596,8 @@ def manifest_command(run_id: str, as_json: bool) -> None:
     per image (every sidecar field, its key and size) and {run}/stats.json (counts, failures by
     reason, images/s, GPU-seconds, time span, sizes, models). Jobs done but missing from the
     workers' parts are read from their sidecars. Needs the export extra."""
-    from worker.storage import StorageError
-
     with Client() as client:
-        try:
-            stats = client.manifest(run_id, progress=True)
-        except StorageError as error:
-            raise _storage_failed(error) from error
+        stats = client.manifest(run_id, progress=True)
     if as_json:
         click.echo(json.dumps(stats, indent=1, ensure_ascii=False))
         return
@@ -638,13 +638,8 @@ def export_command(run_id: str, fmt: str, to: str | None, shard_size: int, overw
     imagefolder (metadata.jsonl per folder, for datasets' imagefolder) or webdataset (tar
     shards with .png/.json/.txt per image and a parquet per shard, as img2dataset writes them).
     Streamed shard by shard; the manifest is compacted first if it is missing or stale."""
-    from worker.storage import StorageError
-
     with Client() as client:
-        try:
-            result = client.export(run_id, fmt, to, shard_size=shard_size, overwrite=overwrite, progress=True)
-        except StorageError as error:
-            raise _storage_failed(error) from error
+        result = client.export(run_id, fmt, to, shard_size=shard_size, overwrite=overwrite, progress=True)
     click.echo(
         f"exported {result.rows} images of {run_id} as {fmt} in {result.shards} shards to {result.to} "
         f"({result.seconds:.1f} s)"

@@ -1,4 +1,5 @@
-"""The one exception tree of deepqueue (producer and worker alike)."""
+"""The one exception tree of deepqueue (producer and worker alike): every error a user can meet
+derives from ``DeepQueueError``, and the CLI turns each into one line and an exit code."""
 
 from __future__ import annotations
 
@@ -72,6 +73,11 @@ class RunBusyError(DeepQueueError, ValueError):
 
 class WaitTimeoutError(DeepQueueError, TimeoutError):
     """A run did not finish within the time asked for."""
+
+
+class StorageError(DeepQueueError, RuntimeError):
+    """The run's storage (S3 or the output folder) failed a read or a write; the message names
+    the object and keeps the cause."""
 
 
 class ExtraMissingError(DeepQueueError, ImportError):

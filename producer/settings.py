@@ -15,8 +15,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: URL schemes a broker and result backend may use (redis-py's; kombu reads the same).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class ClientSettings(BaseSettings):
@@ -41,6 +44,15 @@ class ClientSettings(BaseSettings):
     s3_prefix: str = Field("", description="Key prefix inside the bucket")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, a test server)")
     output_dir: Path = Field(Path("out"), description="Root folder of the local storage")
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        """A Redis URL (the one scheme both kombu and redis-py read), refused here rather than
+        as a traceback at the first connection."""
+        if not url.startswith(REDIS_SCHEMES):
+            raise ValueError(f"must be a Redis URL starting with {', '.join(REDIS_SCHEMES)}")
+        return url
 
 
 # The secret part of a URL's user info (``//user:secret@`` or ``//secret@``), and password query

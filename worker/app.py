@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from celery import Celery, Task, signals
@@ -56,3 +57,17 @@ def create_app(settings: WorkerSettings) -> Celery:
     signals.worker_process_init.connect(runtime.init_process, weak=False)
     signals.worker_process_shutdown.connect(runtime.shutdown_process, weak=False)
     return app
+
+
+@cache
+def default_app() -> Celery:
+    """The app for ``DEEPQUEUE_*`` settings of this environment, built once on first use."""
+    return create_app(WorkerSettings())
+
+
+def __getattr__(name: str) -> Any:
+    """``worker.app.app``: what Celery's own tools look for (``celery -A worker.app inspect
+    active``, ``celery -A worker.app events``, Flower). Importing the module builds nothing."""
+    if name == "app":
+        return default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

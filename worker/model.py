@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from producer.errors import DeepQueueError
+
 #: Pipeline classes the engine serves, and the model_index names diffusers' AutoPipelineForText2Image
 #: turns into them.
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -25,7 +27,7 @@ TEXT2IMAGE_OF = {
 }
 
 
-class ModelError(RuntimeError):
+class ModelError(DeepQueueError, RuntimeError):
     """The model cannot be served by this worker (not found, wrong pipeline type)."""
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from producer.errors import DeepQueueError
 from producer.state import RunStore
 from worker import startup
 from worker.executor import BatchExecutor, Delivery, Outcome
@@ -152,7 +153,7 @@ def warm_up(executor: BatchExecutor, settings: WorkerSettings) -> dict[str, Any]
     return executor.engine.warm_up(shapes, recipe)
 
 
-class PipelineUnavailable(RuntimeError):
+class PipelineUnavailable(DeepQueueError, RuntimeError):
     """This process could not build its pipeline, storage or state client: no batch can run."""
 
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from producer.errors import DeepQueueError
 from producer.settings import redact_url
 from worker.settings import WorkerSettings
 from worker.storage import make_storage
@@ -40,7 +41,7 @@ FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 5.0
 
 
-class StartupCheckFailed(RuntimeError):
+class StartupCheckFailed(DeepQueueError, RuntimeError):
     """S3 or Redis refused, or did not answer within the start-up retry budget; the message says
     which (as ``wait_for`` was told) and why."""
 

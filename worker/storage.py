@@ -14,13 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from producer.contract import run_key
+from producer.errors import StorageError
 
 if TYPE_CHECKING:
     from producer.settings import ClientSettings
-
-
-class StorageError(RuntimeError):
-    """An upload failed; the message names the object and keeps the cause."""
 
 
 class Storage(Protocol):

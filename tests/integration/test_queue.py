@@ -10,6 +10,7 @@ import io
 import json
 import random
 import subprocess
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -287,3 +288,18 @@ def test_audit_writes_psnr_and_ssim_of_a_sample_into_the_manifest(stack, monkeyp
     assert len(audited) == 3
     assert all(-1 <= row["audit_ssim"] < 1 and row["audit_psnr"] > 0 for row in audited)
     assert all(row["audit_uncached_key"].startswith("datasets/itest-audit.audit/images/") for row in audited)
+
+
+def test_celery_tools_find_the_app_with_dash_a(stack):
+    """``celery -A worker.app`` works as Celery users expect: here ``inspect ping`` reaches the
+    running worker through the app built from the same DEEPQUEUE_* settings."""
+    celery = Path(sys.executable).with_name("celery")
+    result = subprocess.run(
+        [str(celery), "-A", "worker.app", "inspect", "ping", "--timeout", "10"],
+        env=stack,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "itest@" in result.stdout and "pong" in result.stdout

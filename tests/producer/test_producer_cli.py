@@ -570,3 +570,51 @@ def test_dead_letters_lists_what_workers_dropped_newest_first(env):
     result = invoke("dead-letters")
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["task_id"] for line in result.output.splitlines()] == ["newer", "older"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("delete", "gone-store", "--force", "--outputs"),
+        ("prune", "--older-than", "0", "--outputs"),
+        ("audit", "gone-store", "--sample", "1", "--timeout", "5"),
+        ("manifest", "gone-store"),
+        ("export", "gone-store", "--format", "parquet"),
+    ],
+    ids=lambda command: command[0],
+)
+def test_storage_down_is_one_line_and_exit_5(env, tmp_path, store, monkeypatch, command):
+    """The run's S3 endpoint refuses connections (nothing listens on its port, a real fault):
+    every command that reads or deletes the run's files says so in one line, exit code 5."""
+    submitted_run(tmp_path, "gone-store", ["a"])
+    store.mark("gone-store", jobs_on_queue(env[0])[0].job_id, DONE, key="gone-store/images/a.png")
+    monkeypatch.setenv("DEEPQUEUE_STORAGE", "s3")
+    monkeypatch.setenv("DEEPQUEUE_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    result = invoke(*command)
+    assert result.exit_code == 5, result.output
+    [line] = result.output.strip().splitlines()[-1:]
+    assert line.startswith("Error: storage: ") and "check DEEPQUEUE_STORAGE" in line, result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("wait", "x", "--timeout", "-5"), "-5"),
+        (("dead-letters", "--limit", "-5"), "-5"),
+        (("dead-letters", "--limit", "0"), "0"),
+    ],
+)
+def test_negative_counts_and_timeouts_are_refused_before_anything_runs(env, args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_broker_url_that_is_no_redis_url_is_a_setting_error(env, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPQUEUE_BROKER_URL", "notaurl")
+    result = invoke("submit", str(prompt_file(tmp_path, "p.txt", "a\n")), "--run", "bad-url")
+    assert result.exit_code == 2, result.output
+    assert "DEEPQUEUE_BROKER_URL: must be a Redis URL" in result.output and "Traceback" not in result.output
