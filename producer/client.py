@@ -232,16 +232,22 @@ class Client:
         rows = Rows(source)
         total = check_rows(rows, run_id=run_id, defaults=run_wide, run_seed=seed)
         self._check_not_cancelled(run_id)
-        self._check_recipe(run_id, run_recipe(run_wide, run_id=run_id, run_seed=seed), allow_recipe_change)
+        recipe = run_recipe(run_wide, run_id=run_id, run_seed=seed)
+        new_recipe = self._check_recipe(run_id, recipe, allow_recipe_change)
         resend = {None, JobState.FAILED} | ({JobState.QUEUED} if resend_queued else set())
         sent = 0
-        with tqdm(total=total, unit="job", desc="enqueue", disable=not progress) as bar:
-            for chunk in chunked(validated(rows, run_id=run_id, defaults=run_wide, run_seed=seed), SUBMIT_CHUNK):
-                states = self._store.states(run_id, [job.job_id for job in chunk])
-                to_send = [job for job, state in zip(chunk, states, strict=True) if state in resend]
-                self._send(run_id, grouped_by_shape(to_send))
-                sent += len(to_send)
-                bar.update(len(chunk))
+        try:
+            with tqdm(total=total, unit="job", desc="enqueue", disable=not progress) as bar:
+                for chunk in chunked(validated(rows, run_id=run_id, defaults=run_wide, run_seed=seed), SUBMIT_CHUNK):
+                    states = self._store.states(run_id, [job.job_id for job in chunk])
+                    to_send = [job for job, state in zip(chunk, states, strict=True) if state in resend]
+                    self._send(run_id, grouped_by_shape(to_send))
+                    sent += len(to_send)
+                    bar.update(len(chunk))
+        except BaseException:
+            if new_recipe and not sent:  # nothing of it was sent: a corrected resubmit may choose again
+                self._store.forget_recipe(run_id, recipe)
+            raise
         return Run(run_id, self._store, submitted=sent, skipped=total - sent)
 
     def retry(self, run_id: str, *, progress: bool = False, gone_after_s: float = WORKER_GONE_S) -> Run:
@@ -318,11 +324,13 @@ class Client:
                 f"{run_id}), use another run name, or delete the run (deepqueue delete {run_id})"
             )
 
-    def _check_recipe(self, run_id: str, recipe: dict[str, Any], allow_change: bool) -> None:
-        """Record the run's recipe at its first submit; refuse another one unless allowed."""
+    def _check_recipe(self, run_id: str, recipe: dict[str, Any], allow_change: bool) -> bool:
+        """Record the run's recipe at its first submit; refuse another one unless allowed.
+        True when this call recorded it."""
+        before = self._store.recipes(run_id)
         recorded = self._store.claim_recipe(run_id, recipe, add=allow_change)
         if recorded is None or recipe in recorded:  # a run from before recipes were recorded, or the same
-            return
+            return recorded is not None and recipe not in before
         closest = min(recorded, key=lambda earlier: len(recipe_differences(earlier, recipe)))
         raise RecipeMismatchError(run_id, recipe_differences(closest, recipe))
 

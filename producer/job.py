@@ -189,6 +189,10 @@ def check_run(run_id: str, run_seed: int | None) -> int:
     return run_seed_for(run_id) if run_seed is None else run_seed
 
 
+#: Job fields the run decides (its name, each row's position): a row may not set them.
+RUN_OWNED = frozenset({"run_id", "index"})
+
+
 def validated(
     rows: Iterable[tuple[str, Mapping[str, Any] | str]],
     *,
@@ -207,6 +211,10 @@ def validated(
     for index, (where, row) in enumerate(rows):
         if isinstance(row, str):
             yield [(where, row)]
+            continue
+        owned = sorted(RUN_OWNED & set(row))
+        if owned:  # silently overwritten, a row's own run or position would be lost without a word
+            yield [(f"job {index} ({where})", f"{name}: set by the run, not by a row") for name in owned]
             continue
         fields = {**base, **row, "run_id": run_id, "index": index}
         fields.setdefault("seed", derive_seed(base_seed, index))

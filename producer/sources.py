@@ -236,9 +236,10 @@ def _read_parquet(path: Path) -> Iterator[Row]:
             for row in batch.to_pylist():
                 where = f"row {number} of {path.name}"
                 number += 1
-                fields = {key: value for key, value in row.items() if value is not None}  # null: the run default
-                if fields:
-                    yield where, _normalise(fields, where)
+                # null: the run default. A row stays a row even with a null prompt (refused by the
+                # job's check, naming it): skipped, it would shift every later row's job id and seed.
+                fields = {key: value for key, value in row.items() if value is not None}
+                yield where, _normalise(fields, where)
     except (OSError, ValueError) as error:
         if isinstance(error, PromptFileError):
             raise
@@ -273,6 +274,8 @@ def _unique_keys(where: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _normalise(fields: dict[str, Any], where: str) -> dict[str, Any]:
     """Accept ``size: "WxH"`` as a shorthand for width and height."""
     size = fields.pop("size", None)
+    if size is not None and ({"width", "height"} & set(fields)):
+        raise PromptFileError(f"{where}: give size or width and height, not both (size {size!r})")
     if size is not None:
         try:
             fields.update(parse_size(str(size)))

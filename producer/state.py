@@ -293,6 +293,10 @@ class RunStore:
         )
         return None if raw is None else _in_order(dict(zip(raw[0::2], raw[1::2], strict=True)))
 
+    def forget_recipe(self, run_id: str, recipe: Mapping[str, Any]) -> None:
+        """Take back a recipe a submit recorded but sent no job of (it was refused half-way)."""
+        self._redis.hdel(_recipes_key(run_id), canonical_json(recipe))
+
     def recipes(self, run_id: str) -> list[dict[str, Any]]:
         """The run's recorded recipes, the first submitted first (empty: none recorded)."""
         return _in_order(self._redis.hgetall(_recipes_key(run_id)))

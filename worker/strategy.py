@@ -70,7 +70,10 @@ def plausible_time(value: Any, now: float) -> float | None:
     """A Unix time a producer could have stamped, or None (NaN, infinities, 1e308, booleans)."""
     if isinstance(value, bool) or not isinstance(value, Real):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
     return value if math.isfinite(value) and 0 < value <= now + FUTURE_SLACK_S else None
 
 

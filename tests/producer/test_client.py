@@ -655,6 +655,11 @@ def test_a_file_changed_between_check_and_send_is_refused(client, redis_urls, tm
     monkeypatch.setattr(sources, "read_file", read_then_change)
     with pytest.raises(PromptFileError, match="the input changed while it was being submitted"):
         client.submit(path, run="changed")
+    # Nothing was sent, so the refused submit's recipe is not the run's: the corrected resubmit
+    # may use other settings.
+    monkeypatch.setattr(sources, "read_file", real)
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert client.submit(path, run="changed", steps=5).submitted == 2
 
 
 def test_submit_memory_does_not_grow_with_the_file(client, redis_urls, tmp_path, monkeypatch):

@@ -329,8 +329,13 @@ def test_row_override_can_break_a_valid_default_combination():
 
 
 def test_rows_cannot_move_a_job_to_another_run_or_index():
-    jobs = make_jobs([("a", {"prompt": "x", "run_id": "other", "index": 99})], run_id=RUN, defaults=JobDefaults())
-    assert (jobs[0].run_id, jobs[0].index) == (RUN, 0)
+    """Refused, naming the field: overwritten without a word, the row's value would be lost."""
+    with pytest.raises(InvalidJobError) as info:
+        make_jobs([("a", {"prompt": "x", "run_id": "other", "index": 99})], run_id=RUN, defaults=JobDefaults())
+    assert info.value.problems == [
+        ("job 0 (a)", "index: set by the run, not by a row"),
+        ("job 0 (a)", "run_id: set by the run, not by a row"),
+    ]
 
 
 def test_explicit_seed_kept_others_derived_from_run_seed():

@@ -410,6 +410,15 @@ def test_json_array_of_strings_and_where_errors_point(tmp_path):
         read_rows(write(tmp_path, "d.json", '["a", {"prompt": "b", "steps": 1, "steps": 2}]'))
 
 
+def test_a_parquet_row_with_a_null_prompt_is_refused_by_its_row_number(tmp_path):
+    """Not skipped: every later row would shift to another job id and seed."""
+    path = write_format(tmp_path, ".parquet", [{"prompt": "a"}, {"prompt": None}, {"prompt": "c"}])
+    with pytest.raises(InvalidJobError) as info:
+        make_jobs(read_rows(path), run_id="r", defaults=JobDefaults())
+    [(where, message)] = info.value.problems
+    assert where == "job 1 (row 1 of prompts.parquet)" and message.startswith("prompt:"), (where, message)
+
+
 def test_parquet_without_a_prompt_column_and_nulls_as_defaults(tmp_path):
     with pytest.raises(PromptFileError, match="must have a 'prompt' column"):
         read_rows(write_format(tmp_path, ".parquet", [{"text": "a"}]))
@@ -438,3 +447,9 @@ def test_rows_of_a_generator_can_be_read_twice():
     first, second = list(rows), list(rows)
     assert first == second == [("item 0", {"prompt": "a"}), ("item 1", {"prompt": "b"}), ("item 2", first[2][1])]
     assert isinstance(first[2][1], RowProblem) and "got int 3" in first[2][1]
+
+
+def test_size_beside_width_or_height_is_refused(tmp_path):
+    path = write(tmp_path, "p.csv", "prompt,size,width\na,512x512,768\n")
+    with pytest.raises(PromptFileError, match="line 2 of p.csv: give size or width and height, not both"):
+        read_rows(path)

@@ -413,7 +413,9 @@ def test_random_sequences_match_the_policy(seed: int) -> None:
 # -- enqueue times from hand-made messages --------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e308, -5.0, 0, True, "yesterday", None])
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), -float("inf"), 1e308, 10**400, -5.0, 0, True, "yesterday", None]
+)
 def test_implausible_enqueue_times_are_dropped(value):
     from worker.strategy import plausible_time
 
