@@ -74,6 +74,9 @@ def start_worker(*, overrides: dict[str, Any], loglevel: str, extra: list[str]) 
         "--pool=prefork",
         "--concurrency=1",
         "--task-events",
+        # Gossip (workers watching each other over a fanout) serves nothing here, where leases
+        # say which workers live; its restart after every lost connection logged a traceback.
+        "--without-gossip",
         f"--loglevel={loglevel}",
         f"--queues={settings.queue}",
         *extra,

@@ -25,10 +25,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from collections import deque
 from functools import partial
 from typing import Any
 
+from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.consumer import Consumer
 
 from worker.deadletters import dead_letter, headers_task_id, push_dead_letter
@@ -123,7 +125,9 @@ class GuardedConsumer(Consumer):
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         self.reconnect_loop.lost(time.monotonic(), exc)
         try:
-            super().on_connection_error_after_connected(exc)
+            with warnings.catch_warnings():  # Celery's 20-line notice of a setting deepqueue keeps off on purpose
+                warnings.simplefilter("ignore", CPendingDeprecationWarning)
+                super().on_connection_error_after_connected(exc)
         except Exception as error:  # cleanup of a connection already dropped: reconnect regardless
             logger.warning("closing the lost broker connection failed (%r); reconnecting anyway", error)
 
