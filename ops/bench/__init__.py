@@ -1,5 +1,7 @@
-"""Speed benchmarks: enqueue rate, worker throughput with DeepCache off/on, optional SD1.5.
+"""Speed benchmarks. Speed goals live here, not in the tests (see ops/bench/README.md).
 
-Run all of them with one command from the repository root: ``python -m ops.bench.run``
-(see ops/bench/README.md). Speed goals live here, not in the tests.
+From the repository root: ``make bench`` runs the quick goals (``ops.bench.goals``),
+``make bench-full`` the goals at full size and then ``ops.bench.run`` (enqueue rate, worker
+throughput with DeepCache off/on, the service against DeepCache's recipe); ``bash
+ops/bench/gpu.sh`` the GPU benchmark.
 """

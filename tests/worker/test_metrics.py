@@ -3,7 +3,7 @@
 The counting from what a pool process returns (made here by a real executor on the simulated
 device, through the same ``_progress`` a pool call returns), the queue depth read from a real
 Redis holding real kombu messages, and the HTTP server on a real socket. A whole worker process
-is scraped in tests/integration/test_metrics.py.
+is scraped in tests/integration/test_metrics_endpoint.py.
 """
 
 from __future__ import annotations
