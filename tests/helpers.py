@@ -68,6 +68,10 @@ def malformed(tmp_path: Path) -> dict[str, tuple[bytes, str, dict]]:
         "task-header-list": (good_body, "application/json", {"task": [TASK_NAME]}),
         "task-header-dict": (good_body, "application/json", {"task": {"name": TASK_NAME}}),
         "args-not-a-list": (b'[{"prompt": "a cat"}, {}, {}]', "application/json", task),
+        # Celery itself drops these before any deepqueue code sees them: kept as dead letters all the same.
+        "no-task-header": (good_body, "application/json", {}),
+        "unregistered-task": (good_body, "application/json", {"task": "someone.elses.task"}),
+        "compression-mismatch": (good_body, "application/json", {**task, "compression": "application/x-gzip"}),
     }
 
 

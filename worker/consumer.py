@@ -136,6 +136,20 @@ class GuardedConsumer(Consumer):
         dead letters, not only logged and acknowledged as Celery does."""
         drop_message(message, exc, self.connection_errors)
 
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        """No Celery task message (no ``task`` header): dead-lettered, not only logged and dropped."""
+        drop_message(message, "not a Celery task message: no 'task' header", self.connection_errors)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        """A task this worker does not run, on deepqueue's queue: dead-lettered, without Celery's
+        traceback and its failure record in a result backend deepqueue does not use."""
+        task = (getattr(message, "headers", None) or {}).get("task")
+        drop_message(message, f"task {task!r} is not deepqueue's ({exc!r})", self.connection_errors)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        """A task message Celery cannot read (its headers, its body): dead-lettered."""
+        drop_message(message, exc, self.connection_errors)
+
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
         broker_errors = tuple(self.connection_errors) + tuple(self.channel_errors)
