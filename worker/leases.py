@@ -40,6 +40,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from celery import bootsteps
+from kombu import Connection
+from kombu.transport.redis import Mutex, MutexHeld
 
 from producer.contract import WORKERS_KEY, celery_config
 from worker import runtime
@@ -155,8 +157,6 @@ class Leases:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        from kombu import Connection
-
         connected_since: float | None = None
         with Connection(self._broker_url, transport_options=self._transport_options) as connection:
             while not self._stopped.is_set():
@@ -223,8 +223,6 @@ class Leases:
             self.ledger.sent(returned=(tag,))
 
     def _sweep(self, channel: Any, now: float, held: set[str]) -> None:
-        from kombu.transport.redis import Mutex, MutexHeld
-
         client, qos = channel.client, channel.qos
         try:
             with Mutex(client, channel.unacked_mutex_key, channel.unacked_mutex_expire):
@@ -264,9 +262,15 @@ class Leases:
 
 
 class LeaseKeeper(bootsteps.StartStopStep):
-    """Worker bootstep: the worker's ``Leases`` (``worker.leases``), kept from start to stop."""
+    """Worker bootstep: the worker's ``Leases`` (``worker.leases``), kept from start to stop.
 
-    requires = ("celery.worker.components:Hub",)
+    Its thread starts after the pool has forked its process: a thread importing a module while
+    a process forks leaves that module's import lock held in the child, which then hangs on its
+    first import of the module (seen as a pool process stuck before its storage check, one worker
+    start in ten on a loaded machine). The thread's own imports are at module level, so a
+    replacement process forked later finds no import in progress."""
+
+    requires = ("celery.worker.components:Pool",)
     label = "LeaseKeeper"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
