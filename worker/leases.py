@@ -146,6 +146,10 @@ class Leases:
     def held(self) -> set[str]:
         return self.ledger.held()
 
+    def alive(self) -> bool:
+        """False only when the thread, once started, stopped without being asked to (``/livez``)."""
+        return self._thread is None or self._thread.is_alive() or self._stopped.is_set()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="deepqueue-leases", daemon=True)
         self._thread.start()

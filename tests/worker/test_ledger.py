@@ -146,3 +146,11 @@ def test_every_message_is_settled_at_most_once_and_working_ones_never_go_back(op
         assert not (due.held & set(due.returns)) and not (due.held & due.acks)
         assert not set(ledger.not_working(due.held)) & {t for t in due.held if ledger.is_working(t)}
     assert len(settled) == len(set(settled)), settled
+
+
+def test_the_lease_keeper_reports_itself_alive_until_its_thread_dies_unasked() -> None:
+    """``/livez`` asks ``Leases.alive``: true before the thread starts and while it runs."""
+    from worker.leases import Leases
+
+    leases = Leases("redis://127.0.0.1:1/0", {}, queue="deepqueue", name="w", renew_s=5, expiry_s=20)
+    assert leases.alive() and leases.held() == set()
