@@ -136,9 +136,7 @@ class Leases:
         finish them: every message still unsettled goes back now, on ``channel``. Returns how many."""
         shutting_down = self._stopped.is_set()
         returned = list(delivered) if shutting_down else self.ledger.not_working(delivered)
-        for tag in returned:
-            self.ledger.idle([tag])
-            self.put_back(tag, message_copy(delivered[tag]))
+        self.give_back(delivered[tag] for tag in returned)  # the ledger stops counting them as working
         if shutting_down:
             self._put_back(channel, returned)
         return len(returned)
