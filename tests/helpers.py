@@ -1,14 +1,19 @@
-"""What several test modules check against: the sidecar's required fields, a local worker."""
+"""What several test modules share: the sidecar's required fields, a local worker, malformed
+messages, and the one way a test waits for something (``wait_until``, ``wait_for_count``)."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from producer.contract import TASK_NAME
 
@@ -21,6 +26,38 @@ TIMING_FIELDS = frozenset(
     {"enqueued_at", "started_at", "finished_at", "queue_wait_s", "batch_inference_s", "inference_s",
      "encode_s", "upload_s"}
 )  # fmt: skip
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, poll_s: float = 0.05) -> None:
+    """Poll ``condition`` until it is true. ``timeout`` only bounds a hang: make it generous, the
+    wait ends as soon as the condition holds. A Redis connection error counts as "not yet" (the
+    fault under test may be going on)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except redis.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll_s)
+
+
+def wait_for_count(count: Callable[[], int], target: int, stall_s: float, what: str, poll_s: float = 0.5) -> None:
+    """Wait until ``count()`` reaches ``target``, failing only when it has not grown for
+    ``stall_s``: a loaded machine makes a long run slower, not stuck, so no total is assumed."""
+    seen, moved_at = -1, time.monotonic()
+    while True:
+        try:
+            now = count()
+        except redis.ConnectionError:
+            now = seen
+        if now >= target:
+            return
+        if now > seen:
+            seen, moved_at = now, time.monotonic()
+        assert time.monotonic() - moved_at < stall_s, f"{what}: stuck at {seen} of {target} for {stall_s:g} s"
+        time.sleep(poll_s)
 
 
 def local_worker_settings(model: Path, out: Path, **overrides: Any) -> Any:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
 from ops.localstack import free_port, moto_s3_client, start_redis, stop, worker_env
 from producer import Client, JobState
@@ -96,18 +95,6 @@ def fault_env(restartable_redis, s3_endpoint, tiny_model) -> dict[str, str]:
 
 def client_for(env: dict[str, str]) -> Client:
     return Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"])
-
-
-def wait_until(condition, timeout: float, what: str, poll_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except redis.ConnectionError:  # the fault under test may be going on
-            pass
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(poll_s)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import redis
 
 from ops.localstack import start_worker, stop
 from producer import JobState
+from tests.helpers import wait_until
 
 from .conftest import (
     DeliveryCutter,
@@ -22,7 +23,6 @@ from .conftest import (
     client_for,
     kill_worker,
     stop_running,
-    wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]

@@ -9,8 +9,9 @@ import pytest
 
 from ops.localstack import start_worker, stop
 from producer import JobState
+from tests.helpers import wait_until
 
-from .conftest import FaultCounts, client_for, kill_worker, stop_running, wait_until
+from .conftest import FaultCounts, client_for, kill_worker, stop_running
 from .test_redis_and_worker_faults import RECOVERY_S, check, submit, wait_for_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]

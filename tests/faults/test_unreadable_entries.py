@@ -12,9 +12,9 @@ import redis
 
 from ops.localstack import free_port, start_worker
 from producer import JobState
-from tests.helpers import get
+from tests.helpers import get, wait_until
 
-from .conftest import CuttableProxy, client_for, stop_running, wait_until
+from .conftest import CuttableProxy, client_for, stop_running
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import redis
 
 from ops.localstack import moto_s3_client, start_worker, stop, worker_env
 from producer import Client, JobState
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
@@ -20,13 +20,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 def object_count(endpoint: str, bucket: str, run: str) -> int:
     """Images and sidecars stored for one run (not the write check, nor the manifest parts)."""
     return moto_s3_client(endpoint).list_objects_v2(Bucket=bucket, Prefix=f"{run}/images/").get("KeyCount", 0)
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def pool_process(worker: subprocess.Popen) -> int:

@@ -4,14 +4,13 @@ still be deleted, and a cancelled run resumed runs all its jobs."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from click.testing import CliRunner
 
 from ops.localstack import moto_s3_client, start_worker, stop
 from producer import Client, JobState
 from producer.cli import cli
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -20,13 +19,6 @@ def objects(env: dict[str, str], run_id: str) -> list[str]:
     s3 = moto_s3_client(env["DEEPQUEUE_S3_ENDPOINT_URL"])
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=env["DEEPQUEUE_S3_BUCKET"], Prefix=f"{run_id}/")
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def use_env(monkeypatch, env: dict[str, str]) -> None:
@@ -49,8 +41,8 @@ def test_a_run_deleted_while_its_batch_runs_keeps_no_object(env, tmp_path):
     try:
         with Client() as client:
             run = client.submit([f"doomed {i}" for i in range(32)], run="doomed", steps=30, width=128, height=128)
-            wait_for(lambda: run.status().counts[JobState.DONE] > 0, 180, "a stored image")
-            wait_for(lambda: run.status().counts[JobState.RUNNING] > 0, 180, "a batch in flight")
+            wait_until(lambda: run.status().counts[JobState.DONE] > 0, 180, "a stored image")
+            wait_until(lambda: run.status().counts[JobState.RUNNING] > 0, 180, "a batch in flight")
             client.delete("doomed", outputs=True, force=True)
     finally:
         stop(worker)  # a warm shutdown: the batch in flight ends, its images are stored (or not)
@@ -64,7 +56,7 @@ def test_a_cancelled_run_resumed_runs_all_its_jobs(env, tmp_path):
     try:
         with Client() as client:
             run = client.submit([f"paused {i}" for i in range(48)], run="paused", steps=4, width=64, height=64)
-            wait_for(lambda: run.status().counts[JobState.DONE] > 0, 180, "a done job")
+            wait_until(lambda: run.status().counts[JobState.DONE] > 0, 180, "a done job")
             assert run.cancel() > 0
             cancelled = run.wait(timeout=180).counts[JobState.CANCELLED]
             assert cancelled > 0

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import wait_until
+
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 boto3 = pytest.importorskip("boto3")
@@ -107,13 +109,6 @@ def deliveries(*indexes: int) -> list[Delivery]:
     return [Delivery(job(i).job_id, job(i).model_dump(mode="json")) for i in indexes]
 
 
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_jobs_wait_through_an_s3_outage_and_are_written_once(
     s3_server: RestartableS3, tiny_model: Path, tmp_path: Path, caplog
 ) -> None:
@@ -146,7 +141,7 @@ def test_jobs_wait_through_an_s3_outage_and_are_written_once(
         outcomes += executor.submit(deliveries(2, 3))  # generates; its uploads fail and wait
         third = threading.Thread(target=lambda: outcomes.extend(executor.submit(deliveries(4, 5))))
         third.start()
-        wait_until(lambda: not executor.store_retry.available, "the uploads to fail")
+        wait_until(lambda: not executor.store_retry.available, WAIT_S, "the uploads to fail")
         time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
         # Paused: the full backlog holds the third batch back; nothing failed, nothing is final.
         assert engine.calls == 2 and third.is_alive()

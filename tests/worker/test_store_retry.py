@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, wait_until
 from worker.storage import LocalStorage, S3Storage, StorageError
 from worker.store_retry import (
     MAX_DELAY_S,
@@ -245,15 +245,6 @@ class Outage:
         return True
 
 
-def wait_until(condition, what: str) -> None:
-    done = threading.Event()
-    for _ in range(WAIT_S * 100):
-        if condition():
-            return
-        done.wait(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def run_in_thread(target) -> tuple[threading.Thread, list]:
     result: list = []
 
@@ -286,7 +277,7 @@ def test_the_first_upload_that_succeeds_wakes_the_waiting_ones() -> None:
     policy = StoreRetry(600, first_delay_s=3600, max_delay_s=3600)
     outage = Outage()
     thread, result = run_in_thread(lambda: policy.job().call(outage))
-    wait_until(lambda: not policy.available, "the first failure")
+    wait_until(lambda: not policy.available, WAIT_S, "the first failure")
     outage.back()
     assert policy.job().call(outage) is True  # another job's upload gets through
     thread.join(WAIT_S)
