@@ -22,14 +22,19 @@ run: venv
 	test -f models/tiny/model_index.json || $(VENV)/bin/deepqueue make-test-model models/tiny --arch tiny
 	$(VENV)/bin/deepqueue run examples/prompts.jsonl --out out --model models/tiny --steps 20
 
-# Every test: one line per test (name, outcome, progress), the slowest at the end, then pytest's
-# closing "N passed" line (about 20 minutes on 2 cores).
-test: venv
-	$(PY) -m pytest -v --durations=15
+# Test files run TEST_WORKERS at a time (pytest-xdist; a file's tests stay in one process, so
+# its fixtures are built once): most of the suite waits on real servers and workers.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 
-# Unit and contract tests: no slow, integration, fault or GPU tests (a few minutes on 2 cores).
+# Every test: one line per test (name, outcome, progress), the slowest at the end, then pytest's
+# closing "N passed" line.
+test: venv
+	$(PY) -m pytest $(XDIST) -v --durations=15
+
+# Unit and contract tests, for the edit loop: no slow, integration, fault or GPU tests.
 test-quick: venv
-	$(PY) -m pytest -v --durations=10 -m "not slow and not integration and not faults and not gpu"
+	$(PY) -m pytest $(XDIST) -v --durations=10 -m "not slow and not integration and not faults and not gpu"
 
 # Fresh results go to a new folder under ops/bench/results/runs/; RECORD=1 writes over the
 # committed ops/bench/results/*-latest.* instead.

@@ -19,6 +19,13 @@ import redis
 from ops.localstack import AWS_ENV, start_moto, start_redis, stop
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # One OpenMP thread per torch process. The suite runs many at once (pytest-xdist's workers,
+    # each test's worker and pool processes) on few cores, where OpenMP's spinning threads wait
+    # on each other: a 0.2 s batch of the tiny model took 14 s under load, past its time limit.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> Iterator[str]:
     """``redis://127.0.0.1:PORT``: a private redis-server (or DEEPQUEUE_TEST_REDIS_URL)."""
@@ -83,10 +90,14 @@ def sdxl_tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory) -> Path:
-    """One DEEPQUEUE_COMPILE_CACHE for the session: a graph compiles once (minutes on 2 cores),
-    then every later test and worker process reads it back."""
-    return tmp_path_factory.mktemp("compile-cache")
+def compile_cache(tmp_path_factory, worker_id: str) -> Path:
+    """One DEEPQUEUE_COMPILE_CACHE for the whole run, shared by pytest-xdist's workers: a graph
+    compiles once (minutes on 2 cores), then every later test and worker process reads it back
+    (inductor writes its cache entries atomically, so two processes may fill it at once)."""
+    root = tmp_path_factory.getbasetemp()
+    path = (root if worker_id == "master" else root.parent) / "compile-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture
