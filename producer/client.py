@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import redis
 from tqdm import tqdm
 
-from producer.contract import DEAD_LETTERS_KEY, WORKER_GONE_S, WORKERS_KEY, run_key
+from producer.contract import WORKER_GONE_S
 from producer.enqueue import publish
 from producer.errors import (
     ExtraMissingError,
@@ -38,15 +38,26 @@ from producer.job import (
     run_recipe,
     validated,
 )
+from producer.layout import (
+    DEAD_LETTERS_KEY,
+    WORKERS_KEY,
+    audit_rows_key,
+    audit_summary_key,
+    image_key,
+    images_prefix,
+    run_prefix,
+    sidecar_key,
+    url_extension,
+)
 from producer.progress import LINE_EVERY_S, Progress
 from producer.settings import ClientSettings, redact_url
 from producer.sources import Rows, Source
 from producer.spill import Buckets, job_index, sort_key
 from producer.state import JobResult, JobState, RunStatus, RunStore
+from producer.storage import Storage, make_storage
 
 if TYPE_CHECKING:
     from producer.export import ExportResult
-    from worker.storage import Storage
 
 #: Jobs marked queued and published per chunk: bounds memory and round trips alike.
 SUBMIT_CHUNK = 5000
@@ -376,7 +387,7 @@ class Client:
         return self._store.deleted(run_id)
 
     def _delete_outputs(self, run_id: str) -> int:
-        return self._storage().delete_prefix(run_key(self.settings.s3_prefix, run_id) + "/")
+        return self._storage().delete_prefix(run_prefix(self.settings.s3_prefix, run_id))
 
     def prune(self, older_than_s: float, *, outputs: bool = False, dry_run: bool = False) -> list[str]:
         """Delete finished runs first submitted more than ``older_than_s`` ago; returns their
@@ -397,14 +408,12 @@ class Client:
 
     def outputs_url(self, run_id: str) -> str:
         """Where the run's images and sidecars are: ``s3://bucket/prefix/run/images/`` or a folder."""
-        folder = run_key(self.settings.s3_prefix, run_id, "images") + "/"
+        folder = images_prefix(self.settings.s3_prefix, run_id)
         if self.settings.storage == "s3":
             return f"s3://{self.settings.s3_bucket}/{folder}"
         return f"{self.settings.output_dir / folder}{os.sep}".rstrip(os.sep) + os.sep
 
     def _storage(self) -> Storage:
-        from worker.storage import make_storage  # boto3 only where outputs are touched
-
         return make_storage(self.settings, check=False)
 
     def workers(self, *, gone_after_s: float = WORKER_GONE_S) -> set[str]:
@@ -423,9 +432,8 @@ class Client:
         self.run(run_id)  # RunNotFoundError if there is no such run
         with export_extra():
             from producer.manifest import compact
-            from worker.storage import make_storage
 
-            storage = make_storage(self.settings, check=False)
+            storage = self._storage()
             return compact(self._store, storage, self.settings.s3_prefix, run_id, progress=progress)
 
     def export(
@@ -446,9 +454,8 @@ class Client:
         self.run(run_id)
         with export_extra():
             from producer.export import export, resolve_target
-            from worker.storage import make_storage
 
-            storage, prefix = make_storage(self.settings, check=False), self.settings.s3_prefix
+            storage, prefix = self._storage(), self.settings.s3_prefix
             target = resolve_target(
                 to, format, run_id=run_id, storage=storage, prefix=prefix, endpoint_url=self.settings.s3_endpoint_url
             )
@@ -475,10 +482,8 @@ class Client:
             raise InvalidJobError([("audit", f"sample: at least 1 job, got {sample}")])
         with export_extra():
             from producer import audit as quality
-            from worker.manifest import audit_rows_key, audit_summary_key
-            from worker.storage import image_key, make_storage, sidecar_key, url_extension
 
-            storage, prefix = make_storage(self.settings, check=False), self.settings.s3_prefix
+            storage, prefix = self._storage(), self.settings.s3_prefix
             chosen = quality.sample(run.results(JobState.DONE), sample)
             if not chosen:
                 raise RunBusyError(f"run {run_id!r} has no done image to audit yet")

@@ -1,6 +1,6 @@
 """A run's compacted manifest and its stats, built on demand from the workers' parts.
 
-Workers write their rows in parts (``worker.manifest``); parts are an optimisation, never the
+Workers write their rows in parts (``worker.manifest_writer``); parts are an optimisation, never the
 truth. ``compact`` makes the manifest whole:
 
 1. read every part, the audit rows (``audit.jsonl``, if any) and every job's state in
@@ -49,20 +49,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from producer.spill import Buckets, sort_key
-from producer.state import JobResult, JobState, RunStore
-from worker.manifest import (
+from producer.errors import StorageError
+from producer.layout import (
     PART_SUFFIX,
     audit_rows_key,
     audit_summary_key,
-    decode_part,
+    image_key,
     manifest_prefix,
-    manifest_row,
     parts_prefix,
     shard_key,
+    sidecar_key,
     stats_key,
+    url_extension,
 )
-from worker.storage import Storage, StorageError, image_key, sidecar_key, url_extension
+from producer.manifest_parts import ROW_EXTRAS, decode_part, manifest_row
+from producer.spill import Buckets, sort_key
+from producer.state import JobResult, JobState, RunStore
+from producer.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +145,6 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("audit_uncached_key", "string"),
     ("sidecar", "string"),
 )
-
-#: What a manifest row adds to the sidecar (``worker.manifest.manifest_row``).
-ROW_EXTRAS = ("key", "sidecar_key", "bytes")
 
 
 def arrow_schema(columns: Iterable[tuple[str, str]] = COLUMNS) -> pa.Schema:

@@ -15,6 +15,7 @@ pytest.importorskip("PIL")
 
 import pyarrow.parquet as pq  # noqa: E402
 
+from producer.layout import audit_rows_key, audit_summary_key, parts_prefix, shard_key  # noqa: E402
 from producer.manifest import (  # noqa: E402
     COLUMNS,
     OTHER,
@@ -33,9 +34,8 @@ from producer.manifest import (  # noqa: E402
 )
 from producer.spill import Buckets, job_index  # noqa: E402
 from producer.state import JobResult, JobState, RunStore  # noqa: E402
+from producer.storage import LocalStorage  # noqa: E402
 from tests.manifest_helpers import make_jobs, store_outputs  # noqa: E402
-from worker.manifest import audit_rows_key, audit_summary_key, parts_prefix, shard_key  # noqa: E402
-from worker.storage import LocalStorage  # noqa: E402
 
 RUN = "manifest-run"
 

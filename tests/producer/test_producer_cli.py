@@ -14,8 +14,8 @@ from click.testing import CliRunner, Result
 from ops.localstack import free_port
 from producer import Job, JobState
 from producer.cli import cli
-from producer.contract import WORKERS_KEY
 from producer.job import derive_seed
+from producer.layout import WORKERS_KEY
 from producer.state import RunStore
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)
@@ -562,7 +562,7 @@ def test_dead_letters_lists_what_workers_dropped_newest_first(env):
 
     import redis
 
-    from producer.contract import DEAD_LETTERS_KEY
+    from producer.layout import DEAD_LETTERS_KEY
 
     broker = redis.Redis.from_url(env[0])
     for task_id in ("older", "newer"):
