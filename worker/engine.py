@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from producer.job import Job
+from producer.job import Job, SchedulerName
 from worker import logs
 from worker.acceleration import Accelerator, Shape, compile_cache_dir, resolve_level
 from worker.batching import BatchKey
@@ -23,8 +23,8 @@ from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
-#: Job scheduler names -> diffusers scheduler classes.
-SCHEDULERS = {
+#: Job scheduler names (all of ``producer.job.SchedulerName``) -> diffusers scheduler classes.
+SCHEDULERS: dict[SchedulerName, str] = {
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
