@@ -35,7 +35,8 @@ from producer.storage import Storage
 from worker.backlog import Backlog
 from worker.batching import BatchBuffer, BatchKey, batch_key
 from worker.encode import encode_image
-from worker.engine import Engine, Generated, is_out_of_memory
+from worker.engine import Engine, is_out_of_memory
+from worker.generated import Generated
 from worker.manifest_writer import ManifestWriter
 from worker.settings import WorkerSettings
 from worker.sidecar import BatchInfo, build_sidecar, s3_metadata

@@ -24,8 +24,9 @@ from producer.state import JobState  # noqa: E402
 from producer.storage import LocalStorage, S3Storage  # noqa: E402
 from tests.helpers import SIDECAR_FIELDS, TIMING_FIELDS, local_worker_settings  # noqa: E402
 from worker.embedded import MemoryReporter  # noqa: E402
-from worker.engine import Engine, Generated  # noqa: E402
+from worker.engine import Engine  # noqa: E402
 from worker.executor import BatchExecutor, Delivery, Outcome  # noqa: E402
+from worker.generated import Generated  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
 
 RUN = "exec-run"
