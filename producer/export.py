@@ -44,15 +44,9 @@ from tqdm import tqdm
 
 from producer.errors import ExportError
 from producer.layout import export_key, image_content_type
-from producer.manifest import (
-    COLUMNS,
-    READ_THREADS,
-    ParquetShards,
-    arrow_schema,
-    ensure_manifest,
-    iter_manifest,
-    ordered_map,
-)
+from producer.manifest import ensure_manifest, iter_manifest
+from producer.manifest_schema import COLUMNS, arrow_schema
+from producer.shards import READ_THREADS, ParquetShards, ordered_map
 from producer.state import RunStore
 from producer.storage import LocalStorage, S3Storage, Storage
 

@@ -263,7 +263,7 @@ def test_cli_manifest_and_export(generated, tmp_path: Path, monkeypatch) -> None
     assert unknown.exit_code == 2 and "no run named 'no-such-run'" in unknown.output
     with monkeypatch.context() as without:  # the export extra not installed
         without.setitem(sys.modules, "pyarrow", None)
-        for module in ("producer.manifest", "producer.export"):
+        for module in ("producer.manifest", "producer.manifest_schema", "producer.shards", "producer.export"):
             without.delitem(sys.modules, module, raising=False)
         missing = runner.invoke(cli, ["export", RUN, "--format", "parquet", "--to", str(tmp_path / "y")])
     assert missing.exit_code == 2, missing.output
