@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 from pydantic_settings import BaseSettings
 
-from producer.client import Client, Run, run_id_or_new
+from producer.client import Client, run_id_or_new
 from producer.contract import WORKER_GONE_S
 from producer.errors import DeepQueueError, InvalidJobError, PromptFileError, StorageError, WaitTimeoutError
 from producer.exits import (
@@ -27,6 +27,7 @@ from producer.exits import (
     CommandError,
 )
 from producer.job import ImageFormat, JobDefaults, SchedulerName
+from producer.run import Run
 from producer.settings import ClientSettings, redact_url
 from producer.sources import parse_size
 from producer.spill import job_index

@@ -56,6 +56,14 @@ class Storage(Protocol):
         """Remove every object under ``prefix``; returns how many there were."""
 
 
+def put_replacing(storage: Storage, key: str, data: bytes, content_type: str = "application/json") -> None:
+    """Write ``key`` whole, replacing what is there (storage's ``put`` never replaces)."""
+    with tempfile.NamedTemporaryFile() as file:
+        file.write(data)
+        file.flush()
+        storage.upload(key, file.name, content_type=content_type)
+
+
 class S3Storage:
     """A thin layer over a boto3 S3 client it is given."""
 

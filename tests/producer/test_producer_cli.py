@@ -402,7 +402,7 @@ def test_runs_says_when_there_is_none(env):
 
 def test_results_come_in_index_order_across_temporary_files(env, tmp_path, monkeypatch):
     """More jobs than one temporary file holds: the order still runs across them."""
-    monkeypatch.setattr("producer.client.RESULTS_SPAN", 7)
+    monkeypatch.setattr("producer.run.RESULTS_SPAN", 7)
     submitted_run(tmp_path, "many", [f"p{i}" for i in range(40)])
     lines = [json.loads(line) for line in invoke("results", "many").output.splitlines()]
     assert [record["index"] for record in lines] == list(range(40))
