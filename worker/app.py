@@ -21,8 +21,7 @@ class GenerateTask(Task):
 
     name = TASK_NAME
     Strategy = "worker.strategy:batching_strategy"
-    acks_late = True
-    ignore_result = True
+    # acks_late and ignore_result come from the shared settings (task_acks_late, task_ignore_result).
     typing = False  # the worker validates the job itself, with field-level reasons
 
     def run(self, job: Any, enqueued_at: float | None = None) -> dict[str, Any]:
@@ -31,22 +30,28 @@ class GenerateTask(Task):
         return runtime.execute_now([delivery])[0]
 
 
+def worker_config(settings: WorkerSettings) -> dict[str, Any]:
+    """The worker's Celery settings: the base it shares with producers
+    (``producer.contract.celery_config``), extended with its transport and what only a worker reads."""
+    return {
+        **celery_config(settings),
+        **worker_broker_settings(settings.broker_url),  # BLMOVE: no message lost between taking and recording it
+        "worker_concurrency": 1,  # one pipeline per process; one worker per GPU
+        "worker_prefetch_multiplier": settings.prefetch_count,
+        "worker_send_task_events": True,
+        "worker_consumer": "worker.consumer:GuardedConsumer",  # no message can stop the worker
+        # Pool processes load the pipeline before reporting up: Celery's 4 s default would
+        # kill every replacement process of a real model, again and again.
+        "worker_proc_alive_timeout": settings.load_timeout_s,
+        # A process holds a warm multi-GB pipeline: never recycle it.
+        "worker_max_tasks_per_child": None,
+    }
+
+
 def create_app(settings: WorkerSettings) -> Celery:
     runtime.configure(settings)
     app = Celery("deepqueue", set_as_current=False)
-    app.conf.update(
-        celery_config(settings),
-        **worker_broker_settings(settings.broker_url),  # BLMOVE: no message lost between taking and recording it
-        worker_concurrency=1,  # one pipeline per process; one worker per GPU
-        worker_prefetch_multiplier=settings.prefetch_count,
-        worker_send_task_events=True,
-        worker_consumer="worker.consumer:GuardedConsumer",  # no message can stop the worker
-        # Pool processes load the pipeline before reporting up: Celery's 4 s default would
-        # kill every replacement process of a real model, again and again.
-        worker_proc_alive_timeout=settings.load_timeout_s,
-        # A process holds a warm multi-GB pipeline: never recycle it.
-        worker_max_tasks_per_child=None,
-    )
+    app.conf.update(worker_config(settings))
     app.register_task(GenerateTask())
     app.steps["worker"].add(MetricsServer)  # /metrics, /livez, /readyz from before the pipeline loads
     app.steps["worker"].add(PipelineGate)

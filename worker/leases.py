@@ -43,7 +43,8 @@ from celery import bootsteps
 from kombu import Connection
 from kombu.transport.redis import Mutex, MutexHeld
 
-from producer.contract import WORKERS_KEY, celery_config
+from producer.contract import celery_config
+from producer.layout import WORKERS_KEY
 from worker import runtime
 from worker.ledger import Copy, DeliveryLedger, message_copy
 from worker.transport import put_back_taken, taking_key

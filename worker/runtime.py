@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from producer.errors import DeepQueueError
 from producer.state import RunStore
+from producer.storage import make_storage
 from worker import startup
 from worker.executor import BatchExecutor, Delivery, Outcome
 from worker.settings import WorkerSettings
-from worker.storage import make_storage
 
 if TYPE_CHECKING:
     from worker.leases import Leases

@@ -25,6 +25,7 @@ from ops.localstack import free_port
 from producer.contract import celery_config
 from producer.job import Job
 from producer.settings import ClientSettings
+from producer.storage import LocalStorage
 from tests.helpers import local_worker_settings
 from worker import runtime
 from worker.embedded import MemoryReporter
@@ -41,7 +42,6 @@ from worker.metrics import (
     not_ready,
     start_server,
 )
-from worker.storage import LocalStorage
 
 
 def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float | None:

@@ -10,7 +10,7 @@ import pytest
 import redis
 from kombu import Connection
 
-from producer.contract import WORKERS_KEY
+from producer.layout import WORKERS_KEY
 from worker.app import create_app
 from worker.leases import Leases
 from worker.settings import WorkerSettings

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from kombu import Connection, Exchange, Queue
 
-from producer.contract import DEAD_LETTERS_KEY
+from producer.layout import DEAD_LETTERS_KEY
 from worker import runtime
 from worker.settings import WorkerSettings
 from worker.transport import MalformedEntry, read_entry, taking_key, worker_broker_settings
