@@ -28,7 +28,7 @@ from celery import bootsteps
 from celery.worker import state as worker_state
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from worker.runtime import WorkerRuntime
+from worker.runtime import Runtime, WorkerRuntime
 from worker.startup import StartupError
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class MetricsServer(bootsteps.StartStopStep):
     process) and before ``PipelineGate`` waits for the pipeline, which requires it.
     """
 
-    requires = ("celery.worker.components:Pool", "worker.runtime:Runtime")
+    requires = ("celery.worker.components:Pool", Runtime)
     label = "MetricsServer"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:

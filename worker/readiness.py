@@ -26,8 +26,9 @@ from typing import Any
 from celery import bootsteps, signals
 
 from producer.settings import redact_url
+from worker.health import MetricsServer
 from worker.pool import start_process
-from worker.runtime import WorkerRuntime
+from worker.runtime import Runtime, WorkerRuntime
 from worker.startup import ReadyDeadline, StartupCheckFailed, StartupError, wait_for_redis
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class PipelineGate(bootsteps.StartStopStep):
     """Worker bootstep between the pool and the consumer (see the module's docstring)."""
 
     # The metrics server answers /livez and /readyz (503) while this step waits for the pipeline.
-    requires = ("celery.worker.components:Pool", "worker.runtime:Runtime", "worker.health:MetricsServer")
+    requires = ("celery.worker.components:Pool", Runtime, MetricsServer)
     label = "PipelineGate"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
