@@ -26,14 +26,6 @@ WORKER_SIDE_COMMANDS = frozenset(
     }
 )
 
-#: Import circles known and being removed: the circle of the worker's process state (runtime
-#: hands its globals to leases, metrics, readiness and transport, which read them back), removed
-#: by the process-state change. Delete this entry with that change; any other circle fails.
-KNOWN_CIRCLES_REMOVED_BY_THE_PROCESS_STATE_CHANGE = frozenset(
-    {frozenset({"worker.runtime", "worker.leases", "worker.metrics", "worker.readiness", "worker.transport"})}
-)
-
-
 @dataclass(frozen=True)
 class Import:
     module: str  # the importing module
@@ -169,10 +161,7 @@ def test_no_import_circles_among_project_modules() -> None:
         + _shown([item for item in found if item.module in circle and item.target in circle])
         for circle in every
     )
-    unknown = [circle for circle in every if circle not in KNOWN_CIRCLES_REMOVED_BY_THE_PROCESS_STATE_CHANGE]
-    assert not unknown, f"import circles (imports inside functions count):\n{report}"
-    gone = KNOWN_CIRCLES_REMOVED_BY_THE_PROCESS_STATE_CHANGE - set(every)
-    assert not gone, f"a known circle is gone, delete it from the allowed list: {sorted(map(sorted, gone))}"
+    assert not every, f"import circles (imports inside functions count):\n{report}"
 
 
 def test_circles_finds_what_it_should() -> None:

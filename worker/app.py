@@ -1,4 +1,5 @@
-"""The Celery app of a worker: JSON only, acks late, one batching task."""
+"""The Celery app of a worker: JSON only, acks late, one batching task; its bootsteps make and hold
+the worker's state (``worker.runtime``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from producer.contract import TASK_NAME, celery_config
-from worker import logs, runtime
-from worker.leases import LeaseKeeper
-from worker.metrics import MetricsServer
+from worker import logs, pool
+from worker.health import MetricsServer
 from worker.readiness import PipelineGate
+from worker.runtime import Runtime
 from worker.settings import WorkerSettings
 from worker.transport import worker_broker_settings
 
@@ -27,7 +28,13 @@ class GenerateTask(Task):
     def run(self, job: Any, enqueued_at: float | None = None) -> dict[str, Any]:
         """Called directly (not through a worker): a batch of one, in this process."""
         delivery = {"task_id": self.request.id or "direct", "payload": job, "enqueued_at": enqueued_at}
-        return runtime.execute_now([delivery])[0]
+        return pool.execute_now(self.app.settings, [delivery])[0]
+
+
+class WorkerApp(Celery):
+    """Celery's app, holding the worker's settings: its bootsteps build the worker from them."""
+
+    settings: WorkerSettings
 
 
 def worker_config(settings: WorkerSettings) -> dict[str, Any]:
@@ -48,24 +55,23 @@ def worker_config(settings: WorkerSettings) -> dict[str, Any]:
     }
 
 
-def create_app(settings: WorkerSettings) -> Celery:
-    runtime.configure(settings)
-    app = Celery("deepqueue", set_as_current=False)
+def create_app(settings: WorkerSettings) -> WorkerApp:
+    app = WorkerApp("deepqueue", set_as_current=False)
+    app.settings = settings
     app.conf.update(worker_config(settings))
     app.register_task(GenerateTask())
+    app.steps["worker"].add(Runtime)  # the worker's state, before the pool forks; its leases
     app.steps["worker"].add(MetricsServer)  # /metrics, /livez, /readyz from before the pipeline loads
     app.steps["worker"].add(PipelineGate)
-    app.steps["worker"].add(LeaseKeeper)
     # Celery sets its log handlers up before the pool forks; their lines then carry ids as fields.
     for logging_set_up in (signals.after_setup_logger, signals.after_setup_task_logger):
         logging_set_up.connect(lambda logger, **_: logs.install(settings.log_format, logger), weak=False)
-    signals.worker_process_init.connect(runtime.init_process, weak=False)
-    signals.worker_process_shutdown.connect(runtime.shutdown_process, weak=False)
+    signals.worker_process_shutdown.connect(pool.shutdown_process, weak=False)
     return app
 
 
 @cache
-def default_app() -> Celery:
+def default_app() -> WorkerApp:
     """The app for ``DEEPQUEUE_*`` settings of this environment, built once on first use."""
     return create_app(WorkerSettings())
 

@@ -20,6 +20,7 @@ last instant returns to the queue through the leases, as a killed worker's do.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -44,6 +45,14 @@ MAX_DELAY_S = 5.0
 class StartupCheckFailed(DeepQueueError, RuntimeError):
     """S3 or Redis refused, or did not answer within the start-up retry budget; the message says
     which (as ``wait_for`` was told) and why."""
+
+
+class StartupError(SystemExit):
+    """The worker cannot serve: Celery stops it with this exit code (70, EX_SOFTWARE)."""
+
+    def __init__(self, message: str) -> None:
+        logger.critical("%s", message)
+        super().__init__(os.EX_SOFTWARE)
 
 
 def wait_for(
