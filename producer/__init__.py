@@ -1,6 +1,6 @@
 """deepqueue's client side: the job contract, submission and tracking. Never imports torch."""
 
-from producer.client import Client, Run
+from producer.client import Client
 from producer.errors import (
     DeepQueueError,
     InvalidJobError,
@@ -10,6 +10,7 @@ from producer.errors import (
     WaitTimeoutError,
 )
 from producer.job import Job, JobDefaults
+from producer.run import Run
 from producer.settings import ClientSettings
 from producer.state import JobResult, JobState, RunStatus
 

@@ -9,6 +9,8 @@ twins are done it compares each pair, cached against uncached, by PSNR and SSIM,
   ``ssim``, ``uncached_key``), which the manifest joins as ``audit_*`` columns;
 - ``{prefix}/{run}/audit.json``: the summary (mean and worst of each, the DeepCache settings).
 
+``audit_run`` is the workflow (``Client.audit`` calls it); the rest is pure.
+
 The sample is the ``k`` done jobs with the smallest SHA-256 of their id: the same jobs every time,
 spread evenly over the run, chosen in O(k) memory however large the run. Twins keep their
 original's position in the sorted sample, so auditing again resends nothing that is done.
@@ -21,12 +23,17 @@ import heapq
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from producer.state import JobResult
+from producer.errors import RunBusyError
+from producer.layout import audit_rows_key, audit_summary_key, image_key, sidecar_key, url_extension
+from producer.run import Run
+from producer.spill import job_index
+from producer.state import JobResult, JobState
+from producer.storage import Storage, put_replacing
 
 #: Gaussian window of SSIM (Wang et al. 2004): 11 taps, sigma 1.5, with K1 = 0.01, K2 = 0.03.
 SSIM_TAPS, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
@@ -136,3 +143,38 @@ def summarize(
 
 def to_jsonl(records: Iterable[Mapping[str, Any]]) -> bytes:
     return "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records).encode()
+
+
+def audit_run(
+    run: Run,
+    storage: Storage,
+    prefix: str,
+    submit: Callable[[list[dict[str, Any]], str], Run],
+    *,
+    size: int,
+    timeout: float | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Audit ``size`` of ``run``'s done images: send their twins with ``submit(rows, run_name)``,
+    wait for them, compare each pair, write audit.jsonl and audit.json; returns the summary.
+
+    RunBusyError if the run has no done image yet; WaitTimeoutError after ``timeout`` s."""
+    run_id = run.run_id
+    chosen = sample(run.results(JobState.DONE), size)
+    if not chosen:
+        raise RunBusyError(f"run {run_id!r} has no done image to audit yet")
+    images = [image_key(prefix, run_id, result.job_id, url_extension(result.key)) for result in chosen]
+    sidecars = [json.loads(storage.get(sidecar_key(key))) for key in images]
+    twins = submit([twin_row(sidecar) for sidecar in sidecars], audit_run_id(run_id))
+    twins.wait(progress=progress, timeout=timeout)
+    made = {job_index(twin.job_id): twin for twin in twins.results(JobState.DONE)}
+    records = []
+    for position, (result, image) in enumerate(zip(chosen, images, strict=True)):
+        if position in made:
+            twin = made[position]
+            uncached = image_key(prefix, twins.run_id, twin.job_id, url_extension(twin.key))
+            records.append(audit_record(result.job_id, storage.get(image), storage.get(uncached), uncached))
+    summary = summarize(records, run_id=run_id, requested=len(chosen), deepcache=sidecars[0]["deepcache"])
+    put_replacing(storage, audit_rows_key(prefix, run_id), to_jsonl(records), "application/x-ndjson")
+    put_replacing(storage, audit_summary_key(prefix, run_id), json.dumps(summary, indent=1).encode())
+    return summary

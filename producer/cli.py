@@ -14,10 +14,20 @@ from typing import Any, TypeVar
 import click
 from pydantic_settings import BaseSettings
 
-from producer.client import Client, Run, run_id_or_new
+from producer.client import Client, run_id_or_new
 from producer.contract import WORKER_GONE_S
 from producer.errors import DeepQueueError, InvalidJobError, PromptFileError, StorageError, WaitTimeoutError
+from producer.exits import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_JOB_FAILED,
+    EXIT_STORAGE,
+    EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    CommandError,
+)
 from producer.job import ImageFormat, JobDefaults, SchedulerName
+from producer.run import Run
 from producer.settings import ClientSettings, redact_url
 from producer.sources import parse_size
 from producer.spill import job_index
@@ -116,28 +126,10 @@ def recipe_defaults(size: str | None, negative: str | None, fmt: str | None, **f
     return defaults
 
 
-#: Exit codes, one meaning each (also in the README).
-EXIT_JOB_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_UNREACHABLE = 3
-EXIT_TIMEOUT = 4
-EXIT_STORAGE = 5
-EXIT_CANNOT_SERVE = 70  # a worker that cannot serve: os.EX_SOFTWARE, as worker.readiness exits
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
-
-
 class InputError(click.ClickException):
     """Bad input or an unknown run: exit 2, apart from 1 for "a job failed"."""
 
     exit_code = EXIT_BAD_INPUT
-
-
-class CommandError(click.ClickException):
-    """A one-line error with its own exit code."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class Group(click.Group):

@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import os
 import secrets
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 import redis
 from tqdm import tqdm
 
-from producer.contract import DEAD_LETTERS_KEY, WORKER_GONE_S, WORKERS_KEY, run_key
+from producer.contract import WORKER_GONE_S
 from producer.enqueue import publish
 from producer.errors import (
-    ExtraMissingError,
     InvalidJobError,
     PromptFileError,
     RecipeMismatchError,
     RunBusyError,
     RunCancelledError,
     RunNotFoundError,
-    WaitTimeoutError,
+    export_extra,
 )
 from producer.job import (
     Job,
@@ -38,20 +34,18 @@ from producer.job import (
     run_recipe,
     validated,
 )
-from producer.progress import LINE_EVERY_S, Progress
+from producer.layout import DEAD_LETTERS_KEY, WORKERS_KEY, images_prefix, run_prefix
+from producer.run import Run
 from producer.settings import ClientSettings, redact_url
 from producer.sources import Rows, Source
-from producer.spill import Buckets, job_index, sort_key
-from producer.state import JobResult, JobState, RunStatus, RunStore
+from producer.state import JobState, RunStore
+from producer.storage import Storage, make_storage
 
 if TYPE_CHECKING:
     from producer.export import ExportResult
-    from worker.storage import Storage
 
 #: Jobs marked queued and published per chunk: bounds memory and round trips alike.
 SUBMIT_CHUNK = 5000
-#: Job indexes per temporary file when results are read in order (one file in memory at a time).
-RESULTS_SPAN = 50_000
 
 
 def new_run_id() -> str:
@@ -82,85 +76,6 @@ def run_id_or_new(run: str | None) -> str:
     """``run``, or a generated name when none is given. An empty name is not "none": it is
     refused by the job contract, so an unset shell variable cannot start a new run."""
     return new_run_id() if run is None else run
-
-
-class Run:
-    """A handle on one run: its counts, its end, its per-job results."""
-
-    def __init__(self, run_id: str, store: RunStore, *, submitted: int = 0, skipped: int = 0) -> None:
-        self.run_id = run_id
-        self.submitted = submitted  #: jobs sent by the submit that made this handle
-        #: jobs not sent: running or done (submit), or not done but not kept to send again (retry:
-        #: submitted before deepqueue kept jobs; submit their file again)
-        self.skipped = skipped
-        self._store = store
-
-    def __repr__(self) -> str:
-        return f"Run({self.run_id!r})"
-
-    def status(self) -> RunStatus:
-        """Counts per state and the rate (lately while it runs, overall once finished)."""
-        return self._store.status(self.run_id)
-
-    def wait(
-        self,
-        *,
-        progress: bool = False,
-        timeout: float | None = None,
-        poll_s: float = 0.5,
-        stream: TextIO | None = None,
-        line_every_s: float = LINE_EVERY_S,
-    ) -> RunStatus:
-        """Block until every job is final (done, failed or cancelled); raise WaitTimeoutError
-        after ``timeout`` s. ``progress``: a bar on a terminal, else a line every ``line_every_s``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        status = self.status()
-        with Progress(status, enabled=progress, stream=stream, line_every_s=line_every_s) as shown:
-            while True:
-                shown.show(status)
-                if status.is_finished:
-                    return status
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise WaitTimeoutError(f"run {self.run_id} not finished after {timeout} s: {status}")
-                time.sleep(poll_s)
-                status = self.status()
-
-    def cancel(self) -> int:
-        """Cancel the run: queued jobs end ``cancelled`` without being generated (workers drop
-        their messages), running ones finish. Returns how many jobs were cancelled now."""
-        return self._store.cancel(self.run_id)
-
-    def span(self) -> tuple[float, float] | None:
-        """When its first job started and its last one finished (None: none started yet)."""
-        meta = self._store.meta(self.run_id)
-        started = meta.get("first_started_at")
-        return None if started is None else (started, meta.get("last_done_at", started))
-
-    def results(self, state: JobState | None = None, *, ordered: bool = False) -> Iterator[JobResult]:
-        """Per-job state, storage key or failure reason, streamed; optionally one state only.
-        ``ordered``: by job index, through temporary files on local disk (memory stays flat
-        whatever the run's size); else in Redis' order, at once."""
-        results = (result for result in self._store.results(self.run_id) if state is None or result.state == state)
-        if not ordered:
-            yield from results
-            return
-        with tempfile.TemporaryDirectory(prefix="deepqueue-results-") as folder:
-            buckets = Buckets(Path(folder), RESULTS_SPAN)
-            for result in results:
-                buckets.add(
-                    "r", result.job_id, json.dumps([result.state.value, result.key, result.reason, result.details])
-                )
-            for bucket in buckets.ids():
-                for _, job_id, payload in sorted(buckets.read(bucket), key=lambda line: sort_key(line[1])):
-                    state_value, key, reason, details = json.loads(payload)
-                    yield JobResult(job_id, JobState(state_value), key, reason, details)
-
-    def prompts(self, job_ids: list[str]) -> list[str | None]:
-        """The prompts of these jobs where Redis keeps them: until a job is done (a done job's
-        prompt is in its sidecar and the run's manifest)."""
-        return [
-            None if raw is None else json.loads(raw).get("prompt") for raw in self._store.pending(self.run_id, job_ids)
-        ]
 
 
 class Client:
@@ -376,7 +291,7 @@ class Client:
         return self._store.deleted(run_id)
 
     def _delete_outputs(self, run_id: str) -> int:
-        return self._storage().delete_prefix(run_key(self.settings.s3_prefix, run_id) + "/")
+        return self._storage().delete_prefix(run_prefix(self.settings.s3_prefix, run_id))
 
     def prune(self, older_than_s: float, *, outputs: bool = False, dry_run: bool = False) -> list[str]:
         """Delete finished runs first submitted more than ``older_than_s`` ago; returns their
@@ -397,14 +312,12 @@ class Client:
 
     def outputs_url(self, run_id: str) -> str:
         """Where the run's images and sidecars are: ``s3://bucket/prefix/run/images/`` or a folder."""
-        folder = run_key(self.settings.s3_prefix, run_id, "images") + "/"
+        folder = images_prefix(self.settings.s3_prefix, run_id)
         if self.settings.storage == "s3":
             return f"s3://{self.settings.s3_bucket}/{folder}"
         return f"{self.settings.output_dir / folder}{os.sep}".rstrip(os.sep) + os.sep
 
     def _storage(self) -> Storage:
-        from worker.storage import make_storage  # boto3 only where outputs are touched
-
         return make_storage(self.settings, check=False)
 
     def workers(self, *, gone_after_s: float = WORKER_GONE_S) -> set[str]:
@@ -423,9 +336,8 @@ class Client:
         self.run(run_id)  # RunNotFoundError if there is no such run
         with export_extra():
             from producer.manifest import compact
-            from worker.storage import make_storage
 
-            storage = make_storage(self.settings, check=False)
+            storage = self._storage()
             return compact(self._store, storage, self.settings.s3_prefix, run_id, progress=progress)
 
     def export(
@@ -446,9 +358,8 @@ class Client:
         self.run(run_id)
         with export_extra():
             from producer.export import export, resolve_target
-            from worker.storage import make_storage
 
-            storage, prefix = make_storage(self.settings, check=False), self.settings.s3_prefix
+            storage, prefix = self._storage(), self.settings.s3_prefix
             target = resolve_target(
                 to, format, run_id=run_id, storage=storage, prefix=prefix, endpoint_url=self.settings.s3_endpoint_url
             )
@@ -474,55 +385,16 @@ class Client:
         if sample < 1:
             raise InvalidJobError([("audit", f"sample: at least 1 job, got {sample}")])
         with export_extra():
-            from producer import audit as quality
-            from worker.manifest import audit_rows_key, audit_summary_key
-            from worker.storage import image_key, make_storage, sidecar_key, url_extension
+            from producer.audit import audit_run
 
-            storage, prefix = make_storage(self.settings, check=False), self.settings.s3_prefix
-            chosen = quality.sample(run.results(JobState.DONE), sample)
-            if not chosen:
-                raise RunBusyError(f"run {run_id!r} has no done image to audit yet")
-            images = [image_key(prefix, run_id, result.job_id, url_extension(result.key)) for result in chosen]
-            sidecars = [json.loads(storage.get(sidecar_key(key))) for key in images]
-            twins = self.submit([quality.twin_row(sidecar) for sidecar in sidecars], run=quality.audit_run_id(run_id))
-            twins.wait(progress=progress, timeout=timeout)
-            made = {job_index(twin.job_id): twin for twin in twins.results(JobState.DONE)}
-            records = []
-            for position, (result, image) in enumerate(zip(chosen, images, strict=True)):
-                if position in made:
-                    twin = made[position]
-                    uncached = image_key(prefix, twins.run_id, twin.job_id, url_extension(twin.key))
-                    records.append(
-                        quality.audit_record(result.job_id, storage.get(image), storage.get(uncached), uncached)
-                    )
-            deepcache = sidecars[0]["deepcache"]
-            summary = quality.summarize(records, run_id=run_id, requested=len(chosen), deepcache=deepcache)
-            put_replacing(storage, audit_rows_key(prefix, run_id), quality.to_jsonl(records), "application/x-ndjson")
-            put_replacing(storage, audit_summary_key(prefix, run_id), json.dumps(summary, indent=1).encode())
+            summary = audit_run(
+                run,
+                self._storage(),
+                self.settings.s3_prefix,
+                lambda rows, name: self.submit(rows, run=name),
+                size=sample,
+                timeout=timeout,
+                progress=progress,
+            )
         self.manifest(run_id, progress=progress)
         return summary
-
-
-def put_replacing(storage: Storage, key: str, data: bytes, content_type: str = "application/json") -> None:
-    """Write ``key`` whole, replacing what is there (storage's ``put`` never replaces)."""
-    with tempfile.NamedTemporaryFile() as file:
-        file.write(data)
-        file.flush()
-        storage.upload(key, file.name, content_type=content_type)
-
-
-#: Modules of the ``export`` extra: a missing one is named with the extra to install.
-EXPORT_MODULES = frozenset({"pyarrow", "boto3", "botocore", "numpy", "PIL"})
-
-
-@contextlib.contextmanager
-def export_extra() -> Iterator[None]:
-    """Turn the ImportError of a missing ``export`` extra module into ExtraMissingError."""
-    try:
-        yield
-    except ImportError as error:
-        if isinstance(error, ExtraMissingError) or (error.name or "").split(".")[0] not in EXPORT_MODULES:
-            raise
-        raise ExtraMissingError(
-            f"manifests and exports need {error.name}, which is not installed: pip install 'deepqueue[export]'"
-        ) from error

@@ -1,5 +1,6 @@
-"""What producer and worker agree on besides the job schema: task name, Celery settings and
-where a run's files are."""
+"""What producer and worker agree on besides the job schema and the run's layout
+(``producer.layout``): the task name, how long a silent worker counts as alive, and the Celery
+settings both sides share (the worker adds its own on top, in ``worker.app``)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,12 @@ from producer.settings import ClientSettings
 
 TASK_NAME = "deepqueue.generate"
 
-#: Broker Redis hash: worker name -> time of its last lease renewal (see worker.leases). A worker
-#: that has not renewed for WORKER_GONE_S is gone; the jobs it was running can be sent again.
-WORKERS_KEY = "deepqueue:workers"
+#: A worker that has not renewed its leases (``producer.layout.WORKERS_KEY``) for this long is
+#: gone; the jobs it was running can be sent again.
 WORKER_GONE_S = 60.0
-
-#: Broker Redis list of the messages workers dropped as unreadable (newest first, JSON records
-#: with task id, reason, time and the body's first bytes as text), for ``deepqueue dead-letters``.
-DEAD_LETTERS_KEY = "deepqueue:dead-letters"
+#: Dead letters kept (``producer.layout.DEAD_LETTERS_KEY``): JSON records with task id, reason,
+#: time and the body's first bytes as text.
 DEAD_LETTERS_KEPT = 1000
-
-
-def run_key(prefix: str, run_id: str, *parts: str) -> str:
-    """``{prefix}/{run}/{parts...}``: where a run's objects live (no leading slash when prefix is empty)."""
-    return "/".join(part for part in (prefix.strip("/"), run_id, *parts) if part)
 
 
 def celery_config(settings: ClientSettings) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """The one exception tree of deepqueue (producer and worker alike): every error a user can meet
-derives from ``DeepQueueError``, and the CLI turns each into one line and an exit code."""
+derives from ``DeepQueueError``, and the CLI turns each into one line and an exit code.
+``export_extra`` turns a missing optional package into one of them."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -87,3 +90,20 @@ class ExtraMissingError(DeepQueueError, ImportError):
 
 class ExportError(DeepQueueError, ValueError):
     """A manifest or export cannot be made as asked (a target that is not empty, a bad ``--to``)."""
+
+
+#: Modules of the ``export`` extra: a missing one is named with the extra to install.
+EXPORT_MODULES = frozenset({"pyarrow", "boto3", "botocore", "numpy", "PIL"})
+
+
+@contextlib.contextmanager
+def export_extra() -> Iterator[None]:
+    """Turn the ImportError of a missing ``export`` extra module into ExtraMissingError."""
+    try:
+        yield
+    except ImportError as error:
+        if isinstance(error, ExtraMissingError) or (error.name or "").split(".")[0] not in EXPORT_MODULES:
+            raise
+        raise ExtraMissingError(
+            f"manifests and exports need {error.name}, which is not installed: pip install 'deepqueue[export]'"
+        ) from error

@@ -42,19 +42,13 @@ from typing import Any
 import pyarrow as pa
 from tqdm import tqdm
 
-from producer.contract import run_key
 from producer.errors import ExportError
-from producer.manifest import (
-    COLUMNS,
-    READ_THREADS,
-    ParquetShards,
-    arrow_schema,
-    ensure_manifest,
-    iter_manifest,
-    ordered_map,
-)
+from producer.layout import export_key, image_content_type
+from producer.manifest import ensure_manifest, iter_manifest
+from producer.manifest_schema import COLUMNS, arrow_schema
+from producer.shards import READ_THREADS, ParquetShards, ordered_map
 from producer.state import RunStore
-from worker.storage import LocalStorage, S3Storage, Storage
+from producer.storage import LocalStorage, S3Storage, Storage
 
 FORMATS = ("parquet", "imagefolder", "webdataset")
 DEFAULT_SHARD_SIZE = 10_000
@@ -199,7 +193,7 @@ def resolve_target(
 ) -> Target:
     """``s3://bucket/prefix``, a folder, or (None) ``{prefix}/{run}/exports/{format}`` beside the run."""
     if to is None:
-        at = run_key(prefix, run_id, "exports", fmt)
+        at = export_key(prefix, run_id, fmt)
         return Target(storage, at, storage.url(at))
     text = str(to)
     if text.startswith("s3://"):
@@ -316,7 +310,7 @@ def _imagefolder(job: _Job) -> int:
     def transfer(item: tuple[int, dict[str, Any]]) -> int:
         position, row = item
         name = f"{shard_of(position, job.shard_size):05d}/{row['job_id']}.{extension(row)}"
-        job.target.copy_image(job.storage, row["key"], name, _content_type(row))
+        job.target.copy_image(job.storage, row["key"], name, image_content_type(extension(row)))
         return int(row.get("bytes") or 0)
 
     shards, current, metadata = 0, -1, None
@@ -418,10 +412,3 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> Non
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), mtime, 0o644
     tar.addfile(info, io.BytesIO(data))
-
-
-_CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
-
-
-def _content_type(row: Mapping[str, Any]) -> str:
-    return _CONTENT_TYPES.get(extension(row), "application/octet-stream")

@@ -10,7 +10,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
@@ -28,6 +28,8 @@ MAX_INDEX = 10**9 - 1  # job ids and S3 keys stay short (S3 allows 1,024 bytes p
 SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "unipc", "lcm", "pndm", "heun", "kdpm2"]
 #: Schedulers that visit a timestep twice: DeepCache counts steps by timestep and breaks on them.
 CACHE_BREAKING_SCHEDULERS = frozenset({"pndm", "heun", "kdpm2"})
+#: The others, which DeepCache can speed up.
+CACHE_SAFE_SCHEDULERS = tuple(name for name in get_args(SchedulerName) if name not in CACHE_BREAKING_SCHEDULERS)
 ImageFormat = Literal["png", "webp", "jpeg"]
 RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
@@ -74,13 +76,23 @@ class JobDefaults(BaseModel):
 
     @model_validator(mode="after")
     def _scheduler_fits_cache(self) -> JobDefaults:
-        if self.scheduler in CACHE_BREAKING_SCHEDULERS and self.cache_interval is not None and self.cache_interval > 1:
-            raise ValueError(
-                f"scheduler {self.scheduler!r} repeats timesteps, which breaks DeepCache's step "
-                f"counting: use cache_interval=1 with it, or one of ddim, euler, euler_a, "
-                f"dpmpp_2m, unipc, lcm"
-            )
+        problem = cache_problem(self.scheduler, self.cache_interval)
+        if problem:
+            raise ValueError(problem)
         return self
+
+
+def cache_problem(scheduler: str | None, cache_interval: int | None, *, setting: str = "cache_interval") -> str | None:
+    """Why ``scheduler`` cannot run with DeepCache every ``cache_interval`` steps, or None.
+
+    The one rule, checked on a job, on a worker's defaults and on a batch; ``setting`` names what
+    the user sets to fix it (``DEEPQUEUE_CACHE_INTERVAL`` for a worker)."""
+    if scheduler in CACHE_BREAKING_SCHEDULERS and cache_interval is not None and cache_interval > 1:
+        return (
+            f"scheduler {scheduler!r} repeats timesteps, which breaks DeepCache's step counting "
+            f"(interval {cache_interval}): use {setting}=1 with it, or one of {', '.join(CACHE_SAFE_SCHEDULERS)}"
+        )
+    return None
 
 
 class Job(JobDefaults):

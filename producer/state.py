@@ -1,6 +1,7 @@
 """Per-job state in Redis, written by producer and worker, read by the client.
 
-Layout (``{run}`` is a Redis Cluster hash tag, so one run's keys live together):
+Keys (named in ``producer.layout``; ``{run}`` is a Redis Cluster hash tag, so one run's keys
+live together):
 
 - ``deepqueue:{run}:jobs``   hash  job_id -> JSON record (state, at, and key/reason/...)
 - ``deepqueue:{run}:<state>`` set   job ids currently in that state (O(1) counts)
@@ -35,6 +36,8 @@ from typing import Any
 
 import redis
 
+from producer.layout import DELETED_KEY, RUNS_KEY, state_key
+
 
 class JobState(str, Enum):
     QUEUED = "queued"
@@ -48,8 +51,6 @@ class JobState(str, Enum):
 
 
 STATES = tuple(JobState)
-RUNS_KEY = "deepqueue:runs"
-DELETED_KEY = "deepqueue:deleted"
 
 # KEYS: jobs hash, one set per state in STATES order, pending hash, meta hash, minutes hash. ARGV:
 # the new state, then for each job its id, its record and the job as sent ('' for none; for
@@ -213,25 +214,23 @@ def images_per_s(
 
 
 def _keys(run_id: str) -> list[str]:
-    base = f"deepqueue:{{{run_id}}}"
-    return [f"{base}:jobs", *(f"{base}:{state.value}" for state in STATES)]
+    return [state_key(run_id, "jobs"), *(state_key(run_id, state.value) for state in STATES)]
 
 
 def _transition_keys(run_id: str) -> list[str]:
-    base = f"deepqueue:{{{run_id}}}"
-    return [*_keys(run_id), f"{base}:pending", f"{base}:meta", f"{base}:minutes"]
+    return [*_keys(run_id), _pending_key(run_id), _meta_key(run_id), state_key(run_id, "minutes")]
 
 
 def _pending_key(run_id: str) -> str:
-    return f"deepqueue:{{{run_id}}}:pending"
+    return state_key(run_id, "pending")
 
 
 def _meta_key(run_id: str) -> str:
-    return f"deepqueue:{{{run_id}}}:meta"
+    return state_key(run_id, "meta")
 
 
 def _recipes_key(run_id: str) -> str:
-    return f"deepqueue:{{{run_id}}}:recipes"
+    return state_key(run_id, "recipes")
 
 
 def canonical_json(value: Any) -> str:
@@ -280,7 +279,7 @@ class RunStore:
 
     def count_loss(self, run_id: str, job_id: str) -> int:
         """One more time this job's pool process died (or timed out) under it; returns the total."""
-        return int(self._redis.hincrby(f"deepqueue:{{{run_id}}}:losses", job_id, 1))
+        return int(self._redis.hincrby(state_key(run_id, "losses"), job_id, 1))
 
     def claim_recipe(self, run_id: str, recipe: Mapping[str, Any], *, add: bool = False) -> list[dict[str, Any]] | None:
         """Record ``recipe`` as the run's if the run has none yet (``add``: also if it has
@@ -371,8 +370,7 @@ class RunStore:
         """Forget the run: every key of its state goes (UNLINK: freed without blocking Redis),
         and a tombstone stays ``TOMBSTONE_S``: its messages still queued write nothing, and a
         worker that finishes storing an image for it removes what it stored (``deleted``)."""
-        base = f"deepqueue:{{{run_id}}}"
-        keys = [*_transition_keys(run_id), f"{base}:losses", _recipes_key(run_id)]
+        keys = [*_transition_keys(run_id), state_key(run_id, "losses"), _recipes_key(run_id)]
         now = time.time()
         submitted = self._redis.zscore(RUNS_KEY, run_id)
         pipe = self._redis.pipeline(transaction=True)

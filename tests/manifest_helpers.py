@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from producer.job import Job
+from producer.layout import CONTENT_TYPES, EXTENSIONS, image_key, sidecar_key
+from producer.manifest_parts import manifest_row
 from producer.state import JobState, RunStore
+from producer.storage import Storage
 from worker.batching import RecipeDefaults, batch_key
-from worker.encode import CONTENT_TYPES, EXTENSIONS
-from worker.manifest import ManifestWriter, manifest_row
+from worker.manifest_writer import ManifestWriter
 from worker.sidecar import BatchInfo, build_sidecar, s3_metadata
-from worker.storage import Storage, image_key, sidecar_key
 
 DEFAULTS = RecipeDefaults(model="tiny-test-model", scheduler="ddim", cache_interval=3, cache_branch=0)
 MODEL = {"id": "tiny-test-model", "revision": None, "hash": "sha256:0123456789abcdef"}

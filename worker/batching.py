@@ -7,7 +7,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from producer.job import CACHE_BREAKING_SCHEDULERS, Job
+from producer.job import Job, cache_problem
 
 T = TypeVar("T")
 
@@ -46,12 +46,7 @@ class BatchKey:
 
     def problem(self) -> str | None:
         """Why no worker can run this combination, or None."""
-        if self.deepcache and self.scheduler in CACHE_BREAKING_SCHEDULERS:
-            return (
-                f"scheduler {self.scheduler!r} repeats timesteps, which breaks DeepCache "
-                f"(interval {self.cache_interval}); send cache_interval=1 or another scheduler"
-            )
-        return None
+        return cache_problem(self.scheduler, self.cache_interval)
 
 
 def batch_key(job: Job, defaults: RecipeDefaults) -> BatchKey:

@@ -10,8 +10,8 @@ from typing import Any
 import click
 from celery import signals
 
-from producer.cli import EXIT_BAD_INPUT, EXIT_CANNOT_SERVE, CommandError
 from producer.client import run_id_or_new
+from producer.exits import EXIT_BAD_INPUT, EXIT_CANNOT_SERVE, CommandError
 from producer.job import make_jobs, run_defaults
 from producer.sources import read_rows
 from worker.model import ModelError, check_pipeline_class, read_model_index

@@ -16,7 +16,7 @@ leases put them back (see ``worker.leases``). It reconnects every few seconds, n
 A consumer that loses its connection again and again as soon as it has one (a proxy or network
 that drops it, a fault that kombu reports as a lost connection on every read) serves nothing while
 the process looks alive: ``ReconnectLoop`` counts the losses, and ``/livez`` turns unhealthy with
-the reason while they go on (``worker.metrics``), so an orchestrator restarts the worker and an
+the reason while they go on (``worker.health``), so an orchestrator restarts the worker and an
 operator sees why. One outage, however long, is one loss: the reconnect attempts are not counted.
 """
 
@@ -34,6 +34,7 @@ from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.consumer import Consumer
 
 from worker.deadletters import dead_letter, headers_task_id, push_dead_letter
+from worker.transport import LEASES_OPTION
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,12 @@ class GuardedConsumer(Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.reconnect_loop = ReconnectLoop()
         super().__init__(*args, **kwargs)
+
+    def connection_for_read(self, heartbeat: float | None = None) -> Any:
+        """Celery's consuming connection, whose channels take and put back through the worker's
+        leases (``worker.transport``; ``worker.runtime``: the worker's ``deepqueue``)."""
+        options = {LEASES_OPTION: self.controller.deepqueue.leases}
+        return self.ensure_connected(self.app.connection_for_read(heartbeat=heartbeat, transport_options=options))
 
     def ensure_connected(self, conn: Any) -> Any:
         conn.ensure_connection = partial(

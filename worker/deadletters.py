@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from producer.contract import DEAD_LETTERS_KEPT, DEAD_LETTERS_KEY
+from producer.contract import DEAD_LETTERS_KEPT
+from producer.layout import DEAD_LETTERS_KEY
 
 #: What a record keeps of the body (bytes) and of the reason (characters).
 BODY_KEPT = 4096

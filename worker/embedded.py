@@ -12,13 +12,13 @@ from typing import Any
 from tqdm import tqdm
 
 from producer.job import Job
+from producer.layout import EXTENSIONS, image_key, sidecar_key
 from producer.state import JobResult, JobState
+from producer.storage import LocalStorage
 from worker.batching import BatchBuffer, batch_key
-from worker.encode import EXTENSIONS
 from worker.engine import Engine, load_engine
 from worker.executor import BatchExecutor, Delivery, Outcome
 from worker.settings import WorkerSettings
-from worker.storage import LocalStorage, image_key, sidecar_key
 
 
 class MemoryReporter:

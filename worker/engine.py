@@ -11,20 +11,21 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from producer.job import Job
+from producer.job import Job, SchedulerName
 from worker import logs
 from worker.acceleration import Accelerator, Shape, compile_cache_dir, resolve_level
 from worker.batching import BatchKey
+from worker.generated import Generated
 from worker.model import SUPPORTED_PIPELINES, ModelError, model_fingerprint, parse_simulated
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
-#: Job scheduler names -> diffusers scheduler classes.
-SCHEDULERS = {
+#: Job scheduler names (all of ``producer.job.SchedulerName``) -> diffusers scheduler classes.
+SCHEDULERS: dict[SchedulerName, str] = {
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
@@ -42,13 +43,6 @@ SCHEDULERS = {
 DECODE_ELEMENTS_PER_PIXEL = 1280
 #: Share of the free device memory a whole-batch decode may take before slicing is used.
 DECODE_MEMORY_SHARE = 0.5
-
-
-@dataclass(frozen=True)
-class Generated:
-    images: list[Any]  # PIL images, in job order
-    seconds: float  # wall time of the pipeline call, device synchronised
-    compiles: dict[str, int] = field(default_factory=dict)  # compile counts the call caused
 
 
 def decode_needs_slicing(images: int, height: int, width: int, itemsize: int, free_bytes: int | None) -> bool:

@@ -28,15 +28,18 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from producer.job import Job, format_errors, is_run_id
+from producer.layout import CONTENT_TYPES, EXTENSIONS, image_key, sidecar_key
+from producer.manifest_parts import manifest_row
 from producer.state import JobResult, JobState
+from producer.storage import Storage
 from worker.backlog import Backlog
 from worker.batching import BatchBuffer, BatchKey, batch_key
-from worker.encode import CONTENT_TYPES, EXTENSIONS, encode_image
-from worker.engine import Engine, Generated, is_out_of_memory
-from worker.manifest import ManifestWriter, manifest_row
+from worker.encode import encode_image
+from worker.engine import Engine, is_out_of_memory
+from worker.generated import Generated
+from worker.manifest_writer import ManifestWriter
 from worker.settings import WorkerSettings
 from worker.sidecar import BatchInfo, build_sidecar, s3_metadata
-from worker.storage import Storage, image_key, sidecar_key
 from worker.store_retry import RetriesExhausted, StoreInterrupted, StoreRetry
 
 logger = logging.getLogger(__name__)

@@ -33,18 +33,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from celery import bootsteps
 from kombu import Connection
 from kombu.transport.redis import Mutex, MutexHeld
 
-from producer.contract import WORKERS_KEY, celery_config
-from worker import runtime
+from producer.layout import WORKERS_KEY
 from worker.ledger import Copy, DeliveryLedger, message_copy
 from worker.transport import put_back_taken, taking_key
 
@@ -261,36 +258,3 @@ class Leases:
             if worker != self.name and now - workers.get(worker, 0.0) > self.expiry_s:
                 restored += put_back_taken(channel.client, key, channel.unacked_key, self.queue)
         return restored
-
-
-class LeaseKeeper(bootsteps.StartStopStep):
-    """Worker bootstep: the worker's ``Leases`` (``worker.leases``), kept from start to stop.
-
-    Its thread starts after the pool has forked its process: a thread importing a module while
-    a process forks leaves that module's import lock held in the child, which then hangs on its
-    first import of the module (seen as a pool process stuck before its storage check, one worker
-    start in ten on a loaded machine). The thread's own imports are at module level, so a
-    replacement process forked later finds no import in progress."""
-
-    requires = ("celery.worker.components:Pool",)
-    label = "LeaseKeeper"
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        settings = runtime.settings()
-        runtime.name_worker(f"{worker.hostname}:{os.getpid()}:{os.urandom(3).hex()}")  # before the pool forks; unique
-        worker.leases = leases = Leases(
-            settings.broker_url,
-            celery_config(settings)["broker_transport_options"],
-            queue=settings.queue,
-            name=runtime.worker_name(),
-            renew_s=settings.lease_renew_s,
-            expiry_s=settings.lease_expiry_s,
-        )
-        runtime.keep_leases(leases)
-        super().__init__(worker, **kwargs)
-
-    def start(self, worker: Any) -> None:
-        worker.leases.start()
-
-    def stop(self, worker: Any) -> None:
-        worker.leases.stop()

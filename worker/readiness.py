@@ -26,21 +26,15 @@ from typing import Any
 from celery import bootsteps, signals
 
 from producer.settings import redact_url
-from worker import runtime
-from worker.startup import ReadyDeadline, StartupCheckFailed, wait_for_redis
+from worker.health import MetricsServer
+from worker.pool import start_process
+from worker.runtime import Runtime, WorkerRuntime
+from worker.startup import ReadyDeadline, StartupCheckFailed, StartupError, wait_for_redis
 
 logger = logging.getLogger(__name__)
 
 #: Modules whose import in the main process would poison the pool's CUDA (or pull in torch).
 FORK_UNSAFE_MODULES = ("torch", "diffusers", "transformers", "DeepCache", "accelerate")
-
-
-class StartupError(SystemExit):
-    """The worker cannot serve: Celery stops it with this exit code (70, EX_SOFTWARE)."""
-
-    def __init__(self, message: str) -> None:
-        logger.critical("%s", message)
-        super().__init__(os.EX_SOFTWARE)
 
 
 def fork_unsafe_imports(modules: dict[str, Any] | None = None) -> list[str]:
@@ -57,22 +51,23 @@ class PipelineGate(bootsteps.StartStopStep):
     """Worker bootstep between the pool and the consumer (see the module's docstring)."""
 
     # The metrics server answers /livez and /readyz (503) while this step waits for the pipeline.
-    requires = ("celery.worker.components:Pool", "worker.metrics:MetricsServer")
+    requires = ("celery.worker.components:Pool", Runtime, MetricsServer)
     label = "PipelineGate"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         # Steps are all built before the pool step forks, so every pool process has the pipe. Its
         # write end stays open here: processes forked later write into a closed pipe, harmlessly.
-        self.read_fd, write_fd = os.pipe()
-        runtime.report_to(write_fd)
+        runtime: WorkerRuntime = worker.deepqueue
+        self.read_fd, runtime.report_fd = os.pipe()
         # Counted from here, before the pool forks; watched from start(), after it has.
-        self.deadline = ReadyDeadline(runtime.settings().load_timeout_s, self._give_up)
+        self.deadline = ReadyDeadline(runtime.settings.load_timeout_s, self._give_up)
         self.pool: Any = None
         signals.worker_ready.connect(self._ready)  # weak: this step lives as long as its worker
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:
-        settings = runtime.settings()
+        runtime: WorkerRuntime = worker.deepqueue
+        settings = runtime.settings
         self.pool = worker.pool
         self.deadline.start()
         try:
@@ -87,15 +82,14 @@ class PipelineGate(bootsteps.StartStopStep):
                 report = self._wait_for_pool(worker.pool)
             else:  # solo or threads: the pipeline lives in this process, nothing forks
                 self.deadline.waiting_for("the pipeline to build in this process")
-                runtime.init_process()
-                report = runtime.pipeline_report()
+                report = start_process(runtime.pool_process()).report
         finally:
             os.close(self.read_fd)  # later pool processes report nothing (their writes are ignored)
         if report.get("error"):
             raise StartupError(f"cannot build the pipeline: {report['error']}; stopping before taking any job")
         logger.info("pipeline ready in pool process %s: %s", report.get("pid", os.getpid()), report.get("worker"))
-        runtime.metrics().describe_worker(runtime.settings(), report)
-        runtime.mark_serving()
+        runtime.metrics.describe_worker(settings, report)
+        runtime.serving = True  # pool processes forked from now on replace one that died
         self.deadline.waiting_for(f"the consumer to connect to the broker ({redact_url(settings.broker_url)})")
 
     def _ready(self, **_: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from producer.job import CACHE_BREAKING_SCHEDULERS, MAX_CACHE_BRANCH, MAX_CACHE_INTERVAL, SchedulerName
+from producer.job import MAX_CACHE_BRANCH, MAX_CACHE_INTERVAL, SchedulerName, cache_problem
 from producer.settings import ClientSettings
 from worker import model as model_files
 from worker.batching import RecipeDefaults
@@ -167,11 +167,9 @@ class WorkerSettings(ClientSettings):
 
     @model_validator(mode="after")
     def _default_scheduler_fits_cache(self) -> WorkerSettings:
-        if self.scheduler in CACHE_BREAKING_SCHEDULERS and self.cache_interval > 1:
-            raise ValueError(
-                f"scheduler {self.scheduler!r} repeats timesteps, which breaks DeepCache: set "
-                f"DEEPQUEUE_CACHE_INTERVAL=1 with it (got {self.cache_interval})"
-            )
+        problem = cache_problem(self.scheduler, self.cache_interval, setting="DEEPQUEUE_CACHE_INTERVAL")
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ from typing import Any
 
 from producer.job import Job
 from worker.batching import BatchKey
-from worker.engine import Generated
+from worker.generated import Generated
 from worker.model import SimulatedDevice, model_fingerprint
 
 

@@ -20,6 +20,7 @@ last instant returns to the queue through the leases, as a killed worker's do.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -28,8 +29,8 @@ from typing import TypeVar
 
 from producer.errors import DeepQueueError
 from producer.settings import redact_url
+from producer.storage import make_storage
 from worker.settings import WorkerSettings
-from worker.storage import make_storage
 from worker.store_retry import backoff_delay, is_transient
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,14 @@ MAX_DELAY_S = 5.0
 class StartupCheckFailed(DeepQueueError, RuntimeError):
     """S3 or Redis refused, or did not answer within the start-up retry budget; the message says
     which (as ``wait_for`` was told) and why."""
+
+
+class StartupError(SystemExit):
+    """The worker cannot serve: Celery stops it with this exit code (70, EX_SOFTWARE)."""
+
+    def __init__(self, message: str) -> None:
+        logger.critical("%s", message)
+        super().__init__(os.EX_SOFTWARE)
 
 
 def wait_for(

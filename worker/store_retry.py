@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from worker.storage import StorageError
+from producer.errors import StorageError
 
 logger = logging.getLogger(__name__)
 

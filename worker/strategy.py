@@ -45,11 +45,12 @@ from celery.worker.request import create_request_cls
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 
 from producer.state import JobState, RunStore
-from worker import runtime
+from worker import pool
 from worker.batching import BatchBuffer, batch_key
 from worker.consumer import drop_message
 from worker.executor import parse_job
 from worker.metrics import call_error_kind
+from worker.runtime import WorkerRuntime
 from worker.stopped import StoppedRuns
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ def process_alive(pid: int) -> bool:
 
 class BatchingStrategy:
     def __init__(self, task: Any, app: Any, consumer: Any) -> None:
-        settings = runtime.settings()
+        runtime: WorkerRuntime = consumer.controller.deepqueue
+        settings = runtime.settings
         self.app = app
         self.task = task
         self.consumer = consumer
@@ -113,7 +115,7 @@ class BatchingStrategy:
         self.slots = max(1, getattr(consumer.pool, "limit", 1) or 1)
         self.batch_timeout_s = settings.batch_timeout_s
         self.calls: list[PoolCall] = []  # handed to the pool, not returned
-        self.leases = consumer.controller.leases
+        self.leases = runtime.leases
         self.retired = False
         # task id -> requests not final. Shared with the strategy this one replaces after a lost
         # connection: a pool process reports stored images in whichever call comes next.
@@ -124,7 +126,7 @@ class BatchingStrategy:
         self.dropping: list[tuple[Any, Any]] = []  # (request, job) of runs believed stopped
         self.drop_chunk = max(1, min(DROP_CHUNK, settings.prefetch_count // 2))
         self.defaults = settings.recipe_defaults()
-        self.metrics = runtime.metrics()
+        self.metrics = runtime.metrics
         self.metrics.watch(lambda: sum(map(len, list(self.held.values()))), lambda: len(self.buffer))
         self.Request = create_request_cls(
             symbol_by_name(task.Request),
@@ -200,7 +202,7 @@ class BatchingStrategy:
                 break
             self._dispatch(taken[1])
         if not self.calls and self.held:  # held, in no call: the pool process is storing them
-            self._call(runtime.collect_stored, (), [])
+            self._call(pool.collect_stored, (), [])
 
     def _fetch_stopped(self, run_id: str) -> bool:
         try:
@@ -256,7 +258,7 @@ class BatchingStrategy:
         for req in requests:
             req.pool_pid = None
             self.held[req.id].append(req)
-        self._call(runtime.execute_batch, (deliveries,), requests)
+        self._call(pool.execute_batch, (deliveries,), requests)
 
     def _call(self, function: Any, args: tuple[Any, ...], requests: list[Any]) -> None:
         call = PoolCall(requests)
@@ -314,7 +316,7 @@ class BatchingStrategy:
             logger.error("batch of %d not run (%r): sending its jobs back to the queue", len(requests), error)
             self._release(requests)
             self._send_back(requests)
-            if isinstance(error, runtime.PipelineUnavailable):
+            if isinstance(error, pool.PipelineUnavailable):
                 logger.critical("stopping this worker: %s", error)
                 worker_state.should_stop = os.EX_SOFTWARE  # 70
         self.pump()

@@ -28,7 +28,9 @@ its first 4 KB, in the same transaction that removes it from the taking list, so
 back. Every entry ends delivered or dead-lettered, and the worker keeps serving.
 
 The worker uses this transport through Celery's ``broker_transport`` setting (see
-``worker_broker_settings``); producers do not consume. ``BLMOVE`` needs Redis 6.2 or later.
+``worker_broker_settings``); producers do not consume. Only the channels of a worker's consumer
+take through a taking list and put back through the leases: the consumer hands them the
+worker's leases as a transport option (``LEASES_OPTION``). ``BLMOVE`` needs Redis 6.2 or later.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from queue import Empty
 from time import monotonic, time
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import redis as redis_py
@@ -48,13 +50,17 @@ from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from worker import runtime
 from worker.deadletters import NO_ID, dead_letter, headers_task_id, push_dead_letter
-from worker.ledger import message_copy
+from worker.ledger import Copy, message_copy
 
 logger = logging.getLogger(__name__)
 
 TAKING_PREFIX = "deepqueue:taking:"
+
+#: The transport option through which a worker's consumer hands its channels the worker's leases
+#: (``worker.consumer.GuardedConsumer``); kombu sets it as the channel attribute of that name.
+#: Connections without it (producers, Celery's own tools) get kombu's behaviour.
+LEASES_OPTION = "deepqueue_leases"
 
 # KEYS: a taking list, unacked hash, the queue it was filled from. Puts each message of the list
 # that is not recorded in unacked back on the queue (the tail: next out), and empties the list.
@@ -134,6 +140,17 @@ def put_back_taken(client: Any, key: str, unacked_key: str, queue: str) -> int:
     return int(client.eval(PUT_BACK_TAKEN, 3, key, unacked_key, queue))
 
 
+class Leases(Protocol):
+    """What a worker's channels need of its leases (``worker.leases.Leases``)."""
+
+    queue: str  #: deepqueue's queue, taken through this worker's taking list
+    name: str  #: this worker in taking lists
+
+    def put_back(self, tag: str, copy: Copy) -> None: ...
+
+    def return_delivered(self, delivered: dict[str, Any], channel: Any) -> int: ...
+
+
 class QoS(redis.QoS):
     _client: Any = None
 
@@ -182,8 +199,8 @@ class QoS(redis.QoS):
         try:
             super().append(message, delivery_tag)
         except self.channel.connection_errors as error:
-            leases = runtime.leases()
-            if leases is None:  # not a worker's main process: nothing keeps the copy
+            leases = self.channel.deepqueue_leases
+            if leases is None:  # not a worker's consumer: nothing keeps the copy
                 logger.error("Redis went away while taking message %s, which may be lost (%r)", delivery_tag, error)
                 raise
             logger.warning(
@@ -199,7 +216,7 @@ class QoS(redis.QoS):
         it delivered, batches still running included, while the worker puts back what it had not
         started: each message twice, and a batch generated again. In a worker the leases decide
         (``Leases.return_delivered``), once; elsewhere kombu's own."""
-        leases = runtime.leases()
+        leases = self.channel.deepqueue_leases
         if leases is None:
             super().restore_unacked(client)
             return
@@ -215,6 +232,10 @@ class QoS(redis.QoS):
 
 class Channel(redis.Channel):
     QoS = QoS
+    from_transport_options = (*redis.Channel.from_transport_options, LEASES_OPTION)
+
+    #: the worker's leases, on its consumer's connection (``LEASES_OPTION``); else None
+    deepqueue_leases: Leases | None = None
 
     #: (taking list, or None where BRPOP took it; the entry as Redis held it) while an entry is
     #: being delivered, until kombu has recorded it as held
@@ -229,10 +250,10 @@ class Channel(redis.Channel):
     def _taking_key(self) -> str | None:
         """This worker's taking list, when the channel consumes deepqueue's queue alone (else
         kombu's BRPOP: Celery's own reply queues, say, which share the channel at start-up)."""
-        worker = runtime.worker_name()
-        if worker is None or self.global_keyprefix or self.active_queues != [runtime.settings().queue]:
+        leases = self.deepqueue_leases
+        if leases is None or self.global_keyprefix or self.active_queues != [leases.queue]:
             return None
-        return taking_key(self.active_queues[0], worker)
+        return taking_key(leases.queue, leases.name)
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         key = self._taking_key()

@@ -2,7 +2,7 @@
 
 For each size (1k and 10k images; ``--sizes``) a run is written the way workers write it, without
 a model: a 64x64 PNG per job (the same ~1 KB image), its sidecar (``worker.sidecar``), its done
-state in a private redis-server, and manifest parts of 1,000 rows (``worker.manifest``); one
+state in a private redis-server, and manifest parts of 1,000 rows (``worker.manifest_writer``); one
 part in ten is then deleted, so compaction reads those jobs' sidecars as it would after a worker
 was killed. Then a fresh Python process per step runs ``compact`` and each export (shards of
 1,000 images, to a local folder) and reports its peak RSS (``VmHWM``) after its imports and at
@@ -38,7 +38,7 @@ from pathlib import Path
 from producer.export import export, resolve_target
 from producer.manifest import compact
 from producer.state import RunStore
-from worker.storage import LocalStorage
+from producer.storage import LocalStorage
 
 def peak_mib():
     for line in open("/proc/self/status"):
@@ -71,11 +71,13 @@ def tiny_png() -> bytes:
 def write_run(root: Path, redis_url: str, count: int) -> dict[str, Any]:
     """The outputs, states and parts of ``count`` done jobs, as workers write them."""
     from producer.job import Job
+    from producer.layout import image_key, parts_prefix, sidecar_key
+    from producer.manifest_parts import manifest_row
     from producer.state import JobState, RunStore
+    from producer.storage import LocalStorage
     from worker.batching import RecipeDefaults, batch_key
-    from worker.manifest import ManifestWriter, manifest_row, parts_prefix
+    from worker.manifest_writer import ManifestWriter
     from worker.sidecar import BatchInfo, build_sidecar
-    from worker.storage import LocalStorage, image_key, sidecar_key
 
     storage, store = LocalStorage(root), RunStore.from_url(redis_url)
     defaults = RecipeDefaults(model="bench-model", scheduler="ddim", cache_interval=3, cache_branch=0)

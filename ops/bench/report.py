@@ -26,6 +26,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from ops.bench.service_report import markdown as service_markdown
+
 logger = logging.getLogger("ops.bench")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -319,8 +321,6 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     for key, title in (("service", "Service vs DeepCache's documented recipe"), ("sdxl", "SDXL architecture")):
         if key in results:
-            from ops.bench.service import markdown as service_markdown
-
             lines += service_markdown(results[key], title)
     if "sd15" in results:
         s = results["sd15"]

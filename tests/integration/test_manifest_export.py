@@ -28,9 +28,10 @@ from click.testing import CliRunner  # noqa: E402
 from ops.localstack import AWS_ENV  # noqa: E402
 from producer import Client, ClientSettings, Job, JobState  # noqa: E402
 from producer.cli import cli  # noqa: E402
+from producer.layout import audit_rows_key, audit_summary_key, parts_prefix  # noqa: E402
+from producer.manifest_parts import decode_part  # noqa: E402
 from producer.state import RunStore  # noqa: E402
 from tests.helpers import local_worker_settings  # noqa: E402
-from worker.manifest import audit_rows_key, audit_summary_key, decode_part, parts_prefix  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,9 +61,9 @@ def jobs() -> list[Job]:
 def generated(redis_server: str, s3_endpoint: str, tiny_model: Path, tmp_path_factory) -> Iterator[SimpleNamespace]:
     import boto3
 
+    from producer.storage import S3Storage
     from worker.engine import Engine
     from worker.executor import BatchExecutor, Delivery
-    from worker.storage import S3Storage
 
     with pytest.MonkeyPatch.context() as env:
         for name, value in AWS_ENV.items():
@@ -262,7 +263,7 @@ def test_cli_manifest_and_export(generated, tmp_path: Path, monkeypatch) -> None
     assert unknown.exit_code == 2 and "no run named 'no-such-run'" in unknown.output
     with monkeypatch.context() as without:  # the export extra not installed
         without.setitem(sys.modules, "pyarrow", None)
-        for module in ("producer.manifest", "producer.export"):
+        for module in ("producer.manifest", "producer.manifest_schema", "producer.shards", "producer.export"):
             without.delitem(sys.modules, module, raising=False)
         missing = runner.invoke(cli, ["export", RUN, "--format", "parquet", "--to", str(tmp_path / "y")])
     assert missing.exit_code == 2, missing.output

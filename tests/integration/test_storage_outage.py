@@ -39,11 +39,11 @@ from werkzeug.serving import make_server  # noqa: E402
 
 from ops.localstack import free_port  # noqa: E402
 from producer.job import Job  # noqa: E402
+from producer.storage import S3Storage  # noqa: E402
 from tests.helpers import local_worker_settings  # noqa: E402
 from worker.embedded import MemoryReporter  # noqa: E402
 from worker.engine import Engine  # noqa: E402
 from worker.executor import BatchExecutor, Delivery, Outcome  # noqa: E402
-from worker.storage import S3Storage  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -228,7 +228,7 @@ def test_resubmit_sends_failed_jobs_and_only_with_resend_queued_the_queued_ones(
 def test_retry_resends_queued_failed_and_gone_workers_jobs_from_what_was_kept(client, redis_urls, store):
     """``retry`` needs no prompt file: the jobs as sent are kept until done. A job running on a
     worker that renewed its leases lately is left to it; one whose worker is gone is resent."""
-    from producer.contract import WORKERS_KEY
+    from producer.layout import WORKERS_KEY
 
     prompts = ["queued", "failed", "on a live worker", "on a gone worker", "done"]
     client.submit(prompts, run="lost", steps=7, width=64, height=64)

@@ -30,8 +30,8 @@ from producer.export import (  # noqa: E402
     resolve_target,
 )
 from producer.state import RunStore  # noqa: E402
+from producer.storage import LocalStorage  # noqa: E402
 from tests.manifest_helpers import make_jobs, store_outputs  # noqa: E402
-from worker.storage import LocalStorage  # noqa: E402
 
 RUN = "export-run"
 REPO = Path(__file__).resolve().parents[2]

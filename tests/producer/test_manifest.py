@@ -1,5 +1,6 @@
-"""producer.manifest: the pure parts (flattening, stats, buckets, ordered reads) and compaction of
-a run written as the executor writes it (parts, sidecars, real Redis states) in a local folder."""
+"""producer.manifest and the modules it builds on (manifest_schema, manifest_stats, shards): the
+pure parts (flattening, stats, buckets, ordered reads) and compaction of a run written as the
+executor writes it (parts, sidecars, real Redis states) in a local folder."""
 
 from __future__ import annotations
 
@@ -15,27 +16,15 @@ pytest.importorskip("PIL")
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from producer.manifest import (  # noqa: E402
-    COLUMNS,
-    OTHER,
-    TOP_KEPT,
-    StatsBuilder,
-    TopCounter,
-    arrow_schema,
-    compact,
-    ensure_manifest,
-    fingerprint,
-    flatten,
-    is_current,
-    ordered_map,
-    read_stats,
-    reason_kind,
-)
+from producer.layout import audit_rows_key, audit_summary_key, parts_prefix, shard_key  # noqa: E402
+from producer.manifest import compact, ensure_manifest, fingerprint, is_current, read_stats  # noqa: E402
+from producer.manifest_schema import COLUMNS, arrow_schema, flatten  # noqa: E402
+from producer.manifest_stats import OTHER, TOP_KEPT, StatsBuilder, TopCounter, reason_kind  # noqa: E402
+from producer.shards import ordered_map  # noqa: E402
 from producer.spill import Buckets, job_index  # noqa: E402
 from producer.state import JobResult, JobState, RunStore  # noqa: E402
+from producer.storage import LocalStorage  # noqa: E402
 from tests.manifest_helpers import make_jobs, store_outputs  # noqa: E402
-from worker.manifest import audit_rows_key, audit_summary_key, parts_prefix, shard_key  # noqa: E402
-from worker.storage import LocalStorage  # noqa: E402
 
 RUN = "manifest-run"
 

@@ -14,8 +14,8 @@ from click.testing import CliRunner, Result
 from ops.localstack import free_port
 from producer import Job, JobState
 from producer.cli import cli
-from producer.contract import WORKERS_KEY
 from producer.job import derive_seed
+from producer.layout import WORKERS_KEY
 from producer.state import RunStore
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)
@@ -402,7 +402,7 @@ def test_runs_says_when_there_is_none(env):
 
 def test_results_come_in_index_order_across_temporary_files(env, tmp_path, monkeypatch):
     """More jobs than one temporary file holds: the order still runs across them."""
-    monkeypatch.setattr("producer.client.RESULTS_SPAN", 7)
+    monkeypatch.setattr("producer.run.RESULTS_SPAN", 7)
     submitted_run(tmp_path, "many", [f"p{i}" for i in range(40)])
     lines = [json.loads(line) for line in invoke("results", "many").output.splitlines()]
     assert [record["index"] for record in lines] == list(range(40))
@@ -562,7 +562,7 @@ def test_dead_letters_lists_what_workers_dropped_newest_first(env):
 
     import redis
 
-    from producer.contract import DEAD_LETTERS_KEY
+    from producer.layout import DEAD_LETTERS_KEY
 
     broker = redis.Redis.from_url(env[0])
     for task_id in ("older", "newer"):

@@ -7,17 +7,8 @@ from collections import Counter
 import pytest
 import redis
 
-from producer.state import (
-    RUNS_KEY,
-    STATES,
-    JobResult,
-    JobState,
-    RunStatus,
-    RunStore,
-    format_duration,
-    images_per_s,
-    rate_minutes,
-)
+from producer.layout import RUNS_KEY
+from producer.state import STATES, JobResult, JobState, RunStatus, RunStore, format_duration, images_per_s, rate_minutes
 
 RUN = "run-a"
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)

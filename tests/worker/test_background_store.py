@@ -16,14 +16,15 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from producer.errors import StorageError  # noqa: E402
 from producer.job import Job  # noqa: E402
 from producer.state import JobState  # noqa: E402
+from producer.storage import LocalStorage  # noqa: E402
 from tests.helpers import local_worker_settings  # noqa: E402
 from worker.backlog import Backlog  # noqa: E402
 from worker.embedded import MemoryReporter  # noqa: E402
 from worker.engine import Engine  # noqa: E402
 from worker.executor import BatchExecutor, Delivery  # noqa: E402
-from worker.storage import LocalStorage, StorageError  # noqa: E402
 
 RUN = "store-run"
 WAIT_S = 60  # only a bound on a hang; every wait below ends as soon as its event happens
@@ -243,7 +244,7 @@ def dead_s3_executor(engine: Engine, tiny_model: Path, out: Path, **settings: An
     boto3 = pytest.importorskip("boto3")
     from botocore.config import Config
 
-    from worker.storage import S3Storage
+    from producer.storage import S3Storage
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,8 +13,9 @@ from typing import Any, get_args
 import pytest
 
 from producer.job import MAX_PROMPT_CHARS, ImageFormat, Job
+from producer.layout import CONTENT_TYPES, EXTENSIONS
 from worker.batching import BatchKey, RecipeDefaults, batch_key
-from worker.encode import CONTENT_TYPES, EXTENSIONS, encode_image
+from worker.encode import encode_image
 from worker.sidecar import SIDECAR_VERSION, BatchInfo, build_sidecar, s3_metadata
 
 Image = pytest.importorskip("PIL.Image")

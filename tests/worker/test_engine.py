@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
@@ -18,7 +18,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("DeepCache")
 np = pytest.importorskip("numpy")
 
-from producer.job import Job  # noqa: E402
+from producer.job import Job, SchedulerName  # noqa: E402
 from worker.batching import BatchKey, RecipeDefaults, batch_key  # noqa: E402
 from worker.deepcache import branch_count  # noqa: E402
 from worker.engine import SCHEDULERS, Engine, decode_needs_slicing  # noqa: E402
@@ -284,6 +284,10 @@ def test_generate_refuses_what_check_refuses(engine: Engine, bad: dict[str, Any]
     with pytest.raises(ValueError, match=r"."):
         engine.generate(key_for(steps=2, **bad), batch)
     assert_unwrapped(engine, unet_forward)
+
+
+def test_every_job_scheduler_has_a_diffusers_class() -> None:
+    assert set(SCHEDULERS) == set(get_args(SchedulerName))
 
 
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))

@@ -17,14 +17,17 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 Image = pytest.importorskip("PIL.Image")
 
+from producer.errors import StorageError  # noqa: E402
 from producer.job import Job  # noqa: E402
+from producer.layout import image_key, sidecar_key  # noqa: E402
 from producer.state import JobState  # noqa: E402
+from producer.storage import LocalStorage, S3Storage  # noqa: E402
 from tests.helpers import SIDECAR_FIELDS, TIMING_FIELDS, local_worker_settings  # noqa: E402
 from worker.embedded import MemoryReporter  # noqa: E402
-from worker.engine import Engine, Generated  # noqa: E402
+from worker.engine import Engine  # noqa: E402
 from worker.executor import BatchExecutor, Delivery, Outcome  # noqa: E402
+from worker.generated import Generated  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
-from worker.storage import LocalStorage, S3Storage, StorageError, image_key, sidecar_key  # noqa: E402
 
 RUN = "exec-run"
 
@@ -60,7 +63,7 @@ class Setup:
         self.executor = BatchExecutor(engine, self.storage, self.reporter, settings)
 
     def paths(self, job: Job) -> tuple[Path, Path]:
-        from worker.encode import EXTENSIONS
+        from producer.layout import EXTENSIONS
 
         image = image_key(self.settings.s3_prefix, job.run_id, job.job_id, EXTENSIONS[job.format])
         return self.settings.output_dir / image, self.settings.output_dir / sidecar_key(image)

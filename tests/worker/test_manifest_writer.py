@@ -1,4 +1,4 @@
-"""worker.manifest: the part layout, and ManifestWriter's flushes (count, age, close), retries and
+"""worker.manifest_writer: the part layout, and ManifestWriter's flushes (count, age, close), retries and
 threads, against an in-memory sink and a real local folder."""
 
 from __future__ import annotations
@@ -9,17 +9,11 @@ from typing import Any
 
 import pytest
 
-from worker.manifest import (
-    RETRY_FACTOR,
-    ManifestWriter,
-    decode_part,
-    encode_part,
-    manifest_row,
-    part_key,
-    parts_prefix,
-    safe_name,
-)
-from worker.storage import LocalStorage, StorageError
+from producer.errors import StorageError
+from producer.layout import part_key, parts_prefix, safe_name
+from producer.manifest_parts import decode_part, encode_part, manifest_row
+from producer.storage import LocalStorage
+from worker.manifest_writer import RETRY_FACTOR, ManifestWriter
 
 
 class Sink:

@@ -1,23 +1,20 @@
-"""worker.metrics: what a worker's /metrics, /livez and /readyz say.
+"""worker.metrics: what a worker's /metrics says.
 
 The counting from what a pool process returns (made here by a real executor on the simulated
 device, through the same ``_progress`` a pool call returns), the queue depth read from a real
-Redis holding real kombu messages, and the HTTP server on a real socket. A whole worker process
+Redis holding real kombu messages (the server: test_health.py). A whole worker process
 is scraped in tests/integration/test_metrics_endpoint.py.
 """
 
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 import redis
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
-from celery.worker import state as worker_state
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,8 +22,9 @@ from ops.localstack import free_port
 from producer.contract import celery_config
 from producer.job import Job
 from producer.settings import ClientSettings
+from producer.storage import LocalStorage
 from tests.helpers import local_worker_settings
-from worker import runtime
+from worker import pool
 from worker.embedded import MemoryReporter
 from worker.engine import load_engine
 from worker.executor import BatchExecutor, Delivery
@@ -38,10 +36,7 @@ from worker.metrics import (
     WorkerMetrics,
     call_error_kind,
     ended_as,
-    not_ready,
-    start_server,
 )
-from worker.storage import LocalStorage
 
 
 def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float | None:
@@ -63,10 +58,10 @@ def test_what_a_pool_call_returns_is_counted(tmp_path: Path) -> None:
     executor = simulated_executor(tmp_path)
     metrics = WorkerMetrics()
     decided = executor.submit([delivery(0), delivery(1), delivery(2), Delivery("not-a-job", {"prompt": 1})])
-    metrics.record(runtime._progress(decided + executor.collect(wait=True), executor))
+    metrics.record(pool._progress(decided + executor.collect(wait=True), executor))
     # The same job delivered again: an earlier delivery finished it.
     again = executor.submit([delivery(0)])
-    metrics.record(runtime._progress(again + executor.collect(wait=True), executor))
+    metrics.record(pool._progress(again + executor.collect(wait=True), executor))
     executor.close()
 
     images = {outcome: sample(metrics, "deepqueue_images_total", outcome=outcome) for outcome in OUTCOMES}
@@ -109,7 +104,7 @@ def test_a_retried_job_counts_its_error_but_no_image() -> None:
 def test_the_kind_of_a_pool_call_that_raised() -> None:
     assert call_error_kind(WorkerLostError("signal 9")) == "process_lost"
     assert call_error_kind(TimeLimitExceeded(1800)) == "timeout"
-    assert call_error_kind(runtime.PipelineUnavailable("no GPU")) == "pipeline"
+    assert call_error_kind(pool.PipelineUnavailable("no GPU")) == "pipeline"
     assert call_error_kind(redis.ConnectionError("refused")) == "state"
     assert call_error_kind(ValueError("anything else")) == "internal"
 
@@ -204,40 +199,3 @@ def test_queue_depth_is_left_out_while_redis_is_down() -> None:
     text = generate_latest(metrics.registry).decode()
     assert time.monotonic() - started < 5
     assert "deepqueue_queue_jobs" not in text and "deepqueue_images_total" in text
-
-
-def get(url: str) -> tuple[int, str, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode(), response.headers["Content-Type"]
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode(), error.headers["Content-Type"]
-
-
-def test_the_server_answers_metrics_and_probes() -> None:
-    metrics = WorkerMetrics()
-    state = {"ready": "loading pipeline"}
-    server = start_server(metrics.registry, "127.0.0.1", 0, live=lambda: None, ready=lambda: state["ready"])
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        assert get(f"{base}/livez")[:2] == (200, "ok\n")
-        assert get(f"{base}/readyz")[:2] == (503, "loading pipeline\n")
-        state["ready"] = None
-        assert get(f"{base}/readyz?verbose")[:2] == (200, "ready\n")
-        status, body, content_type = get(f"{base}/metrics")
-        assert status == 200 and content_type.startswith("text/plain; version=")
-        names = {family.name for family in text_string_to_metric_families(body)}
-        assert {"deepqueue_images", "deepqueue_stage_seconds", "deepqueue_worker_info"} <= names
-        assert get(f"{base}/")[0] == 404
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_ready_means_a_built_pipeline_and_no_shutdown(monkeypatch) -> None:
-    monkeypatch.setattr(runtime, "_serving", False)
-    assert not_ready() == "loading pipeline"
-    monkeypatch.setattr(runtime, "_serving", True)
-    assert not_ready() is None
-    monkeypatch.setattr(worker_state, "should_stop", 0)  # what Celery's SIGTERM handler sets: EX_OK
-    assert not_ready() == "shutting down"

@@ -9,6 +9,7 @@ import threading
 import pytest
 import redis
 
+from producer.errors import StorageError
 from tests.helpers import FakeClock
 from worker.settings import WorkerSettings
 from worker.startup import (
@@ -21,7 +22,6 @@ from worker.startup import (
     wait_for_redis,
     wait_for_storage,
 )
-from worker.storage import StorageError
 
 
 def test_a_failure_that_passes_is_retried_with_a_line_naming_what_is_awaited(caplog):

@@ -13,8 +13,9 @@ import threading
 
 import pytest
 
+from producer.errors import StorageError
+from producer.storage import LocalStorage, S3Storage
 from tests.helpers import FakeClock, wait_until
-from worker.storage import LocalStorage, S3Storage, StorageError
 from worker.store_retry import (
     MAX_DELAY_S,
     RetriesExhausted,

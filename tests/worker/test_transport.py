@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import ssl
 import time
+from types import SimpleNamespace
 
 import pytest
 import redis
 from kombu import Connection
 
-from producer.contract import WORKERS_KEY
+from producer.layout import WORKERS_KEY
 from worker.app import create_app
+from worker.consumer import GuardedConsumer
 from worker.leases import Leases
+from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
 from worker.transport import Transport, put_back_taken, taking_key, worker_broker_settings
 
@@ -27,6 +30,17 @@ def test_the_worker_app_consumes_through_this_transport():
     with app.connection_for_read() as connection:
         assert connection.get_transport_cls() is Transport
         assert (connection.hostname, connection.port, connection.virtual_host) == ("127.0.0.1", 6379, "3")
+
+
+def test_only_the_consumers_channels_put_back_through_the_workers_leases(redis_urls):
+    """The consumer hands its channels the worker's leases; Celery's other connections get kombu's way."""
+    app = create_app(WorkerSettings(broker_url=redis_urls[0]))
+    runtime = WorkerRuntime.create(app.settings, "gpu0@host")
+    consumer = SimpleNamespace(app=app, controller=SimpleNamespace(deepqueue=runtime), ensure_connected=lambda c: c)
+    with GuardedConsumer.connection_for_read(consumer) as connection:
+        assert connection.default_channel.deepqueue_leases is runtime.leases
+    with app.connection_for_read() as connection:
+        assert connection.default_channel.deepqueue_leases is None
 
 
 @pytest.mark.parametrize(

@@ -22,10 +22,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from kombu import Connection, Exchange, Queue
 
-from producer.contract import DEAD_LETTERS_KEY
-from worker import runtime
-from worker.settings import WorkerSettings
-from worker.transport import MalformedEntry, read_entry, taking_key, worker_broker_settings
+from producer.layout import DEAD_LETTERS_KEY
+from worker.leases import Leases
+from worker.transport import LEASES_OPTION, MalformedEntry, read_entry, taking_key, worker_broker_settings
 
 QUEUE = "deepqueue"
 EXAMPLES = max(500, int(os.environ.get("DEEPQUEUE_PROPERTY_EXAMPLES", "500")))
@@ -98,12 +97,14 @@ entries = st.one_of(
 
 class Reader:
     """The worker's transport consuming QUEUE: ``take(entry)`` pushes one entry at the head of the
-    queue and runs one read; the consumer acknowledges whatever it is handed."""
+    queue and runs one read; the consumer acknowledges whatever it is handed. With ``leases``,
+    its channel takes through their taking list, as a worker's consumer's does."""
 
-    def __init__(self, url: str, on_message: Any = None) -> None:
+    def __init__(self, url: str, on_message: Any = None, leases: Leases | None = None) -> None:
         self.db = redis.Redis.from_url(url)
         config = worker_broker_settings(url)
-        self.connection = Connection(url, transport=config["broker_transport"])
+        options = {} if leases is None else {LEASES_OPTION: leases}
+        self.connection = Connection(url, transport=config["broker_transport"], transport_options=options)
         self.delivered: list[Any] = []
         queue = Queue(QUEUE, Exchange(QUEUE, "direct"), QUEUE)
         self.consumer = self.connection.Consumer(queue, on_message=on_message or self._keep, accept=["json"])
@@ -135,17 +136,14 @@ class Reader:
 
 
 @pytest.fixture
-def worker_process(redis_urls, monkeypatch) -> str:
-    """This process as a worker's main process sees itself (its name and settings), as
-    ``deepqueue worker`` sets them before its consumer starts; returns the broker URL."""
-    monkeypatch.setattr(runtime, "_settings", WorkerSettings(broker_url=redis_urls[0], queue=QUEUE))
-    monkeypatch.setattr(runtime, "_worker_name", "reader")
-    return redis_urls[0]
+def worker_leases(redis_urls) -> Leases:
+    """The leases a worker's consumer hands its channels (their thread not started)."""
+    return Leases(redis_urls[0], {}, queue=QUEUE, name="reader", renew_s=5, expiry_s=20)
 
 
 @pytest.fixture
-def reader(worker_process) -> Iterator[Reader]:
-    reader = Reader(worker_process)
+def reader(redis_urls, worker_leases) -> Iterator[Reader]:
+    reader = Reader(redis_urls[0], leases=worker_leases)
     yield reader
     reader.close()
 
@@ -166,9 +164,8 @@ def test_any_entry_is_delivered_or_dead_lettered(reader, entry):
 
 @properties(150)
 @given(entry=entries)
-def test_any_entry_is_delivered_or_dead_lettered_through_brpop(redis_urls, monkeypatch, entry):
-    """A process with no worker name reads with kombu's BRPOP: the same guard holds."""
-    monkeypatch.setattr(runtime, "_worker_name", None)
+def test_any_entry_is_delivered_or_dead_lettered_through_brpop(redis_urls, entry):
+    """A connection without a worker's leases reads with kombu's BRPOP: the same guard holds."""
     reader = Reader(redis_urls[0])
     try:
         reader.take(entry)
@@ -222,7 +219,7 @@ def test_a_well_formed_entry_is_delivered_as_kombu_would(reader):
     assert (message.delivery_tag, message.headers["id"], message.body) == ("t-1", "task-1", b"[[], {}, {}]")
 
 
-def test_an_entry_whose_consumer_fails_after_it_was_recorded_is_dead_lettered(worker_process):
+def test_an_entry_whose_consumer_fails_after_it_was_recorded_is_dead_lettered(redis_urls, worker_leases):
     """A consumer that raises (not a broker error) after kombu recorded the message as held: the
     record goes, the dead letter names the error, and the next entry is read as usual. (The
     worker's own consumer guards its handler; this is the transport's last line.)"""
@@ -230,7 +227,7 @@ def test_an_entry_whose_consumer_fails_after_it_was_recorded_is_dead_lettered(wo
     def fails(message: Any) -> None:
         raise ValueError("a consumer bug")
 
-    reader = Reader(worker_process, on_message=fails)
+    reader = Reader(redis_urls[0], on_message=fails, leases=worker_leases)
     try:
         assert reader.take(kombu_entry("t-2")) == "dead-lettered"
         assert "ValueError: a consumer bug" in json.loads(reader.db.lindex(DEAD_LETTERS_KEY, 0))["reason"]

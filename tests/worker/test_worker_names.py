@@ -8,9 +8,9 @@ import pytest
 from celery.bin.worker import Hostname
 from celery.utils.nodenames import gethostname
 
-from worker import runtime
+from worker.app import create_app
 from worker.cli import _names_node, node_name
-from worker.leases import LeaseKeeper
+from worker.runtime import Runtime
 from worker.settings import WorkerSettings
 
 
@@ -62,16 +62,14 @@ def test_a_hostname_given_by_the_user_wins(extra: list[str], names: bool) -> Non
     assert _names_node(extra) is names
 
 
-def test_two_workers_with_one_node_name_never_share_a_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_workers_with_one_node_name_never_share_a_lease() -> None:
     """Two hosts' containers can have the same node name and the same pid: the lease names differ."""
-    monkeypatch.setattr(runtime, "_settings", WorkerSettings(broker_url="redis://127.0.0.1:6379/9"))
-    monkeypatch.setattr(runtime, "_worker_name", None)
-    monkeypatch.setattr(runtime, "_leases", None)
+    app = create_app(WorkerSettings(broker_url="redis://127.0.0.1:6379/9"))
     names = set()
     for _ in range(2):
-        worker = SimpleNamespace(hostname="gpu0@same-host")
-        LeaseKeeper(worker)
-        assert worker.leases.name == runtime.worker_name()
-        assert worker.leases.name.startswith("gpu0@same-host:")
-        names.add(worker.leases.name)
+        worker = SimpleNamespace(hostname="gpu0@same-host", app=app)
+        Runtime(worker)
+        assert worker.deepqueue.leases.name == worker.deepqueue.name
+        assert worker.deepqueue.name.startswith("gpu0@same-host:")
+        names.add(worker.deepqueue.name)
     assert len(names) == 2

@@ -1,7 +1,9 @@
-"""Where images and sidecars go: S3 (any S3-protocol server) or a local folder.
+"""Where a run's objects go: S3 (any S3-protocol server) or a local folder; the worker writes
+images, sidecars and manifest parts, the client reads them back for manifests and exports.
 
 Writes are create-only, so a job delivered twice is written once: S3 with ``If-None-Match: *``,
 local files with an atomic hard link. ``put`` returns False when the object already existed.
+Which key holds what: ``producer.layout``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from producer.contract import run_key
 from producer.errors import StorageError
+from producer.layout import write_check_key
 
 if TYPE_CHECKING:
     from producer.settings import ClientSettings
@@ -54,24 +56,12 @@ class Storage(Protocol):
         """Remove every object under ``prefix``; returns how many there were."""
 
 
-def image_key(prefix: str, run_id: str, job_id: str, ext: str) -> str:
-    """``{prefix}/{run}/images/{job_id}.{ext}``."""
-    return run_key(prefix, run_id, "images", f"{job_id}.{ext}")
-
-
-def url_extension(url: str | None) -> str:
-    """An image's extension from its key or URL, as a job record holds it (png when it has none)."""
-    name = (url or "").rsplit("/", 1)[-1]
-    return name.rsplit(".", 1)[1] if "." in name else "png"
-
-
-def sidecar_key(image: str) -> str:
-    return image.rsplit(".", 1)[0] + ".json"
-
-
-def write_check_key(prefix: str) -> str:
-    """Where a worker proves at start-up that it can write: one object, overwritten each time."""
-    return "/".join(part for part in (prefix.strip("/"), ".deepqueue", "write-check") if part)
+def put_replacing(storage: Storage, key: str, data: bytes, content_type: str = "application/json") -> None:
+    """Write ``key`` whole, replacing what is there (storage's ``put`` never replaces)."""
+    with tempfile.NamedTemporaryFile() as file:
+        file.write(data)
+        file.flush()
+        storage.upload(key, file.name, content_type=content_type)
 
 
 class S3Storage:

@@ -1,4 +1,4 @@
-"""worker.storage: create-only writes to S3 (a real moto server) and to a local folder."""
+"""producer.storage: create-only writes to S3 (a real moto server) and to a local folder."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.storage import LocalStorage, S3Storage, StorageError, image_key, sidecar_key, write_check_key
+from producer.errors import StorageError
+from producer.layout import image_key, sidecar_key, write_check_key
+from producer.storage import LocalStorage, S3Storage
 
 boto3 = pytest.importorskip("boto3")
 

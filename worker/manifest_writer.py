@@ -1,8 +1,8 @@
 """Manifest parts: every stored image's row, written by the worker that stored it.
 
-A row is the image's full sidecar plus ``key`` (the image's object key), ``sidecar_key`` and
-``bytes`` (the image's size; None when an earlier delivery stored the image). ``ManifestWriter``
-buffers rows per run and writes them as one gzipped JSON-lines object per flush::
+A row (``producer.manifest_parts.manifest_row``) is the image's full sidecar plus where it is
+and its size. ``ManifestWriter`` buffers rows per run and writes them as one gzipped JSON-lines
+object per flush::
 
     {prefix}/{run}/manifest-parts/{worker}-{time_ns}-{random}.jsonl.gz
 
@@ -20,15 +20,12 @@ buffer is ``max_rows * RETRY_FACTOR`` rows long (memory stays bounded through an
 Compaction (``producer.manifest``) checks the run's done jobs in Redis and reads the sidecars of
 those missing from the parts, so the compacted manifest is complete either way.
 
-Also the layout of the run's manifest objects, shared by the worker and the client.
+The part's key and encoding are the contract's (``producer.layout``, ``producer.manifest_parts``).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
-import re
 import secrets
 import threading
 import time
@@ -36,18 +33,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from producer.contract import run_key
+from producer.layout import part_key
+from producer.manifest_parts import PART_CONTENT_TYPE, encode_part
 
 logger = logging.getLogger(__name__)
 
 #: A run's unwritten rows are kept through failed writes up to this many times ``max_rows``.
 RETRY_FACTOR = 10
-PART_SUFFIX = ".jsonl.gz"
-PART_CONTENT_TYPE = "application/gzip"
 
 
 class PartSink(Protocol):
-    """What the writer needs of ``worker.storage.Storage``: a create-only put, and a delete."""
+    """What the writer needs of ``producer.storage.Storage``: a create-only put, and a delete."""
 
     def put(self, key: str, data: bytes, *, content_type: str, metadata: dict[str, str]) -> bool: ...
 
@@ -56,69 +52,6 @@ class PartSink(Protocol):
 
 def never_deleted(run_id: str) -> bool:
     return False
-
-
-# --- layout (pure) ---------------------------------------------------------------------------
-
-
-def manifest_prefix(prefix: str, run_id: str) -> str:
-    """``{prefix}/{run}/manifest/``: the compacted shards and nothing else, so that the folder
-    reads as one Parquet dataset (``pq.ParquetDataset``, s3fs, ``datasets``)."""
-    return run_key(prefix, run_id, "manifest") + "/"
-
-
-def parts_prefix(prefix: str, run_id: str) -> str:
-    """``{prefix}/{run}/manifest-parts/``: the rows as workers store images."""
-    return run_key(prefix, run_id, "manifest-parts") + "/"
-
-
-def safe_name(name: str) -> str:
-    """A worker name (``gpu0@host:1234``) as a key segment: ``[A-Za-z0-9._-]``, 64 characters."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:64] or "worker"
-
-
-def part_key(prefix: str, run_id: str, worker: str, time_ns: int, token: str) -> str:
-    return run_key(prefix, run_id, "manifest-parts", f"{safe_name(worker)}-{time_ns}-{token}{PART_SUFFIX}")
-
-
-def shard_key(prefix: str, run_id: str, index: int) -> str:
-    """The compacted manifest: ``{prefix}/{run}/manifest/manifest-00000.parquet``, ..."""
-    return run_key(prefix, run_id, "manifest", f"manifest-{index:05d}.parquet")
-
-
-def stats_key(prefix: str, run_id: str) -> str:
-    return run_key(prefix, run_id, "stats.json")
-
-
-def audit_rows_key(prefix: str, run_id: str) -> str:
-    """One JSON line per audited job (``job_id``, ``psnr``, ``ssim``, ``uncached_key``)."""
-    return run_key(prefix, run_id, "audit.jsonl")
-
-
-def audit_summary_key(prefix: str, run_id: str) -> str:
-    return run_key(prefix, run_id, "audit.json")
-
-
-def manifest_row(sidecar: dict[str, Any], key: str, sidecar_at: str, size: int | None) -> dict[str, Any]:
-    """One manifest row: the sidecar, where the image and sidecar are, and the image's size."""
-    return {**sidecar, "key": key, "sidecar_key": sidecar_at, "bytes": size}
-
-
-def encode_part(rows: list[dict[str, Any]]) -> bytes:
-    lines = "".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n" for row in rows)
-    return gzip.compress(lines.encode(), compresslevel=6, mtime=0)
-
-
-def decode_part(data: bytes) -> list[dict[str, Any]]:
-    """A part's rows; raises ValueError (gzip or JSON) for a damaged part."""
-    try:
-        text = gzip.decompress(data).decode()
-    except (OSError, EOFError, UnicodeDecodeError) as error:
-        raise ValueError(f"not a gzipped JSON-lines part: {error}") from error
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-# --- the writer ------------------------------------------------------------------------------
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""worker.storage read side (get, size, list, upload, download, delete, copy) on a moto S3 server
+"""producer.storage read side (get, size, list, upload, download, delete, copy) on a moto S3 server
 and a local folder, and make_storage from client settings."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from producer.errors import StorageError
 from producer.settings import ClientSettings
-from worker.storage import LocalStorage, S3Storage, StorageError, make_storage
+from producer.storage import LocalStorage, S3Storage, make_storage
 
 boto3 = pytest.importorskip("boto3")
 
