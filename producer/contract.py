@@ -16,6 +16,8 @@ WORKER_GONE_S = 60.0
 #: Dead letters kept (``producer.layout.DEAD_LETTERS_KEY``): JSON records with task id, reason,
 #: time and the body's first bytes as text.
 DEAD_LETTERS_KEPT = 1000
+#: Seconds a restore mutex outlives a holder that died (see ``celery_config``).
+UNACKED_MUTEX_EXPIRE_S = 30
 
 
 def celery_config(settings: ClientSettings) -> dict[str, Any]:
@@ -37,5 +39,10 @@ def celery_config(settings: ClientSettings) -> dict[str, Any]:
             # kombu's defaults restore unacked messages only every few minutes.
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
+            # Restore passes (kombu's, and the leases' sweeps) take a mutex for milliseconds.
+            # kombu keeps one whose holder was SIGKILLed for 5 minutes by default, blocking
+            # every worker's restores and sweeps meanwhile; WATCH/MULTI in restore_by_tag
+            # already keeps two passes from restoring one message twice.
+            "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
         },
     }

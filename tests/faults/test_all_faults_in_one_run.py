@@ -1,10 +1,14 @@
-"""Issue 6's acceptance run: 200 jobs over 3 sizes, 10 of them poison, 10 malformed messages
+"""Issue 6's acceptance run: 200 jobs over 3 sizes, 4 of them poison, 10 malformed messages
 mixed in, two workers, and every fault of this suite in sequence while the run goes on: Redis
 SIGKILLed and restarted, Redis down 20 s, a worker SIGKILLed (and started again), S3
 unreachable 30 s, a worker's warm shutdown (SIGTERM, started again). Out-of-memory splitting is
 not among them: it is injected in tests/worker/test_executor.py, since a CPU cannot run out of
-device memory on cue. Expected: 190 images each written once, 10 failed with the reason, no job
-lost, every worker alive at the end, nothing unpickled."""
+device memory on cue. Expected: 196 images each written once, 4 failed with the reason, no job
+lost, every worker alive at the end, nothing unpickled.
+
+Issue 6 asked for 10 poison jobs. Each costs two batch time limits and two pool-process
+restarts, most of this test's length; 4 show the same among the other faults (issue 16 trims
+what repeats), and test_storage_and_poison_faults.py covers a poison job across workers."""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from .conftest import FaultCounts, client_for, kill_worker, stop_running
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
 SIZES = [(64, 64), (96, 64), (64, 96)]
-GOOD, POISON = 190, 10
+GOOD, POISON = 196, 4
 #: A poison job's pool process is killed at this limit, twice, then started again: the run's
 #: length is mostly this. Ordinary batches (tiny model, 64x96 at most) take a second or two on
 #: a loaded 2-core machine; Redis outages fail a pool call at once; the S3 outage holds no call.
@@ -34,7 +38,7 @@ STALL_S = 240
 
 
 def rows() -> list[dict]:
-    """190 ordinary jobs over 3 sizes and, every 19th, a poison one: far longer than the batch
+    """196 ordinary jobs over 3 sizes and, every 50th, a poison one: far longer than the batch
     time limit, so its pool process is killed each time it runs."""
     jobs = [
         {"prompt": f"mixed {i}", "width": SIZES[i % 3][0], "height": SIZES[i % 3][1], "steps": 10} for i in range(GOOD)
@@ -42,7 +46,7 @@ def rows() -> list[dict]:
     for n in range(POISON):
         # 1024x1024 at 200 uncached steps: about 6 minutes alone on the tiny model (8x VAE), far past the limit.
         poison = {"prompt": f"poison {n}", "width": 1024, "height": 1024, "steps": 200, "cache_interval": 1}
-        jobs.insert(n * 20 + 10, poison)
+        jobs.insert(n * 50 + 25, poison)
     return jobs
 
 
@@ -114,14 +118,15 @@ def test_200_jobs_through_every_fault(fault_env, restartable_redis, s3_proxy, tm
         counts = FaultCounts.measure(env, {"mixed": GOOD + POISON}, faults[-1][2])
         for name, began_with, ended in faults:
             print(f"\n[fault] {name}: began with {began_with} of 200 jobs finished, ended at {ended:.1f}")
-        counts.report("200 jobs, 10 poison, 10 malformed, every fault in sequence")
+        counts.report(f"200 jobs, {POISON} poison, 10 malformed, every fault in sequence")
         with client_for(env) as client:
             failed = list(client.run("mixed").results(JobState.FAILED))
             kept = client._store.pending("mixed", [result.job_id for result in failed])
         poisoned = ["poison" in json.loads(job)["prompt"] for job in kept if job]
         print("[fault] failed:", Counter(result.reason for result in failed), "poison:", Counter(poisoned))
         assert all(began_with < GOOD + POISON for _, began_with, _ in faults), "a fault came after the run ended"
-        assert (counts.accepted, counts.done, counts.failed, counts.lost, counts.written_twice) == (200, 190, 10, 0, 0)
+        assert (counts.accepted, counts.done, counts.failed, counts.lost, counts.written_twice) == (200, GOOD, POISON, 0, 0)
+        assert poisoned == [True] * POISON, "only the poison jobs fail"
         assert {result.reason for result in failed} == {
             "generation failed: it timed out 2 times while running this job"
         }

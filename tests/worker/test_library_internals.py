@@ -129,3 +129,16 @@ def test_pins_bound_celery_and_kombu_to_the_minor_versions_tested() -> None:
         assert installed in spec, f"{name} {installed} is outside pyproject's {spec}"
         next_minor = Version(f"{installed.major}.{installed.minor + 1}.0")
         assert next_minor not in spec, f"pyproject allows {name} {next_minor}: pin the minor version tested"
+
+
+def test_kombu_takes_every_broker_transport_option_the_contract_sets() -> None:
+    """kombu's Redis channel copies only the transport options it names: one it stopped taking
+    (``unacked_mutex_expire`` among them, without which a SIGKILLed worker's restore mutex
+    blocks every other worker's restores for 5 minutes) would be dropped without a word."""
+    from kombu.transport.redis import Channel
+
+    from producer.contract import celery_config
+    from producer.settings import ClientSettings
+
+    options = celery_config(ClientSettings())["broker_transport_options"]
+    assert set(options) <= set(Channel.from_transport_options), set(options) - set(Channel.from_transport_options)
