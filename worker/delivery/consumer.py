@@ -11,7 +11,7 @@ restore those messages to a Redis that is not there, and a second close then fai
 (``'NoneType' object has no attribute 'hostname'``), which Celery reports as an unrecoverable
 error, stopping the worker. The consumer discards the broken connection anyway, so that failure is
 logged and the consumer reconnects; the messages stay in Redis's unacked set, where the worker's
-leases put them back (see ``worker.leases``). It reconnects every few seconds, not kombu's up to 30.
+leases put them back (see ``worker.delivery.leases``). It reconnects every few seconds, not kombu's up to 30.
 
 A consumer that loses its connection again and again as soon as it has one (a proxy or network
 that drops it, a fault that kombu reports as a lost connection on every read) serves nothing while
@@ -33,8 +33,8 @@ from typing import Any
 from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.consumer import Consumer
 
-from worker.deadletters import dead_letter, headers_task_id, push_dead_letter
-from worker.transport import LEASES_OPTION
+from worker.delivery.deadletters import dead_letter, headers_task_id, push_dead_letter
+from worker.delivery.transport import LEASES_OPTION
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class GuardedConsumer(Consumer):
 
     def connection_for_read(self, heartbeat: float | None = None) -> Any:
         """Celery's consuming connection, whose channels take and put back through the worker's
-        leases (``worker.transport``; ``worker.runtime``: the worker's ``deepqueue``)."""
+        leases (``worker.delivery.transport``; ``worker.runtime``: the worker's ``deepqueue``)."""
         options = {LEASES_OPTION: self.controller.deepqueue.leases}
         return self.ensure_connected(self.app.connection_for_read(heartbeat=heartbeat, transport_options=options))
 

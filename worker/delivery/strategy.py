@@ -11,7 +11,7 @@ next batch's call, or with a ``collect_stored`` call when there is no next batch
 When a pool process dies or a batch outlives ``batch_timeout_s``, its jobs run again one by one
 in this worker, so a job that kills the process takes no peers with it; a job lost
 ``MAX_LOSSES`` times (counted in Redis, across workers and restarts) fails with the reason.
-Every message held here is leased (``worker.leases``): if this worker dies, its messages go back
+Every message held here is leased (``worker.delivery.leases``): if this worker dies, its messages go back
 to the queue within seconds. When the consumer loses its connection, Celery builds a new
 strategy: the old one is retired, sending back what it had not started, and its acks go through
 the lease keeper's own connection. Jobs whose images that process was still storing
@@ -19,7 +19,7 @@ run again as ordinary jobs. When the pipeline cannot be built at all, the batch
 goes back to the queue for other workers and this one stops with a non-zero exit code.
 
 Messages of cancelled and deleted runs skip all of that: they are settled in chunks, one Lua
-call per run, and acknowledged from here (``worker.stopped``).
+call per run, and acknowledged from here (``worker.delivery.stopped``).
 
 Why not celery-batches: it keeps one buffer per task (flushes mix resolutions), swallows
 exceptions of the batch function, sends no task events and pins celery<5.7.
@@ -45,13 +45,13 @@ from celery.worker.request import create_request_cls
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 
 from producer.state import JobState, RunStore
-from worker import pool
-from worker.batching import BatchBuffer, batch_key
-from worker.consumer import drop_message
-from worker.executor import parse_job
+from worker.delivery.batching import BatchBuffer, batch_key
+from worker.delivery.consumer import drop_message
+from worker.delivery.stopped import StoppedRuns
 from worker.metrics import call_error_kind
+from worker.pipeline import pool
+from worker.pipeline.executor import parse_job
 from worker.runtime import WorkerRuntime
-from worker.stopped import StoppedRuns
 
 logger = logging.getLogger(__name__)
 
