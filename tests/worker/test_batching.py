@@ -417,13 +417,13 @@ def test_random_sequences_match_the_policy(seed: int) -> None:
     "value", [float("nan"), float("inf"), -float("inf"), 1e308, 10**400, -5.0, 0, True, "yesterday", None]
 )
 def test_implausible_enqueue_times_are_dropped(value):
-    from worker.delivery.strategy import plausible_time
+    from worker.delivery.consumer import plausible_time
 
     assert plausible_time(value, now=1_800_000_000.0) is None
 
 
 def test_plausible_enqueue_times_are_kept():
-    from worker.delivery.strategy import plausible_time
+    from worker.delivery.consumer import plausible_time
 
     assert plausible_time(1_799_999_000, now=1_800_000_000.0) == 1_799_999_000.0
     assert plausible_time(1_800_000_100.5, now=1_800_000_000.0) == 1_800_000_100.5  # small clock skew

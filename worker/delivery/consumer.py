@@ -5,6 +5,8 @@ Celery's own task handler raises on some malformed messages before any task stra
 worker; the message comes back and stops the next worker too. ``GuardedConsumer`` wraps that
 handler: a message it cannot handle is dropped (rejected, not requeued) with one log line naming
 its task id and why. Nothing is deserialised beyond what Celery does (JSON only), and nothing runs.
+``message_fields`` reads a request's job and enqueue time just as warily, whatever a hand-made
+message holds.
 
 It also survives losing Redis with messages reserved: closing the broken connection makes kombu
 restore those messages to a Redis that is not there, and a second close then fails inside kombu
@@ -23,11 +25,13 @@ operator sees why. One outage, however long, is one loss: the reconnect attempts
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import warnings
 from collections import deque
 from functools import partial
+from numbers import Real
 from typing import Any
 
 from celery.exceptions import CPendingDeprecationWarning
@@ -78,6 +82,28 @@ class ReconnectLoop:
     def _forget_before(self, since: float) -> None:
         while self._losses and self._losses[0] < since:
             self._losses.popleft()
+
+
+#: Enqueue times further in the future than this are not believed (clock skew allowance).
+FUTURE_SLACK_S = 86400.0
+
+
+def plausible_time(value: Any, now: float) -> float | None:
+    """A Unix time a producer could have stamped, or None (NaN, infinities, 1e308, booleans)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
+    return value if math.isfinite(value) and 0 < value <= now + FUTURE_SLACK_S else None
+
+
+def message_fields(req: Any) -> tuple[Any, float | None]:
+    """``(job payload, enqueued_at)`` from a request, whatever shape a hand-made message has."""
+    args = req.args if isinstance(req.args, (list, tuple)) else ()
+    kwargs = req.kwargs if isinstance(req.kwargs, dict) else {}
+    return (args[0] if args else None), plausible_time(kwargs.get("enqueued_at"), time.time())
 
 
 def task_id_of(message: Any) -> str:

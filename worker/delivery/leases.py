@@ -125,6 +125,38 @@ class Leases:
         elif self.ledger.acknowledge(message.delivery_tag):
             self._wake.set()
 
+    def settle_now(self, message: Any, *, requeue: bool | None) -> None:
+        """Acknowledge (``requeue`` None) or reject a message on its own channel, now. One whose
+        channel went with a lost connection, or that Redis is down for, is settled from this
+        thread instead, once Redis answers: kombu fails on a closed channel with an
+        AttributeError that would stop the worker."""
+        tag = message.delivery_tag
+        try:
+            if requeue is None:
+                message.ack()
+            else:
+                message.reject(requeue=requeue)
+        except Exception as error:  # a lost channel or Redis: this thread retries it
+            logger.debug("message %s not settled (%r): the lease keeper will", tag, error)
+            self.settle(message, requeue=bool(requeue))
+        else:
+            self.settled(tag)
+
+    def acknowledge_all(self, messages: list[Any]) -> bool:
+        """Acknowledge messages of one channel in one round trip (from this thread if the channel
+        or Redis fails meanwhile); False, doing nothing, on a transport without ``ack_many``
+        (not the worker's)."""
+        qos = messages[0].channel.qos
+        if not hasattr(qos, "ack_many"):
+            return False
+        try:
+            qos.ack_many([message.delivery_tag for message in messages])
+        except Exception as error:  # a lost channel or Redis: this thread acknowledges them
+            logger.debug("%d messages not acknowledged (%r): the lease keeper will", len(messages), error)
+            for message in messages:
+                self.settle(message, requeue=False)
+        return True
+
     def return_delivered(self, delivered: dict[str, Any], channel: Any) -> int:
         """What kombu does when a channel closes (it puts back every message it delivered), done
         once. After a lost connection the messages no pool process is working on go back at the

@@ -35,7 +35,6 @@ import math
 import os
 import time
 from functools import partial
-from numbers import Real
 from typing import Any
 
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
@@ -48,7 +47,7 @@ from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 from producer.state import JobState, RunStore
 from worker.delivery.batching import BatchBuffer, batch_key
 from worker.delivery.book import MAX_LOSSES, Book, Held, PoolCall, loss_failure
-from worker.delivery.consumer import drop_message
+from worker.delivery.consumer import drop_message, message_fields
 from worker.delivery.stopped import StoppedRuns
 from worker.metrics import call_error_kind
 from worker.pipeline import pool
@@ -60,28 +59,6 @@ logger = logging.getLogger(__name__)
 #: Messages of stopped runs settled per round of Lua calls: well under the prefetch count, so
 #: that messages waiting to be settled never stop the consumer from taking more.
 DROP_CHUNK = 32
-
-
-#: Enqueue times further in the future than this are not believed (clock skew allowance).
-FUTURE_SLACK_S = 86400.0
-
-
-def plausible_time(value: Any, now: float) -> float | None:
-    """A Unix time a producer could have stamped, or None (NaN, infinities, 1e308, booleans)."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        return None
-    try:
-        value = float(value)
-    except OverflowError:  # an int beyond float range
-        return None
-    return value if math.isfinite(value) and 0 < value <= now + FUTURE_SLACK_S else None
-
-
-def message_fields(req: Any) -> tuple[Any, float | None]:
-    """``(job payload, enqueued_at)`` from a request, whatever shape a hand-made message has."""
-    args = req.args if isinstance(req.args, (list, tuple)) else ()
-    kwargs = req.kwargs if isinstance(req.kwargs, dict) else {}
-    return (args[0] if args else None), plausible_time(kwargs.get("enqueued_at"), time.time())
 
 
 def process_alive(pid: int) -> bool:
@@ -215,21 +192,13 @@ class BatchingStrategy:
                     self._accept(req, job)
 
     def _acknowledge_all(self, requests: list[Any]) -> None:
-        """Acknowledge requests of one channel together where the transport can (one round trip),
-        else one by one; through the lease keeper when Redis or the channel fails meanwhile."""
-        qos = requests[0].message.channel.qos
-        if not hasattr(qos, "ack_many"):  # another transport than the worker's
-            for req in requests:
-                req.acknowledge()
-            return
-        try:
-            qos.ack_many([req.message.delivery_tag for req in requests])
-        except Exception as error:  # a lost channel or Redis: the lease keeper acknowledges them
-            logger.debug("%d messages not acknowledged (%r): the lease keeper will", len(requests), error)
-            for req in requests:
-                self.leases.settle(req.message, requeue=False)
+        """Acknowledge requests of one channel together where the transport can, else one by one."""
+        together = self.leases.acknowledge_all([req.message for req in requests])
         for req in requests:
-            req.acknowledged = True
+            if together:
+                req.acknowledged = True
+            else:
+                req.acknowledge()
 
     def _send(self, call: PoolCall[Any]) -> None:
         """Send a call the book opened: a batch to generate, or (no requests) a collect call."""
@@ -363,23 +332,6 @@ class BatchingStrategy:
         if job is not None:
             self.store.mark(job.run_id, job.job_id, JobState.FAILED, reason=reason)
 
-    def _settle(self, message: Any, requeue: bool | None) -> None:
-        """Acknowledge (``requeue`` None) or reject a message, now. One whose channel went with
-        a lost connection, or that Redis is down for, is settled by the lease keeper's own
-        connection instead, once Redis answers: kombu fails on a closed channel with an
-        AttributeError that would stop the worker."""
-        tag = message.delivery_tag
-        try:
-            if requeue is None:
-                message.ack()
-            else:
-                message.reject(requeue=requeue)
-        except Exception as error:  # a lost channel or Redis: the lease keeper retries it
-            logger.debug("message %s not settled (%r): the lease keeper will", tag, error)
-            self.leases.settle(message, requeue=bool(requeue))
-        else:
-            self.leases.settled(tag)
-
     def _request(self, message: Any, body: Any) -> Any:
         if body is None and "args" not in message.payload:
             body, headers, decoded, utc = message.body, message.headers, False, self.app.uses_utc_timezone()
@@ -389,8 +341,8 @@ class BatchingStrategy:
             body, headers, decoded, utc = proto1_to_proto2(message, body)
         return self.Request(
             message,
-            on_ack=lambda *_: self._settle(message, requeue=None),
-            on_reject=lambda _logger, _errors, requeue: self._settle(message, requeue=requeue),
+            on_ack=lambda *_: self.leases.settle_now(message, requeue=None),
+            on_reject=lambda _logger, _errors, requeue: self.leases.settle_now(message, requeue=requeue),
             app=self.app,
             hostname=self.consumer.hostname,
             eventer=self.consumer.event_dispatcher,
