@@ -567,7 +567,7 @@ def run_embedded(
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_test_model(directory: Path, arch: str, seed: int) -> None:
     """Build a random-weight pipeline in DIRECTORY (offline; loads like a real model)."""
-    from worker.testmodel import build_test_model
+    from worker.pipeline.testmodel import build_test_model
 
     try:
         path = build_test_model(directory, arch, seed=seed)  # type: ignore[arg-type]

@@ -68,7 +68,7 @@ def chunked(items: Iterable[Job | list[tuple[str, str]]], size: int) -> Iterator
 
 
 def live_workers(broker: redis.Redis, since: float) -> set[str]:
-    """Workers that renewed their leases after ``since`` (see worker.leases)."""
+    """Workers that renewed their leases after ``since`` (see worker.delivery.leases)."""
     return {name.decode() for name, at in broker.hgetall(WORKERS_KEY).items() if float(at) > since}
 
 

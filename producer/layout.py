@@ -127,7 +127,7 @@ def export_key(prefix: str, run_id: str, fmt: str) -> str:
 RUNS_KEY = "deepqueue:runs"
 DELETED_KEY = "deepqueue:deleted"
 
-#: Broker hash: worker name -> time of its last lease renewal (see worker.leases).
+#: Broker hash: worker name -> time of its last lease renewal (see worker.delivery.leases).
 WORKERS_KEY = "deepqueue:workers"
 #: Broker list of the messages workers dropped as unreadable (newest first), for ``deepqueue dead-letters``.
 DEAD_LETTERS_KEY = "deepqueue:dead-letters"

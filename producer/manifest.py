@@ -1,6 +1,6 @@
 """A run's compacted manifest and its stats, built on demand from the workers' parts.
 
-Workers write their rows in parts (``worker.manifest_writer``); parts are an optimisation, never
+Workers write their rows in parts (``worker.output.manifest_writer``); parts are an optimisation, never
 the truth. ``compact`` makes the manifest whole:
 
 1. read every part, the audit rows (``audit.jsonl``, if any) and every job's state in

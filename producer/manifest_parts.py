@@ -1,4 +1,4 @@
-"""The manifest part codec, shared by the worker that writes parts (``worker.manifest_writer``)
+"""The manifest part codec, shared by the worker that writes parts (``worker.output.manifest_writer``)
 and the compaction that reads them (``producer.manifest``). Pure.
 
 A part is one gzipped JSON-lines object of manifest rows (its key: ``producer.layout.part_key``).

@@ -75,7 +75,7 @@ def s3_bucket(s3_endpoint: str, aws_env) -> str:
 def tiny_model(tmp_path_factory) -> Path:
     """The tiny random-weight SD pipeline, built once and loaded via from_pretrained."""
     pytest.importorskip("torch")
-    from worker.testmodel import build_test_model
+    from worker.pipeline.testmodel import build_test_model
 
     return build_test_model(tmp_path_factory.mktemp("models") / "tiny", "tiny")
 
@@ -84,7 +84,7 @@ def tiny_model(tmp_path_factory) -> Path:
 def sdxl_tiny(tmp_path_factory) -> Path:
     """The tiny random-weight SDXL pipeline (two text encoders, ``text_time``), built once."""
     pytest.importorskip("torch")
-    from worker.testmodel import build_test_model
+    from worker.pipeline.testmodel import build_test_model
 
     return build_test_model(tmp_path_factory.mktemp("models") / "sdxl-tiny", "sdxl-tiny")
 

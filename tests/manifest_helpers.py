@@ -15,9 +15,9 @@ from producer.layout import CONTENT_TYPES, EXTENSIONS, image_key, sidecar_key
 from producer.manifest_parts import manifest_row
 from producer.state import JobState, RunStore
 from producer.storage import Storage
-from worker.batching import RecipeDefaults, batch_key
-from worker.manifest_writer import ManifestWriter
-from worker.sidecar import BatchInfo, build_sidecar, s3_metadata
+from worker.delivery.batching import RecipeDefaults, batch_key
+from worker.output.manifest_writer import ManifestWriter
+from worker.output.sidecar import BatchInfo, build_sidecar, s3_metadata
 
 DEFAULTS = RecipeDefaults(model="tiny-test-model", scheduler="ddim", cache_interval=3, cache_branch=0)
 MODEL = {"id": "tiny-test-model", "revision": None, "hash": "sha256:0123456789abcdef"}

@@ -22,9 +22,10 @@ WORKER_SIDE_COMMANDS = frozenset(
         ("producer.cli", "SettingsEpilog.format_epilog", "worker.settings"),  # `deepqueue worker --help`
         ("producer.cli", "worker", "worker.cli"),  # `deepqueue worker`
         ("producer.cli", "run_embedded", "worker.cli"),  # `deepqueue run`
-        ("producer.cli", "make_test_model", "worker.testmodel"),  # `deepqueue make-test-model`
+        ("producer.cli", "make_test_model", "worker.pipeline.testmodel"),  # `deepqueue make-test-model`
     }
 )
+
 
 @dataclass(frozen=True)
 class Import:
@@ -134,7 +135,9 @@ def _shown(found: list[Import]) -> str:
 def test_the_graph_sees_imports_inside_functions() -> None:
     found = imports(project_modules())
     assert any(
-        item.module == "worker.engine" and item.function == "load_engine" and item.target == "worker.simulated"
+        item.module == "worker.pipeline.engine"
+        and item.function == "load_engine"
+        and item.target == "worker.pipeline.simulated"
         for item in found
     )
     assert any(item.module == "producer.client" and item.target == "producer.audit" for item in found)

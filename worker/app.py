@@ -9,19 +9,20 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from producer.contract import TASK_NAME, celery_config
-from worker import logs, pool
+from worker import logs
+from worker.delivery.transport import worker_broker_settings
 from worker.health import MetricsServer
+from worker.pipeline import pool
 from worker.readiness import PipelineGate
 from worker.runtime import Runtime
 from worker.settings import WorkerSettings
-from worker.transport import worker_broker_settings
 
 
 class GenerateTask(Task):
-    """``deepqueue.generate``: a worker batches its messages (see worker.strategy)."""
+    """``deepqueue.generate``: a worker batches its messages (see worker.delivery.strategy)."""
 
     name = TASK_NAME
-    Strategy = "worker.strategy:batching_strategy"
+    Strategy = "worker.delivery.strategy:batching_strategy"
     # acks_late and ignore_result come from the shared settings (task_acks_late, task_ignore_result).
     typing = False  # the worker validates the job itself, with field-level reasons
 
@@ -46,7 +47,7 @@ def worker_config(settings: WorkerSettings) -> dict[str, Any]:
         "worker_concurrency": 1,  # one pipeline per process; one worker per GPU
         "worker_prefetch_multiplier": settings.prefetch_count,
         "worker_send_task_events": True,
-        "worker_consumer": "worker.consumer:GuardedConsumer",  # no message can stop the worker
+        "worker_consumer": "worker.delivery.consumer:GuardedConsumer",  # no message can stop the worker
         # Pool processes load the pipeline before reporting up: Celery's 4 s default would
         # kill every replacement process of a real model, again and again.
         "worker_proc_alive_timeout": settings.load_timeout_s,

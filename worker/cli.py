@@ -14,7 +14,7 @@ from producer.client import run_id_or_new
 from producer.exits import EXIT_BAD_INPUT, EXIT_CANNOT_SERVE, CommandError
 from producer.job import make_jobs, run_defaults
 from producer.sources import read_rows
-from worker.model import ModelError, check_pipeline_class, read_model_index
+from worker.pipeline.model import ModelError, check_pipeline_class, read_model_index
 from worker.settings import WorkerSettings
 
 
@@ -45,7 +45,7 @@ def node_name(name: str | None, host: str | None) -> str:
     defaults to ``worker``; ``host`` (DEEPQUEUE_HOST: the machine's name; the node's name in
     Kubernetes) to ``%h``, which Celery expands to this container's or machine's hostname.
     So each host's GPU-0 worker is ``gpu0@node-a``, ``gpu0@node-b``: unique across hosts and
-    readable. Leases add a random part of their own (``worker.leases``), so two workers never
+    readable. Leases add a random part of their own (``worker.delivery.leases``), so two workers never
     share one even when their node names collide.
     """
     return f"{(name or '').strip() or 'worker'}@{(host or '').strip() or '%h'}"

@@ -15,9 +15,9 @@ from producer.job import Job
 from producer.layout import EXTENSIONS, image_key, sidecar_key
 from producer.state import JobResult, JobState
 from producer.storage import LocalStorage
-from worker.batching import BatchBuffer, batch_key
-from worker.engine import Engine, load_engine
-from worker.executor import BatchExecutor, Delivery, Outcome
+from worker.delivery.batching import BatchBuffer, batch_key
+from worker.pipeline.engine import Engine, load_engine
+from worker.pipeline.executor import BatchExecutor, Delivery, Outcome
 from worker.settings import WorkerSettings
 
 

@@ -5,7 +5,7 @@ on ``DEEPQUEUE_METRICS_HOST:DEEPQUEUE_METRICS_PORT`` (``0.0.0.0:9808``; port 0 t
 off). ``MetricsServer`` is a worker bootstep that starts the server right after the pool forks,
 while the pool process is still loading the pipeline: ``/livez`` answers 200 ``ok`` as long as
 the main process runs, its lease thread lives and its consumer is not stuck reconnecting to the
-broker (``worker.consumer.ReconnectLoop``), else 503 with the reason; ``/readyz`` answers 503 with
+broker (``worker.delivery.consumer.ReconnectLoop``), else 503 with the reason; ``/readyz`` answers 503 with
 a one-line reason (``loading pipeline``, ``shutting down``) until ``PipelineGate`` has seen the
 pipeline built, and 200 ``ready`` from then on until the worker begins to shut down. A port
 already taken stops the worker before it is ready (exit code 70), as any other start-up failure

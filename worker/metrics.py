@@ -39,8 +39,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from worker.acceleration import COMPILE_COUNTERS
-from worker.pool import PipelineUnavailable
+from worker.pipeline.acceleration import COMPILE_COUNTERS
+from worker.pipeline.pool import PipelineUnavailable
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ ERROR_KINDS = (
 CALL_ERROR_KINDS = ("out_of_memory", "generation")
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-#: ``deepqueue_compiles_total{kind}`` (``worker.acceleration``).
+#: ``deepqueue_compiles_total{kind}`` (``worker.pipeline.acceleration``).
 COMPILE_KINDS = tuple(COMPILE_COUNTERS)
 INFO_LABELS = ("model", "device", "dtype", "acceleration", "cache_interval", "cache_branch", "max_batch", "queue")
 #: Seconds a scrape waits for Redis before it leaves out the queue depth.
@@ -179,7 +179,7 @@ class WorkerMetrics:
             self.batch_failures.labels(kind)
 
     def record(self, progress: Mapping[str, Any]) -> None:
-        """What a pool call returned (``worker.pool.execute_batch``): outcomes and pipeline calls."""
+        """What a pool call returned (``worker.pipeline.pool.execute_batch``): outcomes and pipeline calls."""
         for outcome in progress.get("finished", ()):
             self.job(outcome)
         for call in progress.get("batches", ()):
@@ -218,7 +218,7 @@ class WorkerMetrics:
 
     def describe_worker(self, settings: WorkerSettings, report: Mapping[str, Any]) -> None:
         """``deepqueue_worker_info`` and the load time; ``report``: the pool process's readiness
-        report (``worker.pool.PoolProcess.report``), or empty before it arrives."""
+        report (``worker.pipeline.pool.PoolProcess.report``), or empty before it arrives."""
         worker = report.get("worker") or {}
         self.info.clear()
         self.info.labels(

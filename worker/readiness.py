@@ -27,7 +27,7 @@ from celery import bootsteps, signals
 
 from producer.settings import redact_url
 from worker.health import MetricsServer
-from worker.pool import start_process
+from worker.pipeline.pool import start_process
 from worker.runtime import Runtime, WorkerRuntime
 from worker.startup import ReadyDeadline, StartupCheckFailed, StartupError, wait_for_redis
 

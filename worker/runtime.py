@@ -5,9 +5,9 @@ so its ``WorkerRuntime`` (settings, worker name, leases, metrics) is made before
 process exists, and every pool process inherits it; the worker keeps it as ``worker.deepqueue``,
 where the other steps (``worker.health``, ``worker.readiness``) and the strategy
 (``consumer.controller.deepqueue``) find it. The consumer hands the leases to its broker
-channels (``worker.consumer``, ``worker.transport``).
+channels (``worker.delivery.consumer``, ``worker.delivery.transport``).
 
-A pool process builds its own state (``worker.pool.PoolProcess``) in the ``worker_process_init``
+A pool process builds its own state (``worker.pipeline.pool.PoolProcess``) in the ``worker_process_init``
 handler, from what it inherited: the settings, the name, where to report, and whether the worker
 was already serving when it forked.
 """
@@ -21,9 +21,9 @@ from typing import Any
 from celery import bootsteps, signals
 
 from producer.contract import celery_config
-from worker import pool
-from worker.leases import Leases
+from worker.delivery.leases import Leases
 from worker.metrics import QueueDepth, WorkerMetrics
+from worker.pipeline import pool
 from worker.settings import WorkerSettings
 
 
@@ -39,7 +39,7 @@ class WorkerRuntime:
     metrics: WorkerMetrics
     #: its first pool process built the pipeline; processes forked from now on replace one that died
     serving: bool = False
-    #: where pool processes report their pipeline's build (``worker.pool.PoolProcess``)
+    #: where pool processes report their pipeline's build (``worker.pipeline.pool.PoolProcess``)
     report_fd: int | None = None
 
     @classmethod

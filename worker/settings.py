@@ -9,8 +9,8 @@ from pydantic import Field, field_validator, model_validator
 
 from producer.job import MAX_CACHE_BRANCH, MAX_CACHE_INTERVAL, SchedulerName, cache_problem
 from producer.settings import ClientSettings
-from worker import model as model_files
-from worker.batching import RecipeDefaults
+from worker.delivery.batching import RecipeDefaults
+from worker.pipeline import model as model_files
 
 
 class WorkerSettings(ClientSettings):

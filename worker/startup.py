@@ -30,8 +30,8 @@ from typing import TypeVar
 from producer.errors import DeepQueueError
 from producer.settings import redact_url
 from producer.storage import make_storage
+from worker.output.store_retry import backoff_delay, is_transient
 from worker.settings import WorkerSettings
-from worker.store_retry import backoff_delay, is_transient
 
 logger = logging.getLogger(__name__)
 

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, part(results, "tiny model"):
         model = args.model
         if model is None:
-            from worker.testmodel import build_test_model
+            from worker.pipeline.testmodel import build_test_model
 
             model = build_test_model(Path(tmp) / "tiny", "tiny")
         results["drain"] = measure(results, model, Path(tmp), args)

@@ -1,8 +1,8 @@
 """Manifest compaction and exports at growing run sizes: peak memory (and time) per step.
 
 For each size (1k and 10k images; ``--sizes``) a run is written the way workers write it, without
-a model: a 64x64 PNG per job (the same ~1 KB image), its sidecar (``worker.sidecar``), its done
-state in a private redis-server, and manifest parts of 1,000 rows (``worker.manifest_writer``); one
+a model: a 64x64 PNG per job (the same ~1 KB image), its sidecar (``worker.output.sidecar``), its done
+state in a private redis-server, and manifest parts of 1,000 rows (``worker.output.manifest_writer``); one
 part in ten is then deleted, so compaction reads those jobs' sidecars as it would after a worker
 was killed. Then a fresh Python process per step runs ``compact`` and each export (shards of
 1,000 images, to a local folder) and reports its peak RSS (``VmHWM``) after its imports and at
@@ -75,9 +75,9 @@ def write_run(root: Path, redis_url: str, count: int) -> dict[str, Any]:
     from producer.manifest_parts import manifest_row
     from producer.state import JobState, RunStore
     from producer.storage import LocalStorage
-    from worker.batching import RecipeDefaults, batch_key
-    from worker.manifest_writer import ManifestWriter
-    from worker.sidecar import BatchInfo, build_sidecar
+    from worker.delivery.batching import RecipeDefaults, batch_key
+    from worker.output.manifest_writer import ManifestWriter
+    from worker.output.sidecar import BatchInfo, build_sidecar
 
     storage, store = LocalStorage(root), RunStore.from_url(redis_url)
     defaults = RecipeDefaults(model="bench-model", scheduler="ddim", cache_interval=3, cache_branch=0)

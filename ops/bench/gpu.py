@@ -103,7 +103,7 @@ def job_counts(text: str) -> dict[int, int]:
 
 def built_model(scratch: Path, arch: str, results: dict[str, Any]) -> Path:
     """Build ``arch`` (random weights) into ``scratch``, its build time in ``results["model_build_s"]``."""
-    from worker.testmodel import build_test_model
+    from worker.pipeline.testmodel import build_test_model
 
     started = time.perf_counter()
     model = build_test_model(scratch / arch, arch)  # type: ignore[arg-type]
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             plan, redis_url, scratch, worker=not args.no_worker, checkpoint=checkpoint("service")
         )
         if args.model is None:
-            results["service"]["plan"]["model"] = f"{args.arch} (built by worker.testmodel, random weights)"
+            results["service"]["plan"]["model"] = f"{args.arch} (built by worker.pipeline.testmodel, random weights)"
         if args.sdxl_model or not (args.no_sdxl or args.model):
             sdxl = args.sdxl_model or built_model(scratch, "sdxl", results)
             results["sdxl"] = run_service_bench(
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint=checkpoint("sdxl"),
             )
             if args.sdxl_model is None:
-                results["sdxl"]["plan"]["model"] = "sdxl (built by worker.testmodel, random weights)"
+                results["sdxl"]["plan"]["model"] = "sdxl (built by worker.pipeline.testmodel, random weights)"
     results["machine"]["loadavg_end"] = load_average()
     results["machine"]["duration_s"] = round(time.perf_counter() - started, 1)
     json_path, md_path = write_results(results, args.out, args.name)

@@ -38,7 +38,7 @@ from ops.localstack import start_moto, start_redis, stop
 
 logger = logging.getLogger("ops.bench")
 DEFAULT = ("enqueue", "worker", "service")
-BUILT_TINY = "tiny (built by worker.testmodel into a temporary folder)"
+BUILT_TINY = "tiny (built by worker.pipeline.testmodel into a temporary folder)"
 
 
 def cache_setting(text: str) -> tuple[int, int]:
@@ -120,7 +120,7 @@ class Servers:
     def tiny_model(self) -> Path:
         if self.args.model is not None:
             return self.args.model
-        from worker.testmodel import build_test_model
+        from worker.pipeline.testmodel import build_test_model
 
         built = self.scratch / "tiny"
         return built if (built / "model_index.json").exists() else build_test_model(built, "tiny")

@@ -27,7 +27,7 @@ def bench_sd15(
 ) -> dict[str, Any]:
     if model is not None:
         return _measure(model, rounds=rounds, size=size, steps=steps, cache=cache, device=device)
-    from worker.testmodel import build_test_model
+    from worker.pipeline.testmodel import build_test_model
 
     with tempfile.TemporaryDirectory(prefix="deepqueue-bench-sd15-") as tmp:
         started = time.perf_counter()
@@ -39,8 +39,8 @@ def bench_sd15(
 
 
 def _measure(model: Path, *, rounds: int, size: int, steps: int, cache: tuple[int, int], device: str) -> dict[str, Any]:
-    from worker.batching import RecipeDefaults, batch_key
-    from worker.engine import Engine
+    from worker.delivery.batching import RecipeDefaults, batch_key
+    from worker.pipeline.engine import Engine
     from worker.settings import WorkerSettings
 
     engine = Engine.load(WorkerSettings(model=str(model), device=device, storage="local"))

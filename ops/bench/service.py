@@ -9,7 +9,7 @@ Four paths make the same images (same prompts, size, steps, guidance, DDIM):
 - ``worker``: a real ``deepqueue worker`` process on a private Redis with local storage,
   timed from ``Client.submit`` to every job ``done``.
 
-The last three run once per acceleration level (``worker.acceleration``: an Engine, and workers,
+The last three run once per acceleration level (``worker.pipeline.acceleration``: an Engine, and workers,
 per level), so a path's name is ``engine:compile``, ``worker:off``... All run round by round,
 each in turn (the order alternating), beside the DeepCache matrix (the ``off`` Engine: modes x
 batch sizes, with peak device memory): a GPU's speed drifts over minutes of load (seen on an
@@ -52,7 +52,7 @@ from ops.bench.report import (
 )
 from ops.bench.service_report import E2E_MODE, markdown
 from producer.job import Job
-from worker.acceleration import LEVELS
+from worker.pipeline.acceleration import LEVELS
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class Recipe:
 
 
 def engine_call(engine: Any, plan: Plan, batch: int, mode: str, steps: int | None = None) -> float:
-    from worker.batching import RecipeDefaults, batch_key
+    from worker.delivery.batching import RecipeDefaults, batch_key
 
     jobs = jobs_for(plan, batch, mode)
     if steps is not None:
@@ -346,7 +346,7 @@ def engine_images(engine: Any, plan: Plan, batch: int, mode: str) -> Any:
     """One call's images as a float array in [0, 1] (the quality gate's input)."""
     import numpy as np
 
-    from worker.batching import RecipeDefaults, batch_key
+    from worker.delivery.batching import RecipeDefaults, batch_key
 
     jobs = jobs_for(plan, batch, mode)
     defaults = RecipeDefaults(model=str(plan.model), scheduler="ddim", cache_interval=1, cache_branch=0)
@@ -415,7 +415,7 @@ def run_service_bench(
     """Every path above at every level, interleaved round by round (a GPU's speed drifts over
     minutes of load); returns JSON-ready results and hands them to ``checkpoint`` after each round."""
     from producer import Client
-    from worker.engine import Engine
+    from worker.pipeline.engine import Engine
     from worker.settings import WorkerSettings
 
     started = time.perf_counter()
@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scratch = Path(tmp)
         model = args.model
         if model is None:
-            from worker.testmodel import build_test_model
+            from worker.pipeline.testmodel import build_test_model
 
             model = build_test_model(scratch / "tiny", "tiny")
         redis_process, redis_url = start_redis(scratch, timeout=args.start_timeout)
@@ -628,7 +628,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finally:
             stop(redis_process)
         if args.model is None:
-            results["service"]["plan"]["model"] = "tiny (built by worker.testmodel, random weights)"
+            results["service"]["plan"]["model"] = "tiny (built by worker.pipeline.testmodel, random weights)"
     return finish(results, service_markdown, out_dir=output_dir(args), name=args.name)
 
 

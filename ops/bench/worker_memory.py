@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, part(results, "worker memory"):
         model = args.model
         if model is None:
-            from worker.testmodel import build_test_model
+            from worker.pipeline.testmodel import build_test_model
 
             model = build_test_model(Path(tmp) / "tiny", "tiny")
         results["point"] = measure(model, args.batches, args.warmup, Path(tmp), args.start_timeout)

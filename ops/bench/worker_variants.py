@@ -45,7 +45,7 @@ def in_process(plan: Plan, calls: int = 4) -> dict[str, list[float]]:
     import numpy as np
     from PIL import Image
 
-    from worker.engine import Engine
+    from worker.pipeline.engine import Engine
     from worker.settings import WorkerSettings
 
     engine = Engine.load(WorkerSettings(model=str(plan.model), device=plan.device, storage="local"))
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="deepqueue-variants-"))
     model = args.model
     if model is None:
-        from worker.testmodel import build_test_model
+        from worker.pipeline.testmodel import build_test_model
 
         model = build_test_model(scratch / "sd15", "sd15")
     plan = Plan(model=model, device=args.device, size=args.size, steps=args.steps)

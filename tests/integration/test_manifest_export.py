@@ -62,8 +62,8 @@ def generated(redis_server: str, s3_endpoint: str, tiny_model: Path, tmp_path_fa
     import boto3
 
     from producer.storage import S3Storage
-    from worker.engine import Engine
-    from worker.executor import BatchExecutor, Delivery
+    from worker.pipeline.engine import Engine
+    from worker.pipeline.executor import BatchExecutor, Delivery
 
     with pytest.MonkeyPatch.context() as env:
         for name, value in AWS_ENV.items():

@@ -42,8 +42,8 @@ from producer.job import Job  # noqa: E402
 from producer.storage import S3Storage  # noqa: E402
 from tests.helpers import local_worker_settings  # noqa: E402
 from worker.embedded import MemoryReporter  # noqa: E402
-from worker.engine import Engine  # noqa: E402
-from worker.executor import BatchExecutor, Delivery, Outcome  # noqa: E402
+from worker.pipeline.engine import Engine  # noqa: E402
+from worker.pipeline.executor import BatchExecutor, Delivery, Outcome  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -132,7 +132,7 @@ def test_jobs_wait_through_an_s3_outage_and_are_written_once(
     engine = CountingEngine(Engine.load(settings))
     executor = BatchExecutor(engine, S3Storage(client, bucket), MemoryReporter(), settings)  # type: ignore[arg-type]
     outcomes: list[Outcome] = []
-    with caplog.at_level(logging.INFO, logger="worker.store_retry"):
+    with caplog.at_level(logging.INFO, logger="worker.output.store_retry"):
         outcomes += executor.execute(deliveries(0, 1))  # S3 up
         assert executor.store_retry.available
 
@@ -166,7 +166,7 @@ def test_jobs_wait_through_an_s3_outage_and_are_written_once(
         sidecar = client.get_object(Bucket=bucket, Key=f"{RUN}/images/{job(i).job_id}.json")["Body"].read()
         assert json.loads(sidecar)["image_reused"] is False
     # One line when storage went, one when it came back (again only if it flapped), not one per attempt.
-    lines = [record.getMessage() for record in caplog.records if record.name == "worker.store_retry"]
+    lines = [record.getMessage() for record in caplog.records if record.name == "worker.output.store_retry"]
     went = [line for line in lines if line.startswith("storage unavailable (")]
     back = [line for line in lines if line.startswith("storage available again after")]
     assert len(went) == len(back) >= 1 and len(lines) == 2 * len(went)

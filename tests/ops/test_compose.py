@@ -643,6 +643,6 @@ def test_dockerignore_keeps_the_context_small() -> None:
         "out/x.png",
         "tests/ops/test_compose.py",
         ".env",
-        "worker/__pycache__/engine.cpython-311.pyc",
+        "worker/pipeline/__pycache__/engine.cpython-311.pyc",
     ):
         assert _dockerignore_excludes(heavy, ignore), heavy

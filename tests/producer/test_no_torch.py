@@ -35,7 +35,8 @@ def test_producer_imports_with_torch_unavailable(tmp_path):
             result = CliRunner().invoke(producer.cli.cli, args)
             assert result.exit_code == 0, (args, result.output)
             # `worker --help` lists the worker's settings: those modules, and nothing heavy
-            allowed = ["worker", "worker.batching", "worker.model", "worker.settings"] if args[0] == "worker" else []
+            allowed = ["worker", "worker.delivery", "worker.delivery.batching", "worker.pipeline",
+                       "worker.pipeline.model", "worker.settings"] if args[0] == "worker" else []
             assert loaded() == allowed, (args, loaded())
         print("ok")
         """

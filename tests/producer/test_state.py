@@ -304,7 +304,7 @@ def test_a_resumed_run_queues_its_cancelled_jobs_again_and_only_them(store):
 
 
 def test_drop_if_stopped_settles_a_stopped_runs_jobs_and_leaves_a_live_runs_alone(store):
-    """What a worker asks of the messages of runs it believes stopped (``worker.stopped``)."""
+    """What a worker asks of the messages of runs it believes stopped (``worker.delivery.stopped``)."""
     store.mark_queued(RUN, sent(["q", "r", "d"]))
     store.mark(RUN, "r", RUNNING)  # its pool process died: its message comes again
     store.mark(RUN, "d", RUNNING)

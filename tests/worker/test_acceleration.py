@@ -1,4 +1,4 @@
-"""worker.unet_steps, worker.cuda_graphs and worker.acceleration on the real tiny pipelines (CPU).
+"""worker.pipeline: unet_steps, cuda_graphs and acceleration on the real tiny pipelines (CPU).
 
 The step functions are checked against DeepCache's own helper, image for image; the levels that
 compile are checked with the quality gate (PSNR against the eager DeepCache path, >= 50 dB in
@@ -22,20 +22,20 @@ np = pytest.importorskip("numpy")
 from DeepCache import DeepCacheSDHelper  # noqa: E402
 
 from producer.job import Job  # noqa: E402
-from worker.acceleration import (  # noqa: E402
+from worker.delivery.batching import RecipeDefaults, batch_key  # noqa: E402
+from worker.pipeline.acceleration import (  # noqa: E402
     CUDA_DEFAULT,
     Accelerator,
     compile_cache_dir,
     padded_size,
     resolve_level,
 )
-from worker.batching import RecipeDefaults, batch_key  # noqa: E402
-from worker.cuda_graphs import GraphCache, replay_by_rerun  # noqa: E402
-from worker.deepcache import branch_count  # noqa: E402
-from worker.engine import Engine  # noqa: E402
+from worker.pipeline.cuda_graphs import GraphCache, replay_by_rerun  # noqa: E402
+from worker.pipeline.deepcache import branch_count  # noqa: E402
+from worker.pipeline.engine import Engine  # noqa: E402
+from worker.pipeline.testmodel import build_pipeline  # noqa: E402
+from worker.pipeline.unet_steps import CachedSteps, Stepper  # noqa: E402
 from worker.settings import WorkerSettings, parse_warm_shapes  # noqa: E402
-from worker.testmodel import build_pipeline  # noqa: E402
-from worker.unet_steps import CachedSteps, Stepper  # noqa: E402
 
 #: The quality gate in fp32 on CPU (issue 15): PSNR of an accelerated image against eager DeepCache.
 PSNR_GATE_DB = 50.0
@@ -142,7 +142,7 @@ def test_levels_by_device(caplog) -> None:
     assert resolve_level("auto", "cpu") == "off"
     assert resolve_level("auto", "cuda:0") == CUDA_DEFAULT
     assert resolve_level("fuse", "cpu") == "fuse"
-    with caplog.at_level(logging.WARNING, logger="worker.acceleration"):
+    with caplog.at_level(logging.WARNING, logger="worker.pipeline.acceleration"):
         assert resolve_level("graphs", "cpu") == "compile"
     assert [record.getMessage() for record in caplog.records] == [
         "acceleration graphs needs CUDA; cpu runs it as compile"

@@ -11,7 +11,7 @@ def test_worker_config_extends_the_shared_base() -> None:
     settings = WorkerSettings(broker_url="rediss://:pw@h:6380/0", queue="q", visibility_timeout_s=7200)
     config = worker_config(settings)
     assert {name: config[name] for name in celery_config(settings)} == celery_config(settings)
-    assert config["broker_transport"] == "worker.transport:Transport" and "broker_use_ssl" in config
+    assert config["broker_transport"] == "worker.delivery.transport:Transport" and "broker_use_ssl" in config
     assert config["worker_concurrency"] == 1 and config["worker_prefetch_multiplier"] == settings.prefetch_count
 
 

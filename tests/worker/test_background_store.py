@@ -1,4 +1,4 @@
-"""Storing in the background while the next batch generates (worker.backlog, worker.executor).
+"""Storing in the background while the next batch generates (worker.output.backlog, worker.pipeline.executor).
 
 The real tiny pipeline and local files; storage and engine are wrapped only to observe the
 order of events and to hold an upload back (a slow S3 that cannot be caused otherwise without
@@ -21,10 +21,10 @@ from producer.job import Job  # noqa: E402
 from producer.state import JobState  # noqa: E402
 from producer.storage import LocalStorage  # noqa: E402
 from tests.helpers import local_worker_settings  # noqa: E402
-from worker.backlog import Backlog  # noqa: E402
 from worker.embedded import MemoryReporter  # noqa: E402
-from worker.engine import Engine  # noqa: E402
-from worker.executor import BatchExecutor, Delivery  # noqa: E402
+from worker.output.backlog import Backlog  # noqa: E402
+from worker.pipeline.engine import Engine  # noqa: E402
+from worker.pipeline.executor import BatchExecutor, Delivery  # noqa: E402
 
 RUN = "store-run"
 WAIT_S = 60  # only a bound on a hang; every wait below ends as soon as its event happens
@@ -261,7 +261,7 @@ def test_an_outage_longer_than_the_budget_fails_the_job_with_the_cause(
     engine: Engine, tiny_model: Path, tmp_path: Path, caplog
 ) -> None:
     executor = dead_s3_executor(engine, tiny_model, tmp_path, store_retry_s=0.3)
-    with caplog.at_level("WARNING", logger="worker.store_retry"):
+    with caplog.at_level("WARNING", logger="worker.output.store_retry"):
         executor.submit(deliveries(0, 1))
         outcomes = executor.collect(wait=True, timeout=WAIT_S)
     assert len(outcomes) == 2
@@ -271,7 +271,7 @@ def test_an_outage_longer_than_the_budget_fails_the_job_with_the_cause(
         assert "Could not connect" in outcome.reason
         assert executor.reporter.get(RUN, outcome.job_id).state is JobState.FAILED
     # Two jobs, several attempts each: one warning.
-    warnings = [r.getMessage() for r in caplog.records if r.name == "worker.store_retry"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "worker.output.store_retry"]
     assert len(warnings) == 1 and warnings[0].startswith("storage unavailable (upload of s3://bucket/")
     executor.close()
 

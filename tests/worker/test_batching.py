@@ -1,4 +1,4 @@
-"""worker.batching: which jobs may share a pipeline call, and the buffer that groups them."""
+"""worker.delivery.batching: which jobs may share a pipeline call, and the buffer that groups them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from producer.job import CACHE_BREAKING_SCHEDULERS, Job
-from worker.batching import BatchBuffer, BatchKey, RecipeDefaults, batch_key
+from worker.delivery.batching import BatchBuffer, BatchKey, RecipeDefaults, batch_key
 
 DEFAULTS = RecipeDefaults(model="models/tiny", scheduler="ddim", cache_interval=3, cache_branch=0)
 
@@ -417,13 +417,13 @@ def test_random_sequences_match_the_policy(seed: int) -> None:
     "value", [float("nan"), float("inf"), -float("inf"), 1e308, 10**400, -5.0, 0, True, "yesterday", None]
 )
 def test_implausible_enqueue_times_are_dropped(value):
-    from worker.strategy import plausible_time
+    from worker.delivery.consumer import plausible_time
 
     assert plausible_time(value, now=1_800_000_000.0) is None
 
 
 def test_plausible_enqueue_times_are_kept():
-    from worker.strategy import plausible_time
+    from worker.delivery.consumer import plausible_time
 
     assert plausible_time(1_799_999_000, now=1_800_000_000.0) == 1_799_999_000.0
     assert plausible_time(1_800_000_100.5, now=1_800_000_000.0) == 1_800_000_100.5  # small clock skew
@@ -447,6 +447,6 @@ def test_a_missing_and_an_empty_negative_prompt_share_a_key_where_the_model_enco
     ],
 )
 def test_which_models_encode_a_missing_negative_prompt_as_the_empty_one(index: dict, alike: bool) -> None:
-    from worker.model import empty_negative_is_default
+    from worker.pipeline.model import empty_negative_is_default
 
     assert empty_negative_is_default(index) is alike

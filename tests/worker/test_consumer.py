@@ -1,10 +1,10 @@
-"""The consumer's reconnect-loop detector, on passed-in times (``worker.consumer.ReconnectLoop``)."""
+"""The consumer's reconnect-loop detector, on passed-in times (``worker.delivery.consumer.ReconnectLoop``)."""
 
 from __future__ import annotations
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from worker.consumer import LOOP_LOSSES, LOOP_RECENT_S, LOOP_WINDOW_S, ReconnectLoop
+from worker.delivery.consumer import LOOP_LOSSES, LOOP_RECENT_S, LOOP_WINDOW_S, ReconnectLoop
 
 LOST = RedisConnectionError("Connection closed by server.")
 

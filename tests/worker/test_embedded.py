@@ -16,7 +16,7 @@ from producer.job import Job, JobDefaults, make_jobs  # noqa: E402
 from producer.state import JobState  # noqa: E402
 from tests.helpers import local_worker_settings  # noqa: E402
 from worker.embedded import MemoryReporter, Summary, run_embedded  # noqa: E402
-from worker.executor import Outcome  # noqa: E402
+from worker.pipeline.executor import Outcome  # noqa: E402
 
 RUN = "embedded-run"
 

@@ -1,4 +1,4 @@
-"""worker.encode and worker.sidecar: pure functions from image and job to bytes and metadata.
+"""worker.output.encode and worker.output.sidecar: pure functions from image and job to bytes and metadata.
 
 The complete sidecar, with the worker and timing parts the executor fills in, is checked on a
 real executor run in test_executor.py.
@@ -14,9 +14,9 @@ import pytest
 
 from producer.job import MAX_PROMPT_CHARS, ImageFormat, Job
 from producer.layout import CONTENT_TYPES, EXTENSIONS
-from worker.batching import BatchKey, RecipeDefaults, batch_key
-from worker.encode import encode_image
-from worker.sidecar import SIDECAR_VERSION, BatchInfo, build_sidecar, s3_metadata
+from worker.delivery.batching import BatchKey, RecipeDefaults, batch_key
+from worker.output.encode import encode_image
+from worker.output.sidecar import SIDECAR_VERSION, BatchInfo, build_sidecar, s3_metadata
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -1,4 +1,4 @@
-"""worker.engine and worker.deepcache on the real tiny random-weight SD pipeline (CPU).
+"""worker.pipeline.engine and worker.pipeline.deepcache on the real tiny random-weight SD pipeline (CPU).
 
 Every call is 64x64 with 2-6 steps: a fraction of a second each on two CPU cores.
 """
@@ -19,10 +19,10 @@ pytest.importorskip("DeepCache")
 np = pytest.importorskip("numpy")
 
 from producer.job import Job, SchedulerName  # noqa: E402
-from worker.batching import BatchKey, RecipeDefaults, batch_key  # noqa: E402
-from worker.deepcache import branch_count  # noqa: E402
-from worker.engine import SCHEDULERS, Engine, decode_needs_slicing  # noqa: E402
-from worker.model import ModelError, model_fingerprint  # noqa: E402
+from worker.delivery.batching import BatchKey, RecipeDefaults, batch_key  # noqa: E402
+from worker.pipeline.deepcache import branch_count  # noqa: E402
+from worker.pipeline.engine import SCHEDULERS, Engine, decode_needs_slicing  # noqa: E402
+from worker.pipeline.model import ModelError, model_fingerprint  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
 
 DEFAULTS = RecipeDefaults(model="tiny", scheduler="ddim", cache_interval=3, cache_branch=0)
@@ -125,7 +125,7 @@ def test_negative_prompts_per_image(engine: Engine) -> None:
 def test_a_missing_negative_prompt_is_the_empty_one_so_both_share_a_call(engine: Engine, tiny_model: Path) -> None:
     """SD 1.x/2.x encode no negative prompt as "": the same pixels either way, which is why
     such jobs share a batch key (and SDXL's zeroed embeddings keep them apart)."""
-    from worker.model import empty_negative_is_default, read_model_index
+    from worker.pipeline.model import empty_negative_is_default, read_model_index
 
     defaults = RecipeDefaults("tiny", "ddim", 3, 0, empty_negative_is_default(read_model_index(str(tiny_model))))
     assert defaults.empty_negative_is_default

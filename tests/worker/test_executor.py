@@ -1,4 +1,4 @@
-"""worker.executor: check -> skip finished -> group -> generate -> encode + upload -> report,
+"""worker.pipeline.executor: check -> skip finished -> group -> generate -> encode + upload -> report,
 on the real tiny pipeline (CPU, 64 px, 3 steps), a local folder and an in-memory reporter."""
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from producer.state import JobState  # noqa: E402
 from producer.storage import LocalStorage, S3Storage  # noqa: E402
 from tests.helpers import SIDECAR_FIELDS, TIMING_FIELDS, local_worker_settings  # noqa: E402
 from worker.embedded import MemoryReporter  # noqa: E402
-from worker.engine import Engine  # noqa: E402
-from worker.executor import BatchExecutor, Delivery, Outcome  # noqa: E402
-from worker.generated import Generated  # noqa: E402
+from worker.pipeline.engine import Engine  # noqa: E402
+from worker.pipeline.executor import BatchExecutor, Delivery, Outcome  # noqa: E402
+from worker.pipeline.generated import Generated  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
 
 RUN = "exec-run"
@@ -324,7 +324,7 @@ def test_a_job_out_of_memory_alone_fails_alone_with_the_reason(tiny_model: Path,
 def test_out_of_memory_is_told_from_other_errors() -> None:
     import torch
 
-    from worker.engine import is_out_of_memory
+    from worker.pipeline.engine import is_out_of_memory
 
     try:  # a real one: torch's CPU allocator refusing 4 PiB (more than any address space)
         torch.empty(2**50)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from celery.worker import state as worker_state
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.consumer import LOOP_LOSSES, ReconnectLoop
+from worker.delivery.consumer import LOOP_LOSSES, ReconnectLoop
 from worker.health import not_live, not_ready, start_server
 from worker.metrics import WorkerMetrics
 from worker.runtime import WorkerRuntime

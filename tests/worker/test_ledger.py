@@ -1,4 +1,4 @@
-"""The delivery ledger (``worker.ledger``): each message settled once, whoever asks, and a
+"""The delivery ledger (``worker.delivery.ledger``): each message settled once, whoever asks, and a
 message a pool process works on never put back. No Redis, kombu or Celery: milliseconds."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.ledger import DeliveryLedger
+from worker.delivery.ledger import DeliveryLedger
 
 COPY = (b"{}", "deepqueue", "deepqueue")
 
@@ -150,7 +150,7 @@ def test_every_message_is_settled_at_most_once_and_working_ones_never_go_back(op
 
 def test_the_lease_keeper_reports_itself_alive_until_its_thread_dies_unasked() -> None:
     """``/livez`` asks ``Leases.alive``: true before the thread starts and while it runs."""
-    from worker.leases import Leases
+    from worker.delivery.leases import Leases
 
     leases = Leases("redis://127.0.0.1:1/0", {}, queue="deepqueue", name="w", renew_s=5, expiry_s=20)
     assert leases.alive() and leases.held() == set()

@@ -1,8 +1,8 @@
 """The kombu and Celery internals deepqueue's worker overrides or calls are still there, with the
 parameters it passes.
 
-The transport (``worker.transport``), the consumer (``worker.consumer``), the strategy
-(``worker.strategy``) and the leases (``worker.leases``) reach below the public APIs of kombu and
+The transport (``worker.delivery.transport``), the consumer (``worker.delivery.consumer``), the strategy
+(``worker.delivery.strategy``) and the leases (``worker.delivery.leases``) reach below the public APIs of kombu and
 Celery. pyproject pins both to the minor version tested; this test is what fails, naming the
 member, when an upgrade renames or reshapes one of them, before any worker misbehaves.
 """
@@ -18,7 +18,7 @@ import pytest
 #: ``module:Class.member`` (or ``module:function``) -> the parameter names deepqueue relies on, in
 #: order, after ``self``; None for an attribute (constant, property) that must exist.
 INTERNALS: dict[str, tuple[str, ...] | None] = {
-    # worker.transport.QoS
+    # worker.delivery.transport.QoS
     "kombu.transport.redis:QoS.append": ("message", "delivery_tag"),
     "kombu.transport.redis:QoS.pipe_or_acquire": ("pipe", "client"),
     "kombu.transport.redis:QoS._remove_from_indices": ("delivery_tag", "pipe"),
@@ -29,7 +29,7 @@ INTERNALS: dict[str, tuple[str, ...] | None] = {
     "kombu.transport.redis:QoS.unacked_index_key": None,
     "kombu.transport.virtual.base:QoS.append": ("message", "delivery_tag"),
     "kombu.transport.virtual.base:QoS.ack": ("delivery_tag",),
-    # worker.transport.Channel
+    # worker.delivery.transport.Channel
     "kombu.transport.redis:Channel._brpop_start": ("timeout",),
     "kombu.transport.redis:Channel._brpop_read": ("options",),
     "kombu.transport.redis:Channel._flush_brpop_reauth": (),
@@ -49,12 +49,12 @@ INTERNALS: dict[str, tuple[str, ...] | None] = {
     "kombu.transport.redis:Mutex": ("client", "name", "expire"),
     "kombu.transport.redis:MutexHeld": None,
     "kombu.transport.virtual.base:Message._raw": None,
-    # worker.consumer.GuardedConsumer
+    # worker.delivery.consumer.GuardedConsumer
     "celery.worker.consumer.consumer:Consumer.ensure_connected": ("conn",),
     "celery.worker.consumer.consumer:Consumer.on_connection_error_after_connected": ("exc",),
     "celery.worker.consumer.consumer:Consumer.on_decode_error": ("message", "exc"),
     "celery.worker.consumer.consumer:Consumer.create_task_handler": ("promise",),
-    # worker.strategy.BatchingStrategy
+    # worker.delivery.strategy.BatchingStrategy
     "celery.worker.strategy:hybrid_to_proto2": ("message", "body"),
     "celery.worker.strategy:proto1_to_proto2": ("message", "body"),
     "celery.worker.request:create_request_cls": ("base", "task", "pool", "hostname", "eventer"),

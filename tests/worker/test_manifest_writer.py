@@ -1,4 +1,4 @@
-"""worker.manifest_writer: the part layout, and ManifestWriter's flushes (count, age, close), retries and
+"""worker.output.manifest_writer: the part layout, and ManifestWriter's flushes (count, age, close), retries and
 threads, against an in-memory sink and a real local folder."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from producer.errors import StorageError
 from producer.layout import part_key, parts_prefix, safe_name
 from producer.manifest_parts import decode_part, encode_part, manifest_row
 from producer.storage import LocalStorage
-from worker.manifest_writer import RETRY_FACTOR, ManifestWriter
+from worker.output.manifest_writer import RETRY_FACTOR, ManifestWriter
 
 
 class Sink:

@@ -24,10 +24,7 @@ from producer.job import Job
 from producer.settings import ClientSettings
 from producer.storage import LocalStorage
 from tests.helpers import local_worker_settings
-from worker import pool
 from worker.embedded import MemoryReporter
-from worker.engine import load_engine
-from worker.executor import BatchExecutor, Delivery
 from worker.metrics import (
     ERROR_KINDS,
     OUTCOMES,
@@ -37,6 +34,9 @@ from worker.metrics import (
     call_error_kind,
     ended_as,
 )
+from worker.pipeline import pool
+from worker.pipeline.engine import load_engine
+from worker.pipeline.executor import BatchExecutor, Delivery
 
 
 def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float | None:

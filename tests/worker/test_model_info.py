@@ -1,4 +1,4 @@
-"""worker.model: what the worker's main process learns about a model without torch or diffusers."""
+"""worker.pipeline.model: what the worker's main process learns about a model without torch or diffusers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.model import ModelError, check_pipeline_class, read_model_index
+from worker.pipeline.model import ModelError, check_pipeline_class, read_model_index
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,8 @@ def test_worker_main_process_code_imports_no_torch(tiny_model: Path, tmp_path: P
         from producer.cli import cli
         from worker.cli import _settings, check_model
         from worker.app import create_app
-        import worker.strategy, worker.readiness, worker.runtime, worker.executor, worker.engine
+        import worker.delivery.strategy, worker.readiness, worker.runtime
+        import worker.pipeline.executor, worker.pipeline.engine
 
         settings = _settings(model={str(tiny_model)!r}, device="cpu")
         check_model(settings)

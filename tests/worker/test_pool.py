@@ -1,4 +1,4 @@
-"""worker.pool: a pool process builds its pipeline once, reports how, and keeps why it could not."""
+"""worker.pipeline.pool: a pool process builds its pipeline once, reports how, and keeps why it could not."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 
 from producer.job import Job
 from tests.helpers import local_worker_settings
-from worker import pool
-from worker.pool import PipelineUnavailable, PoolProcess
+from worker.pipeline import pool
+from worker.pipeline.pool import PipelineUnavailable, PoolProcess
 
 
 @pytest.fixture(autouse=True)

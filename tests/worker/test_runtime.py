@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 from celery import signals
 
-from worker import pool
 from worker.app import create_app
+from worker.pipeline import pool
 from worker.runtime import Runtime, WorkerRuntime
 from worker.settings import WorkerSettings
 

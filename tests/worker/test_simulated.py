@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from producer.job import Job
-from worker.batching import RecipeDefaults, batch_key
-from worker.engine import load_engine
-from worker.model import ModelError, SimulatedDevice, check_pipeline_class, parse_simulated, read_model_index
+from worker.delivery.batching import RecipeDefaults, batch_key
+from worker.pipeline.engine import load_engine
+from worker.pipeline.model import ModelError, SimulatedDevice, check_pipeline_class, parse_simulated, read_model_index
+from worker.pipeline.simulated import SimulatedEngine
 from worker.settings import WorkerSettings
-from worker.simulated import SimulatedEngine
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
-"""The consumer's guess of which runs are stopped (``worker.stopped``), on passed-in times."""
+"""The consumer's guess of which runs are stopped (``worker.delivery.stopped``), on passed-in times."""
 
 from __future__ import annotations
 
-from worker.stopped import MAX_RUNS, StoppedRuns
+from worker.delivery.stopped import MAX_RUNS, StoppedRuns
 
 
 class Fetch:

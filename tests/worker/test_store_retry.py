@@ -1,4 +1,4 @@
-"""worker.store_retry: the backoff schedule, which errors pass, and one job's retry budget.
+"""worker.output.store_retry: the backoff schedule, which errors pass, and one job's retry budget.
 
 The schedule and the budget run on a fake clock (no real sleeping); the classifier is checked on
 errors built like botocore builds them and on real ones from a real client (a closed port, a
@@ -16,7 +16,7 @@ import pytest
 from producer.errors import StorageError
 from producer.storage import LocalStorage, S3Storage
 from tests.helpers import FakeClock, wait_until
-from worker.store_retry import (
+from worker.output.store_retry import (
     MAX_DELAY_S,
     RetriesExhausted,
     StoreInterrupted,
@@ -167,7 +167,7 @@ def test_transient_failures_are_retried_on_the_schedule_until_the_upload_succeed
     policy = fake_policy(600, clock)
     down = wrapped(ConnectionRefusedError(111, "Connection refused"))
     upload = Uploads(*[down] * 8)
-    with caplog.at_level(logging.INFO, logger="worker.store_retry"):
+    with caplog.at_level(logging.INFO, logger="worker.output.store_retry"):
         assert policy.job().call(upload) is True
     assert upload.attempts == 9
     assert clock.sleeps == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
@@ -206,7 +206,7 @@ def test_a_permanent_error_is_raised_at_once(caplog) -> None:
     clock = FakeClock(1000.0)
     policy = fake_policy(600, clock)
     denied = wrapped(client_error("AccessDenied", 403))
-    with caplog.at_level(logging.INFO, logger="worker.store_retry"), pytest.raises(StorageError) as caught:
+    with caplog.at_level(logging.INFO, logger="worker.output.store_retry"), pytest.raises(StorageError) as caught:
         policy.job().call(Uploads(denied))
     assert caught.value is denied and clock.sleeps == [] and caplog.records == []
     assert policy.available

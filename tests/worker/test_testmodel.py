@@ -1,4 +1,4 @@
-"""worker.testmodel: random-weight pipelines, saved and loaded through the real from_pretrained."""
+"""worker.pipeline.testmodel: random-weight pipelines, saved and loaded through the real from_pretrained."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from worker.testmodel import (  # noqa: E402
+from worker.pipeline.testmodel import (  # noqa: E402
     ARCHES,
     MERGES,
     build_test_model,
@@ -195,7 +195,7 @@ def test_sd15_builds_and_loads(tmp_path: pathlib.Path) -> None:
 def test_the_sdxl_arch_is_sdxl_base_shaped() -> None:
     """Built on the meta device (no memory, seconds): SDXL 1.0 base's UNet parameter count, and a
     1024x1024 latent through it keeps its shape."""
-    from worker.testmodel import build_pipeline
+    from worker.pipeline.testmodel import build_pipeline
 
     with torch.device("meta"):
         pipe = build_pipeline("sdxl")

@@ -13,11 +13,11 @@ from kombu import Connection
 
 from producer.layout import WORKERS_KEY
 from worker.app import create_app
-from worker.consumer import GuardedConsumer
-from worker.leases import Leases
+from worker.delivery.consumer import GuardedConsumer
+from worker.delivery.leases import Leases
+from worker.delivery.transport import Transport, put_back_taken, taking_key, worker_broker_settings
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
-from worker.transport import Transport, put_back_taken, taking_key, worker_broker_settings
 
 
 def connection_for(url: str) -> Connection:

@@ -1,7 +1,7 @@
 """Any bytes on the queue's list: the worker's transport delivers each entry or drops it to the
 dead letters, and nothing escapes its read path (issue 14, part 1).
 
-The channel here is the worker's own (``worker.transport``) on a real Redis, consuming through a
+The channel here is the worker's own (``worker.delivery.transport``) on a real Redis, consuming through a
 plain kombu ``Consumer``; the worker's name and settings are set as a worker's main process sets
 them, so its reads take the ``BLMOVE`` path (or kombu's ``BRPOP`` path, for a process with none).
 Deterministic (``derandomize``): the same examples every run; ``DEEPQUEUE_PROPERTY_EXAMPLES``
@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from kombu import Connection, Exchange, Queue
 
 from producer.layout import DEAD_LETTERS_KEY
-from worker.leases import Leases
-from worker.transport import LEASES_OPTION, MalformedEntry, read_entry, taking_key, worker_broker_settings
+from worker.delivery.leases import Leases
+from worker.delivery.transport import LEASES_OPTION, MalformedEntry, read_entry, taking_key, worker_broker_settings
 
 QUEUE = "deepqueue"
 EXAMPLES = max(500, int(os.environ.get("DEEPQUEUE_PROPERTY_EXAMPLES", "500")))

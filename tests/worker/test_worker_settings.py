@@ -7,7 +7,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from worker.batching import BatchBuffer
+from worker.delivery.batching import BatchBuffer
 from worker.settings import WorkerSettings
 
 

@@ -20,7 +20,7 @@ class RecipeDefaults:
     scheduler: str
     cache_interval: int
     cache_branch: int
-    #: The model encodes a missing negative prompt as "" (see worker.model.empty_negative_is_default):
+    #: The model encodes a missing negative prompt as "" (see worker.pipeline.model.empty_negative_is_default):
     #: then jobs with and without one share a call; unknown, they are kept apart.
     empty_negative_is_default: bool = False
 

@@ -16,11 +16,11 @@ to a second worker; long (an hour), it strands the jobs of a worker that died. S
   own copy if Redis died between handing one out and recording it as unacked), and those
   it could not acknowledge or send back (their channel went with the connection, or Redis was
   down) are settled through this thread's own connection as soon as Redis answers;
-- it empties the taking lists (``worker.transport``) of workers gone for ``lease_expiry_s``:
+- it empties the taking lists (``worker.delivery.transport``) of workers gone for ``lease_expiry_s``:
   messages they took from the queue but never recorded as held.
 
 What is held, working, owed back or owed an acknowledgement is kept in a ``DeliveryLedger``
-(``worker.ledger``): the one place that decides what goes back, so that kombu's channel closing,
+(``worker.delivery.ledger``): the one place that decides what goes back, so that kombu's channel closing,
 the strategy and this thread never put back one message twice, nor one a batch still runs.
 
 A Redis restart or outage stops every renewal while it lasts, so the sweep waits until Redis has
@@ -42,8 +42,8 @@ from kombu import Connection
 from kombu.transport.redis import Mutex, MutexHeld
 
 from producer.layout import WORKERS_KEY
-from worker.ledger import Copy, DeliveryLedger, message_copy
-from worker.transport import put_back_taken, taking_key
+from worker.delivery.ledger import Copy, DeliveryLedger, message_copy
+from worker.delivery.transport import put_back_taken, taking_key
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Leases:
 
     def put_back(self, tag: str, copy: Copy) -> None:
         """Put a message back on the queue at the next beat, also one this worker took but could
-        not record as held (``worker.transport``): ``copy`` is (raw message, exchange, routing key)."""
+        not record as held (``worker.delivery.transport``): ``copy`` is (raw message, exchange, routing key)."""
         if self.ledger.give_back(tag, copy):
             self._wake.set()
 
@@ -124,6 +124,38 @@ class Leases:
             self.give_back([message])
         elif self.ledger.acknowledge(message.delivery_tag):
             self._wake.set()
+
+    def settle_now(self, message: Any, *, requeue: bool | None) -> None:
+        """Acknowledge (``requeue`` None) or reject a message on its own channel, now. One whose
+        channel went with a lost connection, or that Redis is down for, is settled from this
+        thread instead, once Redis answers: kombu fails on a closed channel with an
+        AttributeError that would stop the worker."""
+        tag = message.delivery_tag
+        try:
+            if requeue is None:
+                message.ack()
+            else:
+                message.reject(requeue=requeue)
+        except Exception as error:  # a lost channel or Redis: this thread retries it
+            logger.debug("message %s not settled (%r): the lease keeper will", tag, error)
+            self.settle(message, requeue=bool(requeue))
+        else:
+            self.settled(tag)
+
+    def acknowledge_all(self, messages: list[Any]) -> bool:
+        """Acknowledge messages of one channel in one round trip (from this thread if the channel
+        or Redis fails meanwhile); False, doing nothing, on a transport without ``ack_many``
+        (not the worker's)."""
+        qos = messages[0].channel.qos
+        if not hasattr(qos, "ack_many"):
+            return False
+        try:
+            qos.ack_many([message.delivery_tag for message in messages])
+        except Exception as error:  # a lost channel or Redis: this thread acknowledges them
+            logger.debug("%d messages not acknowledged (%r): the lease keeper will", len(messages), error)
+            for message in messages:
+                self.settle(message, requeue=False)
+        return True
 
     def return_delivered(self, delivered: dict[str, Any], channel: Any) -> int:
         """What kombu does when a channel closes (it puts back every message it delivered), done
@@ -251,7 +283,7 @@ class Leases:
             )
 
     def _put_back_taken_by_gone(self, channel: Any, now: float, workers: dict[str, float]) -> int:
-        """Empty the taking lists (``worker.transport``) of workers silent for the expiry."""
+        """Empty the taking lists (``worker.delivery.transport``) of workers silent for the expiry."""
         restored, ours = 0, taking_key(self.queue, "")
         for key in channel.client.scan_iter(match=f"{ours}*", count=100):
             worker = key.decode().removeprefix(ours)

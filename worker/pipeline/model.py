@@ -32,7 +32,7 @@ class ModelError(DeepQueueError, RuntimeError):
 
 
 #: ``simulated:a=0.05,b=0.01``: no model, a device that takes a + b x batch size seconds per call
-#: (see worker.simulated). It batches like an SD 1.x model.
+#: (see worker.pipeline.simulated). It batches like an SD 1.x model.
 SIMULATED_PREFIX = "simulated:"
 SIMULATED_MAX_S = 600.0
 

@@ -4,7 +4,7 @@ The pipeline is built in each pool process after it starts: CUDA does not surviv
 neither do boto3 clients. The main process never imports torch or diffusers (see
 ``worker.readiness``); this module only names the engine, it does not import it.
 
-The strategy (``worker.strategy``) sends ``execute_batch`` and ``collect_stored`` through
+The strategy (``worker.delivery.strategy``) sends ``execute_batch`` and ``collect_stored`` through
 ``pool.apply_async``, which pickles a function by its name: a call arrives with its arguments
 only, so each process keeps its one ``PoolProcess`` in ``_process``, set by ``start_process`` (from the
 ``worker_process_init`` handler, ``worker.runtime.WorkerRuntime.start_pool_process``) and read
@@ -25,7 +25,7 @@ from producer.errors import DeepQueueError
 from producer.state import RunStore
 from producer.storage import make_storage
 from worker import startup
-from worker.executor import BatchExecutor, Delivery, Outcome
+from worker.pipeline.executor import BatchExecutor, Delivery, Outcome
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class PoolProcess:
         """Storage first: a missing bucket is found in a second, not after minutes of model
         loading. Each step is reported to the main process before it begins, so a start-up that
         times out names the step it hung in."""
-        from worker.engine import load_engine  # torch: pool processes only
+        from worker.pipeline.engine import load_engine  # torch: pool processes only
 
         settings = self.settings
         if self.check_storage:
@@ -121,7 +121,7 @@ class PoolProcess:
     def _warm_up(self, executor: BatchExecutor) -> dict[str, Any]:
         """Compile DEEPQUEUE_WARM_SHAPES before the worker says ready: their seconds and compile counts."""
         from producer.job import Job
-        from worker.engine import WarmRecipe  # torch: pool processes only
+        from worker.pipeline.engine import WarmRecipe  # torch: pool processes only
 
         settings = self.settings
         shapes = settings.warm_shape_list

@@ -167,7 +167,7 @@ class CachedSteps:
 class Stepper:
     """The UNet's forward for one batch: a full or shallow step by DeepCache's schedule.
 
-    ``run`` is ``CachedSteps.run`` or what replays it (``worker.cuda_graphs``).
+    ``run`` is ``CachedSteps.run`` or what replays it (``worker.pipeline.cuda_graphs``).
     """
 
     def __init__(self, steps: CachedSteps, interval: int, run: Callable[..., tuple[Any, tuple[Any, ...]]]) -> None:

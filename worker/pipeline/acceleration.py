@@ -3,15 +3,15 @@
 - ``off``: the pipeline as diffusers builds it, DeepCache through its own helper (the recipe in
   DeepCache's docs).
 - ``fuse``: channels-last UNet and VAE and fused QKV projections (SDPA is diffusers' default).
-- ``compile``: ``fuse``, then the UNet's full, shallow and plain steps (``worker.unet_steps``) and
+- ``compile``: ``fuse``, then the UNet's full, shallow and plain steps (``worker.pipeline.unet_steps``) and
   the VAE decoder compiled with inductor, one static graph per step kind and input shape.
 - ``graphs``: ``compile``, then each step kind captured as a CUDA graph per input shape, with
-  static input buffers (``worker.cuda_graphs``); without CUDA it runs as ``compile``.
+  static input buffers (``worker.pipeline.cuda_graphs``); without CUDA it runs as ``compile``.
 
 Compiled code goes to an inductor cache folder keyed by model, torch version and device, so a
 restarted worker reads its kernels back instead of compiling them again.
 
-torch is imported only inside functions, as in ``worker.engine``.
+torch is imported only inside functions, as in ``worker.pipeline.engine``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from worker.deepcache import DeepCacheGuard
-from worker.unet_steps import CachedSteps, Step, Stepper, unet_forward
+from worker.pipeline.deepcache import DeepCacheGuard
+from worker.pipeline.unet_steps import CachedSteps, Step, Stepper, unet_forward
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Accelerator:
         self.deepcache = DeepCacheGuard(pipe)
         self._steps: dict[int, CachedSteps] = {}  # DeepCache branch (-1: off) -> its steps
         self._compiled: Callable[..., Any] | None = None
-        self._graphs: Any = None  # worker.cuda_graphs.GraphCache at level graphs
+        self._graphs: Any = None  # worker.pipeline.cuda_graphs.GraphCache at level graphs
         self._shapes: set[Shape] = set()  # compiled (or captured) so far
         self._counted = {name: 0 for name in COMPILE_COUNTERS}
 
@@ -132,7 +132,7 @@ class Accelerator:
         if level in ("compile", "graphs"):
             accelerator._compile(cache_dir)
         if level == "graphs":
-            from worker.cuda_graphs import DEFAULT_LIMIT, GraphCache
+            from worker.pipeline.cuda_graphs import DEFAULT_LIMIT, GraphCache
 
             accelerator._graphs = GraphCache(graph_limit or DEFAULT_LIMIT, capture)
         return accelerator

@@ -1,5 +1,5 @@
 """What a batch's pipeline call hands the executor, whichever engine made it: the real one
-(``worker.engine``) or a simulated device (``worker.simulated``). Its own module, so that the two
+(``worker.pipeline.engine``) or a simulated device (``worker.pipeline.simulated``). Its own module, so that the two
 engines share it without importing each other."""
 
 from __future__ import annotations

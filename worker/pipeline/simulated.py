@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from producer.job import Job
-from worker.batching import BatchKey
-from worker.generated import Generated
-from worker.model import SimulatedDevice, model_fingerprint
+from worker.delivery.batching import BatchKey
+from worker.pipeline.generated import Generated
+from worker.pipeline.model import SimulatedDevice, model_fingerprint
 
 
 def synthetic_image(seed: int, width: int, height: int) -> Any:
@@ -27,7 +27,7 @@ def synthetic_image(seed: int, width: int, height: int) -> Any:
 
 
 class SimulatedEngine:
-    """What the executor needs of ``worker.engine.Engine``, on a simulated device."""
+    """What the executor needs of ``worker.pipeline.engine.Engine``, on a simulated device."""
 
     device = "simulated"
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from producer.job import Job, SchedulerName
 from worker import logs
-from worker.acceleration import Accelerator, Shape, compile_cache_dir, resolve_level
-from worker.batching import BatchKey
-from worker.generated import Generated
-from worker.model import SUPPORTED_PIPELINES, ModelError, model_fingerprint, parse_simulated
+from worker.delivery.batching import BatchKey
+from worker.pipeline.acceleration import Accelerator, Shape, compile_cache_dir, resolve_level
+from worker.pipeline.generated import Generated
+from worker.pipeline.model import SUPPORTED_PIPELINES, ModelError, model_fingerprint, parse_simulated
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def load_engine(settings: WorkerSettings) -> Any:
     """The configured model's engine: ``Engine``, or a ``SimulatedEngine`` for ``simulated:...``."""
     simulated = parse_simulated(settings.model)
     if simulated is not None:
-        from worker.simulated import SimulatedEngine
+        from worker.pipeline.simulated import SimulatedEngine
 
         return SimulatedEngine(settings.model, simulated)
     return Engine.load(settings)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from producer.job import Job
-from worker.batching import BatchKey
+from worker.delivery.batching import BatchKey
 
 SIDECAR_VERSION = 1
 

@@ -9,7 +9,7 @@ Here a worker takes messages with ``BLMOVE`` instead: in one step Redis moves th
 the queue to this worker's *taking list* (``deepqueue:taking:{worker}``), where it survives any
 such failure, and the record transaction also removes it from there. Whatever is left in a
 taking list was never recorded: the worker puts it back on the queue when it connects again
-(before it takes anything else), and the lease sweep (``worker.leases``) does so for the taking
+(before it takes anything else), and the lease sweep (``worker.delivery.leases``) does so for the taking
 lists of workers that are gone. A message whose record did go through (only its reply was lost)
 is already in ``unacked`` and is only dropped from the list; the leases take it from there.
 
@@ -23,7 +23,7 @@ errors stop the worker (a ``JSONDecodeError``) or, worse, count as a lost connec
 ``KeyError``: no ``properties``), so the worker reconnects, the entry goes back on the queue and is
 taken again, forever, behind healthy probes. Here every entry taken, by ``BLMOVE`` or kombu's
 ``BRPOP``, is read first (``read_entry``): one that is no message kombu can deliver, or that
-kombu then fails on, is dropped to the dead letters (``worker.deadletters``) with the reason and
+kombu then fails on, is dropped to the dead letters (``worker.delivery.deadletters``) with the reason and
 its first 4 KB, in the same transaction that removes it from the taking list, so nothing puts it
 back. Every entry ends delivered or dead-lettered, and the worker keeps serving.
 
@@ -50,15 +50,15 @@ from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from worker.deadletters import NO_ID, dead_letter, headers_task_id, push_dead_letter
-from worker.ledger import Copy, message_copy
+from worker.delivery.deadletters import NO_ID, dead_letter, headers_task_id, push_dead_letter
+from worker.delivery.ledger import Copy, message_copy
 
 logger = logging.getLogger(__name__)
 
 TAKING_PREFIX = "deepqueue:taking:"
 
 #: The transport option through which a worker's consumer hands its channels the worker's leases
-#: (``worker.consumer.GuardedConsumer``); kombu sets it as the channel attribute of that name.
+#: (``worker.delivery.consumer.GuardedConsumer``); kombu sets it as the channel attribute of that name.
 #: Connections without it (producers, Celery's own tools) get kombu's behaviour.
 LEASES_OPTION = "deepqueue_leases"
 
@@ -97,7 +97,7 @@ def read_entry(raw: bytes) -> dict[str, Any]:
     """The kombu envelope ``raw`` holds, checked for what kombu itself reads before any consumer
     sees it: UTF-8 JSON, an object whose ``properties`` hold a delivery tag and a delivery info
     with exchange and routing key (kombu's record of it as held needs them). What the envelope
-    carries (body, headers, task) is the consumer's to judge (``worker.consumer``)."""
+    carries (body, headers, task) is the consumer's to judge (``worker.delivery.consumer``)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -141,7 +141,7 @@ def put_back_taken(client: Any, key: str, unacked_key: str, queue: str) -> int:
 
 
 class Leases(Protocol):
-    """What a worker's channels need of its leases (``worker.leases.Leases``)."""
+    """What a worker's channels need of its leases (``worker.delivery.leases.Leases``)."""
 
     queue: str  #: deepqueue's queue, taken through this worker's taking list
     name: str  #: this worker in taking lists
@@ -187,7 +187,7 @@ class QoS(redis.QoS):
 
     def ack_many(self, tags: list[str]) -> None:
         """Acknowledge these delivered messages in one round trip (kombu's ``ack`` makes one each):
-        for draining the messages of stopped runs (``worker.stopped``)."""
+        for draining the messages of stopped runs (``worker.delivery.stopped``)."""
         with self.pipe_or_acquire() as pipe:
             for tag in tags:
                 self._remove_from_indices(tag, pipe)

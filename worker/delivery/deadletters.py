@@ -1,8 +1,8 @@
 """Dead letters: what a worker keeps of a message it drops as unreadable, for ``deepqueue dead-letters``.
 
-Two places drop messages. The broker transport (``worker.transport``) drops an entry of a
+Two places drop messages. The broker transport (``worker.delivery.transport``) drops an entry of a
 queue's list that is no kombu message at all (not UTF-8, not JSON, not an envelope kombu can
-read); the consumer (``worker.consumer``) drops an envelope whose task cannot be read. Both keep
+read); the consumer (``worker.delivery.consumer``) drops an envelope whose task cannot be read. Both keep
 the same record on the broker's capped list ``DEAD_LETTERS_KEY``: the task id where one can be
 read, why, when, the content type and the first 4 KB as text. Nothing is deserialised for it.
 """

@@ -8,7 +8,7 @@ are all written.
 
 A batch that fails runs again in parts: in halves after an out-of-memory error (the allocator
 emptied first), down to single images, else one job at a time. Uploads that fail for a reason
-that passes are retried in the background (``worker.store_retry``) for up to ``store_retry_s``;
+that passes are retried in the background (``worker.output.store_retry``) for up to ``store_retry_s``;
 meanwhile the full backlog holds the next batch back.
 """
 
@@ -32,15 +32,15 @@ from producer.layout import CONTENT_TYPES, EXTENSIONS, image_key, sidecar_key
 from producer.manifest_parts import manifest_row
 from producer.state import JobResult, JobState
 from producer.storage import Storage
-from worker.backlog import Backlog
-from worker.batching import BatchBuffer, BatchKey, batch_key
-from worker.encode import encode_image
-from worker.engine import Engine, is_out_of_memory
-from worker.generated import Generated
-from worker.manifest_writer import ManifestWriter
+from worker.delivery.batching import BatchBuffer, BatchKey, batch_key
+from worker.output.backlog import Backlog
+from worker.output.encode import encode_image
+from worker.output.manifest_writer import ManifestWriter
+from worker.output.sidecar import BatchInfo, build_sidecar, s3_metadata
+from worker.output.store_retry import RetriesExhausted, StoreInterrupted, StoreRetry
+from worker.pipeline.engine import Engine, is_out_of_memory
+from worker.pipeline.generated import Generated
 from worker.settings import WorkerSettings
-from worker.sidecar import BatchInfo, build_sidecar, s3_metadata
-from worker.store_retry import RetriesExhausted, StoreInterrupted, StoreRetry
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class BatchCall:
     size: int
     seconds: float | None = None
     error: str | None = None
-    compiles: dict[str, int] = field(default_factory=dict)  # compile counts it caused (worker.acceleration)
+    compiles: dict[str, int] = field(default_factory=dict)  # compile counts it caused (worker.pipeline.acceleration)
 
 
 #: Pipeline calls kept for ``take_calls`` at most (embedded mode never takes them).

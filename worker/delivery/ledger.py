@@ -1,7 +1,7 @@
 """What one worker owes Redis for the messages it holds: the one place that decides which
 message goes back on the queue, which is acknowledged, and that each is settled once.
 
-A message a worker holds is leased (``worker.leases``): buffered, or *working* once a pool
+A message a worker holds is leased (``worker.delivery.leases``): buffered, or *working* once a pool
 process took its batch. It ends settled exactly once: acknowledged, or put back on the queue.
 Three parties used to put messages back on their own: kombu's channel when it closed (every
 message it had delivered, including batches still running), the strategy after a lost

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from worker.unet_steps import CachedSteps, Step
+from worker.pipeline.unet_steps import CachedSteps, Step
 
 logger = logging.getLogger(__name__)
 

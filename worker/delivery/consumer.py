@@ -5,13 +5,15 @@ Celery's own task handler raises on some malformed messages before any task stra
 worker; the message comes back and stops the next worker too. ``GuardedConsumer`` wraps that
 handler: a message it cannot handle is dropped (rejected, not requeued) with one log line naming
 its task id and why. Nothing is deserialised beyond what Celery does (JSON only), and nothing runs.
+``message_fields`` reads a request's job and enqueue time just as warily, whatever a hand-made
+message holds.
 
 It also survives losing Redis with messages reserved: closing the broken connection makes kombu
 restore those messages to a Redis that is not there, and a second close then fails inside kombu
 (``'NoneType' object has no attribute 'hostname'``), which Celery reports as an unrecoverable
 error, stopping the worker. The consumer discards the broken connection anyway, so that failure is
 logged and the consumer reconnects; the messages stay in Redis's unacked set, where the worker's
-leases put them back (see ``worker.leases``). It reconnects every few seconds, not kombu's up to 30.
+leases put them back (see ``worker.delivery.leases``). It reconnects every few seconds, not kombu's up to 30.
 
 A consumer that loses its connection again and again as soon as it has one (a proxy or network
 that drops it, a fault that kombu reports as a lost connection on every read) serves nothing while
@@ -23,18 +25,20 @@ operator sees why. One outage, however long, is one loss: the reconnect attempts
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import warnings
 from collections import deque
 from functools import partial
+from numbers import Real
 from typing import Any
 
 from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.consumer import Consumer
 
-from worker.deadletters import dead_letter, headers_task_id, push_dead_letter
-from worker.transport import LEASES_OPTION
+from worker.delivery.deadletters import dead_letter, headers_task_id, push_dead_letter
+from worker.delivery.transport import LEASES_OPTION
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +84,28 @@ class ReconnectLoop:
             self._losses.popleft()
 
 
+#: Enqueue times further in the future than this are not believed (clock skew allowance).
+FUTURE_SLACK_S = 86400.0
+
+
+def plausible_time(value: Any, now: float) -> float | None:
+    """A Unix time a producer could have stamped, or None (NaN, infinities, 1e308, booleans)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
+    return value if math.isfinite(value) and 0 < value <= now + FUTURE_SLACK_S else None
+
+
+def message_fields(req: Any) -> tuple[Any, float | None]:
+    """``(job payload, enqueued_at)`` from a request, whatever shape a hand-made message has."""
+    args = req.args if isinstance(req.args, (list, tuple)) else ()
+    kwargs = req.kwargs if isinstance(req.kwargs, dict) else {}
+    return (args[0] if args else None), plausible_time(kwargs.get("enqueued_at"), time.time())
+
+
 def task_id_of(message: Any) -> str:
     """The message's task id if its headers hold a readable one, for the log line."""
     return headers_task_id(getattr(message, "headers", None))
@@ -119,7 +145,7 @@ class GuardedConsumer(Consumer):
 
     def connection_for_read(self, heartbeat: float | None = None) -> Any:
         """Celery's consuming connection, whose channels take and put back through the worker's
-        leases (``worker.transport``; ``worker.runtime``: the worker's ``deepqueue``)."""
+        leases (``worker.delivery.transport``; ``worker.runtime``: the worker's ``deepqueue``)."""
         options = {LEASES_OPTION: self.controller.deepqueue.leases}
         return self.ensure_connected(self.app.connection_for_read(heartbeat=heartbeat, transport_options=options))
 
