@@ -26,6 +26,7 @@ WORKER_SIDE_COMMANDS = frozenset(
     }
 )
 
+
 @dataclass(frozen=True)
 class Import:
     module: str  # the importing module
