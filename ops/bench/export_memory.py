@@ -35,7 +35,8 @@ STEPS = ("compact", "parquet", "imagefolder", "webdataset")
 CHILD = """
 import json, sys, time
 from pathlib import Path
-from producer.export import export, resolve_target
+from producer.export import export
+from producer.export_target import resolve_target
 from producer.manifest import compact
 from producer.state import RunStore
 from producer.storage import LocalStorage

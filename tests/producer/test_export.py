@@ -27,8 +27,8 @@ from producer.export import (  # noqa: E402
     hf_features,
     imagefolder_record,
     parquet_schema,
-    resolve_target,
 )
+from producer.export_target import resolve_target  # noqa: E402
 from producer.state import RunStore  # noqa: E402
 from producer.storage import LocalStorage  # noqa: E402
 from tests.manifest_helpers import make_jobs, store_outputs  # noqa: E402
