@@ -23,6 +23,7 @@ from typing import Any
 
 from ops.bench import batching, scaling, service, submit_scale, worker_memory
 from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_line
+from ops.bench.service_report import E2E_MODE
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +109,13 @@ def service_rows(bench: dict[str, Any] | None) -> list[Row]:
     if not bench:
         return []
     batch = max(bench["plan"]["table_batches"])
-    cell = bench["table"].get(f"{batch} {service.E2E_MODE}", {"over_recipe": {}})
+    cell = bench["table"].get(f"{batch} {E2E_MODE}", {"over_recipe": {}})
     trend = "" if bench["device"].startswith("cuda") else " (CPU: trend only)"
     rows: list[Row] = []
     for level in bench["levels"]:
         ratio = cell["over_recipe"].get(f"worker:{level}")
         if ratio is not None:
-            goal = f"worker ÷ recipe, acceleration {level}, batch {batch}, {service.E2E_MODE}{trend}"
+            goal = f"worker ÷ recipe, acceleration {level}, batch {batch}, {E2E_MODE}{trend}"
             rows.append((goal, f"{ratio['median']:.3f}", "reported", None))
     gate = bench.get("quality", {})
     for level, row in gate.get("levels", {}).items():

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ops.bench.report import load_average, machine_info, markdown, write_results
-from ops.bench.service import Plan, run_service_bench
+from ops.bench.service import run_service_bench
+from ops.bench.service_plan import Plan
 from ops.bench.service_report import E2E_MODE
 from ops.localstack import start_redis, stop
 

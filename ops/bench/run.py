@@ -159,7 +159,8 @@ def run_worker(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
 
 
 def run_service(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
-    from ops.bench.service import run_service_bench, tiny_plan
+    from ops.bench.service import run_service_bench
+    from ops.bench.service_plan import tiny_plan
 
     plan = tiny_plan(
         servers.tiny_model(),

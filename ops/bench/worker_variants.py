@@ -25,7 +25,8 @@ from typing import Any
 
 import redis
 
-from ops.bench.service import Plan, engine_call, worker_process, worker_run
+from ops.bench.service_paths import engine_call, worker_process, worker_run
+from ops.bench.service_plan import Plan
 from ops.localstack import start_redis, stop
 from producer import Client
 
