@@ -23,12 +23,10 @@ in one line and the others still run.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import random
 import statistics
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -37,8 +35,10 @@ from typing import Any
 
 import redis
 
-from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_line, s3_sidecars
-from ops.localstack import moto_s3_client, redis_and_moto, start_worker, stop, worker_env
+from ops.bench import harness
+from ops.bench.harness import s3_sidecars
+from ops.bench.report import run_line
+from ops.localstack import moto_s3_client, start_worker, stop, worker_env
 from producer import Client, JobState
 from producer.enqueue import publish
 from producer.job import make_jobs, run_defaults
@@ -199,27 +199,21 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, "batching-latest")
     parser.add_argument("--jobs-per-size", type=int, default=40, help="jobs per size and run (x 10 sizes x 2 runs)")
     parser.add_argument("--device", default="simulated:a=0.05,b=0.01", help="simulated device of the worker")
-    add_run_args(parser, "batching-latest")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results = new_results(device=args.device, fill={}, lone=[])
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        part(results, "servers"),
-        redis_and_moto(Path(tmp), timeout=args.start_timeout) as (redis_url, s3),
-    ):
-        stack = Stack(Path(tmp), args.device, redis_url, s3, args.start_timeout)
+    with harness.session(args, markdown, device=args.device, fill={}, lone=[]) as bench, bench.part("servers"):
+        servers = bench.servers
+        stack = Stack(bench.scratch, args.device, servers.redis_url(), servers.s3_endpoint(), args.start_timeout)
         for name, grouped in FILL_SCENARIOS.items():
-            with part(results, f"batch fill, {name}"):
-                results["fill"][name] = deep_queue(stack, args.jobs_per_size, grouped=grouped)
+            with bench.part(f"batch fill, {name}"):
+                bench.results["fill"][name] = deep_queue(stack, args.jobs_per_size, grouped=grouped)
         for behind in (0, 10 * MAX_BATCH):
-            with part(results, f"lone job behind {behind} jobs"):
-                results["lone"].append(lone_job(stack, behind=behind))
-    return finish(results, markdown, out_dir=output_dir(args), name=args.name)
+            with bench.part(f"lone job behind {behind} jobs"):
+                bench.results["lone"].append(lone_job(stack, behind=behind))
+    return bench.results
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(harness.exit_status(main()))

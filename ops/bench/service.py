@@ -28,10 +28,8 @@ markdown in ``service_report``; this module runs them round by round and sums th
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -39,16 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops.bench.report import (
-    add_run_args,
-    exit_status,
-    finish,
-    new_results,
-    output_dir,
-    part,
-    run_line,
-    summarize,
-)
+from ops.bench import harness
+from ops.bench.report import run_line, summarize
 from ops.bench.service_paths import (
     Recipe,
     embedded_run,
@@ -310,10 +300,7 @@ class Samples:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The service against the recipe at every level on the tiny model (``make bench``'s part
     ``service``; on a GPU, ops/bench/gpu.py runs the same on SD1.5's architecture)."""
-    from ops.localstack import start_redis, stop
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--model", type=Path, help="tiny model folder (default: built)")
+    parser = harness.parser(main.__doc__ or "", "service-latest", tiny_model=True)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     parser.add_argument("--size", type=int, default=64, help="image side (default 64)")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps (default 10)")
@@ -324,34 +311,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=LEVELS,
         help="acceleration levels (default all; graphs only on CUDA)",
     )
-    add_run_args(parser, "service-latest")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results = new_results()
-    with tempfile.TemporaryDirectory(prefix="deepqueue-service-") as tmp, part(results, "service"):
-        scratch = Path(tmp)
-        model = args.model
-        if model is None:
-            from worker.testmodel import build_test_model
-
-            model = build_test_model(scratch / "tiny", "tiny")
-        redis_process, redis_url = start_redis(scratch, timeout=args.start_timeout)
-        try:
-            plan = tiny_plan(
-                model,
-                device=args.device,
-                size=args.size,
-                steps=args.steps,
-                rounds=args.rounds,
-                levels=args.levels,
-                start_timeout=args.start_timeout,
-            )
-            results["service"] = run_service_bench(plan, redis_url, scratch)
-        finally:
-            stop(redis_process)
-        if args.model is None:
-            results["service"]["plan"]["model"] = "tiny (built by worker.testmodel, random weights)"
-    return finish(results, service_markdown, out_dir=output_dir(args), name=args.name)
+    with harness.session(args, service_markdown) as bench, bench.part("service"):
+        servers = bench.servers
+        plan = tiny_plan(
+            servers.model(),
+            device=args.device,
+            size=args.size,
+            steps=args.steps,
+            rounds=args.rounds,
+            levels=args.levels,
+            start_timeout=args.start_timeout,
+        )
+        bench.results["service"] = run_service_bench(plan, servers.redis_url(), bench.scratch)
+        bench.results["service"]["plan"]["model"] = servers.model_label()
+    return bench.results
 
 
 def service_markdown(results: dict[str, Any]) -> str:
@@ -362,4 +336,4 @@ def service_markdown(results: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(harness.exit_status(main()))

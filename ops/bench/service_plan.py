@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ops.bench.report import START_TIMEOUT_S
+from ops.bench.harness import START_TIMEOUT_S
 from producer.job import Job
 
 #: DeepCache settings by label: (interval, branch); interval 1 is no caching.

@@ -26,7 +26,8 @@ from typing import Any
 
 import redis
 
-from ops.bench.report import START_TIMEOUT_S, load_average, ratio, summarize
+from ops.bench.harness import START_TIMEOUT_S
+from ops.bench.report import load_average, ratio, summarize
 from ops.localstack import moto_s3_client, start_worker, stop, worker_env
 from producer import Client, JobState
 
