@@ -1,14 +1,14 @@
 """Run the deepqueue benchmarks and write their results (JSON + markdown) under ops/bench/results/.
 
-    python -m ops.bench.run                       # enqueue, worker, service vs recipe (~7 min on 2 quiet cores)
+    python -m ops.bench.run                       # enqueue, worker, service vs recipe (~3 min on 2 quiet cores)
     python -m ops.bench.run --sd15                # also the SD1.5-architecture check (+~2 min)
     python -m ops.bench.run --only enqueue --jobs 5000
 
 Every server is private: a redis-server and a moto S3 server on free loopback ports, and a
-``deepqueue worker`` process, all stopped at the end. Results go to a new folder under
-results/runs/ (``--record``: results/latest.*). A benchmark that fails is one line in the
-report, the others still run, and the command exits 1 once the report is written. See
-ops/bench/README.md.
+``deepqueue worker`` process, all stopped at the end (``ops.bench.harness``). Results go to a
+new folder under results/runs/ (``--record``: results/latest.*). A benchmark that fails is one
+line in the report, the others still run, and the command exits 1 once the report is written.
+See ops/bench/README.md.
 """
 
 from __future__ import annotations
