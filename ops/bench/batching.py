@@ -36,9 +36,9 @@ from typing import Any
 import redis
 
 from ops.bench import harness
-from ops.bench.harness import s3_sidecars
+from ops.bench.harness import running_worker, s3_sidecars
 from ops.bench.report import run_line
-from ops.localstack import moto_s3_client, start_worker, stop, worker_env
+from ops.localstack import moto_s3_client, worker_env
 from producer import Client, JobState
 from producer.enqueue import publish
 from producer.job import make_jobs, run_defaults
@@ -137,11 +137,8 @@ def deep_queue(stack: Stack, per_size: int, *, grouped: bool) -> dict[str, Any]:
                 jobs = make_jobs([(str(i), row) for i, row in enumerate(rows)], run_id=run, defaults=run_defaults({}))
                 publish(redis.Redis.from_url(stack.broker), client.settings.queue, jobs)
                 client._store.mark_queued(run, {job.job_id: job.model_dump_json() for job in jobs})
-        worker = start_worker(env, stack.tmp / f"{bucket}.log", timeout=stack.start_timeout)
-        try:
+        with running_worker(env, stack.tmp / f"{bucket}.log", timeout=stack.start_timeout):
             stack.wait_done(client, {run: len(rows) for run, rows in runs.items()})
-        finally:
-            stop(worker)
     return fill(s3_sidecars(stack.s3, bucket))
 
 
@@ -150,14 +147,11 @@ def lone_job(stack: Stack, *, behind: int) -> dict[str, Any]:
     bucket = f"lone-{behind}"
     env = stack.fresh(bucket)
     with Client(stack.broker, stack.backend) as client:
-        worker = start_worker(env, stack.tmp / f"{bucket}.log", timeout=stack.start_timeout)
-        try:
+        with running_worker(env, stack.tmp / f"{bucket}.log", timeout=stack.start_timeout):
             if behind:
                 client.submit([f"deep {i}" for i in range(behind)], run="deep", width=64, height=64, format="jpeg")
             client.submit(["alone"], run="lone", width=LONE_SIZE[0], height=LONE_SIZE[1], format="jpeg")
             stack.wait_done(client, {"lone": 1, **({"deep": behind} if behind else {})})
-        finally:
-            stop(worker)
     sidecars = s3_sidecars(stack.s3, bucket)
     [lone] = [s for s in sidecars if s["run_id"] == "lone"]
     calls = {s["batch"]["id"]: s["timing"]["batch_inference_s"] for s in sidecars if s["run_id"] == "deep"}

@@ -21,9 +21,9 @@ from typing import Any
 import redis
 
 from ops.bench import harness
-from ops.bench.harness import Bench
+from ops.bench.harness import Bench, running_worker
 from ops.bench.report import run_line, summarize
-from ops.localstack import start_worker, stop, worker_env
+from ops.localstack import worker_env
 from producer import Client, JobState
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,7 @@ def drain_once(
     db = redis.Redis.from_url(broker)
     out = tmp / "out"
     env = worker_env(broker_url=broker, result_backend=backend, model=str(model), storage="local", output_dir=str(out))
-    worker = start_worker(env, tmp / f"worker-{kind}.log", timeout=start_s)
-    try:
+    with running_worker(env, tmp / f"worker-{kind}.log", timeout=start_s):
         first = last = None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -62,8 +61,6 @@ def drain_once(
             time.sleep(0.02)
         if first is None or last is None:
             raise TimeoutError(f"the {kind} run's {jobs} messages were not drained within {timeout_s} s")
-    finally:
-        stop(worker)
     images = list(out.rglob("*.png")) if out.exists() else []
     if images:
         raise RuntimeError(f"{len(images)} images were generated for a {kind} run")

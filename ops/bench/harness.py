@@ -32,14 +32,14 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ops.bench.report import command_line, failures_markdown, load_average, machine_info, one_line
-from ops.localstack import moto_s3_client, start_moto, start_redis, stop
+from ops.localstack import moto_s3_client, start_moto, start_redis, start_worker, stop
 
 logger = logging.getLogger("ops.bench")
 
@@ -158,6 +158,20 @@ class Servers:
     def model_label(self, arch: str = "tiny") -> str:
         """How the results name the model ``model(arch)`` returns."""
         return str(self.tiny) if arch == "tiny" and self.tiny is not None else BUILT.format(arch=arch)
+
+
+@contextmanager
+def running_worker(env: Mapping[str, str], log_path: Path, *args: str, timeout: float) -> Iterator[subprocess.Popen]:
+    """A ``deepqueue worker`` (``ops.localstack.start_worker``), stopped on exit; when the body
+    fails, the end of its log is logged first, since the cause is usually there."""
+    process = start_worker(env, log_path, *args, timeout=timeout)
+    try:
+        yield process
+    except BaseException:
+        logger.error("worker log (last 3000 characters):\n%s", log_path.read_text()[-3000:])
+        raise
+    finally:
+        stop(process)
 
 
 @dataclass

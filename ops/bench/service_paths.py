@@ -15,8 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ops.bench.harness import running_worker
 from ops.bench.report import summarize
 from ops.bench.service_plan import COMPILED, GUIDANCE, MODES, PROMPT, SEED, Plan, jobs_for
+from ops.localstack import worker_env
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +140,6 @@ def worker_process(
     ``start_s`` (start to ready)."""
     import redis
 
-    from ops.localstack import start_worker, stop, worker_env
-
     broker, backend = f"{redis_url}/{2 + 2 * slot}", f"{redis_url}/{3 + 2 * slot}"
     for url in (broker, backend):
         redis.Redis.from_url(url).flushdb()
@@ -160,21 +160,9 @@ def worker_process(
     scratch.mkdir(parents=True, exist_ok=True)
     log = scratch / f"{name}.log"
     started = time.perf_counter()
-    process = start_worker(
-        {**env, **(extra_env or {})},
-        log,
-        "--hostname",
-        f"bench{batch}{level}@%h",
-        *worker_args,
-        timeout=plan.start_timeout,
-    )
-    try:
+    args = ("--hostname", f"bench{batch}{level}@%h", *worker_args)
+    with running_worker({**env, **(extra_env or {})}, log, *args, timeout=plan.start_timeout):
         yield env | {"log": str(log), "start_s": f"{time.perf_counter() - started:.1f}"}
-    except BaseException:
-        logger.error("worker log (last 3000 characters):\n%s", log.read_text()[-3000:])
-        raise
-    finally:
-        stop(process)
 
 
 def embedded_run(engine: Any, plan: Plan, scratch: Path, batch: int, mode: str, count: int) -> dict[str, Any]:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ops.bench import harness
-from ops.bench.harness import Servers
+from ops.bench.harness import Servers, running_worker
 from ops.bench.report import run_line
-from ops.localstack import start_worker, stop, worker_env
+from ops.localstack import worker_env
 from producer import Client, JobState
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,7 @@ def measure(servers: Servers, batches: int, warmup: int) -> dict[str, Any]:
     broker, backend = f"{redis_url}/0", f"{redis_url}/1"
     s3 = servers.bucket("memory")
     env = worker_env(broker_url=broker, result_backend=backend, s3_endpoint=s3, bucket="memory", model=str(model))
-    worker = start_worker(env, servers.scratch / "worker.log", timeout=servers.start_timeout)
-    try:
+    with running_worker(env, servers.scratch / "worker.log", timeout=servers.start_timeout) as worker:
         pool = pool_pid(worker.pid)
         with Client(broker, backend) as client:
             run = client.submit(
@@ -69,8 +68,6 @@ def measure(servers: Servers, batches: int, warmup: int) -> dict[str, Any]:
             samples.append((batches, rss_mib(worker.pid), rss_mib(pool)))
         if pool_pid(worker.pid) != pool:
             raise RuntimeError("the pool process was replaced during the run: its memory is not one process's")
-    finally:
-        stop(worker)
     after_warmup = next(sample for sample in samples if sample[0] >= warmup)
     end = samples[-1]
     return {
