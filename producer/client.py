@@ -357,7 +357,8 @@ class Client:
         per shard. The target must be empty unless ``overwrite``. Needs the ``export`` extra."""
         self.run(run_id)
         with export_extra():
-            from producer.export import export, resolve_target
+            from producer.export import export
+            from producer.export_target import resolve_target
 
             storage, prefix = self._storage(), self.settings.s3_prefix
             target = resolve_target(

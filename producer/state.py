@@ -18,11 +18,12 @@ live together):
 - ``deepqueue:deleted``       zset  deleted run ids by first submission time, while their
   tombstones last: ``prune --outputs`` still finds their files
 
-Every transition is one Lua call, so the record and the sets never disagree. ``done`` and
-``cancelled`` are final: a redelivered job can neither turn a finished job back into ``running``
-or ``failed`` nor replace its record (which matches the write-once sidecar). In a cancelled run,
-a job that a worker is about to start, or a producer to queue, ends ``cancelled`` instead. Once a
-run is resumed (no longer cancelled), its cancelled jobs can be queued again, and only that.
+Every transition is one Lua call (``producer.state_scripts``), so the record and the sets never
+disagree. ``done`` and ``cancelled`` are final: a redelivered job can neither turn a finished
+job back into ``running`` or ``failed`` nor replace its record (which matches the write-once
+sidecar). In a cancelled run, a job that a worker is about to start, or a producer to queue,
+ends ``cancelled`` instead. Once a run is resumed (no longer cancelled), its cancelled jobs can
+be queued again, and only that.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 import redis
 
 from producer.layout import DELETED_KEY, RUNS_KEY, state_key
+from producer.state_scripts import CLAIM_RECIPE, TRANSITION
 
 
 class JobState(str, Enum):
@@ -52,75 +54,9 @@ class JobState(str, Enum):
 
 STATES = tuple(JobState)
 
-# KEYS: jobs hash, one set per state in STATES order, pending hash, meta hash, minutes hash. ARGV:
-# the new state, then for each job its id, its record and the job as sent ('' for none; for
-# 'queued', kept in pending until the job is final). A job moves unless it is final (done,
-# cancelled), or running and asked to be queued again; cancel moves only queued jobs. In a
-# cancelled run, a job asked to run (a first start, or again after its process died) or to be
-# queued ends 'cancelled' instead; in a run resumed since, a cancelled job may be queued again. In
-# a deleted run nothing is written. Returns how many moved to the state asked for.
-# The state 'drop' is a worker's question about messages of a run it believes stopped: in a live
-# run nothing is written and -1 is returned; in a cancelled run the jobs end as a start would end
-# them (cancelled, unless final); in a deleted one nothing is written (0).
-_TRANSITION = """
-if redis.call('HEXISTS', KEYS[8], 'deleted_at') == 1 then return 0 end
-local asked = ARGV[1]
-local cancelled = redis.call('HEXISTS', KEYS[8], 'cancelled_at') == 1
-if asked == 'drop' then
-  if not cancelled then return -1 end
-  asked = 'running'
-end
-local new = asked
-if (new == 'running' or new == 'queued') and cancelled then
-  new = 'cancelled'
-end
-local sets = {queued = KEYS[2], running = KEYS[3], done = KEYS[4], failed = KEYS[5], cancelled = KEYS[6]}
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
-local moved = 0
-for i = 2, #ARGV, 3 do
-  local id = ARGV[i]
-  local current = redis.call('HGET', KEYS[1], id)
-  local old = current and cjson.decode(current)['state'] or false
-  local final = old == 'done' or (old == 'cancelled' and new ~= 'queued')
-  local allowed = not final and not (asked == 'queued' and old == 'running')
-    and not (asked == 'cancelled' and old and old ~= 'queued')
-  if allowed then
-    local record = ARGV[i + 1]
-    if new ~= asked then record = cjson.encode({state = new, at = now, reason = 'run cancelled'}) end
-    redis.call('HSET', KEYS[1], id, record)
-    if old and old ~= new then redis.call('SREM', sets[old], id) end
-    redis.call('SADD', sets[new], id)
-    if new == 'done' then redis.call('HDEL', KEYS[7], id) end
-    if new == 'queued' and ARGV[i + 2] ~= '' then redis.call('HSET', KEYS[7], id, ARGV[i + 2]) end
-    if new == 'running' then redis.call('HSETNX', KEYS[8], 'first_started_at', now) end
-    if new == 'done' then
-      redis.call('HSET', KEYS[8], 'last_done_at', now)
-      redis.call('HINCRBY', KEYS[9], math.floor(now / 60), 1)
-    end
-    if new == asked then moved = moved + 1 end
-  end
-end
-return moved
-"""
 
-#: Jobs per _TRANSITION call when marking many: Redis serves no other client meanwhile.
+#: Jobs per ``TRANSITION`` call when marking many: Redis serves no other client meanwhile.
 MARK_BATCH = 500
-
-
-# KEYS: recipes hash, jobs hash. ARGV: canonical recipe JSON, time, '1' to add it to a run that
-# has other recipes. Returns the run's recipes as HGETALL does, after recording this one if the
-# run had none; false for a run submitted before recipes were recorded (jobs but no recipes),
-# which is left as it was. One call, so two first submits racing record one recipe, not two.
-_CLAIM_RECIPE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if redis.call('EXISTS', KEYS[2]) == 1 then return false end
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-elseif ARGV[3] == '1' then
-  redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
-end
-return redis.call('HGETALL', KEYS[1])
-"""
 
 
 @dataclass(frozen=True)
@@ -242,8 +178,8 @@ class RunStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
-        self._transition = client.register_script(_TRANSITION)
-        self._claim_recipe = client.register_script(_CLAIM_RECIPE)
+        self._transition = client.register_script(TRANSITION)
+        self._claim_recipe = client.register_script(CLAIM_RECIPE)
 
     @classmethod
     def from_url(cls, url: str) -> RunStore:

@@ -19,10 +19,10 @@ PACKAGES = ("producer", "worker", "ops")
 #: or build worker things and import them inside the command. ``(module, function, imported)``.
 WORKER_SIDE_COMMANDS = frozenset(
     {
-        ("producer.cli", "SettingsEpilog.format_epilog", "worker.settings"),  # `deepqueue worker --help`
-        ("producer.cli", "worker", "worker.cli"),  # `deepqueue worker`
-        ("producer.cli", "run_embedded", "worker.cli"),  # `deepqueue run`
-        ("producer.cli", "make_test_model", "worker.pipeline.testmodel"),  # `deepqueue make-test-model`
+        ("producer.cli_worker", "SettingsEpilog.format_epilog", "worker.settings"),  # `deepqueue worker --help`
+        ("producer.cli_worker", "worker", "worker.cli"),  # `deepqueue worker`
+        ("producer.cli_worker", "run_embedded", "worker.cli"),  # `deepqueue run`
+        ("producer.cli_worker", "make_test_model", "worker.pipeline.testmodel"),  # `deepqueue make-test-model`
     }
 )
 

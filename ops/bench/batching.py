@@ -23,12 +23,10 @@ in one line and the others still run.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import random
 import statistics
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -37,8 +35,10 @@ from typing import Any
 
 import redis
 
-from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_line, s3_sidecars
-from ops.localstack import moto_s3_client, redis_and_moto, start_worker, stop, worker_env
+from ops.bench import harness
+from ops.bench.harness import running_worker, s3_sidecars
+from ops.bench.report import run_line
+from ops.localstack import moto_s3_client, worker_env
 from producer import Client, JobState
 from producer.enqueue import publish
 from producer.job import make_jobs, run_defaults
@@ -137,11 +137,8 @@ def deep_queue(stack: Stack, per_size: int, *, grouped: bool) -> dict[str, Any]:
                 jobs = make_jobs([(str(i), row) for i, row in enumerate(rows)], run_id=run, defaults=run_defaults({}))
                 publish(redis.Redis.from_url(stack.broker), client.settings.queue, jobs)
                 client._store.mark_queued(run, {job.job_id: job.model_dump_json() for job in jobs})
-        worker = start_worker(env, stack.tmp / f"{bucket}.log", timeout=stack.start_timeout)
-        try:
+        with running_worker(env, stack.tmp / f"{bucket}.log", timeout=stack.start_timeout):
             stack.wait_done(client, {run: len(rows) for run, rows in runs.items()})
-        finally:
-            stop(worker)
     return fill(s3_sidecars(stack.s3, bucket))
 
 
@@ -150,14 +147,11 @@ def lone_job(stack: Stack, *, behind: int) -> dict[str, Any]:
     bucket = f"lone-{behind}"
     env = stack.fresh(bucket)
     with Client(stack.broker, stack.backend) as client:
-        worker = start_worker(env, stack.tmp / f"{bucket}.log", timeout=stack.start_timeout)
-        try:
+        with running_worker(env, stack.tmp / f"{bucket}.log", timeout=stack.start_timeout):
             if behind:
                 client.submit([f"deep {i}" for i in range(behind)], run="deep", width=64, height=64, format="jpeg")
             client.submit(["alone"], run="lone", width=LONE_SIZE[0], height=LONE_SIZE[1], format="jpeg")
             stack.wait_done(client, {"lone": 1, **({"deep": behind} if behind else {})})
-        finally:
-            stop(worker)
     sidecars = s3_sidecars(stack.s3, bucket)
     [lone] = [s for s in sidecars if s["run_id"] == "lone"]
     calls = {s["batch"]["id"]: s["timing"]["batch_inference_s"] for s in sidecars if s["run_id"] == "deep"}
@@ -199,27 +193,21 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, "batching-latest")
     parser.add_argument("--jobs-per-size", type=int, default=40, help="jobs per size and run (x 10 sizes x 2 runs)")
     parser.add_argument("--device", default="simulated:a=0.05,b=0.01", help="simulated device of the worker")
-    add_run_args(parser, "batching-latest")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results = new_results(device=args.device, fill={}, lone=[])
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        part(results, "servers"),
-        redis_and_moto(Path(tmp), timeout=args.start_timeout) as (redis_url, s3),
-    ):
-        stack = Stack(Path(tmp), args.device, redis_url, s3, args.start_timeout)
+    with harness.session(args, markdown, device=args.device, fill={}, lone=[]) as bench, bench.part("servers"):
+        servers = bench.servers
+        stack = Stack(bench.scratch, args.device, servers.redis_url(), servers.s3_endpoint(), args.start_timeout)
         for name, grouped in FILL_SCENARIOS.items():
-            with part(results, f"batch fill, {name}"):
-                results["fill"][name] = deep_queue(stack, args.jobs_per_size, grouped=grouped)
+            with bench.part(f"batch fill, {name}"):
+                bench.results["fill"][name] = deep_queue(stack, args.jobs_per_size, grouped=grouped)
         for behind in (0, 10 * MAX_BATCH):
-            with part(results, f"lone job behind {behind} jobs"):
-                results["lone"].append(lone_job(stack, behind=behind))
-    return finish(results, markdown, out_dir=output_dir(args), name=args.name)
+            with bench.part(f"lone job behind {behind} jobs"):
+                bench.results["lone"].append(lone_job(stack, behind=behind))
+    return bench.results
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(harness.exit_status(main()))

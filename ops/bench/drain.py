@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_line, summarize
-from ops.localstack import start_redis, start_worker, stop, worker_env
+from ops.bench import harness
+from ops.bench.harness import Bench, running_worker
+from ops.bench.report import run_line, summarize
+from ops.localstack import worker_env
 from producer import Client, JobState
 
 logger = logging.getLogger(__name__)
@@ -31,63 +32,58 @@ KINDS = ("cancelled", "deleted")
 QUEUE = "deepqueue"
 
 
-def drain_once(model: Path, tmp: Path, kind: str, jobs: int, timeout_s: float, start_s: float) -> dict[str, Any]:
-    """One round: queue ``jobs``, stop the run ``kind``-wise, start a worker, time the drain."""
-    redis_process, url = start_redis(tmp, timeout=start_s)
-    try:
-        broker, backend = f"{url}/0", f"{url}/1"
-        with Client(broker, backend) as client:
-            client.submit([f"drain {i}" for i in range(jobs)], run="drain", width=64, height=64, steps=2)
-            if kind == "cancelled":
-                client.cancel("drain")
-            else:
-                client.delete("drain", force=True)
-        db = redis.Redis.from_url(broker)
-        out = tmp / "out"
-        env = worker_env(
-            broker_url=broker, result_backend=backend, model=str(model), storage="local", output_dir=str(out)
-        )
-        worker = start_worker(env, tmp / f"worker-{kind}.log", timeout=start_s)
-        try:
-            first = last = None
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                waiting, held = db.llen(QUEUE), db.hlen("unacked")
-                now = time.perf_counter()
-                if first is None and waiting < jobs:
-                    first = (now, jobs - waiting - held)
-                if first is not None and waiting == 0 and held == 0:
-                    last = now
-                    break
-                time.sleep(0.02)
-            if first is None or last is None:
-                raise TimeoutError(f"the {kind} run's {jobs} messages were not drained within {timeout_s} s")
-        finally:
-            stop(worker)
-        images = list(out.rglob("*.png")) if out.exists() else []
-        if images:
-            raise RuntimeError(f"{len(images)} images were generated for a {kind} run")
+def drain_once(
+    url: str, model: Path, tmp: Path, kind: str, jobs: int, timeout_s: float, start_s: float
+) -> dict[str, Any]:
+    """One round on a fresh redis-server at ``url``: queue ``jobs``, stop the run ``kind``-wise,
+    start a worker, time the drain."""
+    broker, backend = f"{url}/0", f"{url}/1"
+    with Client(broker, backend) as client:
+        client.submit([f"drain {i}" for i in range(jobs)], run="drain", width=64, height=64, steps=2)
         if kind == "cancelled":
-            with Client(broker, backend) as client:
-                counts = client.run("drain").status().counts
-            if counts[JobState.CANCELLED] != jobs:
-                raise RuntimeError(f"the cancelled run ends {counts}, not {jobs} cancelled")
-    finally:
-        stop(redis_process)
+            client.cancel("drain")
+        else:
+            client.delete("drain", force=True)
+    db = redis.Redis.from_url(broker)
+    out = tmp / "out"
+    env = worker_env(broker_url=broker, result_backend=backend, model=str(model), storage="local", output_dir=str(out))
+    with running_worker(env, tmp / f"worker-{kind}.log", timeout=start_s):
+        first = last = None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            waiting, held = db.llen(QUEUE), db.hlen("unacked")
+            now = time.perf_counter()
+            if first is None and waiting < jobs:
+                first = (now, jobs - waiting - held)
+            if first is not None and waiting == 0 and held == 0:
+                last = now
+                break
+            time.sleep(0.02)
+        if first is None or last is None:
+            raise TimeoutError(f"the {kind} run's {jobs} messages were not drained within {timeout_s} s")
+    images = list(out.rglob("*.png")) if out.exists() else []
+    if images:
+        raise RuntimeError(f"{len(images)} images were generated for a {kind} run")
+    if kind == "cancelled":
+        with Client(broker, backend) as client:
+            counts = client.run("drain").status().counts
+        if counts[JobState.CANCELLED] != jobs:
+            raise RuntimeError(f"the cancelled run ends {counts}, not {jobs} cancelled")
     started, taken_before = first
     seconds = last - started
     return {"kind": kind, "jobs": jobs, "seconds": seconds, "messages_per_s": (jobs - taken_before) / seconds}
 
 
-def measure(results: dict[str, Any], model: Path, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+def measure(bench: Bench, model: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Every round that worked, per kind; a round that failed is one line of the report."""
     per_kind: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
     for round_ in range(args.rounds):
         for kind in KINDS:
-            with part(results, f"{kind} run, round {round_ + 1}"):
-                folder = tmp / f"{kind}-{round_}"
+            with bench.part(f"{kind} run, round {round_ + 1}"):
+                folder = bench.scratch / f"{kind}-{round_}"
                 folder.mkdir()
-                point = drain_once(model, folder, kind, args.jobs, args.timeout, args.start_timeout)
+                with bench.servers.fresh_redis(folder) as url:
+                    point = drain_once(url, model, folder, kind, args.jobs, args.timeout, args.start_timeout)
                 logger.info("%s run, round %d: %.0f messages/s", kind, round_ + 1, point["messages_per_s"])
                 per_kind[kind].append(point)
     return {
@@ -114,24 +110,15 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, "drain-latest", tiny_model=True)
     parser.add_argument("--jobs", type=int, default=10_000, help="queued jobs per round (default 10000)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per kind (default 2)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a drain may take")
-    parser.add_argument("--model", type=Path, help="tiny model folder (default: built into a temporary folder)")
-    add_run_args(parser, "drain-latest")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results = new_results(jobs=args.jobs, rounds=args.rounds)
-    with tempfile.TemporaryDirectory() as tmp, part(results, "tiny model"):
-        model = args.model
-        if model is None:
-            from worker.pipeline.testmodel import build_test_model
-
-            model = build_test_model(Path(tmp) / "tiny", "tiny")
-        results["drain"] = measure(results, model, Path(tmp), args)
-    return finish(results, markdown, out_dir=output_dir(args), name=args.name)
+    with harness.session(args, markdown, jobs=args.jobs, rounds=args.rounds) as bench, bench.part("tiny model"):
+        bench.results["drain"] = measure(bench, bench.servers.model(), args)
+    return bench.results
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(harness.exit_status(main()))

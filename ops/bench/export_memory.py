@@ -13,17 +13,16 @@ the end: if memory is O(shard) the peaks stay put while the run grows tenfold.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_child, run_line
-from ops.localstack import start_redis, stop
+from ops.bench import harness
+from ops.bench.harness import run_child
+from ops.bench.report import run_line
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +34,8 @@ STEPS = ("compact", "parquet", "imagefolder", "webdataset")
 CHILD = """
 import json, sys, time
 from pathlib import Path
-from producer.export import export, resolve_target
+from producer.export import export
+from producer.export_target import resolve_target
 from producer.manifest import compact
 from producer.state import RunStore
 from producer.storage import LocalStorage
@@ -156,22 +156,16 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, "export-memory-latest")
     parser.add_argument("--sizes", default="1000,10000", help="images per run, comma-separated")
-    add_run_args(parser, "export-memory-latest")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results = new_results(points=[])
-    with tempfile.TemporaryDirectory() as tmp, part(results, "redis-server"):
-        process, redis_url = start_redis(Path(tmp), timeout=args.start_timeout)
-        try:
-            for size in [int(text) for text in args.sizes.split(",")]:
-                with part(results, f"{size:,} images"):
-                    results["points"].append(measure(size, Path(tmp), f"{redis_url}/0"))
-        finally:
-            stop(process)
-    return finish(results, markdown, out_dir=output_dir(args), name=args.name)
+    with harness.session(args, markdown, points=[]) as bench, bench.part("redis-server"):
+        redis_url = bench.servers.redis_url()
+        for size in [int(text) for text in args.sizes.split(",")]:
+            with bench.part(f"{size:,} images"):
+                bench.results["points"].append(measure(size, bench.scratch, f"{redis_url}/0"))
+    return bench.results
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(harness.exit_status(main()))

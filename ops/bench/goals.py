@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ops.bench import batching, scaling, service, submit_scale, worker_memory
-from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_line
+from ops.bench import batching, harness, scaling, service, submit_scale, worker_memory
+from ops.bench.report import run_line
+from ops.bench.service_report import E2E_MODE
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +108,13 @@ def service_rows(bench: dict[str, Any] | None) -> list[Row]:
     if not bench:
         return []
     batch = max(bench["plan"]["table_batches"])
-    cell = bench["table"].get(f"{batch} {service.E2E_MODE}", {"over_recipe": {}})
+    cell = bench["table"].get(f"{batch} {E2E_MODE}", {"over_recipe": {}})
     trend = "" if bench["device"].startswith("cuda") else " (CPU: trend only)"
     rows: list[Row] = []
     for level in bench["levels"]:
         ratio = cell["over_recipe"].get(f"worker:{level}")
         if ratio is not None:
-            goal = f"worker ÷ recipe, acceleration {level}, batch {batch}, {service.E2E_MODE}{trend}"
+            goal = f"worker ÷ recipe, acceleration {level}, batch {batch}, {E2E_MODE}{trend}"
             rows.append((goal, f"{ratio['median']:.3f}", "reported", None))
     gate = bench.get("quality", {})
     for level, row in gate.get("levels", {}).items():
@@ -148,7 +148,7 @@ def markdown(results: dict[str, Any]) -> str:
 def part_args(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
     """Each part's command line: its size (quick or ``--full``), the shared folder and start-up timeout."""
     shared = ["--out", str(out), "--start-timeout", str(args.start_timeout)]
-    model = ["--model", str(args.model)] if args.model else []
+    model = ["--model", str(args.tiny_model)] if args.tiny_model else []
     return {
         "batching": shared,
         "scaling": ["--workers", "1,2,4,8,16" if args.full else "1,2,4", "--calls", "24", *shared],
@@ -159,25 +159,20 @@ def part_args(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, "goals-latest", tiny_model=True)
     parser.add_argument("--full", action="store_true", help="16 workers, a 1M-prompt submit, 500 batches")
     parser.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable)")
-    parser.add_argument("--model", type=Path, help="tiny model folder for the memory part (default: built)")
-    add_run_args(parser, "goals-latest")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    out = output_dir(args)
-    results = new_results()
-    started = time.perf_counter()
     parts: dict[str, dict[str, Any]] = {}
-    for name in args.only or PARTS:
-        with part(results, name):
-            parts[name] = PARTS[name](part_args(args, out)[name])
-        for label, failure in parts.get(name, {}).get("failed", {}).items():
-            results.setdefault("failed", {})[f"{name}: {label}"] = failure
-    results.update(seconds=time.perf_counter() - started, goals=goal_rows(parts))
-    return finish(results, markdown, out_dir=out, name=args.name)
+    with harness.session(args, markdown) as bench:
+        for name in args.only or PARTS:
+            with bench.part(name):
+                parts[name] = PARTS[name](part_args(args, bench.out_dir)[name])
+            for label, failure in parts.get(name, {}).get("failed", {}).items():
+                bench.results.setdefault("failed", {})[f"{name}: {label}"] = failure
+        bench.results["goals"] = goal_rows(parts)
+    return bench.results
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(harness.exit_status(main()))

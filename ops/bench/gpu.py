@@ -22,20 +22,18 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from ops.bench.report import load_average, machine_info, markdown, write_results
-from ops.bench.service import Plan, run_service_bench
+from ops.bench import harness
+from ops.bench.harness import Bench
+from ops.bench.report import markdown
+from ops.bench.service import run_service_bench
+from ops.bench.service_plan import Plan
 from ops.bench.service_report import E2E_MODE
-from ops.localstack import start_redis, stop
 
 logger = logging.getLogger("ops.bench.gpu")
-RESULTS = Path(__file__).resolve().parent / "results"
 
 #: Forks after the given statements and uses CUDA in the child; exits with the child's code.
 FORK_PROBE = """
@@ -101,17 +99,6 @@ def job_counts(text: str) -> dict[int, int]:
         raise argparse.ArgumentTypeError(f"expected BATCH:JOBS,... such as 1:16,8:64, got {text!r}") from error
 
 
-def built_model(scratch: Path, arch: str, results: dict[str, Any]) -> Path:
-    """Build ``arch`` (random weights) into ``scratch``, its build time in ``results["model_build_s"]``."""
-    from worker.pipeline.testmodel import build_test_model
-
-    started = time.perf_counter()
-    model = build_test_model(scratch / arch, arch)  # type: ignore[arg-type]
-    results.setdefault("model_build_s", {})[arch] = round(time.perf_counter() - started, 1)
-    logger.info("built the %s model in %.0f s", arch, results["model_build_s"][arch])
-    return model
-
-
 def sdxl_plan(args: argparse.Namespace, model: Path) -> Plan:
     """SDXL at one batch size, DeepCache off (the matrix's base) and 3/0 (the table)."""
     return Plan(
@@ -133,9 +120,7 @@ def sdxl_plan(args: argparse.Namespace, model: Path) -> Plan:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m ops.bench.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__, "gpu-latest")
     parser.add_argument("--model", type=Path, help="model folder (default: build --arch into a temporary folder)")
     parser.add_argument("--arch", default="sd15", choices=("tiny", "sd15", "sdxl-tiny"), help="model to build")
     group = parser.add_argument_group("SDXL architecture (after the first model)")
@@ -168,33 +153,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "graphs only on CUDA)",
     )
     parser.add_argument("--compile-cache", type=Path, help="compile cache folder (default: a temporary one)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
-    parser.add_argument("--name", default="gpu-latest", help="results file name, without extension")
     return parser.parse_args(argv)
+
+
+def checkpoint(bench: Bench, name: str, key: str) -> Callable[[dict[str, Any]], None]:
+    """Writes ``name.partial.json`` with ``key``'s results so far: a lease can end at any time."""
+
+    def write(partial: dict[str, Any]) -> None:
+        bench.results[key] = partial
+        bench.out_dir.mkdir(parents=True, exist_ok=True)
+        (bench.out_dir / f"{name}.partial.json").write_text(json.dumps(bench.results, indent=1) + "\n")
+
+    return write
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    started = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine_info()}
-    with ExitStack() as stack:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deepqueue-gpu-bench-")))
-        model = args.model or built_model(scratch, args.arch, results)
-
-        def checkpoint(key: str) -> Callable[[dict[str, Any]], None]:
-            def write(partial: dict[str, Any]) -> None:
-                results[key] = partial
-                args.out.mkdir(parents=True, exist_ok=True)
-                (args.out / f"{args.name}.partial.json").write_text(json.dumps(results, indent=1) + "\n")
-
-            return write
-
-        checkpoint("fork_check")(fork_check(model))
-        redis_url = ""
-        if not args.no_worker:
-            redis_process, redis_url = start_redis(scratch)
-            stack.callback(stop, redis_process)
+    with harness.session(args, markdown) as bench:
+        servers = bench.servers
+        model = args.model or servers.model(args.arch)
+        redis_url = "" if args.no_worker else servers.redis_url()
+        with bench.part("fork check"):
+            checkpoint(bench, args.name, "fork_check")(fork_check(model))
         plan = Plan(
             model=model,
             device=args.device,
@@ -209,29 +189,31 @@ def main(argv: list[str] | None = None) -> int:
             compile_cache=args.compile_cache,
             sd15_shaped=args.model is None and args.arch == "sd15",
         )
-        results["service"] = run_service_bench(
-            plan, redis_url, scratch, worker=not args.no_worker, checkpoint=checkpoint("service")
-        )
-        if args.model is None:
-            results["service"]["plan"]["model"] = f"{args.arch} (built by worker.pipeline.testmodel, random weights)"
-        if args.sdxl_model or not (args.no_sdxl or args.model):
-            sdxl = args.sdxl_model or built_model(scratch, "sdxl", results)
-            results["sdxl"] = run_service_bench(
-                sdxl_plan(args, sdxl),
+        with bench.part("service"):
+            bench.results["service"] = run_service_bench(
+                plan,
                 redis_url,
-                scratch / "sdxl",
+                bench.scratch,
                 worker=not args.no_worker,
-                checkpoint=checkpoint("sdxl"),
+                checkpoint=checkpoint(bench, args.name, "service"),
             )
-            if args.sdxl_model is None:
-                results["sdxl"]["plan"]["model"] = "sdxl (built by worker.pipeline.testmodel, random weights)"
-    results["machine"]["loadavg_end"] = load_average()
-    results["machine"]["duration_s"] = round(time.perf_counter() - started, 1)
-    json_path, md_path = write_results(results, args.out, args.name)
-    (args.out / f"{args.name}.partial.json").unlink(missing_ok=True)
-    print(markdown(results))
-    logger.info("wrote %s and %s in %.0f s", json_path, md_path, results["machine"]["duration_s"])
-    return 0
+            if args.model is None:
+                bench.results["service"]["plan"]["model"] = servers.model_label(args.arch)
+        if args.sdxl_model or not (args.no_sdxl or args.model):
+            with bench.part("sdxl"):
+                sdxl = args.sdxl_model or servers.model("sdxl")
+                bench.results["sdxl"] = run_service_bench(
+                    sdxl_plan(args, sdxl),
+                    redis_url,
+                    bench.scratch / "sdxl",
+                    worker=not args.no_worker,
+                    checkpoint=checkpoint(bench, args.name, "sdxl"),
+                )
+                if args.sdxl_model is None:
+                    bench.results["sdxl"]["plan"]["model"] = servers.model_label("sdxl")
+        bench.results["model_build_s"] = servers.build_s
+    (bench.out_dir / f"{args.name}.partial.json").unlink(missing_ok=True)
+    return harness.exit_status(bench.results)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a CUDA machine with torch but no network (run from anywhere):
 #   1. the gpu-marked tests (a real `deepqueue worker` serving on CUDA),
-#   2. python -m ops.bench.gpu "$@" (builds the SD1.5-architecture model unless --model is given).
+#   2. python -m ops.bench.gpu --record "$@" (builds the SD1.5-architecture model unless --model is
+#      given; writes results/gpu-latest.*, or into --out DIR).
 # Where .gpu/ exists (made on a development machine by shared/gpu-bundle.sh after `make venv`),
 # its wheels and redis-server are installed into a temporary folder first. Logs and results also
 # go to $OUT when it is set. On a machine without CUDA the tests skip and the benchmark runs on CPU.
@@ -19,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 status=0
 "$python" -m pytest -q -p no:cacheprovider -m gpu tests/integration/test_gpu.py 2>&1 | tee ${out:+"$out/gpu-tests.log"}
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
-"$python" -m ops.bench.gpu "$@" 2>&1 | tee ${out:+"$out/gpu-bench.log"}
+"$python" -m ops.bench.gpu --record "$@" 2>&1 | tee ${out:+"$out/gpu-bench.log"}
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 if [ -n "$out" ]; then cp ops/bench/results/gpu-latest* "$out"/ 2>/dev/null; fi
 exit $status

@@ -1,44 +1,30 @@
 """Run the deepqueue benchmarks and write their results (JSON + markdown) under ops/bench/results/.
 
-    python -m ops.bench.run                       # enqueue, worker, service vs recipe (~7 min on 2 quiet cores)
+    python -m ops.bench.run                       # enqueue, worker, service vs recipe (~3 min on 2 quiet cores)
     python -m ops.bench.run --sd15                # also the SD1.5-architecture check (+~2 min)
     python -m ops.bench.run --only enqueue --jobs 5000
 
 Every server is private: a redis-server and a moto S3 server on free loopback ports, and a
-``deepqueue worker`` process, all stopped at the end. Results go to a new folder under
-results/runs/ (``--record``: results/latest.*). A benchmark that fails is one line in the
-report, the others still run, and the command exits 1 once the report is written. See
-ops/bench/README.md.
+``deepqueue worker`` process, all stopped at the end (``ops.bench.harness``). Results go to a
+new folder under results/runs/ (``--record``: results/latest.*). A benchmark that fails is one
+line in the report, the others still run, and the command exits 1 once the report is written.
+See ops/bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
-import time
 from collections.abc import Callable
-from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops.bench.report import (
-    add_run_args,
-    exit_status,
-    load_average,
-    log_written,
-    machine_info,
-    markdown,
-    output_dir,
-    part,
-    write_results,
-)
-from ops.localstack import start_moto, start_redis, stop
+from ops.bench import harness
+from ops.bench.harness import Servers
+from ops.bench.report import markdown
 
 logger = logging.getLogger("ops.bench")
 DEFAULT = ("enqueue", "worker", "service")
-BUILT_TINY = "tiny (built by worker.pipeline.testmodel into a temporary folder)"
 
 
 def cache_setting(text: str) -> tuple[int, int]:
@@ -53,9 +39,7 @@ def cache_setting(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m ops.bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__, "latest", tiny_model=True)
     parser.add_argument(
         "--only",
         choices=BENCHMARKS,
@@ -74,7 +58,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument(
         "--cache", type=cache_setting, default=(3, 0), help="DeepCache on: INTERVAL/BRANCH (default 3/0)"
     )
-    group.add_argument("--model", type=Path, help="tiny model folder (default: built into a temporary folder)")
     group = parser.add_argument_group(
         "service vs DeepCache's documented recipe (tiny model; on a GPU: ops/bench/gpu.py)"
     )
@@ -92,38 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--sd15-size", type=int, default=256, help="image side (default 256)")
     group.add_argument("--sd15-steps", type=int, default=20, help="DDIM steps (default 20)")
     parser.add_argument("--device", default="auto", help="worker and SD1.5 device: auto, cpu, cuda (default auto)")
-    add_run_args(parser, "latest")
     return parser.parse_args(argv)
-
-
-@dataclass
-class Servers:
-    """The private servers and the tiny model, each started (or built) when a benchmark first asks."""
-
-    args: argparse.Namespace
-    stack: ExitStack
-    scratch: Path
-    started: dict[str, str] = field(default_factory=dict)
-
-    def redis_url(self) -> str:
-        return self._start("redis", lambda: start_redis(self.scratch, timeout=self.args.start_timeout))
-
-    def s3_endpoint(self) -> str:
-        return self._start("s3", lambda: start_moto(timeout=self.args.start_timeout))
-
-    def _start(self, name: str, start: Callable[[], tuple[Any, str]]) -> str:
-        if name not in self.started:
-            process, self.started[name] = start()
-            self.stack.callback(stop, process)
-        return self.started[name]
-
-    def tiny_model(self) -> Path:
-        if self.args.model is not None:
-            return self.args.model
-        from worker.pipeline.testmodel import build_test_model
-
-        built = self.scratch / "tiny"
-        return built if (built / "model_index.json").exists() else build_test_model(built, "tiny")
 
 
 def run_enqueue(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
@@ -137,7 +89,7 @@ def run_enqueue(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
 def run_worker(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
     from ops.bench.throughput import bench_worker
 
-    model = servers.tiny_model()
+    model = servers.model()
     logger.info("worker throughput: %d jobs, %d off/on pairs, model %s", args.worker_jobs, args.worker_rounds, model)
     results = bench_worker(
         servers.redis_url(),
@@ -153,16 +105,16 @@ def run_worker(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
         device=args.device,
         start_timeout=args.start_timeout,
     )
-    if args.model is None:
-        results["model"] = BUILT_TINY
+    results["model"] = servers.model_label()
     return results
 
 
 def run_service(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
-    from ops.bench.service import run_service_bench, tiny_plan
+    from ops.bench.service import run_service_bench
+    from ops.bench.service_plan import tiny_plan
 
     plan = tiny_plan(
-        servers.tiny_model(),
+        servers.model(),
         device=args.device,
         size=args.size,
         steps=args.service_steps,
@@ -172,22 +124,25 @@ def run_service(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
     )
     logger.info("service vs recipe: %s", plan)
     results = run_service_bench(plan, servers.redis_url(), servers.scratch)
-    if args.model is None:
-        results["plan"]["model"] = BUILT_TINY
+    results["plan"]["model"] = servers.model_label()
     return results
 
 
 def run_sd15(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
     from ops.bench.sd15 import bench_sd15
 
-    return bench_sd15(
-        args.sd15_model,
+    model = args.sd15_model or servers.model("sd15")
+    results = bench_sd15(
+        model,
         rounds=args.sd15_rounds,
         size=args.sd15_size,
         steps=args.sd15_steps,
         cache=args.cache,
         device=args.device,
     )
+    if args.sd15_model is None:
+        results["model"] = servers.model_label("sd15")
+    return results
 
 
 #: The benchmarks by ``--only`` name, in the order they run.
@@ -201,26 +156,13 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, Servers], dict[str, Any]]] =
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     selected = args.only or [*DEFAULT, *(["sd15"] if args.sd15 else [])]
-    results: dict[str, Any] = {"machine": machine_info()}
-    busy = results["machine"]["loadavg_start"]
-    if busy and busy[0] > 0.5 * (results["machine"]["usable_cores"] or 1):
-        logger.warning("load average %s at start: other work shares this machine, expect noisy numbers", busy)
-    started = time.perf_counter()
-    with ExitStack() as stack:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deepqueue-bench-")))
-        servers = Servers(args, stack, scratch)
+    with harness.session(args, markdown) as bench:
         for name, run in BENCHMARKS.items():
             if name in selected:
-                with part(results, name):
-                    results[name] = run(args, servers)
-    results["machine"]["loadavg_end"] = load_average()
-    results["machine"]["duration_s"] = round(time.perf_counter() - started, 1)
-    paths = write_results(results, output_dir(args), args.name)
-    print(markdown(results))
-    log_written(paths, results)
-    return exit_status(results)
+                with bench.part(name):
+                    bench.results[name] = run(args, bench.servers)
+    return harness.exit_status(bench.results)
 
 
 if __name__ == "__main__":

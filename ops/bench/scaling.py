@@ -20,11 +20,9 @@ the report says so in one line and the other counts are still measured.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import subprocess
-import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +31,10 @@ from typing import Any
 
 import redis
 
-from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_line, s3_sidecars
-from ops.localstack import moto_s3_client, redis_and_moto, start_worker, stop, worker_env
+from ops.bench import harness
+from ops.bench.harness import s3_sidecars
+from ops.bench.report import run_line
+from ops.localstack import moto_s3_client, start_worker, stop, worker_env
 from producer import Client, JobState
 
 logger = logging.getLogger(__name__)
@@ -141,21 +141,15 @@ def add_scaling(points: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, "scaling-latest")
     parser.add_argument("--workers", default="1,2,4,8,16", help="worker counts, comma-separated")
     parser.add_argument("--calls", type=int, default=24, help="full pipeline calls per worker (24: steady state)")
-    add_run_args(parser, "scaling-latest")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results = new_results(device=DEVICE, points=[])
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        part(results, "servers"),
-        redis_and_moto(Path(tmp), timeout=args.start_timeout) as (redis_url, s3),
-    ):
+    with harness.session(args, markdown, device=DEVICE, points=[]) as bench, bench.part("servers"):
+        redis_url, s3 = bench.servers.redis_url(), bench.servers.s3_endpoint()
         for n in [int(count) for count in args.workers.split(",")]:
-            with part(results, f"{n} workers"):
-                point = measure(n, args.calls, redis_url, s3, Path(tmp), args.start_timeout)
+            with bench.part(f"{n} workers"):
+                point = measure(n, args.calls, redis_url, s3, bench.scratch, args.start_timeout)
                 logger.info(
                     "%d workers: %.1f images/s, fill %.2f, overhead %.3f",
                     n,
@@ -163,10 +157,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     point["batch_fill"],
                     point["overhead"],
                 )
-                results["points"].append(point)
-    add_scaling(results["points"])
-    return finish(results, markdown, out_dir=output_dir(args), name=args.name)
+                bench.results["points"].append(point)
+        add_scaling(bench.results["points"])
+    return bench.results
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(harness.exit_status(main()))

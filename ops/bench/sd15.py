@@ -1,4 +1,5 @@
-"""Benchmark 3 (optional, slow): the SD1.5 architecture with random weights, in this process.
+"""Benchmark 4 (optional, slow; ``ops.bench.run --sd15``): the SD1.5 architecture with random
+weights, in this process.
 
 The worker's own ``Engine`` (``from_pretrained``, DDIM, the DeepCache guard) generates one image
 at a time, plain and with DeepCache, alternating (plain, cached, plain, cached, ...). Each mode
@@ -8,8 +9,6 @@ first runs one unmeasured 2-step call. Checks DESIGN.md's ~2.4x at 256x256, 20 s
 from __future__ import annotations
 
 import logging
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +22,9 @@ SEED = 1234
 
 
 def bench_sd15(
-    model: Path | None, *, rounds: int, size: int, steps: int, cache: tuple[int, int], device: str = "auto"
+    model: Path, *, rounds: int, size: int, steps: int, cache: tuple[int, int], device: str = "auto"
 ) -> dict[str, Any]:
-    if model is not None:
-        return _measure(model, rounds=rounds, size=size, steps=steps, cache=cache, device=device)
-    from worker.pipeline.testmodel import build_test_model
-
-    with tempfile.TemporaryDirectory(prefix="deepqueue-bench-sd15-") as tmp:
-        started = time.perf_counter()
-        built = build_test_model(Path(tmp) / "sd15", "sd15")
-        logger.info("built the SD1.5-architecture model in %.0f s", time.perf_counter() - started)
-        return _measure(built, rounds=rounds, size=size, steps=steps, cache=cache, device=device) | {
-            "model": "built (temporary)"
-        }
-
-
-def _measure(model: Path, *, rounds: int, size: int, steps: int, cache: tuple[int, int], device: str) -> dict[str, Any]:
+    """Seconds per image, plain and cached, of ``model`` (``ops.bench.run`` builds it when not given)."""
     from worker.delivery.batching import RecipeDefaults, batch_key
     from worker.pipeline.engine import Engine
     from worker.settings import WorkerSettings

@@ -12,26 +12,16 @@ of each key how they split.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from ops.bench.report import (
-    add_run_args,
-    exit_status,
-    finish,
-    new_results,
-    output_dir,
-    part,
-    run_child,
-    run_line,
-)
-from ops.localstack import start_redis, stop
+from ops.bench import harness
+from ops.bench.harness import run_child
+from ops.bench.report import run_line
 
 logger = logging.getLogger(__name__)
 
@@ -116,23 +106,17 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, "submit-latest")
     parser.add_argument("--sizes", default="10000,100000,1000000", help="prompt counts, comma-separated")
-    add_run_args(parser, "submit-latest")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results = new_results(points=[])
-    with tempfile.TemporaryDirectory() as tmp, part(results, "redis-server"):
-        process, redis_url = start_redis(Path(tmp), timeout=args.start_timeout)
-        try:
-            for count in [int(text) for text in args.sizes.split(",")]:
-                with part(results, f"submit of {count:,} prompts"):
-                    results["points"].append(measure(count, Path(tmp), redis_url))
-                    logger.info("submit of %d: %s", count, results["points"][-1])
-        finally:
-            stop(process)
-    return finish(results, markdown, out_dir=output_dir(args), name=args.name)
+    with harness.session(args, markdown, points=[]) as bench, bench.part("redis-server"):
+        redis_url = bench.servers.redis_url()
+        for count in [int(text) for text in args.sizes.split(",")]:
+            with bench.part(f"submit of {count:,} prompts"):
+                bench.results["points"].append(measure(count, bench.scratch, redis_url))
+                logger.info("submit of %d: %s", count, bench.results["points"][-1])
+    return bench.results
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(harness.exit_status(main()))

@@ -26,8 +26,9 @@ from typing import Any
 
 import redis
 
-from ops.bench.report import START_TIMEOUT_S, load_average, ratio, summarize
-from ops.localstack import moto_s3_client, start_worker, stop, worker_env
+from ops.bench.harness import START_TIMEOUT_S, running_worker
+from ops.bench.report import load_average, ratio, summarize
+from ops.localstack import moto_s3_client, worker_env
 from producer import Client, JobState
 
 logger = logging.getLogger(__name__)
@@ -55,14 +56,8 @@ def worker_stack(
         model=str(model),
         device=device,
     )
-    process = start_worker(env, log_path, "--hostname", "bench@%h", timeout=start_timeout)
-    try:
+    with running_worker(env, log_path, "--hostname", "bench@%h", timeout=start_timeout):
         yield env
-    except BaseException:
-        logger.error("worker log (last 3000 characters):\n%s", log_path.read_text()[-3000:])
-        raise
-    finally:
-        stop(process)
 
 
 def worker_defaults() -> dict[str, Any]:

@@ -12,15 +12,15 @@ its pool process is read while it works: after the warm-up batches and at the en
 
 from __future__ import annotations
 
-import argparse
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ops.bench.report import add_run_args, exit_status, finish, new_results, output_dir, part, run_line
-from ops.localstack import moto_s3_client, redis_and_moto, start_worker, stop, worker_env
+from ops.bench import harness
+from ops.bench.harness import Servers, running_worker
+from ops.bench.report import run_line
+from ops.localstack import worker_env
 from producer import Client, JobState
 
 logger = logging.getLogger(__name__)
@@ -43,34 +43,31 @@ def pool_pid(worker_pid: int) -> int:
     return int(children[0])
 
 
-def measure(model: Path, batches: int, warmup: int, tmp: Path, start_timeout: float) -> dict[str, Any]:
-    with redis_and_moto(tmp, timeout=start_timeout) as (redis_url, s3):
-        broker, backend = f"{redis_url}/0", f"{redis_url}/1"
-        moto_s3_client(s3).create_bucket(Bucket="memory")
-        env = worker_env(broker_url=broker, result_backend=backend, s3_endpoint=s3, bucket="memory", model=str(model))
-        worker = start_worker(env, tmp / "worker.log", timeout=start_timeout)
-        try:
-            pool = pool_pid(worker.pid)
-            with Client(broker, backend) as client:
-                run = client.submit(
-                    [f"memory {i}" for i in range(batches * MAX_BATCH)],
-                    run="memory",
-                    width=64,
-                    height=64,
-                    steps=2,
-                    format="jpeg",
-                )
-                samples: list[tuple[int, float, float]] = []
-                started = time.perf_counter()
-                while (done := run.status().counts[JobState.DONE]) < batches * MAX_BATCH:
-                    samples.append((done // MAX_BATCH, rss_mib(worker.pid), rss_mib(pool)))
-                    time.sleep(0.5)
-                seconds = time.perf_counter() - started
-                samples.append((batches, rss_mib(worker.pid), rss_mib(pool)))
-            if pool_pid(worker.pid) != pool:
-                raise RuntimeError("the pool process was replaced during the run: its memory is not one process's")
-        finally:
-            stop(worker)
+def measure(servers: Servers, batches: int, warmup: int) -> dict[str, Any]:
+    redis_url, model = servers.redis_url(), servers.model()
+    broker, backend = f"{redis_url}/0", f"{redis_url}/1"
+    s3 = servers.bucket("memory")
+    env = worker_env(broker_url=broker, result_backend=backend, s3_endpoint=s3, bucket="memory", model=str(model))
+    with running_worker(env, servers.scratch / "worker.log", timeout=servers.start_timeout) as worker:
+        pool = pool_pid(worker.pid)
+        with Client(broker, backend) as client:
+            run = client.submit(
+                [f"memory {i}" for i in range(batches * MAX_BATCH)],
+                run="memory",
+                width=64,
+                height=64,
+                steps=2,
+                format="jpeg",
+            )
+            samples: list[tuple[int, float, float]] = []
+            started = time.perf_counter()
+            while (done := run.status().counts[JobState.DONE]) < batches * MAX_BATCH:
+                samples.append((done // MAX_BATCH, rss_mib(worker.pid), rss_mib(pool)))
+                time.sleep(0.5)
+            seconds = time.perf_counter() - started
+            samples.append((batches, rss_mib(worker.pid), rss_mib(pool)))
+        if pool_pid(worker.pid) != pool:
+            raise RuntimeError("the pool process was replaced during the run: its memory is not one process's")
     after_warmup = next(sample for sample in samples if sample[0] >= warmup)
     end = samples[-1]
     return {
@@ -104,23 +101,14 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, "worker-memory-latest", tiny_model=True)
     parser.add_argument("--batches", type=int, default=500, help="batches of 8 (default 500)")
     parser.add_argument("--warmup", type=int, default=50, help="batches before the first reading (default 50)")
-    parser.add_argument("--model", type=Path, help="tiny model folder (default: built into a temporary folder)")
-    add_run_args(parser, "worker-memory-latest")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results = new_results()
-    with tempfile.TemporaryDirectory() as tmp, part(results, "worker memory"):
-        model = args.model
-        if model is None:
-            from worker.pipeline.testmodel import build_test_model
-
-            model = build_test_model(Path(tmp) / "tiny", "tiny")
-        results["point"] = measure(model, args.batches, args.warmup, Path(tmp), args.start_timeout)
-    return finish(results, markdown, out_dir=output_dir(args), name=args.name)
+    with harness.session(args, markdown) as bench, bench.part("worker memory"):
+        bench.results["point"] = measure(bench.servers, args.batches, args.warmup)
+    return bench.results
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(harness.exit_status(main()))

@@ -7,26 +7,27 @@ thing changed (the CUDA fork guard's environment variable, one store thread inst
 JPEG instead of PNG, a solo pool instead of prefork), at batch 8 with DeepCache 3/0, and reads
 every batch's ``batch_inference_s`` from the sidecars; then times the Engine in this process,
 alone and while four threads encode PNGs (the background stores' load). Prints one JSON line per
-variant and writes them all to ``--out``. Written from the script whose H200 run on 2026-11-26
-is results/gpu-2026-11-26-h200-worker-variants.json (same variants and measurements); see
-ops/bench/README.md.
+variant and writes them all as ``worker-variants.json`` and ``.md`` (``ops.bench.harness``: a
+new folder under results/runs/, ``--out DIR`` or ``--record``). Written from the script whose
+H200 run on 2026-11-26 is results/gpu-2026-11-26-h200-worker-variants.json (same variants and
+measurements); see ops/bench/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import statistics
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from ops.bench.service import Plan, engine_call, worker_process, worker_run
-from ops.localstack import start_redis, stop
+from ops.bench import harness
+from ops.bench.report import run_line
+from ops.bench.service_paths import engine_call, worker_process, worker_run
+from ops.bench.service_plan import Plan
 from producer import Client
 
 #: name -> (extra environment, extra worker arguments, image format)
@@ -38,6 +39,17 @@ VARIANTS: dict[str, tuple[dict[str, str], list[str], str]] = {
     "solo-pool": ({}, ["--pool=solo"], "png"),
     "default-again": ({}, [], "png"),
 }
+
+
+def variant(
+    plan: Plan, redis_url: str, folder: Path, env: dict[str, str], worker_args: list[str], fmt: str, jobs: int
+) -> dict[str, Any]:
+    """One worker with one thing changed: its batches' pipeline seconds after a warm-up run."""
+    with worker_process(plan, redis_url, folder, 8, plan.device, 0, env, tuple(worker_args)) as worker_env:
+        with Client(worker_env["DEEPQUEUE_BROKER_URL"], worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+            worker_run(client, worker_env, plan, 8, "3/0", 8, steps=3, fmt=fmt)  # first calls
+            run = worker_run(client, worker_env, plan, 8, "3/0", jobs, plan.steps, fmt=fmt)
+    return {**run, "mean_batch_s": statistics.mean(run["batch_seconds"])}
 
 
 def in_process(plan: Plan, calls: int = 4) -> dict[str, list[float]]:
@@ -68,41 +80,38 @@ def in_process(plan: Plan, calls: int = 4) -> dict[str, list[float]]:
     return {"alone_s": alone, "with_png_threads_s": busy}
 
 
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["# Worker variants side by side", "", run_line(results), ""]
+    lines += ["| variant | images/s | mean s per batch |", "| --- | ---: | ---: |"]
+    for name, run in results["variants"].items():
+        lines.append(f"| {name} | {run['images_per_s']:.2f} | {run['mean_batch_s']:.3f} |")
+    if "in_process" in results:
+        alone, busy = results["in_process"]["alone_s"], results["in_process"]["with_png_threads_s"]
+        lines += ["", f"Engine in this process, s per call: alone {alone}, beside four PNG threads {busy}."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ops.bench.worker_variants", description=__doc__)
+    parser = harness.parser(__doc__, "worker-variants")
     parser.add_argument("--model", type=Path, help="model folder (default: build the SD1.5 architecture)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--jobs", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=Path("worker-variants.json"))
     args = parser.parse_args(argv)
-    scratch = Path(tempfile.mkdtemp(prefix="deepqueue-variants-"))
-    model = args.model
-    if model is None:
-        from worker.pipeline.testmodel import build_test_model
-
-        model = build_test_model(scratch / "sd15", "sd15")
-    plan = Plan(model=model, device=args.device, size=args.size, steps=args.steps)
-    redis_process, redis_url = start_redis(scratch)
-    results: dict[str, Any] = {}
-    try:
+    with harness.session(args, markdown, variants={}) as bench:
+        model = args.model or bench.servers.model("sd15")
+        plan = Plan(model=model, device=args.device, size=args.size, steps=args.steps)
+        redis_url = bench.servers.redis_url()
         for name, (env_extra, worker_args, fmt) in VARIANTS.items():
-            with worker_process(
-                plan, redis_url, scratch / name, 8, args.device, 0, env_extra, tuple(worker_args)
-            ) as env:
-                with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
-                    worker_run(client, env, plan, 8, "3/0", 8, steps=3, fmt=fmt)  # first calls
-                    run = worker_run(client, env, plan, 8, "3/0", args.jobs, args.steps, fmt=fmt)
-            results[name] = {**run, "mean_batch_s": statistics.mean(run["batch_seconds"])}
-            print(name, json.dumps(results[name]), flush=True)
+            with bench.part(name):
+                run = variant(plan, redis_url, bench.scratch / name, env_extra, worker_args, fmt, args.jobs)
+                bench.results["variants"][name] = run
+                print(name, json.dumps(run), flush=True)
             redis.Redis.from_url(redis_url).flushall()
-        results["in-process"] = in_process(plan)
-        print("in-process", json.dumps(results["in-process"]), flush=True)
-    finally:
-        stop(redis_process)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
-    return 0
+        with bench.part("in-process"):
+            bench.results["in_process"] = in_process(plan)
+    return harness.exit_status(bench.results)
 
 
 if __name__ == "__main__":

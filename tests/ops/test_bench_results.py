@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.bench import report, submit_scale
+from ops.bench import harness, submit_scale
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -83,13 +83,13 @@ def test_a_start_up_timeout_is_reported_not_raised(tmp_path: Path) -> None:
     assert results["failed"]["redis-server"]["error"] == "TimeoutError: redis-server did not come up within 0 s"
     text = (tmp_path / "submit-latest.md").read_text()
     assert "## Failed: 1 part(s)" in text and "- redis-server: TimeoutError:" in text
-    assert report.exit_status(results) == 1
+    assert harness.exit_status(results) == 1
 
 
 def test_a_plain_run_writes_beside_the_committed_results_and_record_over_them(tmp_path: Path, monkeypatch) -> None:
     committed = tmp_path / "results"
-    shutil.copytree(report.RESULTS, committed, ignore=shutil.ignore_patterns("runs"))
-    monkeypatch.setattr(report, "RESULTS", committed)  # the folder only: the run itself is real
+    shutil.copytree(harness.RESULTS, committed, ignore=shutil.ignore_patterns("runs"))
+    monkeypatch.setattr(harness, "RESULTS", committed)  # the folder only: the run itself is real
     before = {path.name: path.read_bytes() for path in committed.iterdir()}
     assert {"submit-latest.md", "submit-latest.json", "goals-latest.md"} <= set(before)
 
@@ -107,6 +107,6 @@ def test_a_plain_run_writes_beside_the_committed_results_and_record_over_them(tm
 def test_fresh_results_are_ignored_by_git() -> None:
     if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    path = report.output_dir(argparse.Namespace(out=None, record=False)) / "goals-latest.md"
+    path = harness.output_dir(argparse.Namespace(out=None, record=False)) / "goals-latest.md"
     done = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO_ROOT)
     assert done.returncode == 0, f"{path} is not git-ignored"

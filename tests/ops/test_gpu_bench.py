@@ -69,19 +69,20 @@ def test_gpu_bench_dry_run_on_cpu(tiny_model: Path, sdxl_tiny: Path, compile_cac
 
 def test_worker_variants_dry_run_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
     """The diagnosis that explains a worker slower than its Engine also runs on CPU."""
-    out = tmp_path / "variants.json"
     args = ["--model", str(tiny_model), "--device", "cpu", "--size", "64", "--steps", "2", "--jobs", "8"]
     done = subprocess.run(
-        [sys.executable, "-m", "ops.bench.worker_variants", *args, "--out", str(out)],
+        [sys.executable, "-m", "ops.bench.worker_variants", *args, "--out", str(tmp_path), "--name", "variants"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    results = json.loads(out.read_text())
+    results = json.loads((tmp_path / "variants.json").read_text())
     from ops.bench.worker_variants import VARIANTS
 
-    assert set(results) == {*VARIANTS, "in-process"}
-    assert all(results[name]["images"] == 8 and results[name]["batch_sizes"] == {"8": 1} for name in VARIANTS)
-    assert len(results["in-process"]["alone_s"]) == len(results["in-process"]["with_png_threads_s"]) == 4
+    assert "failed" not in results and set(results["variants"]) == set(VARIANTS)
+    variants = results["variants"]
+    assert all(variants[name]["images"] == 8 and variants[name]["batch_sizes"] == {"8": 1} for name in VARIANTS)
+    assert len(results["in_process"]["alone_s"]) == len(results["in_process"]["with_png_threads_s"]) == 4
+    assert "| solo-pool |" in (tmp_path / "variants.md").read_text()

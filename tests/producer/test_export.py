@@ -27,8 +27,8 @@ from producer.export import (  # noqa: E402
     hf_features,
     imagefolder_record,
     parquet_schema,
-    resolve_target,
 )
+from producer.export_target import resolve_target  # noqa: E402
 from producer.state import RunStore  # noqa: E402
 from producer.storage import LocalStorage  # noqa: E402
 from tests.manifest_helpers import make_jobs, store_outputs  # noqa: E402
@@ -209,11 +209,11 @@ def test_cli_help_needs_no_export_extra() -> None:
         "import sys\n"
         "for name in ('pyarrow', 'torch', 'boto3'): sys.modules[name] = None\n"
         "from click.testing import CliRunner\n"
-        "import producer.cli as cli\n"
+        "import producer.cli as cli, producer.cli_outputs as outputs\n"
         "for args in (['export', '--help'], ['manifest', '--help']):\n"
         "    result = CliRunner().invoke(cli.cli, args)\n"
         "    assert result.exit_code == 0, result.output\n"
-        "print(','.join(cli.EXPORT_FORMATS))\n"
+        "print(','.join(outputs.EXPORT_FORMATS))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

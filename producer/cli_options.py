@@ -1,0 +1,126 @@
+"""Flags, defaults and the input error the ``deepqueue`` commands share, so that each flag is
+declared once and reads the same in every command's --help."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic_settings import BaseSettings
+
+from producer.errors import PromptFileError
+from producer.exits import EXIT_BAD_INPUT
+from producer.job import ImageFormat, JobDefaults, SchedulerName
+from producer.sources import parse_size
+
+SCHEDULERS = SchedulerName.__args__  # type: ignore[attr-defined]
+FORMATS = ImageFormat.__args__  # type: ignore[attr-defined]
+
+#: Scheduler and DeepCache flags: run-wide recipe flags of ``submit`` and ``run``, a worker's own
+#: defaults for ``worker``; either way, for the jobs that name none.
+CACHE_FLAGS = [
+    click.option(
+        "--scheduler",
+        type=click.Choice(SCHEDULERS),
+        help="Scheduler of jobs that name none [default: the worker's DEEPQUEUE_SCHEDULER].",
+    ),
+    click.option(
+        "--cache-interval",
+        type=int,
+        help="DeepCache interval of jobs that name none; 1 turns caching off "
+        "[default: the worker's DEEPQUEUE_CACHE_INTERVAL].",
+    ),
+    click.option(
+        "--cache-branch",
+        type=int,
+        help="DeepCache branch of jobs that name none [default: the worker's DEEPQUEUE_CACHE_BRANCH].",
+    ),
+]
+
+#: Model and batching flags of ``worker`` and ``run``; each overrides its DEEPQUEUE_* variable.
+ENGINE_FLAGS = [
+    click.option("--model", help="Model id or folder [default: DEEPQUEUE_MODEL]."),
+    click.option("--device", help="auto, cpu, cuda or cuda:N [default: DEEPQUEUE_DEVICE]."),
+    click.option("--max-batch", type=int, help="Images per pipeline call at most [default: DEEPQUEUE_MAX_BATCH, 8]."),
+]
+
+
+#: ``--wait`` and its ``--timeout``, for the commands that can follow the run they start.
+WAIT_FLAGS = [
+    click.option("--wait", "wait_", is_flag=True, help="Wait for the run to finish, with a progress bar."),
+    click.option("--timeout", type=click.FloatRange(min=0), help="With --wait: give up after this many seconds."),
+]
+
+
+def with_flags(*options: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator adding ``options`` to a command, shown in --help in this order."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def recipe_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run-wide recipe flags shared by ``submit`` and ``run``; rows of the file override them."""
+    default = {name: info.default for name, info in JobDefaults.model_fields.items()}
+    options = [
+        click.option(
+            "--size",
+            metavar="WxH",
+            help=f"Width x height, multiples of 8 [default: {default['width']}x{default['height']}].",
+        ),
+        click.option("--steps", type=int, help=f"Denoising steps [default: {default['steps']}]."),
+        click.option(
+            "--guidance", type=float, help=f"Classifier-free guidance scale [default: {default['guidance']}]."
+        ),
+        click.option("--seed", type=int, help="Run seed; job seeds derive from it and their position."),
+        click.option("--negative", help="Negative prompt for every job."),
+        *CACHE_FLAGS,
+        click.option(
+            "--format", "fmt", type=click.Choice(FORMATS), help=f"Image format [default: {default['format']}]."
+        ),
+        click.option(
+            "--run",
+            "run_id",
+            help="Run name (default: generated). Reusing one resumes it, with the same recipe flags.",
+        ),
+        click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path)),
+    ]
+    return with_flags(*options)(command)
+
+
+def recipe_defaults(size: str | None, negative: str | None, fmt: str | None, **flags: Any) -> dict[str, Any]:
+    """CLI flags -> Job defaults, leaving out what the user did not set."""
+    defaults = {key: value for key, value in flags.items() if value is not None}
+    if size is not None:
+        try:
+            defaults.update(parse_size(size))
+        except PromptFileError as error:
+            raise PromptFileError(f"--size: {error}") from error
+    if negative is not None:
+        defaults["negative_prompt"] = negative
+    if fmt:
+        defaults["format"] = fmt
+    return defaults
+
+
+class InputError(click.ClickException):
+    """Bad input or an unknown run: exit 2, apart from 1 for "a job failed"."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+def settings_help(settings: type[BaseSettings], *, leave_out: type[BaseSettings] | None = None) -> str:
+    """Every DEEPQUEUE_* variable of ``settings`` with its default and description, for --help."""
+    skip = set(leave_out.model_fields) if leave_out else set()
+    lines = ["\b", "Settings (environment variables):"]
+    for name, info in settings.model_fields.items():
+        if name not in skip:
+            default = "unset" if info.default is None else info.default
+            lines.append(f"  DEEPQUEUE_{name.upper()}={default}  {info.description or ''}".rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""``deepqueue submit`` and ``wait``: send a run and follow it to the end; ``finish_run`` is the
+end of every command's ``--wait`` (progress, summary, failures, exit 1 if a job failed)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from producer.cli_options import WAIT_FLAGS, recipe_defaults, recipe_options, with_flags
+from producer.cli_outputs import audit_text
+from producer.client import Client, run_id_or_new
+from producer.contract import WORKER_GONE_S
+from producer.errors import InvalidJobError, PromptFileError
+from producer.exits import EXIT_JOB_FAILED
+from producer.run import Run
+from producer.state import JobState, RunStatus, format_duration
+
+
+@click.command()
+@recipe_options
+@with_flags(*WAIT_FLAGS)
+@click.option(
+    "--audit",
+    "audit_sample",
+    type=click.IntRange(min=1),
+    metavar="K",
+    help="With --wait: then audit K of the images against DeepCache off (see deepqueue audit).",
+)
+@click.option("--resend-queued", is_flag=True, help="Also send jobs still queued (after the queue itself was lost).")
+@click.option(
+    "--allow-recipe-change",
+    is_flag=True,
+    help="Add jobs to an existing run even though its recipe flags differ from its first submit's.",
+)
+def submit(
+    file: Path,
+    run_id: str | None,
+    seed: int | None,
+    wait_: bool,
+    timeout: float | None,
+    resend_queued: bool,
+    allow_recipe_change: bool,
+    audit_sample: int | None,
+    **flags: Any,
+) -> None:
+    """Validate FILE (.txt, .jsonl, .csv, .tsv, .json, .parquet; the text ones also .gz) and
+    enqueue one job per prompt, streaming: memory stays flat whatever its size.
+
+    Submitting a run again sends only its new and failed jobs (and, with --resend-queued, the
+    queued ones). A run keeps the recipe flags of its first submit: a submit of the same run
+    with others is refused, unless --allow-recipe-change.
+    """
+    defaults = recipe_defaults(**flags)
+    if audit_sample and not wait_:
+        raise click.UsageError("--audit needs --wait (or run `deepqueue audit RUN --sample K` once the run is done)")
+    with Client() as client:
+        new, run_id = run_id is None, run_id_or_new(run_id)
+        named = f"run {run_id} (a new name: pass --run {run_id} to resume it, or follow it with deepqueue wait)"
+        try:
+            run = client.submit(
+                file,
+                run=run_id,
+                seed=seed,
+                progress=True,
+                resend_queued=resend_queued,
+                allow_recipe_change=allow_recipe_change,
+                **defaults,
+            )
+        except (InvalidJobError, PromptFileError):
+            raise  # nothing was sent: no name to remember
+        except BaseException:
+            if new:  # interrupted or failed while sending: the name resumes it
+                click.echo(named, err=True)
+            raise
+        if new:
+            click.echo(named)
+        click.echo(f"run {run.run_id}: {run.submitted} jobs enqueued, {run.skipped} already queued, running or done")
+        if wait_:
+            finish_run(client, run, timeout, audit_sample=audit_sample)
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Give up after this many seconds.")
+def wait(run_id: str, timeout: float | None) -> None:
+    """Wait for RUN_ID to finish, with a progress bar; exit 1 if any job failed."""
+    with Client() as client:
+        finish_run(client, client.run(run_id), timeout)
+
+
+def finish_run(client: Client, run: Run, timeout: float | None, *, audit_sample: int | None = None) -> None:
+    """Wait for ``run`` with a progress bar, print its summary (and audit), list failures; exit 1 if any."""
+    if not run.status().is_finished and not client.workers():
+        click.echo(
+            f"no worker has renewed its leases in the last {WORKER_GONE_S:.0f} s: start one "
+            f"(deepqueue worker) on queue {client.settings.queue!r}, or the run will not progress",
+            err=True,
+        )
+    final: RunStatus = run.wait(progress=True, timeout=timeout)
+    click.echo(summary(final, run.span(), client.outputs_url(run.run_id)))
+    if audit_sample and final.counts[JobState.DONE]:
+        click.echo(audit_text(client.audit(run.run_id, sample=audit_sample, timeout=timeout, progress=True)))
+    failed = list(run.results(JobState.FAILED))
+    for result in failed[:10]:
+        click.echo(f"failed {result.job_id}: {result.reason}", err=True)
+    if len(failed) > 10:
+        click.echo(f"... and {len(failed) - 10} more: deepqueue results {run.run_id} --state failed", err=True)
+    if failed:
+        sys.exit(EXIT_JOB_FAILED)
+
+
+def summary(final: RunStatus, span: tuple[float, float] | None, where: str) -> str:
+    """The end of a wait: images, failures, time and rate, and where the files are."""
+    counts = final.counts
+    text = f"run {final.run_id} finished: {counts[JobState.DONE]} images, {counts[JobState.FAILED]} failed"
+    if counts[JobState.CANCELLED]:
+        text += f", {counts[JobState.CANCELLED]} cancelled"
+    if span is not None and span[1] > span[0]:
+        text += f" in {format_duration(span[1] - span[0])}"
+    if final.images_per_s:
+        text += f" ({final.images_per_s:.3g} img/s)"
+    return f"{text}; files in {where}"
