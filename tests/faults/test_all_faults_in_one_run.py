@@ -125,7 +125,8 @@ def test_200_jobs_through_every_fault(fault_env, restartable_redis, s3_proxy, tm
         poisoned = ["poison" in json.loads(job)["prompt"] for job in kept if job]
         print("[fault] failed:", Counter(result.reason for result in failed), "poison:", Counter(poisoned))
         assert all(began_with < GOOD + POISON for _, began_with, _ in faults), "a fault came after the run ended"
-        assert (counts.accepted, counts.done, counts.failed, counts.lost, counts.written_twice) == (200, GOOD, POISON, 0, 0)
+        counted = (counts.accepted, counts.done, counts.failed, counts.lost, counts.written_twice)
+        assert counted == (200, GOOD, POISON, 0, 0)
         assert poisoned == [True] * POISON, "only the poison jobs fail"
         assert {result.reason for result in failed} == {
             "generation failed: it timed out 2 times while running this job"
