@@ -13,13 +13,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from worker.pipeline.testmodel import (  # noqa: E402
-    ARCHES,
-    MERGES,
-    build_test_model,
-    tokenizer_vocab,
-    write_tokenizer_files,
-)
+from worker.pipeline.testmodel import ARCHES, build_test_model  # noqa: E402
+from worker.pipeline.testtokenizer import MERGES, tokenizer_vocab, write_tokenizer_files  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a dog"]
 

@@ -13,45 +13,24 @@ Arches:
 - ``sdxl-tiny``: a tiny ``StableDiffusionXLPipeline`` (two text encoders, ``text_time``
   conditioning) after diffusers' fast SDXL tests (64x64 images).
 
-The CLIP tokenizer is written by this module (byte-level symbols, a handful of merges, the two
-special tokens), so the outputs are noise but every code path of a real pipeline runs.
+The CLIP tokenizer is written from scratch (``worker.pipeline.testtokenizer``), so the outputs are
+noise but every code path of a real pipeline runs.
 
 Command line: ``deepqueue make-test-model DIR --arch tiny|sd15|sdxl|sdxl-tiny``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from transformers import CLIPTokenizer
+from worker.pipeline.testtokenizer import build_tokenizer, clip_text_config
 
 Arch = Literal["tiny", "sd15", "sdxl", "sdxl-tiny"]
 ARCHES: tuple[str, ...] = ("tiny", "sd15", "sdxl", "sdxl-tiny")
-
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"  # also the pad and unknown token, as in CLIP
-MODEL_MAX_LENGTH = 77
-
-# A handful of BPE merges, each exactly two symbols (transformers 5 / `tokenizers` require it).
-# Every merge result is added to the vocabulary; order is merge priority.
-MERGES: tuple[tuple[str, str], ...] = (
-    ("a", "t</w>"),
-    ("c", "at</w>"),
-    ("d", "og</w>"),
-    ("o", "g</w>"),
-    ("p", "h"),
-    ("o", "t"),
-    ("ph", "ot"),
-    ("phot", "o</w>"),
-    ("t", "h"),
-    ("th", "e</w>"),
-)
 
 # The scheduler of Stable Diffusion 1.5 / SDXL, as DDIM (clean step counting under DeepCache).
 _SCHEDULER_KWARGS: dict[str, Any] = {
@@ -62,86 +41,6 @@ _SCHEDULER_KWARGS: dict[str, Any] = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
-
-
-def byte_symbols() -> list[str]:
-    """The 256 byte-level BPE symbols (GPT-2/CLIP ``bytes_to_unicode``), in byte order."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    symbols: dict[int, str] = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in symbols:
-            symbols[b] = chr(256 + extra)
-            extra += 1
-    return [symbols[b] for b in range(256)]
-
-
-def tokenizer_vocab(merges: tuple[tuple[str, str], ...] = MERGES) -> dict[str, int]:
-    """CLIP-style vocabulary: byte symbols, their ``</w>`` forms, merge results, then specials."""
-    symbols = byte_symbols()
-    tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges)]
-    tokens += [BOS_TOKEN, EOS_TOKEN]
-    if len(set(tokens)) != len(tokens):
-        raise ValueError("merges produce a token that is already in the vocabulary")
-    return {token: i for i, token in enumerate(tokens)}
-
-
-def write_tokenizer_files(
-    directory: str | os.PathLike[str], merges: tuple[tuple[str, str], ...] = MERGES
-) -> pathlib.Path:
-    """Write ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` for a CLIPTokenizer."""
-    vocab = tokenizer_vocab(merges)
-    for pair in merges:
-        if len(pair) != 2 or any(not s or " " in s for s in pair):
-            raise ValueError(f"a merge must be exactly two non-empty symbols: {pair!r}")
-        if any(s not in vocab for s in pair):
-            raise ValueError(f"merge {pair!r} uses a symbol that is not in the vocabulary")
-    path = pathlib.Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
-    (path / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": MODEL_MAX_LENGTH,
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,
-        "unk_token": EOS_TOKEN,
-    }
-    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return path
-
-
-def build_tokenizer() -> CLIPTokenizer:
-    """A CLIPTokenizer loaded from the files that ``write_tokenizer_files`` writes."""
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory(prefix="deepqueue-tokenizer-") as tmp:
-        write_tokenizer_files(tmp)
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MODEL_MAX_LENGTH)
-    if tokenizer.model_max_length != MODEL_MAX_LENGTH:
-        raise RuntimeError(f"tokenizer model_max_length is {tokenizer.model_max_length}")
-    return tokenizer
-
-
-def _clip_text_config(tokenizer: CLIPTokenizer, **sizes: Any) -> Any:
-    """A CLIPTextConfig whose vocabulary and special-token ids match ``tokenizer``."""
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_position_embeddings=MODEL_MAX_LENGTH,
-        layer_norm_eps=1e-5,
-        **sizes,
-    )
 
 
 def _scheduler() -> Any:
@@ -174,6 +73,20 @@ TINY_VAE: dict[str, Any] = {
     "up_block_types": ("UpDecoderBlock2D",) * 4,
     "latent_channels": 4,
 }
+#: The VAE of Stable Diffusion 1.5 and SDXL (SDXL's differs in its sample size and scaling factor).
+SD_VAE: dict[str, Any] = {
+    **TINY_VAE,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+}
+#: The text encoder of diffusers' fast tests (SDXL's first encoder adds to it).
+TINY_CLIP: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 5,
+}
 
 
 def _build_tiny() -> Any:
@@ -189,15 +102,7 @@ def _build_tiny() -> Any:
     vae = AutoencoderKL(
         **TINY_VAE,
     )
-    text_encoder = CLIPTextModel(
-        _clip_text_config(
-            tokenizer,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-        )
-    )
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, **TINY_CLIP))
     return _sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
 
 
@@ -242,19 +147,9 @@ def _build_sd15() -> Any:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
-    )
+    vae = AutoencoderKL(**SD_VAE, sample_size=512)
     text_encoder = CLIPTextModel(
-        _clip_text_config(
+        clip_text_config(
             tokenizer,
             hidden_size=768,
             intermediate_size=3072,
@@ -292,20 +187,9 @@ def _build_sdxl() -> Any:
         projection_class_embeddings_input_dim=2816,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=1024,
-        scaling_factor=0.13025,
-    )
+    vae = AutoencoderKL(**SD_VAE, sample_size=1024, scaling_factor=0.13025)
     text_encoder = CLIPTextModel(
-        _clip_text_config(
+        clip_text_config(
             tokenizer,
             hidden_size=768,
             intermediate_size=3072,
@@ -316,7 +200,7 @@ def _build_sdxl() -> Any:
         )
     )
     text_encoder_2 = CLIPTextModelWithProjection(
-        _clip_text_config(
+        clip_text_config(
             tokenizer,
             hidden_size=1280,
             intermediate_size=5120,
@@ -360,12 +244,9 @@ def _build_sdxl_tiny() -> Any:
         **TINY_VAE,
         sample_size=128,
     )
-    text_config = _clip_text_config(
+    text_config = clip_text_config(
         tokenizer,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=5,
+        **TINY_CLIP,
         hidden_act="gelu",
         projection_dim=32,
     )
