@@ -23,8 +23,9 @@ run: venv
 	$(VENV)/bin/deepqueue run examples/prompts.jsonl --out out --model models/tiny --steps 20
 
 # Test files run TEST_WORKERS at a time (pytest-xdist; a file's tests stay in one process, so
-# its fixtures are built once): most of the suite waits on real servers and workers.
-TEST_WORKERS ?= 2
+# its fixtures are built once). Three on 2 cores: much of the suite waits on real servers,
+# workers and faults (Redis down 20 s, S3 down 30 s), and the other two compute meanwhile.
+TEST_WORKERS ?= 3
 XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 # Every test: one line per test (name, outcome, progress), the slowest at the end, then pytest's

@@ -26,6 +26,26 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+#: Files whose tests take minutes on 2 cores (compiles, the all-faults run). They are collected
+#: first, so pytest-xdist starts them first and the short files fill in beside them, instead of
+#: one worker running them alone at the end.
+LONGEST_FIRST = (
+    "tests/ops/test_gpu_bench.py",
+    "tests/worker/test_acceleration.py",
+    "tests/faults/test_all_faults_in_one_run.py",
+    "tests/integration/test_startup.py",
+    "tests/integration/test_acceleration_worker.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> Iterator[str]:
     """``redis://127.0.0.1:PORT``: a private redis-server (or DEEPQUEUE_TEST_REDIS_URL)."""
