@@ -1,5 +1,6 @@
-"""What several test modules share: the sidecar's required fields, a local worker, malformed
-messages, and the one way a test waits for something (``wait_until``, ``wait_for_count``)."""
+"""What several test modules share: the sidecar's required fields, a local worker, one job
+factory (``make_job``, ``deliveries``), malformed messages, and the one way a test waits for
+something (``wait_until``, ``wait_for_count``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import redis
 
 from producer.contract import TASK_NAME
+from producer.job import Job
 
 #: The sidecar fields the job contract promises (issue #2), and its timing fields.
 SIDECAR_FIELDS = frozenset(
@@ -26,6 +28,23 @@ TIMING_FIELDS = frozenset(
     {"enqueued_at", "started_at", "finished_at", "queue_wait_s", "batch_inference_s", "inference_s",
      "encode_s", "upload_s"}
 )  # fmt: skip
+
+
+def make_job(index: int = 0, **fields: Any) -> Job:
+    """A valid job of run ``run-1`` at 64x64, its prompt and seed from ``index``; ``fields``
+    replace any field (a module's own defaults: ``functools.partial(make_job, ...)``)."""
+    return Job(
+        **{"run_id": "run-1", "index": index, "prompt": f"a cat {index}", "seed": 1000 + index, "height": 64,
+           "width": 64, **fields}
+    )  # fmt: skip
+
+
+def deliveries(*indexes: int, **fields: Any) -> list[Any]:
+    """What the strategy hands a pool process for ``make_job(index, **fields)`` of each index."""
+    from worker.pipeline.executor import Delivery
+
+    jobs = [make_job(index, **fields) for index in indexes]
+    return [Delivery(job.job_id, job.model_dump(mode="json")) for job in jobs]
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, poll_s: float = 0.05) -> None:

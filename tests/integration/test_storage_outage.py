@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,11 @@ from werkzeug.serving import make_server  # noqa: E402
 from ops.localstack import free_port  # noqa: E402
 from producer.job import Job  # noqa: E402
 from producer.storage import S3Storage  # noqa: E402
-from tests.helpers import local_worker_settings  # noqa: E402
+from tests.helpers import deliveries as make_deliveries  # noqa: E402
+from tests.helpers import local_worker_settings, make_job  # noqa: E402
 from worker.embedded import MemoryReporter  # noqa: E402
 from worker.pipeline.engine import Engine  # noqa: E402
-from worker.pipeline.executor import BatchExecutor, Delivery, Outcome  # noqa: E402
+from worker.pipeline.executor import BatchExecutor, Outcome  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -101,12 +103,8 @@ class CountingEngine:
         return self.engine.generate(key, jobs)
 
 
-def job(index: int) -> Job:
-    return Job(run_id=RUN, index=index, prompt=f"an outage {index}", seed=index, height=64, width=64, steps=2)
-
-
-def deliveries(*indexes: int) -> list[Delivery]:
-    return [Delivery(job(i).job_id, job(i).model_dump(mode="json")) for i in indexes]
+job = partial(make_job, run_id=RUN, steps=2)
+deliveries = partial(make_deliveries, run_id=RUN, steps=2)
 
 
 def test_jobs_wait_through_an_s3_outage_and_are_written_once(

@@ -8,6 +8,7 @@ timing). No assertion depends on how long anything takes.
 from __future__ import annotations
 
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ from producer.errors import StorageError  # noqa: E402
 from producer.job import Job  # noqa: E402
 from producer.state import JobState  # noqa: E402
 from producer.storage import LocalStorage  # noqa: E402
-from tests.helpers import local_worker_settings  # noqa: E402
+from tests.helpers import deliveries as make_deliveries  # noqa: E402
+from tests.helpers import local_worker_settings, make_job  # noqa: E402
 from worker.embedded import MemoryReporter  # noqa: E402
 from worker.output.backlog import Backlog  # noqa: E402
 from worker.pipeline.engine import Engine  # noqa: E402
-from worker.pipeline.executor import BatchExecutor, Delivery  # noqa: E402
+from worker.pipeline.executor import BatchExecutor  # noqa: E402
 
 RUN = "store-run"
 WAIT_S = 60  # only a bound on a hang; every wait below ends as soon as its event happens
@@ -35,12 +37,8 @@ def engine(tiny_model: Path, tmp_path_factory) -> Engine:
     return Engine.load(local_worker_settings(tiny_model, tmp_path_factory.mktemp("unused")))
 
 
-def job(index: int) -> Job:
-    return Job(run_id=RUN, index=index, prompt=f"a cat {index}", seed=index, height=64, width=64, steps=2)
-
-
-def deliveries(*indexes: int) -> list[Delivery]:
-    return [Delivery(job(i).job_id, job(i).model_dump(mode="json")) for i in indexes]
+job = partial(make_job, run_id=RUN, steps=2)
+deliveries = partial(make_deliveries, run_id=RUN, steps=2)
 
 
 class Journal:

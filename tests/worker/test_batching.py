@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from functools import partial
 from typing import Any
 
 import pytest
 
-from producer.job import CACHE_BREAKING_SCHEDULERS, Job
+from producer.job import CACHE_BREAKING_SCHEDULERS
+from tests import helpers
 from worker.delivery.batching import BatchBuffer, BatchKey, RecipeDefaults, batch_key
 
 DEFAULTS = RecipeDefaults(model="models/tiny", scheduler="ddim", cache_interval=3, cache_branch=0)
 
 
-def make_job(**fields: Any) -> Job:
-    base: dict[str, Any] = {
-        "run_id": "run-1",
-        "index": 0,
-        "prompt": "a cat",
-        "seed": 1,
-        "height": 512,
-        "width": 512,
-    }
-    return Job(**{**base, **fields})
+make_job = partial(helpers.make_job, index=0, prompt="a cat", seed=1, height=512, width=512)
 
 
 # --- batch_key -------------------------------------------------------------------------------

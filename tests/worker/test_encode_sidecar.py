@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import json
+from functools import partial
 from typing import Any, get_args
 
 import pytest
 
 from producer.job import MAX_PROMPT_CHARS, ImageFormat, Job
 from producer.layout import CONTENT_TYPES, EXTENSIONS
+from tests import helpers
 from worker.delivery.batching import BatchKey, RecipeDefaults, batch_key
 from worker.output.encode import encode_image
 from worker.output.sidecar import SIDECAR_VERSION, BatchInfo, build_sidecar, s3_metadata
@@ -33,17 +35,7 @@ def gradient(width: int, height: int, mode: str = "RGB") -> Any:
     return image
 
 
-def make_job(**fields: Any) -> Job:
-    base: dict[str, Any] = {
-        "run_id": "run-1",
-        "index": 3,
-        "prompt": "a cat",
-        "seed": 42,
-        "height": 64,
-        "width": 96,
-        "steps": 4,
-    }
-    return Job(**{**base, **fields})
+make_job = partial(helpers.make_job, index=3, prompt="a cat", seed=42, width=96, steps=4)
 
 
 # --- encode ------------------------------------------------------------------------------------

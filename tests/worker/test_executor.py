@@ -8,6 +8,7 @@ import json
 import socket
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from producer.job import Job  # noqa: E402
 from producer.layout import image_key, sidecar_key  # noqa: E402
 from producer.state import JobState  # noqa: E402
 from producer.storage import LocalStorage, S3Storage  # noqa: E402
+from tests import helpers  # noqa: E402
 from tests.helpers import SIDECAR_FIELDS, TIMING_FIELDS, local_worker_settings  # noqa: E402
 from worker.embedded import MemoryReporter  # noqa: E402
 from worker.pipeline.engine import Engine  # noqa: E402
@@ -37,16 +39,7 @@ def engine(tiny_model: Path, tmp_path_factory) -> Engine:
     return Engine.load(local_worker_settings(tiny_model, tmp_path_factory.mktemp("unused")))
 
 
-def make_job(index: int, **fields: Any) -> Job:
-    base: dict[str, Any] = {
-        "run_id": RUN,
-        "prompt": f"a photo of a cat {index}",
-        "seed": 1000 + index,
-        "height": 64,
-        "width": 64,
-        "steps": 3,
-    }
-    return Job(**{**base, **fields, "index": index})
+make_job = partial(helpers.make_job, run_id=RUN, steps=3)
 
 
 def deliver(job: Job, enqueued_at: float | None = None) -> Delivery:
