@@ -6,17 +6,21 @@ own Redis data and runs the same in CI.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
 from ops.localstack import AWS_ENV, start_moto, start_redis, stop
+from tests.helpers import make_job
+from worker.delivery.batching import RecipeDefaults, batch_key
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,6 +36,7 @@ def pytest_configure(config: pytest.Config) -> None:
 LONGEST_FIRST = (
     "tests/ops/test_gpu_bench.py",
     "tests/worker/test_acceleration.py",
+    "tests/worker/test_acceleration_sd15.py",
     "tests/faults/test_all_faults_in_one_run.py",
     "tests/integration/test_startup.py",
     "tests/integration/test_acceleration_worker.py",
@@ -91,33 +96,82 @@ def s3_bucket(s3_endpoint: str, aws_env) -> str:
     return name
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """The tiny random-weight SD pipeline, built once and loaded via from_pretrained."""
+def run_folder(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The run's temporary folder, shared by all of pytest-xdist's workers."""
+    root = tmp_path_factory.getbasetemp()
+    return root if worker_id == "master" else root.parent
+
+
+def made_once(path: Path, make: Callable[[Path], object]) -> Path:
+    """``path``, made by ``make(partial)`` and renamed into place by the first pytest-xdist worker
+    to ask; the others wait on a lock beside it, then use it. Models and kernels built once per run
+    are also one model id and one compile cache folder for every worker."""
+    from filelock import FileLock
+
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            partial = path.with_name(f"{path.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            make(partial)
+            partial.rename(path)
+    return path
+
+
+def shared_model(tmp_path_factory: pytest.TempPathFactory, worker_id: str, arch: str) -> Path:
     pytest.importorskip("torch")
     from worker.pipeline.testmodel import build_test_model
 
-    return build_test_model(tmp_path_factory.mktemp("models") / "tiny", "tiny")
+    folder = run_folder(tmp_path_factory, worker_id) / f"model-{arch}"
+    return made_once(folder, lambda path: build_test_model(path, arch))
 
 
 @pytest.fixture(scope="session")
-def sdxl_tiny(tmp_path_factory) -> Path:
-    """The tiny random-weight SDXL pipeline (two text encoders, ``text_time``), built once."""
-    pytest.importorskip("torch")
-    from worker.pipeline.testmodel import build_test_model
+def tiny_model(tmp_path_factory, worker_id: str) -> Path:
+    """The tiny random-weight SD pipeline, built once per run and loaded via from_pretrained."""
+    return shared_model(tmp_path_factory, worker_id, "tiny")
 
-    return build_test_model(tmp_path_factory.mktemp("models") / "sdxl-tiny", "sdxl-tiny")
+
+@pytest.fixture(scope="session")
+def sdxl_tiny(tmp_path_factory, worker_id: str) -> Path:
+    """The tiny random-weight SDXL pipeline (two text encoders, ``text_time``), built once per run."""
+    return shared_model(tmp_path_factory, worker_id, "sdxl-tiny")
 
 
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory, worker_id: str) -> Path:
-    """One DEEPQUEUE_COMPILE_CACHE for the whole run, shared by pytest-xdist's workers: a graph
-    compiles once (minutes on 2 cores), then every later test and worker process reads it back
-    (inductor writes its cache entries atomically, so two processes may fill it at once)."""
-    root = tmp_path_factory.getbasetemp()
-    path = (root if worker_id == "master" else root.parent) / "compile-cache"
+    """One DEEPQUEUE_COMPILE_CACHE for the whole run, shared by pytest-xdist's workers (inductor
+    writes its cache entries atomically, so two processes may fill it at once)."""
+    path = run_folder(tmp_path_factory, worker_id) / "compile-cache"
     path.mkdir(exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def compiled_tiny(tiny_model: Path, compile_cache: Path) -> Path:
+    """``compile_cache`` holding the tiny model's kernels at 64x64, two images, guided: DeepCache's
+    full and shallow steps, plain steps and the VAE decoder. Compiled once per run (about 90 s of
+    CPU on 2 cores); the tests and workers that meet these shapes read them back, as a restarted
+    worker does, instead of each compiling them again."""
+
+    def compile_kernels(done: Path) -> None:
+        import torch
+
+        from worker.pipeline.engine import Engine
+        from worker.settings import WorkerSettings
+
+        engine = Engine.load(
+            WorkerSettings(model=str(tiny_model), device="cpu", acceleration="compile", compile_cache=compile_cache)
+        )
+        defaults = RecipeDefaults(model="tiny", scheduler="ddim", cache_interval=3, cache_branch=0)
+        compiles = []
+        for cache_interval in (3, 1):  # DeepCache's steps, then plain steps
+            jobs = [make_job(i, cache_interval=cache_interval, steps=3) for i in range(2)]
+            compiles.append(engine.generate(batch_key(jobs[0], defaults), jobs).compiles)
+        torch._dynamo.reset()  # this process's compiled code must not serve its later tests
+        done.write_text(json.dumps(compiles))
+
+    made_once(compile_cache / "tiny-64x64x2.json", compile_kernels)
+    return compile_cache
 
 
 @pytest.fixture

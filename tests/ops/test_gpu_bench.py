@@ -1,5 +1,6 @@
 """ops/bench/gpu.sh dry-runs on CPU with the tiny model, so the GPU benchmark cannot rot between
-the rare sessions that have a GPU. Checks the shape of its results, not its figures."""
+the rare sessions that have a GPU. Checks the shape of its results, not its figures. The variants
+run first: the dry run waits for the run's compiled kernels (``compiled_tiny``) meanwhile."""
 
 from __future__ import annotations
 
@@ -16,7 +17,28 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_gpu_bench_dry_run_on_cpu(tiny_model: Path, sdxl_tiny: Path, compile_cache: Path, tmp_path: Path) -> None:
+def test_worker_variants_dry_run_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
+    """The diagnosis that explains a worker slower than its Engine also runs on CPU."""
+    args = ["--model", str(tiny_model), "--device", "cpu", "--size", "64", "--steps", "2", "--jobs", "8"]
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.bench.worker_variants", *args, "--out", str(tmp_path), "--name", "variants"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    results = json.loads((tmp_path / "variants.json").read_text())
+    from ops.bench.worker_variants import VARIANTS
+
+    assert "failed" not in results and set(results["variants"]) == set(VARIANTS)
+    variants = results["variants"]
+    assert all(variants[name]["images"] == 8 and variants[name]["batch_sizes"] == {"8": 1} for name in VARIANTS)
+    assert len(results["in_process"]["alone_s"]) == len(results["in_process"]["with_png_threads_s"]) == 4
+    assert "| solo-pool |" in (tmp_path / "variants.md").read_text()
+
+
+def test_gpu_bench_dry_run_on_cpu(tiny_model: Path, sdxl_tiny: Path, compiled_tiny: Path, tmp_path: Path) -> None:
     """Every level's columns (graphs left out: no CUDA), the quality gate and a warm restart, at one
     batch size (each shape a compiled level meets compiles for minutes on 2 cores); then the SDXL
     part on the tiny SDXL pipeline at the levels that do not compile."""
@@ -24,7 +46,7 @@ def test_gpu_bench_dry_run_on_cpu(tiny_model: Path, sdxl_tiny: Path, compile_cac
     args += ["--batches", "2", "--jobs", "2:4", "--e2e-rounds", "1", "--out", str(tmp_path), "--name", "dry"]
     args += ["--sdxl-model", str(sdxl_tiny), "--sdxl-size", "64", "--sdxl-batch", "2", "--sdxl-jobs", "2"]
     args += ["--sdxl-rounds", "1", "--sdxl-levels", "off,fuse"]
-    args += ["--compile-cache", str(compile_cache)]  # the suite's: kernels other tests compiled are read back
+    args += ["--compile-cache", str(compiled_tiny)]  # the run's: the tiny model's kernels are read back
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("OUT", None)
     done = subprocess.run(
@@ -65,24 +87,3 @@ def test_gpu_bench_dry_run_on_cpu(tiny_model: Path, sdxl_tiny: Path, compile_cac
     assert "Service vs DeepCache's documented recipe" in markdown and "Quality gate" in markdown
     assert "| 2 | 3/0 | worker | compile |" in markdown
     assert "## SDXL architecture: 64x64" in markdown
-
-
-def test_worker_variants_dry_run_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
-    """The diagnosis that explains a worker slower than its Engine also runs on CPU."""
-    args = ["--model", str(tiny_model), "--device", "cpu", "--size", "64", "--steps", "2", "--jobs", "8"]
-    done = subprocess.run(
-        [sys.executable, "-m", "ops.bench.worker_variants", *args, "--out", str(tmp_path), "--name", "variants"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    results = json.loads((tmp_path / "variants.json").read_text())
-    from ops.bench.worker_variants import VARIANTS
-
-    assert "failed" not in results and set(results["variants"]) == set(VARIANTS)
-    variants = results["variants"]
-    assert all(variants[name]["images"] == 8 and variants[name]["batch_sizes"] == {"8": 1} for name in VARIANTS)
-    assert len(results["in_process"]["alone_s"]) == len(results["in_process"]["with_png_threads_s"]) == 4
-    assert "| solo-pool |" in (tmp_path / "variants.md").read_text()
