@@ -23,10 +23,11 @@ run: venv
 	$(VENV)/bin/deepqueue run examples/prompts.jsonl --out out --model models/tiny --steps 20
 
 # Test files run TEST_WORKERS at a time (pytest-xdist; a file's tests stay in one process, so
-# its fixtures are built once). Three on 2 cores: much of the suite waits on real servers,
-# workers and faults (Redis down 20 s, S3 down 30 s), and the other two compute meanwhile.
-TEST_WORKERS ?= 3
-XDIST := -n $(TEST_WORKERS) --dist loadfile
+# its fixtures are built once), the longest files first (tests/conftest.py LONGEST_FIRST; pytest-xdist
+# would otherwise order files by their number of tests). Four on 2 cores: much of the suite waits
+# on real servers, workers and faults (Redis down 20 s, S3 down 30 s), and the others compute meanwhile.
+TEST_WORKERS ?= 4
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Every test: one line per test (name, outcome, progress), the slowest at the end, then pytest's
 # closing "N passed" line.

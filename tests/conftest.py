@@ -30,16 +30,22 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-#: Files whose tests take minutes on 2 cores (compiles, the all-faults run). They are collected
-#: first, so pytest-xdist starts them first and the short files fill in beside them, instead of
-#: one worker running them alone at the end.
+#: The files that take longest on 2 cores (compiles, fault runs, real workers), longest first:
+#: collected first, so pytest-xdist (``--dist loadfile --no-loadscope-reorder``; by default it
+#: reorders files by their number of tests) starts them first and the short files fill in beside
+#: them, instead of one worker running a long file alone at the end.
 LONGEST_FIRST = (
-    "tests/ops/test_gpu_bench.py",
-    "tests/worker/test_acceleration.py",
     "tests/worker/test_acceleration_sd15.py",
+    "tests/worker/test_acceleration.py",
+    "tests/ops/test_gpu_bench.py",
+    "tests/faults/test_redis_and_worker_faults.py",
     "tests/faults/test_all_faults_in_one_run.py",
+    "tests/integration/test_faults.py",
     "tests/integration/test_startup.py",
-    "tests/integration/test_acceleration_worker.py",
+    "tests/integration/test_readme.py",
+    "tests/faults/test_storage_and_poison_faults.py",
+    "tests/ops/test_queue_benches.py",
+    "tests/faults/test_unreadable_entries.py",
 )
 
 
