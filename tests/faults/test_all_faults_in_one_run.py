@@ -30,9 +30,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 SIZES = [(64, 64), (96, 64), (64, 96)]
 GOOD, POISON = 196, 4
 #: A poison job's pool process is killed at this limit, twice, then started again: the run's
-#: length is mostly this. Ordinary batches (tiny model, 64x96 at most) take a second or two on
-#: a loaded 2-core machine; Redis outages fail a pool call at once; the S3 outage holds no call.
-BATCH_TIMEOUT_S = 15
+#: length and CPU are mostly this (the poison job computes until killed). Ordinary batches (tiny
+#: model, 64x96 at most) took at most 0.95 s beside the rest of the suite on 2 cores; Redis
+#: outages fail a pool call at once; the S3 outage holds no call.
+BATCH_TIMEOUT_S = 10
 #: The run fails when no job has finished for this long (a stuck run), never for being slow.
 STALL_S = 240
 
