@@ -19,8 +19,6 @@ import pytest
 import redis
 
 from ops.localstack import AWS_ENV, start_moto, start_redis, stop
-from tests.helpers import make_job
-from worker.delivery.batching import RecipeDefaults, batch_key
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -162,13 +160,15 @@ def compiled_tiny(tiny_model: Path, compile_cache: Path) -> Path:
     def compile_kernels(done: Path) -> None:
         import torch
 
+        from tests.helpers import make_job
+        from worker.delivery.batching import batch_key
         from worker.pipeline.engine import Engine
         from worker.settings import WorkerSettings
 
-        engine = Engine.load(
-            WorkerSettings(model=str(tiny_model), device="cpu", acceleration="compile", compile_cache=compile_cache)
+        settings = WorkerSettings(
+            model=str(tiny_model), device="cpu", acceleration="compile", compile_cache=compile_cache
         )
-        defaults = RecipeDefaults(model="tiny", scheduler="ddim", cache_interval=3, cache_branch=0)
+        engine, defaults = Engine.load(settings), settings.recipe_defaults()
         compiles = []
         for cache_interval in (3, 1):  # DeepCache's steps, then plain steps
             jobs = [make_job(i, cache_interval=cache_interval, steps=3) for i in range(2)]
