@@ -30,7 +30,7 @@ from ops.bench import harness
 from ops.bench.harness import Bench
 from ops.bench.report import markdown
 from ops.bench.service import run_service_bench
-from ops.bench.service_plan import Plan
+from ops.bench.service_plan import MODES, TABLE_MODES, Plan
 from ops.bench.service_report import E2E_MODE
 
 logger = logging.getLogger("ops.bench.gpu")
@@ -116,6 +116,7 @@ def sdxl_plan(args: argparse.Namespace, model: Path) -> Plan:
         compile_cache=args.compile_cache,
         table_modes=(E2E_MODE,),
         matrix_modes=("off", E2E_MODE),
+        restarts=min(args.restarts, 1),
     )
 
 
@@ -152,8 +153,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="acceleration levels, each with its own Engine and workers (default off,fuse,compile,graphs; "
         "graphs only on CUDA)",
     )
+    parser.add_argument(
+        "--table-modes",
+        type=modes,
+        default=TABLE_MODES,
+        help=f"DeepCache modes of the comparison table (default {','.join(TABLE_MODES)}; "
+        "each compiled level compiles the plain step only if 'off' is among them)",
+    )
+    parser.add_argument(
+        "--matrix-modes", type=modes, default=tuple(MODES), help="DeepCache modes of the matrix ('off' is always in)"
+    )
+    parser.add_argument("--restarts", type=int, default=2, help="timed warm restarts of a compiled worker (default 2)")
+    parser.add_argument("--no-fork-check", action="store_true", help="skip the fork check (four fresh processes)")
     parser.add_argument("--compile-cache", type=Path, help="compile cache folder (default: a temporary one)")
     return parser.parse_args(argv)
+
+
+def modes(text: str) -> tuple[str, ...]:
+    """``3/0,5/0`` -> ("3/0", "5/0"), each one of ``MODES``."""
+    chosen = tuple(text.split(","))
+    unknown = [mode for mode in chosen if mode not in MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown DeepCache modes {unknown} (one of {', '.join(MODES)})")
+    return chosen
 
 
 def checkpoint(bench: Bench, name: str, key: str) -> Callable[[dict[str, Any]], None]:
@@ -173,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         servers = bench.servers
         model = args.model or servers.model(args.arch)
         redis_url = "" if args.no_worker else servers.redis_url()
-        with bench.part("fork check"):
-            checkpoint(bench, args.name, "fork_check")(fork_check(model))
+        if not args.no_fork_check:
+            with bench.part("fork check"):
+                checkpoint(bench, args.name, "fork_check")(fork_check(model))
         plan = Plan(
             model=model,
             device=args.device,
@@ -188,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             levels=args.levels,
             compile_cache=args.compile_cache,
             sd15_shaped=args.model is None and args.arch == "sd15",
+            table_modes=args.table_modes,
+            matrix_modes=tuple(dict.fromkeys(("off", *args.matrix_modes))),
+            restarts=args.restarts,
         )
         with bench.part("service"):
             bench.results["service"] = run_service_bench(

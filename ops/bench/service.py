@@ -33,12 +33,12 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ops.bench import harness
-from ops.bench.report import run_line, summarize
+from ops.bench.report import one_line, run_line, summarize
 from ops.bench.service_paths import (
     Recipe,
     embedded_run,
@@ -47,10 +47,11 @@ from ops.bench.service_paths import (
     peak_memory_gib,
     peak_memory_reset,
     sliced_decode_check,
+    start_workers,
     worker_process,
     worker_run,
 )
-from ops.bench.service_plan import COMPILED, MODES, PROMPT, Plan, levels_for, tiny_plan
+from ops.bench.service_plan import COMPILED, MODES, PROMPT, Plan, first_call_modes, levels_for, tiny_plan
 from ops.bench.service_report import E2E_MODE, markdown
 from worker.pipeline.acceleration import LEVELS
 
@@ -103,12 +104,12 @@ def quality_gate(engines: dict[str, Any], plan: Plan) -> dict[str, Any]:
 
 
 def warm_restart(plan: Plan, redis_url: str, scratch: Path, device: str, level: str, slot: int) -> dict[str, Any]:
-    """A compiled worker started twice on the compile cache the benchmark's Engines and workers
+    """A compiled worker started ``plan.restarts`` times on the compile cache the benchmark's Engines and workers
     filled: seconds from start to ready, and the last warm-up's counts (only cache hits, when the
     cache works)."""
     batch = max(plan.table_batches)
     times = []
-    for _ in range(2):
+    for _ in range(plan.restarts):
         with worker_process(plan, redis_url, scratch / "restart", batch, device, slot, level=level) as env:
             times.append(float(env["start_s"]))
             log = Path(env["log"]).read_text()
@@ -131,65 +132,80 @@ def run_service_bench(
     from worker.settings import WorkerSettings
 
     started = time.perf_counter()
+    # One compile cache for every Engine, worker and restart of the run (the restarts' scratch differs).
+    plan = replace(plan, compile_cache=plan.compile_cache or scratch / "compile-cache")
     first = Engine.load(WorkerSettings(model=str(plan.model), device=plan.device, storage="local", acceleration="off"))
     device = first.device
-    levels = levels_for(plan, device)
     engines = {"off": first}
     compile_s: dict[str, float] = {}
-    for level in levels:
-        if level != "off":
-            settings = WorkerSettings(
-                model=str(plan.model),
-                device=plan.device,
-                storage="local",
-                acceleration=level,
-                compile_cache=plan.compile_cache or scratch / "compile-cache",
-            )
-            engines[level] = Engine.load(settings)
+    failed_levels: dict[str, str] = {}
+    results: dict[str, Any] = {
+        "plan": {
+            **asdict(plan),
+            "model": str(plan.model),
+            "compile_cache": str(plan.compile_cache),
+            "jobs": {str(k): v for k, v in plan.jobs.items()},
+        },
+        "device": first.describe()["device"],
+        "dtype": str(first.pipe.unet.dtype).removeprefix("torch."),
+        "first_calls_s": compile_s,
+    }
+    # Each level's Engine and its first calls at each shape and mode it will meet (kernels,
+    # allocator, DeepCache hooks; compiling and capturing, at the levels that do). A level that
+    # fails here is left out of the run, with its error, instead of ending the benchmark.
+    for level in levels_for(plan, device):
+        try:
+            if level != "off":
+                settings = WorkerSettings(
+                    model=str(plan.model),
+                    device=plan.device,
+                    storage="local",
+                    acceleration=level,
+                    compile_cache=plan.compile_cache,
+                )
+                engines[level] = Engine.load(settings)
+            began = time.perf_counter()
+            for batch in sorted({*plan.table_batches, *(plan.batches if level == "off" else ())}):
+                for mode in first_call_modes(plan, level):
+                    engine_call(engines[level], plan, batch, mode, steps=3)
+            compile_s[level] = round(time.perf_counter() - began, 1)
+            logger.info("level %s: first calls in %.0f s", level, compile_s[level])
+        except Exception as error:
+            if level == "off":
+                raise
+            engines.pop(level, None)
+            failed_levels[level] = one_line(error)
+            logger.exception("level %s left out of the run", level)
+        checkpoint(results | {"failed_levels": failed_levels})
+    levels = tuple(engines)
+    results |= {
+        "levels": list(levels),
+        "failed_levels": failed_levels,
+        "engines": {level: engine.describe() for level, engine in engines.items()},  # CUDA graphs captured...
+        "quality": quality_gate(engines, plan),
+    }
+    checkpoint(results)
     recipe = Recipe(plan.model, device, first.pipe.unet.dtype)
     cells = [(batch, mode) for batch in plan.table_batches for mode in plan.table_modes]
     e2e_cells = [(batch, E2E_MODE) for batch in plan.table_batches]
     with ExitStack() as stack:
-        # First calls at each shape (kernels, allocator, DeepCache hooks; compiling, at the
-        # levels that compile), in every engine and process.
-        for level, engine in engines.items():
-            began = time.perf_counter()
-            for batch in sorted({*plan.table_batches, *(plan.batches if level == "off" else ())}):
-                for mode in ("off", E2E_MODE):
-                    engine_call(engine, plan, batch, mode, steps=3)
-            compile_s[level] = round(time.perf_counter() - began, 1)
-            logger.info("level %s: first calls in %.0f s", level, compile_s[level])
         workers: dict[tuple[str, int], tuple[dict[str, str], Any]] = {}
         if worker:
-            for level in levels:
-                for batch in plan.table_batches:
-                    slot = len(workers)
-                    env = stack.enter_context(
-                        worker_process(plan, redis_url, scratch, batch, device, slot, level=level)
-                    )
-                    client = stack.enter_context(Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]))
-                    workers[level, batch] = (env, client)
+            specs = [(level, batch) for level in levels for batch in plan.table_batches]
+            started_envs = start_workers(stack, plan, redis_url, scratch, device, specs)
+            for key, env in started_envs.items():
+                client = stack.enter_context(Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]))
+                workers[key] = (env, client)
         logger.info("engines, recipe and %d workers up in %.0f s", len(workers), time.perf_counter() - started)
+        results["worker_start_s"] = {
+            f"{level} {batch}": float(env["start_s"]) for (level, batch), (env, _) in workers.items()
+        }
+        checkpoint(results)
         for batch, mode in cells:
             recipe([PROMPT.format(i=i) for i in range(batch)], mode, plan.size, 3)
         for (_, batch), (env, client) in workers.items():
             worker_run(client, env, plan, batch, E2E_MODE, batch, steps=3)
         samples = Samples()
-        results: dict[str, Any] = {
-            "plan": {
-                **asdict(plan),
-                "model": str(plan.model),
-                "compile_cache": str(plan.compile_cache) if plan.compile_cache else None,
-                "jobs": {str(k): v for k, v in plan.jobs.items()},
-            },
-            "device": first.describe()["device"],
-            "dtype": str(first.pipe.unet.dtype).removeprefix("torch."),
-            "levels": list(levels),
-            "first_calls_s": compile_s,
-            "worker_start_s": {
-                f"{level} {batch}": float(env["start_s"]) for (level, batch), (env, _) in workers.items()
-            },
-        }
         for round_ in range(plan.rounds):
             flip = round_ % 2 == 1  # alternate who goes first
             for batch in plan.batches:
@@ -223,8 +239,6 @@ def run_service_bench(
             results.update(samples.summary(plan, cells, dense_tflops(results["device"]) if plan.sd15_shaped else None))
             checkpoint(results)
             logger.info("round %d of %d done", round_ + 1, plan.rounds)
-        results["quality"] = quality_gate(engines, plan)
-        checkpoint(results)
         if plan.sliced_check:
             results["vae_slicing"] = sliced_decode_check(first, plan)
         logs = [Path(env["log"]).read_text() for env, _ in workers.values()]
@@ -232,6 +246,7 @@ def run_service_bench(
     compiled = [level for level in levels if level in COMPILED]
     if worker and compiled:
         results["warm_restart"] = warm_restart(plan, redis_url, scratch, device, compiled[-1], len(workers))
+        checkpoint(results)
     return results
 
 

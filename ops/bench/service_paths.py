@@ -11,7 +11,8 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,7 @@ def worker_process(
 ) -> Iterator[dict[str, str]]:
     """A ``deepqueue worker`` with max_batch ``batch`` at acceleration ``level``, on Redis
     databases 2 + 2 x slot and the next. A compiling level warms its batch shape before ready,
-    with the compile cache in ``scratch/compile-cache``. Yields its environment, log path and
+    with the plan's compile cache (else ``scratch/compile-cache``). Yields its environment, log path and
     ``start_s`` (start to ready)."""
     import redis
 
@@ -163,6 +164,31 @@ def worker_process(
     args = ("--hostname", f"bench{batch}{level}@%h", *worker_args)
     with running_worker({**env, **(extra_env or {})}, log, *args, timeout=plan.start_timeout):
         yield env | {"log": str(log), "start_s": f"{time.perf_counter() - started:.1f}"}
+
+
+def start_workers(
+    stack: ExitStack,
+    plan: Plan,
+    redis_url: str,
+    scratch: Path,
+    device: str,
+    specs: list[tuple[str, int]],
+) -> dict[tuple[str, int], dict[str, str]]:
+    """``worker_process`` for every (level, batch) of ``specs``, started side by side (compiled
+    ones spend most of their start tracing the UNet, one core each); each is stopped when
+    ``stack`` closes, also when another fails to start. Each ``start_s`` is its own start to ready,
+    with the others starting beside it."""
+
+    def start(slot: int, level: str, batch: int) -> dict[str, str]:
+        manager = worker_process(plan, redis_url, scratch, batch, device, slot, level=level)
+        env = manager.__enter__()
+        stack.push(manager.__exit__)
+        return env
+
+    with ThreadPoolExecutor(max_workers=max(1, len(specs))) as pool:
+        futures = {spec: pool.submit(start, slot, *spec) for slot, spec in enumerate(specs)}
+        wait(futures.values())
+    return {spec: future.result() for spec, future in futures.items()}
 
 
 def embedded_run(engine: Any, plan: Plan, scratch: Path, batch: int, mode: str, count: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ops.bench.harness import START_TIMEOUT_S
+from ops.bench.service_report import E2E_MODE
 from producer.job import Job
 
 #: DeepCache settings by label: (interval, branch); interval 1 is no caching.
@@ -39,6 +40,7 @@ class Plan:
     sd15_shaped: bool = False  # the model has SD1.5's UNet: report the share of dense peak
     table_modes: tuple[str, ...] = TABLE_MODES  # DeepCache modes of the comparison table
     matrix_modes: tuple[str, ...] = tuple(MODES)  # and of the matrix ("off" first: the speed-ups' base)
+    restarts: int = 2  # warm restarts of a compiled worker, each timed from start to ready
 
 
 def tiny_plan(
@@ -76,6 +78,14 @@ def jobs_for(plan: Plan, count: int, mode: str, *, run_id: str = "bench") -> lis
         )
         for i in range(count)
     ]
+
+
+def first_call_modes(plan: Plan, level: str) -> tuple[str, ...]:
+    """The DeepCache modes a level's Engine meets in the run: the table's and the end-to-end
+    one, and the matrix's for ``off`` (the matrix runs on it). A compiled level compiles
+    only what it will run: the plain step only if the table has DeepCache off."""
+    modes = (*plan.table_modes, E2E_MODE, *(plan.matrix_modes if level == "off" else ()))
+    return tuple(dict.fromkeys(modes))
 
 
 def levels_for(plan: Plan, device: str) -> tuple[str, ...]:

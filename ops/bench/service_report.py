@@ -67,7 +67,23 @@ def markdown(results: dict[str, Any], title: str) -> list[str]:
         lines += ["", f"First calls per Engine (compiling, at compile and graphs): {calls}."]
     if results.get("worker_start_s"):
         starts = ", ".join(f"{key}: {seconds:.0f} s" for key, seconds in results["worker_start_s"].items())
-        lines.append(f"Worker start to ready (level batch; compiled levels warm their shape first): {starts}.")
+        lines.append(
+            f"Worker start to ready (level batch; started side by side; compiled levels warm their shape first): "
+            f"{starts}."
+        )
+    captured = {level: e for level, e in (results.get("engines") or {}).items() if "cuda_graphs" in e}
+    for level, described in captured.items():
+        lines.append(
+            f"CUDA graphs held by the {level} Engine after the run's first calls: {described['cuda_graphs']}"
+            + (
+                f"; shapes left uncaptured: {described['cuda_graphs_uncaptured']}"
+                if "cuda_graphs_uncaptured" in described
+                else ""
+            )
+            + "."
+        )
+    for level, error in (results.get("failed_levels") or {}).items():
+        lines.append(f"Level **{level} left out**: its Engine failed to load or to make its first images: {error}")
     if "warm_restart" in results:
         w = results["warm_restart"]
         lines.append(

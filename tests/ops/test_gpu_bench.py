@@ -72,7 +72,9 @@ def test_gpu_bench_dry_run_on_cpu(tiny_model: Path, sdxl_tiny: Path, compiled_ti
     assert quality["gate_db"] == 50 and set(quality["levels"]) == {"fuse", "compile"}
     assert all(row["passes"] for row in quality["levels"].values()), quality
     assert set(service["first_calls_s"]) == {"off", "fuse", "compile"}
-    assert service["warm_restart"]["level"] == "compile" and len(service["warm_restart"]["start_s"]) == 2
+    restart = service["warm_restart"]
+    assert restart["level"] == "compile" and len(restart["start_s"]) == 2
+    assert "cache_hits" in restart["warm_up_line"] and "cache_misses" not in restart["warm_up_line"], restart
     assert service["worker_main_process_fork_safe"] is True
     assert [run["batch_sizes"] for run in service["runs"]["worker:compile"]["2 3/0"]] == [{"2": 2}]
     assert [run["images"] for run in service["runs"]["embedded:fuse"]["2 3/0"]] == [4]

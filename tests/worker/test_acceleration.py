@@ -134,6 +134,31 @@ def test_captured_shapes_beyond_the_limit_drop_the_least_recently_used(tiny_mode
         assert len(graphs) == 2  # one shape's full and shallow steps
 
 
+def test_a_shape_whose_capture_fails_runs_uncaptured_and_says_so_once(tiny_model, caplog) -> None:
+    """The full step captured, the shallow step's capture failing (as a CUDA capture can, on an
+    op that synchronises): the images are still DeepCache's, and the shape is not tried again."""
+    pipe = load_pipe(tiny_model)
+    expected = helper_images(pipe, 3, 1)
+    captures: list[int] = []
+
+    def fails_second(fn: Any, pool: Any) -> Any:
+        captures.append(1)
+        if len(captures) > 1:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return replay_by_rerun(fn, pool)
+
+    graphs = GraphCache(limit=2, capture=fails_second)
+    steps = CachedSteps(pipe.unet, 1)
+    with caplog.at_level(logging.WARNING, logger="worker.pipeline.cuda_graphs"):
+        for _ in range(2):
+            with stepped(pipe, 3, steps, graphs):
+                got = images(pipe)
+            assert np.array_equal(got, expected)
+    assert len(captures) == 2 and len(graphs) == 0 and len(graphs.uncaptured) == 1
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "could not capture the shallow step" in caplog.records[0].message
+
+
 # --- settings and choices ---------------------------------------------------------------------------
 
 

@@ -189,6 +189,8 @@ class Accelerator:
         described: dict[str, Any] = {"acceleration": self.level}
         if self._graphs is not None:
             described["cuda_graphs"] = len(self._graphs)
+            if self._graphs.uncaptured:
+                described["cuda_graphs_uncaptured"] = len(self._graphs.uncaptured)
         return described
 
     def _fuse(self) -> None:

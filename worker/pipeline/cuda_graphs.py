@@ -7,7 +7,8 @@ which is DeepCache's cache without a copy.
 
 Replays cost one launch instead of hundreds, which is what the shallow steps (a few small
 modules at batch 8) are bound by. The capture itself needs CUDA; ``replay_by_rerun`` gives the
-same static-buffer behaviour on any device, so the tests cover everything else.
+same static-buffer behaviour on any device, so the tests cover everything else. A shape whose
+capture fails (other than for memory) runs compiled, uncaptured, from then on, said once.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class GraphCache:
         self._capture = capture or capture_cuda
         self._entries: OrderedDict[tuple[Any, ...], dict[Step, Captured]] = OrderedDict()
         self._pools: dict[tuple[Any, ...], Any] = {}
+        self.uncaptured: set[tuple[Any, ...]] = set()  # shapes whose capture failed: run as they are
 
     def __len__(self) -> int:
         return sum(len(entry) for entry in self._entries.values())
@@ -126,6 +128,8 @@ class GraphCache:
         self, steps: CachedSteps, step: Step, reuse: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Any, tuple[Any, ...]]:
         key = (steps, *signature(args, kwargs))  # the steps themselves: their wrappers are captured
+        if key in self.uncaptured:
+            return steps.run(step, reuse, *args, **kwargs)
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = {}
@@ -134,7 +138,20 @@ class GraphCache:
         self._entries.move_to_end(key)
         if step not in entry:
             # A shallow step is captured reading the full step's static outputs (``reuse``).
-            entry[step] = self._captured(key, lambda *a, **k: steps.run(step, reuse, *a, **k), args, kwargs)
+            try:
+                entry[step] = self._captured(key, lambda *a, **k: steps.run(step, reuse, *a, **k), args, kwargs)
+            except Exception as error:
+                if "out of memory" in str(error).lower():
+                    raise
+                logger.warning(
+                    "could not capture the %s step as a CUDA graph (%s); this shape runs uncaptured",
+                    step.value,
+                    str(error).splitlines()[0][:300] if str(error) else type(error).__name__,
+                )
+                self.uncaptured.add(key)
+                self._entries.pop(key, None)
+                self._pools.pop(key, None)
+                return steps.run(step, reuse, *args, **kwargs)
         output, kept = entry[step](args, kwargs)
         # The next replay overwrites the static output; a scheduler may keep the one it got
         # (PNDM's history does, unguided). The kept features stay static: that is the cache.
