@@ -45,7 +45,7 @@ def test_gpu_bench_dry_run_on_cpu(tiny_model: Path, sdxl_tiny: Path, compiled_ti
     args = ["--model", str(tiny_model), "--device", "cpu", "--size", "64", "--steps", "3", "--rounds", "1"]
     args += ["--batches", "2", "--jobs", "2:4", "--e2e-rounds", "1", "--out", str(tmp_path), "--name", "dry"]
     args += ["--sdxl-model", str(sdxl_tiny), "--sdxl-size", "64", "--sdxl-batch", "2", "--sdxl-jobs", "2"]
-    args += ["--sdxl-rounds", "1", "--sdxl-levels", "off,fuse"]
+    args += ["--sdxl-rounds", "1", "--sdxl-levels", "off,fuse", "--table-modes", "off,3/0,5/0", "--restarts", "2"]
     args += ["--compile-cache", str(compiled_tiny)]  # the run's: the tiny model's kernels are read back
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("OUT", None)

@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 
 Level = Literal["off", "fuse", "compile", "graphs"]
 LEVELS: tuple[Level, ...] = ("off", "fuse", "compile", "graphs")
-#: ``auto`` on CUDA. ``fuse`` until a GPU benchmark shows a compiled level passing the quality
-#: gate faster (ops/bench/README.md); on CPU ``auto`` is ``off``.
-CUDA_DEFAULT: Level = "fuse"
+#: ``auto`` on CUDA: the fastest level that passed the quality gate on the GPU benchmark (H200,
+#: SD1.5 architecture: the worker at 1.48x DeepCache's recipe at batch 8, 4.75x at batch 1, PSNR
+#: 56 dB; ops/bench/results/gpu-2026-12-04-h200.md). On CPU ``auto`` is ``off``.
+CUDA_DEFAULT: Level = "graphs"
 #: Compiled graphs dynamo keeps per step function before it falls back to eager: three step
 #: kinds for every (size, batch size, guidance on/off, DeepCache branch) a worker serves.
 RECOMPILE_LIMIT = 256
