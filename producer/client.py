@@ -149,15 +149,11 @@ class Client:
         self._check_not_cancelled(run_id)
         recipe = run_recipe(run_wide, run_id=run_id, run_seed=seed)
         new_recipe = self._check_recipe(run_id, recipe, allow_recipe_change)
-        resend = {None, JobState.FAILED} | ({JobState.QUEUED} if resend_queued else set())
         sent = 0
         try:
             with tqdm(total=total, unit="job", desc="enqueue", disable=not progress) as bar:
                 for chunk in chunked(validated(rows, run_id=run_id, defaults=run_wide, run_seed=seed), SUBMIT_CHUNK):
-                    states = self._store.states(run_id, [job.job_id for job in chunk])
-                    to_send = [job for job, state in zip(chunk, states, strict=True) if state in resend]
-                    self._send(run_id, grouped_by_shape(to_send))
-                    sent += len(to_send)
+                    sent += self._claim_and_send(run_id, chunk, resend_queued=resend_queued)
                     bar.update(len(chunk))
         except BaseException:
             if new_recipe and not sent:  # nothing of it was sent: a corrected resubmit may choose again
@@ -220,6 +216,30 @@ class Client:
                 self.settings.broker_url, socket_timeout=30, socket_connect_timeout=10
             )
         return self._broker_client
+
+    def _claim_and_send(self, run_id: str, chunk: list[Job], *, resend_queued: bool) -> int:
+        """Claim the chunk's new and failed jobs (and queued ones, with ``resend_queued``), then
+        publish what was claimed: of producers submitting one run at once, each job is sent
+        once. A publish that fails gives its claims back, so submitting again sends them (and a
+        job whose message was flushed before the failure runs once all the same); where Redis
+        is gone for that too, the error says to submit again with ``resend_queued``. Returns
+        how many were sent."""
+        claimed = self._store.claim_queued(
+            run_id, {job.job_id: job.model_dump_json(exclude_none=True) for job in chunk}, resend_queued=resend_queued
+        )
+        to_send = [job for job in chunk if job.job_id in claimed]
+        try:
+            publish(self._broker(), self.settings.queue, grouped_by_shape(to_send))
+        except BaseException as error:
+            try:
+                self._store.unclaim(run_id, claimed)
+            except redis.RedisError:
+                raise redis.ConnectionError(
+                    f"{error}; {len(claimed)} jobs of run {run_id!r} are marked queued but may not have been "
+                    f"sent: once Redis answers, submit again with --resend-queued (or deepqueue retry {run_id})"
+                ) from error
+            raise
+        return len(to_send)
 
     def _send(self, run_id: str, jobs: list[Job]) -> None:
         """Publish ``jobs``, then mark them queued. A chunk that fails to publish is not marked,

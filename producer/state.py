@@ -14,7 +14,8 @@ live together):
   deleted_at (a deleted run's tombstone, kept ``TOMBSTONE_S`` so its messages still queued
   recreate nothing)
 - ``deepqueue:{run}:minutes`` hash  minute (Unix time // 60) -> jobs done in it: the run's rate
-- ``deepqueue:runs``          zset  run ids by first submission time
+- ``deepqueue:runs``          zset  run ids by first submission time (a run no client submitted,
+  by its first job's start)
 - ``deepqueue:deleted``       zset  deleted run ids by first submission time, while their
   tombstones last: ``prune --outputs`` still finds their files
 
@@ -186,9 +187,14 @@ class RunStore:
         return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10))
 
     def mark(self, run_id: str, job_id: str, state: JobState, **details: Any) -> bool:
-        """Move one job to ``state``; False if its current state forbids that."""
+        """Move one job to ``state``; False if its current state forbids that. A job that starts
+        lists its run (if it is not yet) at the time it started: a run sent by any producer,
+        a plain Celery ``send_task`` one too, is then in ``runs`` and ``prune``."""
         record = json.dumps({"state": state.value, "at": time.time(), **details})
-        return bool(self._transition(keys=_transition_keys(run_id), args=[state.value, job_id, record, ""]))
+        moved = bool(self._transition(keys=_transition_keys(run_id), args=[state.value, job_id, record, ""]))
+        if moved and state is JobState.RUNNING:
+            self._redis.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
+        return moved
 
     def states(self, run_id: str, job_ids: Sequence[str]) -> list[JobState | None]:
         """Each job's state (None: never submitted), in one round trip."""
@@ -206,6 +212,30 @@ class RunStore:
             args = [value for job_id, job in items[start : start + MARK_BATCH] for value in (job_id, record, job)]
             self._transition(keys=_transition_keys(run_id), args=[JobState.QUEUED.value, *args], client=pipe)
         pipe.execute()
+
+    def claim_queued(self, run_id: str, sent: Mapping[str, str], *, resend_queued: bool = False) -> dict[str, str]:
+        """Before sending: mark queued those of ``sent`` (job_id -> the job as sent, JSON) that are
+        new or failed (``resend_queued``: or queued), keeping each until it is done, and return
+        them, each with the record it had ('' for a new job), for ``unclaim``. One call per
+        ``MARK_BATCH`` jobs: producers racing one run claim, and so send, each job once."""
+        self._redis.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
+        record = json.dumps({"state": JobState.QUEUED.value, "at": time.time()})
+        mode = "claim+queued" if resend_queued else "claim"
+        items = list(sent.items())
+        claimed: dict[str, str] = {}
+        for start in range(0, len(items), MARK_BATCH):
+            args = [value for job_id, job in items[start : start + MARK_BATCH] for value in (job_id, record, job)]
+            raw = self._transition(keys=_transition_keys(run_id), args=[mode, *args])
+            if raw:  # 0 in a deleted run
+                claimed.update(zip((v.decode() for v in raw[0::2]), (v.decode() for v in raw[1::2]), strict=True))
+        return claimed
+
+    def unclaim(self, run_id: str, claimed: Mapping[str, str]) -> None:
+        """Put back what ``claim_queued`` took, for jobs still queued (their publish failed)."""
+        items = list(claimed.items())
+        for start in range(0, len(items), MARK_BATCH):
+            args = [value for pair in items[start : start + MARK_BATCH] for value in pair]
+            self._transition(keys=_transition_keys(run_id), args=["unclaim", *args])
 
     def pending(self, run_id: str, job_ids: Sequence[str]) -> list[str | None]:
         """The jobs as sent (JSON) of these unfinished jobs; None where none was kept (a job

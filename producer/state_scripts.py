@@ -16,10 +16,36 @@ reviewed as such; ``RunStore`` only packs their keys and arguments.
 # The state 'drop' is a worker's question about messages of a run it believes stopped: in a live
 # run nothing is written and -1 is returned; in a cancelled run the jobs end as a start would end
 # them (cancelled, unless final); in a deleted one nothing is written (0).
+# The states 'claim' and 'claim+queued' are a producer's, before it sends: each job moves to
+# 'queued' only if it is new or failed (or, with '+queued', queued already), and the script returns
+# each claimed id with the record it had ('' for a new job), so producers racing one run each
+# send only what they claimed: every job once. 'unclaim' (ARGV: id, record pairs, as a claim
+# returned them) puts back jobs still queued after their publish failed.
 TRANSITION = """
 if redis.call('HEXISTS', KEYS[8], 'deleted_at') == 1 then return 0 end
 local asked = ARGV[1]
 local cancelled = redis.call('HEXISTS', KEYS[8], 'cancelled_at') == 1
+local sets = {queued = KEYS[2], running = KEYS[3], done = KEYS[4], failed = KEYS[5], cancelled = KEYS[6]}
+if asked == 'unclaim' then
+  for i = 2, #ARGV, 2 do
+    local id, before = ARGV[i], ARGV[i + 1]
+    local current = redis.call('HGET', KEYS[1], id)
+    if current and cjson.decode(current)['state'] == 'queued' then
+      redis.call('SREM', KEYS[2], id)
+      if before == '' then
+        redis.call('HDEL', KEYS[1], id)
+        redis.call('HDEL', KEYS[7], id)
+      else
+        redis.call('HSET', KEYS[1], id, before)
+        redis.call('SADD', sets[cjson.decode(before)['state']], id)
+      end
+    end
+  end
+  return 0
+end
+local claim = asked == 'claim' or asked == 'claim+queued'
+local claimed = {}
+if claim then asked = 'queued' end
 if asked == 'drop' then
   if not cancelled then return -1 end
   asked = 'running'
@@ -28,7 +54,6 @@ local new = asked
 if (new == 'running' or new == 'queued') and cancelled then
   new = 'cancelled'
 end
-local sets = {queued = KEYS[2], running = KEYS[3], done = KEYS[4], failed = KEYS[5], cancelled = KEYS[6]}
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 local moved = 0
@@ -39,7 +64,12 @@ for i = 2, #ARGV, 3 do
   local final = old == 'done' or (old == 'cancelled' and new ~= 'queued')
   local allowed = not final and not (asked == 'queued' and old == 'running')
     and not (asked == 'cancelled' and old and old ~= 'queued')
+    and not (claim and old and old ~= 'failed' and not (old == 'queued' and ARGV[1] == 'claim+queued'))
   if allowed then
+    if claim and new == asked then
+      claimed[#claimed + 1] = id
+      claimed[#claimed + 1] = current or ''
+    end
     local record = ARGV[i + 1]
     if new ~= asked then record = cjson.encode({state = new, at = now, reason = 'run cancelled'}) end
     redis.call('HSET', KEYS[1], id, record)
@@ -55,6 +85,7 @@ for i = 2, #ARGV, 3 do
     if new == asked then moved = moved + 1 end
   end
 end
+if claim then return claimed end
 return moved
 """
 

@@ -29,6 +29,7 @@ from tests.helpers import SIDECAR_FIELDS, TIMING_FIELDS
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SIZES = [(64, 64), (96, 64), (64, 96)]  # (width, height)
+DONE = JobState.DONE
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +177,25 @@ def test_a_bad_message_fails_alone_and_its_batch_peers_succeed(stack):
     while broker.llen("deepqueue") or broker.hlen("unacked"):
         assert time.monotonic() < deadline, "messages left in the broker"
         time.sleep(0.2)
+
+
+def test_a_run_sent_by_plain_celery_is_listed_and_pruned(stack):
+    """A producer that is not deepqueue's client (``send_task``, one message per job): the run
+    is in ``runs`` once a worker starts it, and ``prune`` deletes it once finished."""
+    with client_for(stack) as client:
+        jobs = client.prepare(["by celery one", "by celery two"], run="itest-celery", steps=4, width=64, height=64)
+        app = producer_app(client.settings)
+        with app.producer_or_acquire() as producer:
+            for job in jobs:
+                app.send_task(TASK_NAME, args=[job.model_dump(mode="json")], task_id=job.job_id, producer=producer)
+        deadline = time.monotonic() + 120
+        while not client._store.exists("itest-celery") or client.run("itest-celery").status().counts[DONE] < 2:
+            assert time.monotonic() < deadline, "the celery-sent jobs did not finish"
+            time.sleep(0.2)
+        assert "itest-celery" in client.runs()
+        assert "itest-celery" in client.prune(older_than_s=0, dry_run=True)
+        client.prune(older_than_s=0)
+        assert "itest-celery" not in client.runs() and client.deleted("itest-celery")
 
 
 def test_cli_submit_wait_over_three_resolutions(stack, tmp_path):

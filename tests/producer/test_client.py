@@ -405,6 +405,84 @@ def test_concurrent_first_submits_of_one_run_record_one_recipe(redis_urls, store
     assert store.counts("race")[QUEUED] == 1
 
 
+def _submit_in_a_process(broker: str, backend: str, prompts: list[str], start: object, sent: object) -> None:
+    """One producer; all four pass the recipe check, then send at the same moment (the widest
+    race there is: with check-then-send, each of them saw every job new and sent it)."""
+    claim_recipe = RunStore.claim_recipe
+
+    def then_wait(self: RunStore, *args: object, **kwargs: object) -> object:
+        recorded = claim_recipe(self, *args, **kwargs)
+        start.wait()  # type: ignore[attr-defined]
+        return recorded
+
+    RunStore.claim_recipe = then_wait  # type: ignore[method-assign]
+    with Client(broker, backend) as client:
+        sent.put(client.submit(prompts, run="raced", steps=4).submitted)  # type: ignore[attr-defined]
+
+
+def test_four_producers_racing_one_new_run_send_each_job_once(redis_urls, store):
+    """Four processes submit the same new 500-job run at the same moment: 500 messages in all
+    (each job is claimed before it is sent), every job queued, the submitted counts adding up."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start, sent = context.Barrier(4), context.Queue()
+    prompts = [f"prompt {i}" for i in range(500)]
+    producers = [
+        context.Process(target=_submit_in_a_process, args=(*redis_urls, prompts, start, sent)) for _ in range(4)
+    ]
+    for process in producers:
+        process.start()
+    for process in producers:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    assert redis.Redis.from_url(redis_urls[0]).llen("deepqueue") == 500
+    assert sum(sent.get(timeout=5) for _ in producers) == 500
+    assert len({m["headers"]["id"] for m in messages(redis_urls[0])}) == 500
+    assert store.counts("raced")[QUEUED] == 500
+
+
+def test_a_publish_that_fails_gives_its_claims_back(client, redis_urls, store, monkeypatch):
+    """The broker refusing the publish (mocked: a Redis that fails between two commands of one
+    submit cannot be caused on purpose) leaves no job marked queued, so submitting again sends them."""
+    import producer.client
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise redis.ConnectionError("broker went away")
+
+    client.submit(["done already"], run="refused", steps=4)
+    [done] = [result.job_id for result in store.results("refused")]
+    store.mark("refused", done, RUNNING)
+    store.mark("refused", done, DONE)
+    monkeypatch.setattr(producer.client, "publish", refused)
+    with pytest.raises(redis.ConnectionError):
+        client.submit(["done already", "a", "b"], run="refused", steps=4)
+    assert store.counts("refused") == {QUEUED: 0, RUNNING: 0, DONE: 1, FAILED: 0, CANCELLED: 0}
+    assert store.pending("refused", [done]) == [None]
+    monkeypatch.undo()
+    again = client.submit(["done already", "a", "b"], run="refused", steps=4)
+    assert (again.submitted, again.skipped) == (2, 1)
+    assert redis.Redis.from_url(redis_urls[0]).llen("deepqueue") == 3  # the first submit's one, then two
+
+
+def test_claims_that_cannot_be_given_back_say_how_to_send_them(client, redis_urls, store, monkeypatch):
+    """Redis gone for the publish and for the give-back too (mocked, as above): the error says
+    what to do, and doing it sends every job."""
+    import producer.client
+
+    def gone(*args: object, **kwargs: object) -> None:
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(producer.client, "publish", gone)
+    monkeypatch.setattr(RunStore, "unclaim", gone)
+    with pytest.raises(redis.ConnectionError, match="2 jobs of run 'gone' are marked queued.*--resend-queued"):
+        client.submit(["a", "b"], run="gone", steps=4)
+    monkeypatch.undo()
+    assert client.submit(["a", "b"], run="gone", steps=4).submitted == 0  # claimed: a plain submit skips them
+    assert client.submit(["a", "b"], run="gone", steps=4, resend_queued=True).submitted == 2
+    assert redis.Redis.from_url(redis_urls[0]).llen("deepqueue") == 2
+
+
 def test_the_recipe_key_lives_with_the_run(client, redis_urls):
     client.submit(["a"], run="tagged")
     keys = sorted(key.decode() for key in redis.Redis.from_url(redis_urls[1]).keys("deepqueue:{tagged}:*"))

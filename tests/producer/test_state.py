@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import redis
 
-from producer.layout import RUNS_KEY
+from producer.layout import RUNS_KEY, state_key
 from producer.state import STATES, JobResult, JobState, RunStatus, RunStore, format_duration, images_per_s, rate_minutes
 
 RUN = "run-a"
@@ -370,3 +370,42 @@ def test_store_status_has_the_rate_and_eta(store):
     status = store.status(RUN)
     assert status.images_per_s > 0 and status.eta_s == pytest.approx(1 / status.images_per_s)
     assert format_duration(42) == "42s" and format_duration(185) == "3m05s" and format_duration(7620) == "2h07m"
+
+
+def test_a_claim_takes_new_and_failed_jobs_once_and_a_failed_publish_gives_them_back(store):
+    store.mark_queued(RUN, sent(["q", "r", "d", "f"]))
+    store.mark(RUN, "r", RUNNING)
+    store.mark(RUN, "d", DONE)
+    store.mark(RUN, "f", FAILED, reason="boom")
+    failed_record = store._redis.hget(state_key(RUN, "jobs"), "f").decode()
+    claimed = store.claim_queued(RUN, sent(["q", "r", "d", "f", "new"]))
+    assert claimed == {"f": failed_record, "new": ""}
+    assert store.claim_queued(RUN, sent(["q", "r", "d", "f", "new"])) == {}  # a second producer: nothing
+    assert set(store.claim_queued(RUN, sent(["q", "f", "new"]), resend_queued=True)) == {"q", "f", "new"}
+    store.unclaim(RUN, claimed)
+    assert store.states(RUN, ["q", "r", "d", "f", "new"]) == [QUEUED, RUNNING, DONE, FAILED, None]
+    assert store.get(RUN, "f").reason == "boom"
+    assert store.pending(RUN, ["new"]) == [None]
+    assert consistent_counts(store, RUN) == {QUEUED: 1, RUNNING: 1, DONE: 1, FAILED: 1, CANCELLED: 0}
+
+
+def test_an_unclaim_leaves_jobs_a_worker_took_meanwhile(store):
+    claimed = store.claim_queued(RUN, sent(["taken", "left"]))
+    store.mark(RUN, "taken", RUNNING)  # its message was flushed before the publish failed
+    store.unclaim(RUN, claimed)
+    assert store.states(RUN, ["taken", "left"]) == [RUNNING, None]
+
+
+def test_a_claim_in_a_cancelled_run_queues_nothing(store):
+    store.mark_queued(RUN, sent(["a"]))
+    store.cancel(RUN)
+    assert store.claim_queued(RUN, sent(["b"])) == {}
+    assert store.states(RUN, ["a", "b"]) == [CANCELLED, CANCELLED]
+
+
+def test_a_run_no_client_submitted_is_listed_when_its_first_job_starts(store):
+    store.mark("by-hand", "j0", RUNNING)
+    assert "by-hand" in store.runs()
+    at = dict(store.runs_since())["by-hand"]
+    store.mark("by-hand", "j1", RUNNING)
+    assert dict(store.runs_since())["by-hand"] == at  # listed once, at its first start
