@@ -29,6 +29,12 @@ from producer.state import JobState, RunStatus, format_duration
     metavar="K",
     help="With --wait: then audit K of the images against DeepCache off (see deepqueue audit).",
 )
+@click.option(
+    "--model",
+    metavar="ALIAS",
+    help="The model to run on: jobs go to the workers started with DEEPQUEUE_MODEL_ALIAS=ALIAS "
+    "[default: the workers of the plain queue].",
+)
 @click.option("--resend-queued", is_flag=True, help="Also send jobs still queued (after the queue itself was lost).")
 @click.option(
     "--allow-recipe-change",
@@ -44,6 +50,7 @@ def submit(
     resend_queued: bool,
     allow_recipe_change: bool,
     audit_sample: int | None,
+    model: str | None,
     **flags: Any,
 ) -> None:
     """Validate FILE (.txt, .jsonl, .csv, .tsv, .json, .parquet; the text ones also .gz) and
@@ -53,7 +60,7 @@ def submit(
     queued ones). A run keeps the recipe flags of its first submit: a submit of the same run
     with others is refused, unless --allow-recipe-change.
     """
-    defaults = recipe_defaults(**flags)
+    defaults = recipe_defaults(**flags) | ({"model": model} if model else {})
     if audit_sample and not wait_:
         raise click.UsageError("--audit needs --wait (or run `deepqueue audit RUN --sample K` once the run is done)")
     with Client() as client:
@@ -78,6 +85,13 @@ def submit(
         if new:
             click.echo(named)
         click.echo(f"run {run.run_id}: {run.submitted} jobs enqueued, {run.skipped} already queued, running or done")
+        queue = client.model_queue(model)
+        if model and not client.workers(queue=queue):
+            click.echo(
+                f"no worker serves model {model!r} (queue {queue!r}) now: the jobs wait there until one starts "
+                f"with DEEPQUEUE_MODEL_ALIAS={model}",
+                err=True,
+            )
         if wait_:
             finish_run(client, run, timeout, audit_sample=audit_sample)
 

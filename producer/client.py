@@ -34,7 +34,7 @@ from producer.job import (
     run_recipe,
     validated,
 )
-from producer.layout import DEAD_LETTERS_KEY, WORKERS_KEY, images_prefix, run_prefix
+from producer.layout import DEAD_LETTERS_KEY, WORKER_QUEUES_KEY, WORKERS_KEY, images_prefix, model_queue, run_prefix
 from producer.run import Run
 from producer.settings import ClientSettings, redact_url
 from producer.sources import Rows, Source
@@ -67,9 +67,14 @@ def chunked(items: Iterable[Job | list[tuple[str, str]]], size: int) -> Iterator
         yield chunk
 
 
-def live_workers(broker: redis.Redis, since: float) -> set[str]:
-    """Workers that renewed their leases after ``since`` (see worker.delivery.leases)."""
-    return {name.decode() for name, at in broker.hgetall(WORKERS_KEY).items() if float(at) > since}
+def live_workers(broker: redis.Redis, since: float, queue: str | None = None) -> set[str]:
+    """Workers that renewed their leases after ``since`` (see worker.delivery.leases); with
+    ``queue``, only those serving it (a worker that does not say serves the plain queue)."""
+    alive = {name.decode() for name, at in broker.hgetall(WORKERS_KEY).items() if float(at) > since}
+    if queue is None:
+        return alive
+    serving = {name.decode(): served.decode() for name, served in broker.hgetall(WORKER_QUEUES_KEY).items()}
+    return {name for name in alive if serving.get(name) == queue}
 
 
 def run_id_or_new(run: str | None) -> str:
@@ -340,9 +345,14 @@ class Client:
     def _storage(self) -> Storage:
         return make_storage(self.settings, check=False)
 
-    def workers(self, *, gone_after_s: float = WORKER_GONE_S) -> set[str]:
-        """The workers that renewed their leases in the last ``gone_after_s`` (serving now)."""
-        return live_workers(self._broker(), time.time() - gone_after_s)
+    def workers(self, *, queue: str | None = None, gone_after_s: float = WORKER_GONE_S) -> set[str]:
+        """The workers that renewed their leases in the last ``gone_after_s`` (serving now); with
+        ``queue``, those serving it (``model_queue``)."""
+        return live_workers(self._broker(), time.time() - gone_after_s, queue)
+
+    def model_queue(self, model: str | None) -> str:
+        """The queue of the workers serving model alias ``model`` (None: the plain queue)."""
+        return model_queue(self.settings.queue, model)
 
     def run_times(self) -> dict[str, float]:
         """Every submitted run and the time of its first submit, oldest first."""

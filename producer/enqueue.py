@@ -26,6 +26,7 @@ from celery import Celery
 
 from producer.contract import TASK_NAME, celery_config
 from producer.job import Job
+from producer.layout import model_queue
 from producer.settings import ClientSettings
 
 #: Messages per LPUSH (and per pipeline flush).
@@ -65,15 +66,20 @@ def queue_message(job: Job, *, queue: str, enqueued_at: float) -> str:
 
 
 def publish(broker: redis.Redis, queue: str, jobs: Sequence[Job]) -> None:
-    """Put one message per job on ``queue``, the first job first out; the task id is the job id.
+    """Put one message per job on its model's queue (``queue`` for jobs that name no model), the
+    first job first out; the task id is the job id.
 
     Raises redis-py's errors if a flush fails (the messages of earlier flushes are queued).
     """
     now = time.time()
+    by_queue: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_queue.setdefault(model_queue(queue, job.model), []).append(job)
     pipe = broker.pipeline(transaction=False)
-    for start in range(0, len(jobs), PUBLISH_BATCH):
-        batch = jobs[start : start + PUBLISH_BATCH]
-        pipe.lpush(queue, *(queue_message(job, queue=queue, enqueued_at=now) for job in batch))
-        if len(pipe) >= 8:
-            pipe.execute()
+    for name, queued in by_queue.items():
+        for start in range(0, len(queued), PUBLISH_BATCH):
+            batch = queued[start : start + PUBLISH_BATCH]
+            pipe.lpush(name, *(queue_message(job, queue=name, enqueued_at=now) for job in batch))
+            if len(pipe) >= 8:
+                pipe.execute()
     pipe.execute()

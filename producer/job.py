@@ -33,6 +33,9 @@ CACHE_SAFE_SCHEDULERS = tuple(name for name in get_args(SchedulerName) if name n
 ImageFormat = Literal["png", "webp", "jpeg"]
 RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
+#: A model as the workers that serve it name it (``DEEPQUEUE_MODEL_ALIAS``): also a queue-name
+#: suffix and a Kubernetes name part, hence lowercase.
+ModelAlias = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]
 _RUN_ID = TypeAdapter(RunId)
 
 
@@ -55,6 +58,9 @@ class JobDefaults(BaseModel):
     cache_interval: int | None = Field(None, ge=1, le=MAX_CACHE_INTERVAL)
     cache_branch: int | None = Field(None, ge=0, le=MAX_CACHE_BRANCH)
     format: ImageFormat = "png"
+    #: The model alias whose workers run the job (its queue: ``producer.layout.model_queue``);
+    #: None: the workers of the plain queue, whatever model they serve.
+    model: ModelAlias | None = None
 
     @field_validator("height", "width", "steps", "guidance", "cache_interval", "cache_branch", mode="before")
     @classmethod
@@ -116,8 +122,9 @@ class Job(JobDefaults):
         return value
 
     def recipe(self) -> dict[str, Any]:
-        """Everything that decides the pixels (all fields but the run id and position)."""
-        return self.model_dump(exclude={"run_id", "index"})
+        """Everything that decides the pixels (all fields but the run id and position; the
+        model only when named, so jobs of runs that name none keep the ids they always had)."""
+        return self.model_dump(exclude={"run_id", "index", *(() if self.model else ("model",))})
 
     @cached_property
     def job_id(self) -> str:
@@ -158,7 +165,7 @@ def run_recipe(defaults: JobDefaults, *, run_id: str, run_seed: int | None) -> d
     set of jobs (see ``Client.submit``).
     """
     seed = run_seed_for(run_id) if run_seed is None else run_seed
-    return {**defaults.model_dump(mode="json"), "seed": seed}
+    return {**defaults.model_dump(mode="json", exclude=set() if defaults.model else {"model"}), "seed": seed}
 
 
 def recipe_differences(recorded: Mapping[str, Any], recipe: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:

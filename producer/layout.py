@@ -129,6 +129,8 @@ DELETED_KEY = "deepqueue:deleted"
 
 #: Broker hash: worker name -> time of its last lease renewal (see worker.delivery.leases).
 WORKERS_KEY = "deepqueue:workers"
+#: Broker hash: worker name -> the queue it serves (its model's, see ``model_queue``).
+WORKER_QUEUES_KEY = "deepqueue:worker-queues"
 #: Broker list of the messages workers dropped as unreadable (newest first), for ``deepqueue dead-letters``.
 DEAD_LETTERS_KEY = "deepqueue:dead-letters"
 
@@ -137,3 +139,9 @@ def state_key(run_id: str, name: str) -> str:
     """``deepqueue:{run}:{name}``: one of the run's keys in the result backend (``jobs``, a job
     state, ``pending``, ``losses``, ``recipes``, ``meta``, ``minutes``)."""
     return f"deepqueue:{{{run_id}}}:{name}"
+
+
+def model_queue(queue: str, alias: str | None) -> str:
+    """The queue of the workers that serve model ``alias`` (``DEEPQUEUE_MODEL_ALIAS``):
+    ``{queue}.{alias}``; jobs that name no model, and workers that declare none, use ``queue``."""
+    return f"{queue}.{alias}" if alias else queue

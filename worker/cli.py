@@ -78,7 +78,7 @@ def start_worker(*, overrides: dict[str, Any], loglevel: str, extra: list[str]) 
         # say which workers live; its restart after every lost connection logged a traceback.
         "--without-gossip",
         f"--loglevel={loglevel}",
-        f"--queues={settings.queue}",
+        f"--queues={settings.serving_queue}",
         *extra,
     ]
     if not _names_node(extra):

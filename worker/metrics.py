@@ -229,7 +229,7 @@ class WorkerMetrics:
             cache_interval=str(settings.cache_interval),
             cache_branch=str(settings.cache_branch),
             max_batch=str(settings.max_batch),
-            queue=settings.queue,
+            queue=settings.serving_queue,
         ).set(1)
         if report.get("load_s") is not None:
             self.model_load.set(report["load_s"])

@@ -51,14 +51,14 @@ class WorkerRuntime:
         leases = Leases(
             settings.broker_url,
             transport_options,
-            queue=settings.queue,
+            queue=settings.serving_queue,
             name=name,
             renew_s=settings.lease_renew_s,
             expiry_s=settings.lease_expiry_s,
         )
         metrics = WorkerMetrics()
         metrics.describe_worker(settings, {})
-        metrics.registry.register(QueueDepth(settings.broker_url, settings.queue, transport_options))
+        metrics.registry.register(QueueDepth(settings.broker_url, settings.serving_queue, transport_options))
         return cls(settings, name, leases, metrics)
 
     def pool_process(self) -> pool.PoolProcess:

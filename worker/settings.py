@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from producer.job import MAX_CACHE_BRANCH, MAX_CACHE_INTERVAL, SchedulerName, cache_problem
+from producer.job import MAX_CACHE_BRANCH, MAX_CACHE_INTERVAL, ModelAlias, SchedulerName, cache_problem
+from producer.layout import model_queue
 from producer.settings import ClientSettings
 from worker.delivery.batching import RecipeDefaults
 from worker.pipeline import model as model_files
@@ -21,6 +22,11 @@ class WorkerSettings(ClientSettings):
         description="diffusers model id on the Hub or a local folder (SD 1.x/2.x or SDXL)",
     )
     model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    model_alias: ModelAlias | None = Field(
+        None,
+        description="The name runs use for this model (submit --model ALIAS): the worker serves the queue "
+        "{DEEPQUEUE_QUEUE}.{alias} and records the alias in every sidecar; unset: the plain queue",
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="auto: float16 on CUDA, float32 on CPU"
@@ -116,6 +122,11 @@ class WorkerSettings(ClientSettings):
     def _warm_shapes_parse(cls, value: str) -> str:
         parse_warm_shapes(value)
         return value
+
+    @property
+    def serving_queue(self) -> str:
+        """The queue this worker consumes: its model alias's, or the plain one."""
+        return model_queue(self.queue, self.model_alias)
 
     @property
     def warm_shape_list(self) -> list[tuple[int, int, int]]:

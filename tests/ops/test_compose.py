@@ -116,7 +116,7 @@ def full_config(compose_bin: str) -> dict:
 # --------------------------------------------------------------------------- compose
 
 
-@pytest.mark.parametrize("profiles", [(), ("cpu",), ("gpu",), ("gpu", "cpu")], ids=str)
+@pytest.mark.parametrize("profiles", [(), ("cpu",), ("gpu",), ("gpu", "cpu"), ("gpu", "sdxl")], ids=str)
 def test_compose_config_is_valid(compose_bin: str, profiles: tuple[str, ...]) -> None:
     args: list[str] = []
     for p in profiles:
@@ -136,6 +136,7 @@ def test_profiles_select_the_worker(compose_bin: str) -> None:
     # A laptop never gets the GPU worker (it would fail on the missing nvidia driver).
     assert services("cpu") == infra | {"worker-cpu"}
     assert services("gpu") == infra | {"worker"}
+    assert services("gpu", "sdxl") == infra | {"worker", "worker-sdxl"}
 
 
 def test_redis_persists_and_is_health_checked(full_config: dict) -> None:
@@ -235,6 +236,24 @@ def test_cpu_worker_shares_the_worker_definition(full_config: dict) -> None:
     for key in ("image", "build", "command", "depends_on", "volumes", "stop_grace_period", "healthcheck", "restart"):
         assert cpu[key] == gpu[key], key
     assert cpu["networks"] == gpu["networks"]
+
+
+def test_a_second_model_has_its_own_worker_gpu_and_queue(compose_bin: str) -> None:
+    """`worker-sdxl` is `worker` but for the model, its alias (hence its queue), name and GPU."""
+    services = _config(compose_bin, "gpu", "sdxl")["services"]
+    base, model = services["worker"], services["worker-sdxl"]
+    assert model["profiles"] == ["sdxl"]
+    env = model["environment"]
+    assert (env["DEEPQUEUE_MODEL"], env["DEEPQUEUE_MODEL_ALIAS"]) == ("/models/tiny-sdxl", "sdxl")
+    assert base["environment"]["DEEPQUEUE_MODEL_ALIAS"] is None  # the plain queue, unless set in .env
+    assert [d["device_ids"] for d in _gpu_devices(model)] == [["1"]] != [d["device_ids"] for d in _gpu_devices(base)]
+    strip = {"DEEPQUEUE_MODEL", "DEEPQUEUE_MODEL_ALIAS", "DEEPQUEUE_WORKER_NAME"}
+    assert {k: v for k, v in env.items() if k not in strip} == {
+        k: v for k, v in base["environment"].items() if k not in strip
+    }
+    for key in ("image", "command", "depends_on", "volumes", "healthcheck", "restart", "networks"):
+        assert model[key] == base[key], key
+    assert "make-test-model /models/tiny-sdxl --arch sdxl-tiny" in " ".join(services["model-init"]["command"])
 
 
 def test_flower(full_config: dict) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -278,3 +280,49 @@ def test_keda_scales_the_worker_deployment_on_waiting_plus_reserved(applied: dic
     assert redis["listLength"] == prometheus["threshold"]
     settings = WorkerSettings(max_batch=int(config["DEEPQUEUE_MAX_BATCH"]))
     assert int(redis["listLength"]) >= settings.prefetch_count
+
+
+# --------------------------------------------------------------------------- one more model
+
+
+def _model_manifests(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(K8S / "model.py"), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_another_models_workers_scale_on_its_own_queue(
+    applied: dict, scaledobject_validator: jsonschema.Draft202012Validator
+) -> None:
+    """`ops/k8s/model.py sdxl MODEL`: valid manifests, the base worker's but for the name, the
+    model, its alias (so its queue) and KEDA's triggers; neither Deployment selects the other's pods."""
+    done = _model_manifests("sdxl", "stabilityai/stable-diffusion-xl-base-1.0")
+    assert done.returncode == 0, done.stderr
+    deployment, scaled = yaml.safe_load_all(done.stdout)
+    kubernetes_validate.validate(deployment, OLDEST_K8S, strict=True)
+    scaledobject_validator.validate(scaled)
+    base = applied[("Deployment", "deepqueue-worker")]
+    assert deployment["metadata"]["name"] == scaled["metadata"]["name"] == "deepqueue-worker-sdxl"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "deepqueue-worker-sdxl"
+    ours, theirs = deployment["spec"]["selector"]["matchLabels"], base["spec"]["selector"]["matchLabels"]
+    assert not ours.items() <= base["spec"]["template"]["metadata"]["labels"].items()
+    assert not theirs.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["DEEPQUEUE_MODEL"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    settings = WorkerSettings(
+        queue=applied[("ConfigMap", "deepqueue-config")]["data"]["DEEPQUEUE_QUEUE"],
+        model_alias=env["DEEPQUEUE_MODEL_ALIAS"],
+    )
+    triggers = {t["type"]: t["metadata"] for t in scaled["spec"]["triggers"]}
+    assert triggers["redis"]["listName"] == settings.serving_queue == "deepqueue.sdxl"
+    assert f'queue="{settings.serving_queue}"' in triggers["prometheus"]["query"]
+    # Everything else is the base worker's.
+    base_container = _container(applied, "Deployment", "deepqueue-worker")
+    assert {k: v for k, v in container.items() if k != "env"} == {k: v for k, v in base_container.items() if k != "env"}
+    assert container["env"][2:] == base_container["env"]
+
+
+def test_a_bad_alias_is_refused() -> None:
+    done = _model_manifests("SDXL", "some/model")
+    assert done.returncode == 2 and "alias 'SDXL'" in done.stderr and not done.stdout

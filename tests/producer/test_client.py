@@ -89,6 +89,28 @@ def test_submit_puts_one_valid_message_per_job_on_the_queue(client, redis_urls):
     assert [Job.model_validate(m["args"][0]).prompt for m in sent] == prompts
 
 
+def test_jobs_naming_a_model_go_to_its_queue_and_the_others_to_the_plain_one(client, redis_urls):
+    rows = [{"prompt": "a fox"}, {"prompt": "an owl", "model": "sdxl"}, {"prompt": "a koi", "model": "sd"}]
+    client.submit(rows, run="zoo", steps=4)
+    for queue, prompts in {"deepqueue": ["a fox"], "deepqueue.sdxl": ["an owl"], "deepqueue.sd": ["a koi"]}.items():
+        sent = messages(redis_urls[0], queue)
+        assert [Job.model_validate(m["args"][0]).prompt for m in sent] == prompts
+        assert {json.loads(m["raw"])["properties"]["delivery_info"]["routing_key"] for m in sent} == {queue}
+    assert client.model_queue("sdxl") == "deepqueue.sdxl" and client.model_queue(None) == "deepqueue"
+
+
+def test_workers_by_the_queue_they_serve(client, redis_urls):
+    from producer.layout import WORKER_QUEUES_KEY, WORKERS_KEY
+
+    broker = redis.Redis.from_url(redis_urls[0])
+    now = time.time()
+    broker.hset(WORKERS_KEY, mapping={"a": now, "b": now, "gone": now - 3600})
+    broker.hset(WORKER_QUEUES_KEY, mapping={"a": "deepqueue.sdxl", "b": "deepqueue", "gone": "deepqueue.sdxl"})
+    assert client.workers() == {"a", "b"}
+    assert client.workers(queue="deepqueue.sdxl") == {"a"}
+    assert client.workers(queue=client.model_queue(None)) == {"b"}
+
+
 def test_messages_are_lean_and_read_by_celery_as_its_own(client, redis_urls):
     """The hand-built message: the job once, as JSON text (no base64), no prompt outside the
     body, and Celery's own request machinery reads task, id and arguments from it."""

@@ -228,10 +228,21 @@ def test_cache_breaking_scheduler_refused_in_run_defaults_too():
         JobDefaults(scheduler="heun", cache_interval=2)
 
 
-@pytest.mark.parametrize("field", ["bogus", "Height", "model", "run"])
+@pytest.mark.parametrize("field", ["bogus", "Height", "model_id", "run"])
 def test_unknown_fields_refused(field):
     message = only_problem(**{field: 1})
     assert message == f"{field}: Extra inputs are not permitted, got 1"
+
+
+@pytest.mark.parametrize("alias", ["SDXL", "sd 15", "-sd", "x" * 33, ""])
+def test_a_model_alias_is_a_lowercase_name(alias):
+    assert only_problem(model=alias).startswith("model: String should match pattern")
+
+
+def test_naming_a_model_changes_the_job_id_and_naming_none_keeps_the_old_one():
+    plain, named = one_job(), one_job(model="sdxl")
+    assert plain.job_id == job_id(plain.run_id, plain.index, plain.model_dump(exclude={"run_id", "index", "model"}))
+    assert named.job_id != plain.job_id and named.recipe()["model"] == "sdxl"
 
 
 def test_unknown_fields_refused_in_defaults():

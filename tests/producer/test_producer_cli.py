@@ -15,7 +15,7 @@ from ops.localstack import free_port
 from producer import Job, JobState
 from producer.cli import cli
 from producer.job import derive_seed
-from producer.layout import WORKERS_KEY
+from producer.layout import WORKER_QUEUES_KEY, WORKERS_KEY
 from producer.state import RunStore
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)
@@ -476,6 +476,24 @@ def test_wait_says_when_no_worker_serves_the_queue(env, tmp_path):
     assert "'deepqueue', or the run will not progress" in result.stderr
     redis.Redis.from_url(env[0]).hset(WORKERS_KEY, "gpu0@host:1", time.time())  # a worker renewing its leases
     assert "no worker" not in invoke("wait", "unserved", "--timeout", "0.01").stderr
+
+
+def test_submit_to_a_model_says_when_no_worker_serves_it(env, tmp_path):
+    broker = redis.Redis.from_url(env[0])
+    prompts = str(prompt_file(tmp_path, "p.txt", "a fox\nan owl\n"))
+    result = invoke("submit", prompts, "--run", "for-sdxl", "--model", "sdxl", "--steps", "4")
+    assert result.exit_code == 0, result.output
+    assert "no worker serves model 'sdxl' (queue 'deepqueue.sdxl') now" in result.stderr
+    assert "DEEPQUEUE_MODEL_ALIAS=sdxl" in result.stderr
+    assert (broker.llen("deepqueue.sdxl"), broker.llen("deepqueue")) == (2, 0)
+    broker.hset(WORKERS_KEY, "sd@host:1", time.time())  # a live worker, but of another model
+    broker.hset(WORKER_QUEUES_KEY, "sd@host:1", "deepqueue.sd")
+    assert "no worker serves" in invoke("submit", prompts, "--run", "for-sdxl-2", "--model", "sdxl").stderr
+    broker.hset(WORKERS_KEY, "sdxl@host:1", time.time())
+    broker.hset(WORKER_QUEUES_KEY, "sdxl@host:1", "deepqueue.sdxl")
+    assert "no worker" not in invoke("submit", prompts, "--run", "for-sdxl-3", "--model", "sdxl").stderr
+    refused = invoke("submit", prompts, "--run", "for-sdxl", "--model", "sd", "--steps", "4")
+    assert refused.exit_code == 2 and "model='sdxl'" in refused.output  # a run keeps its model
 
 
 def test_submit_with_an_empty_run_name_is_refused(env, tmp_path):

@@ -346,6 +346,23 @@ def test_unsupported_recipes_fail_with_a_reason(setup: Setup) -> None:
     assert not setup.paths(branch)[0].exists()
 
 
+def test_a_job_for_another_model_fails_alone_and_sidecars_name_the_alias(
+    engine: Engine, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A worker serving alias "sd": a job naming "sdxl" (sent to the wrong queue by hand) fails
+    with the reason; its batch peers, naming "sd" or no model, are made, their sidecars saying so."""
+    setup = Setup(engine, local_worker_settings(tiny_model, tmp_path / "out", model_alias="sd"))
+    other, named, plain = make_job(1, model="sdxl"), make_job(2, model="sd"), make_job(3)
+    outcomes = setup.executor.execute([deliver(other), deliver(named), deliver(plain)])
+    assert [o.ok for o in outcomes] == [False, True, True]
+    assert outcomes[0].reason == "the job asks for model 'sdxl'; this worker serves model 'sd'"
+    assert outcomes[0].error == "unsupported" and not setup.paths(other)[0].exists()
+    assert setup.reporter.get(RUN, other.job_id).state is JobState.FAILED
+    for job in (named, plain):
+        model = setup.sidecar(job)["model"]
+        assert model["alias"] == "sd" and model["id"] == str(tiny_model)
+
+
 def test_a_repeating_scheduler_without_a_cache_setting_runs_uncached(setup: Setup) -> None:
     """The contract turns caching off for heun when the job names no interval, so the worker's
     default interval (3 here) cannot break it."""

@@ -41,7 +41,7 @@ from typing import Any
 from kombu import Connection
 from kombu.transport.redis import Mutex, MutexHeld
 
-from producer.layout import WORKERS_KEY
+from producer.layout import WORKER_QUEUES_KEY, WORKERS_KEY
 from worker.delivery.ledger import Copy, DeliveryLedger, message_copy
 from worker.delivery.transport import put_back_taken, taking_key
 
@@ -209,7 +209,7 @@ class Leases:
                 self.beat(channel, 0.0)
                 key = taking_key(self.queue, self.name)
                 put_back_taken(channel.client, key, channel.unacked_key, self.queue)  # a pop at shutdown
-                channel.client.hdel(WORKERS_KEY, self.name)
+                channel.client.pipeline().hdel(WORKERS_KEY, self.name).hdel(WORKER_QUEUES_KEY, self.name).execute()
             except Exception as error:  # Redis down: its entry ages, other workers' sweeps do the rest
                 logger.info("leases: could not remove this worker's entry (%r)", error)
 
@@ -219,7 +219,7 @@ class Leases:
         now = time.time()
         due = self.ledger.due()
         pipe = client.pipeline(transaction=False)
-        pipe.hset(WORKERS_KEY, self.name, now)
+        pipe.hset(WORKERS_KEY, self.name, now).hset(WORKER_QUEUES_KEY, self.name, self.queue)
         if due.held:
             pipe.zadd(channel.unacked_index_key, dict.fromkeys(due.held, now), xx=True)
         if due.acks:  # what kombu's QoS.ack does
@@ -269,7 +269,7 @@ class Leases:
                 taken = self._put_back_taken_by_gone(channel, now, workers)
                 forgotten = [name for name, at in workers.items() if now - at > FORGET_S]
                 if forgotten:
-                    client.hdel(WORKERS_KEY, *forgotten)
+                    client.pipeline().hdel(WORKERS_KEY, *forgotten).hdel(WORKER_QUEUES_KEY, *forgotten).execute()
         except MutexHeld:  # another worker is sweeping
             return
         if ours or taken:

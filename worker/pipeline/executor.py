@@ -113,6 +113,15 @@ def parse_job(payload: Any) -> tuple[Job | None, str | None]:
         return None, "invalid job: " + "; ".join(format_errors(error))
 
 
+def model_problem(job: Job, alias: str | None) -> str | None:
+    """Why a worker serving model ``alias`` must not run ``job``, or None: a job that names a
+    model runs only on its workers (it reached this one by hand, not through its model's queue)."""
+    if job.model is None or job.model == alias:
+        return None
+    serves = f"model {alias!r}" if alias else "no model alias (the plain queue)"
+    return f"the job asks for model {job.model!r}; this worker serves {serves}"
+
+
 class BatchExecutor:
     def __init__(
         self, engine: Engine, storage: Storage, reporter: Reporter, settings: WorkerSettings, *, name: str | None = None
@@ -125,6 +134,8 @@ class BatchExecutor:
         # name: the worker in running records (whether it is alive) and sidecars (which one made it)
         self.name = name or socket.gethostname()
         self.worker = {"hostname": socket.gethostname(), "name": self.name, **engine.describe()}
+        # The sidecar's model: the fingerprint, and the alias runs name it by.
+        self.model = {**engine.model, "alias": settings.model_alias}
         self.backlog: Backlog[Outcome] = Backlog(settings.store_threads, settings.store_backlog_count)
         self.store_retry = StoreRetry(settings.store_retry_s)
         self.manifest = ManifestWriter(
@@ -155,6 +166,8 @@ class BatchExecutor:
             job, problem = parse_job(delivery.payload)
             if job is None:
                 outcomes.append(self._fail_unparsed(delivery, problem or "invalid job"))
+            elif problem := model_problem(job, self.settings.model_alias):
+                outcomes.append(self._fail(delivery, job, problem, kind="unsupported"))
             else:
                 ready.append((delivery, job))
         # 2. Skip jobs a previous delivery finished and jobs of cancelled or deleted runs; mark
@@ -291,7 +304,7 @@ class BatchExecutor:
             encoded = time.perf_counter()
             image_at = image_key(self.settings.s3_prefix, job.run_id, job.job_id, EXTENSIONS[job.format])
             url = self.storage.url(image_at)
-            metadata = s3_metadata(job, self.engine.model)
+            metadata = s3_metadata(job, self.model)
             wrote = upload(image_at, data, CONTENT_TYPES[job.format], metadata)
             uploaded = time.perf_counter()
             timing = {
@@ -311,7 +324,7 @@ class BatchExecutor:
                 image_url=url,
                 image_reused=not wrote,
                 batch=batch,
-                model=self.engine.model,
+                model=self.model,
                 worker=self.worker,
                 timing=timing,
             )
