@@ -194,7 +194,8 @@ class Bench:
 def session(args: argparse.Namespace, markdown_of: Callable[[dict[str, Any]], str], **extra: Any) -> Iterator[Bench]:
     """Run a benchmark: logging, the results (``extra`` added), a scratch folder and lazy
     servers; at the end the servers stop and the results are written (see ``write``). An error
-    outside every part is raised, and nothing is written."""
+    outside every part is raised, and nothing is written; an interrupt (Ctrl-C, or ``timeout -s
+    INT`` at the end of a GPU lease) ends the run like a failed part: what was measured is written."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     results = {"command": command_line(), "machine": machine_info(), "load_before": load_average(), **extra}
     busy, cores = results["load_before"], results["machine"]["usable_cores"] or 1
@@ -202,10 +203,18 @@ def session(args: argparse.Namespace, markdown_of: Callable[[dict[str, Any]], st
         logger.warning("load average %s at start: other work shares this machine, expect noisy numbers", busy)
     started = time.perf_counter()
     with ExitStack() as stack:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deepqueue-bench-")))
+        # A worker still stopping may write into the scratch folder while it is removed.
+        scratch = Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="deepqueue-bench-", ignore_cleanup_errors=True))
+        )
         servers = Servers(scratch, stack, args.start_timeout, getattr(args, "tiny_model", None))
         bench = Bench(results, servers, output_dir(args))
-        yield bench
+        try:
+            yield bench
+        except KeyboardInterrupt:
+            line = "interrupted (Ctrl-C or a time limit) before the end: the results so far"
+            results.setdefault("failed", {})["run"] = {"error": line, "traceback": ""}
+            logger.error("%s", line)
     results["seconds"] = round(time.perf_counter() - started, 1)
     write(results, markdown_of, out_dir=bench.out_dir, name=args.name)
 

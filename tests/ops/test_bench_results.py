@@ -110,3 +110,15 @@ def test_fresh_results_are_ignored_by_git() -> None:
     path = harness.output_dir(argparse.Namespace(out=None, record=False)) / "goals-latest.md"
     done = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO_ROOT)
     assert done.returncode == 0, f"{path} is not git-ignored"
+
+
+def test_an_interrupted_benchmark_writes_what_it_measured(tmp_path: Path) -> None:
+    """A GPU lease's time limit sends SIGINT: the parts measured so far are written, marked."""
+    args = argparse.Namespace(out=tmp_path, record=False, name="cut", start_timeout=5.0)
+    with harness.session(args, lambda results: f"measured: {results.get('measured')}") as bench:
+        bench.results["measured"] = 42
+        raise KeyboardInterrupt
+    written = json.loads((tmp_path / "cut.json").read_text())
+    assert written["measured"] == 42 and "interrupted" in written["failed"]["run"]["error"]
+    assert harness.exit_status(written) == 1
+    assert "measured: 42" in (tmp_path / "cut.md").read_text()
