@@ -57,8 +57,11 @@ def sample(results: Iterable[JobResult], k: int) -> list[JobResult]:
 
 
 def twin_row(sidecar: Mapping[str, Any]) -> dict[str, Any]:
-    """The job fields of an image's uncached twin: its recipe as the worker ran it, caching off."""
-    return {**{field: sidecar[field] for field in TWIN_FIELDS if sidecar.get(field) is not None}, "cache_interval": 1}
+    """The job fields of an image's uncached twin: its recipe as the worker ran it, caching off,
+    on the workers of the same model (its alias, when its run named one)."""
+    row = {field: sidecar[field] for field in TWIN_FIELDS if sidecar.get(field) is not None}
+    alias = (sidecar.get("model") or {}).get("alias")
+    return {**row, **({"model": alias} if alias else {}), "cache_interval": 1}
 
 
 def as_array(image_bytes: bytes) -> np.ndarray:

@@ -29,7 +29,7 @@ def status(run_id: str, as_json: bool) -> None:
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def runs(as_json: bool) -> None:
-    """Every submitted run, oldest first: its jobs per state, rate and age."""
+    """Every run, oldest first (also those sent by a plain Celery producer): its jobs per state, rate and age."""
     with Client() as client:
         now = time.time()
         times = client.run_times()

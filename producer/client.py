@@ -69,7 +69,7 @@ def chunked(items: Iterable[Job | list[tuple[str, str]]], size: int) -> Iterator
 
 def live_workers(broker: redis.Redis, since: float, queue: str | None = None) -> set[str]:
     """Workers that renewed their leases after ``since`` (see worker.delivery.leases); with
-    ``queue``, only those serving it (a worker that does not say serves the plain queue)."""
+    ``queue``, only those that say they serve it."""
     alive = {name.decode() for name, at in broker.hgetall(WORKERS_KEY).items() if float(at) > since}
     if queue is None:
         return alive
@@ -355,7 +355,8 @@ class Client:
         return model_queue(self.settings.queue, model)
 
     def run_times(self) -> dict[str, float]:
-        """Every submitted run and the time of its first submit, oldest first."""
+        """Every run and the time of its first submit (or, for a run no client submitted, of its
+        first job's start), oldest first."""
         return dict(self._store.runs_since())
 
     def manifest(self, run_id: str, *, progress: bool = False) -> dict[str, Any]:

@@ -376,7 +376,8 @@ class RunStore:
         return [name for name, _ in self.runs_since()]
 
     def runs_since(self) -> list[tuple[str, float]]:
-        """Every submitted run and the time of its first submit, oldest first."""
+        """Every run and the time of its first submit (or, for a run no client submitted, of its
+        first job's start), oldest first."""
         return [(name.decode(), at) for name, at in self._redis.zrange(RUNS_KEY, 0, -1, withscores=True)]
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ family is absent from the scrape; the rest is served as usual.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -39,6 +40,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from producer.contract import WORKER_GONE_S
+from producer.layout import WORKER_HELD_KEY, WORKER_QUEUES_KEY, WORKERS_KEY
 from worker.pipeline.acceleration import COMPILE_COUNTERS
 from worker.pipeline.pool import PipelineUnavailable
 from worker.settings import WorkerSettings
@@ -265,7 +268,10 @@ def _tolerant(count: Callable[[], int]) -> Callable[[], float]:
 
 
 class QueueDepth(Collector):
-    """``deepqueue_queue_jobs{queue, state}`` read from the broker's Redis at scrape time."""
+    """``deepqueue_queue_jobs{queue, state}`` read from the broker's Redis at scrape time:
+    waiting in the queue's lists, and reserved by its live workers (as their last lease renewal
+    counted: kombu's ``unacked`` hash mixes every queue of the database, so one model's backlog
+    would scale another's workers)."""
 
     def __init__(self, broker_url: str, queue: str, transport_options: Mapping[str, Any]) -> None:
         self.broker_url = broker_url
@@ -275,7 +281,6 @@ class QueueDepth(Collector):
         separator = transport_options.get("sep", kombu_redis.Channel.sep)
         # kombu's lists for one queue: its own (priority 0) and one per other priority step.
         self.waiting_keys = [prefix + queue] + [f"{prefix}{queue}{separator}{step}" for step in steps if step]
-        self.unacked_key = prefix + transport_options.get("unacked_key", kombu_redis.Channel.unacked_key)
         self._client: redis.Redis | None = None
 
     def depth(self) -> tuple[int, int]:
@@ -287,8 +292,15 @@ class QueueDepth(Collector):
         pipe = self._client.pipeline(transaction=False)
         for key in self.waiting_keys:
             pipe.llen(key)
-        pipe.hlen(self.unacked_key)
-        *lengths, reserved = pipe.execute()
+        for key in (WORKERS_KEY, WORKER_QUEUES_KEY, WORKER_HELD_KEY):
+            pipe.hgetall(key)
+        *lengths, renewed, queues, held = pipe.execute()
+        now = time.time()
+        reserved = sum(
+            int(held.get(name, 0))
+            for name, at in renewed.items()
+            if now - float(at) < WORKER_GONE_S and queues.get(name) == self.queue.encode()
+        )
         return sum(lengths), reserved
 
     def collect(self) -> Iterator[Metric]:
@@ -299,8 +311,7 @@ class QueueDepth(Collector):
             return
         family = GaugeMetricFamily(
             "deepqueue_queue_jobs",
-            "Jobs of the queue in Redis: waiting (in its lists) and reserved (held unacked by workers; "
-            "every queue of the broker database)",
+            "Jobs of the queue in Redis: waiting (in its lists) and reserved (held by the workers serving it)",
             labels=["queue", "state"],
         )
         family.add_metric([self.queue, "waiting"], waiting)

@@ -52,6 +52,7 @@ class WorkerRuntime:
             settings.broker_url,
             transport_options,
             queue=settings.serving_queue,
+            plain_queue=settings.queue,
             name=name,
             renew_s=settings.lease_renew_s,
             expiry_s=settings.lease_expiry_s,

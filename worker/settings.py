@@ -68,7 +68,7 @@ class WorkerSettings(ClientSettings):
         "auto",
         description="off: diffusers + DeepCache as documented; fuse: channels-last, fused QKV; compile: fuse + "
         "compiled UNet steps and VAE decoder; graphs: compile + CUDA graphs (CUDA only, else compile); "
-        "auto: fuse on CUDA, off on CPU",
+        "auto: graphs on CUDA, off on CPU",
     )
     warm_shapes: str = Field(
         "",

@@ -244,7 +244,7 @@ def run_service_bench(
         logs = [Path(env["log"]).read_text() for env, _ in workers.values()]
         results["worker_main_process_fork_safe"] = all("main process is fork-safe" in log for log in logs) or None
     compiled = [level for level in levels if level in COMPILED]
-    if worker and compiled:
+    if worker and compiled and plan.restarts > 0:
         results["warm_restart"] = warm_restart(plan, redis_url, scratch, device, compiled[-1], len(workers))
         checkpoint(results)
     return results

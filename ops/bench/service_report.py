@@ -33,7 +33,7 @@ def markdown(results: dict[str, Any], title: str) -> list[str]:
         "| batch | DeepCache | path | level | img/s | ÷ recipe | peak GiB | share of dense peak |",
         "|---:|---|---|---|---:|---:|---:|---:|",
     ]
-    for row in results["table"].values():
+    for row in results.get("table", {}).values():  # none yet in a run cut before its first round
         for path in [
             "recipe",
             *(f"{kind}:{level}" for level in levels for kind in PATHS[1:]),
@@ -99,7 +99,7 @@ def markdown(results: dict[str, Any], title: str) -> list[str]:
         "| batch | DeepCache | s/call | images/s | speed-up vs off | peak GiB |",
         "|---:|---|---:|---:|---:|---:|",
     ]
-    for row in results["matrix"]:
+    for row in results.get("matrix", []):
         s = row["seconds_per_call"]
         lines.append(
             f"| {row['batch']} | {row['mode']} | {s['median']:.3f} ({s['min']:.3f}–{s['max']:.3f}) "
@@ -113,7 +113,7 @@ def markdown(results: dict[str, Any], title: str) -> list[str]:
             f"(peak {_num(v['on']['peak_memory_gib'])} GiB), off {v['off']['seconds_per_call']['median']:.3f} s/call "
             f"(peak {_num(v['off']['peak_memory_gib'])} GiB).",
         ]
-    for path, by_cell in results["runs"].items():
+    for path, by_cell in results.get("runs", {}).items():
         share = ", ".join(
             f"{cell}: {statistics.median(r['pipeline_s'] / r['wall_s'] for r in runs):.3f}"
             for cell, runs in by_cell.items()

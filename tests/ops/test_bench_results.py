@@ -122,3 +122,18 @@ def test_an_interrupted_benchmark_writes_what_it_measured(tmp_path: Path) -> Non
     assert written["measured"] == 42 and "interrupted" in written["failed"]["run"]["error"]
     assert harness.exit_status(written) == 1
     assert "measured: 42" in (tmp_path / "cut.md").read_text()
+
+
+def test_the_service_report_reads_a_run_cut_before_its_first_round() -> None:
+    """What the GPU bench checkpoints before the rounds (levels, first calls, gate) renders."""
+    from dataclasses import asdict
+
+    from ops.bench.service_plan import Plan
+    from ops.bench.service_report import markdown
+
+    plan = {**asdict(Plan(model=Path("m"))), "model": "m", "jobs": {"8": 32}}
+    gate = {"batch": 8, "gate_db": 35.0, "dtype": "float16", "modes": ["3/0"], "levels": {}}
+    partial = {"plan": plan, "device": "cuda", "dtype": "float16", "levels": ["off", "graphs"], "quality": gate}
+    partial |= {"first_calls_s": {"off": 5.0, "graphs": 117.0}, "failed_levels": {"fuse": "boom"}}
+    text = "\n".join(markdown(partial, "Service"))
+    assert "graphs 117 s" in text and "Level **fuse left out**" in text

@@ -296,7 +296,7 @@ def test_another_models_workers_scale_on_its_own_queue(
 ) -> None:
     """`ops/k8s/model.py sdxl MODEL`: valid manifests, the base worker's but for the name, the
     model, its alias (so its queue) and KEDA's triggers; neither Deployment selects the other's pods."""
-    done = _model_manifests("sdxl", "stabilityai/stable-diffusion-xl-base-1.0")
+    done = _model_manifests("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "--warm-shapes", "1024x1024:4")
     assert done.returncode == 0, done.stderr
     deployment, scaled = yaml.safe_load_all(done.stdout)
     kubernetes_validate.validate(deployment, OLDEST_K8S, strict=True)
@@ -310,6 +310,7 @@ def test_another_models_workers_scale_on_its_own_queue(
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["DEEPQUEUE_MODEL"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert env["DEEPQUEUE_WARM_SHAPES"] == "1024x1024:4"  # its own, not the ConfigMap's 512x512 ones
     settings = WorkerSettings(
         queue=applied[("ConfigMap", "deepqueue-config")]["data"]["DEEPQUEUE_QUEUE"],
         model_alias=env["DEEPQUEUE_MODEL_ALIAS"],
@@ -320,7 +321,7 @@ def test_another_models_workers_scale_on_its_own_queue(
     # Everything else is the base worker's.
     base_container = _container(applied, "Deployment", "deepqueue-worker")
     assert {k: v for k, v in container.items() if k != "env"} == {k: v for k, v in base_container.items() if k != "env"}
-    assert container["env"][2:] == base_container["env"]
+    assert container["env"][3:] == base_container["env"]
 
 
 def test_a_bad_alias_is_refused() -> None:

@@ -110,6 +110,9 @@ def test_the_twin_is_the_recorded_recipe_with_caching_off():
         "cache_interval": 1,
     }
     Job(run_id="r.audit", index=0, **row)  # a valid job
+    named = twin_row({**sidecar, "model": {"id": "/models/xl", "alias": "sdxl"}})
+    assert named == {**row, "model": "sdxl"}  # the twin runs on the same model's workers
+    assert twin_row({**sidecar, "model": {"id": "/models/tiny", "alias": None}}) == row
 
 
 def test_twin_run_names_are_valid_run_ids():

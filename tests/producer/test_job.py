@@ -239,6 +239,11 @@ def test_a_model_alias_is_a_lowercase_name(alias):
     assert only_problem(model=alias).startswith("model: String should match pattern")
 
 
+def test_job_ids_are_stable_across_releases():
+    """Runs resume by job id: an id computed by deepqueue before models had aliases (57143fc)."""
+    assert Job(run_id="golden", index=7, prompt="a red fox", seed=42).job_id == "00000007-6a1ddb8ad622"
+
+
 def test_naming_a_model_changes_the_job_id_and_naming_none_keeps_the_old_one():
     plain, named = one_job(), one_job(model="sdxl")
     assert plain.job_id == job_id(plain.run_id, plain.index, plain.model_dump(exclude={"run_id", "index", "model"}))

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ops.localstack import free_port
 from producer.contract import celery_config
 from producer.job import Job
+from producer.layout import WORKER_HELD_KEY, WORKER_QUEUES_KEY, WORKERS_KEY
 from producer.settings import ClientSettings
 from producer.storage import LocalStorage
 from tests.helpers import local_worker_settings
@@ -159,8 +160,11 @@ def test_in_flight_and_buffered_are_read_at_scrape_time() -> None:
 
 
 def test_queue_depth_counts_waiting_and_reserved_messages(redis_server: str) -> None:
-    """Real kombu messages on a real Redis: one in a priority list, one taken and not acknowledged."""
+    """Real kombu messages on a real Redis (one in a priority list), and what the queue's live
+    workers hold as their lease renewals say; other queues' and gone workers' holdings left out."""
     from kombu import Connection
+
+    from worker.delivery.leases import Leases
 
     broker = f"{redis_server}/5"
     queue = f"metrics-{uuid.uuid4().hex[:8]}"
@@ -169,6 +173,7 @@ def test_queue_depth_counts_waiting_and_reserved_messages(redis_server: str) -> 
     registry = CollectorRegistry()
     registry.register(depth)
     client = redis.Redis.from_url(broker)
+    client.delete(WORKERS_KEY, WORKER_QUEUES_KEY, WORKER_HELD_KEY)
     try:
         with Connection(broker, transport_options=options) as connection:
             simple = connection.SimpleQueue(queue, no_ack=False)
@@ -176,20 +181,27 @@ def test_queue_depth_counts_waiting_and_reserved_messages(redis_server: str) -> 
                 simple.put({"n": index})
             simple.put({"n": 3}, priority=9)
             assert depth.depth() == (4, 0)
-            message = simple.get(timeout=5)
-            assert depth.depth() == (3, 1)  # taken, not acknowledged: in kombu's unacked hash
+            leases = Leases(broker, options, queue=queue, name="w1", renew_s=5, expiry_s=20)
+            for tag in ("a", "b"):
+                leases.hold(tag)
+            leases.beat(connection.default_channel, 0.0)  # what the worker's lease thread does
+            other = Leases(broker, options, queue=f"{queue}.sdxl", name="w2", renew_s=5, expiry_s=20)
+            other.hold("c")
+            other.beat(connection.default_channel, 0.0)
+            client.hset(WORKERS_KEY, "gone", time.time() - 3600)
+            client.hset(WORKER_QUEUES_KEY, "gone", queue)
+            client.hset(WORKER_HELD_KEY, "gone", 50)
+            assert depth.depth() == (4, 2)
             values = {
                 s.labels["state"]: s.value
                 for f in text_string_to_metric_families(generate_latest(registry).decode())
                 for s in f.samples
                 if s.name == "deepqueue_queue_jobs" and s.labels["queue"] == queue
             }
-            assert values == {"waiting": 3, "reserved": 1}
-            message.ack()
-            assert depth.depth() == (3, 0)
+            assert values == {"waiting": 4, "reserved": 2}
             simple.close()
     finally:
-        client.delete(*depth.waiting_keys, depth.unacked_key, "unacked_index", "_kombu.binding." + queue)
+        client.delete(*depth.waiting_keys, WORKERS_KEY, WORKER_QUEUES_KEY, WORKER_HELD_KEY, "_kombu.binding." + queue)
 
 
 def test_queue_depth_is_left_out_while_redis_is_down() -> None:

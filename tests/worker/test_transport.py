@@ -93,3 +93,28 @@ def test_a_gone_workers_taking_list_is_swept_by_a_live_worker(redis_urls):
     assert sorted(client.lrange("deepqueue", 0, -1)) == sorted([kombu_message("g"), kombu_message("n")])
     assert client.lrange(taking_key("deepqueue", "alive"), 0, -1) == [kombu_message("l")]
     assert client.llen(taking_key("other-queue", "gone")) == 1 and not client.exists("other-queue")
+
+
+def test_a_model_whose_only_worker_died_gets_its_messages_back_from_any_worker(redis_urls):
+    """A plain-queue worker's sweep also covers the deployment's model queues (those a worker said
+    it serves): the dead sdxl worker's taking list and its expired, unacknowledged message go back
+    on `deepqueue.sdxl`; another deployment's queue stays untouched."""
+    from producer.layout import WORKER_QUEUES_KEY
+
+    client = redis.Redis.from_url(redis_urls[0])
+    now = time.time()
+    client.hset(WORKERS_KEY, mapping={"sdxl-gone": now - 100})
+    client.hset(WORKER_QUEUES_KEY, mapping={"sdxl-gone": "deepqueue.sdxl", "elsewhere": "other-queue.sdxl"})
+    client.rpush(taking_key("deepqueue.sdxl", "sdxl-gone"), kombu_message("t", "deepqueue.sdxl"))
+    client.rpush(taking_key("other-queue.sdxl", "elsewhere"), kombu_message("o", "other-queue.sdxl"))
+    with Connection(redis_urls[0]) as connection:
+        channel = connection.default_channel
+        unacked = [json.loads(kombu_message("u", "deepqueue.sdxl")), "", "deepqueue.sdxl"]
+        client.hset(channel.unacked_key, "u", json.dumps(unacked))
+        client.zadd(channel.unacked_index_key, {"u": now - 100})
+        leases = Leases(redis_urls[0], {}, queue="deepqueue", name="plain", renew_s=5, expiry_s=20)
+        leases._sweep(channel, time.time(), held=set())
+    restored = [json.loads(raw)["properties"]["delivery_tag"] for raw in client.lrange("deepqueue.sdxl", 0, -1)]
+    assert sorted(restored) == ["t", "u"]
+    assert not client.exists(taking_key("deepqueue.sdxl", "sdxl-gone")) and not client.hexists("unacked", "u")
+    assert client.llen(taking_key("other-queue.sdxl", "elsewhere")) == 1 and not client.exists("other-queue.sdxl")

@@ -9,9 +9,11 @@ to a second worker; long (an hour), it strands the jobs of a worker that died. S
 
 - every ``lease_renew_s`` it sets the time of every message the worker holds (buffered,
   generating or being stored) to now, and records the worker in ``deepqueue:workers``;
-- it puts back on the queue every message of deepqueue's queue whose time is older than
-  ``lease_expiry_s``: no live worker holds it (its worker was SIGKILLed, or lost its connection
-  and the requests it had, or could not send it back while Redis was down);
+- it puts back on its queue every message of this deployment's queues (the plain one and each
+  model's, ``producer.layout.model_queue``) whose time is older than ``lease_expiry_s``: no live
+  worker holds it (its worker was SIGKILLed, or lost its connection and the requests it had, or
+  could not send it back while Redis was down), so a model whose only worker died gets its jobs
+  back as soon as any worker sweeps;
 - messages the worker gives up itself (after a lost connection, those it had not started) are put back at once (from its
   own copy if Redis died between handing one out and recording it as unacked), and those
   it could not acknowledge or send back (their channel went with the connection, or Redis was
@@ -41,7 +43,7 @@ from typing import Any
 from kombu import Connection
 from kombu.transport.redis import Mutex, MutexHeld
 
-from producer.layout import WORKER_QUEUES_KEY, WORKERS_KEY
+from producer.layout import WORKER_HELD_KEY, WORKER_KEYS, WORKER_QUEUES_KEY, WORKERS_KEY
 from worker.delivery.ledger import Copy, DeliveryLedger, message_copy
 from worker.delivery.transport import put_back_taken, taking_key
 
@@ -62,6 +64,18 @@ def routed_to(raw: bytes | None, queue: str) -> bool:
     return queue in (exchange, routing_key)
 
 
+def forget_workers(client: Any, names: list[str]) -> None:
+    """Remove workers from every per-worker hash (``producer.layout.WORKER_KEYS``)."""
+    pipe = client.pipeline()
+    for key in WORKER_KEYS:
+        pipe.hdel(key, *names)
+    pipe.execute()
+
+
+def routed_to_any(raw: bytes | None, queues: Iterable[str]) -> bool:
+    return any(routed_to(raw, queue) for queue in queues)
+
+
 def may_sweep(connected_s: float, redis_uptime_s: float, expiry_s: float) -> bool:
     """Sweep only when every live worker has had ``expiry_s`` to renew since Redis came back."""
     return min(connected_s, redis_uptime_s) >= expiry_s
@@ -80,8 +94,11 @@ class Leases:
         name: str,
         renew_s: float,
         expiry_s: float,
+        plain_queue: str | None = None,
     ) -> None:
         self.queue = queue
+        #: The deployment's plain queue (DEEPQUEUE_QUEUE); its model queues are ``{plain}.{alias}``.
+        self.plain_queue = plain_queue or queue
         self.name = name
         self.renew_s = renew_s
         self.expiry_s = expiry_s
@@ -209,7 +226,7 @@ class Leases:
                 self.beat(channel, 0.0)
                 key = taking_key(self.queue, self.name)
                 put_back_taken(channel.client, key, channel.unacked_key, self.queue)  # a pop at shutdown
-                channel.client.pipeline().hdel(WORKERS_KEY, self.name).hdel(WORKER_QUEUES_KEY, self.name).execute()
+                forget_workers(channel.client, [self.name])
             except Exception as error:  # Redis down: its entry ages, other workers' sweeps do the rest
                 logger.info("leases: could not remove this worker's entry (%r)", error)
 
@@ -220,6 +237,7 @@ class Leases:
         due = self.ledger.due()
         pipe = client.pipeline(transaction=False)
         pipe.hset(WORKERS_KEY, self.name, now).hset(WORKER_QUEUES_KEY, self.name, self.queue)
+        pipe.hset(WORKER_HELD_KEY, self.name, len(due.held))
         if due.held:
             pipe.zadd(channel.unacked_index_key, dict.fromkeys(due.held, now), xx=True)
         if due.acks:  # what kombu's QoS.ack does
@@ -262,14 +280,15 @@ class Leases:
                     for tag in client.zrangebyscore(channel.unacked_index_key, "-inf", now - self.expiry_s)
                     if tag.decode() not in held
                 ]
-                ours = [tag for tag in expired if routed_to(client.hget(channel.unacked_key, tag), self.queue)]
+                queues = self._deployment_queues(client)
+                ours = [tag for tag in expired if routed_to_any(client.hget(channel.unacked_key, tag), queues)]
                 for tag in ours:
                     qos.restore_by_tag(tag, client)
                 workers = {name.decode(): float(at) for name, at in client.hgetall(WORKERS_KEY).items()}
-                taken = self._put_back_taken_by_gone(channel, now, workers)
+                taken = sum(self._put_back_taken_by_gone(channel, now, workers, queue) for queue in queues)
                 forgotten = [name for name, at in workers.items() if now - at > FORGET_S]
                 if forgotten:
-                    client.pipeline().hdel(WORKERS_KEY, *forgotten).hdel(WORKER_QUEUES_KEY, *forgotten).execute()
+                    forget_workers(client, forgotten)
         except MutexHeld:  # another worker is sweeping
             return
         if ours or taken:
@@ -282,11 +301,16 @@ class Leases:
                 extra={"restored": len(ours) + taken},
             )
 
-    def _put_back_taken_by_gone(self, channel: Any, now: float, workers: dict[str, float]) -> int:
-        """Empty the taking lists (``worker.delivery.transport``) of workers silent for the expiry."""
-        restored, ours = 0, taking_key(self.queue, "")
-        for key in channel.client.scan_iter(match=f"{ours}*", count=100):
-            worker = key.decode().removeprefix(ours)
+    def _deployment_queues(self, client: Any) -> set[str]:
+        """This worker's queue, and every queue of its deployment a worker has said it serves."""
+        served = {queue.decode() for queue in client.hvals(WORKER_QUEUES_KEY)}
+        return {self.queue} | {q for q in served if q == self.plain_queue or q.startswith(f"{self.plain_queue}.")}
+
+    def _put_back_taken_by_gone(self, channel: Any, now: float, workers: dict[str, float], queue: str) -> int:
+        """Empty ``queue``'s taking lists (``worker.delivery.transport``) of workers silent for the expiry."""
+        restored, prefix = 0, taking_key(queue, "")
+        for key in channel.client.scan_iter(match=f"{prefix}*", count=100):
+            worker = key.decode().removeprefix(prefix)
             if worker != self.name and now - workers.get(worker, 0.0) > self.expiry_s:
-                restored += put_back_taken(channel.client, key, channel.unacked_key, self.queue)
+                restored += put_back_taken(channel.client, key, channel.unacked_key, queue)
         return restored
