@@ -20,9 +20,9 @@ from producer.state import RunStatus, format_duration
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: counts per state, rate, ETA, workers.")
 def status(run_id: str, as_json: bool) -> None:
     """RUN_ID's jobs per state, images/s (the last 5 minutes; overall once finished), ETA and
-    the workers online."""
+    the workers online that serve it (its model's)."""
     with Client() as client:
-        current = replace(client.run(run_id).status(), workers=len(client.workers()))
+        current = replace(client.run(run_id).status(), workers=len(client.workers(queue=client.run_queue(run_id))))
         click.echo(json.dumps(status_record(current)) if as_json else str(current))
 
 

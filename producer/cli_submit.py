@@ -107,10 +107,11 @@ def wait(run_id: str, timeout: float | None) -> None:
 
 def finish_run(client: Client, run: Run, timeout: float | None, *, audit_sample: int | None = None) -> None:
     """Wait for ``run`` with a progress bar, print its summary (and audit), list failures; exit 1 if any."""
-    if not run.status().is_finished and not client.workers():
+    queue = client.run_queue(run.run_id)
+    if not run.status().is_finished and not client.workers(queue=queue):
         click.echo(
-            f"no worker has renewed its leases in the last {WORKER_GONE_S:.0f} s: start one "
-            f"(deepqueue worker) on queue {client.settings.queue!r}, or the run will not progress",
+            f"no worker of queue {queue!r} has renewed its leases in the last {WORKER_GONE_S:.0f} s: start one "
+            f"(deepqueue worker), or the run will not progress",
             err=True,
         )
     final: RunStatus = run.wait(progress=True, timeout=timeout)

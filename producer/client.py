@@ -354,6 +354,11 @@ class Client:
         """The queue of the workers serving model alias ``model`` (None: the plain queue)."""
         return model_queue(self.settings.queue, model)
 
+    def run_queue(self, run_id: str) -> str:
+        """The queue of the workers that serve ``run_id``: its model's, as its first recipe names it."""
+        recipes = self._store.recipes(run_id)
+        return self.model_queue(recipes[0].get("model") if recipes else None)
+
     def run_times(self) -> dict[str, float]:
         """Every run and the time of its first submit (or, for a run no client submitted, of its
         first job's start), oldest first."""

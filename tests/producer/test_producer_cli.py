@@ -284,7 +284,8 @@ def test_status_json_and_runs_list_every_run(env, tmp_path, store):
     submitted_run(tmp_path, "first", ["a", "b"])
     submitted_run(tmp_path, "second", ["c"])
     store.mark("first", jobs_on_queue(env[0])[0].job_id, DONE, key="k")
-    redis.Redis.from_url(env[0]).hset(WORKERS_KEY, "gpu0@host:1", time.time())
+    live_worker(env[0], "gpu0@host:1", "deepqueue")
+    live_worker(env[0], "xl@host:1", "deepqueue.sdxl")  # serves another model's runs: not counted
     result = invoke("status", "first", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {
@@ -469,13 +470,25 @@ def test_wait_timeout(env, tmp_path):
     assert "run slow not finished after 0.01 s" in result.output
 
 
+def live_worker(broker_url: str, name: str, queue: str) -> None:
+    """A worker renewing its leases, as its lease thread records it."""
+    broker = redis.Redis.from_url(broker_url)
+    broker.hset(WORKERS_KEY, name, time.time())
+    broker.hset(WORKER_QUEUES_KEY, name, queue)
+
+
 def test_wait_says_when_no_worker_serves_the_queue(env, tmp_path):
     submitted_run(tmp_path, "unserved", ["a"])
     result = invoke("wait", "unserved", "--timeout", "0.01")
-    assert "no worker has renewed its leases in the last 60 s" in result.stderr
-    assert "'deepqueue', or the run will not progress" in result.stderr
-    redis.Redis.from_url(env[0]).hset(WORKERS_KEY, "gpu0@host:1", time.time())  # a worker renewing its leases
+    assert "no worker of queue 'deepqueue' has renewed its leases in the last 60 s" in result.stderr
+    assert "or the run will not progress" in result.stderr
+    live_worker(env[0], "xl@host:1", "deepqueue.sdxl")  # another model's worker does not serve it
+    assert "no worker" in invoke("wait", "unserved", "--timeout", "0.01").stderr
+    live_worker(env[0], "gpu0@host:1", "deepqueue")
     assert "no worker" not in invoke("wait", "unserved", "--timeout", "0.01").stderr
+    prompts = str(prompt_file(tmp_path, "xl.txt", "an owl\n"))
+    assert invoke("submit", prompts, "--run", "xl", "--model", "sdxl").exit_code == 0
+    assert "no worker" not in invoke("wait", "xl", "--timeout", "0.01").stderr  # its model's worker lives
 
 
 def test_submit_to_a_model_says_when_no_worker_serves_it(env, tmp_path):
