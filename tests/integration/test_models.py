@@ -22,7 +22,7 @@ def sidecars(out: Path, run_id: str) -> list[dict]:
 
 
 def test_each_run_goes_to_the_workers_of_its_model(redis_server, tiny_model, sdxl_tiny, tmp_path) -> None:
-    broker, backend = f"{redis_server}/4", f"{redis_server}/5"
+    broker, backend = f"{redis_server}/6", f"{redis_server}/7"  # databases no other test file uses
     for url in (broker, backend):
         redis.Redis.from_url(url).flushdb()
     models = {"sd": tiny_model, "sdxl": sdxl_tiny}
