@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from tqdm import tqdm
 
-from producer.contract import WORKER_GONE_S
+from producer.contract import WORKER_GONE_S, serving_workers
 from producer.enqueue import publish
 from producer.errors import (
     InvalidJobError,
@@ -70,11 +70,8 @@ def chunked(items: Iterable[Job | list[tuple[str, str]]], size: int) -> Iterator
 def live_workers(broker: redis.Redis, since: float, queue: str | None = None) -> set[str]:
     """Workers that renewed their leases after ``since`` (see worker.delivery.leases); with
     ``queue``, only those that say they serve it."""
-    alive = {name.decode() for name, at in broker.hgetall(WORKERS_KEY).items() if float(at) > since}
-    if queue is None:
-        return alive
-    serving = {name.decode(): served.decode() for name, served in broker.hgetall(WORKER_QUEUES_KEY).items()}
-    return {name for name in alive if serving.get(name) == queue}
+    queues = broker.hgetall(WORKER_QUEUES_KEY) if queue else {}
+    return serving_workers(broker.hgetall(WORKERS_KEY), queues, since, queue)
 
 
 def run_id_or_new(run: str | None) -> str:

@@ -4,6 +4,7 @@ settings both sides share (the worker adds its own on top, in ``worker.app``).""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from producer.settings import ClientSettings
@@ -18,6 +19,18 @@ WORKER_GONE_S = 60.0
 DEAD_LETTERS_KEPT = 1000
 #: Seconds a restore mutex outlives a holder that died (see ``celery_config``).
 UNACKED_MUTEX_EXPIRE_S = 30
+
+
+def serving_workers(
+    renewed: Mapping[bytes, bytes], queues: Mapping[bytes, bytes], since: float, queue: str | None = None
+) -> set[str]:
+    """Workers whose last lease renewal (``producer.layout.WORKERS_KEY``, as HGETALL returns it)
+    is after ``since``; with ``queue``, only those that say they serve it (``WORKER_QUEUES_KEY``)."""
+    return {
+        name.decode()
+        for name, at in renewed.items()
+        if float(at) > since and (queue is None or queues.get(name) == queue.encode())
+    }
 
 
 def celery_config(settings: ClientSettings) -> dict[str, Any]:

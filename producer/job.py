@@ -62,6 +62,11 @@ class JobDefaults(BaseModel):
     #: None: the workers of the plain queue, whatever model they serve.
     model: ModelAlias | None = None
 
+    def _unnamed_model(self) -> set[str]:
+        """Left out of recipes and job ids when None: runs that name no model keep the ids and
+        recorded recipes they had before models could be named."""
+        return set() if self.model else {"model"}
+
     @field_validator("height", "width", "steps", "guidance", "cache_interval", "cache_branch", mode="before")
     @classmethod
     def _no_booleans(cls, value: Any) -> Any:
@@ -123,8 +128,8 @@ class Job(JobDefaults):
 
     def recipe(self) -> dict[str, Any]:
         """Everything that decides the pixels (all fields but the run id and position; the
-        model only when named, so jobs of runs that name none keep the ids they always had)."""
-        return self.model_dump(exclude={"run_id", "index", *(() if self.model else ("model",))})
+        model only when named)."""
+        return self.model_dump(exclude={"run_id", "index", *self._unnamed_model()})
 
     @cached_property
     def job_id(self) -> str:
@@ -165,7 +170,7 @@ def run_recipe(defaults: JobDefaults, *, run_id: str, run_seed: int | None) -> d
     set of jobs (see ``Client.submit``).
     """
     seed = run_seed_for(run_id) if run_seed is None else run_seed
-    return {**defaults.model_dump(mode="json", exclude=set() if defaults.model else {"model"}), "seed": seed}
+    return {**defaults.model_dump(mode="json", exclude=defaults._unnamed_model()), "seed": seed}
 
 
 def recipe_differences(recorded: Mapping[str, Any], recipe: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -204,12 +204,8 @@ class RunStore:
     def mark_queued(self, run_id: str, sent: Mapping[str, str]) -> None:
         """Mark sent jobs (job_id -> the job as sent, JSON) queued, keeping each until it is
         done; those a worker already took stay as they are. One round trip per few thousand."""
-        self._redis.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
-        record = json.dumps({"state": JobState.QUEUED.value, "at": time.time()})
-        items = list(sent.items())
         pipe = self._redis.pipeline(transaction=False)
-        for start in range(0, len(items), MARK_BATCH):
-            args = [value for job_id, job in items[start : start + MARK_BATCH] for value in (job_id, record, job)]
+        for args in self._queued_batches(run_id, sent):
             self._transition(keys=_transition_keys(run_id), args=[JobState.QUEUED.value, *args], client=pipe)
         pipe.execute()
 
@@ -218,13 +214,9 @@ class RunStore:
         new or failed (``resend_queued``: or queued), keeping each until it is done, and return
         them, each with the record it had ('' for a new job), for ``unclaim``. One call per
         ``MARK_BATCH`` jobs: producers racing one run claim, and so send, each job once."""
-        self._redis.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
-        record = json.dumps({"state": JobState.QUEUED.value, "at": time.time()})
         mode = "claim+queued" if resend_queued else "claim"
-        items = list(sent.items())
         claimed: dict[str, str] = {}
-        for start in range(0, len(items), MARK_BATCH):
-            args = [value for job_id, job in items[start : start + MARK_BATCH] for value in (job_id, record, job)]
+        for args in self._queued_batches(run_id, sent):
             raw = self._transition(keys=_transition_keys(run_id), args=[mode, *args])
             if raw:  # 0 in a deleted run
                 claimed.update(zip((v.decode() for v in raw[0::2]), (v.decode() for v in raw[1::2]), strict=True))
@@ -232,10 +224,14 @@ class RunStore:
 
     def unclaim(self, run_id: str, claimed: Mapping[str, str]) -> None:
         """Put back what ``claim_queued`` took, for jobs still queued (their publish failed)."""
-        items = list(claimed.items())
-        for start in range(0, len(items), MARK_BATCH):
-            args = [value for pair in items[start : start + MARK_BATCH] for value in pair]
+        for args in _flat_batches(claimed.items()):
             self._transition(keys=_transition_keys(run_id), args=["unclaim", *args])
+
+    def _queued_batches(self, run_id: str, sent: Mapping[str, str]) -> Iterator[list[str]]:
+        """List the run, then ``sent`` as the transition script's (id, queued record, job as sent) arguments."""
+        self._redis.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
+        record = json.dumps({"state": JobState.QUEUED.value, "at": time.time()})
+        return _flat_batches((job_id, record, job) for job_id, job in sent.items())
 
     def pending(self, run_id: str, job_ids: Sequence[str]) -> list[str | None]:
         """The jobs as sent (JSON) of these unfinished jobs; None where none was kept (a job
@@ -391,6 +387,18 @@ class RunStore:
         """Every job of the run, streamed (HSCAN), in no particular order."""
         for job_id, raw in self._redis.hscan_iter(_keys(run_id)[0], count=1000):
             yield _result(job_id.decode(), raw)
+
+
+def _flat_batches(rows: Iterable[tuple[str, ...]]) -> Iterator[list[str]]:
+    """``rows`` flattened into one argument list per ``MARK_BATCH`` of them (one script call each)."""
+    batch: list[str] = []
+    for count, row in enumerate(rows, 1):
+        batch.extend(row)
+        if count % MARK_BATCH == 0:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _floats(fields: Mapping[bytes, bytes]) -> dict[str, float]:

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from producer.contract import WORKER_GONE_S
+from producer.contract import WORKER_GONE_S, serving_workers
 from producer.layout import WORKER_HELD_KEY, WORKER_QUEUES_KEY, WORKERS_KEY
 from worker.pipeline.acceleration import COMPILE_COUNTERS
 from worker.pipeline.pool import PipelineUnavailable
@@ -295,13 +295,8 @@ class QueueDepth(Collector):
         for key in (WORKERS_KEY, WORKER_QUEUES_KEY, WORKER_HELD_KEY):
             pipe.hgetall(key)
         *lengths, renewed, queues, held = pipe.execute()
-        now = time.time()
-        reserved = sum(
-            int(held.get(name, 0))
-            for name, at in renewed.items()
-            if now - float(at) < WORKER_GONE_S and queues.get(name) == self.queue.encode()
-        )
-        return sum(lengths), reserved
+        serving = serving_workers(renewed, queues, time.time() - WORKER_GONE_S, self.queue)
+        return sum(lengths), sum(int(held.get(name.encode(), 0)) for name in serving)
 
     def collect(self) -> Iterator[Metric]:
         try:
