@@ -14,9 +14,10 @@ Storage (``prefix`` is ``DEEPQUEUE_S3_PREFIX``, possibly empty; ``{run}`` the ru
 - ``{prefix}/.deepqueue/write-check``: what a worker writes at start-up to prove it can.
 
 Redis, result backend (``{run}`` is a Redis Cluster hash tag, so one run's keys live together;
-what each holds: ``producer.state``): ``deepqueue:{run}:jobs``, ``deepqueue:{run}:<state>`` per
-job state, ``:pending``, ``:losses``, ``:recipes``, ``:meta``, ``:minutes``; ``deepqueue:runs``
-and ``deepqueue:deleted``.
+what each holds: ``producer.state``): ``deepqueue:{run}:slots:<n>`` (the jobs' states, packed:
+``producer.slots``), ``:blocks``, ``:others``, ``:counts``, ``:reasons``, ``:running``,
+``:images``, ``:keys``, ``:pending``, ``:losses``, ``:recipes``, ``:meta``, ``:minutes``;
+``deepqueue:runs`` and ``deepqueue:deleted``.
 
 Redis, broker: ``deepqueue:workers`` (``WORKERS_KEY``), ``deepqueue:dead-letters``
 (``DEAD_LETTERS_KEY``), and the queue itself and kombu's keys, named by kombu.
@@ -140,8 +141,8 @@ DEAD_LETTERS_KEY = "deepqueue:dead-letters"
 
 
 def state_key(run_id: str, name: str) -> str:
-    """``deepqueue:{run}:{name}``: one of the run's keys in the result backend (``jobs``, a job
-    state, ``pending``, ``losses``, ``recipes``, ``meta``, ``minutes``)."""
+    """``deepqueue:{run}:{name}``: one of the run's keys in the result backend (see the module
+    docstring)."""
     return f"deepqueue:{{{run_id}}}:{name}"
 
 

@@ -66,10 +66,15 @@ class Run:
         return self._store.cancel(self.run_id)
 
     def span(self) -> tuple[float, float] | None:
-        """When its first job started and its last one finished (None: none started yet)."""
+        """When its first job started and its last one finished, done or failed (None: none
+        started yet)."""
         meta = self._store.meta(self.run_id)
         started = meta.get("first_started_at")
-        return None if started is None else (started, meta.get("last_done_at", started))
+        return (
+            None
+            if started is None
+            else (started, max(meta.get(f"last_{end}_at", started) for end in ("done", "failed")))
+        )
 
     def results(self, state: JobState | None = None, *, ordered: bool = False) -> Iterator[JobResult]:
         """Per-job state, storage key or failure reason, streamed; optionally one state only.

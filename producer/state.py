@@ -1,27 +1,37 @@
 """Per-job state in Redis, written by producer and worker, read by the client.
 
 Keys (named in ``producer.layout``; ``{run}`` is a Redis Cluster hash tag, so one run's keys
-live together):
+live together). A job costs 8 bytes once done: its state is a slot in a packed string, and only
+unfinished or failed jobs keep more.
 
-- ``deepqueue:{run}:jobs``   hash  job_id -> JSON record (state, at, and key/reason/...)
-- ``deepqueue:{run}:<state>`` set   job ids currently in that state (O(1) counts)
+- ``deepqueue:{run}:slots:<n>`` string  jobs ``n * 4095`` ... as 8-byte slots: state, a done
+  job's image extension, the id's hash (``producer.slots``)
+- ``deepqueue:{run}:blocks``  set   the block numbers ``n`` the run has
+- ``deepqueue:{run}:others``  hash  job_id -> state and extension codes, for a job whose slot
+  another job of the run holds (a second recipe at the same position) or whose id has no index
+- ``deepqueue:{run}:counts``  hash  state -> jobs in it (O(1) status)
+- ``deepqueue:{run}:reasons`` hash  job_id -> why it failed, while it is failed
+- ``deepqueue:{run}:running`` hash  job_id -> the worker running it, while it runs
+- ``deepqueue:{run}:images``  string  the folder (URL) of the run's images: a done job's key is
+  ``{images}/{job_id}.{extension}``; ``deepqueue:{run}:keys`` hash job_id -> key, for a done job
+  stored elsewhere
 - ``deepqueue:{run}:pending`` hash  job_id -> the job as sent (JSON), until it is done: what
   ``Client.retry`` sends again when a message was lost, and ``Client.resume`` after a cancel
 - ``deepqueue:{run}:losses``  hash  job_id -> times its pool process died under it (poison jobs)
 - ``deepqueue:{run}:recipes`` hash  canonical JSON of a recipe the run was submitted with (its
   run-wide settings and run seed) -> time first seen; one unless a submit allowed a change
-- ``deepqueue:{run}:meta``    hash  first_started_at, last_done_at (Redis clock), cancelled_at,
-  deleted_at (a deleted run's tombstone, kept ``TOMBSTONE_S`` so its messages still queued
-  recreate nothing)
+- ``deepqueue:{run}:meta``    hash  first_started_at, last_done_at, last_failed_at (Redis clock),
+  cancelled_at, deleted_at (a deleted run's tombstone, kept ``TOMBSTONE_S`` so its messages
+  still queued recreate nothing)
 - ``deepqueue:{run}:minutes`` hash  minute (Unix time // 60) -> jobs done in it: the run's rate
 - ``deepqueue:runs``          zset  run ids by first submission time (a run no client submitted,
   by its first job's start)
 - ``deepqueue:deleted``       zset  deleted run ids by first submission time, while their
   tombstones last: ``prune --outputs`` still finds their files
 
-Every transition is one Lua call (``producer.state_scripts``), so the record and the sets never
+Every transition is one Lua call (``producer.state_scripts``), so slots, counts and details never
 disagree. ``done`` and ``cancelled`` are final: a redelivered job can neither turn a finished
-job back into ``running`` or ``failed`` nor replace its record (which matches the write-once
+job back into ``running`` or ``failed`` nor replace its key (which matches the write-once
 sidecar). In a cancelled run, a job that a worker is about to start, or a producer to queue,
 ends ``cancelled`` instead. Once a run is resumed (no longer cancelled), its cancelled jobs can
 be queued again, and only that.
@@ -39,7 +49,8 @@ from typing import Any
 import redis
 
 from producer.layout import DELETED_KEY, RUNS_KEY, state_key
-from producer.state_scripts import CLAIM_RECIPE, TRANSITION
+from producer.slots import BLOCK_SLOTS, SLOT_BYTES, Slot, decode, place, read_slot, slots_of_block
+from producer.state_scripts import CANCEL_BLOCK, CLAIM_RECIPE, TRANSITION
 
 
 class JobState(str, Enum):
@@ -150,24 +161,18 @@ def images_per_s(
     return sum(minute_counts) / span if span > 0 else None
 
 
-def _keys(run_id: str) -> list[str]:
-    return [state_key(run_id, "jobs"), *(state_key(run_id, state.value) for state in STATES)]
+#: The run's keys every transition may touch, in ``TRANSITION``'s KEYS order.
+STATE_KEYS = ("counts", "others", "reasons", "running", "pending", "meta", "minutes", "blocks", "keys", "images")
+#: A cancelled job's reason, implied by its state.
+CANCELLED_REASON = "run cancelled"
 
 
 def _transition_keys(run_id: str) -> list[str]:
-    return [*_keys(run_id), _pending_key(run_id), _meta_key(run_id), state_key(run_id, "minutes")]
+    return [state_key(run_id, name) for name in STATE_KEYS]
 
 
-def _pending_key(run_id: str) -> str:
-    return state_key(run_id, "pending")
-
-
-def _meta_key(run_id: str) -> str:
-    return state_key(run_id, "meta")
-
-
-def _recipes_key(run_id: str) -> str:
-    return state_key(run_id, "recipes")
+def _blocks_prefix(run_id: str) -> str:
+    return state_key(run_id, "slots:")
 
 
 def canonical_json(value: Any) -> str:
@@ -180,44 +185,60 @@ class RunStore:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
         self._transition = client.register_script(TRANSITION)
+        self._cancel_block = client.register_script(CANCEL_BLOCK)
         self._claim_recipe = client.register_script(CLAIM_RECIPE)
 
     @classmethod
     def from_url(cls, url: str) -> RunStore:
         return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10))
 
-    def mark(self, run_id: str, job_id: str, state: JobState, **details: Any) -> bool:
-        """Move one job to ``state``; False if its current state forbids that. A job that starts
+    def _call(self, run_id: str, mode: str, args: Sequence[str], client: Any = None) -> Any:
+        """One ``TRANSITION`` call: ``mode`` for the jobs in ``args`` (see the script)."""
+        return self._transition(
+            keys=_transition_keys(run_id), args=[mode, _blocks_prefix(run_id), *args], client=client
+        )
+
+    def mark(
+        self,
+        run_id: str,
+        job_id: str,
+        state: JobState,
+        *,
+        key: str | None = None,
+        reason: str | None = None,
+        worker: str | None = None,
+    ) -> bool:
+        """Move one job to ``state`` (done: with its image's ``key``; failed: with its ``reason``;
+        running: on ``worker``); False if its current state forbids that. A job that starts
         lists its run (if it is not yet) at the time it started: a run sent by any producer,
         a plain Celery ``send_task`` one too, is then in ``runs`` and ``prune``."""
-        record = json.dumps({"state": state.value, "at": time.time(), **details})
-        moved = bool(self._transition(keys=_transition_keys(run_id), args=[state.value, job_id, record, ""]))
+        detail = {JobState.DONE: key, JobState.FAILED: reason, JobState.RUNNING: worker}.get(state)
+        moved = bool(self._call(run_id, state.value, [job_id, detail or "", ""]))
         if moved and state is JobState.RUNNING:
             self._redis.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
         return moved
 
     def states(self, run_id: str, job_ids: Sequence[str]) -> list[JobState | None]:
-        """Each job's state (None: never submitted), in one round trip."""
-        raws = self._redis.hmget(_keys(run_id)[0], job_ids) if job_ids else []
-        return [None if raw is None else JobState(json.loads(raw)["state"]) for raw in raws]
+        """Each job's state (None: never submitted)."""
+        return [None if slot is None else JobState(slot.state) for slot in self._slots(run_id, job_ids)]
 
     def mark_queued(self, run_id: str, sent: Mapping[str, str]) -> None:
         """Mark sent jobs (job_id -> the job as sent, JSON) queued, keeping each until it is
         done; those a worker already took stay as they are. One round trip per few thousand."""
         pipe = self._redis.pipeline(transaction=False)
         for args in self._queued_batches(run_id, sent):
-            self._transition(keys=_transition_keys(run_id), args=[JobState.QUEUED.value, *args], client=pipe)
+            self._call(run_id, JobState.QUEUED.value, args, client=pipe)
         pipe.execute()
 
     def claim_queued(self, run_id: str, sent: Mapping[str, str], *, resend_queued: bool = False) -> dict[str, str]:
         """Before sending: mark queued those of ``sent`` (job_id -> the job as sent, JSON) that are
         new or failed (``resend_queued``: or queued), keeping each until it is done, and return
-        them, each with the record it had ('' for a new job), for ``unclaim``. One call per
+        them, each with what it was ('' for a new job), for ``unclaim``. One call per
         ``MARK_BATCH`` jobs: producers racing one run claim, and so send, each job once."""
         mode = "claim+queued" if resend_queued else "claim"
         claimed: dict[str, str] = {}
         for args in self._queued_batches(run_id, sent):
-            raw = self._transition(keys=_transition_keys(run_id), args=[mode, *args])
+            raw = self._call(run_id, mode, args)
             if raw:  # 0 in a deleted run
                 claimed.update(zip((v.decode() for v in raw[0::2]), (v.decode() for v in raw[1::2]), strict=True))
         return claimed
@@ -225,18 +246,17 @@ class RunStore:
     def unclaim(self, run_id: str, claimed: Mapping[str, str]) -> None:
         """Put back what ``claim_queued`` took, for jobs still queued (their publish failed)."""
         for args in _flat_batches(claimed.items()):
-            self._transition(keys=_transition_keys(run_id), args=["unclaim", *args])
+            self._call(run_id, "unclaim", args)
 
     def _queued_batches(self, run_id: str, sent: Mapping[str, str]) -> Iterator[list[str]]:
-        """List the run, then ``sent`` as the transition script's (id, queued record, job as sent) arguments."""
+        """List the run, then ``sent`` as the transition script's (id, detail, job as sent) arguments."""
         self._redis.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
-        record = json.dumps({"state": JobState.QUEUED.value, "at": time.time()})
-        return _flat_batches((job_id, record, job) for job_id, job in sent.items())
+        return _flat_batches((job_id, "", job) for job_id, job in sent.items())
 
     def pending(self, run_id: str, job_ids: Sequence[str]) -> list[str | None]:
         """The jobs as sent (JSON) of these unfinished jobs; None where none was kept (a job
         submitted before they were kept, or done)."""
-        raws = self._redis.hmget(_pending_key(run_id), job_ids) if job_ids else []
+        raws = self._redis.hmget(state_key(run_id, "pending"), job_ids) if job_ids else []
         return [None if raw is None else raw.decode() for raw in raws]
 
     def count_loss(self, run_id: str, job_id: str) -> int:
@@ -250,17 +270,18 @@ class RunStore:
         None for a run submitted before recipes were recorded: nothing is recorded for it.
         """
         raw = self._claim_recipe(
-            keys=[_recipes_key(run_id), _keys(run_id)[0]], args=[canonical_json(recipe), time.time(), int(add)]
+            keys=[state_key(run_id, "recipes"), state_key(run_id, "counts")],
+            args=[canonical_json(recipe), time.time(), int(add)],
         )
         return None if raw is None else _in_order(dict(zip(raw[0::2], raw[1::2], strict=True)))
 
     def forget_recipe(self, run_id: str, recipe: Mapping[str, Any]) -> None:
         """Take back a recipe a submit recorded but sent no job of (it was refused half-way)."""
-        self._redis.hdel(_recipes_key(run_id), canonical_json(recipe))
+        self._redis.hdel(state_key(run_id, "recipes"), canonical_json(recipe))
 
     def recipes(self, run_id: str) -> list[dict[str, Any]]:
         """The run's recorded recipes, the first submitted first (empty: none recorded)."""
-        return _in_order(self._redis.hgetall(_recipes_key(run_id)))
+        return _in_order(self._redis.hgetall(state_key(run_id, "recipes")))
 
     def counts(self, run_id: str) -> dict[JobState, int]:
         return self.status(run_id).counts
@@ -270,38 +291,35 @@ class RunStore:
         now = time.time() if now is None else now
         minutes = rate_minutes(now)
         pipe = self._redis.pipeline(transaction=False)
-        for key in _keys(run_id)[1:]:
-            pipe.scard(key)
-        pipe.hgetall(_meta_key(run_id))
-        pipe.hmget(_transition_keys(run_id)[-1], minutes)
-        *sizes, meta, per_minute = pipe.execute()
-        status = RunStatus(run_id, dict(zip(STATES, sizes, strict=True)))
+        pipe.hmget(state_key(run_id, "counts"), [state.value for state in STATES])
+        pipe.hgetall(state_key(run_id, "meta"))
+        pipe.hmget(state_key(run_id, "minutes"), minutes)
+        sizes, meta, per_minute = pipe.execute()
+        status = RunStatus(run_id, {state: int(size or 0) for state, size in zip(STATES, sizes, strict=True)})
         done, counts = status.counts[JobState.DONE], [int(n or 0) for n in per_minute]
         rate = images_per_s(_floats(meta), done, counts, now, finished=status.is_finished)
         return replace(status, images_per_s=rate)
 
     def meta(self, run_id: str) -> dict[str, float]:
-        """first_started_at, last_done_at, cancelled_at, deleted_at: those the run has."""
-        return _floats(self._redis.hgetall(_meta_key(run_id)))
+        """first_started_at, last_done_at, last_failed_at, cancelled_at, deleted_at: those the run has."""
+        return _floats(self._redis.hgetall(state_key(run_id, "meta")))
 
     def cancel(self, run_id: str) -> int:
         """Cancel the run: its queued jobs end ``cancelled`` now, and any job a worker or a
         producer comes to later (a message still queued) ends so too. Running jobs finish.
         Returns how many jobs this call cancelled."""
-        self._redis.hsetnx(_meta_key(run_id), "cancelled_at", time.time())
-        record = json.dumps({"state": JobState.CANCELLED.value, "at": time.time(), "reason": "run cancelled"})
-        cancelled, chunk = 0, []
-        queued = _keys(run_id)[1 + STATES.index(JobState.QUEUED)]
-        for job_id in self._redis.sscan_iter(queued, count=MARK_BATCH):
-            chunk.append(job_id)
-            if len(chunk) == MARK_BATCH:
-                cancelled += self._cancel(run_id, chunk, record)
-                chunk = []
-        return cancelled + (self._cancel(run_id, chunk, record) if chunk else 0)
+        self._redis.hsetnx(state_key(run_id, "meta"), "cancelled_at", time.time())
+        keys, prefix = _transition_keys(run_id), _blocks_prefix(run_id)
+        cancelled = sum(int(self._cancel_block(keys=keys, args=[prefix, block])) for block in self._blocks(run_id))
+        others = (job_id for job_id, slot in self._others(run_id) if slot.state == JobState.QUEUED.value)
+        for args in _flat_batches((job_id, "", "") for job_id in others):
+            cancelled += int(self._call(run_id, JobState.CANCELLED.value, args))
+        return cancelled
 
     def stopped(self, run_id: str) -> bool:
         """Whether the run is cancelled or deleted (a guess for ``drop_if_stopped``: it may change)."""
-        return any(value is not None for value in self._redis.hmget(_meta_key(run_id), ["cancelled_at", "deleted_at"]))
+        fields = self._redis.hmget(state_key(run_id, "meta"), ["cancelled_at", "deleted_at"])
+        return any(value is not None for value in fields)
 
     def drop_if_stopped(self, run_id: str, job_ids: Sequence[str]) -> bool:
         """If the run is cancelled or deleted, settle these jobs as a worker starting them would
@@ -309,43 +327,41 @@ class RunStore:
         return True: their messages can be dropped. Else write nothing and return False. One Lua
         call per ``MARK_BATCH`` jobs, so the answer and the writes agree."""
         stopped = True
-        for start in range(0, len(job_ids), MARK_BATCH):
-            args = [value for job_id in job_ids[start : start + MARK_BATCH] for value in (job_id, "", "")]
-            stopped = int(self._transition(keys=_transition_keys(run_id), args=["drop", *args])) >= 0 and stopped
+        for args in _flat_batches((job_id, "", "") for job_id in job_ids):
+            stopped = int(self._call(run_id, "drop", args)) >= 0 and stopped
         return stopped
 
     def resume(self, run_id: str) -> bool:
         """Take back a cancel: the run takes jobs again, and its cancelled jobs may be queued
         again (``Client.resume`` sends them). Returns whether the run was cancelled."""
-        return bool(self._redis.hdel(_meta_key(run_id), "cancelled_at"))
+        return bool(self._redis.hdel(state_key(run_id, "meta"), "cancelled_at"))
 
     def job_ids(self, run_id: str, state: JobState) -> Iterator[str]:
-        """The ids of the run's jobs in ``state``, streamed (SSCAN)."""
-        for job_id in self._redis.sscan_iter(_keys(run_id)[1 + STATES.index(state)], count=MARK_BATCH):
-            yield job_id.decode()
-
-    def _cancel(self, run_id: str, job_ids: list[bytes], record: str) -> int:
-        args = [value for job_id in job_ids for value in (job_id, record, "")]
-        return int(self._transition(keys=_transition_keys(run_id), args=[JobState.CANCELLED.value, *args]))
+        """The ids of the run's jobs in ``state``, by index (those kept in ``others`` last)."""
+        for slot in self._every_slot(run_id):
+            if slot.state == state.value:
+                yield slot.job_id
 
     def delete(self, run_id: str) -> None:
         """Forget the run: every key of its state goes (UNLINK: freed without blocking Redis),
         and a tombstone stays ``TOMBSTONE_S``: its messages still queued write nothing, and a
         worker that finishes storing an image for it removes what it stored (``deleted``)."""
-        keys = [*_transition_keys(run_id), state_key(run_id, "losses"), _recipes_key(run_id)]
+        blocks = [_blocks_prefix(run_id) + str(block) for block in self._blocks(run_id)]
+        keys = [*_transition_keys(run_id), state_key(run_id, "losses"), state_key(run_id, "recipes"), *blocks]
+        meta = state_key(run_id, "meta")
         now = time.time()
         submitted = self._redis.zscore(RUNS_KEY, run_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.unlink(*keys)
-        pipe.hset(_meta_key(run_id), "deleted_at", now)
-        pipe.expire(_meta_key(run_id), TOMBSTONE_S)
+        pipe.hset(meta, "deleted_at", now)
+        pipe.expire(meta, TOMBSTONE_S)
         pipe.zrem(RUNS_KEY, run_id)
         pipe.zadd(DELETED_KEY, {run_id: now if submitted is None else submitted})
         pipe.execute()
 
     def deleted(self, run_id: str) -> bool:
         """Whether the run has a tombstone: deleted, and not submitted again since."""
-        return bool(self._redis.hexists(_meta_key(run_id), "deleted_at"))
+        return bool(self._redis.hexists(state_key(run_id, "meta"), "deleted_at"))
 
     def deleted_since(self) -> list[tuple[str, float]]:
         """Deleted runs whose tombstones last, with the time of their first submit, oldest first
@@ -353,7 +369,7 @@ class RunStore:
         listed = [(name.decode(), at) for name, at in self._redis.zrange(DELETED_KEY, 0, -1, withscores=True)]
         pipe = self._redis.pipeline(transaction=False)
         for name, _ in listed:
-            pipe.hexists(_meta_key(name), "deleted_at")
+            pipe.hexists(state_key(name, "meta"), "deleted_at")
         alive = pipe.execute() if listed else []
         expired = [name for (name, _), kept in zip(listed, alive, strict=True) if not kept]
         if expired:
@@ -362,11 +378,11 @@ class RunStore:
 
     def reuse_deleted(self, run_id: str) -> None:
         """Drop a deleted run's tombstone so that its name can be submitted again."""
-        self._redis.pipeline(transaction=True).unlink(_meta_key(run_id)).zrem(DELETED_KEY, run_id).execute()
+        self._redis.pipeline(transaction=True).unlink(state_key(run_id, "meta")).zrem(DELETED_KEY, run_id).execute()
 
     def exists(self, run_id: str) -> bool:
         """Submitted by a client, or named by a job a worker recorded (hand-made messages too)."""
-        return self._redis.zscore(RUNS_KEY, run_id) is not None or bool(self._redis.exists(_keys(run_id)[0]))
+        return self._redis.zscore(RUNS_KEY, run_id) is not None or bool(self._redis.exists(state_key(run_id, "counts")))
 
     def runs(self) -> list[str]:
         return [name for name, _ in self.runs_since()]
@@ -380,13 +396,98 @@ class RunStore:
         self._redis.close()
 
     def get(self, run_id: str, job_id: str) -> JobResult | None:
-        raw = self._redis.hget(_keys(run_id)[0], job_id)
-        return None if raw is None else _result(job_id, raw)
+        slot = self._slots(run_id, [job_id])[0]
+        return None if slot is None else self._results(run_id, [slot], self._images(run_id))[0]
 
     def results(self, run_id: str) -> Iterator[JobResult]:
-        """Every job of the run, streamed (HSCAN), in no particular order."""
-        for job_id, raw in self._redis.hscan_iter(_keys(run_id)[0], count=1000):
-            yield _result(job_id.decode(), raw)
+        """Every job of the run, streamed a block at a time, by index (those kept in ``others``
+        last)."""
+        images = self._images(run_id)
+        for chunk in _chunks(self._every_slot(run_id), BLOCK_SLOTS):
+            yield from self._results(run_id, chunk, images)
+
+    def _blocks(self, run_id: str) -> list[int]:
+        return sorted(int(block) for block in self._redis.smembers(state_key(run_id, "blocks")))
+
+    def _images(self, run_id: str) -> str | None:
+        folder = self._redis.get(state_key(run_id, "images"))
+        return None if folder is None else folder.decode()
+
+    def _others(self, run_id: str) -> Iterator[tuple[str, Slot]]:
+        for job_id, value in self._redis.hscan_iter(state_key(run_id, "others"), count=1000):
+            slot = decode(job_id.decode(), value)
+            if slot is not None:
+                yield slot.job_id, slot
+
+    def _every_slot(self, run_id: str) -> Iterator[Slot]:
+        """Each job's slot: the blocks' by index, then those in ``others``."""
+        prefix = _blocks_prefix(run_id)
+        for block in self._blocks(run_id):
+            yield from slots_of_block(block, self._redis.get(prefix + str(block)) or b"")
+        for _, slot in self._others(run_id):
+            yield slot
+
+    def _slots(self, run_id: str, job_ids: Sequence[str]) -> list[Slot | None]:
+        """These jobs' slots (None: no such job), read where the script keeps them: at their
+        place if it is free or theirs (a slot keeps its tag once taken), else in ``others``. Two
+        round trips at most."""
+        places = [place(job_id) for job_id in job_ids]
+        pipe = self._redis.pipeline(transaction=False)
+        for at in places:
+            if at is not None:
+                pipe.getrange(_blocks_prefix(run_id) + str(at.block), at.offset, at.offset + SLOT_BYTES - 1)
+        values = iter(pipe.execute() if any(at is not None for at in places) else [])
+        found: list[Slot | None] = []
+        elsewhere: list[int] = []
+        for position, (job_id, at) in enumerate(zip(job_ids, places, strict=True)):
+            value = None if at is None else next(values)
+            if at is not None and value is not None and (value[2:SLOT_BYTES] == at.tag or not value.strip(b"\0")):
+                found.append(read_slot(job_id, at, value))
+            else:
+                found.append(None)
+                elsewhere.append(position)
+        if elsewhere:
+            values_elsewhere = self._redis.hmget(state_key(run_id, "others"), [job_ids[i] for i in elsewhere])
+            for position, value in zip(elsewhere, values_elsewhere, strict=True):
+                found[position] = None if value is None else decode(job_ids[position], value)
+        return found
+
+    def _results(self, run_id: str, slots: Sequence[Slot], images: str | None) -> list[JobResult]:
+        """Slots as JobResults, with the details kept apart: failure reasons, the workers of
+        running jobs, done jobs' keys (in the run's image folder, or kept whole)."""
+        ids = {
+            "reasons": [slot.job_id for slot in slots if slot.state == JobState.FAILED.value],
+            "running": [slot.job_id for slot in slots if slot.state == JobState.RUNNING.value],
+            "keys": [slot.job_id for slot in slots if slot.whole_key],
+        }
+        asked = {name: job_ids for name, job_ids in ids.items() if job_ids}
+        pipe = self._redis.pipeline(transaction=False)
+        for name, job_ids in asked.items():
+            pipe.hmget(state_key(run_id, name), job_ids)
+        details: dict[str, dict[str, str]] = {name: {} for name in ids}
+        for (name, job_ids), values in zip(asked.items(), pipe.execute() if asked else [], strict=True):
+            details[name] = {job_id: v.decode() for job_id, v in zip(job_ids, values, strict=True) if v is not None}
+        results = []
+        for slot in slots:
+            key = details["keys"].get(slot.job_id)
+            if key is None and slot.extension and images is not None:
+                key = f"{images}/{slot.job_id}.{slot.extension}"
+            reason = CANCELLED_REASON if slot.state == JobState.CANCELLED.value else details["reasons"].get(slot.job_id)
+            worker = details["running"].get(slot.job_id)
+            details_ = {} if worker is None else {"worker": worker}
+            results.append(JobResult(slot.job_id, JobState(slot.state), key=key, reason=reason, details=details_))
+        return results
+
+
+def _chunks(items: Iterable[Slot], size: int) -> Iterator[list[Slot]]:
+    chunk: list[Slot] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _flat_batches(rows: Iterable[tuple[str, ...]]) -> Iterator[list[str]]:
@@ -408,14 +509,3 @@ def _floats(fields: Mapping[bytes, bytes]) -> dict[str, float]:
 def _in_order(recipes: Mapping[bytes, bytes]) -> list[dict[str, Any]]:
     """Recipes (canonical JSON -> time recorded) as dicts, the first recorded first."""
     return [json.loads(text) for text, _ in sorted(recipes.items(), key=lambda item: float(item[1]))]
-
-
-def _result(job_id: str, raw: bytes) -> JobResult:
-    record = json.loads(raw)
-    return JobResult(
-        job_id=job_id,
-        state=JobState(record.pop("state")),
-        key=record.pop("key", None),
-        reason=record.pop("reason", None),
-        details=record,
-    )

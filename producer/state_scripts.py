@@ -1,43 +1,119 @@
 """The Lua scripts behind ``producer.state.RunStore``: each state change of a run is one call,
-so a job's record and the per-state sets never disagree, whoever writes (producer or worker).
+so a job's slot, the run's counts and the job's details never disagree, whoever writes
+(producer or worker).
 
 They are kept apart from the Python side because they are the state machine itself (which
 transitions are allowed, what a cancelled or deleted run turns them into) and are read and
 reviewed as such; ``RunStore`` only packs their keys and arguments.
 """
 
-# KEYS: jobs hash, one set per state in producer.state.STATES order, pending hash, meta hash,
-# minutes hash. ARGV: the new state, then for each job its id, its record and the job as sent ('' for none; for
-# 'queued', kept in pending until the job is final). A job moves unless it is final (done,
-# cancelled), or running and asked to be queued again; cancel moves only queued jobs. In a
-# cancelled run, a job asked to run (a first start, or again after its process died) or to be
-# queued ends 'cancelled' instead; in a run resumed since, a cancelled job may be queued again. In
-# a deleted run nothing is written. Returns how many moved to the state asked for.
+from producer.slots import BLOCK_SLOTS, SLOT_BYTES
+
+# KEYS: ``producer.state.STATE_KEYS`` in that order: counts, others, reasons, running, pending,
+# meta, minutes, blocks, keys, images. ARGV: the new state; the prefix of the run's slot blocks
+# (``deepqueue:{run}:slots:``); then for each job its id, a detail (failed: the reason; running:
+# the worker; done: the image's key; else '') and the job as sent ('' for none; for 'queued', kept
+# in pending until the job is final).
+#
+# Where a job's state lives (``producer.slots``): the 8-byte slot at its index, in block string
+# prefix .. index // BLOCK_SLOTS, when the slot is free or tagged with the job's hash; else (another
+# recipe's job took the slot first, or an id of another form) the others hash, id -> state code and
+# extension code. A slot keeps its tag once taken, so an id that went to others stays there. The
+# block keys are not in KEYS: they are built here from the prefix, and share the run's hash tag.
+#
+# A job moves unless it is final (done, cancelled), or running and asked to be queued again;
+# cancel moves only queued jobs. In a cancelled run, a job asked to run (a first start, or again
+# after its process died) or to be queued ends 'cancelled' instead; in a run resumed since, a
+# cancelled job may be queued again. In a deleted run nothing is written. Returns how many moved
+# to the state asked for.
 # The state 'drop' is a worker's question about messages of a run it believes stopped: in a live
 # run nothing is written and -1 is returned; in a cancelled run the jobs end as a start would end
 # them (cancelled, unless final); in a deleted one nothing is written (0).
 # The states 'claim' and 'claim+queued' are a producer's, before it sends: each job moves to
 # 'queued' only if it is new or failed (or, with '+queued', queued already), and the script returns
-# each claimed id with the record it had ('' for a new job), so producers racing one run each
-# send only what they claimed: every job once. 'unclaim' (ARGV: id, record pairs, as a claim
-# returned them) puts back jobs still queued after their publish failed.
-TRANSITION = """
-if redis.call('HEXISTS', KEYS[8], 'deleted_at') == 1 then return 0 end
-local asked = ARGV[1]
-local cancelled = redis.call('HEXISTS', KEYS[8], 'cancelled_at') == 1
-local sets = {queued = KEYS[2], running = KEYS[3], done = KEYS[4], failed = KEYS[5], cancelled = KEYS[6]}
+# each claimed id with what it was ('' for a new job, else its state code, and a failed job's
+# reason after it), so producers racing one run each send only what they claimed: every job once.
+# 'unclaim' (ARGV after the prefix: id, before pairs, as a claim returned them) puts back jobs
+# still queued after their publish failed.
+_TRANSITION = """
+local COUNTS, OTHERS, REASONS, RUNNING, PENDING, META, MINUTES, BLOCKS, WHOLE, IMAGES = unpack(KEYS)
+if redis.call('HEXISTS', META, 'deleted_at') == 1 then return 0 end
+local asked, prefix = ARGV[1], ARGV[2]
+local SLOT, BLOCK = SLOT_BYTES, BLOCK_SLOTS
+local EMPTY = string.rep('\\0', SLOT)
+local code = {queued = 'q', running = 'r', done = 'd', failed = 'f', cancelled = 'c'}
+local name = {q = 'queued', r = 'running', d = 'done', f = 'failed', c = 'cancelled'}
+local extension = {png = 'p', webp = 'w', jpg = 'j'}
+local listed = {}
+
+-- Where the job's state lives, and that state's code (false: none).
+local function find(id)
+  local digits, hex = string.match(id, '^(%d+)%-(%x+)$')
+  if digits and (#digits == 8 or (#digits == 9 and string.sub(digits, 1, 1) ~= '0'))
+      and #hex == 12 and not string.find(hex, '%u') then
+    local index = tonumber(digits)
+    local block = math.floor(index / BLOCK)
+    local at = {block = block, key = prefix .. block, offset = (index % BLOCK) * SLOT,
+      tag = (string.gsub(hex, '..', function(pair) return string.char(tonumber(pair, 16)) end))}
+    local slot = redis.call('GETRANGE', at.key, at.offset, at.offset + SLOT - 1)
+    if #slot < SLOT then slot = EMPTY end
+    if string.sub(slot, 3) == at.tag or slot == EMPTY then
+      at.state = string.byte(slot, 1) ~= 0 and string.sub(slot, 1, 1)
+      return at
+    end
+  end
+  local other = redis.call('HGET', OTHERS, id)
+  return {state = other and string.sub(other, 1, 1) or false}
+end
+
+-- Set the job's state code (false: no job) and extension code; keep counts and details right.
+local function put(at, id, state, ext)
+  if at.key then
+    if not listed[at.block] then
+      if redis.call('SADD', BLOCKS, at.block) == 1 then  -- a new block: allocated whole, once
+        redis.call('SETRANGE', at.key, SLOT * BLOCK - 1, '\\0')
+      end
+      listed[at.block] = true
+    end
+    redis.call('SETRANGE', at.key, at.offset, (state or '\\0') .. (state and ext or '-') .. at.tag)
+  elseif state then
+    redis.call('HSET', OTHERS, id, state .. (ext or '-'))
+  else
+    redis.call('HDEL', OTHERS, id)
+  end
+  if at.state ~= state then
+    if at.state then redis.call('HINCRBY', COUNTS, name[at.state], -1) end
+    if state then redis.call('HINCRBY', COUNTS, name[state], 1) end
+    if at.state == 'f' then redis.call('HDEL', REASONS, id) end
+    if at.state == 'r' then redis.call('HDEL', RUNNING, id) end
+  end
+  at.state = state
+end
+
+-- A done job's extension code; '?' where its key is not {images}/{id}.{ext} (kept whole).
+local function done_extension(id, key)
+  if key == '' then return '-' end
+  local folder, file = string.match(key, '^(.*)/([^/]+)$')
+  local ext = file and string.sub(file, 1, #id + 1) == id .. '.' and extension[string.sub(file, #id + 2)]
+  if ext then
+    redis.call('SET', IMAGES, folder, 'NX')
+    if redis.call('GET', IMAGES) == folder then return ext end
+  end
+  redis.call('HSET', WHOLE, id, key)
+  return '?'
+end
+
 if asked == 'unclaim' then
-  for i = 2, #ARGV, 2 do
+  for i = 3, #ARGV, 2 do
     local id, before = ARGV[i], ARGV[i + 1]
-    local current = redis.call('HGET', KEYS[1], id)
-    if current and cjson.decode(current)['state'] == 'queued' then
-      redis.call('SREM', KEYS[2], id)
+    local at = find(id)
+    if at.state == 'q' then
       if before == '' then
-        redis.call('HDEL', KEYS[1], id)
-        redis.call('HDEL', KEYS[7], id)
+        put(at, id, false)
+        redis.call('HDEL', PENDING, id)
       else
-        redis.call('HSET', KEYS[1], id, before)
-        redis.call('SADD', sets[cjson.decode(before)['state']], id)
+        put(at, id, string.sub(before, 1, 1))
+        if at.state == 'f' then redis.call('HSET', REASONS, id, string.sub(before, 2)) end
       end
     end
   end
@@ -46,6 +122,7 @@ end
 local claim = asked == 'claim' or asked == 'claim+queued'
 local claimed = {}
 if claim then asked = 'queued' end
+local cancelled = redis.call('HEXISTS', META, 'cancelled_at') == 1
 if asked == 'drop' then
   if not cancelled then return -1 end
   asked = 'running'
@@ -57,10 +134,10 @@ end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 local moved = 0
-for i = 2, #ARGV, 3 do
-  local id = ARGV[i]
-  local current = redis.call('HGET', KEYS[1], id)
-  local old = current and cjson.decode(current)['state'] or false
+for i = 3, #ARGV, 3 do
+  local id, detail, body = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local at = find(id)
+  local old = at.state and name[at.state]
   local final = old == 'done' or (old == 'cancelled' and new ~= 'queued')
   local allowed = not final and not (asked == 'queued' and old == 'running')
     and not (asked == 'cancelled' and old and old ~= 'queued')
@@ -68,19 +145,20 @@ for i = 2, #ARGV, 3 do
   if allowed then
     if claim and new == asked then
       claimed[#claimed + 1] = id
-      claimed[#claimed + 1] = current or ''
+      claimed[#claimed + 1] = (at.state or '') .. (old == 'failed' and (redis.call('HGET', REASONS, id) or '') or '')
     end
-    local record = ARGV[i + 1]
-    if new ~= asked then record = cjson.encode({state = new, at = now, reason = 'run cancelled'}) end
-    redis.call('HSET', KEYS[1], id, record)
-    if old and old ~= new then redis.call('SREM', sets[old], id) end
-    redis.call('SADD', sets[new], id)
-    if new == 'done' then redis.call('HDEL', KEYS[7], id) end
-    if new == 'queued' and ARGV[i + 2] ~= '' then redis.call('HSET', KEYS[7], id, ARGV[i + 2]) end
-    if new == 'running' then redis.call('HSETNX', KEYS[8], 'first_started_at', now) end
+    put(at, id, code[new], new == 'done' and done_extension(id, detail) or '-')
+    if new == 'failed' then
+      redis.call('HSET', REASONS, id, detail)
+      redis.call('HSET', META, 'last_failed_at', now)
+    end
+    if new == 'running' and detail ~= '' then redis.call('HSET', RUNNING, id, detail) end
+    if new == 'queued' and body ~= '' then redis.call('HSET', PENDING, id, body) end
+    if new == 'running' then redis.call('HSETNX', META, 'first_started_at', now) end
     if new == 'done' then
-      redis.call('HSET', KEYS[8], 'last_done_at', now)
-      redis.call('HINCRBY', KEYS[9], math.floor(now / 60), 1)
+      redis.call('HDEL', PENDING, id)
+      redis.call('HSET', META, 'last_done_at', now)
+      redis.call('HINCRBY', MINUTES, math.floor(now / 60), 1)
     end
     if new == asked then moved = moved + 1 end
   end
@@ -89,7 +167,33 @@ if claim then return claimed end
 return moved
 """
 
-# KEYS: recipes hash, jobs hash. ARGV: canonical recipe JSON, time, '1' to add it to a run that
+TRANSITION = _TRANSITION.replace("SLOT_BYTES", str(SLOT_BYTES)).replace("BLOCK_SLOTS", str(BLOCK_SLOTS))
+
+# KEYS: as TRANSITION's. ARGV: the slot blocks' prefix, a block number. Cancels every queued job
+# whose slot is in that block, in one pass over the block string (a job in others is cancelled
+# through TRANSITION); returns how many. Nothing in a deleted run.
+CANCEL_BLOCK = """
+local COUNTS, META = KEYS[1], KEYS[6]
+if redis.call('HEXISTS', META, 'deleted_at') == 1 then return 0 end
+local key = ARGV[1] .. ARGV[2]
+local data = redis.call('GET', key)
+if not data then return 0 end
+local cancelled = 0
+local changed = string.gsub(data, '(.)(.......)', function(state, rest)
+  if state == 'q' then
+    cancelled = cancelled + 1
+    return 'c' .. rest
+  end
+end)
+if cancelled > 0 then
+  redis.call('SET', key, changed)
+  redis.call('HINCRBY', COUNTS, 'queued', -cancelled)
+  redis.call('HINCRBY', COUNTS, 'cancelled', cancelled)
+end
+return cancelled
+"""
+
+# KEYS: recipes hash, counts hash. ARGV: canonical recipe JSON, time, '1' to add it to a run that
 # has other recipes. Returns the run's recipes as HGETALL does, after recording this one if the
 # run had none; false for a run submitted before recipes were recorded (jobs but no recipes),
 # which is left as it was. One call, so two first submits racing record one recipe, not two.

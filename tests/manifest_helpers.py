@@ -97,7 +97,7 @@ def store_outputs(
             )
             body = json.dumps(sidecar, indent=1, ensure_ascii=False).encode()
             storage.put(sidecar_key(at), body, content_type="application/json", metadata={})
-            store.mark(job.run_id, job.job_id, JobState.DONE, key=storage.url(at), batch_id=batch.id)
+            store.mark(job.run_id, job.job_id, JobState.DONE, key=storage.url(at))
             writer.add(job.run_id, manifest_row(sidecar, at, sidecar_key(at), len(data)))
     writer.close()
     return writer

@@ -7,7 +7,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
@@ -27,13 +26,21 @@ class MemoryReporter:
     def __init__(self) -> None:
         self.states: dict[tuple[str, str], JobResult] = {}
 
-    def mark(self, run_id: str, job_id: str, state: JobState, **details: Any) -> bool:
+    def mark(
+        self,
+        run_id: str,
+        job_id: str,
+        state: JobState,
+        *,
+        key: str | None = None,
+        reason: str | None = None,
+        worker: str | None = None,
+    ) -> bool:
         current = self.states.get((run_id, job_id))
         if current is not None and current.state is JobState.DONE:
             return False  # done is final, as in the Redis store
-        self.states[run_id, job_id] = JobResult(
-            job_id, state, details.pop("key", None), details.pop("reason", None), details
-        )
+        details = {} if worker is None else {"worker": worker}
+        self.states[run_id, job_id] = JobResult(job_id, state, key, reason, details)
         return True
 
     def get(self, run_id: str, job_id: str) -> JobResult | None:

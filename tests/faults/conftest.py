@@ -113,9 +113,9 @@ class FaultCounts:
         finished_at = 0.0
         with client_for(env) as client:
             for run_id in runs:
-                for result in client.run(run_id).results():
-                    if result.state in (JobState.DONE, JobState.FAILED):
-                        finished_at = max(finished_at, result.details["at"])
+                run = client.run(run_id)
+                finished_at = max(finished_at, (run.span() or (0.0, 0.0))[1])
+                for result in run.results():
                     if result.state is JobState.DONE:
                         done += 1
                     elif result.state is JobState.FAILED:

@@ -509,10 +509,11 @@ def test_the_recipe_key_lives_with_the_run(client, redis_urls):
     client.submit(["a"], run="tagged")
     keys = sorted(key.decode() for key in redis.Redis.from_url(redis_urls[1]).keys("deepqueue:{tagged}:*"))
     assert keys == [
-        "deepqueue:{tagged}:jobs",
+        "deepqueue:{tagged}:blocks",
+        "deepqueue:{tagged}:counts",
         "deepqueue:{tagged}:pending",
-        "deepqueue:{tagged}:queued",
         "deepqueue:{tagged}:recipes",
+        "deepqueue:{tagged}:slots:0",
     ]
 
 

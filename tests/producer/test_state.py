@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import redis
 
-from producer.layout import RUNS_KEY, state_key
+from producer.layout import RUNS_KEY
 from producer.state import STATES, JobResult, JobState, RunStatus, RunStore, format_duration, images_per_s, rate_minutes
 
 RUN = "run-a"
@@ -182,30 +182,33 @@ def test_a_run_only_workers_wrote_exists_but_is_not_listed(store):
 
 
 def test_job_result_fields(store):
-    store.mark_queued(RUN, sent(["ok", "bad"]))
-    store.mark(RUN, "ok", DONE, key="s3://bucket/run-a/ok.png", width=64, timings={"unet_s": 1.5})
-    store.mark(RUN, "bad", FAILED, reason="prompt too long for the tokenizer", attempts=3)
-    ok, bad = store.get(RUN, "ok"), store.get(RUN, "bad")
+    store.mark_queued(RUN, sent(["ok", "bad", "run"]))
+    store.mark(RUN, "ok", DONE, key="s3://bucket/run-a/ok.png")
+    store.mark(RUN, "bad", FAILED, reason="prompt too long for the tokenizer")
+    store.mark(RUN, "run", RUNNING, worker="gpu0@host")
+    ok, bad, running = store.get(RUN, "ok"), store.get(RUN, "bad"), store.get(RUN, "run")
     assert isinstance(ok, JobResult)
-    assert (ok.job_id, ok.state, ok.key, ok.reason) == ("ok", DONE, "s3://bucket/run-a/ok.png", None)
-    assert ok.details["width"] == 64 and ok.details["timings"] == {"unet_s": 1.5}
-    assert isinstance(ok.details["at"], float)
-    assert "state" not in ok.details and "key" not in ok.details
-    assert (bad.state, bad.key, bad.reason) == (FAILED, None, "prompt too long for the tokenizer")
-    assert bad.details["attempts"] == 3 and "reason" not in bad.details
-    assert {result.job_id: result for result in store.results(RUN)} == {"ok": ok, "bad": bad}
+    assert (ok.job_id, ok.state, ok.key, ok.reason, ok.details) == ("ok", DONE, "s3://bucket/run-a/ok.png", None, {})
+    assert (bad.state, bad.key, bad.reason, bad.details) == (FAILED, None, "prompt too long for the tokenizer", {})
+    assert (running.state, running.details) == (RUNNING, {"worker": "gpu0@host"})
+    assert {result.job_id: result for result in store.results(RUN)} == {"ok": ok, "bad": bad, "run": running}
+    assert store.meta(RUN)["last_failed_at"] > 0  # when the run's last job failed
 
 
 def test_keys_share_one_cluster_hash_tag(store, backend):
-    store.mark_queued("tagged", sent(["j"]))
-    store.mark("tagged", "j", RUNNING)
-    keys = sorted(key.decode() for key in backend.keys("deepqueue:{tagged}:*"))
+    store.mark_queued("tagged", sent(["j", "00000001-0123456789ab"]))
+    store.mark("tagged", "j", RUNNING, worker="w")
+    keys = sorted(key.decode() for key in backend.keys("deepqueue:*"))
     assert keys == [
-        "deepqueue:{tagged}:jobs",
+        "deepqueue:runs",
+        "deepqueue:{tagged}:blocks",
+        "deepqueue:{tagged}:counts",
         "deepqueue:{tagged}:meta",
+        "deepqueue:{tagged}:others",
         "deepqueue:{tagged}:pending",
         "deepqueue:{tagged}:running",
-    ]  # empty sets vanish
+        "deepqueue:{tagged}:slots:0",
+    ]
 
 
 def test_job_state_is_a_string_enum():
@@ -329,7 +332,7 @@ def test_a_deleted_run_leaves_only_a_tombstone_that_writes_nothing(store, backen
     assert [key.decode() for key in backend.keys(f"deepqueue:{{{RUN}}}:*")] == [f"deepqueue:{{{RUN}}}:meta"]
     assert 0 < backend.ttl(f"deepqueue:{{{RUN}}}:meta") <= 7 * 86400
     assert not store.mark(RUN, "b", RUNNING) and not store.mark(RUN, "a", DONE, key="k")
-    assert backend.keys(f"deepqueue:{{{RUN}}}:jobs") == []  # a message still queued recreates nothing
+    assert backend.keys(f"deepqueue:{{{RUN}}}:counts") == []  # a message still queued recreates nothing
     assert store.deleted(RUN) and [name for name, _ in store.deleted_since()] == [RUN]
     store.reuse_deleted(RUN)
     assert not store.deleted(RUN) and store.deleted_since() == []
@@ -377,9 +380,8 @@ def test_a_claim_takes_new_and_failed_jobs_once_and_a_failed_publish_gives_them_
     store.mark(RUN, "r", RUNNING)
     store.mark(RUN, "d", DONE)
     store.mark(RUN, "f", FAILED, reason="boom")
-    failed_record = store._redis.hget(state_key(RUN, "jobs"), "f").decode()
     claimed = store.claim_queued(RUN, sent(["q", "r", "d", "f", "new"]))
-    assert claimed == {"f": failed_record, "new": ""}
+    assert claimed == {"f": "fboom", "new": ""}  # what each was: failed (with its reason), or nothing
     assert store.claim_queued(RUN, sent(["q", "r", "d", "f", "new"])) == {}  # a second producer: nothing
     assert set(store.claim_queued(RUN, sent(["q", "f", "new"]), resend_queued=True)) == {"q", "f", "new"}
     store.unclaim(RUN, claimed)

@@ -102,14 +102,9 @@ def test_memory_reporter() -> None:
     assert reporter.get("r", "j") is None
     assert reporter.mark("r", "j", JobState.RUNNING, worker="host") is True
     assert reporter.get("r", "j").details == {"worker": "host"}
-    reporter.mark("r", "j", JobState.DONE, key="out/x.png", batch_size=2)
+    reporter.mark("r", "j", JobState.DONE, key="out/x.png")
     result = reporter.get("r", "j")
-    assert (result.state, result.key, result.reason, result.details) == (
-        JobState.DONE,
-        "out/x.png",
-        None,
-        {"batch_size": 2},
-    )
+    assert (result.state, result.key, result.reason, result.details) == (JobState.DONE, "out/x.png", None, {})
     reporter.mark("r", "k", JobState.FAILED, reason="bad")
     assert reporter.get("r", "k").reason == "bad" and reporter.get("other", "k") is None
 

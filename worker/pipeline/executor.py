@@ -48,7 +48,16 @@ logger = logging.getLogger(__name__)
 class Reporter(Protocol):
     """Where job states go: ``producer.state.RunStore`` in the worker."""
 
-    def mark(self, run_id: str, job_id: str, state: JobState, **details: Any) -> bool: ...
+    def mark(
+        self,
+        run_id: str,
+        job_id: str,
+        state: JobState,
+        *,
+        key: str | None = None,
+        reason: str | None = None,
+        worker: str | None = None,
+    ) -> bool: ...
 
     def get(self, run_id: str, job_id: str) -> JobResult | None: ...
 
@@ -339,9 +348,7 @@ class BatchExecutor:
         except Exception as error:  # encode or upload: this job alone fails, with the cause
             logger.error("storing job %s failed: %r", job.job_id, error, exc_info=True, extra=ids(job, batch))
             return self._fail(delivery, job, f"storing failed: {error}", kind="storage")
-        recorded = self.reporter.mark(
-            job.run_id, job.job_id, JobState.DONE, key=url, batch_id=batch.id, batch_size=batch.size
-        )
+        recorded = self.reporter.mark(job.run_id, job.job_id, JobState.DONE, key=url)
         if not recorded and self.reporter.deleted(job.run_id):
             self._remove(
                 [at for at, written in ((image_at, wrote), (sidecar_key(image_at), sidecar_written)) if written]
