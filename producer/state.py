@@ -213,7 +213,15 @@ class RunStore:
         lists its run (if it is not yet) at the time it started: a run sent by any producer,
         a plain Celery ``send_task`` one too, is then in ``runs`` and ``prune``."""
         detail = {JobState.DONE: key, JobState.FAILED: reason, JobState.RUNNING: worker}.get(state)
-        moved = bool(self._call(run_id, state.value, [job_id, detail or "", ""]))
+        return self.mark_many(run_id, state, {job_id: detail or ""}) == 1
+
+    def mark_many(self, run_id: str, state: JobState, details: Mapping[str, str]) -> int:
+        """``mark`` for many jobs (job_id -> its key, reason or worker, as ``state`` needs; ''
+        for none), one script call per ``MARK_BATCH``: for tools that settle many jobs at once
+        (the benchmarks). Returns how many moved."""
+        moved = 0
+        for args in _flat_batches((job_id, detail, "") for job_id, detail in details.items()):
+            moved += int(self._call(run_id, state.value, args))
         if moved and state is JobState.RUNNING:
             self._redis.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
         return moved

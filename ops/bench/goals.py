@@ -86,11 +86,12 @@ def submit_rows(points: list[dict[str, Any]]) -> list[Row]:
         return []
     peaks = ", ".join(f"{p['prompts']:,}: {p['rss_peak_mib']:.0f}" for p in points)
     flat = max(p["rss_peak_mib"] for p in points) <= 1.10 * min(p["rss_peak_mib"] for p in points)
-    per_job = points[-1]["redis_bytes_per_job"]
+    per_job, per_done = points[-1]["redis_bytes_per_job"], points[-1]["redis_bytes_per_done_job"]
     rate = min(p["jobs_per_s"] for p in points)
     return [
         ("submit peak RSS (MiB) by prompts", peaks, "flat (within 10 %)", flat),
-        ("Redis bytes per queued job (100-char prompt)", f"{per_job:,.0f}", "≤ 600", per_job <= 600),
+        ("Redis bytes per queued job (100-char prompt)", f"{per_job:,.0f}", "≤ 300", per_job <= 300),
+        ("Redis bytes per done job", f"{per_done:,.1f}", "≤ 16", per_done <= 16),
         ("`Client.submit` enqueue rate (jobs/s, slowest size)", f"{rate:,.0f}", "≥ 5,000", rate >= 5000),
     ]
 

@@ -5,7 +5,9 @@ written, and a fresh Python process submits it with ``Client.submit`` to a priva
 redis-server (no worker). That process reports its peak RSS before and after the submit
 (``VmHWM``) and the submit's wall time; the server's ``used_memory`` before and after gives
 the bytes each queued job costs Redis (messages and run state together), and ``MEMORY USAGE``
-of each key how they split.
+of each key how they split. Then the queue is emptied and every job settled done, as workers
+would mark them (running, then done with its image's key): ``used_memory`` again gives the
+bytes each done job keeps costing Redis.
 
     .venv/bin/python -m ops.bench.submit_scale [--sizes 10000,100000,1000000]
 """
@@ -22,6 +24,7 @@ import redis
 from ops.bench import harness
 from ops.bench.harness import run_child
 from ops.bench.report import run_line
+from producer.state import MARK_BATCH, JobState, RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,8 @@ def measure(count: int, tmp: Path, redis_url: str) -> dict[str, Any]:
         client = redis.Redis.from_url(f"{redis_url}/{db}")
         for key in client.scan_iter(count=1000):
             keys[key.decode()] = client.memory_usage(key, samples=0) / count
+    settle_done(redis_url, count)
+    done_bytes = server.info("memory")["used_memory"] - base
     server.flushall()
     path.unlink()
     assert result["sent"] == count, result
@@ -80,8 +85,25 @@ def measure(count: int, tmp: Path, redis_url: str) -> dict[str, Any]:
         **result,
         "jobs_per_s": count / result["seconds"],
         "redis_bytes_per_job": used / count,
+        "redis_bytes_per_done_job": done_bytes / count,
         "redis_bytes_per_job_by_key": {key: round(value, 1) for key, value in keys.items() if value >= 1},
     }
+
+
+def settle_done(redis_url: str, count: int) -> None:
+    """Empty the queue (as workers would) and mark every job running, then done with its image's
+    key, through the script workers use (many jobs per call): what stays is the run's state
+    once it is done."""
+    broker, backend = redis.Redis.from_url(f"{redis_url}/0"), redis.Redis.from_url(f"{redis_url}/1")
+    broker.delete("deepqueue")
+    store = RunStore(backend)
+    folder = f"s3://deepqueue/{RUN}/images"
+    queued = list(store.job_ids(RUN, JobState.QUEUED))
+    for start in range(0, len(queued), MARK_BATCH * 10):
+        chunk = queued[start : start + MARK_BATCH * 10]
+        store.mark_many(RUN, JobState.RUNNING, dict.fromkeys(chunk, "gpu0@bench"))
+        store.mark_many(RUN, JobState.DONE, {job_id: f"{folder}/{job_id}.png" for job_id in chunk})
+    assert store.counts(RUN)[JobState.DONE] == count
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -91,13 +113,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"{run_line(results)} 100-character prompts in a .jsonl file, "
         "512x512 jobs, run name of 24 characters, one `Client.submit` in a fresh process, no worker.",
         "",
-        "| prompts | producer RSS before → peak | submit | jobs/s | Redis bytes per queued job |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "| prompts | producer RSS before → peak | submit | jobs/s | Redis bytes per queued job | per done job |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for point in results["points"]:
         lines.append(
             f"| {point['prompts']:,} | {point['rss_before_mib']:.0f} → {point['rss_peak_mib']:.0f} MiB | "
-            f"{point['seconds']:.1f} s | {point['jobs_per_s']:,.0f} | {point['redis_bytes_per_job']:,.0f} |"
+            f"{point['seconds']:.1f} s | {point['jobs_per_s']:,.0f} | {point['redis_bytes_per_job']:,.0f} | "
+            f"{point['redis_bytes_per_done_job']:,.1f} |"
         )
     if results["points"]:
         last = results["points"][-1]["redis_bytes_per_job_by_key"]

@@ -46,7 +46,13 @@ def test_goal_rows_say_met_or_not_from_the_figures() -> None:
         "submit": {
             "points": [
                 {"prompts": 10, "rss_peak_mib": 70, "redis_bytes_per_job": 700, "jobs_per_s": 9000},
-                {"prompts": 100, "rss_peak_mib": 71, "redis_bytes_per_job": 650, "jobs_per_s": 6000},
+                {
+                    "prompts": 100,
+                    "rss_peak_mib": 71,
+                    "redis_bytes_per_job": 650,
+                    "redis_bytes_per_done_job": 8.4,
+                    "jobs_per_s": 6000,
+                },
             ]
         },
         "memory": {"point": {"batches": 500, "main_mib": {"growth": 0.01}, "pool_mib": {"growth": 0.06}}},
@@ -58,6 +64,7 @@ def test_goal_rows_say_met_or_not_from_the_figures() -> None:
     assert met["scaling, 16 simulated workers (÷ linear)"] is False
     assert met["submit peak RSS (MiB) by prompts"] is True
     assert met["Redis bytes per queued job (100-char prompt)"] is False
+    assert met["Redis bytes per done job"] is True
     assert met["`Client.submit` enqueue rate (jobs/s, slowest size)"] is True
     assert met["worker RSS growth over 500 batches (larger of main, pool)"] is False
     assert "| **no** |" in goals.markdown(
@@ -118,7 +125,9 @@ def test_submit_bench_runs_end_to_end(tmp_path) -> None:
     assert "failed" not in results, results["failed"]
     assert [point["prompts"] for point in results["points"]] == [500, 1000]
     for point in results["points"]:
-        assert point["sent"] == point["prompts"] and point["redis_bytes_per_job"] > 0
+        assert (
+            point["sent"] == point["prompts"] and point["redis_bytes_per_job"] > point["redis_bytes_per_done_job"] > 0
+        )
         assert 0 < point["rss_before_mib"] <= point["rss_peak_mib"]
         assert point["redis_bytes_per_job_by_key"]["deepqueue"] > 0
     assert "| 1,000 |" in (tmp_path / "dry.md").read_text()

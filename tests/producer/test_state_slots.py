@@ -168,14 +168,14 @@ def test_a_claim_returns_what_each_job_was_and_unclaim_restores_it(store):
 
 def test_a_done_job_costs_redis_at_most_16_bytes(store, backend):
     """Redis' own count (``MEMORY USAGE`` of every key the run has: other tests share the
-    server) over 5 blocks of done jobs. Each job is queued, run and done through the script a
-    worker calls (many per call)."""
+    server) over 5 blocks of done jobs, each queued, run and done through the script a worker
+    calls."""
     ids = [jid(index) for index in range(5 * BLOCK_SLOTS)]
     for start in range(0, len(ids), 2000):
         chunk = ids[start : start + 2000]
         store.mark_queued(RUN, sent(chunk))
-        store._call(RUN, RUNNING.value, [value for job in chunk for value in (job, "gpu0", "")])
-        store._call(RUN, DONE.value, [value for job in chunk for value in (job, f"{IMAGES}/{job}.png", "")])
+        assert store.mark_many(RUN, RUNNING, dict.fromkeys(chunk, "gpu0")) == len(chunk)
+        assert store.mark_many(RUN, DONE, {job: f"{IMAGES}/{job}.png" for job in chunk}) == len(chunk)
     per_job = sum(backend.memory_usage(key, samples=0) for key in backend.keys(f"deepqueue:{{{RUN}}}:*")) / len(ids)
     assert store.counts(RUN)[DONE] == len(ids)
     assert per_job <= 16, per_job
