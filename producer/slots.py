@@ -36,9 +36,17 @@ _ID = re.compile(r"(?:[1-9]\d{8}|\d{8})-[0-9a-f]{12}")
 
 
 class Place(NamedTuple):
-    block: int
-    offset: int  #: byte offset of the slot in its block
+    index: int
     tag: bytes  #: the id's hash part, as stored
+
+    @property
+    def block(self) -> int:
+        return self.index // BLOCK_SLOTS
+
+    @property
+    def offset(self) -> int:
+        """The slot's first byte in its block."""
+        return self.index % BLOCK_SLOTS * SLOT_BYTES
 
 
 class Slot(NamedTuple):
@@ -53,8 +61,7 @@ def place(job_id: str) -> Place | None:
     if not _ID.fullmatch(job_id):
         return None
     digits, hexa = job_id.split("-")
-    index = int(digits)
-    return Place(index // BLOCK_SLOTS, (index % BLOCK_SLOTS) * SLOT_BYTES, bytes.fromhex(hexa))
+    return Place(int(digits), bytes.fromhex(hexa))
 
 
 def job_id_at(block: int, position: int, tag: bytes) -> str:

@@ -192,7 +192,7 @@ class RunStore:
     def from_url(cls, url: str) -> RunStore:
         return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10))
 
-    def _call(self, run_id: str, mode: str, args: Sequence[str], client: Any = None) -> Any:
+    def _call(self, run_id: str, mode: str, args: Sequence[str | bytes | int], client: Any = None) -> Any:
         """One ``TRANSITION`` call: ``mode`` for the jobs in ``args`` (see the script)."""
         return self._transition(
             keys=_transition_keys(run_id), args=[mode, _blocks_prefix(run_id), *args], client=client
@@ -498,11 +498,15 @@ def _chunks(items: Iterable[Slot], size: int) -> Iterator[list[Slot]]:
         yield chunk
 
 
-def _flat_batches(rows: Iterable[tuple[str, ...]]) -> Iterator[list[str]]:
-    """``rows`` flattened into one argument list per ``MARK_BATCH`` of them (one script call each)."""
-    batch: list[str] = []
-    for count, row in enumerate(rows, 1):
-        batch.extend(row)
+def _flat_batches(rows: Iterable[tuple[str, ...]]) -> Iterator[list[str | bytes | int]]:
+    """``rows`` (a job id, then the rest of its arguments) flattened into one argument list per
+    ``MARK_BATCH`` of them (one script call each), each id followed by its index and tag: placed
+    here, so the script need not parse ids."""
+    batch: list[str | bytes | int] = []
+    for count, (job_id, *rest) in enumerate(rows, 1):
+        at = place(job_id)
+        batch.extend((job_id, "", "") if at is None else (job_id, at.index, at.tag))
+        batch.extend(rest)
         if count % MARK_BATCH == 0:
             yield batch
             batch = []

@@ -11,12 +11,13 @@ from producer.slots import BLOCK_SLOTS, SLOT_BYTES
 
 # KEYS: ``producer.state.STATE_KEYS`` in that order: counts, others, reasons, running, pending,
 # meta, minutes, blocks, keys, images. ARGV: the new state; the prefix of the run's slot blocks
-# (``deepqueue:{run}:slots:``); then for each job its id, a detail (failed: the reason; running:
-# the worker; done: the image's key; else '') and the job as sent ('' for none; for 'queued', kept
-# in pending until the job is final).
+# (``deepqueue:{run}:slots:``); then for each job its id, its index and tag (``producer.slots.place``;
+# '' and '' for an id of another form), a detail (failed: the reason; running: the worker; done:
+# the image's key; else '') and the job as sent ('' for none; for 'queued', kept in pending until
+# the job is final).
 #
 # Where a job's state lives (``producer.slots``): the 8-byte slot at its index, in block string
-# prefix .. index // BLOCK_SLOTS, when the slot is free or tagged with the job's hash; else (another
+# prefix .. index // BLOCK_SLOTS, when the slot is free or holds the job's tag; else (another
 # recipe's job took the slot first, or an id of another form) the others hash, id -> state code and
 # extension code. A slot keeps its tag once taken, so an id that went to others stays there. The
 # block keys are not in KEYS: they are built here from the prefix, and share the run's hash tag.
@@ -33,8 +34,8 @@ from producer.slots import BLOCK_SLOTS, SLOT_BYTES
 # 'queued' only if it is new or failed (or, with '+queued', queued already), and the script returns
 # each claimed id with what it was ('' for a new job, else its state code, and a failed job's
 # reason after it), so producers racing one run each send only what they claimed: every job once.
-# 'unclaim' (ARGV after the prefix: id, before pairs, as a claim returned them) puts back jobs
-# still queued after their publish failed.
+# 'unclaim' (ARGV after the prefix: id, index, tag and what it was, as a claim returned it) puts
+# back jobs still queued after their publish failed.
 _TRANSITION = """
 local COUNTS, OTHERS, REASONS, RUNNING, PENDING, META, MINUTES, BLOCKS, WHOLE, IMAGES = unpack(KEYS)
 if redis.call('HEXISTS', META, 'deleted_at') == 1 then return 0 end
@@ -45,17 +46,30 @@ local code = {queued = 'q', running = 'r', done = 'd', failed = 'f', cancelled =
 local name = {q = 'queued', r = 'running', d = 'done', f = 'failed', c = 'cancelled'}
 local extension = {png = 'p', webp = 'w', jpg = 'j'}
 local listed = {}
+-- Slots are read a block at a time (one GET) when a call has many jobs, alone when it has few.
+local read, written = {}, {}  -- block -> its string as this call found it; index -> slot written since
+local few = #ARGV < 20
+local counts = {q = 0, r = 0, d = 0, f = 0, c = 0}  -- changes, written once at the end
+
+local function write_counts()
+  for state, change in pairs(counts) do
+    if change ~= 0 then redis.call('HINCRBY', COUNTS, name[state], change) end
+  end
+end
 
 -- Where the job's state lives, and that state's code (false: none).
-local function find(id)
-  local digits, hex = string.match(id, '^(%d+)%-(%x+)$')
-  if digits and (#digits == 8 or (#digits == 9 and string.sub(digits, 1, 1) ~= '0'))
-      and #hex == 12 and not string.find(hex, '%u') then
-    local index = tonumber(digits)
+local function find(id, index, tag)
+  if index ~= '' then
+    index = tonumber(index)
     local block = math.floor(index / BLOCK)
-    local at = {block = block, key = prefix .. block, offset = (index % BLOCK) * SLOT,
-      tag = (string.gsub(hex, '..', function(pair) return string.char(tonumber(pair, 16)) end))}
-    local slot = redis.call('GETRANGE', at.key, at.offset, at.offset + SLOT - 1)
+    local at = {block = block, key = prefix .. block, offset = (index % BLOCK) * SLOT, tag = tag, index = index}
+    local slot = written[index]
+    if not slot and few then
+      slot = redis.call('GETRANGE', at.key, at.offset, at.offset + SLOT - 1)
+    elseif not slot then
+      if not read[block] then read[block] = redis.call('GET', at.key) or '' end
+      slot = string.sub(read[block], at.offset + 1, at.offset + SLOT)
+    end
     if #slot < SLOT then slot = EMPTY end
     if string.sub(slot, 3) == at.tag or slot == EMPTY then
       at.state = string.byte(slot, 1) ~= 0 and string.sub(slot, 1, 1)
@@ -75,15 +89,17 @@ local function put(at, id, state, ext)
       end
       listed[at.block] = true
     end
-    redis.call('SETRANGE', at.key, at.offset, (state or '\\0') .. (state and ext or '-') .. at.tag)
+    local slot = (state or '\\0') .. (state and ext or '-') .. at.tag
+    redis.call('SETRANGE', at.key, at.offset, slot)
+    written[at.index] = slot
   elseif state then
     redis.call('HSET', OTHERS, id, state .. (ext or '-'))
   else
     redis.call('HDEL', OTHERS, id)
   end
   if at.state ~= state then
-    if at.state then redis.call('HINCRBY', COUNTS, name[at.state], -1) end
-    if state then redis.call('HINCRBY', COUNTS, name[state], 1) end
+    if at.state then counts[at.state] = counts[at.state] - 1 end
+    if state then counts[state] = counts[state] + 1 end
     if at.state == 'f' then redis.call('HDEL', REASONS, id) end
     if at.state == 'r' then redis.call('HDEL', RUNNING, id) end
   end
@@ -104,9 +120,9 @@ local function done_extension(id, key)
 end
 
 if asked == 'unclaim' then
-  for i = 3, #ARGV, 2 do
-    local id, before = ARGV[i], ARGV[i + 1]
-    local at = find(id)
+  for i = 3, #ARGV, 4 do
+    local id, before = ARGV[i], ARGV[i + 3]
+    local at = find(id, ARGV[i + 1], ARGV[i + 2])
     if at.state == 'q' then
       if before == '' then
         put(at, id, false)
@@ -117,6 +133,7 @@ if asked == 'unclaim' then
       end
     end
   end
+  write_counts()
   return 0
 end
 local claim = asked == 'claim' or asked == 'claim+queued'
@@ -134,9 +151,10 @@ end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 local moved = 0
-for i = 3, #ARGV, 3 do
-  local id, detail, body = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local at = find(id)
+local pending, finished = {}, {}  -- jobs as sent to keep, and done jobs' to drop
+for i = 3, #ARGV, 5 do
+  local id, detail, body = ARGV[i], ARGV[i + 3], ARGV[i + 4]
+  local at = find(id, ARGV[i + 1], ARGV[i + 2])
   local old = at.state and name[at.state]
   local final = old == 'done' or (old == 'cancelled' and new ~= 'queued')
   local allowed = not final and not (asked == 'queued' and old == 'running')
@@ -148,21 +166,30 @@ for i = 3, #ARGV, 3 do
       claimed[#claimed + 1] = (at.state or '') .. (old == 'failed' and (redis.call('HGET', REASONS, id) or '') or '')
     end
     put(at, id, code[new], new == 'done' and done_extension(id, detail) or '-')
-    if new == 'failed' then
-      redis.call('HSET', REASONS, id, detail)
-      redis.call('HSET', META, 'last_failed_at', now)
-    end
+    if new == 'failed' then redis.call('HSET', REASONS, id, detail) end
     if new == 'running' and detail ~= '' then redis.call('HSET', RUNNING, id, detail) end
-    if new == 'queued' and body ~= '' then redis.call('HSET', PENDING, id, body) end
-    if new == 'running' then redis.call('HSETNX', META, 'first_started_at', now) end
-    if new == 'done' then
-      redis.call('HDEL', PENDING, id)
-      redis.call('HSET', META, 'last_done_at', now)
-      redis.call('HINCRBY', MINUTES, math.floor(now / 60), 1)
+    if new == 'queued' and body ~= '' then
+      pending[#pending + 1] = id
+      pending[#pending + 1] = body
     end
+    if new == 'done' then finished[#finished + 1] = id end
     if new == asked then moved = moved + 1 end
   end
 end
+-- What is the same for every job of the call, written once.
+for first = 1, #pending, 1000 do
+  redis.call('HSET', PENDING, unpack(pending, first, math.min(first + 999, #pending)))
+end
+for first = 1, #finished, 1000 do
+  redis.call('HDEL', PENDING, unpack(finished, first, math.min(first + 999, #finished)))
+end
+if #finished > 0 then
+  redis.call('HSET', META, 'last_done_at', now)
+  redis.call('HINCRBY', MINUTES, math.floor(now / 60), #finished)
+end
+if counts.r > 0 and new == 'running' then redis.call('HSETNX', META, 'first_started_at', now) end
+if new == 'failed' and moved > 0 then redis.call('HSET', META, 'last_failed_at', now) end
+write_counts()
 if claim then return claimed end
 return moved
 """

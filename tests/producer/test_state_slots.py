@@ -42,7 +42,8 @@ def store(backend) -> RunStore:
 
 
 def test_a_real_id_has_a_place_by_its_index_and_other_forms_have_none():
-    assert place("00000003-0123456789ab") == (0, 3 * SLOT_BYTES, bytes.fromhex("0123456789ab"))
+    assert place("00000003-0123456789ab") == (3, bytes.fromhex("0123456789ab"))
+    assert (place("00000003-0123456789ab").block, place("00000003-0123456789ab").offset) == (0, 3 * SLOT_BYTES)
     assert place(f"{BLOCK_SLOTS + 1:08d}-0123456789ab").block == 1
     assert place("999999999-0123456789ab").block == 999_999_999 // BLOCK_SLOTS
     for other in ("j", "00000003-0123456789AB", "000000003-0123456789ab", "0000003-0123456789ab", "00000003-abc"):
@@ -180,3 +181,13 @@ def test_a_done_job_costs_redis_at_most_16_bytes(store, backend):
     assert store.counts(RUN)[DONE] == len(ids)
     assert per_job <= 16, per_job
     assert set(STATES) == set(store.counts(RUN))
+
+
+def test_a_job_named_twice_in_one_call_is_moved_once(store):
+    """A call reads each block once: a slot it wrote is read back as written, not as found."""
+    ids = [jid(index) for index in range(8)]
+    store.mark_queued(RUN, sent(ids))
+    assert store.mark_many(RUN, RUNNING, dict.fromkeys(ids, "gpu0")) == 8
+    store.cancel(RUN)
+    assert store.drop_if_stopped(RUN, [ids[0], ids[0], *ids])
+    assert consistent_counts(store, RUN) == {QUEUED: 0, RUNNING: 0, DONE: 0, FAILED: 0, CANCELLED: 8}
