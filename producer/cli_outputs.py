@@ -86,12 +86,12 @@ def export_command(run_id: str, fmt: str, to: str | None, shard_size: int, overw
 @click.option("--state", type=click.Choice([state.value for state in JobState]), help="Only this state.")
 def results(run_id: str, state: str | None) -> None:
     """One JSON line per job, by index: index, id, state, prompt, storage key or failure reason.
-    The prompt is there while Redis keeps the job (until it is done); a done job's prompt is in
-    its sidecar beside the image, and in the run's manifest."""
+    The prompt is read from the jobs the submit kept in the run's storage (none for jobs a plain
+    Celery producer sent); it is also in each image's sidecar and in the run's manifest."""
     with Client() as client:
         run = client.run(run_id)
         for chunk in batched(run.results(JobState(state) if state else None, ordered=True), RESULTS_CHUNK):
-            prompts = run.prompts([result.job_id for result in chunk])
+            prompts = client.prompts(run_id, [result.job_id for result in chunk])
             for result, prompt in zip(chunk, prompts, strict=True):
                 record = {
                     "index": job_index(result.job_id),

@@ -36,6 +36,7 @@ from producer.job import (
 )
 from producer.layout import DEAD_LETTERS_KEY, WORKER_QUEUES_KEY, WORKERS_KEY, images_prefix, model_queue, run_prefix
 from producer.run import Run
+from producer.sent import SentJobs, prompts, write_sent
 from producer.settings import ClientSettings, redact_url
 from producer.sources import Rows, Source
 from producer.state import JobState, RunStore
@@ -101,6 +102,7 @@ class Client:
         self.settings = base.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         self._store = RunStore.from_url(self.settings.result_backend)
         self._broker_client: redis.Redis | None = None
+        self._storage_client: Storage | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -195,13 +197,14 @@ class Client:
         return self._resend(run_id, list(self._store.job_ids(run_id, JobState.CANCELLED)), progress=progress)
 
     def _resend(self, run_id: str, chosen: list[str], *, progress: bool) -> Run:
-        """Send ``chosen`` jobs again as they were first sent (those kept: see ``RunStore.pending``)."""
+        """Send ``chosen`` jobs again as they were first sent (those kept: see ``producer.sent``)."""
         sent = unkept = 0
+        kept = self._sent_jobs(run_id)
         with tqdm(total=len(chosen), unit="job", desc="resend", disable=not progress) as bar:
             for start in range(0, len(chosen), SUBMIT_CHUNK):
                 chunk = chosen[start : start + SUBMIT_CHUNK]
-                payloads = self._store.pending(run_id, chunk)
-                jobs = [Job.model_validate_json(payload) for payload in payloads if payload is not None]
+                found = kept.find(chunk)
+                jobs = [Job.model_validate_json(found[job_id]) for job_id in chunk if job_id in found]
                 self._send(run_id, jobs)
                 sent, unkept = sent + len(jobs), unkept + len(chunk) - len(jobs)
                 bar.update(len(chunk))
@@ -220,17 +223,17 @@ class Client:
         return self._broker_client
 
     def _claim_and_send(self, run_id: str, chunk: list[Job], *, resend_queued: bool) -> int:
-        """Claim the chunk's new and failed jobs (and queued ones, with ``resend_queued``), then
-        publish what was claimed: of producers submitting one run at once, each job is sent
-        once. A publish that fails gives its claims back, so submitting again sends them (and a
+        """Claim the chunk's new and failed jobs (and queued ones, with ``resend_queued``), keep
+        them in the run's storage (``producer.sent``), then publish what was claimed: of
+        producers submitting one run at once, each job is sent once. A write or publish that
+        fails gives its claims back, so submitting again sends them (and a
         job whose message was flushed before the failure runs once all the same); where Redis
         is gone for that too, the error says to submit again with ``resend_queued``. Returns
         how many were sent."""
-        claimed = self._store.claim_queued(
-            run_id, {job.job_id: job.model_dump_json(exclude_none=True) for job in chunk}, resend_queued=resend_queued
-        )
+        claimed = self._store.claim_queued(run_id, [job.job_id for job in chunk], resend_queued=resend_queued)
         to_send = [job for job in chunk if job.job_id in claimed]
         try:
+            write_sent(self._storage(), self.settings.s3_prefix, run_id, to_send)
             publish(self._broker(), self.settings.queue, grouped_by_shape(to_send))
         except BaseException as error:
             try:
@@ -248,7 +251,7 @@ class Client:
         so sending again sends it (and never a job that did reach the queue twice, but for the
         part of a failed chunk that was flushed before the failure)."""
         publish(self._broker(), self.settings.queue, jobs)
-        self._store.mark_queued(run_id, {job.job_id: job.model_dump_json(exclude_none=True) for job in jobs})
+        self._store.mark_queued(run_id, [job.job_id for job in jobs])
 
     def _check_not_cancelled(self, run_id: str) -> None:
         """A cancelled run takes no more jobs (new or sent again); a deleted one's name starts a new run."""
@@ -340,7 +343,18 @@ class Client:
         return f"{self.settings.output_dir / folder}{os.sep}".rstrip(os.sep) + os.sep
 
     def _storage(self) -> Storage:
-        return make_storage(self.settings, check=False)
+        """The run's storage, made once per client (a boto3 client takes ~0.1 s to make)."""
+        if self._storage_client is None:
+            self._storage_client = make_storage(self.settings, check=False)
+        return self._storage_client
+
+    def _sent_jobs(self, run_id: str) -> SentJobs:
+        return SentJobs(self._storage(), self.settings.s3_prefix, run_id)
+
+    def prompts(self, run_id: str, job_ids: list[str]) -> list[str | None]:
+        """The prompts of these jobs, from the jobs as a submit kept them (``producer.sent``);
+        None for a job no submit of this client's kind sent (a plain Celery producer's)."""
+        return prompts(self._sent_jobs(run_id).find(job_ids), job_ids)
 
     def workers(self, *, queue: str | None = None, gone_after_s: float = WORKER_GONE_S) -> set[str]:
         """The workers that renewed their leases in the last ``gone_after_s`` (serving now); with

@@ -5,6 +5,8 @@ Storage (``prefix`` is ``DEEPQUEUE_S3_PREFIX``, possibly empty; ``{run}`` the ru
 
 - ``{prefix}/{run}/images/{job_id}.{ext}``: an image (``ext`` from ``EXTENSIONS``), and
   ``{prefix}/{run}/images/{job_id}.json``: its sidecar, both written once by the worker;
+- ``{prefix}/{run}/jobs/{first}-{last}-{token}.jsonl.gz``: the jobs as a submit sent them
+  (``producer.sent``);
 - ``{prefix}/{run}/manifest-parts/{worker}-{time_ns}-{token}.jsonl.gz``: the workers' manifest
   rows (``producer.manifest_parts``);
 - ``{prefix}/{run}/manifest/manifest-00000.parquet`` ...: the compacted manifest, alone in its
@@ -76,6 +78,16 @@ def sidecar_key(image: str) -> str:
 def write_check_key(prefix: str) -> str:
     """Where a worker proves at start-up that it can write: one object, overwritten each time."""
     return "/".join(part for part in (prefix.strip("/"), ".deepqueue", "write-check") if part)
+
+
+def sent_prefix(prefix: str, run_id: str) -> str:
+    """``{prefix}/{run}/jobs/``: the jobs as sent (``producer.sent``)."""
+    return run_key(prefix, run_id, "jobs") + "/"
+
+
+def sent_key(prefix: str, run_id: str, first: int, last: int, token: str) -> str:
+    """One chunk of jobs as sent: ``{prefix}/{run}/jobs/{first:09d}-{last:09d}-{token}.jsonl.gz``."""
+    return run_key(prefix, run_id, "jobs", f"{first:09d}-{last:09d}-{token}.jsonl.gz")
 
 
 def manifest_prefix(prefix: str, run_id: str) -> str:

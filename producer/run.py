@@ -94,10 +94,3 @@ class Run:
                 for _, job_id, payload in sorted(buckets.read(bucket), key=lambda line: sort_key(line[1])):
                     state_value, key, reason, details = json.loads(payload)
                     yield JobResult(job_id, JobState(state_value), key, reason, details)
-
-    def prompts(self, job_ids: list[str]) -> list[str | None]:
-        """The prompts of these jobs where Redis keeps them: until a job is done (a done job's
-        prompt is in its sidecar and the run's manifest)."""
-        return [
-            None if raw is None else json.loads(raw).get("prompt") for raw in self._store.pending(self.run_id, job_ids)
-        ]

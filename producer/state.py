@@ -1,8 +1,8 @@
 """Per-job state in Redis, written by producer and worker, read by the client.
 
 Keys (named in ``producer.layout``; ``{run}`` is a Redis Cluster hash tag, so one run's keys
-live together). A job costs 8 bytes once done: its state is a slot in a packed string, and only
-unfinished or failed jobs keep more.
+live together). A job costs 8 bytes: its state is a slot in a packed string; only failed and
+running jobs keep more. The jobs as sent are kept in the run's storage (``producer.sent``).
 
 - ``deepqueue:{run}:slots:<n>`` string  jobs ``n * 4095`` ... as 8-byte slots: state, a done
   job's image extension, the id's hash (``producer.slots``)
@@ -15,8 +15,6 @@ unfinished or failed jobs keep more.
 - ``deepqueue:{run}:images``  string  the folder (URL) of the run's images: a done job's key is
   ``{images}/{job_id}.{extension}``; ``deepqueue:{run}:keys`` hash job_id -> key, for a done job
   stored elsewhere
-- ``deepqueue:{run}:pending`` hash  job_id -> the job as sent (JSON), until it is done: what
-  ``Client.retry`` sends again when a message was lost, and ``Client.resume`` after a cancel
 - ``deepqueue:{run}:losses``  hash  job_id -> times its pool process died under it (poison jobs)
 - ``deepqueue:{run}:recipes`` hash  canonical JSON of a recipe the run was submitted with (its
   run-wide settings and run seed) -> time first seen; one unless a submit allowed a change
@@ -162,7 +160,7 @@ def images_per_s(
 
 
 #: The run's keys every transition may touch, in ``TRANSITION``'s KEYS order.
-STATE_KEYS = ("counts", "others", "reasons", "running", "pending", "meta", "minutes", "blocks", "keys", "images")
+STATE_KEYS = ("counts", "others", "reasons", "running", "meta", "minutes", "blocks", "keys", "images")
 #: A cancelled job's reason, implied by its state.
 CANCELLED_REASON = "run cancelled"
 
@@ -220,7 +218,7 @@ class RunStore:
         for none), one script call per ``MARK_BATCH``: for tools that settle many jobs at once
         (the benchmarks). Returns how many moved."""
         moved = 0
-        for args in _flat_batches((job_id, detail, "") for job_id, detail in details.items()):
+        for args in _flat_batches(details.items()):
             moved += int(self._call(run_id, state.value, args))
         if moved and state is JobState.RUNNING:
             self._redis.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
@@ -230,22 +228,22 @@ class RunStore:
         """Each job's state (None: never submitted)."""
         return [None if slot is None else JobState(slot.state) for slot in self._slots(run_id, job_ids)]
 
-    def mark_queued(self, run_id: str, sent: Mapping[str, str]) -> None:
-        """Mark sent jobs (job_id -> the job as sent, JSON) queued, keeping each until it is
-        done; those a worker already took stay as they are. One round trip per few thousand."""
+    def mark_queued(self, run_id: str, job_ids: Iterable[str]) -> None:
+        """Mark sent jobs queued; those a worker already took stay as they are. One round trip
+        per few thousand."""
         pipe = self._redis.pipeline(transaction=False)
-        for args in self._queued_batches(run_id, sent):
+        for args in self._queued_batches(run_id, job_ids):
             self._call(run_id, JobState.QUEUED.value, args, client=pipe)
         pipe.execute()
 
-    def claim_queued(self, run_id: str, sent: Mapping[str, str], *, resend_queued: bool = False) -> dict[str, str]:
-        """Before sending: mark queued those of ``sent`` (job_id -> the job as sent, JSON) that are
-        new or failed (``resend_queued``: or queued), keeping each until it is done, and return
-        them, each with what it was ('' for a new job), for ``unclaim``. One call per
-        ``MARK_BATCH`` jobs: producers racing one run claim, and so send, each job once."""
+    def claim_queued(self, run_id: str, job_ids: Iterable[str], *, resend_queued: bool = False) -> dict[str, str]:
+        """Before sending: mark queued those of ``job_ids`` that are new or failed
+        (``resend_queued``: or queued), and return them, each with what it was ('' for a new
+        job), for ``unclaim``. One call per ``MARK_BATCH`` jobs: producers racing one run
+        claim, and so send, each job once."""
         mode = "claim+queued" if resend_queued else "claim"
         claimed: dict[str, str] = {}
-        for args in self._queued_batches(run_id, sent):
+        for args in self._queued_batches(run_id, job_ids):
             raw = self._call(run_id, mode, args)
             if raw:  # 0 in a deleted run
                 claimed.update(zip((v.decode() for v in raw[0::2]), (v.decode() for v in raw[1::2]), strict=True))
@@ -256,16 +254,10 @@ class RunStore:
         for args in _flat_batches(claimed.items()):
             self._call(run_id, "unclaim", args)
 
-    def _queued_batches(self, run_id: str, sent: Mapping[str, str]) -> Iterator[list[str]]:
-        """List the run, then ``sent`` as the transition script's (id, detail, job as sent) arguments."""
+    def _queued_batches(self, run_id: str, job_ids: Iterable[str]) -> Iterator[list[str | bytes | int]]:
+        """List the run, then ``job_ids`` as the transition script's arguments."""
         self._redis.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
-        return _flat_batches((job_id, "", job) for job_id, job in sent.items())
-
-    def pending(self, run_id: str, job_ids: Sequence[str]) -> list[str | None]:
-        """The jobs as sent (JSON) of these unfinished jobs; None where none was kept (a job
-        submitted before they were kept, or done)."""
-        raws = self._redis.hmget(state_key(run_id, "pending"), job_ids) if job_ids else []
-        return [None if raw is None else raw.decode() for raw in raws]
+        return _flat_batches((job_id, "") for job_id in job_ids)
 
     def count_loss(self, run_id: str, job_id: str) -> int:
         """One more time this job's pool process died (or timed out) under it; returns the total."""
@@ -320,7 +312,7 @@ class RunStore:
         keys, prefix = _transition_keys(run_id), _blocks_prefix(run_id)
         cancelled = sum(int(self._cancel_block(keys=keys, args=[prefix, block])) for block in self._blocks(run_id))
         others = (job_id for job_id, slot in self._others(run_id) if slot.state == JobState.QUEUED.value)
-        for args in _flat_batches((job_id, "", "") for job_id in others):
+        for args in _flat_batches((job_id, "") for job_id in others):
             cancelled += int(self._call(run_id, JobState.CANCELLED.value, args))
         return cancelled
 
@@ -335,7 +327,7 @@ class RunStore:
         return True: their messages can be dropped. Else write nothing and return False. One Lua
         call per ``MARK_BATCH`` jobs, so the answer and the writes agree."""
         stopped = True
-        for args in _flat_batches((job_id, "", "") for job_id in job_ids):
+        for args in _flat_batches((job_id, "") for job_id in job_ids):
             stopped = int(self._call(run_id, "drop", args)) >= 0 and stopped
         return stopped
 

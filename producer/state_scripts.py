@@ -9,12 +9,11 @@ reviewed as such; ``RunStore`` only packs their keys and arguments.
 
 from producer.slots import BLOCK_SLOTS, SLOT_BYTES
 
-# KEYS: ``producer.state.STATE_KEYS`` in that order: counts, others, reasons, running, pending,
-# meta, minutes, blocks, keys, images. ARGV: the new state; the prefix of the run's slot blocks
+# KEYS: ``producer.state.STATE_KEYS`` in that order: counts, others, reasons, running, meta,
+# minutes, blocks, keys, images. ARGV: the new state; the prefix of the run's slot blocks
 # (``deepqueue:{run}:slots:``); then for each job its id, its index and tag (``producer.slots.place``;
-# '' and '' for an id of another form), a detail (failed: the reason; running: the worker; done:
-# the image's key; else '') and the job as sent ('' for none; for 'queued', kept in pending until
-# the job is final).
+# '' and '' for an id of another form) and a detail (failed: the reason; running: the worker; done:
+# the image's key; else '').
 #
 # Where a job's state lives (``producer.slots``): the 8-byte slot at its index, in block string
 # prefix .. index // BLOCK_SLOTS, when the slot is free or holds the job's tag; else (another
@@ -37,7 +36,7 @@ from producer.slots import BLOCK_SLOTS, SLOT_BYTES
 # 'unclaim' (ARGV after the prefix: id, index, tag and what it was, as a claim returned it) puts
 # back jobs still queued after their publish failed.
 _TRANSITION = """
-local COUNTS, OTHERS, REASONS, RUNNING, PENDING, META, MINUTES, BLOCKS, WHOLE, IMAGES = unpack(KEYS)
+local COUNTS, OTHERS, REASONS, RUNNING, META, MINUTES, BLOCKS, WHOLE, IMAGES = unpack(KEYS)
 if redis.call('HEXISTS', META, 'deleted_at') == 1 then return 0 end
 local asked, prefix = ARGV[1], ARGV[2]
 local SLOT, BLOCK = SLOT_BYTES, BLOCK_SLOTS
@@ -126,7 +125,6 @@ if asked == 'unclaim' then
     if at.state == 'q' then
       if before == '' then
         put(at, id, false)
-        redis.call('HDEL', PENDING, id)
       else
         put(at, id, string.sub(before, 1, 1))
         if at.state == 'f' then redis.call('HSET', REASONS, id, string.sub(before, 2)) end
@@ -151,9 +149,9 @@ end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 local moved = 0
-local pending, finished = {}, {}  -- jobs as sent to keep, and done jobs' to drop
-for i = 3, #ARGV, 5 do
-  local id, detail, body = ARGV[i], ARGV[i + 3], ARGV[i + 4]
+local done = 0
+for i = 3, #ARGV, 4 do
+  local id, detail = ARGV[i], ARGV[i + 3]
   local at = find(id, ARGV[i + 1], ARGV[i + 2])
   local old = at.state and name[at.state]
   local final = old == 'done' or (old == 'cancelled' and new ~= 'queued')
@@ -168,24 +166,14 @@ for i = 3, #ARGV, 5 do
     put(at, id, code[new], new == 'done' and done_extension(id, detail) or '-')
     if new == 'failed' then redis.call('HSET', REASONS, id, detail) end
     if new == 'running' and detail ~= '' then redis.call('HSET', RUNNING, id, detail) end
-    if new == 'queued' and body ~= '' then
-      pending[#pending + 1] = id
-      pending[#pending + 1] = body
-    end
-    if new == 'done' then finished[#finished + 1] = id end
+    if new == 'done' then done = done + 1 end
     if new == asked then moved = moved + 1 end
   end
 end
 -- What is the same for every job of the call, written once.
-for first = 1, #pending, 1000 do
-  redis.call('HSET', PENDING, unpack(pending, first, math.min(first + 999, #pending)))
-end
-for first = 1, #finished, 1000 do
-  redis.call('HDEL', PENDING, unpack(finished, first, math.min(first + 999, #finished)))
-end
-if #finished > 0 then
+if done > 0 then
   redis.call('HSET', META, 'last_done_at', now)
-  redis.call('HINCRBY', MINUTES, math.floor(now / 60), #finished)
+  redis.call('HINCRBY', MINUTES, math.floor(now / 60), done)
 end
 if counts.r > 0 and new == 'running' then redis.call('HSETNX', META, 'first_started_at', now) end
 if new == 'failed' and moved > 0 then redis.call('HSET', META, 'last_failed_at', now) end
@@ -200,7 +188,7 @@ TRANSITION = _TRANSITION.replace("SLOT_BYTES", str(SLOT_BYTES)).replace("BLOCK_S
 # whose slot is in that block, in one pass over the block string (a job in others is cancelled
 # through TRANSITION); returns how many. Nothing in a deleted run.
 CANCEL_BLOCK = """
-local COUNTS, META = KEYS[1], KEYS[6]
+local COUNTS, META = KEYS[1], KEYS[5]
 if redis.call('HEXISTS', META, 'deleted_at') == 1 then return 0 end
 local key = ARGV[1] .. ARGV[2]
 local data = redis.call('GET', key)

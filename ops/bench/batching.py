@@ -136,7 +136,7 @@ def deep_queue(stack: Stack, per_size: int, *, grouped: bool) -> dict[str, Any]:
             else:  # one message per job, in the rows' random order: no grouping anywhere
                 jobs = make_jobs([(str(i), row) for i, row in enumerate(rows)], run_id=run, defaults=run_defaults({}))
                 publish(redis.Redis.from_url(stack.broker), client.settings.queue, jobs)
-                client._store.mark_queued(run, {job.job_id: job.model_dump_json() for job in jobs})
+                client._store.mark_queued(run, [job.job_id for job in jobs])
         with running_worker(env, stack.tmp / f"{bucket}.log", timeout=stack.start_timeout):
             stack.wait_done(client, {run: len(rows) for run, rows in runs.items()})
     return fill(s3_sidecars(stack.s3, bucket))

@@ -89,7 +89,7 @@ def write_run(root: Path, redis_url: str, count: int) -> dict[str, Any]:
             Job(run_id=RUN, index=i, prompt=f"a benchmark prompt number {i}, " + "x" * 60, seed=i, width=64, height=64)
             for i in range(start, min(start + 8, count))
         ]
-        store.mark_queued(RUN, {job.job_id: job.model_dump_json(exclude_none=True) for job in jobs})
+        store.mark_queued(RUN, [job.job_id for job in jobs])
         batch = BatchInfo(f"b{start:011d}", tuple(job.job_id for job in jobs), 1.0, time.time())
         for job in jobs:
             at = image_key("", RUN, job.job_id, "png")

@@ -12,7 +12,6 @@ what repeats), and test_storage_and_poison_faults.py covers a poison job across 
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -122,8 +121,8 @@ def test_200_jobs_through_every_fault(fault_env, restartable_redis, s3_proxy, tm
         counts.report(f"200 jobs, {POISON} poison, 10 malformed, every fault in sequence")
         with client_for(env) as client:
             failed = list(client.run("mixed").results(JobState.FAILED))
-            kept = client._store.pending("mixed", [result.job_id for result in failed])
-        poisoned = ["poison" in json.loads(job)["prompt"] for job in kept if job]
+            prompts = client.prompts("mixed", [result.job_id for result in failed])
+        poisoned = ["poison" in prompt for prompt in prompts if prompt]
         print("[fault] failed:", Counter(result.reason for result in failed), "poison:", Counter(poisoned))
         assert all(began_with < GOOD + POISON for _, began_with, _ in faults), "a fault came after the run ended"
         counted = (counts.accepted, counts.done, counts.failed, counts.lost, counts.written_twice)

@@ -88,7 +88,7 @@ def generated(redis_server: str, s3_endpoint: str, tiny_model: Path, tmp_path_fa
         executor = BatchExecutor(Engine.load(settings), storage, store, settings, name="gpu0@test")
         all_jobs = jobs()
         made, failed = all_jobs[:COUNT], all_jobs[COUNT]
-        store.mark_queued(RUN, {job.job_id: job.model_dump_json(exclude_none=True) for job in all_jobs})
+        store.mark_queued(RUN, [job.job_id for job in all_jobs])
         now = time.time()
         outcomes = executor.execute([Delivery(job.job_id, job.model_dump(mode="json"), now, now) for job in made])
         assert all(outcome.ok for outcome in outcomes), outcomes

@@ -480,7 +480,6 @@ def test_a_publish_that_fails_gives_its_claims_back(client, redis_urls, store, m
     with pytest.raises(redis.ConnectionError):
         client.submit(["done already", "a", "b"], run="refused", steps=4)
     assert store.counts("refused") == {QUEUED: 0, RUNNING: 0, DONE: 1, FAILED: 0, CANCELLED: 0}
-    assert store.pending("refused", [done]) == [None]
     monkeypatch.undo()
     again = client.submit(["done already", "a", "b"], run="refused", steps=4)
     assert (again.submitted, again.skipped) == (2, 1)
@@ -511,7 +510,6 @@ def test_the_recipe_key_lives_with_the_run(client, redis_urls):
     assert keys == [
         "deepqueue:{tagged}:blocks",
         "deepqueue:{tagged}:counts",
-        "deepqueue:{tagged}:pending",
         "deepqueue:{tagged}:recipes",
         "deepqueue:{tagged}:slots:0",
     ]

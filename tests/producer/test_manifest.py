@@ -190,7 +190,7 @@ def test_compaction_repairs_lost_parts_dedupes_and_joins_the_audit(run, tmp_path
     )
     # a failed job, and a done job whose outputs are gone
     failed = make_jobs(RUN, 13)[11:]
-    store.mark_queued(RUN, {job.job_id: job.model_dump_json() for job in failed})
+    store.mark_queued(RUN, [job.job_id for job in failed])
     store.mark(RUN, failed[0].job_id, JobState.FAILED, reason=f"storing failed: upload of s3://b/{failed[0].job_id}")
     store.mark(RUN, failed[1].job_id, JobState.DONE, key=f"s3://b/datasets/{RUN}/images/{failed[1].job_id}.png")
     audit = [{"job_id": jobs[2].job_id, "psnr": 33.1, "ssim": 0.98, "uncached_key": "u/2.png"}]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -37,9 +36,8 @@ COMMANDS = [
 
 @pytest.fixture
 def env(redis_urls, monkeypatch) -> tuple[str, str]:
-    """Point the CLI at the test Redis the way a user would: DEEPQUEUE_* variables."""
-    for name in [name for name in os.environ if name.startswith("DEEPQUEUE_")]:
-        monkeypatch.delenv(name)
+    """Point the CLI at the test Redis the way a user would: DEEPQUEUE_* variables (no others
+    are set but the test's storage folder: see conftest's ``no_deepqueue_env``)."""
     monkeypatch.setenv("DEEPQUEUE_BROKER_URL", redis_urls[0])
     monkeypatch.setenv("DEEPQUEUE_RESULT_BACKEND", redis_urls[1])
     return redis_urls
@@ -362,7 +360,8 @@ def test_delete_and_prune_outputs_reach_a_run_deleted_before(env, tmp_path, stor
         assert invoke("delete", run, "--force").exit_code == 0
     result = invoke("delete", "kept-files", "--outputs")
     assert result.exit_code == 0, result.output
-    assert "run kept-files was deleted before, 1 objects deleted from storage" in result.output
+    # the late image, and the jobs the submit kept (producer.sent)
+    assert "run kept-files was deleted before, 2 objects deleted from storage" in result.output
     assert not (tmp_path / "out" / "kept-files" / "images" / "late.png").exists()
     assert invoke("prune", "--older-than", "0", "--dry-run").output == ""  # state gone: nothing without --outputs
     pruned = invoke("prune", "--older-than", "0", "--outputs")
@@ -429,8 +428,8 @@ def test_results_one_json_line_per_job_and_state_filter(env, tmp_path, store):
     assert [record["index"] for record in lines] == [0, 1, 2]  # by index, whatever order Redis keeps
     records = {record["job_id"]: record for record in lines}
     assert set(records) == set(ids)
-    # a done job's prompt is in its sidecar and the manifest; Redis keeps the others'
-    done = {"index": 0, "job_id": ids[0], "state": "done", "prompt": None, "key": "res/a.png", "reason": None}
+    # every prompt, from the jobs the submit kept in the run's storage
+    done = {"index": 0, "job_id": ids[0], "state": "done", "prompt": "a", "key": "res/a.png", "reason": None}
     assert records[ids[0]] == done
     failed = {"index": 1, "job_id": ids[1], "state": "failed", "prompt": "b", "key": None, "reason": "too dark"}
     assert records[ids[1]] == failed
@@ -449,7 +448,7 @@ def test_wait_exits_1_and_prints_the_reason_when_a_job_failed(env, tmp_path, sto
     store.mark("w", ids[1], FAILED, reason="CUDA out of memory")
     result = invoke("wait", "w")
     assert result.exit_code == 1
-    assert "run w finished: 1 images, 1 failed; files in s3://deepqueue/w/images/" in result.stdout
+    assert f"run w finished: 1 images, 1 failed; files in {tmp_path}/storage/w/images/" in result.stdout
     assert f"failed {ids[1]}: CUDA out of memory" in result.stderr
 
 
@@ -459,7 +458,7 @@ def test_wait_exits_0_when_every_job_is_done(env, tmp_path, store):
         store.mark("ok", job.job_id, DONE, key="k")
     result = invoke("wait", "ok", "--timeout", "5")
     assert result.exit_code == 0, result.output
-    assert "run ok finished: 2 images, 0 failed; files in s3://deepqueue/ok/images/" in result.output
+    assert f"run ok finished: 2 images, 0 failed; files in {tmp_path}/storage/ok/images/" in result.output
     assert "\nfailed " not in "\n" + result.stderr  # no failed job listed
 
 

@@ -24,9 +24,8 @@ def store(backend) -> RunStore:
     return RunStore(backend)
 
 
-def sent(job_ids) -> dict[str, str]:
-    """``mark_queued``'s argument: each job id with a stand-in for the job as sent."""
-    return {job_id: f'{{"job": "{job_id}"}}' for job_id in job_ids}
+def sent(job_ids) -> list[str]:
+    return list(job_ids)
 
 
 def consistent_counts(store: RunStore, run_id: str) -> dict[JobState, int]:
@@ -205,7 +204,6 @@ def test_keys_share_one_cluster_hash_tag(store, backend):
         "deepqueue:{tagged}:counts",
         "deepqueue:{tagged}:meta",
         "deepqueue:{tagged}:others",
-        "deepqueue:{tagged}:pending",
         "deepqueue:{tagged}:running",
         "deepqueue:{tagged}:slots:0",
     ]
@@ -250,17 +248,6 @@ def test_a_run_with_jobs_but_no_recipe_is_left_alone(store, backend):
     assert not backend.exists("deepqueue:{run-a}:recipes")
 
 
-def test_the_job_as_sent_is_kept_until_it_is_done(store):
-    store.mark_queued(RUN, sent(["a", "b", "c"]))
-    store.mark(RUN, "a", RUNNING, worker="w")
-    store.mark(RUN, "b", FAILED, reason="boom")
-    store.mark(RUN, "c", RUNNING, worker="w")
-    store.mark(RUN, "c", DONE, key="s3://x")
-    assert store.pending(RUN, ["a", "b", "c", "never"]) == ['{"job": "a"}', '{"job": "b"}', None, None]
-    store.mark(RUN, "c", QUEUED)  # a done job stays done, and is not kept again
-    assert store.pending(RUN, ["c"]) == [None]
-
-
 # -- cancel, delete, rate ---------------------------------------------------------------------------
 
 
@@ -271,7 +258,6 @@ def test_cancel_ends_queued_jobs_and_lets_running_ones_finish(store):
     assert store.cancel(RUN) == 2
     assert consistent_counts(store, RUN) == {QUEUED: 0, RUNNING: 1, DONE: 0, FAILED: 1, CANCELLED: 2}
     assert store.get(RUN, "q0").reason == "run cancelled"
-    assert store.pending(RUN, ["q0", "r"]) == ['{"job": "q0"}', '{"job": "r"}']  # kept: a resume sends them
     assert store.mark(RUN, "r", DONE, key="k")  # a running job finishes
     assert store.status(RUN).is_finished
     assert store.cancel(RUN) == 0 and "cancelled_at" in store.meta(RUN)
@@ -301,7 +287,7 @@ def test_a_resumed_run_queues_its_cancelled_jobs_again_and_only_them(store):
     assert "cancelled_at" not in store.meta(RUN)
     assert list(store.job_ids(RUN, CANCELLED)) == ["q"]
     assert not store.mark(RUN, "q", RUNNING)  # a message of the cancel's time: still cancelled
-    store.mark_queued(RUN, {"q": '{"job": "q"}', "d": '{"job": "d"}'})  # what Client.resume sends
+    store.mark_queued(RUN, ["q", "d"])  # what Client.resume sends
     assert store.states(RUN, ["q", "r", "d"]) == [QUEUED, RUNNING, DONE]
     assert store.mark(RUN, "q", RUNNING) and store.mark(RUN, "q", DONE, key="k2")
 
@@ -387,7 +373,6 @@ def test_a_claim_takes_new_and_failed_jobs_once_and_a_failed_publish_gives_them_
     store.unclaim(RUN, claimed)
     assert store.states(RUN, ["q", "r", "d", "f", "new"]) == [QUEUED, RUNNING, DONE, FAILED, None]
     assert store.get(RUN, "f").reason == "boom"
-    assert store.pending(RUN, ["new"]) == [None]
     assert consistent_counts(store, RUN) == {QUEUED: 1, RUNNING: 1, DONE: 1, FAILED: 1, CANCELLED: 0}
 
 
