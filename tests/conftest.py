@@ -66,14 +66,6 @@ def redis_server(tmp_path_factory) -> Iterator[str]:
     stop(process)
 
 
-@pytest.fixture(autouse=True)
-def local_storage_by_default(monkeypatch, tmp_path) -> None:
-    """Clients keep the jobs they send in the run's storage (``producer.sent``): unless a test
-    names one, that is a folder of its own (the default, S3 on AWS, cannot be reached here)."""
-    monkeypatch.setenv("DEEPQUEUE_STORAGE", os.environ.get("DEEPQUEUE_STORAGE", "local"))
-    monkeypatch.setenv("DEEPQUEUE_OUTPUT_DIR", os.environ.get("DEEPQUEUE_OUTPUT_DIR", str(tmp_path / "storage")))
-
-
 @pytest.fixture
 def redis_urls(redis_server: str) -> Iterator[tuple[str, str]]:
     """(broker URL, result backend URL) on two empty databases."""

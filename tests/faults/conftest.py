@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from ops.localstack import free_port, moto_s3_client, start_redis, stop, worker_env
-from producer import Client, JobState
+from producer import JobState
+from tests.helpers import client_for
 
 
 class RestartableRedis:
@@ -91,10 +92,6 @@ def fault_env(restartable_redis, s3_endpoint, tiny_model) -> dict[str, str]:
         device="cpu",
         max_wait_s=0.5,
     )
-
-
-def client_for(env: dict[str, str]) -> Client:
-    return Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"])
 
 
 @dataclass

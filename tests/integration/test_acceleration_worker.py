@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from ops.localstack import deepqueue_command, free_port, moto_s3_client, stop
-from producer import Client, JobState
-from tests.helpers import get
+from producer import JobState
+from tests.helpers import client_for, get
 from tests.integration.test_metrics_endpoint import scrape
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,7 +39,7 @@ def wait_ready(worker: subprocess.Popen, base: str, log: Path) -> None:
 
 def run_jobs(env: dict[str, str], run_id: str, count: int) -> list[dict[str, Any]]:
     """Submit ``count`` 64x64 jobs, wait for them, return their sidecars."""
-    with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+    with client_for(env) as client:
         prompts = [f"accelerated {i}" for i in range(count)]
         run = client.submit(prompts, run=run_id, steps=4, width=64, height=64)
         assert run.wait(timeout=READY_TIMEOUT_S).counts[JobState.DONE] == count

@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from ops.localstack import moto_s3_client, start_worker, stop, worker_env
-from producer import Client, JobState
-from tests.helpers import wait_until
+from producer import JobState
+from tests.helpers import client_for, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
@@ -32,7 +32,7 @@ def test_killed_pool_process_sends_its_batch_back_at_once(s3_worker_env, tmp_pat
     log = tmp_path / "worker.log"
     worker = start_worker(s3_worker_env, log)
     try:
-        with Client(s3_worker_env["DEEPQUEUE_BROKER_URL"], s3_worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with client_for(s3_worker_env) as client:
             run = client.submit([f"kill {i}" for i in range(16)], run="kill", steps=60, width=64, height=64)
             wait_until(lambda: run.status().counts[JobState.RUNNING] > 0, 120, "a running batch")
             os.kill(pool_process(worker), signal.SIGKILL)
@@ -50,7 +50,7 @@ def test_killed_pool_process_sends_its_batch_back_at_once(s3_worker_env, tmp_pat
 def test_warm_shutdown_returns_buffered_jobs_to_the_queue(s3_worker_env, tmp_path):
     worker = start_worker(s3_worker_env, tmp_path / "first.log")
     broker = redis.Redis.from_url(s3_worker_env["DEEPQUEUE_BROKER_URL"])
-    with Client(s3_worker_env["DEEPQUEUE_BROKER_URL"], s3_worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+    with client_for(s3_worker_env) as client:
         run = client.submit([f"stop {i}" for i in range(24)], run="stop", steps=30, width=64, height=64)
         wait_until(lambda: run.status().counts[JobState.DONE] > 0, 120, "a finished batch")
         stop(worker)  # SIGTERM: the running batch finishes, the buffered jobs go back
@@ -76,7 +76,7 @@ def test_a_batch_past_its_time_limit_is_retried_alone_then_failed(s3_worker_env,
     stays inside even on a loaded machine."""
     worker = start_worker({**s3_worker_env, "DEEPQUEUE_BATCH_TIMEOUT_S": "3"}, tmp_path / "worker.log")
     try:
-        with Client(s3_worker_env["DEEPQUEUE_BROKER_URL"], s3_worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with client_for(s3_worker_env) as client:
             slow = client.submit(["slow a", "slow b"], run="slow", steps=200, width=512, height=512, cache_interval=1)
             fast = client.submit(["fast a", "fast b"], run="fast", steps=2, width=64, height=64)
             assert fast.wait(timeout=120).counts[JobState.DONE] == 2
@@ -101,7 +101,7 @@ def test_malformed_messages_do_not_stop_the_worker(s3_worker_env, tmp_path):
             app.send_task(TASK_NAME, args=[["a", "list"]], kwargs={"enqueued_at": "yesterday"}, producer=producer)
             app.send_task(TASK_NAME, args=[], producer=producer)
             app.send_task(TASK_NAME, args=[{"run_id": "odd", "x": 1}], kwargs={"unexpected": [1]}, producer=producer)
-        with Client(s3_worker_env["DEEPQUEUE_BROKER_URL"], s3_worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with client_for(s3_worker_env) as client:
             run = client.submit(["after the bad ones"], run="after", steps=2, width=64, height=64)
             assert run.wait(timeout=120).counts[JobState.DONE] == 1
             odd = list(client.run("odd").results())
@@ -133,7 +133,7 @@ def test_jobs_being_stored_by_a_killed_pool_process_run_again(redis_urls, tiny_m
         log = tmp_path / "worker.log"
         worker = start_worker(env, log)
         try:
-            with Client(broker, backend) as client:
+            with client_for(env) as client:
                 os.kill(moto.pid, signal.SIGSTOP)
                 run = client.submit([f"stored {i}" for i in range(16)], run="stored", steps=2, width=64, height=64)
                 # Both batches generated: their 16 images now wait on the stopped S3 server.

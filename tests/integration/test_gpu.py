@@ -12,7 +12,8 @@ import json
 import pytest
 
 from ops.localstack import start_worker, stop, worker_env
-from producer import Client, JobState
+from producer import JobState
+from tests.helpers import client_for
 
 torch = pytest.importorskip("torch")
 pytestmark = [
@@ -38,7 +39,7 @@ def test_worker_serves_on_cuda_in_fp16(redis_urls, tiny_model, tmp_path):
     worker = start_worker(env, log)
     try:
         assert "main process is fork-safe" in log.read_text()
-        with Client(broker, backend) as client:
+        with client_for(env) as client:
             run = client.submit([f"gpu {i}" for i in range(20)], run="gpu", steps=10, width=64, height=64)
             status = run.wait(timeout=300)
             failures = [result.reason for result in run.results(JobState.FAILED)]

@@ -11,11 +11,11 @@ import pytest
 import redis
 
 from ops.localstack import start_worker, stop, worker_env
-from producer import Client, JobState
+from producer import JobState
 from producer.contract import TASK_NAME
 from producer.enqueue import producer_app
 from producer.settings import ClientSettings
-from tests.helpers import malformed, publish_raw, raw_entries
+from tests.helpers import client_for, malformed, publish_raw, raw_entries
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
@@ -37,11 +37,12 @@ def local_worker_env(redis_urls: tuple[str, str], model: Path, tmp_path: Path) -
 def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(redis_urls, tiny_model, tmp_path):
     broker, backend = redis_urls
     log = tmp_path / "worker.log"
-    worker = start_worker(local_worker_env(redis_urls, tiny_model, tmp_path), log)
+    env = local_worker_env(redis_urls, tiny_model, tmp_path)
+    worker = start_worker(env, log)
     kinds = malformed(tmp_path)
     try:
         ids = publish_raw(broker, kinds)
-        with Client(broker, backend) as client:
+        with client_for(env) as client:
             # A valid job with a countdown: refused with its reason, not held unacknowledged for an hour.
             (later,) = client.prepare(["later"], run="later", steps=2, width=64, height=64)
             app = producer_app(ClientSettings(broker_url=broker))
@@ -70,7 +71,7 @@ def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(redis_urls,
     db = redis.Redis.from_url(broker)
     assert db.llen("deepqueue") == 0 and db.hlen("unacked") == 0, "malformed messages must not come back"
     # Kept for inspection: `deepqueue dead-letters` lists every dropped one, newest first, with why.
-    with Client(broker, backend) as client:
+    with client_for(env) as client:
         letters = {letter["task_id"]: letter for letter in client.dead_letters()}
     kept = {name for name, task_id in ids.items() if task_id in letters}
     assert kept == set(ids) - {"no-id-header", "args-not-a-list"} and "(no id)" in letters
@@ -83,12 +84,13 @@ def test_raw_entries_on_the_list_are_dead_lettered_and_the_worker_keeps_serving(
     ``properties``: a KeyError, which kombu counts as a lost connection)."""
     broker, backend = redis_urls
     log = tmp_path / "worker.log"
-    worker = start_worker(local_worker_env(redis_urls, tiny_model, tmp_path), log)
+    env = local_worker_env(redis_urls, tiny_model, tmp_path)
+    worker = start_worker(env, log)
     entries = raw_entries()
     db = redis.Redis.from_url(broker)
     try:
         db.lpush("deepqueue", *entries.values())
-        with Client(broker, backend) as client:
+        with client_for(env) as client:
             run = client.submit(["after the raw entries"], run="after-raw", steps=2, width=64, height=64)
             assert run.wait(timeout=120).counts[JobState.DONE] == 1
             letters = client.dead_letters()

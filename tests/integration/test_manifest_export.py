@@ -31,7 +31,7 @@ from producer.cli import cli  # noqa: E402
 from producer.layout import audit_rows_key, audit_summary_key, parts_prefix  # noqa: E402
 from producer.manifest_parts import decode_part  # noqa: E402
 from producer.state import RunStore  # noqa: E402
-from tests.helpers import local_worker_settings  # noqa: E402
+from tests.helpers import client_for, local_worker_settings  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -278,7 +278,7 @@ def test_a_real_worker_writes_its_parts_and_flushes_them_when_it_stops(s3_worker
     env = {**s3_worker_env, "DEEPQUEUE_MODEL": "simulated:a=0.01,b=0.001", "DEEPQUEUE_MANIFEST_PART_ROWS": "5"}
     worker = start_worker(env, tmp_path / "worker.log")
     try:
-        with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with client_for(env) as client:
             run = client.submit([f"served {i}" for i in range(12)], run="served", width=64, height=64)
             assert run.wait(timeout=120).counts[JobState.DONE] == 12
     finally:

@@ -14,8 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ops.localstack import deepqueue_command, free_port, stop
-from producer import Client, JobState
-from tests.helpers import get
+from producer import JobState
+from tests.helpers import client_for, get
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -89,7 +89,7 @@ def test_a_workers_probes_and_metrics_after_a_small_run(s3_worker_env, tmp_path)
         assert text.index("metrics and health on") < text.index("pipeline ready in pool process")
 
         # 2. A small run.
-        with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with client_for(env) as client:
             run = client.submit([f"metrics {i}" for i in range(6)], run="metrics", steps=2, width=64, height=64)
             assert run.wait(timeout=120).counts[JobState.DONE] == 6
 

@@ -11,8 +11,9 @@ import pytest
 import redis
 
 from ops.localstack import start_worker, stop, worker_env
-from producer import Client, JobState
+from producer import JobState
 from producer.layout import WORKER_QUEUES_KEY
+from tests.helpers import client_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,7 +42,7 @@ def test_each_run_goes_to_the_workers_of_its_model(redis_server, tiny_model, sdx
                 max_wait_s=0.5,
             )
             workers.append(start_worker(env, tmp_path / f"{alias}.log", "--hostname", f"{alias}@%h"))
-        with Client(broker, backend) as client:
+        with client_for(env) as client:
             runs = {
                 alias: client.submit(
                     [f"{alias} {i}" for i in range(4)], run=f"on-{alias}", model=alias, steps=3, width=64, height=64

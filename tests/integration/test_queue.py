@@ -24,7 +24,7 @@ from ops.localstack import deepqueue_command, moto_s3_client, start_worker, stop
 from producer import Client, JobState
 from producer.contract import TASK_NAME
 from producer.enqueue import producer_app
-from tests.helpers import SIDECAR_FIELDS, TIMING_FIELDS
+from tests.helpers import SIDECAR_FIELDS, TIMING_FIELDS, client_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -68,10 +68,6 @@ def s3_objects(env: dict[str, str], run_id: str) -> dict[str, bytes]:
         for item in page.get("Contents", [])
     ]
     return {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
-
-
-def client_for(env: dict[str, str]) -> Client:
-    return Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"])
 
 
 def test_the_demo_prompts_come_out_as_three_full_batches(stack):

@@ -144,7 +144,9 @@ def test_the_python_client_example_runs_as_written(workspace):
     urls = '"redis://localhost:6379/0", "redis://localhost:6379/1"'
     assert urls in code
     code = code.replace(urls, f'"{exports["DEEPQUEUE_BROKER_URL"]}", "{exports["DEEPQUEUE_RESULT_BACKEND"]}"')
-    result = subprocess.run([sys.executable, "-c", code], cwd=folder, env=shell_env(), capture_output=True, text=True)
+    # after `source .local-stack/env`, as the tour says: the storage settings come from there
+    env = {**shell_env(), **exports}
+    result = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     printed = result.stdout.splitlines()
     assert any(

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from ops.localstack import moto_s3_client, start_worker, stop
-from producer import Client, JobState
+from producer import JobState
+from tests.helpers import client_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -18,7 +19,7 @@ def test_a_simulated_worker_serves_full_batches_into_s3(s3_worker_env, tmp_path)
     log = tmp_path / "worker.log"
     worker = start_worker(env, log)
     try:
-        with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with client_for(env) as client:
             prompts = [{"prompt": f"sim {i}", "negative_prompt": "" if i % 2 else None} for i in range(24)]
             run = client.submit(prompts, run="sim", width=256, height=256)
             assert run.wait(timeout=120).counts[JobState.DONE] == 24

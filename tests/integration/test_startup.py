@@ -16,7 +16,8 @@ import pytest
 import redis
 
 from ops.localstack import deepqueue_command, moto_s3_client, start_worker, stop, wait_for
-from producer import Client, JobState
+from producer import JobState
+from tests.helpers import client_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,7 +51,7 @@ def test_main_process_stays_torch_free_and_ready_means_a_built_pipeline(s3_worke
         assert text.index("pipeline ready in pool process") < text.index("ready.", text.index("pipeline ready"))
         time.sleep(max(0.0, started + load_timeout + 5 - time.monotonic()))
         assert worker.poll() is None, log.read_text()[-3000:]
-        with Client(s3_worker_env["DEEPQUEUE_BROKER_URL"], s3_worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with client_for(s3_worker_env) as client:
             run = client.submit(["after start-up"], run="startup", steps=2, width=64, height=64)
             assert run.wait(timeout=120).counts[JobState.DONE] == 1
     finally:
@@ -75,7 +76,7 @@ def test_a_main_process_that_imported_diffusers_refuses_to_start(s3_worker_env, 
 
 def test_a_worker_without_a_pipeline_says_so_before_ready_and_takes_no_job(s3_worker_env, tmp_path):
     """A pool process that cannot build its pipeline (here: CUDA asked for on a CPU machine)."""
-    with Client(s3_worker_env["DEEPQUEUE_BROKER_URL"], s3_worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+    with client_for(s3_worker_env) as client:
         client.submit(["a", "b"], run="nogpu", steps=2, width=64, height=64)
     log = tmp_path / "worker.log"
     code = run_worker_to_exit([*deepqueue_command(), "worker"], {**s3_worker_env, "DEEPQUEUE_DEVICE": "cuda"}, log)
@@ -185,7 +186,7 @@ def test_worker_flags_override_the_environment(s3_worker_env, tmp_path):
     flags = ["--max-batch", "2", "--max-wait-s", "0.5", "--scheduler", "euler", "--cache-interval", "2"]
     worker = start_worker(env, tmp_path / "worker.log", *flags)
     try:
-        with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with client_for(env) as client:
             run = client.submit(["a", "b", "c", "d"], run="flags", steps=2, width=64, height=64)
             assert run.wait(timeout=120).counts[JobState.DONE] == 4
     finally:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import Client, JobState
+from producer import JobState
+from tests.helpers import client_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,7 +56,7 @@ def test_services_start_serve_and_stop_on_ctrl_c(tiny_model, tmp_path):
         threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()  # the log it follows
         assert (tmp_path / "stack" / "env").read_text().count("export ") == len(exports)
         assert {"DEEPQUEUE_BROKER_URL", "DEEPQUEUE_RESULT_BACKEND", "DEEPQUEUE_S3_ENDPOINT_URL"} <= set(exports)
-        with Client(exports["DEEPQUEUE_BROKER_URL"], exports["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with client_for(exports) as client:
             run = client.submit(["a local stack"], run="services", steps=2, width=64, height=64)
             assert run.wait(timeout=120).counts[JobState.DONE] == 1
         process.send_signal(signal.SIGINT)  # Ctrl-C

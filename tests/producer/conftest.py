@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(autouse=True)
 def no_deepqueue_env(monkeypatch, tmp_path):
     """A developer's own DEEPQUEUE_* settings must not leak into these tests; clients keep the
-    jobs they send in a folder of the test's own (see ``local_storage_by_default``)."""
+    jobs they send (``producer.sent``) in a folder of the test's own."""
     for name in [name for name in os.environ if name.startswith("DEEPQUEUE_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("DEEPQUEUE_STORAGE", "local")
