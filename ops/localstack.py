@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -195,3 +196,28 @@ def start_worker(env: Mapping[str, str], log_path: Path, *args: str, timeout: fl
         )
     _await_start(process, lambda: "ready." in log_path.read_text(), "deepqueue worker", timeout, log_path)
     return process
+
+
+@contextmanager
+def client_for(env: Mapping[str, str]) -> Iterator[Any]:
+    """A client with a worker's DEEPQUEUE_* settings (its Redis and its storage, where a submit
+    keeps the jobs it sends) and, while it is open, its AWS_* credentials: as a user who exported
+    them has. They win over the test's environment, which is left as it was."""
+    from producer import Client
+    from producer.settings import ClientSettings
+
+    fields = {
+        name.removeprefix("DEEPQUEUE_").lower(): value for name, value in env.items() if name.startswith("DEEPQUEUE_")
+    }
+    credentials = {name: value for name, value in env.items() if name.startswith("AWS_")}
+    before = {name: os.environ.get(name) for name in credentials}
+    os.environ.update(credentials)
+    try:
+        with Client(settings=ClientSettings(**fields)) as client:
+            yield client
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

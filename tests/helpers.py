@@ -10,8 +10,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,31 +77,6 @@ def wait_for_count(count: Callable[[], int], target: int, stall_s: float, what: 
             seen, moved_at = now, time.monotonic()
         assert time.monotonic() - moved_at < stall_s, f"{what}: stuck at {seen} of {target} for {stall_s:g} s"
         time.sleep(poll_s)
-
-
-@contextmanager
-def client_for(env: Mapping[str, str]) -> Iterator[Any]:
-    """A client with a worker's DEEPQUEUE_* settings (its Redis and its storage, where a submit
-    keeps the jobs it sends) and, while it is open, its AWS_* credentials: as a user who exported
-    them has. They win over the test's environment, which is left as it was."""
-    from producer import Client
-    from producer.settings import ClientSettings
-
-    fields = {
-        name.removeprefix("DEEPQUEUE_").lower(): value for name, value in env.items() if name.startswith("DEEPQUEUE_")
-    }
-    credentials = {name: value for name, value in env.items() if name.startswith("AWS_")}
-    before = {name: os.environ.get(name) for name in credentials}
-    os.environ.update(credentials)
-    try:
-        with Client(settings=ClientSettings(**fields)) as client:
-            yield client
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def local_worker_settings(model: Path, out: Path, **overrides: Any) -> Any:

@@ -38,7 +38,7 @@ import redis
 from ops.bench import harness
 from ops.bench.harness import running_worker, s3_sidecars
 from ops.bench.report import run_line
-from ops.localstack import moto_s3_client, worker_env
+from ops.localstack import client_for, moto_s3_client, worker_env
 from producer import Client, JobState
 from producer.enqueue import publish
 from producer.job import make_jobs, run_defaults
@@ -129,7 +129,7 @@ def deep_queue(stack: Stack, per_size: int, *, grouped: bool) -> dict[str, Any]:
     bucket = "fill-submit" if grouped else "fill-shuffled"
     env = stack.fresh(bucket)
     runs = {"fill-a": shuffled_jobs("fill-a", per_size, 1), "fill-b": shuffled_jobs("fill-b", per_size, 2)}
-    with Client(stack.broker, stack.backend) as client:
+    with client_for(env) as client:
         for run, rows in runs.items():
             if grouped:
                 client.submit(rows, run=run)
@@ -146,7 +146,7 @@ def lone_job(stack: Stack, *, behind: int) -> dict[str, Any]:
     """One job of its own size, sent after ``behind`` jobs of another size (0: an idle worker)."""
     bucket = f"lone-{behind}"
     env = stack.fresh(bucket)
-    with Client(stack.broker, stack.backend) as client:
+    with client_for(env) as client:
         with running_worker(env, stack.tmp / f"{bucket}.log", timeout=stack.start_timeout):
             if behind:
                 client.submit([f"deep {i}" for i in range(behind)], run="deep", width=64, height=64, format="jpeg")

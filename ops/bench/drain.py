@@ -23,8 +23,8 @@ import redis
 from ops.bench import harness
 from ops.bench.harness import Bench, running_worker
 from ops.bench.report import run_line, summarize
-from ops.localstack import worker_env
-from producer import Client, JobState
+from ops.localstack import client_for, worker_env
+from producer import JobState
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +38,15 @@ def drain_once(
     """One round on a fresh redis-server at ``url``: queue ``jobs``, stop the run ``kind``-wise,
     start a worker, time the drain."""
     broker, backend = f"{url}/0", f"{url}/1"
-    with Client(broker, backend) as client:
+    out = tmp / "out"
+    env = worker_env(broker_url=broker, result_backend=backend, model=str(model), storage="local", output_dir=str(out))
+    with client_for(env) as client:
         client.submit([f"drain {i}" for i in range(jobs)], run="drain", width=64, height=64, steps=2)
         if kind == "cancelled":
             client.cancel("drain")
         else:
             client.delete("drain", force=True)
     db = redis.Redis.from_url(broker)
-    out = tmp / "out"
-    env = worker_env(broker_url=broker, result_backend=backend, model=str(model), storage="local", output_dir=str(out))
     with running_worker(env, tmp / f"worker-{kind}.log", timeout=start_s):
         first = last = None
         deadline = time.monotonic() + timeout_s
@@ -65,7 +65,7 @@ def drain_once(
     if images:
         raise RuntimeError(f"{len(images)} images were generated for a {kind} run")
     if kind == "cancelled":
-        with Client(broker, backend) as client:
+        with client_for(env) as client:
             counts = client.run("drain").status().counts
         if counts[JobState.CANCELLED] != jobs:
             raise RuntimeError(f"the cancelled run ends {counts}, not {jobs} cancelled")

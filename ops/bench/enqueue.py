@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -61,8 +62,11 @@ def kombu_batch(app: Any, jobs: Sequence[Job]) -> None:
             app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=job.job_id, producer=producer)
 
 
-def bench_enqueue(redis_url: str, *, jobs: int, rounds: int) -> dict[str, Any]:
-    settings = ClientSettings(broker_url=f"{redis_url}/0", result_backend=f"{redis_url}/1")
+def bench_enqueue(redis_url: str, storage_dir: Path, *, jobs: int, rounds: int) -> dict[str, Any]:
+    """``storage_dir``: where ``Client.submit`` keeps the jobs it sends (local storage)."""
+    settings = ClientSettings(
+        broker_url=f"{redis_url}/0", result_backend=f"{redis_url}/1", storage="local", output_dir=storage_dir
+    )
     databases = [redis.Redis.from_url(settings.broker_url), redis.Redis.from_url(settings.result_backend)]
     client = Client(settings=settings)
     app = producer_app(settings)

@@ -83,7 +83,7 @@ def run_enqueue(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
 
     redis_url = servers.redis_url()
     logger.info("enqueue rate: %d jobs x %d rounds on %s", args.jobs, args.enqueue_rounds, redis_url)
-    return bench_enqueue(redis_url, jobs=args.jobs, rounds=args.enqueue_rounds)
+    return bench_enqueue(redis_url, servers.scratch / "enqueue-storage", jobs=args.jobs, rounds=args.enqueue_rounds)
 
 
 def run_worker(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:

@@ -34,8 +34,8 @@ import redis
 from ops.bench import harness
 from ops.bench.harness import s3_sidecars
 from ops.bench.report import run_line
-from ops.localstack import moto_s3_client, start_worker, stop, worker_env
-from producer import Client, JobState
+from ops.localstack import client_for, moto_s3_client, start_worker, stop, worker_env
+from producer import JobState
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def measure(n: int, calls: int, redis_url: str, s3: str, tmp: Path, start_timeou
     workers = start_workers(env, n, tmp, start_timeout)
     try:
         jobs = [{"prompt": f"scale {i}", "format": "jpeg"} for i in range(n * calls * MAX_BATCH)]
-        with Client(broker, backend) as client:
+        with client_for(env) as client:
             started = time.perf_counter()
             run = client.submit(jobs, run=f"scale-{n}", width=64, height=64)
             while run.status().counts[JobState.DONE] < len(jobs):

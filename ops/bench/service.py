@@ -53,6 +53,7 @@ from ops.bench.service_paths import (
 )
 from ops.bench.service_plan import COMPILED, MODES, PROMPT, Plan, first_call_modes, levels_for, tiny_plan
 from ops.bench.service_report import E2E_MODE, markdown
+from ops.localstack import client_for
 from worker.pipeline.acceleration import LEVELS
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,6 @@ def run_service_bench(
 ) -> dict[str, Any]:
     """Every path above at every level, interleaved round by round (a GPU's speed drifts over
     minutes of load); returns JSON-ready results and hands them to ``checkpoint`` after each round."""
-    from producer import Client
     from worker.pipeline.engine import Engine
     from worker.settings import WorkerSettings
 
@@ -194,7 +194,7 @@ def run_service_bench(
             specs = [(level, batch) for level in levels for batch in plan.table_batches]
             started_envs = start_workers(stack, plan, redis_url, scratch, device, specs)
             for key, env in started_envs.items():
-                client = stack.enter_context(Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]))
+                client = stack.enter_context(client_for(env))
                 workers[key] = (env, client)
         logger.info("engines, recipe and %d workers up in %.0f s", len(workers), time.perf_counter() - started)
         results["worker_start_s"] = {

@@ -43,15 +43,16 @@ def write_prompts(path: Path, count: int) -> None:
 #: The submitting process: nothing imported but what a user's script needs (``python -c``).
 CHILD = """
 import json, sys, time
-from producer import Client
+from producer import Client, ClientSettings
 
 def peak_mib():  # VmHWM: this process's peak resident memory (ru_maxrss would carry the parent's over exec)
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 
-path, broker, backend, run = sys.argv[1:]
-with Client(broker, backend) as client:
+path, broker, backend, run, storage = sys.argv[1:]
+settings = ClientSettings(storage="local", output_dir=storage)  # where the submit keeps the jobs it sends
+with Client(broker, backend, settings=settings) as client:
     client.submit(["warm-up"], run="warm-up", width=512, height=512)  # connections, scripts
     before = peak_mib()
     started = time.perf_counter()
@@ -68,7 +69,7 @@ def measure(count: int, tmp: Path, redis_url: str) -> dict[str, Any]:
     server = redis.Redis.from_url(broker)
     server.flushall()
     base = server.info("memory")["used_memory"]
-    result = run_child(CHILD, str(path), broker, backend, RUN)
+    result = run_child(CHILD, str(path), broker, backend, RUN, str(tmp / f"storage-{count}"))
     used = server.info("memory")["used_memory"] - base
     keys: dict[str, float] = {}
     for db in (0, 1):

@@ -28,7 +28,7 @@ import redis
 
 from ops.bench.harness import START_TIMEOUT_S, running_worker
 from ops.bench.report import load_average, ratio, summarize
-from ops.localstack import moto_s3_client, worker_env
+from ops.localstack import client_for, moto_s3_client, worker_env
 from producer import Client, JobState
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def bench_worker(
     order: list[str] = []
     with worker_stack(redis_url, s3_endpoint, model, log_path, device, start_timeout) as env:
         s3 = moto_s3_client(s3_endpoint)
-        with Client(env["DEEPQUEUE_BROKER_URL"], env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with client_for(env) as client:
             for mode in runs:  # first pipeline calls, DeepCache hooks, S3 connections: not measured
                 one_run(client, s3, mode=mode, cache=cache, jobs=WARMUP_JOBS, recipe=recipe)
             for round_ in range(rounds):

@@ -20,8 +20,8 @@ from typing import Any
 from ops.bench import harness
 from ops.bench.harness import Servers, running_worker
 from ops.bench.report import run_line
-from ops.localstack import worker_env
-from producer import Client, JobState
+from ops.localstack import client_for, worker_env
+from producer import JobState
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def measure(servers: Servers, batches: int, warmup: int) -> dict[str, Any]:
     env = worker_env(broker_url=broker, result_backend=backend, s3_endpoint=s3, bucket="memory", model=str(model))
     with running_worker(env, servers.scratch / "worker.log", timeout=servers.start_timeout) as worker:
         pool = pool_pid(worker.pid)
-        with Client(broker, backend) as client:
+        with client_for(env) as client:
             run = client.submit(
                 [f"memory {i}" for i in range(batches * MAX_BATCH)],
                 run="memory",

@@ -28,7 +28,7 @@ from ops.bench import harness
 from ops.bench.report import run_line
 from ops.bench.service_paths import engine_call, worker_process, worker_run
 from ops.bench.service_plan import Plan
-from producer import Client
+from ops.localstack import client_for
 
 #: name -> (extra environment, extra worker arguments, image format)
 VARIANTS: dict[str, tuple[dict[str, str], list[str], str]] = {
@@ -46,7 +46,7 @@ def variant(
 ) -> dict[str, Any]:
     """One worker with one thing changed: its batches' pipeline seconds after a warm-up run."""
     with worker_process(plan, redis_url, folder, 8, plan.device, 0, env, tuple(worker_args)) as worker_env:
-        with Client(worker_env["DEEPQUEUE_BROKER_URL"], worker_env["DEEPQUEUE_RESULT_BACKEND"]) as client:
+        with client_for(worker_env) as client:
             worker_run(client, worker_env, plan, 8, "3/0", 8, steps=3, fmt=fmt)  # first calls
             run = worker_run(client, worker_env, plan, 8, "3/0", jobs, plan.steps, fmt=fmt)
     return {**run, "mean_batch_s": statistics.mean(run["batch_seconds"])}

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ops.localstack import free_port, moto_s3_client, start_redis, stop, worker_env
+from ops.localstack import client_for, free_port, moto_s3_client, start_redis, stop, worker_env
 from producer import JobState
-from tests.helpers import client_for
 
 
 class RestartableRedis:

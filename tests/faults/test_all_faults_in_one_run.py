@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from ops.localstack import start_worker, stop
+from ops.localstack import client_for, start_worker, stop
 from producer import JobState
 from tests.helpers import malformed, publish_raw, wait_for_count
 
-from .conftest import FaultCounts, client_for, kill_worker, stop_running
+from .conftest import FaultCounts, kill_worker, stop_running
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 

@@ -13,14 +13,13 @@ from collections import Counter
 import pytest
 import redis
 
-from ops.localstack import start_worker, stop
+from ops.localstack import client_for, start_worker, stop
 from producer import JobState
 from tests.helpers import wait_until
 
 from .conftest import (
     DeliveryCutter,
     FaultCounts,
-    client_for,
     kill_worker,
     stop_running,
 )

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from ops.localstack import start_worker, stop
+from ops.localstack import client_for, start_worker, stop
 from producer import JobState
 from tests.helpers import wait_until
 
-from .conftest import FaultCounts, client_for, kill_worker, stop_running
+from .conftest import FaultCounts, kill_worker, stop_running
 from .test_redis_and_worker_faults import RECOVERY_S, check, submit, wait_for_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]

@@ -10,11 +10,11 @@ import time
 import pytest
 import redis
 
-from ops.localstack import free_port, start_worker
+from ops.localstack import client_for, free_port, start_worker
 from producer import JobState
 from tests.helpers import get, wait_until
 
-from .conftest import CuttableProxy, client_for, stop_running
+from .conftest import CuttableProxy, stop_running
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 

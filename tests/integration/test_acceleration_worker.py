@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from ops.localstack import deepqueue_command, free_port, moto_s3_client, stop
+from ops.localstack import client_for, deepqueue_command, free_port, moto_s3_client, stop
 from producer import JobState
-from tests.helpers import client_for, get
+from tests.helpers import get
 from tests.integration.test_metrics_endpoint import scrape
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

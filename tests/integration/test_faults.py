@@ -10,9 +10,9 @@ import subprocess
 import pytest
 import redis
 
-from ops.localstack import moto_s3_client, start_worker, stop, worker_env
-from producer import JobState
-from tests.helpers import client_for, wait_until
+from ops.localstack import client_for, moto_s3_client, start_worker, stop, worker_env
+from producer import Client, ClientSettings, JobState
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
@@ -133,7 +133,9 @@ def test_jobs_being_stored_by_a_killed_pool_process_run_again(redis_urls, tiny_m
         log = tmp_path / "worker.log"
         worker = start_worker(env, log)
         try:
-            with client_for(env) as client:
+            # The client keeps the jobs it sends in a folder: the S3 server is stopped before the submit.
+            local = ClientSettings(storage="local", output_dir=tmp_path / "client")
+            with Client(broker, backend, settings=local) as client:
                 os.kill(moto.pid, signal.SIGSTOP)
                 run = client.submit([f"stored {i}" for i in range(16)], run="stored", steps=2, width=64, height=64)
                 # Both batches generated: their 16 images now wait on the stopped S3 server.

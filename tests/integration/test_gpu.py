@@ -11,9 +11,8 @@ import json
 
 import pytest
 
-from ops.localstack import start_worker, stop, worker_env
+from ops.localstack import client_for, start_worker, stop, worker_env
 from producer import JobState
-from tests.helpers import client_for
 
 torch = pytest.importorskip("torch")
 pytestmark = [

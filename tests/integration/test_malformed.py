@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from ops.localstack import start_worker, stop, worker_env
+from ops.localstack import client_for, start_worker, stop, worker_env
 from producer import JobState
 from producer.contract import TASK_NAME
 from producer.enqueue import producer_app
 from producer.settings import ClientSettings
-from tests.helpers import client_for, malformed, publish_raw, raw_entries
+from tests.helpers import malformed, publish_raw, raw_entries
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 

@@ -25,13 +25,13 @@ wds = pytest.importorskip("webdataset")
 import pyarrow.parquet as pq  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-from ops.localstack import AWS_ENV  # noqa: E402
+from ops.localstack import AWS_ENV, client_for  # noqa: E402
 from producer import Client, ClientSettings, Job, JobState  # noqa: E402
 from producer.cli import cli  # noqa: E402
 from producer.layout import audit_rows_key, audit_summary_key, parts_prefix  # noqa: E402
 from producer.manifest_parts import decode_part  # noqa: E402
 from producer.state import RunStore  # noqa: E402
-from tests.helpers import client_for, local_worker_settings  # noqa: E402
+from tests.helpers import local_worker_settings  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ops.localstack import deepqueue_command, free_port, stop
+from ops.localstack import client_for, deepqueue_command, free_port, stop
 from producer import JobState
-from tests.helpers import client_for, get
+from tests.helpers import get
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from ops.localstack import start_worker, stop, worker_env
+from ops.localstack import client_for, start_worker, stop, worker_env
 from producer import JobState
 from producer.layout import WORKER_QUEUES_KEY
-from tests.helpers import client_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from ops.localstack import deepqueue_command, moto_s3_client, start_worker, stop, worker_env
+from ops.localstack import client_for, deepqueue_command, moto_s3_client, start_worker, stop, worker_env
 from producer import Client, JobState
 from producer.contract import TASK_NAME
 from producer.enqueue import producer_app
-from tests.helpers import SIDECAR_FIELDS, TIMING_FIELDS, client_for
+from tests.helpers import SIDECAR_FIELDS, TIMING_FIELDS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -7,9 +7,8 @@ import json
 
 import pytest
 
-from ops.localstack import moto_s3_client, start_worker, stop
+from ops.localstack import client_for, moto_s3_client, start_worker, stop
 from producer import JobState
-from tests.helpers import client_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from ops.localstack import deepqueue_command, moto_s3_client, start_worker, stop, wait_for
+from ops.localstack import client_for, deepqueue_command, moto_s3_client, start_worker, stop, wait_for
 from producer import JobState
-from tests.helpers import client_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from ops.localstack import client_for
 from producer import JobState
-from tests.helpers import client_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
