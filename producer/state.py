@@ -37,6 +37,7 @@ be queued again, and only that.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -402,8 +403,8 @@ class RunStore:
     def results(self, run_id: str) -> Iterator[JobResult]:
         """Every job of the run, streamed a block at a time, by index (those kept in ``others``
         last)."""
-        images = self._images(run_id)
-        for chunk in _chunks(self._every_slot(run_id), BLOCK_SLOTS):
+        images, slots = self._images(run_id), self._every_slot(run_id)
+        while chunk := list(itertools.islice(slots, BLOCK_SLOTS)):
             yield from self._results(run_id, chunk, images)
 
     def _blocks(self, run_id: str) -> list[int]:
@@ -477,17 +478,6 @@ class RunStore:
             details_ = {} if worker is None else {"worker": worker}
             results.append(JobResult(slot.job_id, JobState(slot.state), key=key, reason=reason, details=details_))
         return results
-
-
-def _chunks(items: Iterable[Slot], size: int) -> Iterator[list[Slot]]:
-    chunk: list[Slot] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _flat_batches(rows: Iterable[tuple[str, ...]]) -> Iterator[list[str | bytes | int]]:

@@ -14,16 +14,6 @@ RUN = "run-a"
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)
 
 
-@pytest.fixture
-def backend(redis_urls) -> redis.Redis:
-    return redis.Redis.from_url(redis_urls[1])
-
-
-@pytest.fixture
-def store(backend) -> RunStore:
-    return RunStore(backend)
-
-
 def sent(job_ids) -> list[str]:
     return list(job_ids)
 

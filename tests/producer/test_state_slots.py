@@ -7,13 +7,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pytest
-import redis
-
 from producer.job import job_id
 from producer.slots import BLOCK_SLOTS, SLOT_BYTES, decode, job_id_at, place, slots_of_block
-from producer.state import STATES, JobState, RunStore
-from tests.producer.test_state import consistent_counts
+from producer.state import STATES, JobState
+from tests.producer.test_state import consistent_counts, sent
 
 RUN = "run-s"
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)
@@ -22,20 +19,6 @@ IMAGES = "s3://bucket/prefix/run-s/images"
 
 def jid(index: int, recipe: str = "a") -> str:
     return job_id(RUN, index, {"recipe": recipe})
-
-
-def sent(job_ids) -> list[str]:
-    return list(job_ids)
-
-
-@pytest.fixture
-def backend(redis_urls) -> redis.Redis:
-    return redis.Redis.from_url(redis_urls[1])
-
-
-@pytest.fixture
-def store(backend) -> RunStore:
-    return RunStore(backend)
 
 
 # -- pure -------------------------------------------------------------------------------------------
