@@ -234,7 +234,7 @@ class Client:
         to_send = [job for job in chunk if job.job_id in claimed]
         try:
             write_sent(self._storage(), self.settings.s3_prefix, run_id, to_send)
-            publish(self._broker(), self.settings.queue, grouped_by_shape(to_send))
+            self._publish(to_send)
         except BaseException as error:
             try:
                 self._store.unclaim(run_id, claimed)
@@ -250,8 +250,12 @@ class Client:
         """Publish ``jobs``, then mark them queued. A chunk that fails to publish is not marked,
         so sending again sends it (and never a job that did reach the queue twice, but for the
         part of a failed chunk that was flushed before the failure)."""
-        publish(self._broker(), self.settings.queue, jobs)
+        self._publish(jobs)
         self._store.mark_queued(run_id, [job.job_id for job in jobs])
+
+    def _publish(self, jobs: list[Job]) -> None:
+        """Send ``jobs`` as prompt batches (``DEEPQUEUE_PROMPT_BATCH``), each shape's jobs together."""
+        publish(self._broker(), self.settings.queue, grouped_by_shape(jobs), per_message=self.settings.prompt_batch)
 
     def _check_not_cancelled(self, run_id: str) -> None:
         """A cancelled run takes no more jobs (new or sent again); a deleted one's name starts a new run."""

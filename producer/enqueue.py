@@ -1,4 +1,5 @@
-"""Send jobs to the queue: Celery task messages in kombu's Redis format, hundreds per round trip.
+"""Send jobs to the queue: Celery task messages in kombu's Redis format, hundreds per round trip,
+each carrying a prompt batch of up to ``DEEPQUEUE_PROMPT_BATCH`` jobs (``producer.message``).
 
 Celery's ``send_task`` builds every message through kombu's producer (about 250 µs a job, most
 of a submit's time). Here each message is one JSON string, written the way kombu's Redis
@@ -6,12 +7,13 @@ transport stores a message (an envelope with ``body``, ``headers`` and ``propert
 the queue's list) and read back by kombu and Celery unchanged:
 
 - the body is Celery's protocol 2 ``[args, kwargs, embed]`` as JSON text, not base64 (kombu
-  reads a message without ``body_encoding`` as is): the job appears once, at its own size;
-- the headers are the two a worker needs, ``task`` and ``id`` (the job id); no ``argsrepr`` or
-  ``kwargsrepr``, so prompts never reach task events or Flower;
+  reads a message without ``body_encoding`` as is): the jobs appear once, at their own size;
+- the headers are the two a worker needs, ``task`` and ``id`` (``producer.message.batch_task_id``);
+  no ``argsrepr`` or ``kwargsrepr``, so prompts never reach task events or Flower;
 - the properties are kombu's delivery tag and routing (default exchange, the queue's name).
 
-A producer that uses Celery itself (``app.send_task``) still works: workers read both.
+A producer that uses Celery itself (``app.send_task``, one job per message) still works: workers
+read both.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from celery import Celery
 from producer.contract import TASK_NAME, celery_config
 from producer.job import Job
 from producer.layout import model_queue
+from producer.message import batch_task_id, pack, prompt_batches
 from producer.settings import ClientSettings
 
 #: Messages per LPUSH (and per pipeline flush).
@@ -42,20 +45,20 @@ def producer_app(settings: ClientSettings) -> Celery:
     return app
 
 
-def message_args(job: Job, enqueued_at: float) -> tuple[list, dict]:
-    """The task's positional and keyword arguments for one job."""
-    return [job.model_dump(mode="json", exclude_none=True)], {"enqueued_at": enqueued_at}
+def message_args(jobs: Sequence[Job], enqueued_at: float) -> tuple[list, dict]:
+    """The task's positional and keyword arguments for one message's jobs."""
+    return [pack(jobs)], {"enqueued_at": enqueued_at}
 
 
-def queue_message(job: Job, *, queue: str, enqueued_at: float) -> str:
-    """One job as kombu's Redis transport stores a Celery task message."""
-    args, kwargs = message_args(job, enqueued_at)
+def queue_message(jobs: Sequence[Job], *, queue: str, enqueued_at: float) -> str:
+    """One message's jobs as kombu's Redis transport stores a Celery task message."""
+    args, kwargs = message_args(jobs, enqueued_at)
     return json.dumps(
         {
             "body": json.dumps([args, kwargs, {}], **_COMPACT),
             "content-encoding": "utf-8",
             "content-type": "application/json",
-            "headers": {"task": TASK_NAME, "id": job.job_id},
+            "headers": {"task": TASK_NAME, "id": batch_task_id(jobs)},
             "properties": {
                 "delivery_tag": secrets.token_hex(8),
                 "delivery_info": {"exchange": "", "routing_key": queue},
@@ -65,21 +68,22 @@ def queue_message(job: Job, *, queue: str, enqueued_at: float) -> str:
     )
 
 
-def publish(broker: redis.Redis, queue: str, jobs: Sequence[Job]) -> None:
-    """Put one message per job on its model's queue (``queue`` for jobs that name no model), the
-    first job first out; the task id is the job id.
+def publish(broker: redis.Redis, queue: str, jobs: Sequence[Job], *, per_message: int = 1) -> None:
+    """Put ``jobs`` on their model's queue (``queue`` for jobs that name no model), the first job
+    first out, as messages of up to ``per_message`` neighbours of one run and shape
+    (``producer.message.prompt_batches``).
 
     Raises redis-py's errors if a flush fails (the messages of earlier flushes are queued).
     """
     now = time.time()
-    by_queue: dict[str, list[Job]] = {}
-    for job in jobs:
-        by_queue.setdefault(model_queue(queue, job.model), []).append(job)
+    by_queue: dict[str, list[str]] = {}
+    for batch in prompt_batches(jobs, per_message):
+        name = model_queue(queue, batch[0].model)
+        by_queue.setdefault(name, []).append(queue_message(batch, queue=name, enqueued_at=now))
     pipe = broker.pipeline(transaction=False)
-    for name, queued in by_queue.items():
-        for start in range(0, len(queued), PUBLISH_BATCH):
-            batch = queued[start : start + PUBLISH_BATCH]
-            pipe.lpush(name, *(queue_message(job, queue=name, enqueued_at=now) for job in batch))
+    for name, messages in by_queue.items():
+        for start in range(0, len(messages), PUBLISH_BATCH):
+            pipe.lpush(name, *messages[start : start + PUBLISH_BATCH])
             if len(pipe) >= 8:
                 pipe.execute()
     pipe.execute()

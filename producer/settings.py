@@ -18,6 +18,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.message import MAX_JOBS
+
 #: URL schemes a broker and result backend may use (redis-py's; kombu reads the same).
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -32,6 +34,13 @@ class ClientSettings(BaseSettings):
         "redis://127.0.0.1:6379/1", description="Redis that holds per-job state and run indexes"
     )
     queue: str = Field("deepqueue", description="Celery queue the jobs are sent to")
+    prompt_batch: int = Field(
+        8,
+        ge=1,
+        le=MAX_JOBS,
+        description="Jobs per queue message at most, of one run and shape (a prompt batch: its envelope and "
+        "recipe are stored once); workers still merge messages into full batches. 1: a message per job",
+    )
     visibility_timeout_s: float = Field(
         3600.0,
         gt=0,

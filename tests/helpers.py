@@ -4,6 +4,7 @@ something (``wait_until``, ``wait_for_count``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import time
@@ -18,6 +19,7 @@ import redis
 
 from producer.contract import TASK_NAME
 from producer.job import Job
+from producer.message import unpack
 
 #: The sidecar fields the job contract promises (issue #2), and its timing fields.
 SIDECAR_FIELDS = frozenset(
@@ -28,6 +30,18 @@ TIMING_FIELDS = frozenset(
     {"enqueued_at", "started_at", "finished_at", "queue_wait_s", "batch_inference_s", "inference_s",
      "encode_s", "upload_s"}
 )  # fmt: skip
+
+
+def queued_jobs(broker: redis.Redis | str, queue: str = "deepqueue") -> list[dict[str, Any]]:
+    """The jobs waiting in ``queue``, oldest first, each as its fields: what the messages carry,
+    one job or a prompt batch each, unpacked as a worker does (hand-made messages are deepqueue's
+    JSON ones)."""
+    client = redis.Redis.from_url(broker) if isinstance(broker, str) else broker
+    jobs = []
+    for raw in reversed(client.lrange(queue, 0, -1)):  # kombu LPUSHes and BRPOPs: the tail is the oldest
+        [payload, *_], _kwargs, _embed = json.loads(json.loads(raw)["body"])
+        jobs += unpack(payload) or [payload]
+    return jobs
 
 
 def make_job(index: int = 0, **fields: Any) -> Job:

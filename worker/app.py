@@ -9,6 +9,7 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from producer.contract import TASK_NAME, celery_config
+from producer.message import unpack
 from worker import logs
 from worker.delivery.transport import worker_broker_settings
 from worker.health import MetricsServer
@@ -26,10 +27,19 @@ class GenerateTask(Task):
     # acks_late and ignore_result come from the shared settings (task_acks_late, task_ignore_result).
     typing = False  # the worker validates the job itself, with field-level reasons
 
-    def run(self, job: Any, enqueued_at: float | None = None) -> dict[str, Any]:
-        """Called directly (not through a worker): a batch of one, in this process."""
-        delivery = {"task_id": self.request.id or "direct", "payload": job, "enqueued_at": enqueued_at}
-        return pool.execute_now(self.app.settings, [delivery])[0]
+    def run(self, job: Any, enqueued_at: float | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+        """Called directly (not through a worker), in this process: the job's outcome, or for a
+        prompt batch (``producer.message``) each job's."""
+        task_id = self.request.id or "direct"
+        entries = unpack(job)
+        if entries is None:
+            delivery = {"task_id": task_id, "payload": job, "enqueued_at": enqueued_at}
+            return pool.execute_now(self.app.settings, [delivery])[0]
+        deliveries = [
+            {"task_id": f"{task_id}#{position}", "payload": entry, "enqueued_at": enqueued_at}
+            for position, entry in enumerate(entries)
+        ]
+        return pool.execute_now(self.app.settings, deliveries)
 
 
 class WorkerApp(Celery):

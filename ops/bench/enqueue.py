@@ -50,7 +50,7 @@ def prompts(count: int) -> list[str]:
 def send_task_loop(app: Any, jobs: Sequence[Job]) -> None:
     """The baseline: one publish (one Redis round trip) per job, as an apply_async loop does."""
     for job in jobs:
-        args, kwargs = message_args(job, time.time())
+        args, kwargs = message_args([job], time.time())
         app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=job.job_id)
 
 
@@ -58,7 +58,7 @@ def kombu_batch(app: Any, jobs: Sequence[Job]) -> None:
     """Celery's messages through kombu's batch producer: 500 publishes per pipeline flush."""
     with app.producer_or_acquire() as producer, producer.batch(max_size=500):
         for job in jobs:
-            args, kwargs = message_args(job, time.time())
+            args, kwargs = message_args([job], time.time())
             app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=job.job_id, producer=producer)
 
 

@@ -29,6 +29,7 @@ from producer.client import SUBMIT_CHUNK
 from producer.contract import TASK_NAME
 from producer.job import derive_seed
 from producer.state import RunStore
+from tests.helpers import queued_jobs
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)
 
@@ -58,6 +59,11 @@ def messages(broker_url: str, queue: str = "deepqueue") -> list[dict]:
     return decoded
 
 
+def queued(broker_url: str, queue: str = "deepqueue") -> list[Job]:
+    """The jobs waiting in ``queue``, oldest first, unpacked as a worker does."""
+    return [Job.model_validate(fields) for fields in queued_jobs(broker_url, queue)]
+
+
 def ids_of(run: Run, store: RunStore) -> list[str]:
     return sorted(result.job_id for result in store.results(run.run_id))
 
@@ -69,24 +75,29 @@ def redis_is_empty(url: str) -> bool:
 # -- what goes on the queue -------------------------------------------------------------------------
 
 
-def test_submit_puts_one_valid_message_per_job_on_the_queue(client, redis_urls):
+@pytest.mark.parametrize("prompt_batch", [1, 2, 8])
+def test_submit_puts_every_job_on_the_queue_in_prompt_batches(redis_urls, prompt_batch, monkeypatch):
+    """Jobs of one shape go in messages of ``DEEPQUEUE_PROMPT_BATCH`` (1: a Celery message per
+    job, as ``send_task`` sends), in order; each message's task id names its first job."""
+    monkeypatch.setenv("DEEPQUEUE_PROMPT_BATCH", str(prompt_batch))
     prompts = ["a red fox", "a blue heron", "a green frog"]
-    expected = client.prepare(prompts, run="fauna", height=64, width=128, steps=4)
-    run = client.submit(prompts, run="fauna", height=64, width=128, steps=4)
+    with Client(*redis_urls) as client:
+        expected = client.prepare(prompts, run="fauna", height=64, width=128, steps=4)
+        run = client.submit(prompts, run="fauna", height=64, width=128, steps=4)
     assert (run.run_id, run.submitted, run.skipped) == ("fauna", 3, 0)
 
     sent = messages(redis_urls[0])
-    assert len(sent) == 3
-    for message, job in zip(sent, expected, strict=True):  # FIFO: workers get them in submission order
+    assert len(sent) == -(-3 // prompt_batch)
+    firsts = expected[::prompt_batch]
+    for message, first in zip(sent, firsts, strict=True):
         assert message["headers"]["task"] == TASK_NAME == "deepqueue.generate"
-        assert message["headers"]["id"] == job.job_id
+        assert message["headers"]["id"].partition("+")[0] == first.job_id
         assert len(message["args"]) == 1
-        body = Job.model_validate(message["args"][0])
-        assert body == job and body.job_id == job.job_id
-        assert (body.run_id, body.height, body.width, body.steps) == ("fauna", 64, 128, 4)
         assert set(message["kwargs"]) == {"enqueued_at"}
         assert isinstance(message["kwargs"]["enqueued_at"], float)
-    assert [Job.model_validate(m["args"][0]).prompt for m in sent] == prompts
+    jobs = queued(redis_urls[0])  # FIFO: workers get them in submission order
+    assert jobs == expected and [job.job_id for job in jobs] == [job.job_id for job in expected]
+    assert {(job.run_id, job.height, job.width, job.steps) for job in jobs} == {("fauna", 64, 128, 4)}
 
 
 def test_jobs_naming_a_model_go_to_its_queue_and_the_others_to_the_plain_one(client, redis_urls):
@@ -94,7 +105,7 @@ def test_jobs_naming_a_model_go_to_its_queue_and_the_others_to_the_plain_one(cli
     client.submit(rows, run="zoo", steps=4)
     for queue, prompts in {"deepqueue": ["a fox"], "deepqueue.sdxl": ["an owl"], "deepqueue.sd": ["a koi"]}.items():
         sent = messages(redis_urls[0], queue)
-        assert [Job.model_validate(m["args"][0]).prompt for m in sent] == prompts
+        assert [job.prompt for job in queued(redis_urls[0], queue)] == prompts
         assert {json.loads(m["raw"])["properties"]["delivery_info"]["routing_key"] for m in sent} == {queue}
     assert client.model_queue("sdxl") == "deepqueue.sdxl" and client.model_queue(None) == "deepqueue"
 
@@ -150,13 +161,13 @@ def test_submit_from_a_file(client, redis_urls, tmp_path):
     path.write_text("# fauna\na fox\n\na heron\n", encoding="utf-8")
     run = client.submit(path, run="from-file")
     assert run.submitted == 2
-    assert [Job.model_validate(m["args"][0]).prompt for m in messages(redis_urls[0])] == ["a fox", "a heron"]
+    assert [job.prompt for job in queued(redis_urls[0])] == ["a fox", "a heron"]
 
 
 def test_queue_name_from_argument(redis_urls):
     with Client(*redis_urls, queue="gpu-a100") as client:
         client.submit(["a"], run="q")
-    assert len(messages(redis_urls[0], "gpu-a100")) == 1
+    assert len(queued(redis_urls[0], "gpu-a100")) == 1
     assert messages(redis_urls[0]) == []
 
 
@@ -167,7 +178,7 @@ def test_settings_from_environment_when_called(redis_urls, monkeypatch):
     with Client() as client:
         assert client.settings == ClientSettings()
         run = client.submit(["a"], run="env")
-    assert len(messages(redis_urls[0], "from-env")) == 1
+    assert len(queued(redis_urls[0], "from-env")) == 1
     assert RunStore.from_url(redis_urls[1]).exists(run.run_id)
 
 
@@ -186,7 +197,7 @@ def test_generated_run_name(client, store):
 
 def test_run_seed_gives_job_seeds_and_changes_ids(client, redis_urls):
     run = client.submit(["a", "b"], run="seeded", seed=7)
-    seeds = [Job.model_validate(m["args"][0]).seed for m in messages(redis_urls[0])]
+    seeds = [job.seed for job in queued(redis_urls[0])]
     assert seeds == [derive_seed(7, 0), derive_seed(7, 1)]
     assert run.submitted == 2
     other = client.submit(["a", "b"], run="seeded", seed=8, allow_recipe_change=True)
@@ -220,7 +231,7 @@ def test_resubmit_sends_nothing_once_every_job_is_running_or_done(client, redis_
 
     second = client.submit(prompts, run="again", steps=4)
     assert (second.submitted, second.skipped) == (0, 3)
-    assert len(messages(redis_urls[0])) == 3  # only the first submission's
+    assert len(queued(redis_urls[0])) == 3  # only the first submission's
     assert second.status().counts == {QUEUED: 0, RUNNING: 1, DONE: 2, FAILED: 0, CANCELLED: 0}
 
 
@@ -229,22 +240,22 @@ def test_resubmit_sends_failed_jobs_and_only_with_resend_queued_the_queued_ones(
     user who lost the queue itself (a Redis without persistence restarted) asks for them."""
     prompts = ["queued", "running", "done", "failed"]
     first = client.submit(prompts, run="partial")
-    by_prompt = {Job.model_validate(m["args"][0]).prompt: m["headers"]["id"] for m in messages(redis_urls[0])}
+    by_prompt = {job.prompt: job.job_id for job in queued(redis_urls[0])}
     store.mark("partial", by_prompt["running"], RUNNING)
     store.mark("partial", by_prompt["done"], DONE, key="k")
     store.mark("partial", by_prompt["failed"], FAILED, reason="cuda oom")
 
     second = client.submit(prompts, run="partial")
     assert (second.submitted, second.skipped) == (1, 3)
-    resent = messages(redis_urls[0])[len(prompts) :]
-    assert [m["headers"]["id"] for m in resent] == [by_prompt["failed"]]
+    resent = queued(redis_urls[0])[len(prompts) :]
+    assert [job.job_id for job in resent] == [by_prompt["failed"]]
     assert second.status().counts == {QUEUED: 2, RUNNING: 1, DONE: 1, FAILED: 0, CANCELLED: 0}
     assert first.run_id == second.run_id
 
     third = client.submit(prompts, run="partial", resend_queued=True)
     assert (third.submitted, third.skipped) == (2, 2)
-    resent = messages(redis_urls[0])[len(prompts) + 1 :]
-    assert [m["headers"]["id"] for m in resent] == [by_prompt["queued"], by_prompt["failed"]]
+    resent = queued(redis_urls[0])[len(prompts) + 1 :]
+    assert [job.job_id for job in resent] == [by_prompt["queued"], by_prompt["failed"]]
 
 
 def test_retry_resends_queued_failed_and_gone_workers_jobs_from_what_was_kept(client, redis_urls, store):
@@ -254,8 +265,8 @@ def test_retry_resends_queued_failed_and_gone_workers_jobs_from_what_was_kept(cl
 
     prompts = ["queued", "failed", "on a live worker", "on a gone worker", "done"]
     client.submit(prompts, run="lost", steps=7, width=64, height=64)
-    sent = {Job.model_validate(m["args"][0]).prompt: m for m in messages(redis_urls[0])}
-    ids = {prompt: message["headers"]["id"] for prompt, message in sent.items()}
+    sent = {job.prompt: job for job in queued(redis_urls[0])}
+    ids = {prompt: job.job_id for prompt, job in sent.items()}
     broker = redis.Redis.from_url(redis_urls[0])
     broker.hset(WORKERS_KEY, mapping={"celery@live:1": time.time(), "celery@gone:2": time.time() - 3600})
     store.mark("lost", ids["failed"], FAILED, reason="cuda oom")
@@ -267,12 +278,10 @@ def test_retry_resends_queued_failed_and_gone_workers_jobs_from_what_was_kept(cl
 
     run = client.retry("lost")
     assert (run.submitted, run.skipped) == (3, 0)
-    resent = {m["headers"]["id"]: m["args"][0] for m in messages(redis_urls[0])}
+    resent = {job.job_id: job for job in queued(redis_urls[0])}
     assert set(resent) == {ids["queued"], ids["failed"], ids["on a gone worker"]}
-    for job_id, payload in resent.items():  # the very jobs that were sent first
-        assert Job.model_validate(payload) == Job.model_validate(
-            next(m for m in sent.values() if m["headers"]["id"] == job_id)["args"][0]
-        )
+    by_id = {job.job_id: job for job in sent.values()}
+    assert all(job == by_id[job_id] for job_id, job in resent.items())  # the very jobs that were sent first
     assert run.status().counts == {QUEUED: 2, RUNNING: 2, DONE: 1, FAILED: 0, CANCELLED: 0}
 
 
@@ -290,8 +299,7 @@ def test_submit_spanning_chunks_skips_the_right_jobs(client, redis_urls, store):
 
     run = client.submit(prompts, run="big", steps=2)
     assert (run.submitted, run.skipped) == (SUBMIT_CHUNK + 1, 2)
-    raw = redis.Redis.from_url(redis_urls[0]).lrange("deepqueue", 0, -1)
-    sent_ids = {json.loads(item)["headers"]["id"] for item in raw}
+    sent_ids = {job.job_id for job in queued(redis_urls[0])}
     assert sent_ids == {job.job_id for job in jobs} - skipped
     assert run.status().counts == {QUEUED: SUBMIT_CHUNK + 1, RUNNING: 2, DONE: 0, FAILED: 0, CANCELLED: 0}
 
@@ -301,14 +309,14 @@ def test_submit_spanning_chunks_skips_the_right_jobs(client, redis_urls, store):
 
 def test_resubmit_with_a_changed_recipe_is_refused_naming_what_differs(client, redis_urls, store):
     client.submit(["a", "b"], run="koi", steps=5)
-    before = redis.Redis.from_url(redis_urls[0]).llen("deepqueue")
+    before = len(queued_jobs(redis_urls[0]))
     with pytest.raises(RecipeMismatchError) as info:
         client.submit(["a", "b"], run="koi", steps=6)
     assert str(info.value).startswith("run 'koi' was submitted with steps=5; this submit has steps=6: ")
     assert "use another run name, or pass the same settings" in str(info.value)
     assert info.value.differences == [("steps", 5, 6)] and info.value.run_id == "koi"
     assert isinstance(info.value, DeepQueueError) and isinstance(info.value, ValueError)
-    assert redis.Redis.from_url(redis_urls[0]).llen("deepqueue") == before == 2
+    assert len(queued_jobs(redis_urls[0])) == before == 2
     assert client.run("koi").status().total == 2
     assert store.recipes("koi") == [client_recipe(client, "koi", steps=5)]
 
@@ -443,7 +451,7 @@ def _submit_in_a_process(broker: str, backend: str, prompts: list[str], start: o
 
 
 def test_four_producers_racing_one_new_run_send_each_job_once(redis_urls, store):
-    """Four processes submit the same new 500-job run at the same moment: 500 messages in all
+    """Four processes submit the same new 500-job run at the same moment: 500 jobs sent in all
     (each job is claimed before it is sent), every job queued, the submitted counts adding up."""
     import multiprocessing
 
@@ -458,9 +466,9 @@ def test_four_producers_racing_one_new_run_send_each_job_once(redis_urls, store)
     for process in producers:
         process.join(timeout=120)
         assert process.exitcode == 0
-    assert redis.Redis.from_url(redis_urls[0]).llen("deepqueue") == 500
     assert sum(sent.get(timeout=5) for _ in producers) == 500
-    assert len({m["headers"]["id"] for m in messages(redis_urls[0])}) == 500
+    jobs = queued(redis_urls[0])
+    assert len(jobs) == len({job.job_id for job in jobs}) == 500
     assert store.counts("raced")[QUEUED] == 500
 
 
@@ -483,7 +491,7 @@ def test_a_publish_that_fails_gives_its_claims_back(client, redis_urls, store, m
     monkeypatch.undo()
     again = client.submit(["done already", "a", "b"], run="refused", steps=4)
     assert (again.submitted, again.skipped) == (2, 1)
-    assert redis.Redis.from_url(redis_urls[0]).llen("deepqueue") == 3  # the first submit's one, then two
+    assert len(queued(redis_urls[0])) == 3  # the first submit's one, then two
 
 
 def test_claims_that_cannot_be_given_back_say_how_to_send_them(client, redis_urls, store, monkeypatch):
@@ -501,7 +509,7 @@ def test_claims_that_cannot_be_given_back_say_how_to_send_them(client, redis_url
     monkeypatch.undo()
     assert client.submit(["a", "b"], run="gone", steps=4).submitted == 0  # claimed: a plain submit skips them
     assert client.submit(["a", "b"], run="gone", steps=4, resend_queued=True).submitted == 2
-    assert redis.Redis.from_url(redis_urls[0]).llen("deepqueue") == 2
+    assert len(queued(redis_urls[0])) == 2
 
 
 def test_the_recipe_key_lives_with_the_run(client, redis_urls):
@@ -686,7 +694,7 @@ def test_submit_sends_each_shapes_jobs_together_in_their_order(client, redis_url
     ]
     rows = [{key: value for key, value in row.items() if value is not None} for row in rows]
     client.submit(rows, run="grouped", height=64)
-    sent = [Job.model_validate(message["args"][0]) for message in messages(redis_urls[0])]
+    sent = queued(redis_urls[0])
     assert [job.width for job in sent] == [128] * 4 + [64] * 8
     assert [job.index for job in sent] == [0, 3, 6, 9, 1, 2, 4, 5, 7, 8, 10, 11]
     assert sorted(job.job_id for job in sent) == sorted(
@@ -727,9 +735,7 @@ def test_a_generator_is_read_once_checked_then_sent(client, redis_urls):
 
     run = client.submit(rows(), run="generated")
     assert consumed == list(range(7)) and run.submitted == 7
-    assert [Job.model_validate(m["args"][0]).prompt for m in messages(redis_urls[0])] == [
-        f"generated {i}" for i in range(7)
-    ]
+    assert [job.prompt for job in queued(redis_urls[0])] == [f"generated {i}" for i in range(7)]
     with pytest.raises(InvalidJobError, match="item 2"):
         client.submit((p for p in ["fine", "also fine", ""]), run="generated-bad")
     assert client.run("generated").status().total == 7 and not client._store.exists("generated-bad")

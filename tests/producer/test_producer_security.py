@@ -21,6 +21,7 @@ from producer.cli import cli
 from producer.enqueue import producer_app
 from producer.settings import redact_url
 from producer.state import RunStore
+from tests.helpers import queued_jobs
 
 PASSWORD = "s3cr3t-Pa55word"
 PROMPT = "PRIVATE-PROMPT a portrait of my neighbour's kid"
@@ -70,16 +71,14 @@ def test_published_headers_and_properties_hold_no_prompt(redis_urls):
         run = client.submit([{"prompt": PROMPT, "negative_prompt": NEGATIVE}, "a fox"], run="private", steps=4)
         jobs = client.prepare([{"prompt": PROMPT, "negative_prompt": NEGATIVE}, "a fox"], run="private", steps=4)
     assert run.submitted == 2
-    messages = raw_messages(redis_urls[0])
-    assert len(messages) == 2
-    for message, job in zip(messages, jobs, strict=True):
-        outside_body = json.dumps({key: value for key, value in message.items() if key != "body"})
-        assert "PRIVATE" not in outside_body and "a fox" not in outside_body
-        assert message["headers"] == {"task": "deepqueue.generate", "id": job.job_id}
-        # The body still carries the whole job, once.
-        [body], kwargs, _ = json.loads(message["body"])
-        assert Job.model_validate(body) == job and set(kwargs) == {"enqueued_at"}
-    assert PROMPT in messages[0]["body"]
+    [message] = raw_messages(redis_urls[0])  # a prompt batch of both
+    outside_body = json.dumps({key: value for key, value in message.items() if key != "body"})
+    assert "PRIVATE" not in outside_body and "a fox" not in outside_body
+    assert message["headers"] == {"task": "deepqueue.generate", "id": f"{jobs[0].job_id}+1"}
+    # The body still carries the whole jobs, once.
+    _, kwargs, _ = json.loads(message["body"])
+    assert [Job.model_validate(fields) for fields in queued_jobs(redis_urls[0])] == jobs
+    assert set(kwargs) == {"enqueued_at"} and message["body"].count(PROMPT) == 1
 
 
 def test_a_message_carries_the_job_once(redis_urls):
@@ -123,7 +122,7 @@ def test_a_password_in_the_urls_reaches_an_auth_protected_redis(auth_env, tmp_pa
     with Client(*auth_env) as client:
         run = client.submit(["a fox", "a heron"], run="authed", steps=4)
         assert client.run("authed").status().total == 2 == run.submitted
-    assert redis.Redis.from_url(auth_env[0]).llen("deepqueue") == 2
+    assert len(queued_jobs(auth_env[0])) == 2
 
     submitted = invoke("submit", str(prompt_file(tmp_path)), "--run", "authed-cli")
     assert submitted.exit_code == 0, submitted.output
@@ -131,7 +130,7 @@ def test_a_password_in_the_urls_reaches_an_auth_protected_redis(auth_env, tmp_pa
     assert status.exit_code == 0 and status.output.strip().startswith(
         "authed-cli: 2 jobs (queued 2, running 0, done 0, failed 0, cancelled 0)"
     )
-    assert redis.Redis.from_url(auth_env[0]).llen("deepqueue") == 4
+    assert len(queued_jobs(auth_env[0])) == 4
     assert PASSWORD not in submitted.output + status.output
 
 
@@ -140,7 +139,7 @@ def test_a_password_in_the_urls_reaches_an_auth_protected_redis(auth_env, tmp_pa
 def test_a_wrong_or_missing_password_is_exit_3_and_never_printed(
     auth_redis, monkeypatch, tmp_path, credentials, command
 ):
-    queued = redis.Redis.from_url(f"redis://:{PASSWORD}@{auth_redis}/0").llen("deepqueue")
+    queued = len(queued_jobs(f"redis://:{PASSWORD}@{auth_redis}/0"))
     for name, db in (("DEEPQUEUE_BROKER_URL", 0), ("DEEPQUEUE_RESULT_BACKEND", 1)):
         monkeypatch.setenv(name, f"redis://{credentials}{auth_redis}/{db}")
     args = ["submit", str(prompt_file(tmp_path)), "--run", "denied"] if command == "submit" else ["status", "denied"]
@@ -151,7 +150,7 @@ def test_a_wrong_or_missing_password_is_exit_3_and_never_printed(
     assert "wrong-password" not in result.output and PASSWORD not in result.output
     if credentials:
         assert f"redis://:***@{auth_redis}/1" in line
-    assert redis.Redis.from_url(f"redis://:{PASSWORD}@{auth_redis}/0").llen("deepqueue") == queued
+    assert len(queued_jobs(f"redis://:{PASSWORD}@{auth_redis}/0")) == queued
 
 
 def test_a_wrong_broker_password_alone_is_exit_3_and_never_printed(auth_env, monkeypatch, tmp_path):
@@ -161,7 +160,7 @@ def test_a_wrong_broker_password_alone_is_exit_3_and_never_printed(auth_env, mon
     assert result.exit_code == 3, result.output
     assert "cannot reach Redis" in result.output and "redis://:***@" in result.output
     assert "wrong-password" not in result.output and PASSWORD not in result.output
-    assert redis.Redis.from_url(auth_env[0]).llen("deepqueue") == 0
+    assert len(queued_jobs(auth_env[0])) == 0
     assert RunStore.from_url(auth_env[1]).counts("half-denied")[JobState.QUEUED] == 0
 
 
@@ -257,7 +256,7 @@ def test_submit_and_status_over_tls_with_a_password(tls_redis, tmp_path, monkeyp
     assert status.exit_code == 0 and status.output.startswith(
         "over-tls: 2 jobs (queued 2, running 0, done 0, failed 0, cancelled 0)"
     )
-    assert redis.Redis.from_url(rediss(address, 0, ca)).llen("deepqueue") == 2
+    assert len(queued_jobs(rediss(address, 0, ca))) == 2
     assert PASSWORD not in submitted.output + status.output
 
 
@@ -278,7 +277,7 @@ def test_a_server_certificate_from_an_unknown_ca_is_refused(tls_redis, tmp_path,
     assert result.exit_code == 3, result.output
     assert "certificate verify failed" in result.output
     assert PASSWORD not in result.output and "rediss://:***@" in result.output
-    assert redis.Redis.from_url(rediss(address, broker_db, ca)).llen("deepqueue") == 0
+    assert len(queued_jobs(rediss(address, broker_db, ca))) == 0
 
 
 # -- (c) no credential in what the CLI and the client print -----------------------------------------

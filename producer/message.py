@@ -1,0 +1,69 @@
+"""The job argument of a task message: one job, or a *prompt batch* of jobs sent together.
+
+A prompt batch is one dict: the fields its jobs share (the run, the recipe, the shape) once,
+and ``jobs``, each job's own fields (its position, seed and prompt, and whatever else differs)::
+
+    {"run_id": "r1", "height": 512, ..., "jobs": [{"index": 0, "seed": 7, "prompt": "a cat"}, ...]}
+
+so a message of eight jobs costs Redis one envelope and one recipe, not eight. A ``Job`` forbids
+a field named ``jobs``, so the two forms cannot be mistaken for each other. The producer sends
+the jobs of one run and shape together (``prompt_batches``); the worker unpacks a batch into
+its jobs (``unpack``) and validates each on its own, so one bad job fails alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from producer.job import Job, shape
+
+#: The field of a prompt batch that holds its jobs' own fields.
+JOBS = "jobs"
+#: Jobs a prompt batch may carry (a worker's ``max_batch`` is at most this too).
+MAX_JOBS = 64
+
+
+class PromptBatchError(ValueError):
+    """A message that says it is a prompt batch but cannot be one: nothing of it runs."""
+
+
+def pack(jobs: Sequence[Job]) -> dict[str, Any]:
+    """One job's fields, or a prompt batch of several (fields all of them share once)."""
+    fields = [job.model_dump(mode="json", exclude_none=True) for job in jobs]
+    if len(fields) == 1:
+        return fields[0]
+    first, rest = fields[0], fields[1:]
+    shared = {name: value for name, value in first.items() if all(other.get(name, ...) == value for other in rest)}
+    return {**shared, JOBS: [{name: value for name, value in own.items() if name not in shared} for own in fields]}
+
+
+def unpack(payload: Any) -> list[Any] | None:
+    """The jobs of a prompt batch, each as one job's fields (not validated: the worker checks
+    each), or None when ``payload`` is not a batch (it is then checked as one job). Raises
+    PromptBatchError for a batch that holds no jobs or more than ``MAX_JOBS``."""
+    if not isinstance(payload, dict) or JOBS not in payload:
+        return None
+    entries = payload[JOBS]
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_JOBS:
+        what = f"{len(entries)} jobs" if isinstance(entries, list) else f"a {type(entries).__name__}"
+        raise PromptBatchError(f"a prompt batch holds a list of 1 to {MAX_JOBS} jobs, this one {what}")
+    shared = {name: value for name, value in payload.items() if name != JOBS}
+    return [{**shared, **entry} if isinstance(entry, dict) else entry for entry in entries]
+
+
+def batch_task_id(jobs: Sequence[Job]) -> str:
+    """The task id of a message: its job's id, or for a batch the first job's and how many follow
+    (``00000008-3f2a9c1b7d4e+7``), so that logs and dead letters point at the run's jobs."""
+    first = jobs[0].job_id
+    return first if len(jobs) == 1 else f"{first}+{len(jobs) - 1}"
+
+
+def prompt_batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
+    """``jobs`` in order, cut into messages of at most ``size`` neighbours of one run, model and
+    shape (``producer.job.shape``): what a worker can batch together, so a message rarely
+    splits. Send jobs of one shape next to each other (``grouped_by_shape``) to fill them."""
+    for _, same in itertools.groupby(jobs, key=lambda job: (job.run_id, job.model, shape(job))):
+        while chunk := list(itertools.islice(same, size)):
+            yield chunk
