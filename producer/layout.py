@@ -144,7 +144,7 @@ DELETED_KEY = "deepqueue:deleted"
 WORKERS_KEY = "deepqueue:workers"
 #: Broker hash: worker name -> the queue it serves (its model's, see ``model_queue``).
 WORKER_QUEUES_KEY = "deepqueue:worker-queues"
-#: Broker hash: worker name -> how many messages it holds (reserved), as of its last renewal.
+#: Broker hash: worker name -> how many jobs its messages hold (reserved), as of its last renewal.
 WORKER_HELD_KEY = "deepqueue:worker-held"
 #: The per-worker hashes above, which a worker leaving (or forgotten) is removed from.
 WORKER_KEYS = (WORKERS_KEY, WORKER_QUEUES_KEY, WORKER_HELD_KEY)

@@ -18,10 +18,10 @@ already travel to the main process. What this loses: the measurements of a pool 
 dies before its call returns (its jobs count as ``process_lost`` instead).
 
 ``deepqueue_queue_jobs`` is read from Redis at scrape time (``QueueDepth``): ``waiting`` is the
-length of the queue's list plus kombu's priority lists, ``reserved`` the size of kombu's
-``unacked`` hash, where messages wait while workers hold them (buffered, generating, being
-stored) and where ``LLEN`` and Flower do not look. ``unacked`` is shared by every queue on the
-broker's database, so ``reserved`` counts them all. Every worker reports the same figures:
+jobs in the queue's list plus kombu's priority lists (their messages times the jobs of the next
+few out: a message carries a prompt batch), ``reserved`` the jobs the queue's live workers hold
+(buffered, generating, being stored: in kombu's ``unacked`` hash, where ``LLEN`` and Flower do
+not look), as their last lease renewal counted them. Every worker reports the same figures:
 aggregate them with ``max``, not ``sum``. While Redis does not answer (one second's timeout) the
 family is absent from the scrape; the rest is served as usual.
 """
@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 
 from producer.contract import WORKER_GONE_S, serving_workers
 from producer.layout import WORKER_HELD_KEY, WORKER_QUEUES_KEY, WORKERS_KEY
+from worker.delivery.transport import jobs_in_entry
 from worker.pipeline.acceleration import COMPILE_COUNTERS
 from worker.pipeline.pool import PipelineUnavailable
 from worker.settings import WorkerSettings
@@ -267,6 +268,18 @@ def _tolerant(count: Callable[[], int]) -> Callable[[], float]:
     return read
 
 
+#: Messages next out of a queue's list whose jobs are counted to estimate the jobs waiting in it.
+NEXT_OUT = 8
+
+
+def waiting_jobs(length: int, next_out: list[bytes]) -> int:
+    """Jobs waiting in a list of ``length`` messages, estimated from those ``next_out``: exact
+    while its producers send one size of prompt batch (``producer.message``), as deepqueue's do."""
+    if not next_out:
+        return 0
+    return round(length * sum(map(jobs_in_entry, next_out)) / len(next_out))
+
+
 class QueueDepth(Collector):
     """``deepqueue_queue_jobs{queue, state}`` read from the broker's Redis at scrape time:
     waiting in the queue's lists, and reserved by its live workers (as their last lease renewal
@@ -291,12 +304,13 @@ class QueueDepth(Collector):
             )
         pipe = self._client.pipeline(transaction=False)
         for key in self.waiting_keys:
-            pipe.llen(key)
+            pipe.llen(key).lrange(key, -NEXT_OUT, -1)
         for key in (WORKERS_KEY, WORKER_QUEUES_KEY, WORKER_HELD_KEY):
             pipe.hgetall(key)
-        *lengths, renewed, queues, held = pipe.execute()
+        *lists, renewed, queues, held = pipe.execute()
+        waiting = sum(waiting_jobs(length, next_out) for length, next_out in zip(lists[0::2], lists[1::2], strict=True))
         serving = serving_workers(renewed, queues, time.time() - WORKER_GONE_S, self.queue)
-        return sum(lengths), sum(int(held.get(name.encode(), 0)) for name in serving)
+        return waiting, sum(int(held.get(name.encode(), 0)) for name in serving)
 
     def collect(self) -> Iterator[Metric]:
         try:

@@ -38,13 +38,13 @@ class WorkerSettings(ClientSettings):
         ge=1,
         le=1000,
         description="Batch keys (sizes, step counts, ...) a queue may mix at random: the default prefetch "
-        "reserves enough messages to fill batches from that many",
+        "reserves enough jobs to fill batches from that many",
     )
     prefetch: int | None = Field(
         None,
         ge=1,
-        description="Messages reserved from Redis at once (default: mixed_shapes x (max_batch - 1) + 1 to batch "
-        "from, plus 2 batches in flight and the store backlog)",
+        description="Jobs reserved from Redis at once, a message counting the jobs of its prompt batch (default: "
+        "mixed_shapes x (max_batch - 1) + 1 to batch from, plus 2 batches in flight and the store backlog)",
     )
     batch_timeout_s: float = Field(
         1800.0, gt=0, description="A batch running longer is killed; its jobs are retried one by one"
@@ -151,18 +151,18 @@ class WorkerSettings(ClientSettings):
 
     @property
     def prefetch_count(self) -> int:
-        return self.prefetch or self.buffer_for_full_batches + self.busy_messages
+        return self.prefetch or self.buffer_for_full_batches + self.busy_jobs
 
     @property
     def buffer_for_full_batches(self) -> int:
-        """Messages among which some key always has a full batch, however ``mixed_shapes`` keys
-        are mixed (pigeonhole: one fewer than a batch for every key, plus one)."""
+        """Jobs among which some key always has a full batch, however ``mixed_shapes`` keys are
+        mixed (pigeonhole: one fewer than a batch for every key, plus one)."""
         return self.mixed_shapes * (self.max_batch - 1) + 1
 
     @property
-    def busy_messages(self) -> int:
-        """Reserved messages that are not in the buffer while the device is busy: a batch
-        running, one handed over ahead of it, and the images still being stored."""
+    def busy_jobs(self) -> int:
+        """Reserved jobs that are not in the buffer while the device is busy: a batch running,
+        one handed over ahead of it, and the images still being stored."""
         return 2 * self.max_batch + self.store_backlog_count
 
     @property
@@ -194,15 +194,15 @@ class WorkerSettings(ClientSettings):
 
     @model_validator(mode="after")
     def _prefetch_holds_a_batch(self) -> WorkerSettings:
-        # Reserved-but-unacked messages are all the buffer can batch from: with fewer than the
-        # busy ones plus a batch, the next batch cannot form while the device works.
-        least = self.busy_messages + self.max_batch
+        # Reserved-but-unacked jobs are all the buffer can batch from: with fewer than the busy
+        # ones plus a batch, the next batch cannot form while the device works.
+        least = self.busy_jobs + self.max_batch
         if self.prefetch is not None and self.prefetch < least:
             raise ValueError(
                 f"prefetch ({self.prefetch}) must be at least {least}: 2 batches in flight and the store backlog "
-                f"({self.busy_messages} with max_batch {self.max_batch} and store_backlog "
+                f"({self.busy_jobs} with max_batch {self.max_batch} and store_backlog "
                 f"{self.store_backlog_count}) plus one batch to fill; leave it unset for the default "
-                f"({self.buffer_for_full_batches + self.busy_messages})"
+                f"({self.buffer_for_full_batches + self.busy_jobs})"
             )
         return self
 

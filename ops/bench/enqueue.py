@@ -1,14 +1,18 @@
-"""Benchmark 1: how fast jobs reach the queue, four ways, side by side on one redis-server.
+"""Benchmark 1: how fast jobs reach the queue, five ways, side by side on one redis-server.
 
 - ``send_task loop``: ``app.send_task`` per job, no ``producer.batch()`` (what an
   ``apply_async`` loop does): one Redis round trip per message.
 - ``kombu batch``: ``app.send_task`` through kombu's pipelined batch producer (deepqueue's
   publish path until it built its messages itself).
-- ``publish``: ``producer.enqueue.publish``: messages built as kombu stores them, 500 per LPUSH.
-- ``Client.submit``: the full path: both validation passes, job ids, grouping by shape, state
-  marking (one Lua call per 500 jobs), then ``publish``.
+- ``publish``: ``producer.enqueue.publish``: messages built as kombu stores them, 500 per LPUSH,
+  one job each.
+- ``publish, prompt batches``: the same, 8 jobs of a shape per message (``producer.message``).
+- ``Client.submit``: the full path: both validation passes, job ids, grouping by shape, claiming
+  in the state store (one Lua call per 500 jobs), keeping the jobs as sent in the run's storage
+  (a local folder here), then ``publish`` in prompt batches of 8.
 
-(a), (b) and (c) send the same pre-validated jobs; (d) starts from plain prompt strings. Both Redis
+The first four send the same pre-validated jobs; ``Client.submit`` starts from plain prompt
+strings. Both Redis
 databases are flushed before every measurement, and the variants are interleaved (their order
 rotates each round) so slow phases of a shared machine hit all of them.
 """
@@ -29,6 +33,7 @@ from producer.contract import TASK_NAME
 from producer.enqueue import message_args, producer_app, publish
 from producer.job import Job
 from producer.settings import ClientSettings
+from worker.delivery.transport import jobs_in_entry
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +42,8 @@ RECIPE = {"height": 512, "width": 512, "steps": 25}
 LABELS = {
     "send_task_loop": "`app.send_task` loop (no `producer.batch()`)",
     "kombu_batch": "`app.send_task` in kombu's `producer.batch()`",
-    "publish": "`producer.enqueue.publish` (built messages, 500 per LPUSH)",
+    "publish": "`producer.enqueue.publish` (built messages, 500 per LPUSH, a job each)",
+    "publish_batches": "`producer.enqueue.publish`, prompt batches of 8 jobs a message",
     "client_submit": "`Client.submit` (validate + mark queued + publish)",
 }
 WARMUP_JOBS = 200
@@ -76,6 +82,7 @@ def bench_enqueue(redis_url: str, storage_dir: Path, *, jobs: int, rounds: int) 
         "send_task_loop": lambda n: send_task_loop(app, prepared[:n]),
         "kombu_batch": lambda n: kombu_batch(app, prepared[:n]),
         "publish": lambda n: publish(databases[0], settings.queue, prepared[:n]),
+        "publish_batches": lambda n: publish(databases[0], settings.queue, prepared[:n], per_message=8),
         "client_submit": lambda n: client.submit(texts[:n], run="bench-enqueue", seed=0, **RECIPE),
     }
 
@@ -85,9 +92,9 @@ def bench_enqueue(redis_url: str, storage_dir: Path, *, jobs: int, rounds: int) 
         started = time.perf_counter()
         variants[name](count)
         seconds = time.perf_counter() - started
-        queued = databases[0].llen(settings.queue)
+        queued = sum(map(jobs_in_entry, databases[0].lrange(settings.queue, 0, -1)))
         if queued != count:
-            raise RuntimeError(f"{name}: {queued} messages in the queue after sending {count}")
+            raise RuntimeError(f"{name}: {queued} jobs in the queue after sending {count}")
         return count / seconds
 
     try:

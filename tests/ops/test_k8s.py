@@ -22,6 +22,7 @@ import pytest
 import yaml
 from cloudcoil.models.keda.v1alpha1 import ScaledObject
 
+from producer.settings import ClientSettings
 from tests.ops.metrics_contract import METRICS_PORT, check_expr
 from worker.settings import WorkerSettings
 
@@ -275,11 +276,11 @@ def test_keda_scales_the_worker_deployment_on_waiting_plus_reserved(applied: dic
     assert "state=" not in query  # both states
     assert prometheus["ignoreNullValues"] == "true"  # no worker, no series: the redis trigger decides
 
-    # One target per replica for both, at least what one worker reserves: new pods only for jobs
-    # no worker holds yet.
-    assert redis["listLength"] == prometheus["threshold"]
+    # One target per replica for both (the list's in messages of a prompt batch each), at least
+    # what one worker reserves: new pods only for jobs no worker holds yet.
+    assert int(redis["listLength"]) * ClientSettings().prompt_batch == int(prometheus["threshold"])
     settings = WorkerSettings(max_batch=int(config["DEEPQUEUE_MAX_BATCH"]))
-    assert int(redis["listLength"]) >= settings.prefetch_count
+    assert int(prometheus["threshold"]) >= settings.prefetch_count
 
 
 # --------------------------------------------------------------------------- one more model

@@ -20,11 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ops.localstack import free_port
 from producer.contract import celery_config
+from producer.enqueue import publish
 from producer.job import Job
 from producer.layout import WORKER_HELD_KEY, WORKER_QUEUES_KEY, WORKERS_KEY
 from producer.settings import ClientSettings
 from producer.storage import LocalStorage
-from tests.helpers import local_worker_settings
+from tests.helpers import local_worker_settings, make_job
 from worker.embedded import MemoryReporter
 from worker.metrics import (
     ERROR_KINDS,
@@ -159,9 +160,10 @@ def test_in_flight_and_buffered_are_read_at_scrape_time() -> None:
     assert generate_latest(metrics.registry) and sample(metrics, "deepqueue_jobs_in_flight") != 0
 
 
-def test_queue_depth_counts_waiting_and_reserved_messages(redis_server: str) -> None:
+def test_queue_depth_counts_waiting_and_reserved_jobs(redis_server: str) -> None:
     """Real kombu messages on a real Redis (one in a priority list), and what the queue's live
-    workers hold as their lease renewals say; other queues' and gone workers' holdings left out."""
+    workers hold as their lease renewals say; other queues' and gone workers' holdings left out.
+    Then prompt batches: a message counts its jobs, waiting as held."""
     from kombu import Connection
 
     from worker.delivery.leases import Leases
@@ -199,6 +201,10 @@ def test_queue_depth_counts_waiting_and_reserved_messages(redis_server: str) -> 
                 if s.name == "deepqueue_queue_jobs" and s.labels["queue"] == queue
             }
             assert values == {"waiting": 4, "reserved": 2}
+            publish(client, queue, [make_job(index) for index in range(16)], per_message=8)
+            leases.hold("d", jobs=8)
+            leases.beat(connection.default_channel, 0.0)
+            assert depth.depth() == (4 + 16, 2 + 8)
             simple.close()
     finally:
         client.delete(*depth.waiting_keys, WORKERS_KEY, WORKER_QUEUES_KEY, WORKER_HELD_KEY, "_kombu.binding." + queue)

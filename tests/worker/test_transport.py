@@ -11,11 +11,13 @@ import pytest
 import redis
 from kombu import Connection
 
+from producer.enqueue import publish
 from producer.layout import WORKERS_KEY
+from tests.helpers import make_job
 from worker.app import create_app
 from worker.delivery.consumer import GuardedConsumer
 from worker.delivery.leases import Leases
-from worker.delivery.transport import Transport, put_back_taken, taking_key, worker_broker_settings
+from worker.delivery.transport import Transport, jobs_in_entry, put_back_taken, taking_key, worker_broker_settings
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
 
@@ -118,3 +120,27 @@ def test_a_model_whose_only_worker_died_gets_its_messages_back_from_any_worker(r
     assert sorted(restored) == ["t", "u"]
     assert not client.exists(taking_key("deepqueue.sdxl", "sdxl-gone")) and not client.hexists("unacked", "u")
     assert client.llen(taking_key("other-queue.sdxl", "elsewhere")) == 1 and not client.exists("other-queue.sdxl")
+
+
+# -- the prefetch count counts jobs: a prompt batch fills as many places as it has jobs ----------
+
+
+def test_a_prompt_batch_fills_as_much_of_the_prefetch_count_as_it_has_jobs(redis_urls):
+    client = redis.Redis.from_url(redis_urls[0])
+    jobs = [make_job(index) for index in range(17)]
+    publish(client, "prefetch", jobs, per_message=8)  # 8 + 8 + 1
+    with connection_for(redis_urls[0]) as connection:
+        channel = connection.default_channel
+        qos = channel.qos
+        qos.prefetch_count = 10
+        raws = list(reversed(client.lrange("prefetch", 0, -1)))  # oldest first
+        messages = [channel.Message(json.loads(raw), channel=channel) for raw in raws]
+        assert [jobs_in_entry(raw) for raw in raws] == [8, 8, 1]
+        qos.append(messages[0], messages[0].delivery_tag)
+        assert qos.reserved_jobs() == 8 and qos.can_consume() and qos.can_consume_max_estimate() == 2
+        qos.append(messages[1], messages[1].delivery_tag)
+        assert qos.reserved_jobs() == 16 and not qos.can_consume() and qos.can_consume_max_estimate() == 0
+        qos.ack(messages[0].delivery_tag)
+        qos.append(messages[2], messages[2].delivery_tag)
+        assert qos.reserved_jobs() == 9 and qos.can_consume()
+    client.delete("prefetch", "unacked", "unacked_index")

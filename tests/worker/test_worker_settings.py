@@ -33,7 +33,7 @@ def test_store_retry_defaults_to_minutes_and_reads_the_environment(monkeypatch):
 def test_default_prefetch_fills_batches_from_mixed_shapes_beside_what_is_busy():
     settings = WorkerSettings()
     # 10 shapes x 7 + 1: some shape always has 8; plus a batch running, one ahead, 16 being stored.
-    assert settings.buffer_for_full_batches == 71 and settings.busy_messages == 32
+    assert settings.buffer_for_full_batches == 71 and settings.busy_jobs == 32
     assert settings.prefetch_count == 103
     assert WorkerSettings(mixed_shapes=2, max_batch=4, store_backlog=4).prefetch_count == 7 + 12
 

@@ -109,8 +109,8 @@ class Leases:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def hold(self, tag: str) -> None:
-        self.ledger.hold(tag)
+    def hold(self, tag: str, jobs: int = 1) -> None:
+        self.ledger.hold(tag, jobs)
 
     def working(self, tags: Iterable[str]) -> None:
         """A pool process took these messages: they are not put back if the connection is lost."""
@@ -237,7 +237,7 @@ class Leases:
         due = self.ledger.due()
         pipe = client.pipeline(transaction=False)
         pipe.hset(WORKERS_KEY, self.name, now).hset(WORKER_QUEUES_KEY, self.name, self.queue)
-        pipe.hset(WORKER_HELD_KEY, self.name, len(due.held))
+        pipe.hset(WORKER_HELD_KEY, self.name, due.jobs)
         if due.held:
             pipe.zadd(channel.unacked_index_key, dict.fromkeys(due.held, now), xx=True)
         if due.acks:  # what kombu's QoS.ack does

@@ -35,18 +35,20 @@ def message_copy(message: Any) -> Copy:
 
 @dataclass(frozen=True)
 class Due:
-    """What the next beat owes Redis: leases to renew, messages to put back, tags to acknowledge."""
+    """What the next beat owes Redis: leases to renew (``jobs``: the jobs their messages carry),
+    messages to put back, tags to acknowledge."""
 
     held: frozenset[str] = frozenset()
     returns: dict[str, Copy] = field(default_factory=dict)
     acks: frozenset[str] = frozenset()
+    jobs: int = 0
 
 
 class DeliveryLedger:
     """The delivery tags one worker holds and what is owed for each; safe across threads."""
 
     def __init__(self, settled_memory: int = SETTLED_MEMORY) -> None:
-        self._held: set[str] = set()
+        self._held: dict[str, int] = {}  # tag -> jobs its message carries
         self._working: set[str] = set()
         self._returns: dict[str, Copy] = {}
         self._claimed: set[str] = set()  # being put back by one party right now
@@ -55,11 +57,11 @@ class DeliveryLedger:
         self._memory = settled_memory
         self._lock = threading.Lock()
 
-    def hold(self, tag: str) -> None:
-        """A message was delivered to the worker: lease it."""
+    def hold(self, tag: str, jobs: int = 1) -> None:
+        """A message carrying ``jobs`` jobs still to run was delivered to the worker: lease it."""
         with self._lock:
             if not self._owed(tag):
-                self._held.add(tag)
+                self._held[tag] = jobs
 
     def working(self, tags: Iterable[str]) -> None:
         """A pool process took these messages' batch: they finish here, whatever the connection does."""
@@ -82,7 +84,7 @@ class DeliveryLedger:
         with self._lock:
             if self._owed(tag):
                 return False
-            self._held.discard(tag)
+            self._held.pop(tag, None)
             self._working.discard(tag)
             self._returns[tag] = copy
             return True
@@ -92,7 +94,7 @@ class DeliveryLedger:
         with self._lock:
             if self._owed(tag):
                 return False
-            self._held.discard(tag)
+            self._held.pop(tag, None)
             self._working.discard(tag)
             self._acks.add(tag)
             return True
@@ -119,7 +121,7 @@ class DeliveryLedger:
 
     def due(self) -> Due:
         with self._lock:
-            return Due(frozenset(self._held), dict(self._returns), frozenset(self._acks))
+            return Due(frozenset(self._held), dict(self._returns), frozenset(self._acks), sum(self._held.values()))
 
     def sent(self, *, returned: Iterable[str] = (), acked: Iterable[str] = ()) -> None:
         """The beat put these back on the queue, or acknowledged them: they are settled."""
@@ -144,7 +146,7 @@ class DeliveryLedger:
 
     def _forget(self, tag: str) -> None:
         """Settled: no longer held, and remembered so that nothing settles it again."""
-        self._held.discard(tag)
+        self._held.pop(tag, None)
         self._working.discard(tag)
         self._settled[tag] = None
         while len(self._settled) > self._memory:

@@ -180,7 +180,7 @@ class BatchingStrategy:
 
     def _accept(self, part: Part[Any]) -> None:
         """Hold the message and buffer the job (one that is not a job goes to the pool alone)."""
-        self.leases.hold(part.message.tag)
+        self.leases.hold(part.message.tag, jobs=part.message.open)
         if part.job is None:
             self._send(self.book.hand_over([part]))  # the pool records why it failed; no peers to wait for
             return

@@ -35,6 +35,7 @@ worker's leases as a transport option (``LEASES_OPTION``). ``BLMOVE`` needs Redi
 
 from __future__ import annotations
 
+import base64
 import logging
 import ssl
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from producer.message import unpack
 from worker.delivery.deadletters import NO_ID, dead_letter, headers_task_id, push_dead_letter
 from worker.delivery.ledger import Copy, message_copy
 
@@ -130,6 +132,28 @@ def entry_task_id(raw: bytes) -> str:
     return headers_task_id(payload.get("headers")) if isinstance(payload, dict) else NO_ID
 
 
+def jobs_in(body: Any) -> int:
+    """Jobs a message's body carries: a prompt batch's (``producer.message``), else 1 (also for
+    a body this cannot read: the strategy judges it, as one message)."""
+    try:
+        args = loads(body)[0]
+        return len(unpack(args[0]) or [None])
+    except Exception:  # not JSON, not Celery's protocol 2, not a batch that can be one
+        return 1
+
+
+def jobs_in_entry(raw: bytes) -> int:
+    """``jobs_in`` for an entry of a queue's list (a kombu envelope, its body maybe base64)."""
+    try:
+        envelope = loads(raw)
+        body = envelope["body"]
+        if envelope["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+    except Exception:  # no envelope: one entry, which the worker will drop
+        return 1
+    return jobs_in(body)
+
+
 def taking_key(queue: str, worker: str) -> str:
     """The list a worker moves messages of ``queue`` into while it records them."""
     return f"{TAKING_PREFIX}{queue}:{worker}"
@@ -152,7 +176,26 @@ class Leases(Protocol):
 
 
 class QoS(redis.QoS):
+    """kombu's Redis QoS, taking through the taking lists, and with a prefetch count of jobs: a
+    message counts as the jobs it carries, so a worker reserves as many jobs whatever the size
+    of its producers' prompt batches (kombu counts messages)."""
+
     _client: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._jobs: dict[str, int] = {}  # delivery tag -> jobs in its message (absent: 1)
+
+    def can_consume(self) -> bool:
+        return not self.prefetch_count or self.reserved_jobs() < self.prefetch_count
+
+    def can_consume_max_estimate(self) -> int | None:
+        return max(self.prefetch_count - self.reserved_jobs(), 0) if self.prefetch_count else None
+
+    def reserved_jobs(self) -> int:
+        """Jobs of the messages delivered and not acknowledged or rejected."""
+        jobs, dirty = self._jobs, self._dirty
+        return sum(jobs.get(tag, 1) for tag in self._delivered if tag not in dirty)
 
     @contextmanager
     def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
@@ -166,6 +209,10 @@ class QoS(redis.QoS):
         yield client.pipeline()
 
     def append(self, message: Any, delivery_tag: str) -> None:
+        if len(self._jobs) > 2 * len(self._delivered) + 64:  # forget settled messages now and then
+            self._jobs = {tag: jobs for tag, jobs in self._jobs.items() if tag in self._delivered}
+        if (jobs := jobs_in(message.body)) > 1:
+            self._jobs[delivery_tag] = jobs
         taken = self.channel.taking
         if taken is None or taken[0] is None:  # kombu's BRPOP: nothing else holds the message if this fails
             self._append_or_keep(message, delivery_tag)
