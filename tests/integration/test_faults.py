@@ -12,7 +12,7 @@ import redis
 
 from ops.localstack import client_for, moto_s3_client, start_worker, stop, worker_env
 from producer import Client, ClientSettings, JobState
-from tests.helpers import wait_until
+from tests.helpers import queued_jobs, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
@@ -59,7 +59,7 @@ def test_warm_shutdown_returns_buffered_jobs_to_the_queue(s3_worker_env, tmp_pat
         assert broker.hlen("unacked") == 0
         # Buffered jobs go back; so do the messages of the last batch, which the pool process
         # stored (state done) while exiting but could no longer report for acknowledgement.
-        queued = broker.llen("deepqueue")
+        queued = len(queued_jobs(broker))
         assert 24 - done <= queued <= 24 - done + 8
         worker = start_worker(s3_worker_env, tmp_path / "second.log")
         try:

@@ -17,6 +17,7 @@ import redis
 
 from ops.localstack import client_for, deepqueue_command, moto_s3_client, start_worker, stop, wait_for
 from producer import JobState
+from tests.helpers import queued_jobs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -84,7 +85,7 @@ def test_a_worker_without_a_pipeline_says_so_before_ready_and_takes_no_job(s3_wo
     assert "cannot build the pipeline" in text and "stopping before taking any job" in text
     assert "ready." not in text
     broker = redis.Redis.from_url(s3_worker_env["DEEPQUEUE_BROKER_URL"])
-    assert broker.llen("deepqueue") == 2 and broker.hlen("unacked") == 0, "the jobs must stay queued"
+    assert len(queued_jobs(broker)) == 2 and broker.hlen("unacked") == 0, "the jobs must stay queued"
 
 
 def test_a_missing_model_is_refused_before_anything_starts(s3_worker_env, tmp_path):

@@ -16,6 +16,7 @@ from producer.cli import cli
 from producer.job import derive_seed
 from producer.layout import WORKER_QUEUES_KEY, WORKERS_KEY
 from producer.state import RunStore
+from tests.helpers import queued_jobs
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)
 COMMANDS = [
@@ -54,8 +55,7 @@ def invoke(*args: str) -> Result:
 
 def jobs_on_queue(broker_url: str) -> list[Job]:
     """The jobs waiting in the default queue, oldest first."""
-    raw = redis.Redis.from_url(broker_url).lrange("deepqueue", 0, -1)
-    return [Job.model_validate(json.loads(json.loads(item)["body"])[0][0]) for item in reversed(raw)]
+    return [Job.model_validate(fields) for fields in queued_jobs(broker_url)]
 
 
 def prompt_file(tmp_path: Path, name: str, text: str) -> Path:
@@ -497,7 +497,7 @@ def test_submit_to_a_model_says_when_no_worker_serves_it(env, tmp_path):
     assert result.exit_code == 0, result.output
     assert "no worker serves model 'sdxl' (queue 'deepqueue.sdxl') now" in result.stderr
     assert "DEEPQUEUE_MODEL_ALIAS=sdxl" in result.stderr
-    assert (broker.llen("deepqueue.sdxl"), broker.llen("deepqueue")) == (2, 0)
+    assert (len(queued_jobs(broker, "deepqueue.sdxl")), broker.llen("deepqueue")) == (2, 0)
     broker.hset(WORKERS_KEY, "sd@host:1", time.time())  # a live worker, but of another model
     broker.hset(WORKER_QUEUES_KEY, "sd@host:1", "deepqueue.sd")
     assert "no worker serves" in invoke("submit", prompts, "--run", "for-sdxl-2", "--model", "sdxl").stderr

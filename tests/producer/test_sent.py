@@ -13,6 +13,7 @@ from producer.layout import sent_prefix
 from producer.sent import SentJobs, prompts, write_sent
 from producer.state import JobState
 from producer.storage import LocalStorage
+from tests.helpers import queued_jobs
 
 RUN = "kept"
 
@@ -64,13 +65,13 @@ def test_retry_sends_again_what_the_submit_kept_once_the_queue_is_gone(redis_url
     with Client(*redis_urls) as client:
         run = client.submit(["a fox", "a heron", "an owl"], run=RUN, steps=4)
         broker = redis.Redis.from_url(redis_urls[0])
-        queued = broker.lrange("deepqueue", 0, -1)
+        queued = queued_jobs(broker)
         broker.delete("deepqueue")
         [done] = [result.job_id for result in run.results()][:1]
         client._store.mark(RUN, done, JobState.RUNNING)
         client._store.mark(RUN, done, JobState.DONE)
         again = client.retry(RUN)
         assert (again.submitted, again.skipped) == (2, 0)
-        assert broker.llen("deepqueue") == 2 and len(queued) == 3
+        assert len(queued_jobs(broker)) == 2 and len(queued) == 3
         assert client.prompts(RUN, [result.job_id for result in run.results()]) == ["a fox", "a heron", "an owl"]
         assert not any(key.endswith(b":pending") for key in redis.Redis.from_url(redis_urls[1]).keys())
