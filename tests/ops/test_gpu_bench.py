@@ -14,7 +14,9 @@ import pytest
 
 pytest.importorskip("torch")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Compiling (SD1.5's UNet, the benches' models) takes 4-10 min on 2 cores, more beside other work:
+# the timeout only bounds a hang.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def test_worker_variants_dry_run_on_cpu(tiny_model: Path, tmp_path: Path) -> None:

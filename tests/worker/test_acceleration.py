@@ -237,7 +237,10 @@ def test_fuse_passes_the_quality_gate_and_says_so(tiny_model, eager) -> None:
     assert psnr(engine_images(fused, 2), engine_images(eager, 2)) >= PSNR_GATE_DB
 
 
+# Compiling (SD1.5's UNet, the benches' models) takes 4-10 min on 2 cores, more beside other work:
+# the timeout only bounds a hang.
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("level", ["compile", "graphs"])
 def test_compiled_levels_pass_the_quality_gate_and_compile_each_shape_once(
     level, tiny_model, eager, compiled_tiny

@@ -18,7 +18,10 @@ from worker.pipeline.engine import Engine  # noqa: E402
 from worker.pipeline.testmodel import build_pipeline  # noqa: E402
 
 
+# Compiling (SD1.5's UNet, the benches' models) takes 4-10 min on 2 cores, more beside other work:
+# the timeout only bounds a hang.
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_the_sd15_architecture_passes_the_quality_gate_at_every_level(compile_cache) -> None:
     """A guided batch of two through SD1.5's full UNet (random weights) at 64x64, DeepCache 3/0,
     at each level against eager, each on its own copy of one random-weight pipeline (building one
