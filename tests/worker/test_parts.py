@@ -74,3 +74,9 @@ def test_parts_ended_together_report_each_message_that_settles():
     settled = settled_together([one[0], *two], back=True)
     assert [(message.request, how) for message, how in settled] == [(two[0].message.request, Settle.BACK)]
     assert settled_together([one[1]]) == [(one[1].message, Settle.BACK)]
+
+
+def test_a_job_twice_in_one_message_gets_a_second_id_so_each_outcome_ends_its_own_part():
+    job = make_job(0)
+    first, second = parts_of(pack([job, job]))
+    assert (first.id, second.id) == (job.job_id, "task-1#1") and first.job == second.job == job

@@ -172,6 +172,9 @@ class Leases:
             logger.debug("%d messages not acknowledged (%r): the lease keeper will", len(messages), error)
             for message in messages:
                 self.settle(message, requeue=False)
+        else:
+            for message in messages:
+                self.settled(message.delivery_tag)
         return True
 
     def return_delivered(self, delivered: dict[str, Any], channel: Any) -> int:

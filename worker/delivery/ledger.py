@@ -23,7 +23,8 @@ from typing import Any
 #: (raw message, exchange, routing key): enough to put a message back when Redis lost its record.
 Copy = tuple[Any, str, str]
 
-#: Settled tags remembered, so that a late second request for one is ignored (tags are unique).
+#: Settled tags remembered, so that a late second request for one is ignored (a tag is one
+#: message's; only a new delivery of it, ``hold``, brings it back).
 SETTLED_MEMORY = 100_000
 
 
@@ -58,10 +59,14 @@ class DeliveryLedger:
         self._lock = threading.Lock()
 
     def hold(self, tag: str, jobs: int = 1) -> None:
-        """A message carrying ``jobs`` jobs still to run was delivered to the worker: lease it."""
+        """A message carrying ``jobs`` jobs still to run was delivered to the worker: lease it.
+        A message put back keeps its tag (kombu restores the same payload), so a settled tag
+        held again is that message delivered again, here: leased anew."""
         with self._lock:
-            if not self._owed(tag):
-                self._held[tag] = jobs
+            if tag in self._returns or tag in self._acks:
+                return
+            self._settled.pop(tag, None)
+            self._held[tag] = jobs
 
     def working(self, tags: Iterable[str]) -> None:
         """A pool process took these messages' batch: they finish here, whatever the connection does."""

@@ -54,7 +54,7 @@ class Message(Generic[M]):
 @dataclass(eq=False)
 class Part(Generic[M]):
     """One job of a message: ``id`` is the task id of a one-job message, else the job's id (or,
-    for an entry that is no job, ``{task id}#{position}``)."""
+    for an entry that is no job or a job the message already had, ``{task id}#{position}``)."""
 
     id: str
     payload: Any
@@ -114,10 +114,14 @@ def split(request: M, task_id: str, payload: Any, *, tag: str, enqueued_at: floa
     if entries is None:
         parts = [Part(task_id, payload, parse_job(payload)[0], message)]
     else:
-        parts = []
+        parts, ids = [], set()
         for position, entry in enumerate(entries):
             job = parse_job(entry)[0]
-            parts.append(Part(job.job_id if job else f"{task_id}#{position}", entry, job, message))
+            # A job twice in one message runs twice (its outputs are written once): each needs
+            # its own id, so that the pool's outcome ends the part it belongs to.
+            part_id = job.job_id if job and job.job_id not in ids else f"{task_id}#{position}"
+            ids.add(part_id)
+            parts.append(Part(part_id, entry, job, message))
     message.open = len(parts)
     return parts
 

@@ -264,7 +264,7 @@ class BatchingStrategy:
         self.book.taken(call, pid)
         self.leases.working(part.message.tag for part in call.requests if part.take())
         for part in call.requests:
-            if not part.message.started:  # active in `celery inspect`, task-started event
+            if not part.message.started and part.message.open:  # active in `celery inspect`, task-started event
                 part.message.started = True
                 part.message.request.on_accepted(pid, time_accepted)
 
