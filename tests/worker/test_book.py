@@ -108,8 +108,10 @@ def test_retire_returns_what_no_process_took_and_keeps_running_batches() -> None
     # retired: it hands out nothing, and leaves lost stores to its successor
     assert old.next_batch(10.0) is None and old.collect() is None
     assert not old.again("k", Req("x"), 0.0) and old.lost_stores(lambda pid: False) == []
-    old.returned(taken)
     new = book(held)
+    # Its process dies mid-call: the old call's error runs it again, the successor keeps off it.
+    assert new.lost_stores(lambda pid: pid != 1) == [] and len(held) == 1
+    old.returned(taken)
     collect = new.collect()  # the successor fetches what the old one's batch is storing
     assert collect is not None and new.held.final("running") is running
 

@@ -50,6 +50,7 @@ class PoolCall(Generic[R]):
 class _Entry(Generic[R]):
     request: R
     pid: int | None = None  # the pool process that took its last call
+    in_call: bool = True  # its call has not come back: the call's own error reports a dead process
 
 
 class Held(Generic[R]):
@@ -74,6 +75,13 @@ class Held(Generic[R]):
             if entry is not None:
                 entry.pid = pid
 
+    def returned(self, requests: Iterable[R]) -> None:
+        """These requests' call came back: their process stores their images now."""
+        for request in requests:
+            entry = self._find(request)
+            if entry is not None:
+                entry.in_call = False
+
     def final(self, task_id: str) -> R | None:
         """The pool reported ``task_id`` final: its oldest held request, or None when none is."""
         entries = self._by_task.get(task_id)
@@ -94,14 +102,15 @@ class Held(Generic[R]):
                 if not entries:
                     del self._by_task[request.id]
 
-    def storing(self, excluded: set[int], alive: Callable[[int], bool]) -> list[R]:
-        """Requests whose call returned (not in ``excluded``, ids of requests in calls) and whose
-        process is gone: the images it was still storing are lost."""
+    def storing(self, alive: Callable[[int], bool]) -> list[R]:
+        """Requests whose call returned and whose process is gone: the images it was still
+        storing are lost. Requests still in a call, this strategy's or a retired one's, are
+        left to that call's error."""
         return [
             entry.request
             for entries in self._by_task.values()
             for entry in entries
-            if entry.pid is not None and id(entry.request) not in excluded and not alive(entry.pid)
+            if entry.pid is not None and not entry.in_call and not alive(entry.pid)
         ]
 
     def _find(self, request: R) -> _Entry[R] | None:
@@ -164,6 +173,7 @@ class Book(Generic[R]):
     def returned(self, call: PoolCall[R]) -> None:
         """``call`` came back with outcomes (then ``held.final`` for each)."""
         self.calls.remove(call)
+        self.held.returned(call.requests)
 
     def failed(self, call: PoolCall[R]) -> list[R]:
         """``call`` came back with an error: its requests, no longer held."""
@@ -173,11 +183,10 @@ class Book(Generic[R]):
 
     def lost_stores(self, alive: Callable[[int], bool]) -> list[R]:
         """Requests a dead process was still storing, no longer held: they run again. None once
-        retired: the successor sees every call in flight, this book does not."""
+        retired: its successor finds them in the shared ``Held``."""
         if self.retired:
             return []
-        in_calls = {id(request) for call in self.calls for request in call.requests}
-        lost = self.held.storing(in_calls, alive)
+        lost = self.held.storing(alive)
         self.held.release(lost)
         return lost
 
