@@ -4,7 +4,7 @@ each carrying a prompt batch of up to ``DEEPQUEUE_PROMPT_BATCH`` jobs (``produce
 Celery's ``send_task`` builds every message through kombu's producer (about 250 µs a job, most
 of a submit's time). Here each message is one JSON string, written the way kombu's Redis
 transport stores a message (an envelope with ``body``, ``headers`` and ``properties``, LPUSHed on
-the queue's list) and read back by kombu and Celery unchanged:
+its run's list of the queue: ``producer.fair``) and read back by kombu and Celery unchanged:
 
 - the body is Celery's protocol 2 ``[args, kwargs, embed]`` as JSON text, not base64 (kombu
   reads a message without ``body_encoding`` as is): the jobs appear once, at their own size;
@@ -27,12 +27,13 @@ import redis
 from celery import Celery
 
 from producer.contract import TASK_NAME, celery_config
+from producer.fair import FairQueue
 from producer.job import Job
 from producer.layout import model_queue
 from producer.message import batch_task_id, pack, prompt_batches
 from producer.settings import ClientSettings
 
-#: Messages per LPUSH (and per pipeline flush).
+#: Messages per enqueue script call (eight calls per pipeline flush).
 PUBLISH_BATCH = 500
 
 _COMPACT = {"separators": (",", ":"), "ensure_ascii": False}
@@ -71,19 +72,24 @@ def queue_message(jobs: Sequence[Job], *, queue: str, enqueued_at: float) -> str
 def publish(broker: redis.Redis, queue: str, jobs: Sequence[Job], *, per_message: int = 1) -> None:
     """Put ``jobs`` on their model's queue (``queue`` for jobs that name no model), the first job
     first out, as messages of up to ``per_message`` neighbours of one run and shape
-    (``producer.message.prompt_batches``).
+    (``producer.message.prompt_batches``), each run's in its own list of that queue
+    (``producer.fair``: workers take them by the runs' classes and weights).
 
     Raises redis-py's errors if a flush fails (the messages of earlier flushes are queued).
     """
     now = time.time()
-    by_queue: dict[str, list[str]] = {}
+    lists: dict[tuple[str, str], tuple[list[str], list[int]]] = {}
     for batch in prompt_batches(jobs, per_message):
         name = model_queue(queue, batch[0].model)
-        by_queue.setdefault(name, []).append(queue_message(batch, queue=name, enqueued_at=now))
+        messages, sizes = lists.setdefault((name, batch[0].run_id), ([], []))
+        messages.append(queue_message(batch, queue=name, enqueued_at=now))
+        sizes.append(len(batch))
     pipe = broker.pipeline(transaction=False)
-    for name, messages in by_queue.items():
+    fair = {name: FairQueue(broker, name) for name, _ in lists}
+    for (name, run_id), (messages, sizes) in lists.items():
         for start in range(0, len(messages), PUBLISH_BATCH):
-            pipe.lpush(name, *messages[start : start + PUBLISH_BATCH])
+            end = start + PUBLISH_BATCH
+            fair[name].enqueue(run_id, messages[start:end], sum(sizes[start:end]), client=pipe)
             if len(pipe) >= 8:
                 pipe.execute()
     pipe.execute()

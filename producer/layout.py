@@ -22,7 +22,11 @@ what each holds: ``producer.state``): ``deepqueue:{run}:slots:<n>`` (the jobs' s
 ``deepqueue:runs`` and ``deepqueue:deleted``.
 
 Redis, broker: ``deepqueue:workers`` (``WORKERS_KEY``), ``deepqueue:dead-letters``
-(``DEAD_LETTERS_KEY``), and the queue itself and kombu's keys, named by kombu.
+(``DEAD_LETTERS_KEY``), the queue itself and kombu's keys, named by kombu, and per queue its
+fair share (``producer.fair``): ``deepqueue:queued:{queue}:{run}`` (a run's messages),
+``deepqueue:fair:{queue}`` (virtual times, counters) and ``deepqueue:fair:{queue}:{class}`` (the
+runs with work, by pass); ``deepqueue:shares`` (``SHARES_KEY``: each run's class and weight) and
+``deepqueue:fair-queues`` (``FAIR_QUEUES_KEY``: the queues that have had runs' lists).
 """
 
 from __future__ import annotations
@@ -148,6 +152,10 @@ WORKER_QUEUES_KEY = "deepqueue:worker-queues"
 WORKER_HELD_KEY = "deepqueue:worker-held"
 #: The per-worker hashes above, which a worker leaving (or forgotten) is removed from.
 WORKER_KEYS = (WORKERS_KEY, WORKER_QUEUES_KEY, WORKER_HELD_KEY)
+#: Broker hash of every run's priority class and weight (``c:{run}``, ``w:{run}``: ``producer.fair``).
+SHARES_KEY = "deepqueue:shares"
+#: Broker set of the queues that have had runs' lists (``producer.fair``).
+FAIR_QUEUES_KEY = "deepqueue:fair-queues"
 #: Broker list of the messages workers dropped as unreadable (newest first), for ``deepqueue dead-letters``.
 DEAD_LETTERS_KEY = "deepqueue:dead-letters"
 
@@ -156,6 +164,21 @@ def state_key(run_id: str, name: str) -> str:
     """``deepqueue:{run}:{name}``: one of the run's keys in the result backend (see the module
     docstring)."""
     return f"deepqueue:{{{run_id}}}:{name}"
+
+
+def run_list_key(queue: str, run_id: str) -> str:
+    """Broker list of one run's messages waiting in ``queue`` (``producer.fair``)."""
+    return f"deepqueue:queued:{queue}:{run_id}"
+
+
+def fair_key(queue: str) -> str:
+    """Broker hash of ``queue``'s fair share: its classes' virtual times, what waits in its runs' lists."""
+    return f"deepqueue:fair:{queue}"
+
+
+def class_key(queue: str, priority: str) -> str:
+    """Broker zset of the runs of one priority class with messages in ``queue``, by pass."""
+    return f"deepqueue:fair:{queue}:{priority}"
 
 
 def model_queue(queue: str, alias: str | None) -> str:

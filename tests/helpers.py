@@ -18,7 +18,9 @@ from typing import Any
 import redis
 
 from producer.contract import TASK_NAME
+from producer.fair import TOKEN, queue_keys
 from producer.job import Job
+from producer.layout import run_list_key
 from producer.message import unpack
 
 #: The sidecar fields the job contract promises (issue #2), and its timing fields.
@@ -32,14 +34,35 @@ TIMING_FIELDS = frozenset(
 )  # fmt: skip
 
 
-def queued_jobs(broker: redis.Redis | str, queue: str = "deepqueue") -> list[dict[str, Any]]:
-    """The jobs waiting in ``queue``, oldest first, each as its fields: what the messages carry,
-    one job or a prompt batch each, unpacked as a worker does (hand-made messages are deepqueue's
-    JSON ones)."""
+def queued_entries(broker: redis.Redis | str, queue: str = "deepqueue") -> list[bytes]:
+    """The messages waiting in ``queue`` as Redis holds them: those on its list, oldest first,
+    then each run's (``producer.fair``), oldest first."""
     client = redis.Redis.from_url(broker) if isinstance(broker, str) else broker
+    # kombu LPUSHes and BRPOPs: the tail is the oldest
+    entries = [raw for raw in reversed(client.lrange(queue, 0, -1)) if raw != TOKEN]
+    for key in sorted(client.scan_iter(run_list_key(queue, "*"))):
+        entries += reversed(client.lrange(key, 0, -1))
+    return entries
+
+
+def lose_queue(broker: redis.Redis | str, queue: str = "deepqueue") -> None:
+    """Delete everything ``queue`` holds (a queue lost): its list, its runs' lists, its fair share."""
+    client = redis.Redis.from_url(broker) if isinstance(broker, str) else broker
+    client.delete(queue, *client.scan_iter(run_list_key(queue, "*")), *queue_keys(queue))
+
+
+def queued_messages(broker: redis.Redis | str, queue: str = "deepqueue") -> list[dict[str, Any]]:
+    """``queued_entries`` as kombu envelopes."""
+    return [json.loads(raw) for raw in queued_entries(broker, queue)]
+
+
+def queued_jobs(broker: redis.Redis | str, queue: str = "deepqueue") -> list[dict[str, Any]]:
+    """The jobs waiting in ``queue`` (as ``queued_messages`` orders them), each as its fields:
+    what the messages carry, one job or a prompt batch each, unpacked as a worker does
+    (hand-made messages are deepqueue's JSON ones)."""
     jobs = []
-    for raw in reversed(client.lrange(queue, 0, -1)):  # kombu LPUSHes and BRPOPs: the tail is the oldest
-        [payload, *_], _kwargs, _embed = json.loads(json.loads(raw)["body"])
+    for message in queued_messages(broker, queue):
+        [payload, *_], _kwargs, _embed = json.loads(message["body"])
         jobs += unpack(payload) or [payload]
     return jobs
 

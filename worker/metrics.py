@@ -41,7 +41,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from producer.contract import WORKER_GONE_S, serving_workers
-from producer.layout import WORKER_HELD_KEY, WORKER_QUEUES_KEY, WORKERS_KEY
+from producer.fair import TOKEN
+from producer.layout import WORKER_HELD_KEY, WORKER_QUEUES_KEY, WORKERS_KEY, fair_key
 from worker.delivery.transport import jobs_in_entry
 from worker.pipeline.acceleration import COMPILE_COUNTERS
 from worker.pipeline.pool import PipelineUnavailable
@@ -272,19 +273,21 @@ def _tolerant(count: Callable[[], int]) -> Callable[[], float]:
 NEXT_OUT = 8
 
 
-def waiting_jobs(length: int, next_out: list[bytes]) -> int:
-    """Jobs waiting in a list of ``length`` messages, estimated from those ``next_out``: exact
-    while its producers send one size of prompt batch (``producer.message``), as deepqueue's do."""
-    if not next_out:
+def waiting_jobs(length: int, next_out: list[bytes], tokens: int = 0) -> int:
+    """Jobs of the messages waiting in a list of ``length`` entries, ``tokens`` of which stand for
+    messages in runs' lists (``producer.fair``, counted there), estimated from the entries
+    ``next_out``: exact while its producers send one size of prompt batch (``producer.message``)."""
+    messages = [entry for entry in next_out if entry != TOKEN]
+    if not messages:
         return 0
-    return round(length * sum(map(jobs_in_entry, next_out)) / len(next_out))
+    return round(max(length - tokens, 0) * sum(map(jobs_in_entry, messages)) / len(messages))
 
 
 class QueueDepth(Collector):
     """``deepqueue_queue_jobs{queue, state}`` read from the broker's Redis at scrape time:
-    waiting in the queue's lists, and reserved by its live workers (as their last lease renewal
-    counted: kombu's ``unacked`` hash mixes every queue of the database, so one model's backlog
-    would scale another's workers)."""
+    waiting in the queue's lists and its runs' lists (``producer.fair``), and reserved by its
+    live workers (as their last lease renewal counted: kombu's ``unacked`` hash mixes every queue
+    of the database, so one model's backlog would scale another's workers)."""
 
     def __init__(self, broker_url: str, queue: str, transport_options: Mapping[str, Any]) -> None:
         self.broker_url = broker_url
@@ -305,10 +308,15 @@ class QueueDepth(Collector):
         pipe = self._client.pipeline(transaction=False)
         for key in self.waiting_keys:
             pipe.llen(key).lrange(key, -NEXT_OUT, -1)
+        pipe.hmget(fair_key(self.queue), ["messages", "jobs"])
         for key in (WORKERS_KEY, WORKER_QUEUES_KEY, WORKER_HELD_KEY):
             pipe.hgetall(key)
-        *lists, renewed, queues, held = pipe.execute()
-        waiting = sum(waiting_jobs(length, next_out) for length, next_out in zip(lists[0::2], lists[1::2], strict=True))
+        *lists, (tokens, fair_jobs), renewed, queues, held = pipe.execute()
+        tokens_of = [int(tokens or 0)] + [0] * (len(self.waiting_keys) - 1)  # kombu's priority lists hold none
+        waiting = int(fair_jobs or 0) + sum(
+            waiting_jobs(length, next_out, count)
+            for length, next_out, count in zip(lists[0::2], lists[1::2], tokens_of, strict=True)
+        )
         serving = serving_workers(renewed, queues, time.time() - WORKER_GONE_S, self.queue)
         return waiting, sum(int(held.get(name.encode(), 0)) for name in serving)
 

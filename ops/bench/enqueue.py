@@ -31,9 +31,10 @@ from ops.bench.report import ratio, summarize
 from producer import Client
 from producer.contract import TASK_NAME
 from producer.enqueue import message_args, producer_app, publish
+from producer.fair import FairQueue
 from producer.job import Job
 from producer.settings import ClientSettings
-from worker.delivery.transport import jobs_in_entry
+from worker.metrics import waiting_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,9 @@ def bench_enqueue(redis_url: str, storage_dir: Path, *, jobs: int, rounds: int) 
         started = time.perf_counter()
         variants[name](count)
         seconds = time.perf_counter() - started
-        queued = sum(map(jobs_in_entry, databases[0].lrange(settings.queue, 0, -1)))
+        entries = databases[0].lrange(settings.queue, 0, -1)
+        tokens, fair_jobs = FairQueue(databases[0], settings.queue).waiting()
+        queued = fair_jobs + waiting_jobs(len(entries), entries, tokens)
         if queued != count:
             raise RuntimeError(f"{name}: {queued} jobs in the queue after sending {count}")
         return count / seconds

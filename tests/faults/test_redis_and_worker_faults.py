@@ -15,7 +15,7 @@ import redis
 
 from ops.localstack import client_for, start_worker, stop
 from producer import JobState
-from tests.helpers import wait_until
+from tests.helpers import lose_queue, wait_until
 
 from .conftest import (
     DeliveryCutter,
@@ -182,7 +182,8 @@ def test_lost_messages_of_a_killed_worker_are_sent_again_by_retry(fault_env, tmp
         wait_until(lambda: running_jobs(fault_env, "purged") > 0, 120, "a running batch")
         kill_worker(first)
         broker = redis.Redis.from_url(fault_env["DEEPQUEUE_BROKER_URL"])
-        broker.delete("deepqueue", "unacked", "unacked_index")  # every message is lost
+        lose_queue(broker)  # every message is lost
+        broker.delete("unacked", "unacked_index")
         fault_ended_at = time.time()
         second = start_worker(fault_env, tmp_path / "second.log")
         with client_for(fault_env) as client:

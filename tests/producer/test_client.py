@@ -29,7 +29,7 @@ from producer.client import SUBMIT_CHUNK
 from producer.contract import TASK_NAME
 from producer.job import derive_seed
 from producer.state import RunStore
-from tests.helpers import queued_jobs
+from tests.helpers import lose_queue, queued_entries, queued_jobs
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)
 
@@ -48,11 +48,10 @@ def store(redis_urls) -> RunStore:
 def messages(broker_url: str, queue: str = "deepqueue") -> list[dict]:
     """The Celery messages waiting in ``queue``, oldest first, as kombu's Redis transport reads
     them (a real channel's Message, left in the queue), with the body decoded."""
-    raw = redis.Redis.from_url(broker_url).lrange(queue, 0, -1)
     decoded = []
     with Connection(broker_url) as connection:
         channel = connection.default_channel
-        for item in reversed(raw):  # kombu LPUSHes and BRPOPs: the list's tail is the oldest
+        for item in queued_entries(broker_url, queue):
             message = channel.Message(json.loads(item), channel=channel)
             args, kwargs, _embed = message.decode()
             decoded.append({"headers": message.headers, "args": args, "kwargs": kwargs, "raw": item})
@@ -274,7 +273,7 @@ def test_retry_resends_queued_failed_and_gone_workers_jobs_from_what_was_kept(cl
     store.mark("lost", ids["on a gone worker"], RUNNING, worker="celery@gone:2")
     store.mark("lost", ids["done"], RUNNING, worker="celery@live:1")
     store.mark("lost", ids["done"], DONE, key="k")
-    broker.delete("deepqueue")  # the queue is lost (a purge)
+    lose_queue(broker)  # the queue is lost
 
     run = client.retry("lost")
     assert (run.submitted, run.skipped) == (3, 0)

@@ -16,7 +16,7 @@ from producer.cli import cli
 from producer.job import derive_seed
 from producer.layout import WORKER_QUEUES_KEY, WORKERS_KEY
 from producer.state import RunStore
-from tests.helpers import queued_jobs
+from tests.helpers import lose_queue, queued_jobs
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = tuple(JobState)
 COMMANDS = [
@@ -337,7 +337,7 @@ def test_resume_sends_the_cancelled_jobs_again(env, tmp_path, store):
     store.mark("undo", ids[0], RUNNING)
     store.mark("undo", ids[0], DONE, key="k")
     assert invoke("cancel", "undo").exit_code == 0
-    redis.Redis.from_url(env[0]).delete("deepqueue")  # the workers drained the cancelled messages
+    lose_queue(env[0])  # the workers drained the cancelled messages
     result = invoke("resume", "undo")
     assert result.exit_code == 0 and "run undo resumed: 2 cancelled jobs sent again" in result.output, result.output
     assert sorted(job.job_id for job in jobs_on_queue(env[0])) == sorted(ids[1:])
@@ -372,7 +372,8 @@ def test_delete_and_prune_outputs_reach_a_run_deleted_before(env, tmp_path, stor
 def test_prune_deletes_finished_runs_older_than_the_age(env, tmp_path, store):
     submitted_run(tmp_path, "old-done", ["a"])
     submitted_run(tmp_path, "old-busy", ["b"])
-    store.mark("old-done", jobs_on_queue(env[0])[0].job_id, DONE, key="k")
+    [done] = [job for job in jobs_on_queue(env[0]) if job.run_id == "old-done"]
+    store.mark("old-done", done.job_id, DONE, key="k")
     assert invoke("prune", "--older-than", "1h").output == ""  # both too young
     dry = invoke("prune", "--older-than", "0s", "--dry-run")
     assert dry.exit_code == 0 and dry.output.splitlines() == ["would delete old-done"]
@@ -572,10 +573,9 @@ def test_submit_again_without_the_first_flags_is_refused_naming_them(env, tmp_pa
 
 
 def test_retry_resends_a_lost_queue_without_the_prompt_file(env, tmp_path):
-    import redis
 
     submitted_run(tmp_path, "relost", ["a fox", "a heron"])
-    redis.Redis.from_url(env[0]).delete("deepqueue")  # the queue is lost
+    lose_queue(env[0])  # the queue is lost
     result = invoke("retry", "relost")
     assert result.exit_code == 0, result.output
     assert "run relost: 2 jobs sent again" in result.output

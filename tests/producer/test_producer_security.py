@@ -19,9 +19,10 @@ from ops.localstack import free_port, stop, wait_for
 from producer import Client, ClientSettings, Job, JobState
 from producer.cli import cli
 from producer.enqueue import producer_app
+from producer.fair import FairQueue
 from producer.settings import redact_url
 from producer.state import RunStore
-from tests.helpers import queued_jobs
+from tests.helpers import queued_jobs, queued_messages
 
 PASSWORD = "s3cr3t-Pa55word"
 PROMPT = "PRIVATE-PROMPT a portrait of my neighbour's kid"
@@ -59,10 +60,6 @@ def start_redis_server(data_dir: Path, *args: str, ping: redis.Redis | None = No
 # -- (a) no prompt in the message headers -----------------------------------------------------------
 
 
-def raw_messages(broker_url: str) -> list[dict]:
-    return [json.loads(item) for item in reversed(redis.Redis.from_url(broker_url).lrange("deepqueue", 0, -1))]
-
-
 def test_published_headers_and_properties_hold_no_prompt(redis_urls):
     """Celery copies ``argsrepr``/``kwargsrepr`` from the headers into the worker's task-received
     event (what Flower shows and keeps): messages carry none, and nothing outside the body holds
@@ -71,7 +68,7 @@ def test_published_headers_and_properties_hold_no_prompt(redis_urls):
         run = client.submit([{"prompt": PROMPT, "negative_prompt": NEGATIVE}, "a fox"], run="private", steps=4)
         jobs = client.prepare([{"prompt": PROMPT, "negative_prompt": NEGATIVE}, "a fox"], run="private", steps=4)
     assert run.submitted == 2
-    [message] = raw_messages(redis_urls[0])  # a prompt batch of both
+    [message] = queued_messages(redis_urls[0])  # a prompt batch of both
     outside_body = json.dumps({key: value for key, value in message.items() if key != "body"})
     assert "PRIVATE" not in outside_body and "a fox" not in outside_body
     assert message["headers"] == {"task": "deepqueue.generate", "id": f"{jobs[0].job_id}+1"}
@@ -87,7 +84,7 @@ def test_a_message_carries_the_job_once(redis_urls):
     long_prompt = "a very detailed prompt " * 80
     with Client(*redis_urls) as client:
         client.submit([long_prompt], run="size")
-    [raw] = redis.Redis.from_url(redis_urls[0]).lrange("deepqueue", 0, -1)
+    [raw] = FairQueue(redis.Redis.from_url(redis_urls[0]), "deepqueue").messages("size")
     message = json.loads(raw)
     assert len(raw) - len(json.dumps(message["body"], ensure_ascii=False)) < 250  # envelope only
     assert raw.decode().count(long_prompt) == 1

@@ -13,7 +13,7 @@ from producer.layout import sent_prefix
 from producer.sent import SentJobs, prompts, write_sent
 from producer.state import JobState
 from producer.storage import LocalStorage
-from tests.helpers import queued_jobs
+from tests.helpers import lose_queue, queued_jobs
 
 RUN = "kept"
 
@@ -66,7 +66,7 @@ def test_retry_sends_again_what_the_submit_kept_once_the_queue_is_gone(redis_url
         run = client.submit(["a fox", "a heron", "an owl"], run=RUN, steps=4)
         broker = redis.Redis.from_url(redis_urls[0])
         queued = queued_jobs(broker)
-        broker.delete("deepqueue")
+        lose_queue(broker)
         [done] = [result.job_id for result in run.results()][:1]
         client._store.mark(RUN, done, JobState.RUNNING)
         client._store.mark(RUN, done, JobState.DONE)

@@ -242,6 +242,27 @@ def test_oldest_full_key_first() -> None:
     assert buffer.take(4.0, allow_partial=False) == ("a", ["a1", "a2"])
 
 
+def test_a_higher_class_goes_first_in_its_key_and_among_keys() -> None:
+    """Rank 0 (a high run's message) before rank 1 (normal), however old the normal ones."""
+    buffer: BatchBuffer[str] = BatchBuffer(2, 100.0)
+    for n in range(3):
+        buffer.add("shared", f"normal{n}", now=float(n), rank=1)
+        buffer.add("normal-only", f"other{n}", now=float(n), rank=1)
+    buffer.add("shared", "high0", now=10.0, rank=0)
+    assert buffer.take(10.0, allow_partial=False) == ("shared", ["high0", "normal0"])
+    buffer.add("high-only", "high1", now=11.0, rank=0)
+    buffer.add("high-only", "high2", now=12.0, rank=0)
+    assert buffer.take(12.0, allow_partial=False) == ("high-only", ["high1", "high2"])
+    assert buffer.take(12.0, allow_partial=False) == ("normal-only", ["other0", "other1"])
+
+
+def test_a_partial_is_due_by_its_oldest_item_whatever_its_class() -> None:
+    buffer: BatchBuffer[str] = BatchBuffer(4, 1.0)
+    buffer.add("k", "normal", now=0.0, rank=1)
+    buffer.add("k", "high", now=0.9, rank=0)
+    assert buffer.take(1.0) == ("k", ["high", "normal"])
+
+
 def test_longest_waiting_partial_first() -> None:
     buffer: BatchBuffer[str] = BatchBuffer(4, 1.0)
     for key, now in (("x", 1.0), ("y", 2.0), ("z", 3.0)):

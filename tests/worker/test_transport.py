@@ -13,7 +13,7 @@ from kombu import Connection
 
 from producer.enqueue import publish
 from producer.layout import WORKERS_KEY
-from tests.helpers import make_job
+from tests.helpers import lose_queue, make_job, queued_entries
 from worker.app import create_app
 from worker.delivery.consumer import GuardedConsumer
 from worker.delivery.leases import Leases
@@ -133,7 +133,7 @@ def test_a_prompt_batch_fills_as_much_of_the_prefetch_count_as_it_has_jobs(redis
         channel = connection.default_channel
         qos = channel.qos
         qos.prefetch_count = 10
-        raws = list(reversed(client.lrange("prefetch", 0, -1)))  # oldest first
+        raws = queued_entries(client, "prefetch")  # oldest first
         messages = [channel.Message(json.loads(raw), channel=channel) for raw in raws]
         assert [jobs_in_entry(raw) for raw in raws] == [8, 8, 1]
         qos.append(messages[0], messages[0].delivery_tag)
@@ -143,4 +143,5 @@ def test_a_prompt_batch_fills_as_much_of_the_prefetch_count_as_it_has_jobs(redis
         qos.ack(messages[0].delivery_tag)
         qos.append(messages[2], messages[2].delivery_tag)
         assert qos.reserved_jobs() == 9 and qos.can_consume()
-    client.delete("prefetch", "unacked", "unacked_index")
+    lose_queue(client, "prefetch")
+    client.delete("unacked", "unacked_index")

@@ -22,7 +22,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from kombu import Connection, Exchange, Queue
 
+from producer.enqueue import publish
+from producer.fair import PRIORITY_HEADER, TOKEN, FairQueue, set_share
 from producer.layout import DEAD_LETTERS_KEY
+from producer.message import unpack
+from tests.helpers import make_job
 from worker.delivery.leases import Leases
 from worker.delivery.transport import LEASES_OPTION, MalformedEntry, read_entry, taking_key, worker_broker_settings
 
@@ -244,3 +248,35 @@ def test_a_dropped_entry_is_not_put_back_from_the_taking_list(reader):
     assert reader.take(kombu_entry("t-3")) == "delivered"  # the put-back ran before this read
     assert reader.db.llen(taking_key(QUEUE, "reader")) == 0 and reader.db.llen(QUEUE) == 0
     assert [message.delivery_tag for message in reader.delivered] == ["t-3"]
+
+
+# -- runs' lists (producer.fair): a token is swapped for the message the shares choose -----------
+
+
+@pytest.mark.parametrize("through", ["taking list", "brpop"])
+def test_a_token_is_delivered_as_the_message_its_runs_classes_choose(redis_urls, worker_leases, through):
+    reader = Reader(redis_urls[0], leases=worker_leases if through == "taking list" else None)
+    try:
+        publish(reader.db, QUEUE, [make_job(i, run_id="bulk") for i in range(16)], per_message=8)
+        set_share(reader.db, "urgent", priority="high")
+        publish(reader.db, QUEUE, [make_job(i, run_id="urgent") for i in range(3)], per_message=8)
+        for _ in range(3):
+            reader.connection.drain_events(timeout=10)
+        batches = [(m.headers[PRIORITY_HEADER], json.loads(m.body)[0][0]) for m in reader.delivered]
+        assert [(priority, batch["run_id"], len(unpack(batch))) for priority, batch in batches] == [
+            ("high", "urgent", 3),
+            ("normal", "bulk", 8),
+            ("normal", "bulk", 8),
+        ]
+        assert reader.db.llen(QUEUE) == 0 and reader.db.llen(taking_key(QUEUE, "reader")) == 0
+        assert reader.db.hlen("unacked") == 0 and FairQueue(reader.db, QUEUE).waiting() == (0, 0)
+    finally:
+        reader.close()
+
+
+def test_a_token_with_no_message_behind_it_is_dropped_quietly(reader):
+    reader.db.rpush(QUEUE, TOKEN)  # its run's list was deleted
+    with pytest.raises(TimeoutError):
+        reader.connection.drain_events(timeout=1)
+    assert reader.db.llen(QUEUE) == 0 and reader.db.llen(taking_key(QUEUE, "reader")) == 0
+    assert reader.db.llen(DEAD_LETTERS_KEY) == 0 and reader.take(kombu_entry("t-4")) == "delivered"

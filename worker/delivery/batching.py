@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import insort
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
@@ -72,7 +73,9 @@ class BatchBuffer(Generic[T]):
     """Items waiting for peers with the same key; hands out batches of 1..max_batch.
 
     A key is ready when it holds ``max_batch`` items, or when its oldest item has waited
-    ``max_wait_s``. Time is passed in, so the policy is tested without clocks.
+    ``max_wait_s``. Items of a lower ``rank`` (a higher priority class: ``producer.fair``) go
+    first, in their key and among keys; within a rank, the older first. Time is passed in, so
+    the policy is tested without clocks.
     """
 
     def __init__(self, max_batch: int, max_wait_s: float) -> None:
@@ -80,29 +83,30 @@ class BatchBuffer(Generic[T]):
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        # key -> [(arrival time, item)], keys in order of their oldest item
-        self._groups: OrderedDict[Hashable, list[tuple[float, T]]] = OrderedDict()
+        # key -> [(rank, arrival time, item)] in that order; keys in the order of their first item
+        self._groups: OrderedDict[Hashable, list[tuple[int, float, T]]] = OrderedDict()
 
     def __len__(self) -> int:
         return sum(len(group) for group in self._groups.values())
 
-    def add(self, key: Hashable, item: T, now: float) -> bool:
+    def add(self, key: Hashable, item: T, now: float, rank: int = 0) -> bool:
         """Buffer ``item``; True if it starts a group (due ``max_wait_s`` from ``now``)."""
         group = self._groups.setdefault(key, [])
-        group.append((now, item))
-        if len(group) == 1 and any(other[0][0] > now for other in self._groups.values()):
-            self._resort()  # a new key that arrived "earlier" (a retry) moves up the line
+        entry = (rank, now, item)
+        insort(group, entry, key=_order)
+        if group[0] is entry and any(_order(other[0]) > _order(entry) for other in self._groups.values()):
+            self._resort()  # it goes before another key's first (a retry, a higher class): up the line
         return len(group) == 1
 
     def take(self, now: float, *, allow_partial: bool = True) -> tuple[Hashable, list[T]] | None:
-        """The next batch to run, or None: the key holding the oldest item among those that are
-        full or have waited ``max_wait_s`` (due). A due partial key is handed out only with
-        ``allow_partial`` (a pool slot is idle); until then it holds the line, so that a steady
-        stream of younger full batches never starves it."""
+        """The next batch to run, or None: the first key, by its first item, of those that are
+        full or whose oldest item has waited ``max_wait_s`` (due). A due partial key is handed out
+        only with ``allow_partial`` (a pool slot is idle); until then it holds the line, so that
+        a steady stream of younger full batches never starves it."""
         for key, group in self._groups.items():
             if len(group) >= self.max_batch:
                 return key, self._pop(key, self.max_batch)
-            if now - group[0][0] >= self.max_wait_s:
+            if now - min(arrival for _, arrival, _ in group) >= self.max_wait_s:
                 return (key, self._pop(key, self.max_batch)) if allow_partial else None
         return None
 
@@ -116,14 +120,18 @@ class BatchBuffer(Generic[T]):
         group = self._groups[key]
         taken, rest = group[:count], group[count:]
         if rest:
-            # Leftovers keep their arrival times; the key moves to the back of the line
-            # only if they are now younger than another key's oldest.
+            # Leftovers keep their ranks and arrival times; the key moves back in the line only
+            # if its first is now behind another key's.
             self._groups[key] = rest
             self._resort()
         else:
             del self._groups[key]
-        return [item for _, item in taken]
+        return [item for _, _, item in taken]
 
     def _resort(self) -> None:
-        ordered = sorted(self._groups.items(), key=lambda entry: entry[1][0][0])
-        self._groups = OrderedDict(ordered)
+        self._groups = OrderedDict(sorted(self._groups.items(), key=lambda entry: _order(entry[1][0])))
+
+
+def _order(entry: tuple[int, float, object]) -> tuple[int, float]:
+    """Where a buffered item stands: by rank, then arrival."""
+    return entry[0], entry[1]

@@ -140,9 +140,10 @@ class Book(Generic[R]):
     dropping: list[tuple[R, Job]] = field(default_factory=list)  # of runs believed stopped
     retired: bool = False
 
-    def buffered(self, key: Hashable, request: R, now: float) -> bool:
-        """Buffer a request; True when it opened a batch (pump again once it is due)."""
-        return self.buffer.add(key, request, now)
+    def buffered(self, key: Hashable, request: R, now: float, rank: int = 0) -> bool:
+        """Buffer a request (``rank``: its priority class's, lower first); True when it opened a
+        batch (pump again once it is due)."""
+        return self.buffer.add(key, request, now, rank)
 
     def hand_over(self, requests: list[R]) -> PoolCall[R]:
         """A call to send now with these requests, held until reported."""
@@ -190,11 +191,11 @@ class Book(Generic[R]):
         self.held.release(lost)
         return lost
 
-    def again(self, key: Hashable, request: R, since: float) -> bool:
+    def again(self, key: Hashable, request: R, since: float, rank: int = 0) -> bool:
         """Buffer a request again; False once retired (it goes back to the queue instead)."""
         if self.retired:
             return False
-        self.buffer.add(key, request, since)
+        self.buffer.add(key, request, since, rank)
         return True
 
     def defer(self, request: R, job: Job) -> bool:

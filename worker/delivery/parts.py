@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
+from producer.fair import priority_rank
 from producer.job import Job
 from producer.message import unpack
 from worker.pipeline.executor import parse_job
@@ -49,6 +50,7 @@ class Message(Generic[M]):
     back: bool = False  # a part was sent back: the message goes back
     started: bool = False  # a pool process took a part (its task-started event was sent)
     failures: list[str] = field(default_factory=list)  # why parts failed
+    rank: int = priority_rank(None)  # its priority class's (producer.fair): lower goes first
 
 
 @dataclass(eq=False)
@@ -106,11 +108,21 @@ class Part(Generic[M]):
         return Settle.BACK if message.back else Settle.ACK
 
 
-def split(request: M, task_id: str, payload: Any, *, tag: str, enqueued_at: float | None, now: float) -> list[Part[M]]:
+def split(
+    request: M,
+    task_id: str,
+    payload: Any,
+    *,
+    tag: str,
+    enqueued_at: float | None,
+    now: float,
+    priority: str | None = None,
+) -> list[Part[M]]:
     """A message's parts, each with its job (None: the entry is no job; the pool fails it with
-    the reason). Raises ``producer.message.PromptBatchError`` for a batch that cannot be one."""
+    the reason), of the class the message was taken in (``priority``; None: normal). Raises
+    ``producer.message.PromptBatchError`` for a batch that cannot be one."""
     entries = unpack(payload)
-    message = Message(request, tag, enqueued_at, now)
+    message = Message(request, tag, enqueued_at, now, rank=priority_rank(priority))
     if entries is None:
         parts = [Part(task_id, payload, parse_job(payload)[0], message)]
     else:

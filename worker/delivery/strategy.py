@@ -47,6 +47,7 @@ from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 
+from producer.fair import PRIORITY_HEADER
 from producer.state import JobState, RunStore
 from worker.delivery.batching import BatchBuffer, batch_key
 from worker.delivery.book import MAX_LOSSES, Book, Held, PoolCall, loss_failure
@@ -127,7 +128,15 @@ class BatchingStrategy:
         try:
             req = self._request(message, body)
             payload, enqueued_at = message_fields(req)
-            parts = split(req, req.id, payload, tag=message.delivery_tag, enqueued_at=enqueued_at, now=time.time())
+            parts = split(
+                req,
+                req.id,
+                payload,
+                tag=message.delivery_tag,
+                enqueued_at=enqueued_at,
+                now=time.time(),
+                priority=(message.headers or {}).get(PRIORITY_HEADER),
+            )
         except Exception as error:  # a malformed message must cost itself, not the worker
             drop_message(message, error, self.consumer.connection_errors)
             return
@@ -184,7 +193,7 @@ class BatchingStrategy:
         if part.job is None:
             self._send(self.book.hand_over([part]))  # the pool records why it failed; no peers to wait for
             return
-        if self.book.buffered(batch_key(part.job, self.defaults), part, time.monotonic()):
+        if self.book.buffered(batch_key(part.job, self.defaults), part, time.monotonic(), part.message.rank):
             # Pumped when due, not at the next tick: a lone job waits max_wait_s, not a tick more.
             self.consumer.timer.call_after(self.book.buffer.max_wait_s, self.pump)
         self.pump()
@@ -318,7 +327,7 @@ class BatchingStrategy:
 
     def _buffer_again(self, part: Part[Any], key: Any, since: float) -> None:
         """Run ``part`` again here, or, once this strategy is retired, anywhere (back to the queue)."""
-        if not self.book.again(key, part, since):
+        if not self.book.again(key, part, since, part.message.rank):
             self._send_back([part])
 
     def retire(self) -> None:

@@ -13,9 +13,15 @@ taking list was never recorded: the worker puts it back on the queue when it con
 lists of workers that are gone. A message whose record did go through (only its reply was lost)
 is already in ``unacked`` and is only dropped from the list; the leases take it from there.
 
+deepqueue's producer puts each run's messages in a list of their own and a token for each on the
+queue's list (``producer.fair``). A token taken is swapped, in one script, for the message that
+the runs' classes and weights choose, moved into the same taking list; the delivered message's
+headers then say its class (``PRIORITY_HEADER``), which the worker's buffer serves first.
+
 ``BLMOVE`` reads one list: the queue's own. Messages a producer sent with a priority land in
 kombu's priority lists; whenever the queue's own list stays empty for a poll, the worker moves
-one from those (``LMOVE``, the same way). deepqueue's producer sends no priorities.
+one from those (``LMOVE``, the same way). deepqueue's producer uses its own classes (above), not
+kombu's priorities.
 
 Any bytes can sit on a queue's list: another application sharing the Redis, a typo at a
 ``redis-cli`` prompt, a foreign producer. kombu parses each entry it takes with no guard, and its
@@ -51,6 +57,7 @@ from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from producer.fair import PRIORITY_HEADER, TOKEN, FairQueue
 from producer.message import unpack
 from worker.delivery.deadletters import NO_ID, dead_letter, headers_task_id, push_dead_letter
 from worker.delivery.ledger import Copy, message_copy
@@ -162,6 +169,10 @@ def taking_key(queue: str, worker: str) -> str:
 def put_back_taken(client: Any, key: str, unacked_key: str, queue: str) -> int:
     """Put what a taking list holds but ``unacked`` does not back on ``queue``; how many."""
     return int(client.eval(PUT_BACK_TAKEN, 3, key, unacked_key, queue))
+
+
+#: An entry taken: (queue, the entry, the taking list holding it or None, its class or None).
+Taken = tuple[str, bytes, str | None, str | None]
 
 
 class Leases(Protocol):
@@ -290,6 +301,7 @@ class Channel(redis.Channel):
     _moving_from: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._fair: dict[str, FairQueue] = {}
         #: taking lists known to hold nothing unrecorded (none on a new channel, nor after a failed delivery)
         self.taking_checked: set[str] = set()
         super().__init__(*args, **kwargs)
@@ -331,8 +343,8 @@ class Channel(redis.Channel):
             self._in_poll = None
             self._flush_brpop_reauth()
 
-    def _read_popped(self, options: dict[str, Any]) -> tuple[str, bytes, None] | None:
-        """kombu's BRPOP reply: (queue, entry, no taking list), or None."""
+    def _read_popped(self, options: dict[str, Any]) -> Taken | None:
+        """kombu's BRPOP reply: (queue, entry, no taking list, class), or None."""
         try:
             reply = self.client.parse_response(self.client.connection, "BRPOP", **options)
         except self.connection_errors:
@@ -343,10 +355,11 @@ class Channel(redis.Channel):
         list_name, item = reply
         queue = bytes_to_str(list_name).rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(queue)
-        return queue, item, None
+        return self._swap_token(queue, item, None)
 
-    def _read_moved(self, queue: str, options: dict[str, Any]) -> tuple[str, bytes, str] | None:
-        """The BLMOVE reply (or a prioritised message): (queue, entry, the taking list holding it), or None."""
+    def _read_moved(self, queue: str, options: dict[str, Any]) -> Taken | None:
+        """The BLMOVE reply (or a prioritised message): (queue, entry, the taking list holding
+        it, class), or None."""
         try:
             item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
         except self.connection_errors:
@@ -356,16 +369,38 @@ class Channel(redis.Channel):
         key = self._taking_key() or ""
         if item is None:  # the queue's own list stayed empty: any in kombu's priority lists?
             item = self._take_prioritised(queue, key)
-        return None if item is None else (queue, item, key)
+        return None if item is None else self._swap_token(queue, item, key)
 
-    def _deliver_entry(self, queue: str, item: bytes, key: str | None) -> None:
-        """Deliver one entry taken off ``queue`` (``key``: the taking list holding it), or drop it
-        to the dead letters: one that is no message kombu can read, or that kombu fails on."""
+    def _swap_token(self, queue: str, item: bytes, key: str | None) -> Taken | None:
+        """A token stands for the message its runs' shares choose (``producer.fair``): that one,
+        with its class. None if no run has one (a deleted run's token, now gone)."""
+        if item != TOKEN:
+            return queue, item, key, None
+        fair = self._fair.get(queue)
+        if fair is None:
+            fair = self._fair[queue] = FairQueue(self.client, queue)
+        try:
+            taken = fair.take(key)
+        except self.connection_errors:
+            if key:
+                self.taking_checked.discard(key)  # the token, or its message, waits there
+            raise
+        if taken is None:
+            return None
+        priority, item = taken
+        return queue, item, key, priority
+
+    def _deliver_entry(self, queue: str, item: bytes, key: str | None, priority: str | None) -> None:
+        """Deliver one entry taken off ``queue`` (``key``: the taking list holding it; ``priority``:
+        the class it was taken in), or drop it to the dead letters: one that is no message kombu
+        can read, or that kombu fails on."""
         try:
             payload = read_entry(item)
         except MalformedEntry as error:
             self._drop_entry(queue, item, key, error)
             return
+        if priority is not None and isinstance(payload.get("headers"), dict):
+            payload["headers"][PRIORITY_HEADER] = priority
         self.taking = (key, item)
         try:
             self.connection._deliver(payload, queue)
