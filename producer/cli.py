@@ -77,6 +77,7 @@ COMMANDS = [
     cli_submit.wait,
     cli_runs.status,
     cli_runs.runs,
+    cli_runs.run_set,
     cli_runs.cancel,
     cli_runs.resume,
     cli_runs.retry,

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings
 
 from producer.errors import PromptFileError
 from producer.exits import EXIT_BAD_INPUT
+from producer.fair import PRIORITIES
 from producer.job import ImageFormat, JobDefaults, SchedulerName
 from producer.sources import parse_size
 
@@ -51,6 +52,22 @@ ENGINE_FLAGS = [
 WAIT_FLAGS = [
     click.option("--wait", "wait_", is_flag=True, help="Wait for the run to finish, with a progress bar."),
     click.option("--timeout", type=click.FloatRange(min=0), help="With --wait: give up after this many seconds."),
+]
+
+
+#: A run's share of the workers against other runs (``producer.fair``).
+SHARE_FLAGS = [
+    click.option(
+        "--priority",
+        type=click.Choice(PRIORITIES),
+        help="Priority class: every queued job of a higher class goes before a lower one's [default: normal].",
+    ),
+    click.option(
+        "--weight",
+        type=click.FloatRange(0.001, 1000),
+        metavar="W",
+        help="Share within its class: runs get jobs in proportion to their weights [default: 1].",
+    ),
 ]
 
 

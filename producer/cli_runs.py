@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from producer.cli_options import WAIT_FLAGS, with_flags
+from producer.cli_options import SHARE_FLAGS, WAIT_FLAGS, with_flags
 from producer.cli_submit import finish_run
 from producer.client import Client
 from producer.state import RunStatus, format_duration
@@ -23,7 +23,11 @@ def status(run_id: str, as_json: bool) -> None:
     the workers online that serve it (its model's)."""
     with Client() as client:
         current = replace(client.run(run_id).status(), workers=len(client.workers(queue=client.run_queue(run_id))))
-        click.echo(json.dumps(status_record(current)) if as_json else str(current))
+        share = client.share(run_id)
+        if as_json:
+            click.echo(json.dumps({**status_record(current), "priority": share.priority, "weight": share.weight}))
+        else:
+            click.echo(f"{current}; priority {share.priority}, weight {share.weight:g}")
 
 
 @click.command()
@@ -52,6 +56,19 @@ def status_record(current: RunStatus) -> dict[str, Any]:
         "eta_s": current.eta_s,
         **({} if current.workers is None else {"workers": current.workers}),
     }
+
+
+@click.command("run-set")
+@click.argument("run_id")
+@with_flags(*SHARE_FLAGS)
+def run_set(run_id: str, priority: str | None, weight: float | None) -> None:
+    """Change RUN_ID's --priority or --weight while it runs: workers use them from the next
+    message they take (jobs they hold already keep their place)."""
+    if priority is None and weight is None:
+        raise click.UsageError("nothing to change: pass --priority and/or --weight")
+    with Client() as client:
+        share = client.set_share(run_id, priority=priority, weight=weight)
+    click.echo(f"run {run_id}: priority {share.priority}, weight {share.weight:g}")
 
 
 @click.command()

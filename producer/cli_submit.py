@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from producer.cli_options import WAIT_FLAGS, recipe_defaults, recipe_options, with_flags
+from producer.cli_options import SHARE_FLAGS, WAIT_FLAGS, recipe_defaults, recipe_options, with_flags
 from producer.cli_outputs import audit_text
 from producer.client import Client, run_id_or_new
 from producer.contract import WORKER_GONE_S
@@ -35,6 +35,7 @@ from producer.state import JobState, RunStatus, format_duration
     help="The model to run on: jobs go to the workers started with DEEPQUEUE_MODEL_ALIAS=ALIAS "
     "[default: the workers of the plain queue].",
 )
+@with_flags(*SHARE_FLAGS)
 @click.option("--resend-queued", is_flag=True, help="Also send jobs still queued (after the queue itself was lost).")
 @click.option(
     "--allow-recipe-change",
@@ -51,6 +52,8 @@ def submit(
     allow_recipe_change: bool,
     audit_sample: int | None,
     model: str | None,
+    priority: str | None,
+    weight: float | None,
     **flags: Any,
 ) -> None:
     """Validate FILE (.txt, .jsonl, .csv, .tsv, .json, .parquet; the text ones also .gz) and
@@ -58,7 +61,8 @@ def submit(
 
     Submitting a run again sends only its new and failed jobs (and, with --resend-queued, the
     queued ones). A run keeps the recipe flags of its first submit: a submit of the same run
-    with others is refused, unless --allow-recipe-change.
+    with others is refused, unless --allow-recipe-change. Runs share the workers by --priority
+    (strictly) and --weight (in proportion); deepqueue run-set changes them while a run runs.
     """
     defaults = recipe_defaults(**flags) | ({"model": model} if model else {})
     if audit_sample and not wait_:
@@ -74,6 +78,8 @@ def submit(
                 progress=True,
                 resend_queued=resend_queued,
                 allow_recipe_change=allow_recipe_change,
+                priority=priority,
+                weight=weight,
                 **defaults,
             )
         except (InvalidJobError, PromptFileError):

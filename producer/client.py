@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from tqdm import tqdm
 
+from producer import fair
 from producer.contract import WORKER_GONE_S, serving_workers
 from producer.enqueue import publish
 from producer.errors import (
@@ -128,6 +129,8 @@ class Client:
         progress: bool = False,
         resend_queued: bool = False,
         allow_recipe_change: bool = False,
+        priority: str | None = None,
+        weight: float | None = None,
         **defaults: Any,
     ) -> Run:
         """Validate every job, then enqueue them; nothing is sent if any job is invalid.
@@ -146,13 +149,19 @@ class Client:
         difference, since its jobs would be a second set beside the first rather than the same
         jobs again. ``allow_recipe_change=True`` adds them to the run all the same (a sweep of
         settings under one run name). New rows with the same recipe are always welcome.
+
+        ``priority`` (high, normal, low) and ``weight`` set the run's share of the workers
+        against other runs (``producer.fair``; ``set_share`` changes them later); None keeps
+        what the run has (normal and 1 for a new one).
         """
+        fair.checked_share(priority, weight)
         run_id, run_wide = run_id_or_new(run), run_defaults(defaults)
         rows = Rows(source)
         total = check_rows(rows, run_id=run_id, defaults=run_wide, run_seed=seed)
         self._check_not_cancelled(run_id)
         recipe = run_recipe(run_wide, run_id=run_id, run_seed=seed)
         new_recipe = self._check_recipe(run_id, recipe, allow_recipe_change)
+        fair.set_share(self._broker(), run_id, priority=priority, weight=weight)
         sent = 0
         try:
             with tqdm(total=total, unit="job", desc="enqueue", disable=not progress) as bar:
@@ -313,7 +322,19 @@ class Client:
         # The tombstone before the files: an image stored after this is removed by its worker,
         # one stored before is listed below.
         self._store.delete(run_id)
+        fair.forget_share(self._broker(), run_id)
         return self._delete_outputs(run_id) if outputs else 0
+
+    def set_share(self, run_id: str, *, priority: str | None = None, weight: float | None = None) -> fair.Share:
+        """Change a run's priority class or weight while it runs: workers use them from the
+        next message they take. Raises RunNotFoundError, or ShareError for a value no run can have."""
+        fair.checked_share(priority, weight)
+        self.run(run_id)
+        return fair.set_share(self._broker(), run_id, priority=priority, weight=weight)
+
+    def share(self, run_id: str) -> fair.Share:
+        """A run's priority class and weight (normal and 1 unless set)."""
+        return fair.share(self._broker(), run_id)
 
     def deleted(self, run_id: str) -> bool:
         """Whether ``run_id`` was deleted (and not submitted again since; tombstones last 7 days)."""

@@ -33,6 +33,10 @@ class InvalidJobError(DeepQueueError, ValueError):
         super().__init__(f"{total} invalid field(s); nothing was enqueued:\n{shown}{more}")
 
 
+class ShareError(DeepQueueError, ValueError):
+    """A priority class or weight no run can have (``producer.fair``); the text says why."""
+
+
 class PromptFileError(DeepQueueError, ValueError):
     """A prompt file could not be read (unknown format, bad JSON, missing column)."""
 

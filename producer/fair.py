@@ -35,6 +35,7 @@ from typing import Any
 
 import redis
 
+from producer.errors import ShareError
 from producer.layout import FAIR_QUEUES_KEY, SHARES_KEY, class_key, fair_key, run_list_key
 
 #: Priority classes, served strictly in this order.
@@ -150,10 +151,6 @@ end
 def priority_rank(priority: str | None) -> int:
     """A class's place in ``PRIORITIES`` (lower goes first); normal's for None or any other."""
     return PRIORITIES.index(priority if priority in PRIORITIES else DEFAULT_PRIORITY)
-
-
-class ShareError(ValueError):
-    """A priority or weight no run can have; the text says why."""
 
 
 def checked_share(priority: str | None, weight: float | None) -> tuple[str, str]:

@@ -11,8 +11,10 @@ import redis
 from click.testing import CliRunner, Result
 
 from ops.localstack import free_port
-from producer import Job, JobState
+from producer import Client, Job, JobState
 from producer.cli import cli
+from producer.exits import EXIT_BAD_INPUT
+from producer.fair import Share
 from producer.job import derive_seed
 from producer.layout import WORKER_QUEUES_KEY, WORKERS_KEY
 from producer.state import RunStore
@@ -275,7 +277,24 @@ def test_status_of_a_run(env, tmp_path, store):
     assert result.exit_code == 0, result.output
     text = result.output.strip()
     assert text.startswith("st: 3 jobs (queued 1, running 0, done 1, failed 1, cancelled 0), "), text
-    assert " img/s, ETA " in text and text.endswith(", 0 workers online")
+    assert " img/s, ETA " in text and text.endswith(", 0 workers online; priority normal, weight 1")
+
+
+def test_a_runs_priority_and_weight_are_set_at_submit_and_changed_while_it_runs(env, tmp_path):
+    path = prompt_file(tmp_path, "p.txt", "a fox\nan owl\n")
+    assert invoke("submit", str(path), "--run", "urgent", "--priority", "high", "--weight", "2.5").exit_code == 0
+    assert invoke("status", "urgent").output.strip().endswith("; priority high, weight 2.5")
+    changed = invoke("run-set", "urgent", "--priority", "low")
+    assert (changed.exit_code, changed.output) == (0, "run urgent: priority low, weight 2.5\n")
+    assert json.loads(invoke("status", "urgent", "--json").output)["priority"] == "low" and Client().share(
+        "urgent"
+    ) == Share("low", 2.5)
+    assert "nothing to change" in invoke("run-set", "urgent").output
+    assert invoke("run-set", "nope", "--weight", "2").exit_code == EXIT_BAD_INPUT
+    bad = invoke("submit", str(path), "--run", "x", "--priority", "asap")
+    assert bad.exit_code == 2 and "'asap' is not one of 'high', 'normal', 'low'" in bad.output
+    assert invoke("submit", str(path), "--run", "x", "--weight", "0").exit_code == 2
+    assert [job["run_id"] for job in queued_jobs(env[0])] == ["urgent", "urgent"]
 
 
 def test_status_json_and_runs_list_every_run(env, tmp_path, store):
@@ -297,6 +316,8 @@ def test_status_json_and_runs_list_every_run(env, tmp_path, store):
         "images_per_s": None,  # no job was seen starting
         "eta_s": None,
         "workers": 1,
+        "priority": "normal",
+        "weight": 1.0,
     }
     listed = [json.loads(line) for line in invoke("runs", "--json").output.splitlines()]
     assert [(r["run"], r["total"], r["done"]) for r in listed] == [("first", 2, 1), ("second", 1, 0)]
