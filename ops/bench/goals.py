@@ -1,6 +1,6 @@
 """The queue-level goals of issue 7 in one run, side by side: batch fill, lone-job latency,
-critical-path overhead, scaling, submit memory, Redis bytes per queued job, enqueue rate and
-worker memory growth, and the service against DeepCache's recipe at every acceleration level
+critical-path overhead, scaling, fair share and priority between runs, submit memory, Redis
+bytes per queued job, enqueue rate and worker memory growth, and the service against DeepCache's recipe at every acceleration level
 (tiny model). Each part also writes its own results file (see ops/bench/README.md), all
 in one new folder under results/runs/ (``--record``: over the committed results/*-latest.*).
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ops.bench import batching, harness, scaling, service, submit_scale, worker_memory
+from ops.bench import batching, fairshare, harness, scaling, service, submit_scale, worker_memory
 from ops.bench.report import run_line
 from ops.bench.service_report import E2E_MODE
 
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 PARTS: dict[str, Callable[[list[str]], dict[str, Any]]] = {
     "batching": batching.main,
     "scaling": scaling.main,
+    "fairshare": fairshare.main,
     "submit": submit_scale.main,
     "memory": worker_memory.main,
     "service": service.main,
@@ -42,6 +43,7 @@ def goal_rows(parts: dict[str, Any]) -> list[Row]:
     return [
         *batching_rows(parts.get("batching", {})),
         *scaling_rows(parts.get("scaling", {}).get("points", [])),
+        *fairshare_rows(parts.get("fairshare", {})),
         *submit_rows(parts.get("submit", {}).get("points", [])),
         *memory_rows(parts.get("memory", {}).get("point")),
         *service_rows(parts.get("service", {}).get("service")),
@@ -78,6 +80,24 @@ def scaling_rows(points: list[dict[str, Any]]) -> list[Row]:
                 (point["scaling"] >= 0.90) if target else None,
             )
         )
+    return rows
+
+
+def fairshare_rows(results: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    share = results.get("share")
+    if share and share["windows"]:
+        deviation, fill = share["max_deviation"], share["min_fill"]
+        goal = "runs weighted 1:1:2, 4 simulated workers: largest deviation from the weights, any 60 s window"
+        rows.append((goal, f"{deviation:.1%}", "≤ 5 %", deviation <= 0.05))
+        rows.append(("batch fill while sharing, lowest 60 s window", f"{fill:.3f}", "≥ 0.95", fill >= 0.95))
+    point = results.get("priority")
+    if point and point["first_call_after_free_s"] is not None:
+        delay, bound = point["first_call_after_free_s"], point["bound_s"]
+        goal = f"100-job high run behind {point['backlog']:,} normal: first call after the first free worker (s)"
+        rows.append((goal, f"{delay:.2f}", f"≤ {bound:.2f} (a call + max wait)", delay <= bound))
+        made = point["bulk_images_meanwhile"]
+        rows.append(("images of the normal run until the high run is done", f"{made:,}", "< 1,000", made < 1000))
     return rows
 
 
@@ -136,7 +156,8 @@ def markdown(results: dict[str, Any]) -> str:
         "# Queue-level goals (issue 7)",
         "",
         f"{run_line(results)} {results['seconds']:.0f} s. "
-        "Details: batching-latest, scaling-latest, submit-latest, worker-memory-latest, service-latest (.md/.json).",
+        "Details: batching-latest, scaling-latest, fairshare-latest, submit-latest, worker-memory-latest, "
+        "service-latest (.md/.json).",
         "",
         "| goal | measured | target | met |",
         "| --- | ---: | ---: | :---: |",
@@ -153,6 +174,7 @@ def part_args(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
     return {
         "batching": shared,
         "scaling": ["--workers", "1,2,4,8,16" if args.full else "1,2,4", "--calls", "24", *shared],
+        "fairshare": ["--share-seconds", "240" if args.full else "120", *shared],
         "submit": ["--sizes", "10000,100000,1000000" if args.full else "10000,100000", *shared],
         "memory": ["--batches", "500" if args.full else "200", "--warmup", "50", *model, *shared],
         "service": [*model, *shared],
