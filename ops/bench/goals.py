@@ -1,8 +1,9 @@
 """The queue-level goals of issue 7 in one run, side by side: batch fill, lone-job latency,
 critical-path overhead, scaling, fair share and priority between runs, submit memory, Redis
-bytes per queued job, enqueue rate and worker memory growth, and the service against DeepCache's recipe at every acceleration level
-(tiny model). Each part also writes its own results file (see ops/bench/README.md), all
-in one new folder under results/runs/ (``--record``: over the committed results/*-latest.*).
+bytes per queued job, enqueue rate and worker memory growth, and the service against
+DeepCache's recipe at every acceleration level (tiny model). Each part also writes its own
+results file (see ops/bench/README.md), all in one new folder under results/runs/
+(``--record``: over the committed results/*-latest.*).
 
     make bench                                   # = python -m ops.bench.goals (its service part ~6 min)
     .venv/bin/python -m ops.bench.goals --full   # scaling to 16 workers, 1M-prompt submit, 500 batches
