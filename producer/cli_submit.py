@@ -36,6 +36,12 @@ from producer.state import JobState, RunStatus, format_duration
     "[default: the workers of the plain queue].",
 )
 @with_flags(*SHARE_FLAGS)
+@click.option(
+    "--max-queued",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Keep at most N of the run's jobs waiting in the queue: send more as workers take them.",
+)
 @click.option("--resend-queued", is_flag=True, help="Also send jobs still queued (after the queue itself was lost).")
 @click.option(
     "--allow-recipe-change",
@@ -54,6 +60,7 @@ def submit(
     model: str | None,
     priority: str | None,
     weight: float | None,
+    max_queued: int | None,
     **flags: Any,
 ) -> None:
     """Validate FILE (.txt, .jsonl, .csv, .tsv, .json, .parquet; the text ones also .gz) and
@@ -80,6 +87,7 @@ def submit(
                 allow_recipe_change=allow_recipe_change,
                 priority=priority,
                 weight=weight,
+                max_queued=max_queued,
                 **defaults,
             )
         except (InvalidJobError, PromptFileError):

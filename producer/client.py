@@ -23,6 +23,7 @@ from producer.errors import (
     RunBusyError,
     RunCancelledError,
     RunNotFoundError,
+    ShareError,
     export_extra,
 )
 from producer.job import (
@@ -131,6 +132,7 @@ class Client:
         allow_recipe_change: bool = False,
         priority: str | None = None,
         weight: float | None = None,
+        max_queued: int | None = None,
         **defaults: Any,
     ) -> Run:
         """Validate every job, then enqueue them; nothing is sent if any job is invalid.
@@ -152,9 +154,15 @@ class Client:
 
         ``priority`` (high, normal, low) and ``weight`` set the run's share of the workers
         against other runs (``producer.fair``; ``set_share`` changes them later); None keeps
-        what the run has (normal and 1 for a new one).
+        what the run has (normal and 1 for a new one). ``max_queued`` caps the run's jobs
+        waiting in the queue: the submit sends more as workers take them (Redis holds at most
+        that many of its jobs, however large the run).
         """
         fair.checked_share(priority, weight)
+        if max_queued is not None and max_queued < 1:
+            raise ShareError(f"max_queued must be at least 1, got {max_queued}")
+        # With a cap, half of it at a time: the next half is sent while workers take the first.
+        chunk_size = min(SUBMIT_CHUNK, max(1, max_queued // 2) if max_queued else SUBMIT_CHUNK)
         run_id, run_wide = run_id_or_new(run), run_defaults(defaults)
         rows = Rows(source)
         total = check_rows(rows, run_id=run_id, defaults=run_wide, run_seed=seed)
@@ -165,7 +173,9 @@ class Client:
         sent = 0
         try:
             with tqdm(total=total, unit="job", desc="enqueue", disable=not progress) as bar:
-                for chunk in chunked(validated(rows, run_id=run_id, defaults=run_wide, run_seed=seed), SUBMIT_CHUNK):
+                for chunk in chunked(validated(rows, run_id=run_id, defaults=run_wide, run_seed=seed), chunk_size):
+                    if max_queued is not None:
+                        self._wait_for_room(run_id, max_queued - len(chunk), bar)
                     sent += self._claim_and_send(run_id, chunk, resend_queued=resend_queued)
                     bar.update(len(chunk))
         except BaseException:
@@ -230,6 +240,13 @@ class Client:
                 self.settings.broker_url, socket_timeout=30, socket_connect_timeout=10
             )
         return self._broker_client
+
+    def _wait_for_room(self, run_id: str, most: int, bar: tqdm, poll_s: float = 0.5) -> None:
+        """Until at most ``most`` jobs of the run wait in the queue."""
+        while (waiting := fair.run_waiting(self._broker(), run_id)) > most:
+            bar.set_postfix_str(f"{waiting} queued: waiting for room", refresh=True)
+            time.sleep(poll_s)
+        bar.set_postfix_str("")
 
     def _claim_and_send(self, run_id: str, chunk: list[Job], *, resend_queued: bool) -> int:
         """Claim the chunk's new and failed jobs (and queued ones, with ``resend_queued``), keep
@@ -299,8 +316,12 @@ class Client:
         return self._store.runs()
 
     def cancel(self, run_id: str) -> int:
-        """Cancel ``run_id`` (see ``Run.cancel``); returns how many jobs were cancelled now."""
-        return self.run(run_id).cancel()
+        """Cancel ``run_id`` (see ``Run.cancel``), and drop its messages still waiting in the
+        queue (``producer.fair``), which freed their Redis memory; returns how many jobs were
+        cancelled now."""
+        cancelled = self.run(run_id).cancel()
+        fair.drop_run(self._broker(), run_id)
+        return cancelled
 
     def delete(self, run_id: str, *, outputs: bool = False, force: bool = False) -> int:
         """Forget ``run_id``: its state in Redis, and with ``outputs`` its objects in storage
@@ -318,7 +339,7 @@ class Client:
                 f"run {run_id!r} has {busy} queued or running jobs: cancel it first (deepqueue cancel), "
                 f"or pass force=True (--force)"
             )
-        self._store.cancel(run_id)  # no job of it starts from now on
+        self.cancel(run_id)  # no job of it starts from now on
         # The tombstone before the files: an image stored after this is removed by its worker,
         # one stored before is listed below.
         self._store.delete(run_id)

@@ -81,6 +81,7 @@ redis.call('LPUSH', KEYS[6], unpack(messages))
 redis.call('LPUSH', KEYS[7], unpack(tokens))
 redis.call('HINCRBY', KEYS[2], 'messages', #messages)
 redis.call('HINCRBY', KEYS[2], 'jobs', ARGV[3])
+redis.call('HINCRBY', KEYS[2], 'j:' .. run, ARGV[3])
 redis.call('SADD', KEYS[8], ARGV[2])
 local class = share_of(run)
 join(KEYS[2], KEYS[2 + rank[class]], class, run)
@@ -118,6 +119,7 @@ for index = 1, 3 do
       end
       redis.call('HINCRBY', KEYS[2], 'messages', -1)
       redis.call('HINCRBY', KEYS[2], 'jobs', -jobs)
+      if redis.call('HINCRBY', KEYS[2], 'j:' .. run, -jobs) <= 0 then redis.call('HDEL', KEYS[2], 'j:' .. run) end
       return {index - 1, item}
     end
     redis.call('ZREM', line, run)
@@ -126,6 +128,23 @@ end
 return false
 """
 )
+
+# KEYS: shares, the queue's fair hash, its class zsets, the run's list, the queue's list. ARGV:
+# run, the token. Drops the run's waiting messages and as many tokens (any: they are alike).
+DROP_RUN = """
+local run = ARGV[1]
+local messages = redis.call('LLEN', KEYS[6])
+local jobs = tonumber(redis.call('HGET', KEYS[2], 'j:' .. run)) or 0
+redis.call('DEL', KEYS[6])
+for index = 3, 5 do redis.call('ZREM', KEYS[index], run) end
+redis.call('HDEL', KEYS[2], 'j:' .. run)
+if messages > 0 then
+  redis.call('HINCRBY', KEYS[2], 'messages', -messages)
+  redis.call('HINCRBY', KEYS[2], 'jobs', 0 - jobs)  -- (-0, where jobs is 0, is no integer to Redis)
+  redis.call('LREM', KEYS[7], messages, ARGV[2])
+end
+return messages
+"""
 
 # KEYS: shares, then for each fair queue its fair hash and class zsets. ARGV: run, class or ''
 # (unchanged), weight or ''. A run that changes class moves, in each queue where it has
@@ -181,8 +200,8 @@ def set_share(client: redis.Redis, run_id: str, *, priority: str | None = None, 
     checked = checked_share(priority, weight)
     if any(checked):
         keys = [SHARES_KEY]
-        for queue in sorted(client.smembers(FAIR_QUEUES_KEY)):
-            keys += queue_keys(queue.decode())
+        for queue in fair_queues(client):
+            keys += queue_keys(queue.queue)
         client.register_script(SET_SHARE)(keys=keys, args=[run_id, *checked])
     return share(client, run_id)
 
@@ -197,6 +216,22 @@ def forget_share(client: redis.Redis, run_id: str) -> None:
     client.hdel(SHARES_KEY, f"c:{run_id}", f"w:{run_id}")
 
 
+def fair_queues(client: redis.Redis) -> list[FairQueue]:
+    """Every queue that has had runs' lists."""
+    return [FairQueue(client, queue.decode()) for queue in sorted(client.smembers(FAIR_QUEUES_KEY))]
+
+
+def drop_run(client: redis.Redis, run_id: str) -> int:
+    """Drop a run's waiting messages from every queue (a cancelled run: its jobs' states say
+    cancelled already, and the memory comes back at once); returns how many."""
+    return sum(queue.drop(run_id) for queue in fair_queues(client))
+
+
+def run_waiting(client: redis.Redis, run_id: str) -> int:
+    """Jobs of a run waiting in the runs' lists of every queue."""
+    return sum(queue.waiting_of(run_id) for queue in fair_queues(client))
+
+
 class FairQueue:
     """One queue's runs' lists, on the broker's Redis client it is given."""
 
@@ -206,6 +241,7 @@ class FairQueue:
         self._keys = [SHARES_KEY, *queue_keys(queue)]
         self._enqueue = client.register_script(ENQUEUE)
         self._take = client.register_script(TAKE)
+        self._drop = client.register_script(DROP_RUN)
 
     def enqueue(self, run_id: str, messages: Sequence[str], jobs: int, *, client: Any = None) -> None:
         """Queue a run's messages (first out first), a token each on the queue's list, in the
@@ -223,6 +259,15 @@ class FairQueue:
             return None
         index, item = taken
         return PRIORITIES[int(index)], item
+
+    def drop(self, run_id: str) -> int:
+        """Drop a run's waiting messages and as many tokens; how many."""
+        keys = [*self._keys, run_list_key(self.queue, run_id), self.queue]
+        return int(self._drop(keys=keys, args=[run_id, TOKEN]))
+
+    def waiting_of(self, run_id: str) -> int:
+        """Jobs of one run waiting in its list."""
+        return int(self._redis.hget(fair_key(self.queue), f"j:{run_id}") or 0)
 
     def waiting(self) -> tuple[int, int]:
         """(messages, jobs) waiting in the runs' lists (their tokens are on the queue's list)."""

@@ -27,7 +27,10 @@ from producer import (
 )
 from producer.client import SUBMIT_CHUNK
 from producer.contract import TASK_NAME
+from producer.errors import ShareError
+from producer.fair import FairQueue
 from producer.job import derive_seed
+from producer.message import unpack
 from producer.state import RunStore
 from tests.helpers import lose_queue, queued_entries, queued_jobs
 
@@ -833,3 +836,39 @@ def test_progress_off_a_terminal_is_a_line_now_and_then(client, store):
     assert len(lines) == 2, lines  # the first poll, then the end: none in between within the hour
     assert "lines: 3 jobs (queued 3, running 0, done 0" in lines[0]
     assert "done 3, failed 0, cancelled 0)" in lines[1] and " img/s" in lines[1]
+
+
+def test_cancel_drops_the_runs_waiting_messages_and_leaves_the_others(client, redis_urls):
+    client.submit([f"gone {i}" for i in range(20)], run="gone", steps=4)
+    client.submit(["kept"], run="kept", steps=4)
+    assert client.cancel("gone") == 20
+    assert [job["run_id"] for job in queued_jobs(redis_urls[0])] == ["kept"]
+    broker = redis.Redis.from_url(redis_urls[0])
+    assert broker.llen("deepqueue") == 1 and FairQueue(broker, "deepqueue").waiting() == (1, 1)
+    assert client.run("gone").status().counts[CANCELLED] == 20
+
+
+def test_a_capped_submit_sends_more_as_workers_take_them(client, redis_urls):
+    """``max_queued``: the run never has more jobs waiting; the submit ends once workers (here
+    a loop taking messages as a worker does) made room for the last ones."""
+    broker = redis.Redis.from_url(redis_urls[0])
+    fair = FairQueue(broker, "deepqueue")
+    submit = threading.Thread(
+        target=client.submit,
+        args=([f"p {i}" for i in range(50)],),
+        kwargs={"run": "capped", "max_queued": 10, "steps": 4},
+    )
+    submit.start()
+    taken, most, deadline = 0, 0, time.monotonic() + 300
+    while taken < 50 and time.monotonic() < deadline:
+        most = max(most, fair.waiting_of("capped"))
+        if broker.lmove("deepqueue", "taking", "RIGHT", "LEFT"):
+            _, item = fair.take("taking")
+            broker.delete("taking")
+            taken += len(unpack(json.loads(json.loads(item)["body"])[0][0]) or [None])
+        else:
+            time.sleep(0.01)
+    submit.join(timeout=30)
+    assert not submit.is_alive() and taken == 50 and 0 < most <= 10
+    with pytest.raises(ShareError, match="max_queued must be at least 1"):
+        client.submit(["x"], run="capped-badly", max_queued=0)

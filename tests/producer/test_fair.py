@@ -158,3 +158,12 @@ def test_backlogged_runs_stay_within_one_message_of_their_share(broker, runs, ta
         for b, (jobs_b, weight_b) in runs.items():
             bound = max(jobs_a, jobs_b) / min(weight_a, weight_b)
             assert abs(served[a] / weight_a - served[b] / weight_b) <= bound + 1e-9, (served, runs)
+
+
+def test_a_dropped_run_takes_its_messages_and_as_many_tokens(broker):
+    fair = FairQueue(broker, QUEUE)
+    queue_runs(fair, {"gone": 8, "kept": 8}, messages=5)
+    assert fair.waiting_of("gone") == 40 and fair.drop("gone") == 5
+    assert broker.llen(QUEUE) == 5 and fair.waiting() == (5, 40) and fair.waiting_of("gone") == 0
+    assert {take(broker, fair)[0] for _ in range(5)} == {"kept"} and fair.waiting() == (0, 0)
+    assert fair.drop("gone") == 0 and broker.llen(QUEUE) == 0
