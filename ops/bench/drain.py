@@ -1,7 +1,10 @@
 """How fast one worker drops the queued messages of cancelled and deleted runs.
 
-A run of JOBS jobs is queued and then cancelled (``deepqueue cancel``) or deleted
-(``deepqueue delete --force``) while no worker runs; then one real ``deepqueue worker`` (default
+A run of JOBS jobs is queued and then cancelled or deleted in its state only, while no worker
+runs: its messages stay queued, as those a worker holds when its run stops, those of a run that
+``Run.cancel`` stopped, or of a plain Celery producer's run (``deepqueue cancel`` and ``delete``
+drop the waiting messages of a client's run at once: ``producer.fair``). Then one real
+``deepqueue worker`` (default
 settings, the tiny model, local files, a private redis-server) starts and drops them. The queue's
 length is polled every 20 ms: the rate is the messages taken from the first drop until nothing is
 left waiting or held, over that time. Nothing is generated: a message that reached the pipeline
@@ -25,6 +28,7 @@ from ops.bench.harness import Bench, running_worker
 from ops.bench.report import run_line, summarize
 from ops.localstack import client_for, worker_env
 from producer import JobState
+from producer.state import RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +46,19 @@ def drain_once(
     env = worker_env(broker_url=broker, result_backend=backend, model=str(model), storage="local", output_dir=str(out))
     with client_for(env) as client:
         client.submit([f"drain {i}" for i in range(jobs)], run="drain", width=64, height=64, steps=2)
-        if kind == "cancelled":
-            client.cancel("drain")
-        else:
-            client.delete("drain", force=True)
+        client.run("drain").cancel()  # the state only: the messages stay queued
+        if kind == "deleted":
+            RunStore.from_url(backend).delete("drain")
     db = redis.Redis.from_url(broker)
+    messages = db.llen(QUEUE)  # prompt batches: fewer than the jobs
     with running_worker(env, tmp / f"worker-{kind}.log", timeout=start_s):
         first = last = None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             waiting, held = db.llen(QUEUE), db.hlen("unacked")
             now = time.perf_counter()
-            if first is None and waiting < jobs:
-                first = (now, jobs - waiting - held)
+            if first is None and waiting < messages:
+                first = (now, messages - waiting - held)
             if first is not None and waiting == 0 and held == 0:
                 last = now
                 break
@@ -71,7 +75,15 @@ def drain_once(
             raise RuntimeError(f"the cancelled run ends {counts}, not {jobs} cancelled")
     started, taken_before = first
     seconds = last - started
-    return {"kind": kind, "jobs": jobs, "seconds": seconds, "messages_per_s": (jobs - taken_before) / seconds}
+    rate = (messages - taken_before) / seconds
+    return {
+        "kind": kind,
+        "jobs": jobs,
+        "messages": messages,
+        "seconds": seconds,
+        "messages_per_s": rate,
+        "jobs_per_s": rate * jobs / messages,
+    }
 
 
 def measure(bench: Bench, model: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -87,7 +99,11 @@ def measure(bench: Bench, model: Path, args: argparse.Namespace) -> dict[str, An
                 logger.info("%s run, round %d: %.0f messages/s", kind, round_ + 1, point["messages_per_s"])
                 per_kind[kind].append(point)
     return {
-        kind: {"rounds": points, "messages_per_s": summarize([p["messages_per_s"] for p in points])}
+        kind: {
+            "rounds": points,
+            "messages_per_s": summarize([p["messages_per_s"] for p in points]),
+            "jobs_per_s": summarize([p["jobs_per_s"] for p in points]),
+        }
         for kind, points in per_kind.items()
         if points
     }
@@ -100,12 +116,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"{run_line(results)} One worker (default settings), {results['jobs']} queued jobs per round, "
         f"{results['rounds']} rounds per kind; median (min–max).",
         "",
-        "| run | messages dropped per second |",
-        "| --- | ---: |",
+        "| run | messages dropped per second | jobs per second |",
+        "| --- | ---: | ---: |",
     ]
     for kind, figures in results.get("drain", {}).items():
-        rate = figures["messages_per_s"]
-        rows.append(f"| {kind} | {rate['median']:.0f} ({rate['min']:.0f}–{rate['max']:.0f}) |")
+        cells = [
+            f"{rate['median']:.0f} ({rate['min']:.0f}–{rate['max']:.0f})"
+            for rate in (figures["messages_per_s"], figures["jobs_per_s"])
+        ]
+        rows.append(f"| {kind} | {' | '.join(cells)} |")
     return "\n".join(rows) + "\n"
 
 
