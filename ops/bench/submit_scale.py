@@ -24,6 +24,7 @@ import redis
 from ops.bench import harness
 from ops.bench.harness import run_child
 from ops.bench.report import run_line
+from producer.fair import FairQueue
 from producer.state import MARK_BATCH, JobState, RunStore
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def settle_done(redis_url: str, count: int) -> None:
     key, through the script workers use (many jobs per call): what stays is the run's state
     once it is done."""
     broker, backend = redis.Redis.from_url(f"{redis_url}/0"), redis.Redis.from_url(f"{redis_url}/1")
-    broker.delete("deepqueue")
+    FairQueue(broker, "deepqueue").drop(RUN)  # what workers taking every message leave
     store = RunStore(backend)
     folder = f"s3://deepqueue/{RUN}/images"
     queued = list(store.job_ids(RUN, JobState.QUEUED))
