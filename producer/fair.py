@@ -24,7 +24,9 @@ FIFO, outside fair share.
 
 Weights and classes are per run, in every queue it uses, and may change while it runs
 (``set_share``: ``SHARES_KEY``). Each queue's fair hash (``deepqueue:fair:{queue}``) holds its
-classes' virtual times and the counters of what waits in its runs' lists (``waiting``).
+classes' virtual times, the counters of what waits in its runs' lists (``waiting``) and each
+run's jobs waiting (``waiting_of``, which a submit's ``max_queued`` reads). A cancelled run's
+list goes at once with as many tokens, any (``drop_run``).
 """
 
 from __future__ import annotations
