@@ -280,3 +280,19 @@ def test_a_token_with_no_message_behind_it_is_dropped_quietly(reader):
         reader.connection.drain_events(timeout=1)
     assert reader.db.llen(QUEUE) == 0 and reader.db.llen(taking_key(QUEUE, "reader")) == 0
     assert reader.db.llen(DEAD_LETTERS_KEY) == 0 and reader.take(kombu_entry("t-4")) == "delivered"
+
+
+def test_a_message_swapped_in_but_never_recorded_goes_back_and_is_delivered(reader):
+    """Redis lost between the swap and kombu's record: the message waits in the taking list, and
+    the first poll after the reconnect puts it back on the queue's list, from where it is
+    delivered (with the class it was sent in lost: normal)."""
+    publish(reader.db, QUEUE, [make_job(i, run_id="swapped") for i in range(3)], per_message=8)
+    taking = taking_key(QUEUE, "reader")
+    assert reader.db.lmove(QUEUE, taking, "RIGHT", "LEFT") == TOKEN
+    _, item = FairQueue(reader.db, QUEUE).take(taking)  # what the failed poll did
+    assert reader.db.lrange(taking, 0, -1) == [item] and reader.db.llen(QUEUE) == 0
+    reader.consumer.channel.taking_checked.clear()  # as after a lost connection
+    reader.connection.drain_events(timeout=10)
+    [message] = reader.delivered
+    assert message.headers["id"].endswith("+2") and PRIORITY_HEADER not in message.headers
+    assert reader.db.llen(taking) == 0 and reader.db.llen(QUEUE) == 0 and reader.db.hlen("unacked") == 0
