@@ -169,23 +169,25 @@ class BatchingStrategy:
 
     def _not_final(self, parts: list[Part[Any]]) -> list[Part[Any]]:
         """Of a prompt batch delivered again, the jobs to run: those that ended final before it
-        went back end here at once (Redis down: all run; the pool skips a done job anyway)."""
+        went back end here at once, as they ended (Redis down: all run; the pool skips a done
+        job anyway)."""
         by_run: dict[str, list[Part[Any]]] = {}
         for part in parts:
             if part.job is not None:
                 by_run.setdefault(part.job.run_id, []).append(part)
-        final: set[int] = set()
+        ended: dict[int, JobState] = {}
         for run_id, of_run in by_run.items():
             try:
                 states = self.store.states(run_id, [part.id for part in of_run])
             except Exception as error:  # Redis trouble: run them all
                 logger.debug("could not read the states of a redelivered batch of run %s: %r", run_id, error)
                 continue
-            final.update(id(part) for part, state in zip(of_run, states, strict=True) if state in ENDED)
+            ended.update((id(part), state) for part, state in zip(of_run, states, strict=True) if state in ENDED)
         for part in parts:
-            if id(part) in final:
-                self._final(part, True, None)
-        return [part for part in parts if id(part) not in final]
+            if (state := ended.get(id(part))) is not None:
+                ok = state is JobState.DONE
+                self._final(part, ok, None if ok else f"{state.value} before its message was delivered again")
+        return [part for part in parts if id(part) not in ended]
 
     def _accept(self, part: Part[Any]) -> None:
         """Hold the message and buffer the job (one that is not a job goes to the pool alone)."""
