@@ -25,7 +25,7 @@ from producer.job import Job
 from producer.layout import WORKER_HELD_KEY, WORKER_QUEUES_KEY, WORKERS_KEY
 from producer.settings import ClientSettings
 from producer.storage import LocalStorage
-from tests.helpers import local_worker_settings, make_job
+from tests.helpers import local_worker_settings, lose_queue, make_job
 from worker.embedded import MemoryReporter
 from worker.metrics import (
     ERROR_KINDS,
@@ -207,6 +207,7 @@ def test_queue_depth_counts_waiting_and_reserved_jobs(redis_server: str) -> None
             assert depth.depth() == (4 + 16, 2 + 8)
             simple.close()
     finally:
+        lose_queue(client, queue)
         client.delete(*depth.waiting_keys, WORKERS_KEY, WORKER_QUEUES_KEY, WORKER_HELD_KEY, "_kombu.binding." + queue)
 
 
