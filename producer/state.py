@@ -247,7 +247,10 @@ class RunStore:
         for args in self._queued_batches(run_id, job_ids):
             raw = self._call(run_id, mode, args)
             if raw:  # 0 in a deleted run
-                claimed.update(zip((v.decode() for v in raw[0::2]), (v.decode() for v in raw[1::2]), strict=True))
+                flags, *before = raw
+                ids = args[0::4]
+                claimed.update((job_id, "") for job_id, flag in zip(ids, flags.decode(), strict=True) if flag == "1")
+                claimed.update(zip((v.decode() for v in before[0::2]), (v.decode() for v in before[1::2]), strict=True))
         return claimed
 
     def unclaim(self, run_id: str, claimed: Mapping[str, str]) -> None:

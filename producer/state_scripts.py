@@ -31,8 +31,10 @@ from producer.slots import BLOCK_SLOTS, SLOT_BYTES
 # them (cancelled, unless final); in a deleted one nothing is written (0).
 # The states 'claim' and 'claim+queued' are a producer's, before it sends: each job moves to
 # 'queued' only if it is new or failed (or, with '+queued', queued already), and the script returns
-# each claimed id with what it was ('' for a new job, else its state code, and a failed job's
-# reason after it), so producers racing one run each send only what they claimed: every job once.
+# a string of one character per job, '1' for each it claimed, then each claimed id that was not
+# new with what it was (its state code, and a failed job's reason after it): producers racing one
+# run each send only what they claimed, every job once. (One string for the many new jobs: a
+# reply of an element per job cost the producer more to read than Redis to write.)
 # 'unclaim' (ARGV after the prefix: id, index, tag and what it was, as a claim returned it) puts
 # back jobs still queued after their publish failed.
 _TRANSITION = """
@@ -135,7 +137,7 @@ if asked == 'unclaim' then
   return 0
 end
 local claim = asked == 'claim' or asked == 'claim+queued'
-local claimed = {}
+local flags, claimed = {}, {}
 if claim then asked = 'queued' end
 local cancelled = redis.call('HEXISTS', META, 'cancelled_at') == 1
 if asked == 'drop' then
@@ -158,11 +160,13 @@ for i = 3, #ARGV, 4 do
   local allowed = not final and not (asked == 'queued' and old == 'running')
     and not (asked == 'cancelled' and old and old ~= 'queued')
     and not (claim and old and old ~= 'failed' and not (old == 'queued' and ARGV[1] == 'claim+queued'))
+  local taken = allowed and claim and new == asked
+  if claim then flags[#flags + 1] = taken and '1' or '0' end
+  if taken and at.state then
+    claimed[#claimed + 1] = id
+    claimed[#claimed + 1] = at.state .. (old == 'failed' and (redis.call('HGET', REASONS, id) or '') or '')
+  end
   if allowed then
-    if claim and new == asked then
-      claimed[#claimed + 1] = id
-      claimed[#claimed + 1] = (at.state or '') .. (old == 'failed' and (redis.call('HGET', REASONS, id) or '') or '')
-    end
     put(at, id, code[new], new == 'done' and done_extension(id, detail) or '-')
     if new == 'failed' then redis.call('HSET', REASONS, id, detail) end
     if new == 'running' and detail ~= '' then redis.call('HSET', RUNNING, id, detail) end
@@ -178,7 +182,7 @@ end
 if counts.r > 0 and new == 'running' then redis.call('HSETNX', META, 'first_started_at', now) end
 if new == 'failed' and moved > 0 then redis.call('HSET', META, 'last_failed_at', now) end
 write_counts()
-if claim then return claimed end
+if claim then return {table.concat(flags), unpack(claimed)} end
 return moved
 """
 
