@@ -17,10 +17,13 @@ one image per thread, plus one manifest record batch, whatever the run's size.
   that is null there and set later fails the load: the metadata keeps only columns that always
   have a value (``negative_prompt`` is ``""`` when none was given, which is what the pipeline
   used; ``cache_branch`` is 0 when DeepCache is off, as in the batch key).
-- ``webdataset``: ``00000.tar`` with ``{job_id}.png`` (or .webp/.jpg), ``{job_id}.json`` (the
-  manifest row) and ``{job_id}.txt`` (the prompt) per sample, plus ``00000.parquet`` (the rows,
-  without images) and ``00000_stats.json``, as img2dataset writes them. Job ids hold no dots,
-  so each is one WebDataset key.
+- ``webdataset``: img2dataset's layout and columns. ``00000.tar`` with ``{key}.png`` (or
+  .webp/.jpg), ``{key}.json`` (the row) and ``{key}.txt`` (the prompt) per sample, plus
+  ``00000.parquet`` (the rows, without images) and ``00000_stats.json``. A row is the manifest
+  row with img2dataset's columns first (``WEBDATASET_COLUMNS``): ``key`` is the sample's key in
+  the tar (its job id: no dots, so one WebDataset key), so the parquet joins the tar on it;
+  ``status`` is ``success`` (an export holds done jobs only), ``error_message`` null, ``caption``
+  the prompt; the image's object key, the manifest's ``key``, moves to ``image_key``.
 
 Targets (``producer.export_target``): a folder, or ``s3://bucket/prefix`` on the run's S3
 endpoint (images are copied server-side when the run is on S3 too); by default
@@ -143,8 +146,21 @@ def imagefolder_record(row: Mapping[str, Any], file_name: str) -> dict[str, Any]
     return record
 
 
+#: img2dataset's columns, before the manifest's in a WebDataset export's rows (``webdataset_row``).
+I2D_COLUMNS = (("key", "string"), ("status", "string"), ("error_message", "string"), ("caption", "string"))
+#: A WebDataset export's row: img2dataset's columns, then the manifest's, its ``key`` as ``image_key``.
+WEBDATASET_COLUMNS = (*I2D_COLUMNS, *(("image_key" if name == "key" else name, kind) for name, kind in COLUMNS))
+
+
+def webdataset_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A manifest row as img2dataset writes its rows (``WEBDATASET_COLUMNS``). Pure."""
+    i2d = {"key": row["job_id"], "status": "success", "error_message": None, "caption": row.get("prompt")}
+    rest = {("image_key" if name == "key" else name): value for name, value in row.items()}
+    return i2d | rest
+
+
 def sample_json(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A WebDataset sample's ``.json``: the manifest row, without the raw sidecar text."""
+    """A WebDataset sample's ``.json``: its row, without the raw sidecar text."""
     return {name: value for name, value in row.items() if name != "sidecar"}
 
 
@@ -301,11 +317,12 @@ def _webdataset(job: _Job) -> int:
             current, shards, stats = shard, shards + 1, _ShardStats()
         assert tar is not None and rows is not None
         when = int(row.get("finished_at") or 0)
-        key = row["job_id"]
+        sample = webdataset_row(row)
+        key = sample["key"]
         _add_member(tar, f"{key}.{extension(row)}", data, when)
-        _add_member(tar, f"{key}.json", json.dumps(sample_json(row), ensure_ascii=False).encode(), when)
+        _add_member(tar, f"{key}.json", json.dumps(sample_json(sample), ensure_ascii=False).encode(), when)
         _add_member(tar, f"{key}.txt", (row.get("prompt") or "").encode(), when)
-        rows.add(row)
+        rows.add(sample)
         stats.add(len(data))
         job.counted.add(len(data))
     if tar is not None:
@@ -319,7 +336,7 @@ def _rows_parquet(job: _Job, shard: int) -> ParquetShards:
     def publish(_: int, path: Path) -> None:
         job.target.put_file(f"{shard:05d}.parquet", path, "application/vnd.apache.parquet")
 
-    return ParquetShards(job.folder, arrow_schema(COLUMNS), publish, shard_rows=job.shard_size)
+    return ParquetShards(job.folder, arrow_schema(WEBDATASET_COLUMNS), publish, shard_rows=job.shard_size)
 
 
 class _ShardStats:

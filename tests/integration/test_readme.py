@@ -1,7 +1,7 @@
 """Every command and snippet of the README, run as written on the stack `make services` starts
 (issue 14): the tour of every command, the console transcript, the Python client example (its
 Redis URLs pointed at the stack: only the ports change), the export-loading snippet on a run that
-mixes png, webp and jpeg, and `make demo`. The two blocks not run here say why in NOT_RUN.
+mixes png, webp and jpeg, the runs sharing the workers, and `make demo`. The two blocks not run here say why in NOT_RUN.
 """
 
 from __future__ import annotations
@@ -128,6 +128,15 @@ def test_the_tour_and_the_export_snippet_run_as_written(workspace):
     assert snippet.returncode == 0, snippet.stderr[-3000:]
 
 
+def test_the_several_runs_block_runs_as_written(workspace):
+    folder, _ = workspace
+    result = bash(one("bash", "Several runs at once"), folder)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "run faces: priority normal, weight 1\n" in result.stdout
+    assert "; priority normal, weight 1\n" in result.stdout  # deepqueue status faces
+    assert "run later finished: 24 images, 0 failed" in result.stdout, result.stdout
+
+
 def test_the_console_transcript_runs_as_written(workspace):
     folder, _ = workspace
     commands = [
@@ -172,7 +181,7 @@ def test_make_demo_runs_as_written(tiny_model, tmp_path):
 def test_no_block_is_left_out_unexplained():
     """Every block with a language is run above, or named in NOT_RUN with the reason."""
     ran = {("bash", "The two commands"), ("bash", "Trying it"), ("console", "Choosing DeepCache")}
-    ran |= {("python", "Python client"), ("python", "Outputs")}
+    ran |= {("bash", "Several runs"), ("python", "Python client"), ("python", "Outputs")}
     for block in blocks():
         if block.language in ("text", "diff"):
             continue

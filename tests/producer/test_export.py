@@ -188,6 +188,25 @@ def test_webdataset_export_reads_with_webdataset(written, tmp_path: Path) -> Non
     assert stats["count"] == stats["successes"] == 3
 
 
+def test_a_webdataset_shard_reads_as_img2dataset_users_read_theirs(written, tmp_path: Path) -> None:
+    """img2dataset's layout: the parquet's ``key`` is the tar's sample key (join on it), ``status``
+    says success, ``caption`` is the text, and each sample's ``.json`` is its row; the image's
+    object key is ``image_key``."""
+    wds = pytest.importorskip("webdataset")
+    pd = pytest.importorskip("pandas")
+    run_export(written, "webdataset", tmp_path / "wds", shard_size=4)
+    rows = pq.read_table(tmp_path / "wds" / "00000.parquet").to_pandas()
+    assert list(rows.columns[:4]) == ["key", "status", "error_message", "caption"] and "image_key" in rows
+    ok = rows[rows["status"] == "success"].set_index("key")
+    samples = wds.WebDataset(str(tmp_path / "wds" / "00000.tar"), shardshuffle=False).decode("pil")
+    joined = [(sample, ok.loc[sample["__key__"]]) for sample in samples]
+    assert len(joined) == len(ok) == 4
+    for sample, row in joined:
+        assert sample["txt"] == row["caption"] == row["prompt"] and sample["png"].size == (row["width"], row["height"])
+        assert sample["json"]["key"] == sample["__key__"] and sample["json"]["status"] == "success"
+        assert row["image_key"].endswith(f"{sample['__key__']}.png") and pd.isna(row["error_message"])
+
+
 def test_a_target_in_use_is_refused_unless_overwrite(written, tmp_path: Path) -> None:
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "old.txt").write_text("keep")
