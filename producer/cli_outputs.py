@@ -68,16 +68,25 @@ def manifest_lines(stats: dict[str, Any]) -> list[str]:
 )
 @click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True, help="Images per shard.")
 @click.option("--overwrite", is_flag=True, help="Empty the target first if it is not empty.")
-def export_command(run_id: str, fmt: str, to: str | None, shard_size: int, overwrite: bool) -> None:
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Finish an export of this run, format and shard size that stopped half-way there: its complete "
+    "shards are kept, the rest written again.",
+)
+def export_command(run_id: str, fmt: str, to: str | None, shard_size: int, overwrite: bool, resume: bool) -> None:
     """Export RUN_ID's images with their recipes: parquet (an image column datasets decodes),
     imagefolder (metadata.jsonl per folder, for datasets' imagefolder) or webdataset (tar
     shards with .png/.json/.txt per image and a parquet per shard, as img2dataset writes them).
     Streamed shard by shard; the manifest is compacted first if it is missing or stale."""
     with Client() as client:
-        result = client.export(run_id, fmt, to, shard_size=shard_size, overwrite=overwrite, progress=True)
+        result = client.export(
+            run_id, fmt, to, shard_size=shard_size, overwrite=overwrite, resume=resume, progress=True
+        )
+    kept = f", {result.kept_shards} complete shards kept" if result.kept_shards else ""
     click.echo(
         f"exported {result.rows} images of {run_id} as {fmt} in {result.shards} shards to {result.to} "
-        f"({result.seconds:.1f} s)"
+        f"({result.seconds:.1f} s{kept})"
     )
 
 

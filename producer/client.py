@@ -441,13 +441,15 @@ class Client:
         *,
         shard_size: int = 10_000,
         overwrite: bool = False,
+        resume: bool = False,
         progress: bool = False,
     ) -> ExportResult:
         """Export ``run_id`` as ``format`` (``parquet``, ``imagefolder`` or ``webdataset``) to
         ``to``: ``s3://bucket/prefix`` (on the run's S3 endpoint), a folder, or by default
         ``{prefix}/{run}/exports/{format}/`` beside the run. Streamed shard by shard from the
         manifest, which is compacted first when it is missing or stale; ``shard_size`` images
-        per shard. The target must be empty unless ``overwrite``. Needs the ``export`` extra."""
+        per shard. The target must be empty unless ``overwrite``, or hold this export stopped
+        half-way with ``resume`` (its complete shards are kept). Needs the ``export`` extra."""
         self.run(run_id)
         with export_extra():
             from producer.export import export
@@ -466,6 +468,7 @@ class Client:
                 target,
                 shard_size=shard_size,
                 overwrite=overwrite,
+                resume=resume,
                 progress=progress,
             )
 

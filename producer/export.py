@@ -28,12 +28,20 @@ one image per thread, plus one manifest record batch, whatever the run's size.
 Targets (``producer.export_target``): a folder, or ``s3://bucket/prefix`` on the run's S3
 endpoint (images are copied server-side when the run is on S3 too); by default
 ``{prefix}/{run}/exports/{format}/`` beside the run. A target must be empty unless
-``overwrite``, which empties it first.
+``overwrite``, which empties it first, or ``resume``.
+
+Every file is published whole (a temporary file renamed, or one S3 PUT), and a shard's last file
+(``DONE_FILE``) is written after all its others. An export records what it is in
+``_deepqueue_export.json`` (pyarrow and ``datasets`` skip names starting with ``_``) before its
+first shard; ``resume`` on a target holding the same export (run, format, shard size, manifest)
+keeps its complete shards, writes the others again, and skips the complete shards' rows without
+reading their images: an export killed half-way resumes at its last complete shard.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 import tempfile
@@ -56,6 +64,14 @@ from producer.state import RunStore
 from producer.storage import Storage
 
 FORMATS = ("parquet", "imagefolder", "webdataset")
+#: Each format's file that a shard writes last: its presence means the shard is complete.
+DONE_FILE = {
+    "parquet": "part-{shard:05d}.parquet",
+    "imagefolder": "{shard:05d}/metadata.jsonl",
+    "webdataset": "{shard:05d}_stats.json",
+}
+#: What an export records about itself in its target, for ``resume``.
+RECORD_FILE = "_deepqueue_export.json"
 DEFAULT_SHARD_SIZE = 10_000
 #: Image bytes per Parquet row group (and at most ``GROUP_ROWS`` rows).
 GROUP_BYTES = 64 << 20
@@ -180,6 +196,7 @@ class ExportResult:
     shards: int
     bytes: int  # image bytes exported
     seconds: float
+    kept_shards: int = 0  # complete shards a resumed export found and kept
 
 
 def export(
@@ -192,6 +209,7 @@ def export(
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = False,
     threads: int = READ_THREADS,
     tmp_dir: str | Path | None = None,
@@ -203,19 +221,50 @@ def export(
         raise ExportError(f"shard size must be at least 1, got {shard_size}")
     began = time.perf_counter()
     stats = ensure_manifest(store, storage, prefix, run_id, progress=progress)
-    if not target.is_empty():
-        if not overwrite:
-            raise ExportError(f"{target.url} is not empty: choose another target, or pass --overwrite to empty it")
-        target.clear()
+    total = stats["manifest"]["rows"]
+    record = {"run": run_id, "format": fmt, "shard_size": shard_size, "rows": total}
+    kept = _kept_shards(target, record, fmt, resume=resume, overwrite=overwrite)
+    if not kept:
+        target.put_bytes(RECORD_FILE, json.dumps(record).encode(), "application/json")
     writer = {"parquet": _parquet, "imagefolder": _imagefolder, "webdataset": _webdataset}[fmt]
     with tempfile.TemporaryDirectory(prefix="deepqueue-export-", dir=tmp_dir) as tmp:
         folder = Path(tmp)
-        rows = iter_manifest(storage, stats, folder)
-        total = stats["manifest"]["rows"]
-        with tqdm(total=total, unit="img", desc=f"export {fmt}", disable=not progress) as bar:
+        rows = itertools.islice(iter_manifest(storage, stats, folder), kept * shard_size, None)
+        skipped = min(total, kept * shard_size)
+        with tqdm(total=total, initial=skipped, unit="img", desc=f"export {fmt}", disable=not progress) as bar:
             counted = _Counted(bar)
-            shards = writer(_Job(rows, storage, target, folder, shard_size, threads, counted))
-    return ExportResult(run_id, fmt, target.url, counted.rows, shards, counted.bytes, time.perf_counter() - began)
+            written = writer(_Job(rows, storage, target, folder, shard_size, threads, counted, first_shard=kept))
+    seconds = time.perf_counter() - began
+    return ExportResult(run_id, fmt, target.url, counted.rows, kept + written, counted.bytes, seconds, kept)
+
+
+def _kept_shards(target: Target, record: dict[str, Any], fmt: str, *, resume: bool, overwrite: bool) -> int:
+    """How many complete shards of this very export ``target`` holds (``resume``), 0 for an empty
+    target (``overwrite``: emptied first); raises ExportError for a target in other use."""
+    if target.is_empty():
+        return 0
+    if resume:
+        try:
+            found = json.loads(target.storage.get(target.key(RECORD_FILE)))
+        except Exception:  # no record, or not one: another export, or other files
+            found = None
+        if found == record:
+            shard = 0
+            while target.storage.exists(target.key(DONE_FILE[fmt].format(shard=shard))):
+                shard += 1
+            return shard
+        if not overwrite:
+            raise ExportError(
+                f"{target.url} holds no unfinished export of {record['run']} as {fmt} in shards of "
+                f"{record['shard_size']} (of the manifest as it is now): pass --overwrite to empty it"
+            )
+    elif not overwrite:
+        raise ExportError(
+            f"{target.url} is not empty: choose another target, pass --resume to finish an export "
+            "there, or --overwrite to empty it"
+        )
+    target.clear()
+    return 0
 
 
 class _Counted:
@@ -237,6 +286,11 @@ class _Job:
     shard_size: int
     threads: int
     counted: _Counted
+    first_shard: int = 0  # the first shard to write (a resumed export's); ``rows`` start there
+
+    def positioned(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(position in the manifest, row)``."""
+        return enumerate(self.rows, self.first_shard * self.shard_size)
 
     def with_images(self) -> Iterator[tuple[int, dict[str, Any], bytes]]:
         """``(position, row, image bytes)`` in manifest order, ``threads`` reads in flight."""
@@ -244,7 +298,7 @@ class _Job:
         def fetch(item: tuple[int, dict[str, Any]]) -> bytes:
             return self.storage.get(item[1]["key"])
 
-        for (position, row), data in ordered_map(fetch, enumerate(self.rows), self.threads):
+        for (position, row), data in ordered_map(fetch, self.positioned(), self.threads):
             yield position, row, data
 
 
@@ -255,12 +309,18 @@ def _parquet(job: _Job) -> int:
         job.target.put_file(f"part-{index:05d}.parquet", path, "application/vnd.apache.parquet")
 
     shards = ParquetShards(
-        job.folder, schema, publish, shard_rows=job.shard_size, group_rows=GROUP_ROWS, group_bytes=GROUP_BYTES
+        job.folder,
+        schema,
+        publish,
+        shard_rows=job.shard_size,
+        group_rows=GROUP_ROWS,
+        group_bytes=GROUP_BYTES,
+        first=job.first_shard,
     )
     for _, row, data in job.with_images():
         shards.add({"image": {"bytes": data, "path": f"{row['job_id']}.{extension(row)}"}, **row})
         job.counted.add(len(data))
-    return shards.close()
+    return shards.close() - job.first_shard
 
 
 def _imagefolder(job: _Job) -> int:
@@ -278,7 +338,7 @@ def _imagefolder(job: _Job) -> int:
         metadata.close()
         job.target.put_file(f"{shard:05d}/metadata.jsonl", path, "application/x-ndjson")
 
-    for (position, row), size in ordered_map(transfer, enumerate(job.rows), job.threads):
+    for (position, row), size in ordered_map(transfer, job.positioned(), job.threads):
         shard = shard_of(position, job.shard_size)
         if shard != current:
             if metadata is not None:

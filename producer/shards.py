@@ -48,7 +48,8 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = READ_TH
 
 class ParquetShards:
     """Rows into Parquet shards of ``shard_rows`` rows, each written to a temporary file and
-    handed to ``publish(index, path)`` when full; row groups of ``group_rows`` rows."""
+    handed to ``publish(index, path)`` when full; row groups of ``group_rows`` rows. Indexes
+    start at ``first`` (a resumed export's next shard)."""
 
     def __init__(
         self,
@@ -60,6 +61,7 @@ class ParquetShards:
         group_rows: int = ROW_GROUP_ROWS,
         group_bytes: int | None = None,
         compression: str = "zstd",
+        first: int = 0,
     ) -> None:
         self.folder, self.schema, self.publish = folder, schema, publish
         self.shard_rows, self.group_rows, self.compression = (
@@ -68,7 +70,7 @@ class ParquetShards:
             compression,
         )
         self.group_bytes = group_bytes  # with rows that hold an ``image`` struct: bytes per row group
-        self.shards = 0
+        self.shards = first
         self._group_size = 0
         self._writer: pq.ParquetWriter | None = None
         self._path: Path | None = None
@@ -86,7 +88,7 @@ class ParquetShards:
             self._finish_shard()
 
     def close(self) -> int:
-        """Publish the last shard; returns how many were published."""
+        """Publish the last shard; returns the index after it (how many there are, from 0)."""
         if self._in_shard:
             self._finish_shard()
         return self.shards

@@ -257,6 +257,7 @@ def test_cli_manifest_and_export(generated, tmp_path: Path, monkeypatch) -> None
         "00000.parquet",
         "00000.tar",
         "00000_stats.json",
+        "_deepqueue_export.json",
     ]
 
     unknown = runner.invoke(cli, ["export", "no-such-run", "--format", "parquet", "--to", str(tmp_path / "x")])

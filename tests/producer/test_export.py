@@ -21,8 +21,10 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from producer.errors import ExportError  # noqa: E402
 from producer.export import (  # noqa: E402
+    DONE_FILE,
     FORMATS,
     IMAGEFOLDER_COLUMNS,
+    RECORD_FILE,
     export,
     hf_features,
     imagefolder_record,
@@ -137,8 +139,8 @@ def test_parquet_export_reads_with_pyarrow_pandas_and_datasets(written, tmp_path
 def test_imagefolder_export_loads_with_recipe_columns(written, tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     run_export(written, "imagefolder", tmp_path / "if", shard_size=3)
-    folders = sorted(p.name for p in (tmp_path / "if").iterdir())
-    assert folders == ["00000", "00001", "00002"]
+    folders = sorted(p.name for p in (tmp_path / "if").iterdir() if p.is_dir())
+    assert folders == ["00000", "00001", "00002"] and (tmp_path / "if" / RECORD_FILE).is_file()
     assert all((tmp_path / "if" / folder / "metadata.jsonl").is_file() for folder in folders)
     loaded = datasets.load_dataset(
         "imagefolder", data_dir=str(tmp_path / "if"), split="train", cache_dir=str(tmp_path / "hf")
@@ -163,7 +165,7 @@ def test_imagefolder_export_loads_with_recipe_columns(written, tmp_path: Path) -
 def test_webdataset_export_reads_with_webdataset(written, tmp_path: Path) -> None:
     wds = pytest.importorskip("webdataset")
     run_export(written, "webdataset", tmp_path / "wds", shard_size=4)
-    names = sorted(p.name for p in (tmp_path / "wds").iterdir())
+    names = sorted(p.name for p in (tmp_path / "wds").iterdir() if p.name != RECORD_FILE)
     assert names == [
         "00000.parquet",
         "00000.tar",
@@ -252,3 +254,37 @@ def test_the_readme_loading_example_runs(written, tmp_path: Path, monkeypatch) -
     exec(compile(code, "README.md", "exec"), scope)
     assert len(scope["frame"]) == len(scope["pq_ds"]) == len(scope["if_ds"]) == 7
     assert scope["prompt"] == written.jobs[-1].prompt  # the loop's last sample
+
+
+class KilledAt(BaseException):
+    """The export's process dying (a BaseException, like the KeyboardInterrupt or SystemExit of a kill)."""
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_export_killed_half_way_resumes_at_its_last_complete_shard(written, tmp_path: Path, fmt: str) -> None:
+    """The kill is injected where a shard's file is published (a test of where it stops, not of
+    signals): the third shard dies between its files, or before its last one. The resumed export
+    keeps the two complete shards, writes the rest again, and ends as an export in one go does."""
+    folder, whole = tmp_path / "resumed", tmp_path / "whole"
+    target = resolve_target(folder, fmt, run_id=RUN, storage=written.storage, prefix="", endpoint_url=None)
+    publish, dying = target.put_file, DONE_FILE[fmt].format(shard=2)
+
+    def put_file(name: str, path: Path, content_type: str) -> None:
+        if name == dying or (fmt == "webdataset" and name == "00002.parquet"):
+            raise KilledAt(name)
+        publish(name, path, content_type)
+
+    target.put_file = put_file  # type: ignore[method-assign]
+    with pytest.raises(KilledAt):
+        export(written.store, written.storage, "", RUN, fmt, target, shard_size=2, threads=2)
+    with pytest.raises(ExportError, match="not empty"):
+        run_export(written, fmt, folder, shard_size=2)
+    with pytest.raises(ExportError, match="no unfinished export"):
+        run_export(written, fmt, folder, shard_size=3, resume=True)  # another export: not mixed in
+    resumed = run_export(written, fmt, folder, shard_size=2, resume=True)
+    assert (resumed.kept_shards, resumed.shards, resumed.rows) == (2, 4, 3)  # 7 images: 2 + 2 | 2 + 1
+    run_export(written, fmt, whole, shard_size=2)
+    files = {path.relative_to(folder) for path in folder.rglob("*") if path.is_file()}
+    assert files == {path.relative_to(whole) for path in whole.rglob("*") if path.is_file()}
+    assert not [path for path in folder.rglob(".part-*")]  # no half-written file left visible
+    assert run_export(written, fmt, folder, shard_size=2, resume=True).rows == 0  # finished: nothing to do
