@@ -33,7 +33,8 @@ endpoint (images are copied server-side when the run is on S3 too); by default
 Every file is published whole (a temporary file renamed, or one S3 PUT), and a shard's last file
 (``DONE_FILE``) is written after all its others. An export records what it is in
 ``_deepqueue_export.json`` (pyarrow and ``datasets`` skip names starting with ``_``) before its
-first shard; ``resume`` on a target holding the same export (run, format, shard size, manifest)
+first shard; ``resume`` on a target holding the same export (run, format, shard size, and the
+manifest built from the same parts, audit and done count)
 keeps its complete shards, writes the others again, and skips the complete shards' rows without
 reading their images: an export killed half-way resumes at its last complete shard.
 """
@@ -222,7 +223,8 @@ def export(
     began = time.perf_counter()
     stats = ensure_manifest(store, storage, prefix, run_id, progress=progress)
     total = stats["manifest"]["rows"]
-    record = {"run": run_id, "format": fmt, "shard_size": shard_size, "rows": total}
+    manifest = stats["manifest"]
+    record = {"run": run_id, "format": fmt, "shard_size": shard_size, "rows": total, "manifest": manifest.get("source")}
     kept = _kept_shards(target, record, fmt, resume=resume, overwrite=overwrite)
     if not kept:
         target.put_bytes(RECORD_FILE, json.dumps(record).encode(), "application/json")

@@ -51,8 +51,10 @@ TOKEN = b"deepqueue:next"
 PRIORITY_HEADER = "x-deepqueue-priority"
 
 # Shared by the scripts. KEYS[1] is SHARES_KEY. A run with messages in a queue is in exactly one of
-# the queue's class zsets: its class's (c:{run}, normal when unset); joining, it starts at the
-# class's virtual time in that queue (vt:{class} of the queue's fair hash).
+# the queue's class zsets: its class's (c:{run}, normal when unset). Joining, it starts at the
+# class's virtual time in that queue (vt:{class} of the queue's fair hash), or at the pass it had
+# reached when its list last ran empty (p:{run}) if that is later: a run whose list empties and
+# fills again (a submit with max_queued) keeps its place instead of jumping the line.
 _LINES = """
 local function share_of(run)
   local share = redis.call('HMGET', KEYS[1], 'c:' .. run, 'w:' .. run)
@@ -60,7 +62,9 @@ local function share_of(run)
 end
 local function join(fair, line, class, run)
   if not redis.call('ZSCORE', line, run) then
-    redis.call('ZADD', line, tonumber(redis.call('HGET', fair, 'vt:' .. class)) or 0, run)
+    local at = redis.call('HMGET', fair, 'vt:' .. class, 'p:' .. run)
+    redis.call('ZADD', line, math.max(tonumber(at[1]) or 0, tonumber(at[2]) or 0), run)
+    redis.call('HDEL', fair, 'p:' .. run)
   end
 end
 local classes = {'high', 'normal', 'low'}
@@ -116,6 +120,7 @@ for index = 1, 3 do
       redis.call('HSET', KEYS[2], 'vt:' .. classes[index], pass)
       if redis.call('LLEN', list) == 0 then
         redis.call('ZREM', line, run)
+        redis.call('HSET', KEYS[2], 'p:' .. run, pass + jobs / weight)
       else
         redis.call('ZADD', line, pass + jobs / weight, run)
       end
@@ -139,7 +144,7 @@ local messages = redis.call('LLEN', KEYS[6])
 local jobs = tonumber(redis.call('HGET', KEYS[2], 'j:' .. run)) or 0
 redis.call('DEL', KEYS[6])
 for index = 3, 5 do redis.call('ZREM', KEYS[index], run) end
-redis.call('HDEL', KEYS[2], 'j:' .. run)
+redis.call('HDEL', KEYS[2], 'j:' .. run, 'p:' .. run)
 if messages > 0 then
   redis.call('HINCRBY', KEYS[2], 'messages', -messages)
   redis.call('HINCRBY', KEYS[2], 'jobs', 0 - jobs)  -- (-0, where jobs is 0, is no integer to Redis)
@@ -148,9 +153,11 @@ end
 return messages
 """
 
-# KEYS: shares, then for each fair queue its fair hash and class zsets. ARGV: run, class or ''
-# (unchanged), weight or ''. A run that changes class moves, in each queue where it has
-# messages, to its new class's line.
+# KEYS: shares, the set of fair queues. ARGV: run, class or '' (unchanged), weight or '', the
+# prefix of the queues' fair hashes (a queue's class zsets are its hash's name, ':', the class).
+# A run that changes class moves, in each queue where it has messages, to its new class's line
+# (passes of two classes are not comparable: it starts at the new one's virtual time). The
+# queues are read here, so that one a submit adds meanwhile is not missed.
 SET_SHARE = (
     _LINES
     + """
@@ -160,8 +167,10 @@ if class ~= '' then
   local current = share_of(run)
   redis.call('HSET', KEYS[1], 'c:' .. run, class)
   if current ~= class then
-    for q = 2, #KEYS, 4 do
-      if redis.call('ZREM', KEYS[q + rank[current]], run) == 1 then join(KEYS[q], KEYS[q + rank[class]], class, run) end
+    for _, queue in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+      local fair = ARGV[4] .. queue
+      redis.call('HDEL', fair, 'p:' .. run)
+      if redis.call('ZREM', fair .. ':' .. current, run) == 1 then join(fair, fair .. ':' .. class, class, run) end
     end
   end
 end
@@ -201,10 +210,8 @@ def set_share(client: redis.Redis, run_id: str, *, priority: str | None = None, 
     message taken. Returns the run's share as it is now."""
     checked = checked_share(priority, weight)
     if any(checked):
-        keys = [SHARES_KEY]
-        for queue in fair_queues(client):
-            keys += queue_keys(queue.queue)
-        client.register_script(SET_SHARE)(keys=keys, args=[run_id, *checked])
+        keys = [SHARES_KEY, FAIR_QUEUES_KEY]
+        client.register_script(SET_SHARE)(keys=keys, args=[run_id, *checked, fair_key("")])
     return share(client, run_id)
 
 
@@ -214,8 +221,10 @@ def share(client: redis.Redis, run_id: str) -> Share:
 
 
 def forget_share(client: redis.Redis, run_id: str) -> None:
-    """Drop a deleted run's class and weight."""
+    """Drop a deleted run's class, weight and places."""
     client.hdel(SHARES_KEY, f"c:{run_id}", f"w:{run_id}")
+    for queue in fair_queues(client):
+        client.hdel(fair_key(queue.queue), f"p:{run_id}")
 
 
 def fair_queues(client: redis.Redis) -> list[FairQueue]:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from producer.fair import TOKEN, FairQueue, ShareError, checked_share, set_share, share
-from producer.layout import run_list_key
+from producer.layout import class_key, run_list_key
 from tests.helpers import lose_queue
 
 QUEUE = "fairq"
@@ -167,3 +167,33 @@ def test_a_dropped_run_takes_its_messages_and_as_many_tokens(broker):
     assert broker.llen(QUEUE) == 5 and fair.waiting() == (5, 40) and fair.waiting_of("gone") == 0
     assert {take(broker, fair)[0] for _ in range(5)} == {"kept"} and fair.waiting() == (0, 0)
     assert fair.drop("gone") == 0 and broker.llen(QUEUE) == 0
+
+
+@pytest.mark.parametrize("weights", [(1, 1), (3, 1)])
+def test_a_run_whose_list_keeps_emptying_gets_its_share_not_more(broker, weights):
+    """Run "a" queues a message whenever its list ran empty (a submit with ``max_queued``, slow
+    workers); it comes back at the pass it had reached, not at the head of the line."""
+    fair = FairQueue(broker, QUEUE)
+    set_share(broker, "a", weight=weights[0])
+    set_share(broker, "b", weight=weights[1])
+    queue_runs(fair, {"b": 8}, messages=400)
+    served, sent = Counter(), 0
+    for _ in range(200):
+        if not fair.waiting_of("a"):
+            fair.enqueue("a", [message("a", sent)], 8)
+            sent += 1
+        served[take(broker, fair)[0]] += 1
+    share_a = weights[0] / sum(weights)
+    assert abs(served["a"] - 200 * share_a) <= 2, served
+
+
+def test_a_class_change_reaches_a_queue_the_run_has_just_started_using(broker):
+    """The queues are read inside the script: a run queued in a second queue moves there too."""
+    fair, other = FairQueue(broker, QUEUE), FairQueue(broker, "fairq.sdxl")
+    lose_queue(broker, "fairq.sdxl")
+    queue_runs(fair, {"bulk": 8, "r": 8}, messages=2)
+    queue_runs(other, {"bulk": 8, "r": 8}, messages=2)
+    set_share(broker, "r", priority="high")
+    for queue in (fair, other):
+        assert broker.zrange(class_key(queue.queue, "high"), 0, -1) == [b"r"]
+        assert broker.zrange(class_key(queue.queue, "normal"), 0, -1) == [b"bulk"]

@@ -296,3 +296,26 @@ def test_a_message_swapped_in_but_never_recorded_goes_back_and_is_delivered(read
     [message] = reader.delivered
     assert message.headers["id"].endswith("+2") and PRIORITY_HEADER not in message.headers
     assert reader.db.llen(taking) == 0 and reader.db.llen(QUEUE) == 0 and reader.db.hlen("unacked") == 0
+
+
+def test_a_popped_token_whose_swap_fails_is_stood_back_for_its_message(redis_urls, monkeypatch):
+    """kombu's BRPOP takes the token off the list itself; if the swap then fails (a Redis error:
+    injected, since a script's OOM cannot be caused on demand here), a token goes back in its
+    place, and the message is delivered on the next read."""
+    reader = Reader(redis_urls[0])  # no leases: BRPOP
+    try:
+        publish(reader.db, QUEUE, [make_job(0, run_id="kept")], per_message=8)
+        take = FairQueue.take
+
+        def fails_once(self: FairQueue, taking: str | None) -> Any:
+            monkeypatch.setattr(FairQueue, "take", take)
+            raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'")
+
+        monkeypatch.setattr(FairQueue, "take", fails_once)
+        with pytest.raises(redis.ResponseError):
+            reader.connection.drain_events(timeout=10)
+        assert reader.db.lrange(QUEUE, 0, -1) == [TOKEN] and not reader.delivered
+        reader.connection.drain_events(timeout=10)
+        assert [message.headers["id"] for message in reader.delivered] == [make_job(0, run_id="kept").job_id]
+    finally:
+        reader.close()

@@ -381,14 +381,22 @@ class Channel(redis.Channel):
             fair = self._fair[queue] = FairQueue(self.client, queue)
         try:
             taken = fair.take(key)
-        except self.connection_errors:
-            if key:
-                self.taking_checked.discard(key)  # the token, or its message, waits there
+        except Exception:
+            if key:  # the token, or its message, waits in the taking list: put back first thing
+                self.taking_checked.discard(key)
+            else:  # BRPOP popped the token: stand another in its place (a spare one is dropped when taken)
+                self._put_token_back(queue)
             raise
         if taken is None:
             return None
         priority, item = taken
         return queue, item, key, priority
+
+    def _put_token_back(self, queue: str) -> None:
+        try:
+            self.client.rpush(queue, TOKEN)
+        except Exception as error:  # Redis is gone: its message waits for a token (deepqueue retry sends it again)
+            logger.error("a token of queue %s was lost with Redis (%r): one message waits untaken", queue, error)
 
     def _deliver_entry(self, queue: str, item: bytes, key: str | None, priority: str | None) -> None:
         """Deliver one entry taken off ``queue`` (``key``: the taking list holding it; ``priority``:
