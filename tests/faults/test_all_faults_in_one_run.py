@@ -1,5 +1,6 @@
 """Issue 6's acceptance run: 200 jobs over 3 sizes, 4 of them poison, 10 malformed messages
-mixed in, two workers, and every fault of this suite in sequence while the run goes on: Redis
+mixed in, two workers, and every fault of this suite in sequence while the run goes on (its jobs
+sent in parts, the next one just before each fault, so that it does, however fast): Redis
 SIGKILLed and restarted, Redis down 20 s, a worker SIGKILLed (and started again), S3
 unreachable 30 s, a worker's warm shutdown (SIGTERM, started again). Out-of-memory splitting is
 not among them: it is injected in tests/worker/test_executor.py, since a CPU cannot run out of
@@ -35,6 +36,10 @@ GOOD, POISON = 196, 4
 BATCH_TIMEOUT_S = 10
 #: The run fails when no job has finished for this long (a stuck run), never for being slow.
 STALL_S = 240
+#: How many of the run's jobs are sent at first, and then just before each fault: the run can
+#: never end before a fault begins, however fast the machine (each fault waits for fewer jobs
+#: finished than were sent before it).
+SENT = (33, 66, 100, 133, 166, 200)
 
 
 def rows() -> list[dict]:
@@ -75,12 +80,18 @@ def test_200_jobs_through_every_fault(fault_env, restartable_redis, s3_proxy, tm
         kinds = dict(list(malformed(tmp_path).items())[:10])
         first_half = dict(list(kinds.items())[:5])
         publish_raw(env["DEEPQUEUE_BROKER_URL"], first_half)
-        with client_for(env) as client:
-            client.submit(rows(), run="mixed")
+        parts = iter(SENT)
+
+        def send_more() -> None:
+            with client_for(env) as client:  # the same run again: only its new jobs are sent
+                client.submit(rows()[: next(parts)], run="mixed")
+
+        send_more()
         publish_raw(env["DEEPQUEUE_BROKER_URL"], {k: v for k, v in kinds.items() if k not in first_half})
 
         def fault(name: str, after: int, cause) -> None:
             wait_for_count(finished, after, STALL_S, f"{after} jobs finished before {name}")
+            send_more()
             began_with = finished()
             cause()
             faults.append((name, began_with, time.time()))
