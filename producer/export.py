@@ -222,8 +222,8 @@ def export(
         raise ExportError(f"shard size must be at least 1, got {shard_size}")
     began = time.perf_counter()
     stats = ensure_manifest(store, storage, prefix, run_id, progress=progress)
-    total = stats["manifest"]["rows"]
     manifest = stats["manifest"]
+    total = manifest["rows"]
     record = {"run": run_id, "format": fmt, "shard_size": shard_size, "rows": total, "manifest": manifest.get("source")}
     kept = _kept_shards(target, record, fmt, resume=resume, overwrite=overwrite)
     if not kept:

@@ -312,11 +312,10 @@ class QueueDepth(Collector):
         for key in (WORKERS_KEY, WORKER_QUEUES_KEY, WORKER_HELD_KEY):
             pipe.hgetall(key)
         *lists, (tokens, fair_jobs), renewed, queues, held = pipe.execute()
-        tokens_of = [int(tokens or 0)] + [0] * (len(self.waiting_keys) - 1)  # kombu's priority lists hold none
-        waiting = int(fair_jobs or 0) + sum(
-            waiting_jobs(length, next_out, count)
-            for length, next_out, count in zip(lists[0::2], lists[1::2], tokens_of, strict=True)
-        )
+        # The tokens stand on the queue's own list; kombu's priority lists hold messages only.
+        (length, next_out), *prioritised = zip(lists[0::2], lists[1::2], strict=True)
+        waiting = int(fair_jobs or 0) + waiting_jobs(length, next_out, int(tokens or 0))
+        waiting += sum(waiting_jobs(length, next_out) for length, next_out in prioritised)
         serving = serving_workers(renewed, queues, time.time() - WORKER_GONE_S, self.queue)
         return waiting, sum(int(held.get(name.encode(), 0)) for name in serving)
 
