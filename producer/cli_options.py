@@ -4,6 +4,7 @@ declared once and reads the same in every command's --help."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from producer.exits import EXIT_BAD_INPUT
 from producer.fair import PRIORITIES
 from producer.job import ImageFormat, JobDefaults, SchedulerName
 from producer.sources import parse_size
+from producer.templates import MAX_PROMPTS
 
 SCHEDULERS = SchedulerName.__args__  # type: ignore[attr-defined]
 FORMATS = ImageFormat.__args__  # type: ignore[attr-defined]
@@ -106,9 +108,58 @@ def recipe_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "run_id",
             help="Run name (default: generated). Reusing one resumes it, with the same recipe flags.",
         ),
-        click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path)),
+        *TEMPLATE_FLAGS,
+        click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)),
     ]
     return with_flags(*options)(command)
+
+
+#: How prompts come from a template (``producer.templates``): ``--template`` instead of FILE,
+#: and how any template (also a ``template`` column of FILE) expands.
+TEMPLATE_FLAGS = [
+    click.option(
+        "--template",
+        metavar="TEMPLATE",
+        help="A prompt template instead of FILE, e.g. 'a {red|blue} {car|bike} at __times__' "
+        "(dynamicprompts syntax): one job per prompt it expands to.",
+    ),
+    click.option(
+        "--wildcards",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help="Folder of wildcard files: __times__ takes a line of times.txt.",
+    ),
+    click.option("--combinatorial", is_flag=True, help="Every combination of each template [the default]."),
+    click.option(
+        "--samples",
+        type=click.IntRange(1, MAX_PROMPTS),
+        metavar="N",
+        help="N prompts of each template drawn at random (from the run seed: a resubmit draws the same).",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """Where a command's prompts come from: FILE or ``--template``, and how templates expand."""
+
+    source: Path | list[dict[str, str]]
+    samples: int | None
+    wildcards: Path | None
+
+    @classmethod
+    def take(cls, file: Path | None, flags: dict[str, Any]) -> PromptInput:
+        """The prompt input of a command's FILE and flags, taking the template flags out of ``flags``."""
+        template, samples = flags.pop("template"), flags.pop("samples")
+        if flags.pop("combinatorial") and samples is not None:
+            raise click.UsageError("--combinatorial or --samples N, not both")
+        if (file is None) == (template is None):
+            raise click.UsageError("give a prompt FILE or --template, one of them")
+        source = file if file is not None else [{"template": template}]
+        return cls(source=source, samples=samples, wildcards=flags.pop("wildcards"))
+
+    def expansion(self) -> dict[str, Any]:
+        """The template arguments of ``Client.submit`` and ``Client.prepare``."""
+        return {"samples": self.samples, "wildcards": self.wildcards}
 
 
 def recipe_defaults(size: str | None, negative: str | None, fmt: str | None, **flags: Any) -> dict[str, Any]:

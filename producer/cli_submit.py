@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from producer.cli_options import SHARE_FLAGS, WAIT_FLAGS, recipe_defaults, recipe_options, with_flags
+from producer.cli_options import SHARE_FLAGS, WAIT_FLAGS, PromptInput, recipe_defaults, recipe_options, with_flags
 from producer.cli_outputs import audit_text
 from producer.client import Client, run_id_or_new
 from producer.contract import WORKER_GONE_S
@@ -49,7 +49,7 @@ from producer.state import JobState, RunStatus, format_duration
     help="Add jobs to an existing run even though its recipe flags differ from its first submit's.",
 )
 def submit(
-    file: Path,
+    file: Path | None,
     run_id: str | None,
     seed: int | None,
     wait_: bool,
@@ -63,14 +63,16 @@ def submit(
     max_queued: int | None,
     **flags: Any,
 ) -> None:
-    """Validate FILE (.txt, .jsonl, .csv, .tsv, .json, .parquet; the text ones also .gz) and
-    enqueue one job per prompt, streaming: memory stays flat whatever its size.
+    """Validate FILE (.txt, .jsonl, .csv, .tsv, .json, .parquet; the text ones also .gz) or
+    --template and enqueue one job per prompt, streaming: memory stays flat whatever its size.
+    A row with a template (a "template" column) stands for the prompts it expands to.
 
     Submitting a run again sends only its new and failed jobs (and, with --resend-queued, the
     queued ones). A run keeps the recipe flags of its first submit: a submit of the same run
     with others is refused, unless --allow-recipe-change. Runs share the workers by --priority
     (strictly) and --weight (in proportion); deepqueue run-set changes them while a run runs.
     """
+    prompts = PromptInput.take(file, flags)
     defaults = recipe_defaults(**flags) | ({"model": model} if model else {})
     if audit_sample and not wait_:
         raise click.UsageError("--audit needs --wait (or run `deepqueue audit RUN --sample K` once the run is done)")
@@ -79,7 +81,7 @@ def submit(
         named = f"run {run_id} (a new name: pass --run {run_id} to resume it, or follow it with deepqueue wait)"
         try:
             run = client.submit(
-                file,
+                prompts.source,
                 run=run_id,
                 seed=seed,
                 progress=True,
@@ -88,6 +90,7 @@ def submit(
                 priority=priority,
                 weight=weight,
                 max_queued=max_queued,
+                **prompts.expansion(),
                 **defaults,
             )
         except (InvalidJobError, PromptFileError):

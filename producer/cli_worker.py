@@ -13,6 +13,7 @@ from producer.cli_options import (
     CACHE_FLAGS,
     ENGINE_FLAGS,
     InputError,
+    PromptInput,
     recipe_defaults,
     recipe_options,
     settings_help,
@@ -60,7 +61,7 @@ def worker(loglevel: str, celery_args: tuple[str, ...], **settings: Any) -> None
 )
 @with_flags(*ENGINE_FLAGS)
 def run_embedded(
-    file: Path,
+    file: Path | None,
     run_id: str | None,
     seed: int | None,
     out_dir: Path,
@@ -69,11 +70,13 @@ def run_embedded(
     max_batch: int | None,
     **flags: Any,
 ) -> None:
-    """Generate FILE's prompts in this process, no servers: images and sidecars under --out."""
+    """Generate the prompts of FILE or --template in this process, no servers: images and
+    sidecars under --out."""
     from worker.cli import run_local
 
+    prompts = PromptInput.take(file, flags)
     overrides = {"model": model, "device": device, "max_batch": max_batch, "output_dir": out_dir}
-    run_local(file, run_id=run_id, seed=seed, defaults=recipe_defaults(**flags), overrides=overrides)
+    run_local(prompts, run_id=run_id, seed=seed, defaults=recipe_defaults(**flags), overrides=overrides)
 
 
 @click.command("make-test-model")

@@ -43,6 +43,7 @@ from producer.settings import ClientSettings, redact_url
 from producer.sources import Rows, Source
 from producer.state import JobState, RunStore
 from producer.storage import Storage, make_storage
+from producer.templates import run_expansion
 
 if TYPE_CHECKING:
     from producer.export import ExportResult
@@ -117,9 +118,20 @@ class Client:
             self._broker_client.close()
         self._store.close()
 
-    def prepare(self, source: Source, *, run: str | None = None, seed: int | None = None, **defaults: Any) -> list[Job]:
+    def prepare(
+        self,
+        source: Source,
+        *,
+        run: str | None = None,
+        seed: int | None = None,
+        samples: int | None = None,
+        wildcards: str | os.PathLike | None = None,
+        **defaults: Any,
+    ) -> list[Job]:
         """Validate ``source`` into jobs without sending anything (raises InvalidJobError)."""
-        return make_jobs(Rows(source), run_id=run_id_or_new(run), defaults=run_defaults(defaults), run_seed=seed)
+        run_id = run_id_or_new(run)
+        rows = Rows(source, run_expansion(run_id, seed, samples, wildcards))
+        return make_jobs(rows, run_id=run_id, defaults=run_defaults(defaults), run_seed=seed)
 
     def submit(
         self,
@@ -133,6 +145,8 @@ class Client:
         priority: str | None = None,
         weight: float | None = None,
         max_queued: int | None = None,
+        samples: int | None = None,
+        wildcards: str | os.PathLike | None = None,
         **defaults: Any,
     ) -> Run:
         """Validate every job, then enqueue them; nothing is sent if any job is invalid.
@@ -145,6 +159,10 @@ class Client:
         Within a chunk, jobs of one shape are sent together, so workers fill their batches.
         Submitting a run again sends only its new and failed jobs, and with ``resend_queued``
         also the queued ones (after the queue itself was lost).
+
+        A row with a ``template`` (``{"template": "a {red|blue} car at __times__"}``) stands
+        for every prompt it expands to, or ``samples`` of them drawn from the run seed;
+        ``wildcards`` is the folder of the ``__name__.txt`` files (``producer.templates``).
 
         A run keeps the recipe it was first submitted with (``defaults`` and ``seed``): a later
         submit of the same run with other ones raises RecipeMismatchError naming each
@@ -164,7 +182,7 @@ class Client:
         # With a cap, half of it at a time: the next half is sent while workers take the first.
         chunk_size = min(SUBMIT_CHUNK, max(1, max_queued // 2) if max_queued else SUBMIT_CHUNK)
         run_id, run_wide = run_id_or_new(run), run_defaults(defaults)
-        rows = Rows(source)
+        rows = Rows(source, run_expansion(run_id, seed, samples, wildcards))
         total = check_rows(rows, run_id=run_id, defaults=run_wide, run_seed=seed)
         self._check_not_cancelled(run_id)
         recipe = run_recipe(run_wide, run_id=run_id, run_seed=seed)

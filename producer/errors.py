@@ -13,6 +13,12 @@ class DeepQueueError(Exception):
     """Base class of every error deepqueue raises on purpose."""
 
 
+class RowProblem(str):
+    """A row of a prompt source that is no job at all (an item of the wrong type, a template
+    that cannot expand): the reason, kept in its place so that every such row is reported with
+    the others (``producer.job.validated``)."""
+
+
 class InvalidJobError(DeepQueueError, ValueError):
     """One or more jobs broke the job contract; nothing was enqueued.
 

@@ -24,6 +24,7 @@ MAX_SEED = 2**32 - 1
 MAX_CACHE_INTERVAL = 20
 MAX_CACHE_BRANCH = 11
 MAX_INDEX = 10**9 - 1  # job ids and S3 keys stay short (S3 allows 1,024 bytes per key)
+MAX_VARIABLES, MAX_VARIABLE_NAME = 64, 200
 
 SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "unipc", "lcm", "pndm", "heun", "kdpm2"]
 #: Schedulers that visit a timestep twice: DeepCache counts steps by timestep and breaks on them.
@@ -106,6 +107,12 @@ def cache_problem(scheduler: str | None, cache_interval: int | None, *, setting:
     return None
 
 
+#: A template's chosen values, by part name (``producer.templates``).
+Variables = dict[
+    Annotated[str, Field(max_length=MAX_VARIABLE_NAME)], Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+]
+
+
 class Job(JobDefaults):
     """One image to generate: the message body of the ``deepqueue.generate`` task."""
 
@@ -113,6 +120,10 @@ class Job(JobDefaults):
     index: int = Field(ge=0, le=MAX_INDEX)
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     seed: int = Field(ge=0, le=MAX_SEED)
+    #: The template the prompt was expanded from and the value chosen for each of its parts:
+    #: where the prompt came from, recorded with the image; not part of the recipe.
+    template: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    variables: Variables | None = Field(None, max_length=MAX_VARIABLES)
 
     @field_validator("index", "seed", mode="before")
     @classmethod
@@ -127,9 +138,9 @@ class Job(JobDefaults):
         return value
 
     def recipe(self) -> dict[str, Any]:
-        """Everything that decides the pixels (all fields but the run id and position; the
-        model only when named)."""
-        return self.model_dump(exclude={"run_id", "index", *self._unnamed_model()})
+        """Everything that decides the pixels (all fields but the run id, position and origin;
+        the model only when named)."""
+        return self.model_dump(exclude={"run_id", "index", *ORIGIN, *self._unnamed_model()})
 
     @cached_property
     def job_id(self) -> str:
@@ -215,6 +226,8 @@ def check_run(run_id: str, run_seed: int | None) -> int:
 
 #: Job fields the run decides (its name, each row's position): a row may not set them.
 RUN_OWNED = frozenset({"run_id", "index"})
+#: Job fields that say where a prompt came from, not how its pixels are made.
+ORIGIN = frozenset({"template", "variables"})
 
 
 def validated(

@@ -31,6 +31,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("index", "int64"),
     ("prompt", "string"),
     ("negative_prompt", "string"),
+    ("template", "string"),
+    ("variables", "string"),  # JSON: {"v1": "red", "times": "dawn"}; polars: .str.json_path_match("$.times")
     ("seed", "int64"),
     ("width", "int32"),
     ("height", "int32"),
@@ -90,6 +92,10 @@ def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def _str(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -109,6 +115,8 @@ def flatten(row: Mapping[str, Any], audit: Mapping[str, Any] | None = None) -> d
         "index": _int(row.get("index")),
         "prompt": row.get("prompt"),
         "negative_prompt": row.get("negative_prompt"),
+        "template": row.get("template"),
+        "variables": _json(row.get("variables")),
         "seed": _int(row.get("seed")),
         "width": _int(row.get("width")),
         "height": _int(row.get("height")),

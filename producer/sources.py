@@ -20,8 +20,9 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-from producer.errors import InvalidJobError, PromptFileError
+from producer.errors import InvalidJobError, PromptFileError, RowProblem
 from producer.job import JobDefaults
+from producer.templates import Expansion, expand_rows
 
 Row = tuple[str, "dict[str, Any] | RowProblem"]
 Source = str | os.PathLike | Iterable[str | Mapping[str, Any] | JobDefaults]
@@ -29,16 +30,14 @@ SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv", ".json", ".parquet")
 GZIPPED = (".txt", ".jsonl", ".csv", ".tsv", ".json")  # also read as NAME.gz
 
 
-class RowProblem(str):
-    """A row that is no job at all (an item of the wrong type): the reason, kept in its place so
-    that every such row is reported with the others."""
-
-
 class Rows(Iterable[Row]):
     """The rows of a source, read afresh on every iteration: a file is read again, a list walked
-    again; any other iterable (a generator) is read once, into a temporary spool file."""
+    again; any other iterable (a generator) is read once, into a temporary spool file. A row
+    with a ``template`` becomes the rows of its prompts (``producer.templates``), the same ones
+    on every iteration."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, expansion: Expansion | None = None) -> None:
+        self._expansion = expansion or Expansion()
         if isinstance(source, Mapping):  # iterating it would make one job of each key
             raise PromptFileError("got one dict: pass a list of jobs ([{...}]) or a prompt file's path")
         if isinstance(source, (bytes, bytearray)):
@@ -53,7 +52,7 @@ class Rows(Iterable[Row]):
             self._read = _Spool(_read_items(source)).read
 
     def __iter__(self) -> Iterator[Row]:
-        return self._read()
+        return expand_rows(self._read(), self._expansion)
 
 
 class _Spool:
@@ -78,10 +77,10 @@ class _Spool:
                 return
 
 
-def read_rows(source: Source) -> list[tuple[str, dict[str, Any]]]:
+def read_rows(source: Source, expansion: Expansion | None = None) -> list[tuple[str, dict[str, Any]]]:
     """All rows of ``source`` in a list (small inputs; ``Rows`` streams), raising
     InvalidJobError naming every item that is no job at all."""
-    rows = list(Rows(source))
+    rows = list(Rows(source, expansion))
     problems = [(where, str(fields)) for where, fields in rows if isinstance(fields, RowProblem)]
     if problems:
         raise InvalidJobError(problems)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 from celery import signals
 
+from producer.cli_options import PromptInput
 from producer.client import run_id_or_new
 from producer.exits import EXIT_BAD_INPUT, EXIT_CANNOT_SERVE, CommandError
 from producer.job import make_jobs, run_defaults
 from producer.sources import read_rows
+from producer.templates import run_expansion
 from worker.pipeline.model import ModelError, check_pipeline_class, read_model_index
 from worker.settings import WorkerSettings
 
@@ -93,16 +94,17 @@ def start_worker(*, overrides: dict[str, Any], loglevel: str, extra: list[str]) 
 
 
 def run_local(
-    file: Path, *, run_id: str | None, seed: int | None, defaults: dict[str, Any], overrides: dict[str, Any]
+    prompts: PromptInput, *, run_id: str | None, seed: int | None, defaults: dict[str, Any], overrides: dict[str, Any]
 ) -> None:
     """Embedded mode; ``overrides`` take precedence over DEEPQUEUE_* (None values are left out)."""
     settings = _settings(**overrides, storage="local")
     check_model(settings, exit_code=EXIT_BAD_INPUT)
     from worker.embedded import run_embedded
 
+    run_id = run_id_or_new(run_id)
     jobs = make_jobs(
-        read_rows(file),
-        run_id=run_id_or_new(run_id),
+        read_rows(prompts.source, run_expansion(run_id, seed, prompts.samples, prompts.wildcards)),
+        run_id=run_id,
         defaults=run_defaults(defaults),
         run_seed=seed,
     )

@@ -74,8 +74,16 @@ def test_flatten_keeps_every_field_with_stable_types() -> None:
     assert json.loads(flat["sidecar"]) == SIDECAR  # every sidecar field, those added later too
     empty = flatten({"job_id": "x"})
     assert empty["audit_psnr"] is None and empty["batch_job_ids"] is None
+    assert empty["template"] is None and empty["variables"] is None
     table = pa.Table.from_pylist([flat, empty], schema=arrow_schema())
     assert table.schema == arrow_schema() and table.num_rows == 2
+
+
+def test_a_templates_variables_are_a_json_column_in_template_order() -> None:
+    variables = {"v1": "rouge", "times": "dawn", "a": "é"}
+    flat = flatten({**SIDECAR, "template": "{rouge|blue} __times__ {a|é}", "variables": variables})
+    assert flat["template"] == "{rouge|blue} __times__ {a|é}"
+    assert flat["variables"] == '{"v1":"rouge","times":"dawn","a":"é"}'
 
 
 def test_job_index_and_failure_kinds() -> None:

@@ -53,3 +53,24 @@ def test_run_refuses_bad_flags_and_missing_models_clearly(tiny_model, tmp_path):
 def test_make_test_model_refuses_to_overwrite(tiny_model):
     result = CliRunner().invoke(cli, ["make-test-model", str(tiny_model)])
     assert result.exit_code == 2 and "model_index.json" in result.output
+
+
+def test_run_a_template_records_it_and_its_variables_with_each_image(tiny_model, tmp_path):
+    wildcards = tmp_path / "wildcards"
+    wildcards.mkdir()
+    (wildcards / "times.txt").write_text("dawn\nnight\n")
+    out = tmp_path / "out"
+    template = "a {red|blue} fox at __times__"
+    result = CliRunner().invoke(
+        cli,
+        ["run", "--template", template, "--wildcards", str(wildcards), "--out", str(out), "--model", str(tiny_model),
+         "--device", "cpu", "--size", "64x64", "--steps", "2", "--run", "templated"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sidecars = [json.loads(path.read_text()) for path in sorted((out / "templated" / "images").glob("*.json"))]
+    assert [(s["prompt"], s["template"], s["variables"]) for s in sidecars] == [
+        ("a red fox at dawn", template, {"v1": "red", "times": "dawn"}),
+        ("a red fox at night", template, {"v1": "red", "times": "night"}),
+        ("a blue fox at dawn", template, {"v1": "blue", "times": "dawn"}),
+        ("a blue fox at night", template, {"v1": "blue", "times": "night"}),
+    ]

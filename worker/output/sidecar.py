@@ -45,6 +45,8 @@ def build_sidecar(
         "image_reused": image_reused,
         "prompt": job.prompt,
         "negative_prompt": job.negative_prompt,
+        "template": job.template,
+        "variables": job.variables,
         "seed": job.seed,
         "generator": "torch.Generator('cpu').manual_seed(seed), one per image",
         "height": job.height,
