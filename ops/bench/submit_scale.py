@@ -9,7 +9,11 @@ of each key how they split. Then the queue is emptied and every job settled done
 would mark them (running, then done with its image's key): ``used_memory`` again gives the
 bytes each done job keeps costing Redis.
 
-    .venv/bin/python -m ops.bench.submit_scale [--sizes 10000,100000,1000000]
+With ``--template`` the file is one row, a template of ``{0|1|...|9}`` parts that expands to
+each size (a power of ten) as 100-character prompts, and the run is then submitted again, as
+a resume would: the second submit must send nothing.
+
+    .venv/bin/python -m ops.bench.submit_scale [--sizes 10000,100000,1000000] [--template]
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ def write_prompts(path: Path, count: int) -> None:
             out.write(json.dumps({"prompt": prompt}) + "\n")
 
 
+def write_template(path: Path, count: int) -> None:
+    """One row: a template of ``log10(count)`` ten-way parts, padded to 100-character prompts."""
+    parts = len(str(count)) - 1
+    if count != 10**parts:
+        raise ValueError(f"--template sizes are powers of ten, got {count}")
+    text = " a photograph of a red fox standing in fresh snow at dawn, soft light, "
+    template = "{0|1|2|3|4|5|6|7|8|9}" * parts + text + "x" * (PROMPT_CHARS - parts - len(text))
+    path.write_text(json.dumps({"template": template}) + "\n")
+
+
 #: The submitting process: nothing imported but what a user's script needs (``python -c``).
 CHILD = """
 import json, sys, time
@@ -51,7 +65,7 @@ def peak_mib():  # VmHWM: this process's peak resident memory (ru_maxrss would c
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 
-path, broker, backend, run, storage = sys.argv[1:]
+path, broker, backend, run, storage, again = sys.argv[1:]
 settings = ClientSettings(storage="local", output_dir=storage)  # where the submit keeps the jobs it sends
 with Client(broker, backend, settings=settings) as client:
     client.submit(["warm-up"], run="warm-up", width=512, height=512)  # connections, scripts
@@ -59,18 +73,25 @@ with Client(broker, backend, settings=settings) as client:
     started = time.perf_counter()
     sent = client.submit(path, run=run, width=512, height=512).submitted
     seconds = time.perf_counter() - started
-print(json.dumps({"rss_before_mib": before, "rss_peak_mib": peak_mib(), "seconds": seconds, "sent": sent}))
+    result = {"rss_before_mib": before, "rss_peak_mib": peak_mib(), "seconds": seconds, "sent": sent}
+    if again == "again":
+        started = time.perf_counter()
+        result["resent"] = client.submit(path, run=run, width=512, height=512).submitted
+        result["resubmit_seconds"] = time.perf_counter() - started
+        result["rss_peak_after_resubmit_mib"] = peak_mib()
+print(json.dumps(result))
 """
 
 
-def measure(count: int, tmp: Path, redis_url: str) -> dict[str, Any]:
+def measure(count: int, tmp: Path, redis_url: str, *, template: bool = False) -> dict[str, Any]:
     path = tmp / f"prompts-{count}.jsonl"
-    write_prompts(path, count)
+    (write_template if template else write_prompts)(path, count)
     broker, backend = f"{redis_url}/0", f"{redis_url}/1"
     server = redis.Redis.from_url(broker)
     server.flushall()
     base = server.info("memory")["used_memory"]
-    result = run_child(CHILD, str(path), broker, backend, RUN, str(tmp / f"storage-{count}"))
+    again = "again" if template else "once"
+    result = run_child(CHILD, str(path), broker, backend, RUN, str(tmp / f"storage-{count}"), again)
     used = server.info("memory")["used_memory"] - base
     keys: dict[str, float] = {}
     for db in (0, 1):
@@ -81,7 +102,7 @@ def measure(count: int, tmp: Path, redis_url: str) -> dict[str, Any]:
     done_bytes = server.info("memory")["used_memory"] - base
     server.flushall()
     path.unlink()
-    assert result["sent"] == count, result
+    assert result["sent"] == count and result.get("resent", 0) == 0, result
     return {
         "prompts": count,
         **result,
@@ -109,21 +130,35 @@ def settle_done(redis_url: str, count: int) -> None:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    template = results.get("template")
+    source = (
+        "one template row in a .jsonl file expanding to 100-character prompts, submitted, then submitted again"
+        if template
+        else "100-character prompts in a .jsonl file"
+    )
+    again = " resubmit (sent) | RSS peak after |" if template else ""
     lines = [
-        "# Submitting big prompt files",
+        "# Submitting a big template" if template else "# Submitting big prompt files",
         "",
-        f"{run_line(results)} 100-character prompts in a .jsonl file, "
+        f"{run_line(results)} {source}, "
         "512x512 jobs, run name of 24 characters, one `Client.submit` in a fresh process, no worker.",
         "",
-        "| prompts | producer RSS before → peak | submit | jobs/s | Redis bytes per queued job | per done job |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| prompts | producer RSS before → peak | submit | jobs/s | Redis bytes per queued job | per done job |"
+        + again,
+        "| ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if template else ""),
     ]
     for point in results["points"]:
-        lines.append(
+        line = (
             f"| {point['prompts']:,} | {point['rss_before_mib']:.0f} → {point['rss_peak_mib']:.0f} MiB | "
             f"{point['seconds']:.1f} s | {point['jobs_per_s']:,.0f} | {point['redis_bytes_per_job']:,.0f} | "
             f"{point['redis_bytes_per_done_job']:,.1f} |"
         )
+        if template:
+            line += (
+                f" {point['resubmit_seconds']:.1f} s ({point['resent']}) | "
+                f"{point['rss_peak_after_resubmit_mib']:.0f} MiB |"
+            )
+        lines.append(line)
     if results["points"]:
         last = results["points"][-1]["redis_bytes_per_job_by_key"]
         lines += ["", "Redis bytes per queued job, by key: " + ", ".join(f"`{k}` {v:,.0f}" for k, v in last.items())]
@@ -133,12 +168,15 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = harness.parser(__doc__, "submit-latest")
     parser.add_argument("--sizes", default="10000,100000,1000000", help="prompt counts, comma-separated")
+    parser.add_argument("--template", action="store_true", help="one template row expanding to each size")
     args = parser.parse_args(argv)
-    with harness.session(args, markdown, points=[]) as bench, bench.part("redis-server"):
+    if args.template and args.name == "submit-latest":
+        args.name = "submit-template-latest"
+    with harness.session(args, markdown, points=[], template=args.template) as bench, bench.part("redis-server"):
         redis_url = bench.servers.redis_url()
         for count in [int(text) for text in args.sizes.split(",")]:
             with bench.part(f"submit of {count:,} prompts"):
-                bench.results["points"].append(measure(count, bench.scratch, redis_url))
+                bench.results["points"].append(measure(count, bench.scratch, redis_url, template=args.template))
                 logger.info("submit of %d: %s", count, bench.results["points"][-1])
     return bench.results
 
