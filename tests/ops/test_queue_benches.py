@@ -134,6 +134,16 @@ def test_submit_bench_runs_end_to_end(tmp_path) -> None:
 
 
 @pytest.mark.integration
+def test_submit_bench_of_a_template_resubmits_nothing(tmp_path) -> None:
+    results = submit_scale.main(["--template", "--sizes", "100,1000", "--out", str(tmp_path)])
+    assert "failed" not in results, results["failed"]
+    assert [(point["sent"], point["resent"]) for point in results["points"]] == [(100, 0), (1000, 0)]
+    assert "| 1,000 |" in (tmp_path / "submit-template-latest.md").read_text()
+    with pytest.raises(ValueError, match="powers of ten"):
+        submit_scale.write_template(tmp_path / "t.jsonl", 300)
+
+
+@pytest.mark.integration
 @pytest.mark.slow
 def test_worker_memory_bench_runs_end_to_end(tmp_path, tiny_model) -> None:
     args = ["--batches", "6", "--warmup", "2", "--model", str(tiny_model), "--name", "dry", "--out", str(tmp_path)]
