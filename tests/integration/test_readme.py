@@ -137,6 +137,23 @@ def test_the_several_runs_block_runs_as_written(workspace):
     assert "run later finished: 24 images, 0 failed" in result.stdout, result.stdout
 
 
+def test_the_dataset_walkthrough_runs_as_written(workspace):
+    folder, _ = workspace
+    result = bash(one("bash", "Building a dataset"), folder)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "run foxes-ds finished: 16 images, 0 failed" in result.stdout, result.stdout
+    assert "run foxes-ds: 0 jobs enqueued, 16 already queued, running or done" in result.stdout, result.stdout
+    snippet = subprocess.run(
+        [sys.executable, "-c", one("python", "Building a dataset")],
+        cwd=folder,
+        env=shell_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert snippet.returncode == 0, snippet.stderr[-3000:]
+    assert re.match(r"16 images, \d+ white: a white (fox|heron) at \w+, .+ \(64, 64\)$", snippet.stdout), snippet.stdout
+
+
 def test_the_console_transcript_runs_as_written(workspace):
     folder, _ = workspace
     commands = [
@@ -182,6 +199,7 @@ def test_no_block_is_left_out_unexplained():
     """Every block with a language is run above, or named in NOT_RUN with the reason."""
     ran = {("bash", "The two commands"), ("bash", "Trying it"), ("console", "Choosing DeepCache")}
     ran |= {("bash", "Several runs"), ("python", "Python client"), ("python", "Outputs")}
+    ran |= {("bash", "Building a dataset"), ("python", "Building a dataset")}
     for block in blocks():
         if block.language in ("text", "diff"):
             continue
