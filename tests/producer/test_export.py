@@ -96,7 +96,10 @@ def test_imagefolder_record_never_null() -> None:
     record = imagefolder_record(row, "00000001-0123456789ab.png")
     assert tuple(record) == IMAGEFOLDER_COLUMNS and None not in record.values()
     assert (record["negative_prompt"], record["cache_branch"], record["guidance"]) == ("", 0, 7.0)
+    assert (record["template"], record["variables"]) == ("", "{}")
     assert isinstance(record["guidance"], float)
+    templated = imagefolder_record({**row, "template": "a {b|c}", "variables": '{"v1":"b"}'}, "x.png")
+    assert (templated["template"], templated["variables"]) == ("a {b|c}", '{"v1":"b"}')
 
 
 def test_targets(tmp_path: Path) -> None:
