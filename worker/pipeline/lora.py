@@ -40,6 +40,7 @@ import hashlib
 import logging
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,9 @@ class Adapters:
         self._names += 1
         name = f"lora{self._names}"
         try:
-            self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+            with warnings.catch_warnings():  # PEFT's "multiple adapters in the model": that is the point
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+                self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
         except Exception as error:  # a bad file, another model's LoRA, no PEFT: its jobs fail, not the worker
             self._forget(name)
             reason = f"{type(error).__name__}: {error}"
