@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from producer.audit import twin_row
 from producer.cli_options import recipe_defaults
 from producer.errors import InvalidJobError
 from producer.job import Job, JobDefaults, grouped_by_shape, make_jobs, run_defaults, run_recipe, shape
@@ -152,3 +153,14 @@ def test_the_manifest_has_a_loras_column():
     assert json.loads(flatten(row)["loras"]) == loras
     assert flatten({"job_id": "j", "loras": []})["loras"] is None
     assert flatten({"job_id": "j"})["loras"] is None  # sidecars written before LoRA
+
+
+def test_an_audit_twin_keeps_the_adapters():
+    """The uncached twin of an adapter image runs with the same adapters, else the audit would
+    compare it against the base model."""
+    sidecar = {"prompt": "p", "seed": 1, "height": 64, "width": 64, "steps": 4, "guidance": 7.5, "format": "png"}
+    loras = [{"id": "a/x", "scale": 0.5, "sha256": "ab" * 32}]
+    twin = twin_row({**sidecar, "loras": loras})
+    assert twin["loras"] == [{"id": "a/x", "scale": 0.5}] and twin["cache_interval"] == 1
+    assert Job(run_id="r.audit", index=0, **twin).loras == (LoraSpec(id="a/x", scale=0.5),)
+    assert "loras" not in twin_row({**sidecar, "loras": []}) and "loras" not in twin_row(sidecar)
