@@ -157,3 +157,20 @@ def test_acceleration_above_off_refuses_adapters(engine, tiny_loras, monkeypatch
     problem = engine.check(batch_key(job(loras=[str(tiny_loras[0])]), DEFAULTS))
     assert problem is not None and problem.startswith("LoRA adapters need DEEPQUEUE_ACCELERATION=off")
     assert engine.check(batch_key(job(), DEFAULTS)) is None  # base-model batches run as before
+
+
+def test_a_failed_load_is_remembered_for_a_while_then_tried_again(engine, tiny_loras, tmp_path, monkeypatch):
+    """Batches naming a LoRA that just failed fail at once with its reason (no new Hub lookup per
+    batch); after RETRY_FAILED_S the next one tries again and finds the file that appeared."""
+    from worker.pipeline.lora import RETRY_FAILED_S
+
+    now = [1000.0]
+    monkeypatch.setattr(engine.adapters, "clock", lambda: now[0])
+    late = tmp_path / "late"
+    key = batch_key(job(loras=[str(late)]), DEFAULTS)
+    assert "no such file or folder" in (engine.check(key) or "")
+    shutil.copytree(tiny_loras[1], late)
+    now[0] += RETRY_FAILED_S - 1
+    assert "no such file or folder" in (engine.check(key) or "")  # remembered
+    now[0] += 2
+    assert engine.check(key) is None and str(late) in engine.adapters.loaded

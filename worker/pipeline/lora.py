@@ -15,8 +15,10 @@ every image's sidecar timing, with each adapter's id, scale and the sha256 of it
 
 Failures: a LoRA that cannot be found, read or applied to this model raises ``LoraError`` with
 the id and the cause; the engine turns it into a refusal of that batch's jobs (``check``), never
-a failure of the worker. What a failed load injected is deleted again, and the next batch that
-names the id tries again (the file may have appeared meanwhile).
+a failure of the worker. What a failed load injected is deleted again. The failure is kept for
+``RETRY_FAILED_S``: the batches that name the id meanwhile fail at once with the same reason (a
+run of thousands of jobs with a mistyped Hub id asks the Hub once a minute, not once a batch);
+after that the next batch tries again (the file may have appeared meanwhile).
 
 Where the weights come from: a ``.safetensors`` file; a folder holding
 ``pytorch_lora_weights.safetensors`` or exactly one ``.safetensors`` file; or a Hub id
@@ -41,6 +43,7 @@ import logging
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 #: The file diffusers writes with ``save_lora_weights``, preferred when a folder holds several.
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: Seconds a failed load is remembered (its reason given again at once) before it is tried again.
+RETRY_FAILED_S = 60.0
 #: ``owner/name`` on the Hub (a local path starts with ``/``, ``.`` or ``~``, or exists).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -130,9 +135,11 @@ class Switch:
 class Adapters:
     """The adapters loaded into one pipeline, and which set is active."""
 
-    def __init__(self, pipe: Any) -> None:
+    def __init__(self, pipe: Any, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.pipe = pipe
+        self.clock = clock  # for RETRY_FAILED_S only (tests pass their own)
         self.loaded: dict[str, Loaded] = {}
+        self._failed: dict[str, tuple[float, LoraError]] = {}  # id -> (when, why)
         self._active: tuple[tuple[str, float], ...] = ()
         self._names = 0
         self._load_s = 0.0  # loads since the last switch (``load`` may run before ``switch``)
@@ -140,8 +147,17 @@ class Adapters:
     def load(self, ids: list[str] | tuple[str, ...]) -> None:
         """Load each id not loaded yet, or raise LoraError naming the first that fails."""
         for ident in ids:
-            if ident not in self.loaded:
+            if ident in self.loaded:
+                continue
+            failed = self._failed.get(ident)
+            if failed is not None and self.clock() - failed[0] < RETRY_FAILED_S:
+                raise LoraError(str(failed[1])) from failed[1]
+            try:
                 self._load_one(ident)
+            except LoraError as error:
+                self._failed[ident] = (self.clock(), error)
+                raise
+            self._failed.pop(ident, None)
 
     def switch(self, loras: tuple[tuple[str, float], ...]) -> Switch:
         """Make exactly ``loras`` (``(id, scale)``) active, loading what is missing."""
