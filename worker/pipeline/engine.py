@@ -116,6 +116,16 @@ def _device_name(device: str) -> str:
     return device
 
 
+def _installed(package: str) -> str | None:
+    """``package``'s version, or None where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def load_engine(settings: WorkerSettings) -> Any:
     """The configured model's engine: ``Engine``, or a ``SimulatedEngine`` for ``simulated:...``."""
     simulated = parse_simulated(settings.model)
@@ -336,6 +346,7 @@ class Engine:
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
             "deepcache": version("DeepCache"),
+            "peft": _installed("peft"),  # applies LoRA adapters (worker.pipeline.lora)
             **self.accelerator.describe(),
         }
 

@@ -61,6 +61,12 @@ RETRY_FAILED_S = 60.0
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+def _no_text_encoder_part(record: logging.LogRecord) -> bool:
+    """False for diffusers' warning that a LoRA has nothing for the text encoder: most LoRAs
+    adapt the UNet only, and the warning would land in the worker log at every load."""
+    return not record.getMessage().startswith("No LoRA keys associated to")
+
+
 class LoraError(DeepQueueError, ValueError):
     """A LoRA could not be loaded or applied: the jobs that name it fail with this reason."""
 
@@ -140,7 +146,8 @@ class Adapters:
         self.clock = clock  # for RETRY_FAILED_S only (tests pass their own)
         self.loaded: dict[str, Loaded] = {}
         self._failed: dict[str, tuple[float, LoraError]] = {}  # id -> (when, why)
-        self._active: tuple[tuple[str, float], ...] = ()
+        # None: unknown (an adapter was just loaded, and diffusers activated it on its own)
+        self._active: tuple[tuple[str, float], ...] | None = ()
         self._names = 0
         self._load_s = 0.0  # loads since the last switch (``load`` may run before ``switch``)
 
@@ -176,7 +183,7 @@ class Adapters:
             switch_s = time.perf_counter() - started
             logger.info(
                 "adapters %s -> %s in %.4f s (loading %.3f s)",
-                describe(self._active),
+                "(loaded)" if self._active is None else describe(self._active),
                 describe(loras),
                 switch_s,
                 load_s,
@@ -197,19 +204,24 @@ class Adapters:
             raise LoraError(f"LoRA {ident!r}: cannot read {path}: {error}") from error
         self._names += 1
         name = f"lora{self._names}"
+        diffusers_log = logging.getLogger("diffusers.loaders.lora_base")
+        diffusers_log.addFilter(_no_text_encoder_part)
         try:
             with warnings.catch_warnings():  # PEFT's "multiple adapters in the model": that is the point
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
                 self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
         except Exception as error:  # a bad file, another model's LoRA, no PEFT: its jobs fail, not the worker
             self._forget(name)
+            self._active = None  # whatever diffusers activated before it failed: set the next batch's anew
             reason = f"{type(error).__name__}: {error}"
             raise LoraError(f"LoRA {ident!r} cannot be applied to this model: {reason}") from error
+        finally:
+            diffusers_log.removeFilter(_no_text_encoder_part)
         load_s = time.perf_counter() - started
         self._load_s += load_s
         self.loaded[ident] = Loaded(ident, name, str(path), sha256, load_s)
         # A freshly loaded adapter is active on its own: the next switch must set the batch's set.
-        self._active = (("", 0.0),)
+        self._active = None
         logger.info(
             "loaded LoRA %s (%s, sha256 %s) as %s in %.3f s",
             ident,
