@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from click.testing import CliRunner
 
 from producer.audit import twin_row
+from producer.cli import cli
 from producer.cli_options import recipe_defaults
 from producer.errors import InvalidJobError
 from producer.job import Job, JobDefaults, grouped_by_shape, make_jobs, run_defaults, run_recipe, shape
@@ -85,6 +87,22 @@ def test_a_bad_lora_in_a_row_names_the_row():
         )
     [(where, message)] = info.value.problems
     assert where == "job 1 (line 2)" and message.startswith("loras.0.scale: Input should be less than or equal to 4")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--lora", "a/x:9"], "run defaults: loras.0.scale: Input should be less than or equal to 4"),
+        (["--lora", "has space"], "run defaults: loras: LoRA 'has space': ID[:SCALE]"),
+        ("--lora a --lora b --lora c --lora d --lora e".split(), "at most 4 LoRAs per job, 5 given"),
+    ],
+)
+def test_submit_refuses_bad_lora_flags_before_sending_anything(tmp_path, flags, expected):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    result = CliRunner().invoke(cli, ["submit", str(prompts), *flags])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "nothing was enqueued" in result.output, result.output
 
 
 def test_the_cli_flag_becomes_the_field():
