@@ -174,3 +174,32 @@ def test_a_failed_load_is_remembered_for_a_while_then_tried_again(engine, tiny_l
     assert "no such file or folder" in (engine.check(key) or "")  # remembered
     now[0] += 2
     assert engine.check(key) is None and str(late) in engine.adapters.loaded
+
+
+def test_a_hub_id_is_read_as_a_downloaded_folder(tiny_loras, monkeypatch):
+    """``owner/name`` goes to the Hub (here: a stand-in for snapshot_download, no network), and
+    the folder it gives is read like a local one; a failure says the id is neither here nor there."""
+    import huggingface_hub
+
+    from worker.pipeline.lora import LoraError, weights_file
+
+    asked = []
+
+    def snapshot(repo_id: str, allow_patterns: list[str]) -> str:
+        asked.append((repo_id, allow_patterns))
+        return str(tiny_loras[0])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    assert weights_file("someone/ink-lora") == tiny_loras[0] / "pytorch_lora_weights.safetensors"
+    assert asked == [("someone/ink-lora", ["*.safetensors"])]
+
+    def offline(repo_id: str, allow_patterns: list[str]) -> str:
+        raise OSError("cannot reach the Hub:\nno network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(LoraError) as info:
+        weights_file("someone/ink-lora")
+    assert (
+        str(info.value)
+        == "LoRA 'someone/ink-lora': not a file or folder here, and not on the Hub: cannot reach the Hub: no network"
+    )

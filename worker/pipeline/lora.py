@@ -95,7 +95,8 @@ def weights_file(ident: str) -> Path:
 
             folder = Path(snapshot_download(ident, allow_patterns=["*.safetensors"]))
         except Exception as error:  # no network, no such repo, no access: all say "cannot get it"
-            raise LoraError(f"LoRA {ident!r}: not a file or folder here, and not on the Hub: {error}") from error
+            reason = " ".join(str(error).split())  # one line in a job's failure reason
+            raise LoraError(f"LoRA {ident!r}: not a file or folder here, and not on the Hub: {reason}") from error
     else:
         raise LoraError(f"LoRA {ident!r}: no such file or folder on this worker")
     files = sorted(folder.glob("*.safetensors"))
