@@ -58,10 +58,12 @@ def sample(results: Iterable[JobResult], k: int) -> list[JobResult]:
 
 def twin_row(sidecar: Mapping[str, Any]) -> dict[str, Any]:
     """The job fields of an image's uncached twin: its recipe as the worker ran it, caching off,
-    on the workers of the same model (its alias, when its run named one)."""
+    on the workers of the same model (its alias, when its run named one), with the same LoRA
+    adapters (id and scale) if it had any."""
     row = {field: sidecar[field] for field in TWIN_FIELDS if sidecar.get(field) is not None}
     alias = (sidecar.get("model") or {}).get("alias")
-    return {**row, **({"model": alias} if alias else {}), "cache_interval": 1}
+    loras = [{"id": lora["id"], "scale": lora["scale"]} for lora in sidecar.get("loras") or []]
+    return {**row, **({"model": alias} if alias else {}), **({"loras": loras} if loras else {}), "cache_interval": 1}
 
 
 def as_array(image_bytes: bytes) -> np.ndarray:

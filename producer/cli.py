@@ -91,6 +91,7 @@ COMMANDS = [
     cli_worker.worker,
     cli_worker.run_embedded,
     cli_worker.make_test_model,
+    cli_worker.make_test_lora,
 ]
 
 

@@ -15,6 +15,7 @@ from producer.errors import PromptFileError
 from producer.exits import EXIT_BAD_INPUT
 from producer.fair import PRIORITIES
 from producer.job import ImageFormat, JobDefaults, SchedulerName
+from producer.loras import MAX_LORAS, MAX_SCALE, MIN_SCALE
 from producer.sources import parse_size
 from producer.templates import MAX_PROMPTS
 
@@ -104,6 +105,14 @@ def recipe_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--format", "fmt", type=click.Choice(FORMATS), help=f"Image format [default: {default['format']}]."
         ),
         click.option(
+            "--lora",
+            "lora",
+            multiple=True,
+            metavar="ID[:SCALE]",
+            help=f"A LoRA adapter (Hub id, or a folder or .safetensors file the workers can read) and its "
+            f"scale ({MIN_SCALE:g} to {MAX_SCALE:g}, default 1); repeat for up to {MAX_LORAS}.",
+        ),
+        click.option(
             "--run",
             "run_id",
             help="Run name (default: generated). Reusing one resumes it, with the same recipe flags.",
@@ -162,9 +171,13 @@ class PromptInput:
         return {"samples": self.samples, "wildcards": self.wildcards}
 
 
-def recipe_defaults(size: str | None, negative: str | None, fmt: str | None, **flags: Any) -> dict[str, Any]:
+def recipe_defaults(
+    size: str | None, negative: str | None, fmt: str | None, lora: tuple[str, ...] = (), **flags: Any
+) -> dict[str, Any]:
     """CLI flags -> Job defaults, leaving out what the user did not set."""
     defaults = {key: value for key, value in flags.items() if value is not None}
+    if lora:
+        defaults["loras"] = list(lora)
     if size is not None:
         try:
             defaults.update(parse_size(size))

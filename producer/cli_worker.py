@@ -92,3 +92,24 @@ def make_test_model(directory: Path, arch: str, seed: int) -> None:
     except FileExistsError as error:
         raise InputError(str(error)) from error
     click.echo(f"wrote {arch} model to {path}")
+
+
+@click.command("make-test-lora")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The saved model the LoRA is for (a make-test-model folder).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_test_lora(directory: Path, model_dir: Path, seed: int) -> None:
+    """Build a random-weight LoRA for MODEL in DIRECTORY (offline; submit it with --lora DIRECTORY)."""
+    from worker.pipeline.testlora import build_test_lora
+
+    try:
+        path = build_test_lora(model_dir, directory, seed=seed)
+    except FileExistsError as error:
+        raise InputError(str(error)) from error
+    click.echo(f"wrote a LoRA for {model_dir} to {path}")

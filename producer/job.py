@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from producer.errors import InvalidJobError
+from producer.loras import LoraSpec, adapter_set, check_loras, lora_entries
 
 MAX_PROMPT_CHARS = 2000
 MIN_SIDE, MAX_SIDE = 64, 2048
@@ -62,11 +63,23 @@ class JobDefaults(BaseModel):
     #: The model alias whose workers run the job (its queue: ``producer.layout.model_queue``);
     #: None: the workers of the plain queue, whatever model they serve.
     model: ModelAlias | None = None
+    #: LoRA adapters applied on the model, in order (``producer.loras``); None: the base model.
+    loras: tuple[LoraSpec, ...] | None = None
 
     def _unnamed_model(self) -> set[str]:
-        """Left out of recipes and job ids when None: runs that name no model keep the ids and
-        recorded recipes they had before models could be named."""
-        return set() if self.model else {"model"}
+        """Left out of recipes and job ids when None: runs that name no model (or no LoRA) keep
+        the ids and recorded recipes they had before models (and LoRAs) could be named."""
+        return ({"model"} if not self.model else set()) | ({"loras"} if self.loras is None else set())
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _lora_entries(cls, value: Any) -> Any:
+        return lora_entries(value)
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_rules(cls, value: tuple[LoraSpec, ...] | None) -> tuple[LoraSpec, ...] | None:
+        return check_loras(value)
 
     @field_validator("height", "width", "steps", "guidance", "cache_interval", "cache_branch", mode="before")
     @classmethod
@@ -317,6 +330,7 @@ def shape(job: Job) -> tuple[Any, ...]:
         job.cache_interval,
         job.cache_branch,
         job.format,
+        adapter_set(job.loras),
     )
 
 

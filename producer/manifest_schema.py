@@ -76,6 +76,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("audit_psnr", "float64"),
     ("audit_ssim", "float64"),
     ("audit_uncached_key", "string"),
+    ("loras", "string"),  # JSON: [{"id", "scale", "sha256"}, ...]; null for the base model
     ("sidecar", "string"),
 )
 
@@ -152,6 +153,7 @@ def flatten(row: Mapping[str, Any], audit: Mapping[str, Any] | None = None) -> d
         "audit_psnr": _float(audit.get("psnr")),
         "audit_ssim": _float(audit.get("ssim")),
         "audit_uncached_key": _str(audit.get("uncached_key")),
+        "loras": _json(row.get("loras") or None),
         "sidecar": json.dumps(sidecar, ensure_ascii=False, separators=(",", ":")),
     }
 

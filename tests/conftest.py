@@ -142,6 +142,19 @@ def sdxl_tiny(tmp_path_factory, worker_id: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_loras(tiny_model: Path, tmp_path_factory, worker_id: str) -> tuple[Path, Path]:
+    """Two random LoRAs for the tiny model (seeds 1 and 2), built once per run: folders holding
+    ``pytorch_lora_weights.safetensors``, as ``deepqueue make-test-lora`` writes them."""
+    from worker.pipeline.testlora import build_test_lora
+
+    root = run_folder(tmp_path_factory, worker_id)
+    return tuple(  # type: ignore[return-value]
+        made_once(root / f"lora-tiny-{seed}", lambda path, seed=seed: build_test_lora(tiny_model, path, seed=seed))
+        for seed in (1, 2)
+    )
+
+
+@pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory, worker_id: str) -> Path:
     """One DEEPQUEUE_COMPILE_CACHE for the whole run, shared by pytest-xdist's workers (inductor
     writes its cache entries atomically, so two processes may fill it at once)."""

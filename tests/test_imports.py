@@ -23,6 +23,7 @@ WORKER_SIDE_COMMANDS = frozenset(
         ("producer.cli_worker", "worker", "worker.cli"),  # `deepqueue worker`
         ("producer.cli_worker", "run_embedded", "worker.cli"),  # `deepqueue run`
         ("producer.cli_worker", "make_test_model", "worker.pipeline.testmodel"),  # `deepqueue make-test-model`
+        ("producer.cli_worker", "make_test_lora", "worker.pipeline.testlora"),  # `deepqueue make-test-lora`
     }
 )
 

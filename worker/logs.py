@@ -17,7 +17,10 @@ import re
 from typing import Any, Literal
 
 #: The fields a log call may add with ``extra=`` (in this order on a text line).
-FIELDS = ("run_id", "job_id", "batch_id", "batch_size", "jobs", "inference_s", "worker")
+FIELDS = (
+    *("run_id", "job_id", "batch_id", "batch_size", "jobs", "inference_s", "worker"),
+    *("loras", "lora_load_s", "lora_switch_s"),  # LoRA adapter loads and switches (worker.pipeline.lora)
+)
 
 TEXT_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from producer.job import Job, cache_problem
+from producer.loras import adapter_set
 
 T = TypeVar("T")
 
@@ -40,6 +41,9 @@ class BatchKey:
     cache_branch: int
     negative_prompt: bool
     format: str
+    #: The LoRA adapters, as ``(id, scale)`` in the job's order (``producer.loras``); empty: the
+    #: base model. Another order is another key: the same adapters stacked differently.
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def deepcache(self) -> bool:
@@ -66,6 +70,7 @@ def batch_key(job: Job, defaults: RecipeDefaults) -> BatchKey:
         # Whether the call gets a list of negative prompts ("" for a job with none).
         negative_prompt=defaults.empty_negative_is_default or job.negative_prompt is not None,
         format=job.format,
+        loras=adapter_set(job.loras),
     )
 
 

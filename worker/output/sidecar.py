@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from producer.job import Job
@@ -17,6 +17,10 @@ class BatchInfo:
     job_ids: tuple[str, ...]  # the composition: the same seed can differ at another batch size
     inference_s: float
     started_at: float
+    #: The LoRA adapters the call applied: ``{"id", "scale", "sha256"}`` each (none: the base model).
+    loras: tuple[dict[str, Any], ...] = ()
+    #: Seconds spent loading and switching them before the call (``worker.pipeline.lora``).
+    lora_timing: dict[str, float] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -69,6 +73,7 @@ def build_sidecar(
         },
         "timing": timing,
         "worker": worker,
+        "loras": [dict(lora) for lora in batch.loras],
     }
 
 

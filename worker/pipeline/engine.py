@@ -19,6 +19,7 @@ from worker import logs
 from worker.delivery.batching import BatchKey
 from worker.pipeline.acceleration import Accelerator, Shape, compile_cache_dir, resolve_level
 from worker.pipeline.generated import Generated
+from worker.pipeline.lora import Adapters, LoraError, refused_at
 from worker.pipeline.model import SUPPORTED_PIPELINES, ModelError, model_fingerprint, parse_simulated
 from worker.settings import WorkerSettings
 
@@ -115,6 +116,16 @@ def _device_name(device: str) -> str:
     return device
 
 
+def _installed(package: str) -> str | None:
+    """``package``'s version, or None where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def load_engine(settings: WorkerSettings) -> Any:
     """The configured model's engine: ``Engine``, or a ``SimulatedEngine`` for ``simulated:...``."""
     simulated = parse_simulated(settings.model)
@@ -146,6 +157,7 @@ class Engine:
         self._scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[str, Any] = {}
         self._scheduler_name: str | None = None
+        self.adapters = Adapters(pipe)
 
     @classmethod
     def load(cls, settings: WorkerSettings) -> Engine:
@@ -222,13 +234,27 @@ class Engine:
         """Why this batch cannot run here, or None."""
         if key.scheduler not in SCHEDULERS:
             return f"unknown scheduler {key.scheduler!r}"
-        return key.problem() or self.deepcache.check(key.cache_interval, key.cache_branch)
+        return key.problem() or self.deepcache.check(key.cache_interval, key.cache_branch) or self._lora_problem(key)
+
+    def _lora_problem(self, key: BatchKey) -> str | None:
+        """Why the batch's LoRA adapters cannot run here (loading them if they can), or None."""
+        if not key.loras:
+            return None
+        refused = refused_at(self.accelerator.level)
+        if refused:
+            return refused
+        try:
+            self.adapters.load([ident for ident, _ in key.loras])
+        except LoraError as error:
+            return str(error)
+        return None
 
     def generate(self, key: BatchKey, jobs: Sequence[Job]) -> Generated:
         """One pipeline call for jobs that share ``key``; one generator per image."""
         problem = self.check(key)
         if problem:
             raise ValueError(problem)
+        adapters = self.adapters.switch(key.loras)
         started = time.perf_counter()
         images = self._call(
             [job.prompt for job in jobs],
@@ -242,7 +268,13 @@ class Engine:
             cache=(key.cache_interval, key.cache_branch),
         )
         seconds = time.perf_counter() - started
-        return Generated(images=images, seconds=seconds, compiles=self.accelerator.take_compile_counts())
+        return Generated(
+            images=images,
+            seconds=seconds,
+            compiles=self.accelerator.take_compile_counts(),
+            loras=adapters.loras,
+            lora_timing=adapters.timing,
+        )
 
     def _call(
         self,
@@ -314,6 +346,7 @@ class Engine:
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
             "deepcache": version("DeepCache"),
+            "peft": _installed("peft"),  # applies LoRA adapters (worker.pipeline.lora)
             **self.accelerator.describe(),
         }
 

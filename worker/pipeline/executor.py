@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from producer.job import Job, format_errors, is_run_id
 from producer.layout import CONTENT_TYPES, EXTENSIONS, image_key, sidecar_key
+from producer.loras import describe
 from producer.manifest_parts import manifest_row
 from producer.state import JobResult, JobState
 from producer.storage import Storage
@@ -271,6 +272,8 @@ class BatchExecutor:
             job_ids=tuple(job.job_id for _, job in items),
             inference_s=generated.seconds,
             started_at=started_at,
+            loras=tuple(generated.loras),
+            lora_timing=generated.lora_timing,
         )
         logger.info(
             "batch %s: %d x %dx%d, %d steps, deepcache %s: %.2f s",
@@ -287,6 +290,7 @@ class BatchExecutor:
                 "batch_size": batch.size,
                 "inference_s": round(generated.seconds, 4),
                 "jobs": ",".join(batch.job_ids),
+                **({"loras": describe(key.loras)} if key.loras else {}),
             },
         )
         for (delivery, job), image in zip(items, generated.images, strict=True):
@@ -326,6 +330,7 @@ class BatchExecutor:
                 "inference_s": batch.inference_s / batch.size,
                 "encode_s": encoded - began,
                 "upload_s": uploaded - encoded,
+                **batch.lora_timing,  # lora_load_s, lora_switch_s: where adapters were loaded in this process
             }
             sidecar = build_sidecar(
                 job=job,

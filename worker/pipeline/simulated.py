@@ -42,7 +42,9 @@ class SimulatedEngine:
         started = time.perf_counter()
         images = [synthetic_image(job.seed, key.width, key.height) for job in jobs]
         time.sleep(max(0.0, self.simulated.call_seconds(len(jobs)) - (time.perf_counter() - started)))
-        return Generated(images=images, seconds=time.perf_counter() - started)
+        # No weights here: the adapters are named as asked, without a file hash.
+        loras = [{"id": ident, "scale": scale, "sha256": None} for ident, scale in key.loras]
+        return Generated(images=images, seconds=time.perf_counter() - started, loras=loras)
 
     def free_memory(self) -> None:
         """Nothing to free."""
