@@ -17,6 +17,7 @@ from producer.settings import ClientSettings
 from producer.state import RunStore
 from tests.helpers import wait_until
 from tests.webhook import Receiver
+from worker.notifier import Notifier
 
 SECRET = "whsec_unit"
 FAST = [0.01] * 5  # the schedule's length, without its seconds
@@ -149,6 +150,24 @@ def test_a_delivery_stopped_between_tries_gives_its_claim_back(store, notify_sto
     state = notify_store.state("r")
     assert not state.sending and state.delivered_at is None and state.failed_at is None
     assert notify_store.due() == ["r"]  # a sweep delivers it now
+
+
+def test_a_worker_notifier_delivers_the_end_it_observes_and_sweeps_what_a_dead_one_left(store, notify_store, settings):
+    ended_run(store, "seen")
+    ended_run(store, "orphan")
+    with Receiver() as receiver:
+        for run_id in ("seen", "orphan"):
+            notify_store.hold(run_id, receiver.url)
+            notify_store.unhold(run_id)
+        notify_store.claim("orphan", "end", lease_s=0.2)  # claimed by a process that then died
+        notifier = Notifier(settings, sweep_s=0.2)
+        try:
+            notifier.observe("seen")
+            wait_until(lambda: receiver.delivered("seen") and receiver.delivered("orphan"), 60, "both deliveries")
+        finally:
+            notifier.stop()
+    assert len(receiver.of("seen")) == len(receiver.of("orphan")) == 1
+    assert notify_store.due(now=1e12) == []
 
 
 def test_cancel_notifies_once_with_event_cancelled(redis_urls, settings):
