@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
+import time
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +145,20 @@ def _arguments(document: dict, **changes: object) -> dict:
     """``summary``'s arguments back from a document it made."""
     arguments = {key: value for key, value in document.items() if key != "total"}
     return arguments | {"finished_at": 0.0} | changes
+
+
+def test_the_readmes_verification_snippet_accepts_a_signed_body_and_nothing_else():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("\n## Completion webhooks\n", 1)[1].split("\n## ", 1)[0]
+    [snippet] = re.findall(r"^```python\n(.*?)^```$", section, flags=re.M | re.S)
+    namespace: dict = {}
+    exec(snippet, namespace)
+    verified = namespace["verified"]
+    payload = body({"run_id": "r", "event": "finished"})
+    sent = headers(payload, event="finished", run_id="r", timestamp=int(time.time()), secret=SECRET)
+    assert verified(SECRET, sent, payload)
+    assert not verified(SECRET, sent, payload.replace(b"finished", b"cancelled"))
+    assert not verified("another", sent, payload)
+    stale = headers(payload, event="finished", run_id="r", timestamp=int(time.time()) - 3600, secret=SECRET)
+    assert not verified(SECRET, stale, payload)
+    assert not verified(SECRET, headers(payload, event="finished", run_id="r", timestamp=1, secret=None), payload)
