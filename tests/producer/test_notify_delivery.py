@@ -4,12 +4,16 @@ submit, retries, the lease, and the client's own deliveries (cancel, a submit th
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 
 import pytest
+from click.testing import CliRunner
 
 from producer import Client, JobState
+from producer.cli import cli
+from producer.errors import NotifyError
 from producer.notify import EVENT_HEADER
 from producer.notify_send import deliver, notify_if_due
 from producer.notify_state import NotifyStore
@@ -56,7 +60,7 @@ def ended_run(store: RunStore, run_id: str, *, done: int = 3, failed: dict[str, 
         store.mark(run_id, job_id, JobState.FAILED, reason=reason)
 
 
-def test_of_many_processes_that_see_the_end_one_claims_it(store, notify_store):
+def test_of_many_processes_that_see_the_end_one_claims_it(store, notify_store, backend):
     ended_run(store, "r")
     notify_store.hold("r", "http://127.0.0.1:9/hook")
     assert notify_store.claim("r", "end") == (None, "held")  # a submit is still sending
@@ -66,7 +70,7 @@ def test_of_many_processes_that_see_the_end_one_claims_it(store, notify_store):
 
     def claim() -> None:
         start.wait()
-        answers.append(NotifyStore(store._redis).claim("r", "end")[1])
+        answers.append(NotifyStore(backend).claim("r", "end")[1])
 
     threads = [threading.Thread(target=claim) for _ in range(16)]
     for thread in threads:
@@ -193,3 +197,39 @@ def test_a_submit_that_finds_its_run_ended_delivers_itself(redis_urls, settings,
         assert again.submitted == 0
         (only,) = receiver.of("again")
         assert only.document["counts"]["done"] == 2 and only.document["event"] == "finished"
+
+
+def test_a_bad_notify_url_is_refused_before_anything_is_sent(redis_urls, settings, store, tmp_path, monkeypatch):
+    with Client(settings=settings) as client:
+        with pytest.raises(NotifyError, match="must use http:// or https://"):
+            client.submit(["a"], run="refused", notify="ftp://example.com/x", steps=2, width=64, height=64)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n")
+    monkeypatch.setenv("DEEPQUEUE_BROKER_URL", redis_urls[0])
+    monkeypatch.setenv("DEEPQUEUE_RESULT_BACKEND", redis_urls[1])
+    result = CliRunner().invoke(cli, ["submit", str(prompts), "--run", "refused", "--notify", "mailto:me@example.com"])
+    assert result.exit_code == 2 and "Invalid value for '--notify'" in result.output, result.output
+    assert "must use http:// or https://" in result.output
+    assert not store.exists("refused")
+
+
+def test_the_cli_submits_with_notify_cancels_and_shows_the_notification(redis_urls, settings, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\nan owl\n")
+    monkeypatch.setenv("DEEPQUEUE_BROKER_URL", redis_urls[0])
+    monkeypatch.setenv("DEEPQUEUE_RESULT_BACKEND", redis_urls[1])
+    runner = CliRunner()
+    with Receiver([502]) as receiver:
+        submit = ["submit", str(prompts), "--run", "cli", "--notify", receiver.url, "--steps", "2"]
+        submitted = runner.invoke(cli, submit)
+        assert submitted.exit_code == 0, submitted.output
+        status = runner.invoke(cli, ["status", "cli"])
+        assert "notify: when the run ends" in status.output, status.output
+        cancelled = runner.invoke(cli, ["cancel", "cli"])
+        assert cancelled.exit_code == 0, cancelled.output
+        assert "run cli: 2 queued jobs cancelled" in cancelled.output
+        assert "notify cancelled: delivered (2 tries)" in cancelled.output  # after the 502
+        as_json = json.loads(runner.invoke(cli, ["status", "cli", "--json"]).output)
+    assert as_json["notify"] == {"state": "delivered", "event": "cancelled", "tries": 2, "last": "HTTP 200"}
+    assert [item.answered for item in receiver.of("cli")] == [502, 200]
+    assert all(item.verifies(SECRET) for item in receiver.of("cli"))
