@@ -198,11 +198,11 @@ class Client:
         except BaseException:
             if new_recipe and not sent:  # nothing of it was sent: a corrected resubmit may choose again
                 self._store.forget_recipe(run_id, recipe)
+            # The hold stays (``HOLD_S``): the end of what was sent is no end while a resubmit may
+            # follow; past the hold, a worker's sweep notifies what the run then is.
             raise
-        finally:
-            if held:
-                self._notify().unhold(run_id)
         if held:  # workers may have ended the run while it was held: then it is this submit's to notify
+            self._notify().unhold(run_id)
             notify_if_due(self._notify(), self._store, self.settings, run_id, "end")
         return Run(run_id, self._store, submitted=sent, skipped=total - sent)
 
