@@ -26,7 +26,7 @@ README = (ROOT / "README.md").read_text()
 NOT_RUN = {
     "Scaling with docker compose": "no Docker engine here: tests/ops/test_compose.py validates the compose files "
     "and runs ops/compose/gpus.py as these lines do",
-    "Completion webhooks": "needs a receiver: tests/integration/test_notify.py submits with notify to one, "
+    "Completion webhooks": "needs a receiver: tests/integration/test_notify_workers.py submits with notify to one, "
     "and tests/producer/test_notify.py runs the verification snippet as written on a signed body",
     "Development": "the suite's own commands (make test-quick, pytest on one file): CI runs make test, whose "
     "tests include every one these select",
