@@ -12,6 +12,7 @@ import click
 from producer.cli_options import SHARE_FLAGS, WAIT_FLAGS, with_flags
 from producer.cli_submit import finish_run
 from producer.client import Client
+from producer.notify_state import NotifyState
 from producer.state import RunStatus, format_duration
 
 
@@ -24,10 +25,14 @@ def status(run_id: str, as_json: bool) -> None:
     with Client() as client:
         current = replace(client.run(run_id).status(), workers=len(client.workers(queue=client.run_queue(run_id))))
         share = client.share(run_id)
+        notified = client.notify_state(run_id)
         if as_json:
-            click.echo(json.dumps({**status_record(current), "priority": share.priority, "weight": share.weight}))
+            record = {**status_record(current), "priority": share.priority, "weight": share.weight}
+            click.echo(json.dumps(record | ({} if notified is None else {"notify": notify_record(notified)})))
         else:
             click.echo(f"{current}; priority {share.priority}, weight {share.weight:g}")
+            if notified is not None:
+                click.echo(str(notified))
 
 
 @click.command()
@@ -58,6 +63,13 @@ def status_record(current: RunStatus) -> dict[str, Any]:
     }
 
 
+def notify_record(notified: NotifyState) -> dict[str, Any]:
+    """A run's webhook in ``status --json``: its outcome and tries (the URL is left out: it may hold a token)."""
+    outcome = "delivered" if notified.delivered_at else "failed" if notified.failed_at else None
+    outcome = outcome or ("sending" if notified.sending else "waiting")
+    return {"state": outcome, "event": notified.event, "tries": notified.tries, "last": notified.last}
+
+
 @click.command("run-set")
 @click.argument("run_id")
 @with_flags(*SHARE_FLAGS)
@@ -76,11 +88,13 @@ def run_set(run_id: str, priority: str | None, weight: float | None) -> None:
 def cancel(run_id: str) -> None:
     """Cancel RUN_ID: its queued jobs end cancelled without being generated (workers drop their
     messages as they reach them); running jobs finish. A cancelled run takes no new jobs until it
-    is resumed (deepqueue resume)."""
+    is resumed (deepqueue resume). A run submitted with --notify is notified now."""
     with Client() as client:
-        run = client.run(run_id)
-        cancelled = run.cancel()
-        click.echo(f"run {run_id}: {cancelled} queued jobs cancelled; {run.status()}")
+        cancelled = client.cancel(run_id)
+        click.echo(f"run {run_id}: {cancelled} queued jobs cancelled; {client.run(run_id).status()}")
+        notified = client.notify_state(run_id)
+        if notified is not None:
+            click.echo(str(notified))
 
 
 @click.command()

@@ -13,8 +13,9 @@ from producer.cli_options import SHARE_FLAGS, WAIT_FLAGS, PromptInput, recipe_de
 from producer.cli_outputs import audit_text
 from producer.client import Client, run_id_or_new
 from producer.contract import WORKER_GONE_S
-from producer.errors import InvalidJobError, PromptFileError
+from producer.errors import InvalidJobError, NotifyError, PromptFileError
 from producer.exits import EXIT_JOB_FAILED
+from producer.notify import checked_url
 from producer.run import Run
 from producer.state import JobState, RunStatus, format_duration
 
@@ -48,6 +49,13 @@ from producer.state import JobState, RunStatus, format_duration
     is_flag=True,
     help="Add jobs to an existing run even though its recipe flags differ from its first submit's.",
 )
+@click.option(
+    "--notify",
+    metavar="URL",
+    callback=lambda _ctx, _param, url: notify_url(url),
+    help="POST a signed JSON summary to URL (http/https) once when the run finishes or is cancelled "
+    "(signed with DEEPQUEUE_WEBHOOK_SECRET; see the README).",
+)
 def submit(
     file: Path | None,
     run_id: str | None,
@@ -61,6 +69,7 @@ def submit(
     priority: str | None,
     weight: float | None,
     max_queued: int | None,
+    notify: str | None,
     **flags: Any,
 ) -> None:
     """Validate FILE (.txt, .jsonl, .csv, .tsv, .json, .parquet; the text ones also .gz) or
@@ -90,6 +99,7 @@ def submit(
                 priority=priority,
                 weight=weight,
                 max_queued=max_queued,
+                notify=notify,
                 **prompts.expansion(),
                 **defaults,
             )
@@ -111,6 +121,14 @@ def submit(
             )
         if wait_:
             finish_run(client, run, timeout, audit_sample=audit_sample)
+
+
+def notify_url(url: str | None) -> str | None:
+    """``--notify``'s check, before anything is read or sent."""
+    try:
+        return None if url is None else checked_url(url)
+    except NotifyError as error:
+        raise click.BadParameter(str(error).removeprefix("notify: "), param_hint="'--notify'") from None
 
 
 @click.command()

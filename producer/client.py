@@ -37,6 +37,9 @@ from producer.job import (
     validated,
 )
 from producer.layout import DEAD_LETTERS_KEY, WORKER_QUEUES_KEY, WORKERS_KEY, images_prefix, model_queue, run_prefix
+from producer.notify import checked_url
+from producer.notify_send import notify_if_due, storage_url
+from producer.notify_state import NotifyState, NotifyStore
 from producer.run import Run
 from producer.sent import SentJobs, prompts, write_sent
 from producer.settings import ClientSettings, redact_url
@@ -106,6 +109,7 @@ class Client:
         self._store = RunStore.from_url(self.settings.result_backend)
         self._broker_client: redis.Redis | None = None
         self._storage_client: Storage | None = None
+        self._notify_client: NotifyStore | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -116,6 +120,8 @@ class Client:
     def close(self) -> None:
         if self._broker_client is not None:
             self._broker_client.close()
+        if self._notify_client is not None:
+            self._notify_client.close()
         self._store.close()
 
     def prepare(
@@ -147,6 +153,7 @@ class Client:
         max_queued: int | None = None,
         samples: int | None = None,
         wildcards: str | os.PathLike | None = None,
+        notify: str | None = None,
         **defaults: Any,
     ) -> Run:
         """Validate every job, then enqueue them; nothing is sent if any job is invalid.
@@ -175,7 +182,13 @@ class Client:
         what the run has (normal and 1 for a new one). ``max_queued`` caps the run's jobs
         waiting in the queue: the submit sends more as workers take them (Redis holds at most
         that many of its jobs, however large the run).
+
+        ``notify`` (an http or https URL) gets one signed JSON POST when the run ends, finished or
+        cancelled (``producer.notify``), from whoever sees the end: a worker, ``cancel``, or this
+        submit if the run has ended by the time it is done sending (it then delivers before it
+        returns). A run submitted again without ``notify`` keeps the URL it has.
         """
+        url = None if notify is None else checked_url(notify)
         fair.checked_share(priority, weight)
         if max_queued is not None and max_queued < 1:
             raise ShareError(f"max_queued must be at least 1, got {max_queued}")
@@ -188,18 +201,27 @@ class Client:
         recipe = run_recipe(run_wide, run_id=run_id, run_seed=seed)
         new_recipe = self._check_recipe(run_id, recipe, allow_recipe_change)
         fair.set_share(self._broker(), run_id, priority=priority, weight=weight)
+        # The run's end is not notified while this submit sends (its end would come too soon).
+        held = self._notify().hold(run_id, url)
         sent = 0
         try:
             with tqdm(total=total, unit="job", desc="enqueue", disable=not progress) as bar:
                 for chunk in chunked(validated(rows, run_id=run_id, defaults=run_wide, run_seed=seed), chunk_size):
                     if max_queued is not None:
                         self._wait_for_room(run_id, max_queued - len(chunk), bar)
+                    if held and sent:
+                        self._notify().hold(run_id)
                     sent += self._claim_and_send(run_id, chunk, resend_queued=resend_queued)
                     bar.update(len(chunk))
         except BaseException:
             if new_recipe and not sent:  # nothing of it was sent: a corrected resubmit may choose again
                 self._store.forget_recipe(run_id, recipe)
+            # The hold stays (``HOLD_S``): the end of what was sent is no end while a resubmit may
+            # follow; past the hold, a worker's sweep notifies what the run then is.
             raise
+        if held:  # workers may have ended the run while it was held: then it is this submit's to notify
+            self._notify().unhold(run_id)
+            notify_if_due(self._notify(), self._store, self.settings, run_id, "end")
         return Run(run_id, self._store, submitted=sent, skipped=total - sent)
 
     def retry(self, run_id: str, *, progress: bool = False, gone_after_s: float = WORKER_GONE_S) -> Run:
@@ -251,6 +273,15 @@ class Client:
         """The messages workers dropped as unreadable (not a task, not JSON, ...), newest first:
         task id, reason, time, content type and the body's first bytes as text."""
         return [json.loads(raw) for raw in self._broker().lrange(DEAD_LETTERS_KEY, 0, limit - 1)]
+
+    def _notify(self) -> NotifyStore:
+        if self._notify_client is None:
+            self._notify_client = NotifyStore.from_url(self.settings.result_backend)
+        return self._notify_client
+
+    def notify_state(self, run_id: str) -> NotifyState | None:
+        """Where ``run_id``'s completion webhook stands (None: it asked for none)."""
+        return self._notify().state(run_id)
 
     def _broker(self) -> redis.Redis:
         if self._broker_client is None:
@@ -336,9 +367,11 @@ class Client:
     def cancel(self, run_id: str) -> int:
         """Cancel ``run_id`` (see ``Run.cancel``), and drop its messages still waiting in the
         queue (``producer.fair``), which freed their Redis memory; returns how many jobs were
-        cancelled now."""
+        cancelled now. A run submitted with ``notify`` is notified (event ``cancelled``) before
+        this returns, unless its notification was sent already."""
         cancelled = self.run(run_id).cancel()
         fair.drop_run(self._broker(), run_id)
+        notify_if_due(self._notify(), self._store, self.settings, run_id, "cancel")
         return cancelled
 
     def delete(self, run_id: str, *, outputs: bool = False, force: bool = False) -> int:
@@ -401,10 +434,7 @@ class Client:
 
     def outputs_url(self, run_id: str) -> str:
         """Where the run's images and sidecars are: ``s3://bucket/prefix/run/images/`` or a folder."""
-        folder = images_prefix(self.settings.s3_prefix, run_id)
-        if self.settings.storage == "s3":
-            return f"s3://{self.settings.s3_bucket}/{folder}"
-        return f"{self.settings.output_dir / folder}{os.sep}".rstrip(os.sep) + os.sep
+        return storage_url(self.settings, images_prefix(self.settings.s3_prefix, run_id))
 
     def _storage(self) -> Storage:
         """The run's storage, made once per client (a boto3 client takes ~0.1 s to make)."""

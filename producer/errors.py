@@ -117,3 +117,7 @@ def export_extra() -> Iterator[None]:
         raise ExtraMissingError(
             f"manifests and exports need {error.name}, which is not installed: pip install 'deepqueue[export]'"
         ) from error
+
+
+class NotifyError(DeepQueueError, ValueError):
+    """A completion webhook URL (``--notify``) that cannot be used; the text names the URL and the rule."""

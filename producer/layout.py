@@ -19,7 +19,9 @@ Redis, result backend (``{run}`` is a Redis Cluster hash tag, so one run's keys 
 what each holds: ``producer.state``): ``deepqueue:{run}:slots:<n>`` (the jobs' states, packed:
 ``producer.slots``), ``:blocks``, ``:others``, ``:counts``, ``:reasons``, ``:running``,
 ``:images``, ``:keys``, ``:pending``, ``:losses``, ``:recipes``, ``:meta``, ``:minutes``;
-``deepqueue:runs`` and ``deepqueue:deleted``.
+``deepqueue:runs`` and ``deepqueue:deleted``. Completion webhooks (``producer.notify_state``):
+``deepqueue:{run}:notify`` (``NOTIFY_NAME``), ``deepqueue:{run}:notify-claim``
+(``NOTIFY_CLAIM_NAME``) and ``deepqueue:notify-pending`` (``NOTIFY_PENDING_KEY``).
 
 Redis, broker: ``deepqueue:workers`` (``WORKERS_KEY``), ``deepqueue:dead-letters``
 (``DEAD_LETTERS_KEY``), the queue itself and kombu's keys, named by kombu, and per queue its
@@ -143,6 +145,12 @@ def export_key(prefix: str, run_id: str, fmt: str) -> str:
 #: Result backend zsets: run ids by first submission time; deleted run ids while their tombstones last.
 RUNS_KEY = "deepqueue:runs"
 DELETED_KEY = "deepqueue:deleted"
+#: Run state names of a run's completion webhook: its hash (URL, hold, outcome) and its delivery
+#: claim (a string with a lease); see ``producer.notify_state``.
+NOTIFY_NAME = "notify"
+NOTIFY_CLAIM_NAME = "notify-claim"
+#: Result backend zset: runs whose notification is claimed or held, by when to look at it again.
+NOTIFY_PENDING_KEY = "deepqueue:notify-pending"
 
 #: Broker hash: worker name -> time of its last lease renewal (see worker.delivery.leases).
 WORKERS_KEY = "deepqueue:workers"

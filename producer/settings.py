@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.message import MAX_JOBS
@@ -53,6 +53,11 @@ class ClientSettings(BaseSettings):
     s3_prefix: str = Field("", description="Key prefix inside the bucket")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, a test server)")
     output_dir: Path = Field(Path("out"), description="Root folder of the local storage")
+    # Completion webhooks (``producer.notify``): whoever sends a run's notification signs it.
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Key of the HMAC-SHA256 signature of completion webhooks (submit --notify); unset: unsigned",
+    )
 
     @field_validator("broker_url", "result_backend")
     @classmethod

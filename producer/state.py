@@ -20,8 +20,9 @@ running jobs keep more. The jobs as sent are kept in the run's storage (``produc
   run-wide settings and run seed) -> time first seen; one unless a submit allowed a change
 - ``deepqueue:{run}:meta``    hash  first_started_at, last_done_at, last_failed_at (Redis clock),
   cancelled_at, deleted_at (a deleted run's tombstone, kept ``TOMBSTONE_S`` so its messages
-  still queued recreate nothing)
+  still queued recreate nothing), gpu_s (its images' shares of pipeline time)
 - ``deepqueue:{run}:minutes`` hash  minute (Unix time // 60) -> jobs done in it: the run's rate
+- ``deepqueue:{run}:notify``, ``:notify-claim``: its completion webhook (``producer.notify_state``)
 - ``deepqueue:runs``          zset  run ids by first submission time (a run no client submitted,
   by its first job's start)
 - ``deepqueue:deleted``       zset  deleted run ids by first submission time, while their
@@ -47,7 +48,7 @@ from typing import Any
 
 import redis
 
-from producer.layout import DELETED_KEY, RUNS_KEY, state_key
+from producer.layout import DELETED_KEY, NOTIFY_CLAIM_NAME, NOTIFY_NAME, NOTIFY_PENDING_KEY, RUNS_KEY, state_key
 from producer.slots import BLOCK_SLOTS, SLOT_BYTES, Slot, decode, place, read_slot, slots_of_block
 from producer.state_scripts import CANCEL_BLOCK, CLAIM_RECIPE, TRANSITION
 
@@ -305,8 +306,19 @@ class RunStore:
         return replace(status, images_per_s=rate)
 
     def meta(self, run_id: str) -> dict[str, float]:
-        """first_started_at, last_done_at, last_failed_at, cancelled_at, deleted_at: those the run has."""
+        """first_started_at, last_done_at, last_failed_at, cancelled_at, deleted_at, gpu_s: those
+        the run has."""
         return _floats(self._redis.hgetall(state_key(run_id, "meta")))
+
+    def add_gpu_seconds(self, run_id: str, seconds: float) -> None:
+        """Count ``seconds`` of pipeline time towards the run (meta ``gpu_s``): a worker adds each
+        image's share of its batch's inference time as it stores it."""
+        self._redis.hincrbyfloat(state_key(run_id, "meta"), "gpu_s", seconds)
+
+    def failure_reasons(self, run_id: str) -> Iterator[str]:
+        """The reason of each failed job, streamed (those of the run's failed jobs only)."""
+        for _, reason in self._redis.hscan_iter(state_key(run_id, "reasons"), count=1000):
+            yield reason.decode(errors="replace")
 
     def cancel(self, run_id: str) -> int:
         """Cancel the run: its queued jobs end ``cancelled`` now, and any job a worker or a
@@ -352,6 +364,7 @@ class RunStore:
         worker that finishes storing an image for it removes what it stored (``deleted``)."""
         blocks = [_blocks_prefix(run_id) + str(block) for block in self._blocks(run_id)]
         keys = [*_transition_keys(run_id), state_key(run_id, "losses"), state_key(run_id, "recipes"), *blocks]
+        keys += [state_key(run_id, NOTIFY_NAME), state_key(run_id, NOTIFY_CLAIM_NAME)]
         meta = state_key(run_id, "meta")
         now = time.time()
         submitted = self._redis.zscore(RUNS_KEY, run_id)
@@ -361,6 +374,7 @@ class RunStore:
         pipe.expire(meta, TOMBSTONE_S)
         pipe.zrem(RUNS_KEY, run_id)
         pipe.zadd(DELETED_KEY, {run_id: now if submitted is None else submitted})
+        pipe.zrem(NOTIFY_PENDING_KEY, run_id)
         pipe.execute()
 
     def deleted(self, run_id: str) -> bool:

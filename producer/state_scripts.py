@@ -225,3 +225,82 @@ elseif ARGV[3] == '1' then
 end
 return redis.call('HGETALL', KEYS[1])
 """
+
+# Completion webhooks (``producer.notify_state``). KEYS of each: the run's notify hash, its claim
+# string, then (NOTIFY_CLAIM only) its counts and meta hashes; all share the run's hash tag. Times
+# are Redis' clock.
+
+# ARGV: the URL ('' to keep the one stored: a submit without --notify only holds), seconds to hold.
+# Stores the URL and holds the notification while a submit sends (its end would be premature);
+# a new URL starts the run's notification afresh unless a delivery is in flight. Returns 1 if the
+# run has a URL (and is now held), else 0.
+NOTIFY_HOLD = """
+local NOTIFY, CLAIM = KEYS[1], KEYS[2]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+if ARGV[1] ~= '' then
+  if redis.call('EXISTS', CLAIM) == 0 then
+    redis.call('HDEL', NOTIFY, 'delivered_at', 'failed_at', 'tries', 'last', 'event', 'claimed_at')
+  end
+  redis.call('HSET', NOTIFY, 'url', ARGV[1])
+elseif redis.call('HEXISTS', NOTIFY, 'url') == 0 then
+  return 0
+end
+redis.call('HSET', NOTIFY, 'held_until', now + tonumber(ARGV[2]))
+return 1
+"""
+
+# ARGV: mode ('end': the run must have ended; 'cancel': it was just cancelled), token, lease in ms.
+# Claims the run's one delivery for the caller if it is due: a URL, not delivered nor given up,
+# no live claim, and (mode 'end') not held by a submit and every job final. Returns
+# {'mine', url, event} to the one caller that claimed it, else {why, detail}: 'none' (no URL),
+# 'settled' (delivered, given up, or the run deleted), 'claimed' (ms left on another's claim),
+# 'held' (until when), 'running'.
+NOTIFY_CLAIM = """
+local NOTIFY, CLAIM, COUNTS, META = unpack(KEYS)
+local mode, token, lease = ARGV[1], ARGV[2], ARGV[3]
+local url = redis.call('HGET', NOTIFY, 'url')
+if not url then return {'none', ''} end
+if redis.call('HEXISTS', NOTIFY, 'delivered_at') == 1 or redis.call('HEXISTS', NOTIFY, 'failed_at') == 1
+  or redis.call('HEXISTS', META, 'deleted_at') == 1 then
+  return {'settled', ''}
+end
+local left = redis.call('PTTL', CLAIM)
+if left ~= -2 then return {'claimed', tostring(left)} end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+local event = 'cancelled'
+if mode ~= 'cancel' then
+  local held = tonumber(redis.call('HGET', NOTIFY, 'held_until') or '0')
+  if held > now then return {'held', tostring(held)} end
+  local c = redis.call('HMGET', COUNTS, 'queued', 'running', 'done', 'failed', 'cancelled')
+  local busy = tonumber(c[1] or '0') + tonumber(c[2] or '0')
+  local final = tonumber(c[3] or '0') + tonumber(c[4] or '0') + tonumber(c[5] or '0')
+  if busy > 0 or final == 0 then return {'running', ''} end
+  if redis.call('HEXISTS', META, 'cancelled_at') == 0 then event = 'finished' end
+end
+redis.call('SET', CLAIM, token, 'PX', lease)
+redis.call('HSET', NOTIFY, 'event', event, 'claimed_at', now)
+return {'mine', url, event}
+"""
+
+# ARGV: token, lease in ms. Before each try: renews the claim and counts the try, if the claim is
+# still the caller's (1), else 0 (its lease ran out and another may hold it: stop).
+NOTIFY_TRY = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'tries', 1)
+return 1
+"""
+
+# ARGV: token, outcome ('delivered', 'failed', or '' to give the claim back untouched), the last
+# answer (an HTTP status or an error, short). Ends the caller's claim; 0 if it was not its own.
+NOTIFY_SETTLE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' then
+  local clock = redis.call('TIME')
+  redis.call('HSET', KEYS[1], ARGV[2] .. '_at', tonumber(clock[1]) + tonumber(clock[2]) / 1e6, 'last', ARGV[3])
+end
+redis.call('DEL', KEYS[2])
+return 1
+"""

@@ -49,6 +49,9 @@ class MemoryReporter:
     def deleted(self, run_id: str) -> bool:
         return False  # embedded runs have no delete
 
+    def add_gpu_seconds(self, run_id: str, seconds: float) -> None:
+        pass  # embedded mode's summary times the whole run itself
+
 
 @dataclass
 class Summary:

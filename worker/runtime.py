@@ -23,6 +23,7 @@ from celery import bootsteps, signals
 from producer.contract import celery_config
 from worker.delivery.leases import Leases
 from worker.metrics import QueueDepth, WorkerMetrics
+from worker.notifier import SWEEP_S, Notifier
 from worker.pipeline import pool
 from worker.settings import WorkerSettings
 
@@ -41,6 +42,8 @@ class WorkerRuntime:
     serving: bool = False
     #: where pool processes report their pipeline's build (``worker.pipeline.pool.PoolProcess``)
     report_fd: int | None = None
+    #: completion webhooks of runs whose end this process records, and the sweep of pending ones
+    notifier: Notifier | None = None
 
     @classmethod
     def create(cls, settings: WorkerSettings, hostname: str) -> WorkerRuntime:
@@ -60,7 +63,7 @@ class WorkerRuntime:
         metrics = WorkerMetrics()
         metrics.describe_worker(settings, {})
         metrics.registry.register(QueueDepth(settings.broker_url, settings.serving_queue, transport_options))
-        return cls(settings, name, leases, metrics)
+        return cls(settings, name, leases, metrics, notifier=Notifier(settings, sweep_s=SWEEP_S))
 
     def pool_process(self) -> pool.PoolProcess:
         """The state a pool process starts from, as this process holds it now."""
@@ -73,7 +76,7 @@ class WorkerRuntime:
 
 class Runtime(bootsteps.StartStopStep):
     """Worker bootstep: makes the ``WorkerRuntime`` (see the module's docstring) and runs its
-    lease thread from after the pool has forked until the worker stops.
+    lease and notifier threads from after the pool has forked until the worker stops.
 
     The thread starts after the fork: a thread importing a module while a process forks leaves
     that module's import lock held in the child, which then hangs on its first import of the
@@ -91,6 +94,8 @@ class Runtime(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         worker.deepqueue.leases.start()
+        worker.deepqueue.notifier.start()
 
     def stop(self, worker: Any) -> None:
         worker.deepqueue.leases.stop()
+        worker.deepqueue.notifier.stop()

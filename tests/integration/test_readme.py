@@ -1,7 +1,7 @@
 """Every command and snippet of the README, run as written on the stack `make services` starts
 (issue 14): the tour of every command, the console transcript, the Python client example (its
 Redis URLs pointed at the stack: only the ports change), the export-loading snippet on a run that
-mixes png, webp and jpeg, the runs sharing the workers, and `make demo`. The two blocks not run here say why in NOT_RUN.
+mixes png, webp and jpeg, the runs sharing the workers, and `make demo`. The blocks not run here say why in NOT_RUN.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ README = (ROOT / "README.md").read_text()
 NOT_RUN = {
     "Scaling with docker compose": "no Docker engine here: tests/ops/test_compose.py validates the compose files "
     "and runs ops/compose/gpus.py as these lines do",
+    "Completion webhooks": "needs a receiver: tests/integration/test_notify_workers.py submits with notify to one, "
+    "and tests/producer/test_notify.py runs the verification snippet as written on a signed body",
     "Development": "the suite's own commands (make test-quick, pytest on one file): CI runs make test, whose "
     "tests include every one these select",
 }

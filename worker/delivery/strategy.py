@@ -99,6 +99,7 @@ class BatchingStrategy:
             drop_chunk=max(1, min(DROP_CHUNK, settings.prefetch_count // 2)),
         )
         self.store = RunStore.from_url(settings.result_backend)
+        self.notifier = runtime.notifier
         self.stopped = StoppedRuns(self._fetch_stopped)
         self.defaults = settings.recipe_defaults()
         self.metrics = runtime.metrics
@@ -406,7 +407,8 @@ class BatchingStrategy:
             self.metrics.error(kind)
         self.metrics.ended("failed")
         if part.job is not None:
-            self.store.mark(part.job.run_id, part.job.job_id, JobState.FAILED, reason=reason)
+            if self.store.mark(part.job.run_id, part.job.job_id, JobState.FAILED, reason=reason) and self.notifier:
+                self.notifier.observe(part.job.run_id)  # perhaps the run's last job: its webhook is due
 
     def _request(self, message: Any, body: Any) -> Any:
         if body is None and "args" not in message.payload:

@@ -64,6 +64,8 @@ class Reporter(Protocol):
 
     def deleted(self, run_id: str) -> bool: ...
 
+    def add_gpu_seconds(self, run_id: str, seconds: float) -> None: ...
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -304,6 +306,9 @@ class BatchExecutor:
         stored as it came is removed (its delete lists the files only after the tombstone)."""
         if self.reporter.deleted(job.run_id):
             return self._skipped(delivery, job)
+        # The image's share of its pipeline call, counted before its state (a run's last job
+        # recorded has its share in the run's total).
+        self.reporter.add_gpu_seconds(job.run_id, batch.inference_s / batch.size)
         retry = self.store_retry.job()  # both uploads share the job's retry budget
 
         def upload(at: str, body: bytes, content_type: str, metadata: dict[str, str]) -> bool:

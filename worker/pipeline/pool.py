@@ -25,6 +25,7 @@ from producer.errors import DeepQueueError
 from producer.state import RunStore
 from producer.storage import make_storage
 from worker import startup
+from worker.notifier import Notifier, ObservedReporter
 from worker.pipeline.executor import BatchExecutor, Delivery, Outcome
 from worker.settings import WorkerSettings
 
@@ -62,6 +63,8 @@ class PoolProcess:
         self.report_fd = report_fd
         self.check_storage = check_storage
         self.executor: BatchExecutor | None = None
+        #: delivers the completion webhooks of runs whose last job this process records
+        self.notifier = Notifier(settings)
         self.error: str | None = None
         #: what ``build`` reported: pid, error, worker description and load seconds
         self.report: dict[str, Any] = {}
@@ -102,6 +105,7 @@ class PoolProcess:
         """
         if self.executor is not None:
             self.executor.close()
+        self.notifier.stop()
 
     def _build_executor(self) -> BatchExecutor:
         """Storage first: a missing bucket is found in a second, not after minutes of model
@@ -116,7 +120,8 @@ class PoolProcess:
         self._report_stage(f"the model {settings.model} to load")
         engine = load_engine(settings)
         storage = make_storage(settings, check=False)
-        return BatchExecutor(engine, storage, RunStore.from_url(settings.result_backend), settings, name=self.name)
+        reporter = ObservedReporter(RunStore.from_url(settings.result_backend), self.notifier)
+        return BatchExecutor(engine, storage, reporter, settings, name=self.name)
 
     def _warm_up(self, executor: BatchExecutor) -> dict[str, Any]:
         """Compile DEEPQUEUE_WARM_SHAPES before the worker says ready: their seconds and compile counts."""
