@@ -80,6 +80,8 @@ def workspace(tiny_model, tmp_path_factory) -> Iterator[tuple[Path, dict[str, st
     assert recipe("services") == ["$(PY) -m ops.services"]
     folder = tmp_path_factory.mktemp("readme")
     shutil.copytree(ROOT / "examples", folder / "examples")
+    (folder / "models").mkdir()
+    (folder / "models" / "tiny").symlink_to(tiny_model)  # what `make services` builds in a checkout
     env = {**shell_env(), "DEEPQUEUE_MODEL": str(tiny_model), "DEEPQUEUE_DEVICE": "cpu"}
     command = [sys.executable, "-m", "ops.services", "--data-dir", str(folder / ".local-stack")]
     services = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -156,6 +158,13 @@ def test_the_dataset_walkthrough_runs_as_written(workspace):
     assert re.match(r"16 images, \d+ white: a white (fox|heron) at \w+, .+ \(64, 64\)$", snippet.stdout), snippet.stdout
 
 
+def test_the_lora_block_runs_as_written(workspace):
+    folder, _ = workspace
+    result = bash(one("bash", "LoRA adapters"), folder)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "run inked finished: 24 images, 0 failed" in result.stdout, result.stdout
+
+
 def test_the_console_transcript_runs_as_written(workspace):
     folder, _ = workspace
     commands = [
@@ -201,7 +210,7 @@ def test_no_block_is_left_out_unexplained():
     """Every block with a language is run above, or named in NOT_RUN with the reason."""
     ran = {("bash", "The two commands"), ("bash", "Trying it"), ("console", "Choosing DeepCache")}
     ran |= {("bash", "Several runs"), ("python", "Python client"), ("python", "Outputs")}
-    ran |= {("bash", "Building a dataset"), ("python", "Building a dataset")}
+    ran |= {("bash", "Building a dataset"), ("python", "Building a dataset"), ("bash", "LoRA adapters")}
     for block in blocks():
         if block.language in ("text", "diff"):
             continue
