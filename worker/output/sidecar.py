@@ -17,6 +17,7 @@ class BatchInfo:
     job_ids: tuple[str, ...]  # the composition: the same seed can differ at another batch size
     inference_s: float
     started_at: float
+    scores_s: float = 0.0  # scoring the batch's images (worker.pipeline.scores), after the pipeline call
 
     @property
     def size(self) -> int:
@@ -33,6 +34,7 @@ def build_sidecar(
     model: dict[str, Any],
     worker: dict[str, Any],
     timing: dict[str, float | None],
+    scores: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "sidecar_version": SIDECAR_VERSION,
@@ -69,6 +71,8 @@ def build_sidecar(
         },
         "timing": timing,
         "worker": worker,
+        # What the job (or the worker) asked for: phash, clip_score, nsfw; None where scoring failed.
+        "scores": scores or {},
     }
 
 
