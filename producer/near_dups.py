@@ -132,3 +132,38 @@ def near_duplicates_brute_force(hashes: Sequence[int | None], threshold: int = D
                     break
         found.append(match)
     return found
+
+
+class RunDuplicates:
+    """``duplicate_of`` for a run's manifest rows, met one at a time in index order: the job id
+    of the first earlier row whose pHash is within ``threshold`` bits, or None. Job ids are
+    kept packed (about 30 bytes per hashed row)."""
+
+    def __init__(self, threshold: int = DEFAULT_THRESHOLD) -> None:
+        self.index = NearDuplicateIndex(threshold)
+        self.duplicates = 0
+        self._ids = bytearray()
+        self._ends = array("q")
+
+    def duplicate_of(self, job_id: str, phash: object) -> str | None:
+        """Add a row; the job id it nearly repeats, or None (also when it has no pHash)."""
+        value = parse_phash(phash)
+        if value is None:
+            return None
+        match = self.index.add(value)
+        self._ids += job_id.encode()
+        self._ends.append(len(self._ids))
+        if match is None:
+            return None
+        self.duplicates += 1
+        start = self._ends[match - 1] if match else 0
+        return self._ids[start : self._ends[match]].decode()
+
+    def summary(self) -> dict[str, object]:
+        """stats.json's ``near_duplicates``."""
+        return {
+            "threshold": self.index.threshold,
+            "bits": HASH_BITS,
+            "hashed": self.index.size,
+            "duplicates": self.duplicates,
+        }

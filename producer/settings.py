@@ -53,6 +53,13 @@ class ClientSettings(BaseSettings):
     s3_prefix: str = Field("", description="Key prefix inside the bucket")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, a test server)")
     output_dir: Path = Field(Path("out"), description="Root folder of the local storage")
+    duplicate_threshold: int = Field(
+        6,
+        ge=0,
+        le=63,
+        description="Near-duplicates in a run's manifest (duplicate_of, stats.json): pHashes that differ in at "
+        "most this many of 64 bits",
+    )
 
     @field_validator("broker_url", "result_backend")
     @classmethod
