@@ -13,10 +13,15 @@ compared (vectorised, numpy popcount) only with the positions that share one of 
 the match is then checked on all 64 bits, so nothing is found that brute force would not find,
 and nothing brute force finds is missed.
 
-Cost: with 7 bands of 9–10 bits, a uniformly spread hash shares a band with about 7·n/2⁹ of the
-n earlier ones; at a million images that is some 10k candidates per image, compared in one
-numpy call (``ops/bench/scores.py`` measures it). Memory: 8 bytes per hash plus 8 per band entry
-(about 64 bytes per image in all).
+Cost: with 7 bands of 9-10 bits, a uniformly spread hash shares a band with about 7·n/2⁹ of the
+n earlier ones, compared in one numpy call per image. Measured on a 2-core VM
+(``ops/bench/scores.py``): 1M random hashes in 55 s, 100k in 5 s, so the index is still
+quadratic, 1/73 of brute force's pairs; at 10M it would take hours and want a vectorised
+chunked join instead. Fewer, wider bands (``band_count``) probed within
+``threshold // band_count`` bits of each band (multi-index hashing) see fewer candidates but
+pay a dict lookup per probe: 4 bands of 16 bits took 100 s for 1M in Python, so the default is
+the exact ``threshold + 1``. Memory: 8 bytes per hash plus 8 per band entry (about 64 bytes per
+image).
 
 Workers run apart, so this runs where a run's rows meet: the manifest compaction
 (``producer.manifest``) feeds it one row at a time in index order.
@@ -26,12 +31,16 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable, Sequence
+from itertools import combinations
+from math import comb
 
 import numpy as np
 
 #: Bits of 64 two pHashes may differ in and still be near-duplicates.
 DEFAULT_THRESHOLD = 6
 HASH_BITS = 64
+#: Values probed per band at most (fewer, wider bands probe every value within a radius).
+MAX_PROBES = 1024
 
 
 def parse_phash(text: object) -> int | None:
@@ -44,12 +53,14 @@ def parse_phash(text: object) -> int | None:
         return None
 
 
-def bands(threshold: int, bits: int = HASH_BITS) -> list[tuple[int, int]]:
-    """``(shift, mask)`` of each of the ``threshold + 1`` bands that cut ``bits`` as evenly as
-    possible (a band is ``(value >> shift) & mask``)."""
+def bands(threshold: int, count: int | None = None, bits: int = HASH_BITS) -> list[tuple[int, int]]:
+    """``(shift, mask)`` of each of ``count`` (default ``threshold + 1``) bands that cut ``bits``
+    as evenly as possible (a band is ``(value >> shift) & mask``)."""
     if not 0 <= threshold < bits:
         raise ValueError(f"threshold must be from 0 to {bits - 1} bits, got {threshold}")
-    count = threshold + 1
+    count = threshold + 1 if count is None else count
+    if not 1 <= count <= bits:
+        raise ValueError(f"bands must be from 1 to {bits}, got {count}")
     widths = [bits // count + (1 if band < bits % count else 0) for band in range(count)]
     cuts, shift = [], 0
     for width in widths:
@@ -61,9 +72,24 @@ def bands(threshold: int, bits: int = HASH_BITS) -> list[tuple[int, int]]:
 class NearDuplicateIndex:
     """Hashes added one at a time; each ``add`` says which earlier one it is a near-duplicate of."""
 
-    def __init__(self, threshold: int = DEFAULT_THRESHOLD) -> None:
+    def __init__(self, threshold: int = DEFAULT_THRESHOLD, band_count: int | None = None) -> None:
         self.threshold = threshold
-        self._bands = bands(threshold)
+        self._bands = bands(threshold, band_count)
+        # Pigeonhole: if two hashes differ in at most ``threshold`` bits, some band differs in at
+        # most ``threshold // bands`` of its bits (0 with threshold + 1 bands: an exact match).
+        # Each band is probed at its own value and every value that close to it.
+        self.radius = threshold // len(self._bands)
+        widest = max(mask.bit_length() for _, mask in self._bands)
+        probes = sum(comb(widest, r) for r in range(self.radius + 1))
+        if probes > MAX_PROBES:
+            raise ValueError(
+                f"{len(self._bands)} bands at threshold {threshold} probe {probes:,} values per band (more than "
+                f"{MAX_PROBES:,}): use more bands, e.g. threshold + 1 = {threshold + 1}"
+            )
+        self._probes = [
+            [sum(1 << bit for bit in flipped) for r in range(self.radius + 1) for flipped in combinations(range(w), r)]
+            for w in (mask.bit_length() for _, mask in self._bands)
+        ]
         self._tables: list[dict[int, array]] = [{} for _ in self._bands]
         self._hashes = np.zeros(1024, dtype=np.uint64)
         self.size = 0
@@ -84,9 +110,10 @@ class NearDuplicateIndex:
 
     def _first_match(self, value: int, keys: list[int]) -> int | None:
         parts = [
-            np.frombuffer(table[key], dtype=np.int64)
-            for table, key in zip(self._tables, keys, strict=True)
-            if key in table
+            np.frombuffer(found, dtype=np.int64)
+            for table, key, probes in zip(self._tables, keys, self._probes, strict=True)
+            for probe in probes
+            if (found := table.get(key ^ probe)) is not None
         ]
         if not parts:
             return None
@@ -103,10 +130,12 @@ def _popcount(values: np.ndarray) -> np.ndarray:
     return np.unpackbits(values.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
 
 
-def near_duplicates(hashes: Iterable[int | None], threshold: int = DEFAULT_THRESHOLD) -> list[int | None]:
+def near_duplicates(
+    hashes: Iterable[int | None], threshold: int = DEFAULT_THRESHOLD, band_count: int | None = None
+) -> list[int | None]:
     """For each hash in order, the position of the first earlier one within ``threshold`` bits,
     or None (also for a missing hash, which matches nothing)."""
-    index = NearDuplicateIndex(threshold)
+    index = NearDuplicateIndex(threshold, band_count)
     positions: list[int] = []  # index position -> position in ``hashes``
     found: list[int | None] = []
     for position, value in enumerate(hashes):
@@ -139,8 +168,8 @@ class RunDuplicates:
     of the first earlier row whose pHash is within ``threshold`` bits, or None. Job ids are
     kept packed (about 30 bytes per hashed row)."""
 
-    def __init__(self, threshold: int = DEFAULT_THRESHOLD) -> None:
-        self.index = NearDuplicateIndex(threshold)
+    def __init__(self, threshold: int = DEFAULT_THRESHOLD, band_count: int | None = None) -> None:
+        self.index = NearDuplicateIndex(threshold, band_count)
         self.duplicates = 0
         self._ids = bytearray()
         self._ends = array("q")

@@ -57,6 +57,16 @@ def test_index_finds_what_brute_force_finds(case: tuple[list[int | None], int]) 
 
 
 @PROPERTY
+@given(clustered_hashes(), st.data())
+def test_fewer_wider_bands_probed_within_a_radius_find_the_same(case: tuple[list[int | None], int], data) -> None:
+    """With fewer bands than threshold + 1, some band differs in at most threshold // bands bits,
+    and the index probes every value that close: still exactly brute force's answer."""
+    hashes, threshold = case
+    count = data.draw(st.integers(threshold // 2 + 1, threshold + 1))  # radius 0 or 1
+    assert near_duplicates(hashes, threshold, count) == near_duplicates_brute_force(hashes, threshold)
+
+
+@PROPERTY
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=60), st.integers(0, 63))
 def test_index_on_random_hashes(hashes: list[int], threshold: int) -> None:
     assert near_duplicates(hashes, threshold) == near_duplicates_brute_force(hashes, threshold)
@@ -120,3 +130,9 @@ def test_index_grows_past_its_first_allocation() -> None:
 )
 def test_parse_phash(text: object, value: int | None) -> None:
     assert parse_phash(text) == value
+
+
+def test_a_band_count_that_would_probe_too_many_values_is_refused() -> None:
+    with pytest.raises(ValueError, match="use more bands"):
+        NearDuplicateIndex(12, 1)
+    assert NearDuplicateIndex(6, 4).radius == 1
