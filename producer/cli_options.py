@@ -117,6 +117,12 @@ def recipe_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "run_id",
             help="Run name (default: generated). Reusing one resumes it, with the same recipe flags.",
         ),
+        click.option(
+            "--scores",
+            metavar="LIST",
+            help="Quality scores for every image, comma-separated: phash, clip, nsfw (on top of the workers' "
+            "DEEPQUEUE_SCORES); manifest columns phash, clip_score, nsfw and duplicate_of. Not part of the recipe.",
+        ),
         *TEMPLATE_FLAGS,
         click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)),
     ]

@@ -479,7 +479,14 @@ class Client:
             from producer.manifest import compact
 
             storage = self._storage()
-            return compact(self._store, storage, self.settings.s3_prefix, run_id, progress=progress)
+            return compact(
+                self._store,
+                storage,
+                self.settings.s3_prefix,
+                run_id,
+                progress=progress,
+                duplicate_threshold=self.settings.duplicate_threshold,
+            )
 
     def export(
         self,
@@ -518,6 +525,7 @@ class Client:
                 overwrite=overwrite,
                 resume=resume,
                 progress=progress,
+                duplicate_threshold=self.settings.duplicate_threshold,
             )
 
     def audit(self, run_id: str, *, sample: int = 16, timeout: float | None = None, progress: bool = False) -> dict:

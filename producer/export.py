@@ -16,7 +16,9 @@ one image per thread, plus one manifest record batch, whatever the run's size.
   loads. ``datasets`` takes the column types from the first metadata lines it reads, so a column
   that is null there and set later fails the load: the metadata keeps only columns that always
   have a value (``negative_prompt`` is ``""`` when none was given, which is what the pipeline
-  used; ``cache_branch`` is 0 when DeepCache is off, as in the batch key).
+  used; ``cache_branch`` is 0 when DeepCache is off, as in the batch key; ``phash`` and
+  ``duplicate_of`` are ``""`` when there is none). ``clip_score`` and ``nsfw`` are left out
+  there, having no value that could stand for "not scored"; Parquet and WebDataset carry them.
 - ``webdataset``: img2dataset's layout and columns. ``00000.tar`` with ``{key}.png`` (or
   .webp/.jpg), ``{key}.json`` (the row) and ``{key}.txt`` (the prompt) per sample, plus
   ``00000.parquet`` (the rows, without images) and ``00000_stats.json``. A row is the manifest
@@ -60,6 +62,7 @@ from producer.export_target import Target
 from producer.layout import image_content_type
 from producer.manifest import ensure_manifest, iter_manifest
 from producer.manifest_schema import COLUMNS, arrow_schema
+from producer.near_dups import DEFAULT_THRESHOLD
 from producer.shards import READ_THREADS, ParquetShards, ordered_map
 from producer.state import RunStore
 from producer.storage import Storage
@@ -101,6 +104,8 @@ IMAGEFOLDER_COLUMNS = (
     "cache_branch",
     "batch_id",
     "batch_size",
+    "phash",
+    "duplicate_of",
 )
 
 _VALUE_DTYPES = {
@@ -162,6 +167,8 @@ def imagefolder_record(row: Mapping[str, Any], file_name: str) -> dict[str, Any]
         "cache_branch": int(row.get("cache_branch") or 0),
         "batch_id": row.get("batch_id") or "",
         "batch_size": int(row.get("batch_size") or 1),
+        "phash": row.get("phash") or "",  # "" when not scored
+        "duplicate_of": row.get("duplicate_of") or "",  # "" when it repeats no earlier image
     }
     assert tuple(record) == IMAGEFOLDER_COLUMNS
     return record
@@ -218,6 +225,7 @@ def export(
     progress: bool = False,
     threads: int = READ_THREADS,
     tmp_dir: str | Path | None = None,
+    duplicate_threshold: int = DEFAULT_THRESHOLD,
 ) -> ExportResult:
     """Export the run's images and manifest as ``fmt`` to ``target`` (see the module docstring)."""
     if fmt not in FORMATS:
@@ -225,7 +233,7 @@ def export(
     if shard_size < 1:
         raise ExportError(f"shard size must be at least 1, got {shard_size}")
     began = time.perf_counter()
-    stats = ensure_manifest(store, storage, prefix, run_id, progress=progress)
+    stats = ensure_manifest(store, storage, prefix, run_id, progress=progress, duplicate_threshold=duplicate_threshold)
     manifest = stats["manifest"]
     total = manifest["rows"]
     record = {"run": run_id, "format": fmt, "shard_size": shard_size, "rows": total, "manifest": manifest.get("source")}

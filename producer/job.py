@@ -39,6 +39,9 @@ Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
 #: suffix and a Kubernetes name part, hence lowercase.
 ModelAlias = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]
 _RUN_ID = TypeAdapter(RunId)
+#: Quality scores a worker can compute on a job's decoded image (``worker.pipeline.scores``).
+ScoreName = Literal["phash", "clip", "nsfw"]
+SCORE_NAMES: tuple[str, ...] = get_args(ScoreName)
 
 
 class JobDefaults(BaseModel):
@@ -65,6 +68,10 @@ class JobDefaults(BaseModel):
     model: ModelAlias | None = None
     #: LoRA adapters applied on the model, in order (``producer.loras``); None: the base model.
     loras: tuple[LoraSpec, ...] | None = None
+    #: Quality scores to compute on the image (any of ``SCORE_NAMES``), on top of the worker's
+    #: own ``DEEPQUEUE_SCORES``; they do not decide the pixels, so they stay out of recipes,
+    #: job ids and batch keys. A comma-separated string (``"clip,phash"``) is read as a list.
+    scores: list[ScoreName] | None = None
 
     def _unnamed_model(self) -> set[str]:
         """Left out of recipes and job ids when None: runs that name no model (or no LoRA) keep
@@ -88,6 +95,21 @@ class JobDefaults(BaseModel):
         if isinstance(value, bool):
             raise ValueError("a number is needed, not true/false")
         return value
+
+    @field_validator("scores", mode="before")
+    @classmethod
+    def _scores_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("scores")
+    @classmethod
+    def _scores_canonical(cls, value: list[str] | None) -> list[str] | None:
+        # One order and no repeats, so equal requests compare (and pack into messages) equal.
+        if value is None:
+            return None
+        return [name for name in SCORE_NAMES if name in value] or None
 
     @model_validator(mode="before")
     @classmethod
@@ -153,7 +175,7 @@ class Job(JobDefaults):
     def recipe(self) -> dict[str, Any]:
         """Everything that decides the pixels (all fields but the run id, position and origin;
         the model only when named)."""
-        return self.model_dump(exclude={"run_id", "index", *ORIGIN, *self._unnamed_model()})
+        return self.model_dump(exclude={"run_id", "index", *ORIGIN, *NOT_PIXELS, *self._unnamed_model()})
 
     @cached_property
     def job_id(self) -> str:
@@ -194,7 +216,8 @@ def run_recipe(defaults: JobDefaults, *, run_id: str, run_seed: int | None) -> d
     set of jobs (see ``Client.submit``).
     """
     seed = run_seed_for(run_id) if run_seed is None else run_seed
-    return {**defaults.model_dump(mode="json", exclude=defaults._unnamed_model()), "seed": seed}
+    fields = defaults.model_dump(mode="json", exclude={*NOT_PIXELS, *defaults._unnamed_model()})
+    return {**fields, "seed": seed}
 
 
 def recipe_differences(recorded: Mapping[str, Any], recipe: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -241,6 +264,8 @@ def check_run(run_id: str, run_seed: int | None) -> int:
 RUN_OWNED = frozenset({"run_id", "index"})
 #: Job fields that say where a prompt came from, not how its pixels are made.
 ORIGIN = frozenset({"template", "variables"})
+#: Job fields that ask for work on the image but do not change it: out of recipes and job ids.
+NOT_PIXELS = frozenset({"scores"})
 
 
 def validated(

@@ -12,9 +12,9 @@ the truth. ``compact`` makes the manifest whole:
    ``{prefix}/{run}/manifest/manifest-00000.parquet`` ... (``SHARD_ROWS`` rows each), which
    are written to a temporary file and uploaded whole;
 3. write ``{prefix}/{run}/stats.json``: counts per state, failures by reason, images/s,
-   GPU-seconds, time span, sizes, models, DeepCache settings, and the fingerprint of what it was
-   built from (parts, their bytes, the audit rows, the done count), so an export can tell
-   whether the manifest is still current.
+   GPU-seconds, time span, sizes, models, DeepCache settings, quality scores, near-duplicates,
+   and the fingerprint of what it was built from (parts, their bytes, the audit rows, the done
+   count), so an export can tell whether the manifest is still current.
 
 Memory does not grow with the run: parts are read ``2 * READ_THREADS`` at a time (still
 gzipped), the bucket files take at most ``SPILL_BYTES`` of buffered lines, and one bucket
@@ -24,6 +24,10 @@ images (``ops/bench/export_memory.py``). Several recipes per index (a sweep unde
 make a bucket that many times larger. What does grow is temporary disk: the bucket files hold the
 run's manifest rows gzipped (a few hundred bytes per image, some GB for 10M images), in
 ``tmp_dir`` (default: the system's temporary folder).
+
+Near-duplicates: rows come out in index order, so each row's pHash is looked up among the
+earlier rows' in a banded index (``producer.near_dups``: about 100 bytes per image, some 100 MB
+at a million) and ``duplicate_of`` names the first one within ``duplicate_threshold`` bits.
 
 Columns: ``producer.manifest_schema``; stats: ``producer.manifest_stats``; the bounded reads and
 the Parquet shard writer, shared with exports: ``producer.shards``.
@@ -61,6 +65,7 @@ from producer.layout import (
 from producer.manifest_parts import decode_part, manifest_row
 from producer.manifest_schema import COLUMNS, arrow_schema, flatten
 from producer.manifest_stats import STATS_VERSION, StatsBuilder
+from producer.near_dups import DEFAULT_THRESHOLD, RunDuplicates
 from producer.shards import READ_THREADS, ParquetShards, ordered_map
 from producer.spill import Buckets, sort_key
 from producer.state import JobState, RunStore
@@ -121,10 +126,13 @@ def compact(
     bucket_span: int = BUCKET_SPAN,
     threads: int = READ_THREADS,
     tmp_dir: str | Path | None = None,
+    duplicate_threshold: int = DEFAULT_THRESHOLD,
 ) -> dict[str, Any]:
     """Build the run's manifest shards and stats.json from its parts, sidecars and Redis; returns
-    the stats. See the module docstring for the steps and the memory bound."""
+    the stats. See the module docstring for the steps and the memory bound. Images whose pHashes
+    differ in at most ``duplicate_threshold`` bits of 64 are near-duplicates."""
     began = time.time()
+    duplicates = RunDuplicates(duplicate_threshold)
     source = fingerprint(store, storage, prefix, run_id)
     counts = {state.value: count for state, count in store.counts(run_id).items()}
     stats = StatsBuilder()
@@ -149,6 +157,7 @@ def compact(
         with tqdm(total=source["done"], unit="row", desc="compact", disable=not progress) as bar:
             for bucket in buckets.ids():
                 for flat in _bucket_rows(buckets.read(bucket), storage, prefix, run_id, totals, missing, threads):
+                    flat["duplicate_of"] = duplicates.duplicate_of(flat["job_id"], flat["phash"])
                     stats.add_row(flat)
                     shards.add(flat)
                     bar.update()
@@ -168,6 +177,7 @@ def compact(
             complete=not totals["missing"],
             missing_examples=missing,
             damaged_parts=damaged,
+            near_duplicates=duplicates.summary(),
             manifest={
                 "shards": [shard_key(prefix, run_id, index) for index in range(count)],
                 "rows": stats.rows,
@@ -297,15 +307,23 @@ def _from_sidecar(storage: Storage, prefix: str, run_id: str, job_id: str, url: 
 
 
 def ensure_manifest(
-    store: RunStore, storage: Storage, prefix: str, run_id: str, *, progress: bool = False
+    store: RunStore,
+    storage: Storage,
+    prefix: str,
+    run_id: str,
+    *,
+    progress: bool = False,
+    duplicate_threshold: int = DEFAULT_THRESHOLD,
 ) -> dict[str, Any]:
-    """The run's stats (with its manifest), compacting first if the manifest is missing or was
-    built before the latest parts, audit rows or done jobs."""
+    """The run's stats (with its manifest), compacting first if the manifest is missing, was
+    built before the latest parts, audit rows or done jobs, or with another near-duplicate
+    threshold."""
     stats = read_stats(storage, prefix, run_id)
     if is_current(stats, fingerprint(store, storage, prefix, run_id)):
         assert stats is not None
-        return stats
-    return compact(store, storage, prefix, run_id, progress=progress)
+        if stats.get("near_duplicates", {}).get("threshold") == duplicate_threshold:
+            return stats
+    return compact(store, storage, prefix, run_id, progress=progress, duplicate_threshold=duplicate_threshold)
 
 
 def iter_manifest(storage: Storage, stats: Mapping[str, Any], folder: Path, batch_rows: int = 1000) -> Iterator[dict]:

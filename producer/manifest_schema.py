@@ -77,6 +77,12 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("audit_ssim", "float64"),
     ("audit_uncached_key", "string"),
     ("loras", "string"),  # JSON: [{"id", "scale", "sha256"}, ...]; null for the base model
+    # Quality scores (worker.pipeline.scores; null where not asked for or failed) and, from the
+    # whole run's pHashes at compaction (producer.near_dups), the first image this one nearly repeats.
+    ("phash", "string"),
+    ("clip_score", "float64"),
+    ("nsfw", "bool"),
+    ("duplicate_of", "string"),
     ("sidecar", "string"),
 )
 
@@ -109,6 +115,7 @@ def flatten(row: Mapping[str, Any], audit: Mapping[str, Any] | None = None) -> d
     timing = row.get("timing") or {}
     worker = row.get("worker") or {}
     audit = audit or {}
+    scores = row.get("scores") or {}
     sidecar = {name: value for name, value in row.items() if name not in ROW_EXTRAS}
     return {
         "job_id": row.get("job_id"),
@@ -154,6 +161,10 @@ def flatten(row: Mapping[str, Any], audit: Mapping[str, Any] | None = None) -> d
         "audit_ssim": _float(audit.get("ssim")),
         "audit_uncached_key": _str(audit.get("uncached_key")),
         "loras": _json(row.get("loras") or None),
+        "phash": _str(scores.get("phash")),
+        "clip_score": _float(scores.get("clip_score")),
+        "nsfw": None if scores.get("nsfw") is None else bool(scores["nsfw"]),
+        "duplicate_of": None,  # set at compaction, where the run's rows meet (producer.manifest)
         "sidecar": json.dumps(sidecar, ensure_ascii=False, separators=(",", ":")),
     }
 

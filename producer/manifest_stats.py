@@ -66,6 +66,8 @@ class StatsBuilder:
         self.deepcache, self.formats, self.steps, self.workers = TopCounter(), TopCounter(), TopCounter(), TopCounter()
         self.failed_by_reason = TopCounter()
         self.audited = 0
+        self.phashes = self.clip_scored = self.nsfw_checked = self.nsfw_flagged = 0
+        self.clip_total = 0.0
 
     def add_row(self, flat: Mapping[str, Any]) -> None:
         self.rows += 1
@@ -94,6 +96,13 @@ class StatsBuilder:
             self.deepcache.add("off")
         if flat.get("audit_psnr") is not None or flat.get("audit_ssim") is not None:
             self.audited += 1
+        self.phashes += flat.get("phash") is not None
+        if flat.get("clip_score") is not None:
+            self.clip_scored += 1
+            self.clip_total += flat["clip_score"]
+        if flat.get("nsfw") is not None:
+            self.nsfw_checked += 1
+            self.nsfw_flagged += bool(flat["nsfw"])
 
     def add_result(self, result: JobResult) -> None:
         if result.state is JobState.FAILED:
@@ -130,5 +139,13 @@ class StatsBuilder:
             "formats": self.formats.top(),
             "workers": self.workers.top(),
             "audited": self.audited,
+            "scores": {
+                "phash": self.phashes,
+                "clip_score": {
+                    "count": self.clip_scored,
+                    "mean": self.clip_total / self.clip_scored if self.clip_scored else None,
+                },
+                "nsfw": {"count": self.nsfw_checked, "flagged": self.nsfw_flagged},
+            },
             **extra,
         }

@@ -58,6 +58,13 @@ class ClientSettings(BaseSettings):
         None,
         description="Key of the HMAC-SHA256 signature of completion webhooks (submit --notify); unset: unsigned",
     )
+    duplicate_threshold: int = Field(
+        6,
+        ge=0,
+        le=63,
+        description="Near-duplicates in a run's manifest (duplicate_of, stats.json): pHashes that differ in at "
+        "most this many of 64 bits",
+    )
 
     @field_validator("broker_url", "result_backend")
     @classmethod

@@ -231,3 +231,17 @@ def silent_port() -> Iterator[int]:
     listener.close()
     for connection in held:
         connection.close()
+
+
+@pytest.fixture(scope="session")
+def score_models(tmp_path_factory, worker_id: str) -> dict[str, Path]:
+    """The tiny random CLIP and safety checker (``worker.pipeline.testscores``), built once per
+    run: ``{"clip": folder, "nsfw": folder}``."""
+    pytest.importorskip("torch")
+    from worker.pipeline.testscores import build_test_clip, build_test_safety_checker
+
+    root = run_folder(tmp_path_factory, worker_id)
+    return {
+        "clip": made_once(root / "score-clip-tiny", build_test_clip),
+        "nsfw": made_once(root / "score-nsfw-tiny", build_test_safety_checker),
+    }

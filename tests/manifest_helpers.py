@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from producer.job import Job
@@ -61,9 +61,11 @@ def store_outputs(
     part_rows: int = 4,
     image_size: tuple[int, int] | None = None,
     batch_size: int = 2,
+    scores: Callable[[Job], dict[str, Any]] | None = None,
 ) -> ManifestWriter:
     """Store every job's image and sidecar, mark it done, and write its manifest row as the
-    executor does (batches of ``batch_size``); returns the closed writer."""
+    executor does (batches of ``batch_size``; ``scores``: each job's sidecar scores); returns the
+    closed writer."""
     store.mark_queued(jobs[0].run_id, {job.job_id: job.model_dump_json(exclude_none=True) for job in jobs})
     writer = ManifestWriter(storage, prefix, "test@host", max_rows=part_rows, timer=False)
     for start in range(0, len(jobs), batch_size):
@@ -94,6 +96,7 @@ def store_outputs(
                 model=MODEL,
                 worker=WORKER,
                 timing=timing,
+                scores=scores(job) if scores else None,
             )
             body = json.dumps(sidecar, indent=1, ensure_ascii=False).encode()
             storage.put(sidecar_key(at), body, content_type="application/json", metadata={})

@@ -12,6 +12,7 @@ from producer.layout import model_queue
 from producer.settings import ClientSettings
 from worker.delivery.batching import RecipeDefaults
 from worker.pipeline import model as model_files
+from worker.pipeline.scores import parse_scores
 
 
 class WorkerSettings(ClientSettings):
@@ -116,6 +117,31 @@ class WorkerSettings(ClientSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Worker log lines: text with run_id=/job_id=/batch_id= fields, or one JSON object each"
     )
+    scores: str = Field(
+        "",
+        description="Quality scores computed for every image, comma-separated: phash, clip, nsfw (a run can ask "
+        "for more with submit --scores); sidecar scores and manifest columns phash, clip_score, nsfw",
+    )
+    clip_model: str = Field(
+        "openai/clip-vit-large-patch14",
+        description="CLIP model (Hub id or folder) of the clip score: 100 x max(cosine(image, prompt), 0)",
+    )
+    safety_checker: str = Field(
+        "CompVis/stable-diffusion-safety-checker",
+        description="StableDiffusionSafetyChecker (Hub id or folder, with its preprocessor) of the nsfw flag",
+    )
+    nsfw_blackout: bool = Field(False, description="Store images the nsfw score flags as black images (else flag only)")
+
+    @field_validator("scores")
+    @classmethod
+    def _scores_parse(cls, value: str) -> str:
+        parse_scores(value)
+        return value
+
+    @property
+    def score_set(self) -> frozenset[str]:
+        """The scores this worker computes for every image (``DEEPQUEUE_SCORES``)."""
+        return parse_scores(self.scores)
 
     @field_validator("warm_shapes")
     @classmethod

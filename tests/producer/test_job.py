@@ -12,13 +12,16 @@ from producer.job import (
     CACHE_BREAKING_SCHEDULERS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
+    NOT_PIXELS,
     ORIGIN,
     Job,
     JobDefaults,
     derive_seed,
     job_id,
     make_jobs,
+    run_recipe,
     run_seed_for,
+    shape,
 )
 
 RUN = "run-test"
@@ -248,7 +251,7 @@ def test_job_ids_are_stable_across_releases():
 def test_naming_a_model_changes_the_job_id_and_naming_none_keeps_the_old_one():
     plain, named = one_job(), one_job(model="sdxl")
     # (``loras``, added later, is left out when unset in the same way: test_loras.py)
-    recipe_before_models = plain.model_dump(exclude={"run_id", "index", "model", "loras", *ORIGIN})
+    recipe_before_models = plain.model_dump(exclude={"run_id", "index", "model", "loras", *ORIGIN, *NOT_PIXELS})
     assert plain.job_id == job_id(plain.run_id, plain.index, recipe_before_models)
     assert named.job_id != plain.job_id and named.recipe()["model"] == "sdxl"
 
@@ -499,3 +502,26 @@ def test_repeating_schedulers_without_a_cache_setting_run_with_caching_off(sched
 def test_a_bad_run_seed_is_refused(seed):
     with pytest.raises(InvalidJobError, match="seed: a whole number from 0 to"):
         make_jobs([("item 0", {"prompt": "p"})], run_id=RUN, defaults=JobDefaults(), run_seed=seed)
+
+
+def test_scores_stay_out_of_job_ids_recipes_and_shapes():
+    # Pinned before jobs could ask for scores: existing runs keep their job ids.
+    plain = Job(run_id="r", index=0, prompt="p", seed=1)
+    scored = Job(run_id="r", index=0, prompt="p", seed=1, scores=["nsfw", "clip", "phash"])
+    assert plain.job_id == scored.job_id == "00000000-b53d45eeb0df"
+    assert "scores" not in scored.recipe()
+    assert shape(plain) == shape(scored)
+    assert "scores" not in run_recipe(JobDefaults(scores=["clip"]), run_id="r", run_seed=1)
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [("clip,phash", ["phash", "clip"]), (" nsfw , clip,clip", ["clip", "nsfw"]), ([], None), ("", None), (None, None)],
+)
+def test_scores_are_read_from_a_list_or_a_comma_separated_string(given, kept):
+    assert Job(run_id="r", index=0, prompt="p", seed=1, scores=given).scores == kept
+
+
+def test_an_unknown_score_is_refused_by_name():
+    with pytest.raises(ValidationError, match="scores"):
+        Job(run_id="r", index=0, prompt="p", seed=1, scores="clip,aesthetic")

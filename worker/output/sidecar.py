@@ -21,6 +21,7 @@ class BatchInfo:
     loras: tuple[dict[str, Any], ...] = ()
     #: Seconds spent loading and switching them before the call (``worker.pipeline.lora``).
     lora_timing: dict[str, float] = field(default_factory=dict)
+    scores_s: float = 0.0  # scoring the batch's images (worker.pipeline.scores), after the pipeline call
 
     @property
     def size(self) -> int:
@@ -37,6 +38,7 @@ def build_sidecar(
     model: dict[str, Any],
     worker: dict[str, Any],
     timing: dict[str, float | None],
+    scores: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "sidecar_version": SIDECAR_VERSION,
@@ -74,6 +76,8 @@ def build_sidecar(
         "timing": timing,
         "worker": worker,
         "loras": [dict(lora) for lora in batch.loras],
+        # What the job (or the worker) asked for: phash, clip_score, nsfw; None where scoring failed.
+        "scores": scores or {},
     }
 
 

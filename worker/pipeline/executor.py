@@ -41,6 +41,7 @@ from worker.output.sidecar import BatchInfo, build_sidecar, s3_metadata
 from worker.output.store_retry import RetriesExhausted, StoreInterrupted, StoreRetry
 from worker.pipeline.engine import Engine, is_out_of_memory
 from worker.pipeline.generated import Generated
+from worker.pipeline.scores import BatchScores, ScoreModels, Scorer, wanted
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,25 @@ def model_problem(job: Job, alias: str | None) -> str | None:
     return f"the job asks for model {job.model!r}; this worker serves {serves}"
 
 
+def score_models(settings: WorkerSettings, engine: Any) -> ScoreModels:
+    """Where the score models come from and the device they run on: the pipeline's (CPU for a
+    simulated engine), in float16 on CUDA."""
+    device = getattr(engine, "device", "cpu")
+    device = device if device.startswith(("cuda", "cpu", "mps", "xpu")) else "cpu"
+    dtype = None
+    if device.startswith("cuda"):
+        import torch
+
+        dtype = torch.float16
+    return ScoreModels(settings.clip_model, settings.safety_checker, device=device, dtype=dtype)
+
+
+def _score_keys(request: frozenset[str]) -> list[str]:
+    from worker.pipeline.scores import SCORE_KEYS
+
+    return [SCORE_KEYS[name] for name in request]
+
+
 class BatchExecutor:
     def __init__(
         self, engine: Engine, storage: Storage, reporter: Reporter, settings: WorkerSettings, *, name: str | None = None
@@ -159,6 +179,8 @@ class BatchExecutor:
             deleted=reporter.deleted,
         )
         self.calls: deque[BatchCall] = deque(maxlen=KEPT_CALLS)
+        self.scorer = Scorer(score_models(settings, engine), blackout=settings.nsfw_blackout)
+        self.scorer.preload(settings.score_set)  # the worker's own scores load with it; a job's on first use
 
     def execute(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
         """Generate and store ``deliveries``, then return their outcomes in order (no overlap)."""
@@ -258,17 +280,34 @@ class BatchExecutor:
                 )
         else:
             self.calls.append(BatchCall(len(items), generated.seconds, compiles=generated.compiles))
-            self._queue_stores(key, items, generated, started_at)
+            scores = self._score(items, generated)
+            self._queue_stores(key, items, generated, started_at, scores)
             return []
         # Out of the except block, the failed call's frames (and the tensors they held) are gone.
         if out_of_memory:
             self.engine.free_memory()
         return [outcome for part in parts for outcome in self._run_group(key, part)]
 
+    def _score(self, items: list[tuple[Delivery, Job]], generated: Generated) -> BatchScores:
+        """4b. The quality scores each job (or this worker) asks for, on the decoded images, in
+        one batched pass per score; a failure gives None scores, never a failed job."""
+        requests = [wanted(job.scores, self.settings.score_set) for _, job in items]
+        try:
+            return self.scorer.score(generated.images, [job.prompt for _, job in items], requests)
+        except Exception as error:  # Scorer catches per score; this is the last guard for the images
+            logger.error("scoring a batch of %d failed: %r; its scores are null", len(items), error, exc_info=True)
+            return BatchScores([{name: None for name in _score_keys(request)} for request in requests])
+
     def _queue_stores(
-        self, key: BatchKey, items: list[tuple[Delivery, Job]], generated: Generated, started_at: float
+        self,
+        key: BatchKey,
+        items: list[tuple[Delivery, Job]],
+        generated: Generated,
+        started_at: float,
+        scores: BatchScores | None = None,
     ) -> None:
         """5. In the background: encode, upload image then sidecar, report."""
+        scores = scores or BatchScores([{} for _ in items])
         batch = BatchInfo(
             id=uuid.uuid4().hex[:12],
             job_ids=tuple(job.job_id for _, job in items),
@@ -276,9 +315,10 @@ class BatchExecutor:
             started_at=started_at,
             loras=tuple(generated.loras),
             lora_timing=generated.lora_timing,
+            scores_s=scores.seconds,
         )
         logger.info(
-            "batch %s: %d x %dx%d, %d steps, deepcache %s: %.2f s",
+            "batch %s: %d x %dx%d, %d steps, deepcache %s: %.2f s%s",
             batch.id,
             batch.size,
             key.width,
@@ -286,21 +326,32 @@ class BatchExecutor:
             key.steps,
             f"{key.cache_interval}/{key.cache_branch}" if key.deepcache else "off",
             generated.seconds,
+            f", scores {scores.seconds:.2f} s" if scores.seconds else "",
             extra={
                 "run_id": ",".join(sorted({job.run_id for _, job in items})),
                 "batch_id": batch.id,
                 "batch_size": batch.size,
                 "inference_s": round(generated.seconds, 4),
+                "scores_s": round(scores.seconds, 4),
                 "jobs": ",".join(batch.job_ids),
                 **({"loras": describe(key.loras)} if key.loras else {}),
             },
         )
-        for (delivery, job), image in zip(items, generated.images, strict=True):
+        for (delivery, job), image, image_scores in zip(items, generated.images, scores.images, strict=True):
             self.backlog.submit(
-                partial(self._store, delivery, job, key, image, batch), partial(self._unrecorded, delivery, job)
+                partial(self._store, delivery, job, key, image, batch, image_scores),
+                partial(self._unrecorded, delivery, job),
             )
 
-    def _store(self, delivery: Delivery, job: Job, key: BatchKey, image: Any, batch: BatchInfo) -> Outcome:
+    def _store(
+        self,
+        delivery: Delivery,
+        job: Job,
+        key: BatchKey,
+        image: Any,
+        batch: BatchInfo,
+        scores: dict[str, Any] | None = None,
+    ) -> Outcome:
         """Encode and upload one image and its sidecar, then record it done. A run deleted
         meanwhile keeps nothing: nothing is stored once its tombstone is there, and what was
         stored as it came is removed (its delete lists the files only after the tombstone)."""
@@ -336,6 +387,8 @@ class BatchExecutor:
                 "encode_s": encoded - began,
                 "upload_s": uploaded - encoded,
                 **batch.lora_timing,  # lora_load_s, lora_switch_s: where adapters were loaded in this process
+                "batch_scores_s": batch.scores_s,
+                "scores_s": batch.scores_s / batch.size,
             }
             sidecar = build_sidecar(
                 job=job,
@@ -346,6 +399,7 @@ class BatchExecutor:
                 model=self.model,
                 worker=self.worker,
                 timing=timing,
+                scores=scores,
             )
             body = json.dumps(sidecar, indent=1, ensure_ascii=False).encode()
             sidecar_written = upload(sidecar_key(image_at), body, "application/json", metadata)
