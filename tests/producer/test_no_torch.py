@@ -36,7 +36,8 @@ def test_producer_imports_with_torch_unavailable(tmp_path):
             assert result.exit_code == 0, (args, result.output)
             # `worker --help` lists the worker's settings: those modules, and nothing heavy
             allowed = ["worker", "worker.delivery", "worker.delivery.batching", "worker.pipeline",
-                       "worker.pipeline.model", "worker.pipeline.scores", "worker.settings"] if args[0] == "worker" else []
+                       "worker.pipeline.model", "worker.pipeline.scores",
+                       "worker.settings"] if args[0] == "worker" else []
             assert loaded() == allowed, (args, loaded())
         print("ok")
         """
