@@ -182,6 +182,27 @@ def default_model(root: Path) -> str:
     return model
 
 
+#: The score models' settings: variable, the offline random model it defaults to here, its builder.
+SCORE_MODELS = {
+    "clip_model": ("DEEPQUEUE_CLIP_MODEL", "clip-tiny", "build_test_clip"),
+    "safety_checker": ("DEEPQUEUE_SAFETY_CHECKER", "safety-tiny", "build_test_safety_checker"),
+}
+
+
+def default_score_models(root: Path) -> dict[str, str]:
+    """The CLIP model and safety checker of ``--scores clip,nsfw``: ``DEEPQUEUE_CLIP_MODEL`` and
+    ``DEEPQUEUE_SAFETY_CHECKER``, or else offline random ones in ``root/models/`` (built on first
+    use, in a child process: this one imports no torch; their scores are noise), so the local
+    stack scores without the Hub."""
+    chosen = {}
+    for name, (variable, folder, builder) in SCORE_MODELS.items():
+        chosen[name] = os.environ.get(variable) or str(root / "models" / folder)
+        if chosen[name] == str(root / "models" / folder) and not Path(chosen[name]).exists():
+            code = f"import sys; from worker.pipeline.testscores import {builder}; {builder}(sys.argv[1])"
+            subprocess.run([sys.executable, "-c", code, chosen[name]], check=True)
+    return chosen
+
+
 def deepqueue_command() -> list[str]:
     """The ``deepqueue`` console script of this interpreter's environment."""
     script = Path(sys.executable).with_name("deepqueue")

@@ -4,8 +4,10 @@ the foreground, until Ctrl-C.
 ``make services`` (= ``python -m ops.services``) starts a private redis-server and moto's S3
 server on free loopback ports (or the ports given), creates the bucket, starts one
 ``deepqueue worker`` on ``DEEPQUEUE_MODEL`` (default: the offline tiny model in models/tiny, built
-on first use), prints the ``export`` lines that point the client and CLI at them (also written to
-``DATA_DIR/env`` for ``source``), then follows the worker's log. Ctrl-C (or SIGTERM) stops the
+on first use; ``--scores clip,nsfw`` use ``DEEPQUEUE_CLIP_MODEL`` and ``DEEPQUEUE_SAFETY_CHECKER``,
+by default offline random ones in models/, whose scores are noise), prints the ``export`` lines
+that point the client and CLI at them (also written to ``DATA_DIR/env`` for ``source``), then
+follows the worker's log. Ctrl-C (or SIGTERM) stops the
 worker (a warm shutdown), the S3 server and Redis; their data goes with them. Where Docker
 runs, ``docker compose up`` is the same with MinIO and a GPU worker.
 
@@ -27,6 +29,7 @@ from pathlib import Path
 from ops.localstack import (
     AWS_ENV,
     default_model,
+    default_score_models,
     moto_s3_client,
     start_moto,
     start_redis,
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             s3_endpoint=s3_url,
             bucket=args.bucket,
             model=model,
+            **default_score_models(ROOT),
             keep_user_settings=True,  # DEEPQUEUE_DEVICE=cuda make services, etc.
         )
         worker = start_worker(settings, log, timeout=1800)

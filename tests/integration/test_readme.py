@@ -155,7 +155,9 @@ def test_the_dataset_walkthrough_runs_as_written(workspace):
         text=True,
     )
     assert snippet.returncode == 0, snippet.stderr[-3000:]
-    assert re.match(r"16 images, \d+ white: a white (fox|heron) at \w+, .+ \(64, 64\)$", snippet.stdout), snippet.stdout
+    first, second = snippet.stdout.splitlines()
+    assert re.match(r"16 images, \d+ white: a white (fox|heron) at \w+, .+ \(64, 64\)$", first), first
+    assert re.match(r"1[0-6] kept; CLIP scores [\d.]+ to [\d.]+ ; pHash [0-9a-f]{16}$", second), second
 
 
 def test_the_lora_block_runs_as_written(workspace):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from ops.bench import batching, drain, goals, submit_scale, worker_memory
+from ops.bench import batching, drain, goals, scores, submit_scale, worker_memory
 
 
 def sidecar(batch: str, size: int, width: int = 64) -> dict:
@@ -163,3 +163,14 @@ def test_drain_bench_runs_end_to_end(tmp_path, tiny_model) -> None:
     assert set(results["drain"]) == {"cancelled", "deleted"}
     assert all(figures["messages_per_s"]["median"] > 0 for figures in results["drain"].values())
     assert (tmp_path / "dry.md").read_text().count("| cancelled |") == 1
+
+
+@pytest.mark.integration
+def test_scores_bench_runs_end_to_end(tmp_path, tiny_model) -> None:
+    args = ["--rounds", "1", "--index-sizes", "2000", "--model", str(tiny_model), "--out", str(tmp_path)]
+    results = scores.main(args)
+    assert "failed" not in results, results["failed"]
+    assert 0 < results["tiny"]["share_all"] < 1 and set(results["tiny"]["median_s"]) >= {"pipeline", "all"}
+    [index] = results["index"]
+    assert index["rows"] == 2000 and index["planted"] == 20 and index["planted_missed"] == 0
+    assert "| 2,000 |" in (tmp_path / "scores-latest.md").read_text()
