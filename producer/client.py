@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import os
 import secrets
@@ -14,11 +15,12 @@ import redis
 from tqdm import tqdm
 
 from producer import fair
+from producer.checked import CheckedJobs
 from producer.contract import WORKER_GONE_S, serving_workers
 from producer.enqueue import publish
+from producer.entries import Entry, entries, entries_of, grouped_by_shape, make_jobs
 from producer.errors import (
     InvalidJobError,
-    PromptFileError,
     RecipeMismatchError,
     RunBusyError,
     RunCancelledError,
@@ -26,16 +28,7 @@ from producer.errors import (
     ShareError,
     export_extra,
 )
-from producer.job import (
-    Job,
-    check_rows,
-    grouped_by_shape,
-    make_jobs,
-    recipe_differences,
-    run_defaults,
-    run_recipe,
-    validated,
-)
+from producer.job import Job, recipe_differences, run_defaults, run_recipe
 from producer.layout import DEAD_LETTERS_KEY, WORKER_QUEUES_KEY, WORKERS_KEY, images_prefix, model_queue, run_prefix
 from producer.notify import checked_url
 from producer.notify_send import notify_if_due, storage_url
@@ -59,18 +52,10 @@ def new_run_id() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
-def chunked(items: Iterable[Job | list[tuple[str, str]]], size: int) -> Iterator[list[Job]]:
-    """Checked jobs in lists of ``size``; a problem here means the source changed since it was checked."""
-    chunk: list[Job] = []
-    for item in items:
-        if not isinstance(item, Job):
-            where, message = item[0]
-            raise PromptFileError(f"{where}: {message}: the input changed while it was being submitted")
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
+def chunked(items: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
+    """``items`` in lists of ``size``."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
         yield chunk
 
 
@@ -161,8 +146,9 @@ class Client:
         ``source`` is a prompt file (.txt, .jsonl, .csv, .tsv, .json, .parquet; the text ones
         also .gz) or an iterable of prompts, dicts or Jobs; ``defaults`` are run-wide Job fields
         (height, width, steps, guidance, ...) that rows may override. Memory stays constant
-        whatever the size: the rows are read twice, once to check them all and once to send
-        them in chunks (an iterable that can be read only once is spooled to a temporary file).
+        whatever the size: the rows are read once, every job checked before any is sent and kept
+        meanwhile in a temporary file about the input's size (``producer.checked``), then sent
+        from it in chunks.
         Within a chunk, jobs of one shape are sent together, so workers fill their batches.
         Submitting a run again sends only its new and failed jobs, and with ``resend_queued``
         also the queued ones (after the queue itself was lost).
@@ -192,37 +178,37 @@ class Client:
         fair.checked_share(priority, weight)
         if max_queued is not None and max_queued < 1:
             raise ShareError(f"max_queued must be at least 1, got {max_queued}")
-        # With a cap, half of it at a time: the next half is sent while workers take the first.
-        chunk_size = min(SUBMIT_CHUNK, max(1, max_queued // 2) if max_queued else SUBMIT_CHUNK)
         run_id, run_wide = run_id_or_new(run), run_defaults(defaults)
         rows = Rows(source, run_expansion(run_id, seed, samples, wildcards))
-        total = check_rows(rows, run_id=run_id, defaults=run_wide, run_seed=seed)
-        self._check_not_cancelled(run_id)
-        recipe = run_recipe(run_wide, run_id=run_id, run_seed=seed)
-        new_recipe = self._check_recipe(run_id, recipe, allow_recipe_change)
-        fair.set_share(self._broker(), run_id, priority=priority, weight=weight)
-        # The run's end is not notified while this submit sends (its end would come too soon).
-        held = self._notify().hold(run_id, url)
-        sent = 0
-        try:
-            with tqdm(total=total, unit="job", desc="enqueue", disable=not progress) as bar:
-                for chunk in chunked(validated(rows, run_id=run_id, defaults=run_wide, run_seed=seed), chunk_size):
-                    if max_queued is not None:
-                        self._wait_for_room(run_id, max_queued - len(chunk), bar)
-                    if held and sent:
-                        self._notify().hold(run_id)
-                    sent += self._claim_and_send(run_id, chunk, resend_queued=resend_queued)
-                    bar.update(len(chunk))
-        except BaseException:
-            if new_recipe and not sent:  # nothing of it was sent: a corrected resubmit may choose again
-                self._store.forget_recipe(run_id, recipe)
-            # The hold stays (``HOLD_S``): the end of what was sent is no end while a resubmit may
-            # follow; past the hold, a worker's sweep notifies what the run then is.
-            raise
+        # With a cap, half of it at a time: the next half is sent while workers take the first.
+        chunk_size = min(SUBMIT_CHUNK, max(1, max_queued // 2) if max_queued else SUBMIT_CHUNK)
+        with CheckedJobs(entries(rows, run_id=run_id, defaults=run_wide, run_seed=seed)) as checked:
+            self._check_not_cancelled(run_id)
+            recipe = run_recipe(run_wide, run_id=run_id, run_seed=seed)
+            new_recipe = self._check_recipe(run_id, recipe, allow_recipe_change)
+            fair.set_share(self._broker(), run_id, priority=priority, weight=weight)
+            # The run's end is not notified while this submit sends (its end would come too soon).
+            held = self._notify().hold(run_id, url)
+            sent = 0
+            try:
+                with tqdm(total=checked.count, unit="job", desc="enqueue", disable=not progress) as bar:
+                    for chunk in chunked(checked, chunk_size):
+                        if max_queued is not None:
+                            self._wait_for_room(run_id, max_queued - len(chunk), bar)
+                        if held and sent:
+                            self._notify().hold(run_id)
+                        sent += self._claim_and_send(run_id, chunk, resend_queued=resend_queued)
+                        bar.update(len(chunk))
+            except BaseException:
+                if new_recipe and not sent:  # nothing of it was sent: a corrected resubmit may choose again
+                    self._store.forget_recipe(run_id, recipe)
+                # The hold stays (``HOLD_S``): the end of what was sent is no end while a resubmit may
+                # follow; past the hold, a worker's sweep notifies what the run then is.
+                raise
         if held:  # workers may have ended the run while it was held: then it is this submit's to notify
             self._notify().unhold(run_id)
             notify_if_due(self._notify(), self._store, self.settings, run_id, "end")
-        return Run(run_id, self._store, submitted=sent, skipped=total - sent)
+        return Run(run_id, self._store, submitted=sent, skipped=checked.count - sent)
 
     def retry(self, run_id: str, *, progress: bool = False, gone_after_s: float = WORKER_GONE_S) -> Run:
         """Send again every job of ``run_id`` that is not done: queued (its message may have been
@@ -263,7 +249,7 @@ class Client:
             for start in range(0, len(chosen), SUBMIT_CHUNK):
                 chunk = chosen[start : start + SUBMIT_CHUNK]
                 found = kept.find(chunk)
-                jobs = [Job.model_validate_json(found[job_id]) for job_id in chunk if job_id in found]
+                jobs = entries_of(found[job_id] for job_id in chunk if job_id in found)
                 self._send(run_id, jobs)
                 sent, unkept = sent + len(jobs), unkept + len(chunk) - len(jobs)
                 bar.update(len(chunk))
@@ -297,7 +283,7 @@ class Client:
             time.sleep(poll_s)
         bar.set_postfix_str("")
 
-    def _claim_and_send(self, run_id: str, chunk: list[Job], *, resend_queued: bool) -> int:
+    def _claim_and_send(self, run_id: str, chunk: list[Entry], *, resend_queued: bool) -> int:
         """Claim the chunk's new and failed jobs (and queued ones, with ``resend_queued``), keep
         them in the run's storage (``producer.sent``), then publish what was claimed: of
         producers submitting one run at once, each job is sent once. A write or publish that
@@ -305,8 +291,9 @@ class Client:
         job whose message was flushed before the failure runs once all the same); where Redis
         is gone for that too, the error says to submit again with ``resend_queued``. Returns
         how many were sent."""
-        claimed = self._store.claim_queued(run_id, [job.job_id for job in chunk], resend_queued=resend_queued)
-        to_send = [job for job in chunk if job.job_id in claimed]
+        ids = [entry.job_id for entry in chunk]
+        claimed = self._store.claim_queued(run_id, ids, resend_queued=resend_queued)
+        to_send = chunk if len(claimed) == len(chunk) else [e for e, i in zip(chunk, ids, strict=True) if i in claimed]
         try:
             write_sent(self._storage(), self.settings.s3_prefix, run_id, to_send)
             self._publish(to_send)
@@ -321,14 +308,14 @@ class Client:
             raise
         return len(to_send)
 
-    def _send(self, run_id: str, jobs: list[Job]) -> None:
+    def _send(self, run_id: str, jobs: list[Entry]) -> None:
         """Publish ``jobs``, then mark them queued. A chunk that fails to publish is not marked,
         so sending again sends it (and never a job that did reach the queue twice, but for the
         part of a failed chunk that was flushed before the failure)."""
         self._publish(jobs)
-        self._store.mark_queued(run_id, [job.job_id for job in jobs])
+        self._store.mark_queued(run_id, [entry.job_id for entry in jobs])
 
-    def _publish(self, jobs: list[Job]) -> None:
+    def _publish(self, jobs: list[Entry]) -> None:
         """Send ``jobs`` as prompt batches (``DEEPQUEUE_PROMPT_BATCH``), each shape's jobs together."""
         publish(self._broker(), self.settings.queue, grouped_by_shape(jobs), per_message=self.settings.prompt_batch)
 

@@ -27,8 +27,8 @@ import redis
 from celery import Celery
 
 from producer.contract import TASK_NAME, celery_config
+from producer.entries import Entry
 from producer.fair import FairQueue
-from producer.job import Job
 from producer.layout import model_queue
 from producer.message import batch_task_id, pack, prompt_batches
 from producer.settings import ClientSettings
@@ -46,20 +46,20 @@ def producer_app(settings: ClientSettings) -> Celery:
     return app
 
 
-def message_args(jobs: Sequence[Job], enqueued_at: float) -> tuple[list, dict]:
+def message_args(entries: Sequence[Entry], enqueued_at: float) -> tuple[list, dict]:
     """The task's positional and keyword arguments for one message's jobs."""
-    return [pack(jobs)], {"enqueued_at": enqueued_at}
+    return [pack(entries)], {"enqueued_at": enqueued_at}
 
 
-def queue_message(jobs: Sequence[Job], *, queue: str, enqueued_at: float) -> str:
+def queue_message(entries: Sequence[Entry], *, queue: str, enqueued_at: float) -> str:
     """One message's jobs as kombu's Redis transport stores a Celery task message."""
-    args, kwargs = message_args(jobs, enqueued_at)
+    args, kwargs = message_args(entries, enqueued_at)
     return json.dumps(
         {
             "body": json.dumps([args, kwargs, {}], **_COMPACT),
             "content-encoding": "utf-8",
             "content-type": "application/json",
-            "headers": {"task": TASK_NAME, "id": batch_task_id(jobs)},
+            "headers": {"task": TASK_NAME, "id": batch_task_id(entries)},
             "properties": {
                 "delivery_tag": secrets.token_hex(8),
                 "delivery_info": {"exchange": "", "routing_key": queue},
@@ -69,19 +69,21 @@ def queue_message(jobs: Sequence[Job], *, queue: str, enqueued_at: float) -> str
     )
 
 
-def publish(broker: redis.Redis, queue: str, jobs: Sequence[Job], *, per_message: int = 1) -> None:
-    """Put ``jobs`` on their model's queue (``queue`` for jobs that name no model), the first job
-    first out, as messages of up to ``per_message`` neighbours of one run and shape
-    (``producer.message.prompt_batches``), each run's in its own list of that queue
-    (``producer.fair``: workers take them by the runs' classes and weights).
+def publish(broker: redis.Redis, queue: str, entries: Sequence[Entry], *, per_message: int = 1) -> None:
+    """Put ``entries`` (jobs: ``producer.entries.entries_of`` makes them of Jobs) on their
+    model's queue (``queue`` for jobs that name no model), the first job first out, as messages
+    of up to ``per_message`` neighbours of one run and shape (``producer.message.prompt_batches``),
+    each run's in its own list of that queue (``producer.fair``: workers take them by the runs'
+    classes and weights).
 
     Raises redis-py's errors if a flush fails (the messages of earlier flushes are queued).
     """
     now = time.time()
     lists: dict[tuple[str, str], tuple[list[str], list[int]]] = {}
-    for batch in prompt_batches(jobs, per_message):
-        name = model_queue(queue, batch[0].model)
-        messages, sizes = lists.setdefault((name, batch[0].run_id), ([], []))
+    for batch in prompt_batches(entries, per_message):
+        kind = batch[0].kind
+        name = model_queue(queue, kind.model)
+        messages, sizes = lists.setdefault((name, kind.run_id), ([], []))
         messages.append(queue_message(batch, queue=name, enqueued_at=now))
         sizes.append(len(batch))
     pipe = broker.pipeline(transaction=False)

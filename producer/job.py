@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from functools import cached_property
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from producer.errors import InvalidJobError
 from producer.loras import LoraSpec, adapter_set, check_loras, lora_entries
@@ -42,6 +52,26 @@ _RUN_ID = TypeAdapter(RunId)
 #: Quality scores a worker can compute on a job's decoded image (``worker.pipeline.scores``).
 ScoreName = Literal["phash", "clip", "nsfw"]
 SCORE_NAMES: tuple[str, ...] = get_args(ScoreName)
+
+
+def no_booleans(value: Any) -> Any:
+    """Pydantic reads true as 1; for a number of steps, pixels or a seed that is a mistake, not a value."""
+    if isinstance(value, bool):
+        raise ValueError("a number is needed, not true/false")
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("prompt must not be blank")
+    return value
+
+
+#: The fields each job of a run has of its own (``producer.entries`` validates rows of only
+#: these on their own, without the run-wide fields they share), with their rules, here once.
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_not_blank)]
+Seed = Annotated[int, BeforeValidator(no_booleans), Field(ge=0, le=MAX_SEED)]
+Template = Annotated[str | None, Field(max_length=MAX_PROMPT_CHARS)]
 
 
 class JobDefaults(BaseModel):
@@ -91,10 +121,7 @@ class JobDefaults(BaseModel):
     @field_validator("height", "width", "steps", "guidance", "cache_interval", "cache_branch", mode="before")
     @classmethod
     def _no_booleans(cls, value: Any) -> Any:
-        # Pydantic reads true as 1; for a number of steps or pixels that is a mistake, not a value.
-        if isinstance(value, bool):
-            raise ValueError("a number is needed, not true/false")
-        return value
+        return no_booleans(value)
 
     @field_validator("scores", mode="before")
     @classmethod
@@ -143,8 +170,10 @@ def cache_problem(scheduler: str | None, cache_interval: int | None, *, setting:
 
 
 #: A template's chosen values, by part name (``producer.templates``).
-Variables = dict[
-    Annotated[str, Field(max_length=MAX_VARIABLE_NAME)], Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+Variables = Annotated[
+    dict[Annotated[str, Field(max_length=MAX_VARIABLE_NAME)], Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]]
+    | None,
+    Field(max_length=MAX_VARIABLES),
 ]
 
 
@@ -152,25 +181,13 @@ class Job(JobDefaults):
     """One image to generate: the message body of the ``deepqueue.generate`` task."""
 
     run_id: RunId
-    index: int = Field(ge=0, le=MAX_INDEX)
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    seed: int = Field(ge=0, le=MAX_SEED)
+    index: Annotated[int, BeforeValidator(no_booleans), Field(ge=0, le=MAX_INDEX)]
+    prompt: Prompt
+    seed: Seed
     #: The template the prompt was expanded from and the value chosen for each of its parts:
     #: where the prompt came from, recorded with the image; not part of the recipe.
-    template: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    variables: Variables | None = Field(None, max_length=MAX_VARIABLES)
-
-    @field_validator("index", "seed", mode="before")
-    @classmethod
-    def _no_boolean_numbers(cls, value: Any) -> Any:
-        return cls._no_booleans(value)
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must not be blank")
-        return value
+    template: Template = None
+    variables: Variables = None
 
     def recipe(self) -> dict[str, Any]:
         """Everything that decides the pixels (all fields but the run id, position and origin;
@@ -190,9 +207,18 @@ def is_run_id(value: object) -> bool:
     return True
 
 
+def canonical_json(value: Any) -> str:
+    """``value`` as job ids hash it and runs record recipes: sorted keys, no spaces."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 def job_id(run_id: str, index: int, recipe: Mapping[str, Any]) -> str:
     """``{index:08d}-{12 hex}``: sorts by position; the hash tells recipes apart."""
-    canonical = json.dumps([run_id, index, recipe], sort_keys=True, separators=(",", ":"))
+    return hashed_id(index, canonical_json([run_id, index, recipe]))
+
+
+def hashed_id(index: int, canonical: str) -> str:
+    """The job id of ``canonical``, the JSON of ``[run_id, index, recipe]`` (``job_id``)."""
     return f"{index:08d}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
 
 
@@ -203,7 +229,7 @@ def run_seed_for(run_id: str) -> int:
 
 def derive_seed(run_seed: int, index: int) -> int:
     """A per-image seed from the run seed and the job's position (independent streams)."""
-    digest = hashlib.sha256(f"{run_seed}:{index}".encode()).digest()
+    digest = hashlib.sha256(b"%d:%d" % (run_seed, index)).digest()
     return int.from_bytes(digest[:4], "big")
 
 
@@ -268,79 +294,6 @@ ORIGIN = frozenset({"template", "variables"})
 NOT_PIXELS = frozenset({"scores"})
 
 
-def validated(
-    rows: Iterable[tuple[str, Mapping[str, Any] | str]],
-    *,
-    run_id: str,
-    defaults: JobDefaults,
-    run_seed: int | None = None,
-) -> Iterator[Job | list[tuple[str, str]]]:
-    """Each ``(where, fields)`` row as a Job, or as its problems (``(where, message)`` lines).
-
-    ``where`` says where a row came from (``"line 4 of prompts.csv"``); fields that are a string
-    are a reason the row is no job at all. Row fields override ``defaults``; a row without
-    ``seed`` gets one derived from the run seed and its position.
-    """
-    base_seed = check_run(run_id, run_seed)
-    base = defaults.model_dump(exclude_unset=True)
-    for index, (where, row) in enumerate(rows):
-        if isinstance(row, str):
-            yield [(where, row)]
-            continue
-        owned = sorted(RUN_OWNED & set(row))
-        if owned:  # silently overwritten, a row's own run or position would be lost without a word
-            yield [(f"job {index} ({where})", f"{name}: set by the run, not by a row") for name in owned]
-            continue
-        fields = {**base, **row, "run_id": run_id, "index": index}
-        fields.setdefault("seed", derive_seed(base_seed, index))
-        try:
-            yield Job.model_validate(fields)
-        except ValidationError as error:
-            yield [(f"job {index} ({where})", line) for line in format_errors(error)]
-
-
-def make_jobs(
-    rows: Iterable[tuple[str, Mapping[str, Any] | str]],
-    *,
-    run_id: str,
-    defaults: JobDefaults,
-    run_seed: int | None = None,
-) -> list[Job]:
-    """Turn rows into validated jobs (see ``validated``), or raise one error naming every problem."""
-    jobs: list[Job] = []
-    problems: list[tuple[str, str]] = []
-    for item in validated(rows, run_id=run_id, defaults=defaults, run_seed=run_seed):
-        if isinstance(item, Job):
-            jobs.append(item)
-        else:
-            problems.extend(item)
-    refuse_bad_input(problems, 0, len(jobs))
-    return jobs
-
-
-def check_rows(rows: Iterable[tuple[str, Mapping[str, Any] | str]], *, keep: int = 1000, **run: Any) -> int:
-    """Validate every row without keeping its job (constant memory); return how many jobs they
-    make, or raise InvalidJobError naming the first ``keep`` problems and counting the rest."""
-    count, problems, omitted = 0, [], 0
-    for item in validated(rows, **run):
-        if isinstance(item, Job):
-            count += 1
-        else:
-            room = max(0, keep - len(problems))
-            problems.extend(item[:room])
-            omitted += len(item) - min(room, len(item))
-    refuse_bad_input(problems, omitted, count)
-    return count
-
-
-def refuse_bad_input(problems: list[tuple[str, str]], omitted: int, jobs: int) -> None:
-    """InvalidJobError if any row was bad, or if the rows made no job at all."""
-    if problems:
-        raise InvalidJobError(problems, omitted=omitted)
-    if not jobs:
-        raise InvalidJobError([("input", "no prompts found")])
-
-
 def shape(job: Job) -> tuple[Any, ...]:
     """What a worker batches on, as far as the job says (the worker fills in its defaults):
     jobs of one shape are sent next to each other, so that a worker's buffer sees full batches.
@@ -357,12 +310,3 @@ def shape(job: Job) -> tuple[Any, ...]:
         job.format,
         adapter_set(job.loras),
     )
-
-
-def grouped_by_shape(jobs: Iterable[Job]) -> list[Job]:
-    """``jobs`` with each shape's jobs together, shapes in order of first appearance, each
-    shape's jobs in their order."""
-    groups: dict[tuple[Any, ...], list[Job]] = {}
-    for job in jobs:
-        groups.setdefault(shape(job), []).append(job)
-    return [job for group in groups.values() for job in group]

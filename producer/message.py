@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from producer.job import Job, shape
+if TYPE_CHECKING:
+    from producer.entries import Entry
 
 #: The field of a prompt batch that holds its jobs' own fields.
 JOBS = "jobs"
@@ -29,14 +30,25 @@ class PromptBatchError(ValueError):
     """A message that says it is a prompt batch but cannot be one: nothing of it runs."""
 
 
-def pack(jobs: Sequence[Job]) -> dict[str, Any]:
-    """One job's fields, or a prompt batch of several (fields all of them share once)."""
-    fields = [job.model_dump(mode="json", exclude_none=True) for job in jobs]
-    if len(fields) == 1:
-        return fields[0]
-    first, rest = fields[0], fields[1:]
-    shared = {name: value for name, value in first.items() if all(other.get(name, ...) == value for other in rest)}
-    return {**shared, JOBS: [{name: value for name, value in own.items() if name not in shared} for own in fields]}
+def pack(entries: Sequence[Entry]) -> dict[str, Any]:
+    """One job's fields, or a prompt batch of several: every field they all share once (for
+    jobs of one kind, its shared fields and any of their own that happen to be equal)."""
+    first = entries[0]
+    if len(entries) == 1:
+        return first.fields()
+    if all(entry.kind is first.kind for entry in entries):
+        base, fields = first.kind.shared, [entry.own for entry in entries]
+    else:
+        base, fields = {}, [entry.fields() for entry in entries]
+    rest = fields[1:]
+    common = {name: value for name, value in fields[0].items() if all(other.get(name, ...) == value for other in rest)}
+    if not common:  # the usual prompt batch: each job's own fields are its own
+        return {**base, JOBS: fields}
+    return {
+        **base,
+        **common,
+        JOBS: [{name: value for name, value in own.items() if name not in common} for own in fields],
+    }
 
 
 def unpack(payload: Any) -> list[Any] | None:
@@ -53,17 +65,19 @@ def unpack(payload: Any) -> list[Any] | None:
     return [{**shared, **entry} if isinstance(entry, dict) else entry for entry in entries]
 
 
-def batch_task_id(jobs: Sequence[Job]) -> str:
+def batch_task_id(entries: Sequence[Entry]) -> str:
     """The task id of a message: its job's id, or for a batch the first job's and how many follow
     (``00000008-3f2a9c1b7d4e+7``), so that logs and dead letters point at the run's jobs."""
-    first = jobs[0].job_id
-    return first if len(jobs) == 1 else f"{first}+{len(jobs) - 1}"
+    first = entries[0].job_id
+    return first if len(entries) == 1 else f"{first}+{len(entries) - 1}"
 
 
-def prompt_batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
-    """``jobs`` in order, cut into messages of at most ``size`` neighbours of one run, model and
-    shape (``producer.job.shape``): what a worker can batch together, so a message rarely
+def prompt_batches(entries: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
+    """``entries`` in order, cut into messages of at most ``size`` neighbours of one run, model
+    and shape (``producer.job.shape``): what a worker can batch together, so a message rarely
     splits. Send jobs of one shape next to each other (``grouped_by_shape``) to fill them."""
-    for _, same in itertools.groupby(jobs, key=lambda job: (job.run_id, job.model, shape(job))):
+    for _, same in itertools.groupby(
+        entries, key=lambda entry: (entry.kind.run_id, entry.kind.model, entry.kind.shape)
+    ):
         while chunk := list(itertools.islice(same, size)):
             yield chunk

@@ -3,8 +3,10 @@
 
 A submit writes each chunk of jobs it claimed, before publishing them, as one gzipped JSON-lines
 object ``{prefix}/{run}/jobs/{first index:09d}-{last index:09d}-{token}.jsonl.gz``
-(``producer.layout.sent_key``): a few tens of bytes per job, against ~320 in Redis. Producers
-racing one run each write what they claimed, under their own token.
+(``producer.layout.sent_key``), each line a prompt batch of up to ``MAX_JOBS`` jobs as a message
+carries them (``producer.message.pack``; objects written before prompt batches hold a job per
+line, read the same way): a few bytes per job, against ~320 in Redis. Producers racing one run
+each write what they claimed, under their own token.
 """
 
 from __future__ import annotations
@@ -17,25 +19,27 @@ import secrets
 import time
 from collections.abc import Iterable, Sequence
 
+from producer.entries import Entry
 from producer.job import Job
 from producer.layout import sent_key, sent_prefix
+from producer.message import MAX_JOBS, pack, prompt_batches, unpack
 from producer.spill import job_index
 from producer.storage import Storage
 
 _NAME = re.compile(r"(\d{9})-(\d{9})-[0-9a-z]+\.jsonl\.gz$")
 
 
-def write_sent(storage: Storage, prefix: str, run_id: str, jobs: Sequence[Job]) -> None:
-    """Keep ``jobs`` (of one run, as they are sent) as one object; StorageError if it fails."""
-    if not jobs:
+def write_sent(storage: Storage, prefix: str, run_id: str, entries: Sequence[Entry]) -> None:
+    """Keep ``entries`` (of one run, as they are sent) as one object; StorageError if it fails."""
+    if not entries:
         return
-    indexes = [job.index for job in jobs]
+    indexes = [entry.own["index"] for entry in entries]
     token = f"{time.time_ns():x}{secrets.token_hex(4)}"
-    body = gzip.compress(
-        "".join(job.model_dump_json(exclude_none=True) + "\n" for job in jobs).encode(), compresslevel=5
+    lines = "".join(
+        json.dumps(pack(batch), separators=(",", ":")) + "\n" for batch in prompt_batches(entries, MAX_JOBS)
     )
     key = sent_key(prefix, run_id, min(indexes), max(indexes), token)
-    storage.put(key, body, content_type="application/gzip", metadata={})
+    storage.put(key, gzip.compress(lines.encode(), compresslevel=5), content_type="application/gzip", metadata={})
 
 
 class SentJobs:
@@ -54,32 +58,35 @@ class SentJobs:
         self._firsts = [first for first, _, _ in spans]
         self._spans = spans
         self._widest = max((last - first for first, last, _ in spans), default=0)
-        self._read: dict[str, dict[str, str]] = {}
+        self._read: dict[str, dict[str, Job]] = {}
 
-    def find(self, job_ids: Iterable[str]) -> dict[str, str]:
-        """The jobs as sent (JSON) of those of ``job_ids`` that were kept."""
-        found: dict[str, str] = {}
+    def find(self, job_ids: Iterable[str]) -> dict[str, Job]:
+        """The jobs as sent of those of ``job_ids`` that were kept."""
+        found: dict[str, Job] = {}
         for job_id in job_ids:
             index = job_index(job_id)
             # The objects that may hold it: those that begin at or before it, back as far as the widest reaches.
             at = bisect.bisect_right(self._firsts, index) - 1
             while at >= 0 and self._spans[at][0] + self._widest >= index:
                 first, last, key = self._spans[at]
-                if index <= last and job_id in (lines := self._lines(key)):
-                    found[job_id] = lines[job_id]
+                if index <= last and job_id in (jobs := self._jobs(key)):
+                    found[job_id] = jobs[job_id]
                     break
                 at -= 1
         return found
 
-    def _lines(self, key: str) -> dict[str, str]:
+    def _jobs(self, key: str) -> dict[str, Job]:
         if key not in self._read:
             if len(self._read) >= self.KEPT:
                 del self._read[next(iter(self._read))]
-            lines = gzip.decompress(self._storage.get(key)).decode().splitlines()
-            self._read[key] = {Job.model_validate_json(line).job_id: line for line in lines}
+            jobs = []
+            for line in gzip.decompress(self._storage.get(key)).decode().splitlines():
+                payload = json.loads(line)
+                jobs.extend(Job.model_validate(fields) for fields in unpack(payload) or [payload])
+            self._read[key] = {job.job_id: job for job in jobs}
         return self._read[key]
 
 
-def prompts(found: dict[str, str], job_ids: Iterable[str]) -> list[str | None]:
+def prompts(found: dict[str, Job], job_ids: Iterable[str]) -> list[str | None]:
     """Each job's prompt from ``SentJobs.find``'s answer (None: not kept)."""
-    return [json.loads(found[job_id])["prompt"] if job_id in found else None for job_id in job_ids]
+    return [found[job_id].prompt if job_id in found else None for job_id in job_ids]

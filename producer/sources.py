@@ -12,10 +12,8 @@ import csv
 import gzip
 import json
 import os
-import pickle
-import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -31,10 +29,9 @@ GZIPPED = (".txt", ".jsonl", ".csv", ".tsv", ".json")  # also read as NAME.gz
 
 
 class Rows(Iterable[Row]):
-    """The rows of a source, read afresh on every iteration: a file is read again, a list walked
-    again; any other iterable (a generator) is read once, into a temporary spool file. A row
-    with a ``template`` becomes the rows of its prompts (``producer.templates``), the same ones
-    on every iteration."""
+    """The rows of a source: a file or a list is read afresh on every iteration, any other
+    iterable (a generator) once. A row with a ``template`` becomes the rows of its prompts
+    (``producer.templates``), the same ones on every iteration."""
 
     def __init__(self, source: Source, expansion: Expansion | None = None) -> None:
         self._expansion = expansion or Expansion()
@@ -46,35 +43,11 @@ class Rows(Iterable[Row]):
         if isinstance(source, (str, os.PathLike)):
             self._read = partial(read_file, Path(source))
             check_readable(Path(source))
-        elif isinstance(source, Sequence):
-            self._read = partial(_read_items, source)
         else:
-            self._read = _Spool(_read_items(source)).read
+            self._read = partial(_read_items, source)
 
     def __iter__(self) -> Iterator[Row]:
         return expand_rows(self._read(), self._expansion)
-
-
-class _Spool:
-    """Rows of a one-shot iterable, kept on disk as they are first read (pickled: our own file)."""
-
-    def __init__(self, rows: Iterator[Row]) -> None:
-        self._rows: Iterator[Row] | None = rows
-        self._file: IO[bytes] = tempfile.TemporaryFile(prefix="deepqueue-rows-")
-
-    def read(self) -> Iterator[Row]:
-        if self._rows is not None:
-            rows, self._rows = self._rows, None
-            for row in rows:
-                pickle.dump(row, self._file)
-                yield row
-            return
-        self._file.seek(0)
-        while True:
-            try:
-                yield pickle.load(self._file)
-            except EOFError:
-                return
 
 
 def read_rows(source: Source, expansion: Expansion | None = None) -> list[tuple[str, dict[str, Any]]]:
@@ -152,14 +125,15 @@ def _read_txt(handle: Iterable[str], name: str) -> Iterator[Row]:
 
 
 def _read_jsonl(handle: Iterable[str], name: str) -> Iterator[Row]:
+    decode = json.JSONDecoder(object_pairs_hook=_unique_keys).decode  # one decoder for the file
     for number, line in enumerate(handle, start=1):
         if not line.strip():
             continue
         where = f"line {number} of {name}"
         try:
-            value = json.loads(line, object_pairs_hook=partial(_unique_keys, where))
-        except PromptFileError:
-            raise
+            value = decode(line)
+        except _KeysTwice as error:
+            raise PromptFileError(f"{where}: {error}") from None
         except json.JSONDecodeError as error:
             raise PromptFileError(f"{where}: not valid JSON ({error.msg})") from error
         except ValueError as error:  # Python reads no integer of more than 4300 digits
@@ -261,13 +235,17 @@ def _csv_rows(reader: csv.DictReader, name: str) -> Iterator[Row]:
             yield where, _normalise(fields, where)
 
 
-def _unique_keys(where: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+class _KeysTwice(ValueError):
+    """A JSON object that gives a key more than once (its reader says where)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object, refusing a key given twice (json keeps the last one silently)."""
-    counts = Counter(key for key, _ in pairs)
-    twice = sorted(key for key, count in counts.items() if count > 1)
-    if twice:
-        raise PromptFileError(f"{where}: the key(s) {', '.join(map(repr, twice))} appear more than once")
-    return dict(pairs)
+    fields = dict(pairs)
+    if len(fields) < len(pairs):
+        twice = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        raise _KeysTwice(f"the key(s) {', '.join(map(repr, twice))} appear more than once")
+    return fields
 
 
 def _normalise(fields: dict[str, Any], where: str) -> dict[str, Any]:

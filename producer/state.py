@@ -48,6 +48,7 @@ from typing import Any
 
 import redis
 
+from producer.job import canonical_json
 from producer.layout import DELETED_KEY, NOTIFY_CLAIM_NAME, NOTIFY_NAME, NOTIFY_PENDING_KEY, RUNS_KEY, state_key
 from producer.slots import BLOCK_SLOTS, SLOT_BYTES, Slot, decode, place, read_slot, slots_of_block
 from producer.state_scripts import CANCEL_BLOCK, CLAIM_RECIPE, TRANSITION
@@ -173,10 +174,6 @@ def _transition_keys(run_id: str) -> list[str]:
 
 def _blocks_prefix(run_id: str) -> str:
     return state_key(run_id, "slots:")
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 class RunStore:

@@ -11,8 +11,9 @@ from celery import signals
 
 from producer.cli_options import PromptInput
 from producer.client import run_id_or_new
+from producer.entries import make_jobs
 from producer.exits import EXIT_BAD_INPUT, EXIT_CANNOT_SERVE, CommandError
-from producer.job import make_jobs, run_defaults
+from producer.job import run_defaults
 from producer.sources import read_rows
 from producer.templates import run_expansion
 from worker.pipeline.model import ModelError, check_pipeline_class, read_model_index

@@ -41,7 +41,8 @@ from ops.bench.report import run_line
 from ops.localstack import client_for, moto_s3_client, worker_env
 from producer import Client, JobState
 from producer.enqueue import publish
-from producer.job import make_jobs, run_defaults
+from producer.entries import entries_of, make_jobs
+from producer.job import run_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def deep_queue(stack: Stack, per_size: int, *, grouped: bool) -> dict[str, Any]:
                 client.submit(rows, run=run)
             else:  # one message per job, in the rows' random order: no grouping anywhere
                 jobs = make_jobs([(str(i), row) for i, row in enumerate(rows)], run_id=run, defaults=run_defaults({}))
-                publish(redis.Redis.from_url(stack.broker), client.settings.queue, jobs)
+                publish(redis.Redis.from_url(stack.broker), client.settings.queue, entries_of(jobs))
                 client._store.mark_queued(run, [job.job_id for job in jobs])
         with running_worker(env, stack.tmp / f"{bucket}.log", timeout=stack.start_timeout):
             stack.wait_done(client, {run: len(rows) for run, rows in runs.items()})

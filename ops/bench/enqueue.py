@@ -31,8 +31,8 @@ from ops.bench.report import ratio, summarize
 from producer import Client
 from producer.contract import TASK_NAME
 from producer.enqueue import message_args, producer_app, publish
+from producer.entries import Entry, entries_of
 from producer.fair import FairQueue
-from producer.job import Job
 from producer.settings import ClientSettings
 from worker.metrics import waiting_jobs
 
@@ -54,14 +54,14 @@ def prompts(count: int) -> list[str]:
     return [f"benchmark prompt number {i}, a photo of a red fox in the snow" for i in range(count)]
 
 
-def send_task_loop(app: Any, jobs: Sequence[Job]) -> None:
+def send_task_loop(app: Any, jobs: Sequence[Entry]) -> None:
     """The baseline: one publish (one Redis round trip) per job, as an apply_async loop does."""
     for job in jobs:
         args, kwargs = message_args([job], time.time())
         app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=job.job_id)
 
 
-def kombu_batch(app: Any, jobs: Sequence[Job]) -> None:
+def kombu_batch(app: Any, jobs: Sequence[Entry]) -> None:
     """Celery's messages through kombu's batch producer: 500 publishes per pipeline flush."""
     with app.producer_or_acquire() as producer, producer.batch(max_size=500):
         for job in jobs:
@@ -78,7 +78,7 @@ def bench_enqueue(redis_url: str, storage_dir: Path, *, jobs: int, rounds: int) 
     client = Client(settings=settings)
     app = producer_app(settings)
     texts = prompts(jobs)
-    prepared = client.prepare(texts, run="bench-enqueue", seed=0, **RECIPE)
+    prepared = entries_of(client.prepare(texts, run="bench-enqueue", seed=0, **RECIPE))
     variants: dict[str, Callable[[int], None]] = {
         "send_task_loop": lambda n: send_task_loop(app, prepared[:n]),
         "kombu_batch": lambda n: kombu_batch(app, prepared[:n]),

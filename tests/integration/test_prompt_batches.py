@@ -15,6 +15,7 @@ from ops.localstack import client_for, start_worker, stop
 from producer import JobState
 from producer.contract import TASK_NAME
 from producer.enqueue import producer_app, queue_message
+from producer.entries import entries_of
 from producer.message import pack
 from producer.settings import ClientSettings
 from producer.state import RunStore
@@ -41,7 +42,7 @@ def test_a_bad_job_fails_alone_and_a_batch_that_is_none_is_dead_lettered(redis_u
     try:
         with client_for(env) as client:
             jobs = client.prepare(["a fox", "an owl", "bad", "a koi"], run="mixed", **RECIPE)
-            payload = pack(jobs)
+            payload = pack(entries_of(jobs))
             payload["jobs"][2]["steps"] = 0
             payload["jobs"].append("not a job")
             app = producer_app(ClientSettings(broker_url=broker))
@@ -80,7 +81,7 @@ def test_a_batch_delivered_again_runs_only_its_jobs_that_are_not_final(redis_url
     store.mark("again", done.job_id, JobState.RUNNING, worker="earlier")
     store.mark("again", done.job_id, JobState.DONE, key="file:///earlier/done.png")
     store.mark("again", failed.job_id, JobState.FAILED, reason="an earlier delivery failed it")
-    message = json.loads(queue_message(jobs, queue="deepqueue", enqueued_at=1.8e9))
+    message = json.loads(queue_message(entries_of(jobs), queue="deepqueue", enqueued_at=1.8e9))
     message["headers"]["redelivered"] = True  # as kombu marks a message it restores
     redis.Redis.from_url(broker).lpush("deepqueue", json.dumps(message))
     worker = start_worker(env, tmp_path / "worker.log")

@@ -743,9 +743,9 @@ def test_a_generator_is_read_once_checked_then_sent(client, redis_urls):
     assert client.run("generated").status().total == 7 and not client._store.exists("generated-bad")
 
 
-def test_a_file_changed_between_check_and_send_is_refused(client, redis_urls, tmp_path, monkeypatch):
-    """The rows are read twice; a file rewritten in between (a row made invalid) stops the send
-    with a clear error (faked here: the second read is the changed file)."""
+def test_the_input_is_read_once(client, tmp_path, monkeypatch):
+    """Every job is checked before any is sent, and the send reads the checked jobs back
+    (``producer.checked``), not the file: a file rewritten meanwhile changes nothing."""
     from producer import sources
 
     path = tmp_path / "p.jsonl"
@@ -755,28 +755,26 @@ def test_a_file_changed_between_check_and_send_is_refused(client, redis_urls, tm
 
     def read_then_change(p):
         reads.append(p)
-        if len(reads) == 2:
-            path.write_text('{"prompt": "a"}\n{"prompt": ""}\n')
-        return real(p)
+        rows = list(real(p))
+        path.write_text('{"prompt": "a"}\n{"prompt": ""}\n')
+        return iter(rows)
 
     monkeypatch.setattr(sources, "read_file", read_then_change)
-    with pytest.raises(PromptFileError, match="the input changed while it was being submitted"):
-        client.submit(path, run="changed")
-    # Nothing was sent, so the refused submit's recipe is not the run's: the corrected resubmit
-    # may use other settings.
-    monkeypatch.setattr(sources, "read_file", real)
-    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
-    assert client.submit(path, run="changed", steps=5).submitted == 2
+    run = client.submit(path, run="read-once")
+    assert len(reads) == 1 and run.submitted == 2
+    assert sorted(client.prompts("read-once", [result.job_id for result in run.results()])) == ["a", "b"]
 
 
 def test_submit_memory_does_not_grow_with_the_file(client, redis_urls, tmp_path, monkeypatch):
-    """Peak Python memory (tracemalloc) while submitting 2,000 and 20,000 rows in chunks of 500:
+    """Peak Python memory (tracemalloc) while submitting 2,000 and 20,000 rows in chunks (and checked blocks) of 500:
     ten times the rows, about the same peak. A submit that held every job would need ~10x."""
     import tracemalloc
 
+    from producer import checked
     from producer import client as client_module
 
     monkeypatch.setattr(client_module, "SUBMIT_CHUNK", 500)
+    monkeypatch.setattr(checked, "BLOCK", 500)  # the checked jobs kept on disk, read back a block at a time
 
     def peak(rows: int) -> int:
         path = tmp_path / f"p{rows}.jsonl"

@@ -7,6 +7,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
+from producer.entries import make_jobs
 from producer.errors import InvalidJobError
 from producer.job import (
     CACHE_BREAKING_SCHEDULERS,
@@ -18,7 +19,6 @@ from producer.job import (
     JobDefaults,
     derive_seed,
     job_id,
-    make_jobs,
     run_recipe,
     run_seed_for,
     shape,

@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from producer.audit import twin_row
 from producer.cli import cli
 from producer.cli_options import recipe_defaults
+from producer.entries import entries_of, grouped_by_shape, make_jobs
 from producer.errors import InvalidJobError
-from producer.job import Job, JobDefaults, grouped_by_shape, make_jobs, run_defaults, run_recipe, shape
+from producer.job import Job, JobDefaults, run_defaults, run_recipe, shape
 from producer.loras import MAX_LORAS, LoraSpec, parse_lora
 from producer.manifest_schema import COLUMNS, arrow_schema, flatten
 from producer.message import pack, prompt_batches, unpack
@@ -152,14 +153,14 @@ def test_the_shape_separates_adapter_sets():
 
 def test_the_producer_sends_each_adapter_set_apart():
     jobs = [job(i, loras=["a/x"] if i % 2 else None) for i in range(6)]
-    grouped = grouped_by_shape(jobs)
-    assert [item.index for item in grouped] == [0, 2, 4, 1, 3, 5]
+    grouped = grouped_by_shape(entries_of(jobs))
+    assert [item.own["index"] for item in grouped] == [0, 2, 4, 1, 3, 5]
     batches = list(prompt_batches(grouped, 8))
-    assert [[item.index for item in batch] for batch in batches] == [[0, 2, 4], [1, 3, 5]]
+    assert [[item.own["index"] for item in batch] for batch in batches] == [[0, 2, 4], [1, 3, 5]]
     payload = pack(batches[1])
     assert payload["loras"] == [{"id": "a/x", "scale": 1.0}]  # shared: sent once per prompt batch
     assert "loras" not in pack(batches[0])  # unset: not sent at all
-    assert [Job.model_validate(fields) for fields in unpack(payload)] == batches[1]
+    assert [Job.model_validate(fields) for fields in unpack(payload)] == [jobs[1], jobs[3], jobs[5]]
 
 
 def test_the_manifest_has_a_loras_column():

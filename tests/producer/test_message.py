@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from producer.enqueue import queue_message
+from producer.entries import entries_of
 from producer.job import Job
 from producer.message import MAX_JOBS, PromptBatchError, batch_task_id, pack, prompt_batches, unpack
 from tests.helpers import make_job
@@ -21,7 +22,7 @@ from tests.producer.test_producer_properties import PROPERTIES, jobs
 def test_any_jobs_pack_and_unpack_to_themselves(batch):
     """Whatever the jobs share or not (runs, recipes, missing fields), unpacking gives each job's
     own fields back: the worker validates the very jobs the producer sent."""
-    payload = json.loads(json.dumps(pack(batch)))  # as it travels
+    payload = json.loads(json.dumps(pack(entries_of(batch))))  # as it travels
     entries = unpack(payload)
     fields = [payload] if entries is None else entries
     assert [Job.model_validate(entry) for entry in fields] == batch
@@ -31,11 +32,11 @@ def test_any_jobs_pack_and_unpack_to_themselves(batch):
 
 def test_a_batch_holds_what_its_jobs_share_once():
     batch = [make_job(i, run_id="r", steps=4) for i in range(8)]
-    payload = pack(batch)
+    payload = pack(entries_of(batch))
     assert set(payload) == {"run_id", "height", "width", "steps", "guidance", "format", "jobs"}
     assert payload["jobs"][3] == {"index": 3, "prompt": "a cat 3", "seed": 1003}
     negative = [make_job(0), make_job(1, negative_prompt="blurry")]
-    assert pack(negative)["jobs"] == [
+    assert pack(entries_of(negative))["jobs"] == [
         {"index": 0, "prompt": "a cat 0", "seed": 1000},
         {"index": 1, "prompt": "a cat 1", "seed": 1001, "negative_prompt": "blurry"},
     ]
@@ -46,8 +47,8 @@ def test_a_message_of_eight_jobs_costs_a_fraction_of_eight_messages():
     well under the 300 bytes of Redis the issue allows (the bench measures Redis itself)."""
     prompt = "p" * 100
     batch = [make_job(i, run_id="a-run-name", prompt=f"{i:03d}{prompt[3:]}", steps=25) for i in range(8)]
-    one = sum(len(queue_message([job], queue="deepqueue", enqueued_at=1.8e9).encode()) for job in batch)
-    eight = len(queue_message(batch, queue="deepqueue", enqueued_at=1.8e9).encode())
+    one = sum(len(queue_message(entries_of([job]), queue="deepqueue", enqueued_at=1.8e9).encode()) for job in batch)
+    eight = len(queue_message(entries_of(batch), queue="deepqueue", enqueued_at=1.8e9).encode())
     assert eight / 8 < 200 < one / 8
 
 
@@ -77,12 +78,12 @@ def test_prompt_batches_keep_order_and_cut_by_run_model_shape_and_size():
     sdxl = [make_job(7, run_id="r", model="sdxl")]
     other_run = [make_job(i, run_id="s") for i in range(2)]
     jobs_in = [*small, *wide, *sdxl, *other_run, make_job(9, run_id="r")]
-    batches = list(prompt_batches(jobs_in, 3))
+    batches = [[entry.job() for entry in batch] for batch in prompt_batches(entries_of(jobs_in), 3)]
     assert batches == [small[:3], small[3:], wide, sdxl, other_run, [jobs_in[-1]]]
-    assert [job for batch in prompt_batches(jobs_in, 1) for job in batch] == jobs_in
+    assert [entry.job() for batch in prompt_batches(entries_of(jobs_in), 1) for entry in batch] == jobs_in
 
 
 def test_a_batch_task_id_names_its_first_job_and_how_many_follow():
     batch = [make_job(i) for i in range(3)]
-    assert batch_task_id(batch[:1]) == batch[0].job_id
-    assert batch_task_id(batch) == f"{batch[0].job_id}+2"
+    assert batch_task_id(entries_of(batch[:1])) == batch[0].job_id
+    assert batch_task_id(entries_of(batch)) == f"{batch[0].job_id}+2"

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from kombu.serialization import dumps, loads
 
 from producer.enqueue import message_args, queue_message
+from producer.entries import entries_of, make_jobs
 from producer.errors import DeepQueueError, InvalidJobError, PromptFileError
 from producer.job import (
     CACHE_BREAKING_SCHEDULERS,
@@ -40,7 +41,6 @@ from producer.job import (
     JobDefaults,
     SchedulerName,
     job_id,
-    make_jobs,
 )
 from producer.sources import read_rows
 
@@ -100,7 +100,7 @@ def test_a_valid_job_round_trips_through_json_and_the_message_body(job):
     assert again == job and again.job_id == job.job_id
 
     # What the producer publishes, serialised as kombu does, read as the worker reads it.
-    args, kwargs = message_args([job], 1.8e9)
+    args, kwargs = message_args(entries_of([job]), 1.8e9)
     content_type, encoding, body = dumps((args, kwargs, {}), serializer="json")
     received_args, received_kwargs, _embed = loads(body, content_type, encoding)
     received = Job.model_validate(received_args[0])
@@ -116,7 +116,7 @@ def test_a_valid_job_round_trips_through_json_and_the_message_body(job):
 @PROPERTIES
 @given(jobs())
 def test_a_message_holds_the_job_once_and_its_prompt_only_in_the_body(job):
-    message = json.loads(queue_message([job], queue="deepqueue", enqueued_at=1.8e9))
+    message = json.loads(queue_message(entries_of([job]), queue="deepqueue", enqueued_at=1.8e9))
     assert message["headers"] == {"task": "deepqueue.generate", "id": job.job_id}
     assert set(message) == {"body", "content-encoding", "content-type", "headers", "properties"}
     [[body], kwargs, embed] = json.loads(message["body"])

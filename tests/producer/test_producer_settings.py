@@ -10,7 +10,8 @@ from pydantic import ValidationError
 import producer
 from producer.contract import TASK_NAME, celery_config
 from producer.enqueue import message_args, producer_app
-from producer.job import JobDefaults, make_jobs
+from producer.entries import entries_of, make_jobs
+from producer.job import JobDefaults
 from producer.settings import ClientSettings
 
 
@@ -93,7 +94,7 @@ def test_producer_app_uses_the_settings_without_connecting():
 
 def test_message_args_are_the_job_as_json():
     [job] = make_jobs([("i", {"prompt": "a fox", "negative_prompt": "blur"})], run_id="r", defaults=JobDefaults())
-    args, kwargs = message_args([job], 1.8e9)
+    args, kwargs = message_args(entries_of([job]), 1.8e9)
     assert args == [json.loads(job.model_dump_json(exclude_none=True))]  # None: the worker's default
     assert json.loads(json.dumps(args)) == args  # plain JSON types only
     assert kwargs == {"enqueued_at": 1.8e9}

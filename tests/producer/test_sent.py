@@ -4,12 +4,15 @@ across chunks that overlap (a resubmit, racing producers), read once each in ind
 from __future__ import annotations
 
 import gzip
+import json
 
 import pytest
 
 from producer import Client
+from producer.entries import entries_of
 from producer.job import Job
-from producer.layout import sent_prefix
+from producer.layout import sent_key, sent_prefix
+from producer.message import unpack
 from producer.sent import SentJobs, prompts, write_sent
 from producer.state import JobState
 from producer.storage import LocalStorage
@@ -28,19 +31,26 @@ def storage(tmp_path) -> LocalStorage:
 
 
 def test_a_chunk_is_one_gzipped_object_named_by_its_first_and_last_index(storage):
-    write_sent(storage, "pre", RUN, jobs([7, 3, 12]))
+    write_sent(storage, "pre", RUN, entries_of(jobs([7, 3, 12])))
     write_sent(storage, "pre", RUN, [])  # nothing claimed: nothing written
     [(key, _)] = list(storage.list(sent_prefix("pre", RUN)))
     assert key.startswith("pre/kept/jobs/000000003-000000012-") and key.endswith(".jsonl.gz")
-    lines = gzip.decompress(storage.get(key)).decode().splitlines()
-    assert [Job.model_validate_json(line) for line in lines] == jobs([7, 3, 12])
+    [line] = gzip.decompress(storage.get(key)).decode().splitlines()  # one prompt batch
+    assert [Job.model_validate(fields) for fields in unpack(json.loads(line))] == jobs([7, 3, 12])
+
+
+def test_objects_of_a_job_per_line_are_read_too(storage):
+    """As submits wrote them before the jobs were kept in prompt batches."""
+    lines = "".join(job.model_dump_json(exclude_none=True) + "\n" for job in jobs([0, 1]))
+    storage.put(sent_key("", RUN, 0, 1, "old"), gzip.compress(lines.encode()), content_type="", metadata={})
+    assert SentJobs(storage, "", RUN).find([job.job_id for job in jobs([1])]) == {jobs([1])[0].job_id: jobs([1])[0]}
 
 
 def test_jobs_are_found_by_id_in_overlapping_chunks_and_others_are_not(storage, monkeypatch):
     first, second = jobs(range(0, 10)), jobs(range(5, 15), steps=30)  # a second recipe over 5..14
-    write_sent(storage, "", RUN, first)
-    write_sent(storage, "", RUN, second)
-    write_sent(storage, "", RUN, jobs([400]))
+    write_sent(storage, "", RUN, entries_of(first))
+    write_sent(storage, "", RUN, entries_of(second))
+    write_sent(storage, "", RUN, entries_of(jobs([400])))
     kept = SentJobs(storage, "", RUN)
     reads: list[str] = []
     get = storage.get
@@ -48,7 +58,7 @@ def test_jobs_are_found_by_id_in_overlapping_chunks_and_others_are_not(storage, 
     wanted = [first[0].job_id, first[7].job_id, second[0].job_id, second[9].job_id, jobs([400])[0].job_id]
     found = kept.find([*wanted, jobs([401])[0].job_id, jobs([3], steps=99)[0].job_id])
     assert set(found) == set(wanted)
-    assert Job.model_validate_json(found[second[0].job_id]) == second[0]
+    assert found[second[0].job_id] == second[0]
     assert len(reads) == len(set(reads)) == 3  # each object read once
     assert prompts(found, [first[7].job_id, "00000401-000000000000"]) == ["prompt 7", None]
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from producer.entries import make_jobs
 from producer.errors import InvalidJobError, PromptFileError
-from producer.job import Job, JobDefaults, make_jobs
-from producer.sources import RowProblem, Rows, parse_size, read_rows
+from producer.job import Job, JobDefaults
+from producer.sources import parse_size, read_rows
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -440,13 +441,6 @@ def test_not_parquet_and_truncated_gzip_are_refused(tmp_path):
     path.write_bytes(gzip.compress(b'{"prompt": "a"}\n' * 1000)[:-40])
     with pytest.raises(PromptFileError, match="not a complete gzip file"):
         read_rows(path)
-
-
-def test_rows_of_a_generator_can_be_read_twice():
-    rows = Rows(prompt for prompt in ["a", "b", 3])
-    first, second = list(rows), list(rows)
-    assert first == second == [("item 0", {"prompt": "a"}), ("item 1", {"prompt": "b"}), ("item 2", first[2][1])]
-    assert isinstance(first[2][1], RowProblem) and "got int 3" in first[2][1]
 
 
 def test_size_beside_width_or_height_is_refused(tmp_path):

@@ -152,9 +152,11 @@ def test_submit_memory_does_not_grow_with_the_expansion(client, redis_urls, monk
     files, for templates)."""
     import tracemalloc
 
+    from producer import checked
     from producer import client as client_module
 
     monkeypatch.setattr(client_module, "SUBMIT_CHUNK", 500)
+    monkeypatch.setattr(checked, "BLOCK", 500)  # the checked jobs kept on disk, read back a block at a time
     digits = "{0|1|2|3|4|5|6|7|8|9}"
 
     def peak(template: str, prompts: int) -> int:

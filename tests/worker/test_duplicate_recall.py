@@ -16,7 +16,8 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("imagehash")
 
-from producer.job import JobDefaults, make_jobs  # noqa: E402
+from producer.entries import make_jobs  # noqa: E402
+from producer.job import JobDefaults  # noqa: E402
 from producer.layout import image_key, sidecar_key  # noqa: E402
 from producer.near_dups import DEFAULT_THRESHOLD, near_duplicates, parse_phash  # noqa: E402
 from tests.helpers import local_worker_settings  # noqa: E402

@@ -12,7 +12,8 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 Image = pytest.importorskip("PIL.Image")
 
-from producer.job import Job, JobDefaults, make_jobs  # noqa: E402
+from producer.entries import make_jobs  # noqa: E402
+from producer.job import Job, JobDefaults  # noqa: E402
 from producer.state import JobState  # noqa: E402
 from tests.helpers import local_worker_settings  # noqa: E402
 from worker.embedded import MemoryReporter, Summary, run_embedded  # noqa: E402

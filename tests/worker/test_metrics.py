@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ops.localstack import free_port
 from producer.contract import celery_config
 from producer.enqueue import publish
+from producer.entries import entries_of
 from producer.job import Job
 from producer.layout import WORKER_HELD_KEY, WORKER_QUEUES_KEY, WORKERS_KEY
 from producer.settings import ClientSettings
@@ -201,7 +202,7 @@ def test_queue_depth_counts_waiting_and_reserved_jobs(redis_server: str) -> None
                 if s.name == "deepqueue_queue_jobs" and s.labels["queue"] == queue
             }
             assert values == {"waiting": 4, "reserved": 2}
-            publish(client, queue, [make_job(index) for index in range(16)], per_message=8)
+            publish(client, queue, entries_of([make_job(index) for index in range(16)]), per_message=8)
             leases.hold("d", jobs=8)
             leases.beat(connection.default_channel, 0.0)
             assert depth.depth() == (4 + 16, 2 + 8)

@@ -12,6 +12,7 @@ import redis
 from kombu import Connection
 
 from producer.enqueue import publish
+from producer.entries import entries_of
 from producer.layout import WORKERS_KEY
 from tests.helpers import lose_queue, make_job, queued_entries
 from worker.app import create_app
@@ -128,7 +129,7 @@ def test_a_model_whose_only_worker_died_gets_its_messages_back_from_any_worker(r
 def test_a_prompt_batch_fills_as_much_of_the_prefetch_count_as_it_has_jobs(redis_urls):
     client = redis.Redis.from_url(redis_urls[0])
     jobs = [make_job(index) for index in range(17)]
-    publish(client, "prefetch", jobs, per_message=8)  # 8 + 8 + 1
+    publish(client, "prefetch", entries_of(jobs), per_message=8)  # 8 + 8 + 1
     with connection_for(redis_urls[0]) as connection:
         channel = connection.default_channel
         qos = channel.qos

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from kombu import Connection, Exchange, Queue
 
 from producer.enqueue import publish
+from producer.entries import entries_of
 from producer.fair import PRIORITY_HEADER, TOKEN, FairQueue, set_share
 from producer.layout import DEAD_LETTERS_KEY
 from producer.message import unpack
@@ -257,9 +258,9 @@ def test_a_dropped_entry_is_not_put_back_from_the_taking_list(reader):
 def test_a_token_is_delivered_as_the_message_its_runs_classes_choose(redis_urls, worker_leases, through):
     reader = Reader(redis_urls[0], leases=worker_leases if through == "taking list" else None)
     try:
-        publish(reader.db, QUEUE, [make_job(i, run_id="bulk") for i in range(16)], per_message=8)
+        publish(reader.db, QUEUE, entries_of([make_job(i, run_id="bulk") for i in range(16)]), per_message=8)
         set_share(reader.db, "urgent", priority="high")
-        publish(reader.db, QUEUE, [make_job(i, run_id="urgent") for i in range(3)], per_message=8)
+        publish(reader.db, QUEUE, entries_of([make_job(i, run_id="urgent") for i in range(3)]), per_message=8)
         for _ in range(3):
             reader.connection.drain_events(timeout=10)
         batches = [(m.headers[PRIORITY_HEADER], json.loads(m.body)[0][0]) for m in reader.delivered]
@@ -286,7 +287,7 @@ def test_a_message_swapped_in_but_never_recorded_goes_back_and_is_delivered(read
     """Redis lost between the swap and kombu's record: the message waits in the taking list, and
     the first poll after the reconnect puts it back on the queue's list, from where it is
     delivered (with the class it was sent in lost: normal)."""
-    publish(reader.db, QUEUE, [make_job(i, run_id="swapped") for i in range(3)], per_message=8)
+    publish(reader.db, QUEUE, entries_of([make_job(i, run_id="swapped") for i in range(3)]), per_message=8)
     taking = taking_key(QUEUE, "reader")
     assert reader.db.lmove(QUEUE, taking, "RIGHT", "LEFT") == TOKEN
     _, item = FairQueue(reader.db, QUEUE).take(taking)  # what the failed poll did
@@ -304,7 +305,7 @@ def test_a_popped_token_whose_swap_fails_is_stood_back_for_its_message(redis_url
     place, and the message is delivered on the next read."""
     reader = Reader(redis_urls[0])  # no leases: BRPOP
     try:
-        publish(reader.db, QUEUE, [make_job(0, run_id="kept")], per_message=8)
+        publish(reader.db, QUEUE, entries_of([make_job(0, run_id="kept")]), per_message=8)
         take = FairQueue.take
 
         def fails_once(self: FairQueue, taking: str | None) -> Any:
