@@ -17,7 +17,7 @@ from tqdm import tqdm
 from producer import fair
 from producer.checked import CheckedJobs
 from producer.contract import WORKER_GONE_S, serving_workers
-from producer.enqueue import publish
+from producer.enqueue import Message, messages, push
 from producer.entries import Entry, entries, entries_of, grouped_by_shape, make_jobs
 from producer.errors import (
     InvalidJobError,
@@ -294,9 +294,14 @@ class Client:
         ids = [entry.job_id for entry in chunk]
         claimed = self._store.claim_queued(run_id, ids, resend_queued=resend_queued)
         to_send = chunk if len(claimed) == len(chunk) else [e for e, i in zip(chunk, ids, strict=True) if i in claimed]
+        if not to_send:
+            return 0
         try:
-            write_sent(self._storage(), self.settings.s3_prefix, run_id, to_send)
-            self._publish(to_send)
+            built = self._messages(to_send)
+            indexes = [entry.own["index"] for entry in to_send]
+            payloads = [message.payload for message in built]
+            write_sent(self._storage(), self.settings.s3_prefix, run_id, payloads, min(indexes), max(indexes))
+            push(self._broker(), built)
         except BaseException as error:
             try:
                 self._store.unclaim(run_id, claimed)
@@ -312,12 +317,12 @@ class Client:
         """Publish ``jobs``, then mark them queued. A chunk that fails to publish is not marked,
         so sending again sends it (and never a job that did reach the queue twice, but for the
         part of a failed chunk that was flushed before the failure)."""
-        self._publish(jobs)
+        push(self._broker(), self._messages(jobs))
         self._store.mark_queued(run_id, [entry.job_id for entry in jobs])
 
-    def _publish(self, jobs: list[Entry]) -> None:
-        """Send ``jobs`` as prompt batches (``DEEPQUEUE_PROMPT_BATCH``), each shape's jobs together."""
-        publish(self._broker(), self.settings.queue, grouped_by_shape(jobs), per_message=self.settings.prompt_batch)
+    def _messages(self, jobs: list[Entry]) -> list[Message]:
+        """``jobs`` as prompt batches (``DEEPQUEUE_PROMPT_BATCH``), each shape's jobs together."""
+        return messages(grouped_by_shape(jobs), self.settings.queue, per_message=self.settings.prompt_batch)
 
     def _check_not_cancelled(self, run_id: str) -> None:
         """A cancelled run takes no more jobs (new or sent again); a deleted one's name starts a new run."""

@@ -18,10 +18,11 @@ read both.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Sequence
+from json.encoder import encode_basestring
+from typing import NamedTuple
 
 import redis
 from celery import Celery
@@ -30,13 +31,28 @@ from producer.contract import TASK_NAME, celery_config
 from producer.entries import Entry
 from producer.fair import FairQueue
 from producer.layout import model_queue
-from producer.message import batch_task_id, pack, prompt_batches
+from producer.message import batch_task_id, pack, payload_json, prompt_batches
 from producer.settings import ClientSettings
 
 #: Messages per enqueue script call (eight calls per pipeline flush).
 PUBLISH_BATCH = 500
 
-_COMPACT = {"separators": (",", ":"), "ensure_ascii": False}
+#: kombu's Redis envelope of a Celery task message (the strings go in as JSON: ``_json``).
+_ENVELOPE = (
+    '{"body":%s,"content-encoding":"utf-8","content-type":"application/json","headers":{"task":%s,"id":%s},'
+    '"properties":{"delivery_tag":"%s","delivery_info":{"exchange":"","routing_key":%s}}}'
+)
+_json = encode_basestring  # a str as JSON text, as json.dumps(ensure_ascii=False) writes it
+
+
+class Message(NamedTuple):
+    """One task message, built: what goes on the queue, and the jobs it carries as JSON."""
+
+    queue: str  #: the list it goes on (its jobs' model's queue)
+    run_id: str
+    envelope: str  #: as kombu's Redis transport stores it
+    payload: str  #: the job argument (``producer.message.pack``), also what ``producer.sent`` keeps
+    jobs: int
 
 
 def producer_app(settings: ClientSettings) -> Celery:
@@ -51,47 +67,53 @@ def message_args(entries: Sequence[Entry], enqueued_at: float) -> tuple[list, di
     return [pack(entries)], {"enqueued_at": enqueued_at}
 
 
+def envelope(payload: str, *, task_id: str, queue: str, enqueued_at: float) -> str:
+    """A message's job argument as kombu's Redis transport stores a Celery task message."""
+    body = f'[[{payload}],{{"enqueued_at":{enqueued_at!r}}},{{}}]'  # message_args, as JSON
+    return _ENVELOPE % (_json(body), _json(TASK_NAME), _json(task_id), secrets.token_hex(8), _json(queue))
+
+
 def queue_message(entries: Sequence[Entry], *, queue: str, enqueued_at: float) -> str:
     """One message's jobs as kombu's Redis transport stores a Celery task message."""
-    args, kwargs = message_args(entries, enqueued_at)
-    return json.dumps(
-        {
-            "body": json.dumps([args, kwargs, {}], **_COMPACT),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {"task": TASK_NAME, "id": batch_task_id(entries)},
-            "properties": {
-                "delivery_tag": secrets.token_hex(8),
-                "delivery_info": {"exchange": "", "routing_key": queue},
-            },
-        },
-        **_COMPACT,
-    )
+    return envelope(payload_json(entries), task_id=batch_task_id(entries), queue=queue, enqueued_at=enqueued_at)
 
 
-def publish(broker: redis.Redis, queue: str, entries: Sequence[Entry], *, per_message: int = 1) -> None:
-    """Put ``entries`` (jobs: ``producer.entries.entries_of`` makes them of Jobs) on their
-    model's queue (``queue`` for jobs that name no model), the first job first out, as messages
-    of up to ``per_message`` neighbours of one run and shape (``producer.message.prompt_batches``),
-    each run's in its own list of that queue (``producer.fair``: workers take them by the runs'
-    classes and weights).
-
-    Raises redis-py's errors if a flush fails (the messages of earlier flushes are queued).
-    """
+def messages(entries: Sequence[Entry], queue: str, *, per_message: int = 1) -> list[Message]:
+    """``entries`` as messages of up to ``per_message`` neighbours of one run, model and shape
+    (``producer.message.prompt_batches``), the first job first, each for its model's queue
+    (``queue`` for jobs that name no model)."""
     now = time.time()
-    lists: dict[tuple[str, str], tuple[list[str], list[int]]] = {}
+    built = []
     for batch in prompt_batches(entries, per_message):
         kind = batch[0].kind
         name = model_queue(queue, kind.model)
-        messages, sizes = lists.setdefault((name, kind.run_id), ([], []))
-        messages.append(queue_message(batch, queue=name, enqueued_at=now))
-        sizes.append(len(batch))
+        payload = payload_json(batch)
+        body = envelope(payload, task_id=batch_task_id(batch), queue=name, enqueued_at=now)
+        built.append(Message(name, kind.run_id, body, payload, len(batch)))
+    return built
+
+
+def push(broker: redis.Redis, built: Sequence[Message]) -> None:
+    """Put messages on their queues, first out first, each run's in its own list of that queue
+    (``producer.fair``: workers take them by the runs' classes and weights).
+
+    Raises redis-py's errors if a flush fails (the messages of earlier flushes are queued).
+    """
+    lists: dict[tuple[str, str], list[Message]] = {}
+    for message in built:
+        lists.setdefault((message.queue, message.run_id), []).append(message)
     pipe = broker.pipeline(transaction=False)
     fair = {name: FairQueue(broker, name) for name, _ in lists}
-    for (name, run_id), (messages, sizes) in lists.items():
-        for start in range(0, len(messages), PUBLISH_BATCH):
-            end = start + PUBLISH_BATCH
-            fair[name].enqueue(run_id, messages[start:end], sum(sizes[start:end]), client=pipe)
+    for (name, run_id), listed in lists.items():
+        for start in range(0, len(listed), PUBLISH_BATCH):
+            part = listed[start : start + PUBLISH_BATCH]
+            fair[name].enqueue(run_id, [m.envelope for m in part], sum(m.jobs for m in part), client=pipe)
             if len(pipe) >= 8:
                 pipe.execute()
     pipe.execute()
+
+
+def publish(broker: redis.Redis, queue: str, entries: Sequence[Entry], *, per_message: int = 1) -> None:
+    """Put ``entries`` (jobs: ``producer.entries.entries_of`` makes them of Jobs) on their queues
+    as messages (``messages``, ``push``)."""
+    push(broker, messages(entries, queue, per_message=per_message))

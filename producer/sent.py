@@ -3,9 +3,9 @@
 
 A submit writes each chunk of jobs it claimed, before publishing them, as one gzipped JSON-lines
 object ``{prefix}/{run}/jobs/{first index:09d}-{last index:09d}-{token}.jsonl.gz``
-(``producer.layout.sent_key``), each line a prompt batch of up to ``MAX_JOBS`` jobs as a message
-carries them (``producer.message.pack``; objects written before prompt batches hold a job per
-line, read the same way): a few bytes per job, against ~320 in Redis. Producers racing one run
+(``producer.layout.sent_key``), each line the jobs of one message as it carries them
+(``producer.message.pack``; objects written before prompt batches hold a job per line, read the
+same way): a few bytes per job, against ~320 in Redis. Producers racing one run
 each write what they claimed, under their own token.
 """
 
@@ -19,26 +19,23 @@ import secrets
 import time
 from collections.abc import Iterable, Sequence
 
-from producer.entries import Entry
 from producer.job import Job
 from producer.layout import sent_key, sent_prefix
-from producer.message import MAX_JOBS, pack, prompt_batches, unpack
+from producer.message import unpack
 from producer.spill import job_index
 from producer.storage import Storage
 
 _NAME = re.compile(r"(\d{9})-(\d{9})-[0-9a-z]+\.jsonl\.gz$")
 
 
-def write_sent(storage: Storage, prefix: str, run_id: str, entries: Sequence[Entry]) -> None:
-    """Keep ``entries`` (of one run, as they are sent) as one object; StorageError if it fails."""
-    if not entries:
+def write_sent(storage: Storage, prefix: str, run_id: str, payloads: Sequence[str], first: int, last: int) -> None:
+    """Keep the jobs of ``payloads`` (messages' job arguments, ``producer.enqueue.Message``; of
+    one run, indexes ``first`` to ``last``) as one object; StorageError if it fails."""
+    if not payloads:
         return
-    indexes = [entry.own["index"] for entry in entries]
     token = f"{time.time_ns():x}{secrets.token_hex(4)}"
-    lines = "".join(
-        json.dumps(pack(batch), separators=(",", ":")) + "\n" for batch in prompt_batches(entries, MAX_JOBS)
-    )
-    key = sent_key(prefix, run_id, min(indexes), max(indexes), token)
+    lines = "\n".join(payloads) + "\n"
+    key = sent_key(prefix, run_id, first, last, token)
     storage.put(key, gzip.compress(lines.encode(), compresslevel=5), content_type="application/gzip", metadata={})
 
 

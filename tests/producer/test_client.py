@@ -486,7 +486,7 @@ def test_a_publish_that_fails_gives_its_claims_back(client, redis_urls, store, m
     [done] = [result.job_id for result in store.results("refused")]
     store.mark("refused", done, RUNNING)
     store.mark("refused", done, DONE)
-    monkeypatch.setattr(producer.client, "publish", refused)
+    monkeypatch.setattr(producer.client, "push", refused)
     with pytest.raises(redis.ConnectionError):
         client.submit(["done already", "a", "b"], run="refused", steps=4)
     assert store.counts("refused") == {QUEUED: 0, RUNNING: 0, DONE: 1, FAILED: 0, CANCELLED: 0}
@@ -504,7 +504,7 @@ def test_claims_that_cannot_be_given_back_say_how_to_send_them(client, redis_url
     def gone(*args: object, **kwargs: object) -> None:
         raise redis.ConnectionError("Connection refused")
 
-    monkeypatch.setattr(producer.client, "publish", gone)
+    monkeypatch.setattr(producer.client, "push", gone)
     monkeypatch.setattr(RunStore, "unclaim", gone)
     with pytest.raises(redis.ConnectionError, match="2 jobs of run 'gone' are marked queued.*--resend-queued"):
         client.submit(["a", "b"], run="gone", steps=4)

@@ -9,12 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from producer.contract import TASK_NAME
 from producer.enqueue import queue_message
-from producer.entries import entries_of
-from producer.job import Job
-from producer.message import MAX_JOBS, PromptBatchError, batch_task_id, pack, prompt_batches, unpack
+from producer.entries import entries, entries_of
+from producer.job import Job, JobDefaults
+from producer.message import MAX_JOBS, PromptBatchError, batch_task_id, pack, payload_json, prompt_batches, unpack
 from tests.helpers import make_job
-from tests.producer.test_producer_properties import PROPERTIES, jobs
+from tests.producer.test_producer_properties import PROPERTIES, jobs, prompts
 
 
 @PROPERTIES
@@ -87,3 +88,26 @@ def test_a_batch_task_id_names_its_first_job_and_how_many_follow():
     batch = [make_job(i) for i in range(3)]
     assert batch_task_id(entries_of(batch[:1])) == batch[0].job_id
     assert batch_task_id(entries_of(batch)) == f"{batch[0].job_id}+2"
+
+
+@PROPERTIES
+@given(st.lists(jobs(), min_size=1, max_size=12))
+def test_a_payload_as_text_is_the_packed_batch(batch):
+    made = entries_of(batch)
+    assert json.loads(payload_json(made)) == json.loads(json.dumps(pack(made)))
+
+
+@PROPERTIES
+@given(st.lists(prompts, min_size=1, max_size=8), st.floats(1e9, 2e9))
+def test_a_prompt_batch_of_plain_rows_is_the_message_celery_would_carry(texts, enqueued_at):
+    """Rows of a prompt each (one kind: the text is joined, not dumped), any Unicode, quotes
+    and backslashes in them: the envelope is the JSON kombu and Celery read."""
+    made = list(
+        entries([(str(i), {"prompt": text}) for i, text in enumerate(texts)], run_id="r", defaults=JobDefaults())
+    )
+    assert json.loads(payload_json(made)) == pack(made)
+    message = json.loads(queue_message(made, queue="deepqueue", enqueued_at=enqueued_at))
+    assert json.loads(message["body"]) == [[pack(made)], {"enqueued_at": enqueued_at}, {}]
+    assert message["headers"] == {"task": TASK_NAME, "id": batch_task_id(made)}
+    assert message["properties"]["delivery_info"] == {"exchange": "", "routing_key": "deepqueue"}
+    assert (message["content-type"], message["content-encoding"]) == ("application/json", "utf-8")

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from producer import Client
+from producer.enqueue import messages
 from producer.entries import entries_of
 from producer.job import Job
 from producer.layout import sent_key, sent_prefix
@@ -25,14 +26,21 @@ def jobs(indexes, steps: int = 20) -> list[Job]:
     return [Job(run_id=RUN, index=index, prompt=f"prompt {index}", seed=index, steps=steps) for index in indexes]
 
 
+def keep(storage, prefix: str, kept: list[Job]) -> None:
+    """Write ``kept`` as a submit does: the payloads of its messages of up to 8 jobs."""
+    payloads = [message.payload for message in messages(entries_of(kept), "q", per_message=8)]
+    indexes = [job.index for job in kept] or [0]
+    write_sent(storage, prefix, RUN, payloads, min(indexes), max(indexes))
+
+
 @pytest.fixture
 def storage(tmp_path) -> LocalStorage:
     return LocalStorage(tmp_path)
 
 
 def test_a_chunk_is_one_gzipped_object_named_by_its_first_and_last_index(storage):
-    write_sent(storage, "pre", RUN, entries_of(jobs([7, 3, 12])))
-    write_sent(storage, "pre", RUN, [])  # nothing claimed: nothing written
+    keep(storage, "pre", jobs([7, 3, 12]))
+    keep(storage, "pre", [])  # nothing claimed: nothing written
     [(key, _)] = list(storage.list(sent_prefix("pre", RUN)))
     assert key.startswith("pre/kept/jobs/000000003-000000012-") and key.endswith(".jsonl.gz")
     [line] = gzip.decompress(storage.get(key)).decode().splitlines()  # one prompt batch
@@ -48,9 +56,9 @@ def test_objects_of_a_job_per_line_are_read_too(storage):
 
 def test_jobs_are_found_by_id_in_overlapping_chunks_and_others_are_not(storage, monkeypatch):
     first, second = jobs(range(0, 10)), jobs(range(5, 15), steps=30)  # a second recipe over 5..14
-    write_sent(storage, "", RUN, entries_of(first))
-    write_sent(storage, "", RUN, entries_of(second))
-    write_sent(storage, "", RUN, entries_of(jobs([400])))
+    keep(storage, "", first)
+    keep(storage, "", second)
+    keep(storage, "", jobs([400]))
     kept = SentJobs(storage, "", RUN)
     reads: list[str] = []
     get = storage.get
