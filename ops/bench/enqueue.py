@@ -7,7 +7,7 @@
 - ``publish``: ``producer.enqueue.publish``: messages built as kombu stores them, 500 per LPUSH,
   one job each.
 - ``publish, prompt batches``: the same, 8 jobs of a shape per message (``producer.message``).
-- ``Client.submit``: the full path: both validation passes, job ids, grouping by shape, claiming
+- ``Client.submit``: the full path: the check of every job, job ids, grouping by shape, claiming
   in the state store (one Lua call per 500 jobs), keeping the jobs as sent in the run's storage
   (a local folder here), then ``publish`` in prompt batches of 8.
 
