@@ -10,9 +10,9 @@ from __future__ import annotations
 import pickle
 import tempfile
 from collections.abc import Iterable, Iterator
-from typing import IO
+from typing import IO, Any
 
-from producer.entries import Entry, refuse_bad_input
+from producer.entries import Entry, Kind, refuse_bad_input
 
 #: Jobs per pickled block of the file.
 BLOCK = 5000
@@ -34,15 +34,20 @@ class CheckedJobs:
 
     def _check(self, items: Iterable[Entry | list[tuple[str, str]]], keep: int) -> int:
         count, problems, omitted = 0, [], 0
-        block: list[Entry] = []
+        # A block is runs of jobs of one kind: (kind, [own fields, ...]), each kind pickled once.
+        block: list[tuple[Kind, list[dict[str, Any]]]] = []
         for item in items:
             if isinstance(item, Entry):
                 count += 1
-                if not problems:  # once a row is bad nothing is sent: only the problems matter
-                    block.append(item)
-                    if len(block) == BLOCK:
-                        pickle.dump(block, self._file, pickle.HIGHEST_PROTOCOL)
-                        block = []
+                if problems:  # once a row is bad nothing is sent: only the problems matter
+                    continue
+                if block and block[-1][0] is item.kind:
+                    block[-1][1].append(item.own)
+                else:
+                    block.append((item.kind, [item.own]))
+                if count % BLOCK == 0:
+                    pickle.dump(block, self._file, pickle.HIGHEST_PROTOCOL)
+                    block = []
             else:
                 room = max(0, keep - len(problems))
                 problems.extend(item[:room])
@@ -55,9 +60,12 @@ class CheckedJobs:
         self._file.seek(0)
         while True:
             try:
-                yield from pickle.load(self._file)
+                block = pickle.load(self._file)
             except EOFError:
                 return
+            for kind, owns in block:
+                for own in owns:
+                    yield Entry(kind, own)
 
     def close(self) -> None:
         self._file.close()

@@ -37,6 +37,8 @@ PARTS: dict[str, Callable[[list[str]], dict[str, Any]]] = {
     "service": service.main,
 }
 Row = tuple[str, str, str, bool | None]
+#: Jobs/s ``Client.submit`` should enqueue from a .jsonl (issue 17; issue 7 asked 5,000).
+ENQUEUE_GOAL = 100_000
 
 
 def goal_rows(parts: dict[str, Any]) -> list[Row]:
@@ -113,7 +115,12 @@ def submit_rows(points: list[dict[str, Any]]) -> list[Row]:
         ("submit peak RSS (MiB) by prompts", peaks, "flat (within 10 %)", flat),
         ("Redis bytes per queued job (100-char prompt)", f"{per_job:,.0f}", "≤ 300", per_job <= 300),
         ("Redis bytes per done job", f"{per_done:,.1f}", "≤ 16", per_done <= 16),
-        ("`Client.submit` enqueue rate (jobs/s, slowest size)", f"{rate:,.0f}", "≥ 5,000", rate >= 5000),
+        (
+            "`Client.submit` enqueue rate (jobs/s, slowest size)",
+            f"{rate:,.0f}",
+            f"≥ {ENQUEUE_GOAL:,}",
+            rate >= ENQUEUE_GOAL,
+        ),
     ]
 
 
