@@ -32,7 +32,7 @@ STATE_OF_CODE = {code[0]: name for name, code in CODES.items()}
 EXTENSION_CODES = {"png": b"p", "webp": b"w", "jpg": b"j"}
 EXTENSION_OF_CODE = {code[0]: ext for ext, code in EXTENSION_CODES.items()}
 
-_ID = re.compile(r"(?:[1-9]\d{8}|\d{8})-[0-9a-f]{12}")
+_ID = re.compile(r"(?:[1-9]\d{8}|\d{8})-[0-9a-f]{12}", re.ASCII)
 
 
 class Place(NamedTuple):

@@ -29,7 +29,8 @@ def test_a_real_id_has_a_place_by_its_index_and_other_forms_have_none():
     assert (place("00000003-0123456789ab").block, place("00000003-0123456789ab").offset) == (0, 3 * SLOT_BYTES)
     assert place(f"{BLOCK_SLOTS + 1:08d}-0123456789ab").block == 1
     assert place("999999999-0123456789ab").block == 999_999_999 // BLOCK_SLOTS
-    for other in ("j", "00000003-0123456789AB", "000000003-0123456789ab", "0000003-0123456789ab", "00000003-abc"):
+    others = ("j", "00000003-0123456789AB", "000000003-0123456789ab", "0000003-0123456789ab", "00000003-abc")
+    for other in (*others, "\u0660" * 7 + "3-0123456789ab"):  # digits, but not ASCII: not job_id's form
         assert place(other) is None, other
     assert job_id_at(1, 2, bytes.fromhex("0123456789ab")) == f"{BLOCK_SLOTS + 2:08d}-0123456789ab"
 
