@@ -50,7 +50,17 @@ import redis
 
 from producer.job import canonical_json
 from producer.layout import DELETED_KEY, NOTIFY_CLAIM_NAME, NOTIFY_NAME, NOTIFY_PENDING_KEY, RUNS_KEY, state_key
-from producer.slots import BLOCK_SLOTS, SLOT_BYTES, Slot, decode, place, read_slot, slots_of_block
+from producer.slots import (
+    BLOCK_SLOTS,
+    SLOT_BYTES,
+    Slot,
+    decode,
+    indexes_of,
+    packed_tags,
+    place,
+    read_slot,
+    slots_of_block,
+)
 from producer.state_scripts import CANCEL_BLOCK, CLAIM_RECIPE, TRANSITION
 
 
@@ -68,7 +78,8 @@ class JobState(str, Enum):
 STATES = tuple(JobState)
 
 
-#: Jobs per ``TRANSITION`` call when marking many: Redis serves no other client meanwhile.
+#: Jobs per ``TRANSITION`` call when marking or claiming many: Redis serves no other client
+#: meanwhile (a few ms for jobs that each need work; a claim's new jobs cost far less).
 MARK_BATCH = 500
 
 
@@ -230,24 +241,29 @@ class RunStore:
     def mark_queued(self, run_id: str, job_ids: Iterable[str]) -> None:
         """Mark sent jobs queued; those a worker already took stay as they are. One round trip
         per few thousand."""
-        pipe = self._redis.pipeline(transaction=False)
-        for args in self._queued_batches(run_id, job_ids):
+        pipe = self._listing(run_id)
+        for args in _flat_batches((job_id, "") for job_id in job_ids):
             self._call(run_id, JobState.QUEUED.value, args, client=pipe)
         pipe.execute()
 
     def claim_queued(self, run_id: str, job_ids: Iterable[str], *, resend_queued: bool = False) -> dict[str, str]:
         """Before sending: mark queued those of ``job_ids`` that are new or failed
         (``resend_queued``: or queued), and return them, each with what it was ('' for a new
-        job), for ``unclaim``. One call per ``MARK_BATCH`` jobs: producers racing one run
-        claim, and so send, each job once."""
+        job), for ``unclaim``. One script call per ``MARK_BATCH`` jobs, all in one round trip:
+        producers racing one run claim, and so send, each job once."""
         mode = "claim+queued" if resend_queued else "claim"
+        ids = list(job_ids)
+        pipe = self._listing(run_id)
+        orders: list[list[str]] = []  # each call's ids, in the order of its flags
+        for start in range(0, len(ids), MARK_BATCH):
+            order, args = _claim_args(ids[start : start + MARK_BATCH])
+            self._call(run_id, mode, args, client=pipe)
+            orders.append(order)
         claimed: dict[str, str] = {}
-        for args in self._queued_batches(run_id, job_ids):
-            raw = self._call(run_id, mode, args)
+        for order, raw in zip(orders, pipe.execute()[1:], strict=True):  # [0]: the listing
             if raw:  # 0 in a deleted run
                 flags, *before = raw
-                ids = args[0::4]
-                claimed.update((job_id, "") for job_id, flag in zip(ids, flags.decode(), strict=True) if flag == "1")
+                claimed.update((job_id, "") for job_id, flag in zip(order, flags.decode(), strict=True) if flag == "1")
                 claimed.update(zip((v.decode() for v in before[0::2]), (v.decode() for v in before[1::2]), strict=True))
         return claimed
 
@@ -256,10 +272,11 @@ class RunStore:
         for args in _flat_batches(claimed.items()):
             self._call(run_id, "unclaim", args)
 
-    def _queued_batches(self, run_id: str, job_ids: Iterable[str]) -> Iterator[list[str | bytes | int]]:
-        """List the run, then ``job_ids`` as the transition script's arguments."""
-        self._redis.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
-        return _flat_batches((job_id, "") for job_id in job_ids)
+    def _listing(self, run_id: str) -> redis.client.Pipeline:
+        """A pipeline that first lists the run: the calls of a submit's chunk follow."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
+        return pipe
 
     def count_loss(self, run_id: str, job_id: str) -> int:
         """One more time this job's pool process died (or timed out) under it; returns the total."""
@@ -500,14 +517,48 @@ def _flat_batches(rows: Iterable[tuple[str, ...]]) -> Iterator[list[str | bytes 
     here, so the script need not parse ids."""
     batch: list[str | bytes | int] = []
     for count, (job_id, *rest) in enumerate(rows, 1):
-        at = place(job_id)
-        batch.extend((job_id, "", "") if at is None else (job_id, at.index, at.tag))
+        batch.extend(_placed(job_id))
         batch.extend(rest)
         if count % MARK_BATCH == 0:
             yield batch
             batch = []
     if batch:
         yield batch
+
+
+def _placed(job_id: str) -> tuple[str, int | str, bytes | str]:
+    """A job as the script takes it one by one: its id, then its index and tag ('' and '' for
+    an id of another form)."""
+    at = place(job_id)
+    return (job_id, "", "") if at is None else (job_id, at.index, at.tag)
+
+
+def _claim_args(job_ids: Sequence[str]) -> tuple[list[str], list[str | bytes | int]]:
+    """A claim's arguments after the prefix (see ``TRANSITION``), and its ids in the order of the
+    flags it returns: jobs at consecutive indexes of one block as a run (its first index and its
+    tags), then the others one by one: ids of another form, and any whose index a run has (a job
+    listed twice, or another recipe's at that index), which the script must see after the runs."""
+    runs: dict[int, list[str]] = {}  # first index -> the run's ids
+    alone: list[str] = []
+    seen: set[int] = set()
+    run: list[str] = []
+    follows = -1  # the index that would extend the last run
+    for job_id, index in zip(job_ids, indexes_of(job_ids), strict=True):
+        if index is None or index in seen:
+            alone.append(job_id)
+            continue
+        seen.add(index)
+        if index == follows and index % BLOCK_SLOTS:
+            run.append(job_id)
+        else:
+            run = runs[index] = [job_id]
+        follows = index + 1
+    args: list[str | bytes | int] = [len(runs)]
+    for first, ids in runs.items():
+        args += [first, packed_tags(ids)]
+    for job_id in alone:
+        args += (*_placed(job_id), "")
+    return [job_id for ids in runs.values() for job_id in ids] + alone, args
 
 
 def _floats(fields: Mapping[bytes, bytes]) -> dict[str, float]:

@@ -13,13 +13,14 @@ from producer.slots import BLOCK_SLOTS, SLOT_BYTES
 # minutes, blocks, keys, images. ARGV: the new state; the prefix of the run's slot blocks
 # (``deepqueue:{run}:slots:``); then for each job its id, its index and tag (``producer.slots.place``;
 # '' and '' for an id of another form) and a detail (failed: the reason; running: the worker; done:
-# the image's key; else '').
+# the image's key; else ''). A claim's ARGV differ after the prefix (below).
 #
 # Where a job's state lives (``producer.slots``): the 8-byte slot at its index, in block string
 # prefix .. index // BLOCK_SLOTS, when the slot is free or holds the job's tag; else (another
 # recipe's job took the slot first, or an id of another form) the others hash, id -> state code and
 # extension code. A slot keeps its tag once taken, so an id that went to others stays there. The
 # block keys are not in KEYS: they are built here from the prefix, and share the run's hash tag.
+# Slots written one after another in a block go to Redis as one SETRANGE.
 #
 # A job moves unless it is final (done, cancelled), or running and asked to be queued again;
 # cancel moves only queued jobs. In a cancelled run, a job asked to run (a first start, or again
@@ -35,13 +36,25 @@ from producer.slots import BLOCK_SLOTS, SLOT_BYTES
 # new with what it was (its state code, and a failed job's reason after it): producers racing one
 # run each send only what they claimed, every job once. (One string for the many new jobs: a
 # reply of an element per job cost the producer more to read than Redis to write.)
+# A claim passes most of its jobs as runs, so that a submit's many new jobs cost neither an
+# argument nor any work each: ARGV after the prefix is the number of runs; for each run the index
+# of its first job and its jobs' tags, 6 bytes each one after another (jobs at consecutive indexes
+# of one block; no index in two runs of a call); then, 4 arguments each as above (detail ''), the
+# jobs in no run: ids of another form, and any whose index a run of the call has. A run whose
+# slots were never used (all zero bytes, or past the block's end) is claimed whole in one
+# SETRANGE; any other goes job by job, its ids rebuilt from index and tag. The flags follow that
+# order: the runs' jobs, then the others.
 # 'unclaim' (ARGV after the prefix: id, index, tag and what it was, as a claim returned it) puts
 # back jobs still queued after their publish failed.
 _TRANSITION = """
 local COUNTS, OTHERS, REASONS, RUNNING, META, MINUTES, BLOCKS, WHOLE, IMAGES = unpack(KEYS)
 if redis.call('HEXISTS', META, 'deleted_at') == 1 then return 0 end
 local asked, prefix = ARGV[1], ARGV[2]
-local SLOT, BLOCK = SLOT_BYTES, BLOCK_SLOTS
+local claim = asked == 'claim' or asked == 'claim+queued'
+local runs = claim and tonumber(ARGV[3]) or 0
+local first_job = claim and 4 + 2 * runs or 3  -- where the jobs passed one by one start
+local SLOT, BLOCK, TAG = SLOT_BYTES, BLOCK_SLOTS, SLOT_BYTES - 2
+local ID = '%08d-' .. string.rep('%02x', TAG)  -- an id from its index and tag (producer.job.job_id)
 local EMPTY = string.rep('\\0', SLOT)
 local code = {queued = 'q', running = 'r', done = 'd', failed = 'f', cancelled = 'c'}
 local name = {q = 'queued', r = 'running', d = 'done', f = 'failed', c = 'cancelled'}
@@ -49,27 +62,60 @@ local extension = {png = 'p', webp = 'w', jpg = 'j'}
 local listed = {}
 -- Slots are read a block at a time (one GET) when a call has many jobs, alone when it has few.
 local read, written = {}, {}  -- block -> its string as this call found it; index -> slot written since
-local few = #ARGV < 20
+local few = not claim and #ARGV < 20  -- a claim reads its blocks whole anyway (its runs)
 local counts = {q = 0, r = 0, d = 0, f = 0, c = 0}  -- changes, written once at the end
+-- Slots to write wait here while each follows the one before in its block, to go as one SETRANGE.
+local pending = {slots = {}, size = 0}
 
-local function write_counts()
+local function write_pending()
+  if pending.size > 0 then redis.call('SETRANGE', pending.key, pending.offset, table.concat(pending.slots)) end
+  pending = {slots = {}, size = 0}
+end
+
+local function write_changes()
+  write_pending()
   for state, change in pairs(counts) do
     if change ~= 0 then redis.call('HINCRBY', COUNTS, name[state], change) end
   end
 end
 
+-- Where the slot at ``index`` is.
+local function locate(index)
+  local block = math.floor(index / BLOCK)
+  return {block = block, key = prefix .. block, offset = (index % BLOCK) * SLOT, index = index}
+end
+
+local function block_string(at)
+  if not read[at.block] then read[at.block] = redis.call('GET', at.key) or '' end
+  return read[at.block]
+end
+
+-- Write slots (one, or a run's) at ``at``, listing its block the first time.
+local function write_slots(at, slots)
+  if not listed[at.block] then
+    if redis.call('SADD', BLOCKS, at.block) == 1 then  -- a new block: allocated whole, once
+      redis.call('SETRANGE', at.key, SLOT * BLOCK - 1, '\\0')
+    end
+    listed[at.block] = true
+  end
+  if pending.size > 0 and (at.key ~= pending.key or at.offset ~= pending.offset + pending.size) then
+    write_pending()
+  end
+  if pending.size == 0 then pending.key, pending.offset = at.key, at.offset end
+  pending.slots[#pending.slots + 1] = slots
+  pending.size = pending.size + #slots
+end
+
 -- Where the job's state lives, and that state's code (false: none).
 local function find(id, index, tag)
   if index ~= '' then
-    index = tonumber(index)
-    local block = math.floor(index / BLOCK)
-    local at = {block = block, key = prefix .. block, offset = (index % BLOCK) * SLOT, tag = tag, index = index}
-    local slot = written[index]
+    local at = locate(tonumber(index))
+    at.tag = tag
+    local slot = written[at.index]
     if not slot and few then
       slot = redis.call('GETRANGE', at.key, at.offset, at.offset + SLOT - 1)
     elseif not slot then
-      if not read[block] then read[block] = redis.call('GET', at.key) or '' end
-      slot = string.sub(read[block], at.offset + 1, at.offset + SLOT)
+      slot = string.sub(block_string(at), at.offset + 1, at.offset + SLOT)
     end
     if #slot < SLOT then slot = EMPTY end
     if string.sub(slot, 3) == at.tag or slot == EMPTY then
@@ -84,14 +130,8 @@ end
 -- Set the job's state code (false: no job) and extension code; keep counts and details right.
 local function put(at, id, state, ext)
   if at.key then
-    if not listed[at.block] then
-      if redis.call('SADD', BLOCKS, at.block) == 1 then  -- a new block: allocated whole, once
-        redis.call('SETRANGE', at.key, SLOT * BLOCK - 1, '\\0')
-      end
-      listed[at.block] = true
-    end
     local slot = (state or '\\0') .. (state and ext or '-') .. at.tag
-    redis.call('SETRANGE', at.key, at.offset, slot)
+    write_slots(at, slot)
     written[at.index] = slot
   elseif state then
     redis.call('HSET', OTHERS, id, state .. (ext or '-'))
@@ -121,7 +161,7 @@ local function done_extension(id, key)
 end
 
 if asked == 'unclaim' then
-  for i = 3, #ARGV, 4 do
+  for i = first_job, #ARGV, 4 do
     local id, before = ARGV[i], ARGV[i + 3]
     local at = find(id, ARGV[i + 1], ARGV[i + 2])
     if at.state == 'q' then
@@ -133,10 +173,9 @@ if asked == 'unclaim' then
       end
     end
   end
-  write_counts()
+  write_changes()
   return 0
 end
-local claim = asked == 'claim' or asked == 'claim+queued'
 local flags, claimed = {}, {}
 if claim then asked = 'queued' end
 local cancelled = redis.call('HEXISTS', META, 'cancelled_at') == 1
@@ -152,9 +191,10 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 local moved = 0
 local done = 0
-for i = 3, #ARGV, 4 do
-  local id, detail = ARGV[i], ARGV[i + 3]
-  local at = find(id, ARGV[i + 1], ARGV[i + 2])
+
+-- Move one job as asked (a claim: and say what it took).
+local function move(id, index, tag, detail)
+  local at = find(id, index, tag)
   local old = at.state and name[at.state]
   local final = old == 'done' or (old == 'cancelled' and new ~= 'queued')
   local allowed = not final and not (asked == 'queued' and old == 'running')
@@ -174,6 +214,31 @@ for i = 3, #ARGV, 4 do
     if new == asked then moved = moved + 1 end
   end
 end
+
+for i = 4, first_job - 1, 2 do
+  local first, tags = tonumber(ARGV[i]), ARGV[i + 1]
+  local size = #tags / TAG
+  local at = locate(first)
+  if not string.find(string.sub(block_string(at), at.offset + 1, at.offset + size * SLOT), '[^%z]') then
+    -- Slots never used (all zero bytes, or past the block's end): every job is new and moves.
+    write_slots(at, (string.gsub(tags, string.rep('.', TAG), code[new] .. '-%0')))
+    flags[#flags + 1] = string.rep(new == asked and '1' or '0', size)
+    counts[code[new]] = counts[code[new]] + size
+    if new == asked then moved = moved + size end
+  else
+    for k = 0, size - 1 do
+      local tag = string.sub(tags, k * TAG + 1, (k + 1) * TAG)
+      move(string.format(ID, first + k, string.byte(tag, 1, TAG)), first + k, tag, '')
+    end
+  end
+end
+if runs > 0 then  -- the jobs below may have a run's index: they read its slots as written
+  write_pending()
+  read = {}
+end
+for i = first_job, #ARGV, 4 do
+  move(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+end
 -- What is the same for every job of the call, written once.
 if done > 0 then
   redis.call('HSET', META, 'last_done_at', now)
@@ -181,7 +246,7 @@ if done > 0 then
 end
 if counts.r > 0 and new == 'running' then redis.call('HSETNX', META, 'first_started_at', now) end
 if new == 'failed' and moved > 0 then redis.call('HSET', META, 'last_failed_at', now) end
-write_counts()
+write_changes()
 if claim then return {table.concat(flags), unpack(claimed)} end
 return moved
 """

@@ -5,11 +5,15 @@ another form; this file runs it on real ones."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from producer.job import job_id
 from producer.slots import BLOCK_SLOTS, SLOT_BYTES, decode, job_id_at, place, slots_of_block
-from producer.state import STATES, JobState
+from producer.state import MARK_BATCH, STATES, JobState, _placed
 from tests.producer.test_state import consistent_counts, sent
 
 RUN = "run-s"
@@ -29,7 +33,8 @@ def test_a_real_id_has_a_place_by_its_index_and_other_forms_have_none():
     assert (place("00000003-0123456789ab").block, place("00000003-0123456789ab").offset) == (0, 3 * SLOT_BYTES)
     assert place(f"{BLOCK_SLOTS + 1:08d}-0123456789ab").block == 1
     assert place("999999999-0123456789ab").block == 999_999_999 // BLOCK_SLOTS
-    for other in ("j", "00000003-0123456789AB", "000000003-0123456789ab", "0000003-0123456789ab", "00000003-abc"):
+    others = ("j", "00000003-0123456789AB", "000000003-0123456789ab", "0000003-0123456789ab", "00000003-abc")
+    for other in (*others, "\u0660" * 7 + "3-0123456789ab"):  # digits, but not ASCII: not job_id's form
         assert place(other) is None, other
     assert job_id_at(1, 2, bytes.fromhex("0123456789ab")) == f"{BLOCK_SLOTS + 2:08d}-0123456789ab"
 
@@ -173,3 +178,90 @@ def test_a_job_named_twice_in_one_call_is_moved_once(store):
     store.cancel(RUN)
     assert store.drop_if_stopped(RUN, [ids[0], ids[0], *ids])
     assert consistent_counts(store, RUN) == {QUEUED: 0, RUNNING: 0, DONE: 0, FAILED: 0, CANCELLED: 8}
+
+
+# -- claims: a chunk's jobs go as runs of consecutive slots -----------------------------------------
+
+UNIVERSE = [
+    *(jid(index, recipe) for index in (0, 1, 2, BLOCK_SLOTS - 1, BLOCK_SLOTS, 10**8 - 1, 10**8) for recipe in "ab"),
+    "by-hand",
+    "000000003-0123456789ab",  # 9 digits from a 0: another form
+]
+_runs = itertools.count()
+
+
+def claim_one_by_one(store, run_id: str, job_ids: list[str], *, resend_queued: bool) -> dict[str, str]:
+    """``claim_queued`` as it was: every job as its own 4 arguments (no runs), in one call."""
+    args = [0, *(arg for job_id in job_ids for arg in (*_placed(job_id), ""))]
+    raw = store._call(run_id, "claim+queued" if resend_queued else "claim", args)
+    if not raw:
+        return {}
+    flags, *before = raw
+    claimed = {job_id: "" for job_id, flag in zip(job_ids, flags.decode(), strict=True) if flag == "1"}
+    claimed.update(zip((v.decode() for v in before[0::2]), (v.decode() for v in before[1::2]), strict=True))
+    return claimed
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    history=st.lists(st.tuples(st.sampled_from(UNIVERSE), st.sampled_from(STATES)), max_size=12),
+    cancelled=st.booleans(),
+    chunk=st.lists(st.sampled_from(UNIVERSE), min_size=1, max_size=20),
+    resend_queued=st.booleans(),
+)
+def test_a_claim_in_runs_does_what_a_claim_job_by_job_does(store, history, cancelled, chunk, resend_queued):
+    """Any mix of new, queued, running, done, failed and cancelled jobs, of other recipes at one
+    index, of ids of another form and ids named twice, in a cancelled run or not: the same claims,
+    the same state after."""
+    runs = [f"twin-{next(_runs)}" for _ in range(2)]
+    for run_id in runs:
+        for job, state in history:
+            store.mark(run_id, job, state, reason="boom" if state is FAILED else None)
+        if cancelled:
+            store.cancel(run_id)
+    in_runs = store.claim_queued(runs[0], chunk, resend_queued=resend_queued)
+    assert in_runs == claim_one_by_one(store, runs[1], chunk, resend_queued=resend_queued)
+    found = [sorted((r.job_id, r.state, r.reason or "") for r in store.results(run_id)) for run_id in runs]
+    assert found[0] == found[1]  # (sorted: those in others come in the order they were written)
+    assert consistent_counts(store, runs[0]) == consistent_counts(store, runs[1])
+
+
+def test_a_claim_of_new_jobs_across_blocks_and_digits_takes_each(store, backend):
+    ids = [jid(index) for index in [*range(BLOCK_SLOTS - 3, BLOCK_SLOTS + 3), *range(10**8 - 2, 10**8 + 2)]]
+    assert store.claim_queued(RUN, sent(ids)) == dict.fromkeys(ids, "")
+    assert [(result.job_id, result.state) for result in store.results(RUN)] == [(job, QUEUED) for job in ids]
+    blocks = {0, 1, (10**8 - 2) // BLOCK_SLOTS, (10**8 + 1) // BLOCK_SLOTS}
+    assert {int(block) for block in backend.smembers(f"deepqueue:{{{RUN}}}:blocks")} == blocks
+    assert store.claim_queued(RUN, sent(ids)) == {}  # a second producer: nothing
+    assert RUN in store.runs()
+
+
+def test_a_claim_keeps_other_recipes_and_other_forms_aside_and_a_job_named_twice_once(store, backend):
+    first = jid(5, "a")
+    store.claim_queued(RUN, sent([first]))
+    chunk = [jid(4, "b"), jid(5, "b"), jid(6, "b"), "by-hand", "000000003-0123456789ab", jid(4, "b")]
+    assert store.claim_queued(RUN, sent(chunk)) == dict.fromkeys(chunk, "")
+    others = {key.decode() for key in backend.hkeys(f"deepqueue:{{{RUN}}}:others")}
+    assert others == {jid(5, "b"), "by-hand", "000000003-0123456789ab"}
+    assert store.states(RUN, [first, *chunk]) == [QUEUED] * 7
+    assert consistent_counts(store, RUN)[QUEUED] == 6
+
+
+def test_a_claim_in_a_cancelled_run_cancels_its_new_jobs_and_in_a_deleted_one_writes_nothing(store, backend):
+    ids = [jid(index) for index in range(6)]
+    store.mark_queued(RUN, sent(ids[:1]))
+    store.cancel(RUN)
+    assert store.claim_queued(RUN, sent(ids)) == {}
+    assert store.states(RUN, ids) == [CANCELLED] * 6
+    store.delete(RUN)
+    assert store.claim_queued(RUN, sent(ids)) == {}
+    assert [key.decode() for key in backend.keys(f"deepqueue:{{{RUN}}}:*")] == [f"deepqueue:{{{RUN}}}:meta"]
+
+
+def test_a_resend_of_a_whole_call_of_failed_jobs_returns_each_with_its_reason(store):
+    """Jobs that each need work (their reasons read back), in calls of ``MARK_BATCH``."""
+    ids = [jid(index) for index in range(2 * MARK_BATCH)]
+    store.mark_queued(RUN, sent(ids))
+    store.mark_many(RUN, FAILED, dict.fromkeys(ids, "oom"))
+    assert store.claim_queued(RUN, sent(ids), resend_queued=True) == dict.fromkeys(ids, "foom")
+    assert consistent_counts(store, RUN)[QUEUED] == len(ids)
