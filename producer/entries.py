@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from json.encoder import encode_basestring, encode_basestring_ascii
-from typing import Any, NamedTuple
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 from typing_extensions import NotRequired, TypedDict
@@ -104,15 +104,23 @@ class Kind:
         return compact_json(self.shared)
 
 
-class Entry(NamedTuple):
+class Entry:
     """One job: its kind and its own fields (``OWN``, None left out)."""
 
-    kind: Kind
-    own: dict[str, Any]
+    __slots__ = ("_job_id", "kind", "own")
+
+    def __init__(self, kind: Kind, own: dict[str, Any]) -> None:
+        self.kind, self.own = kind, own
+        self._job_id: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Entry({self.kind.run_id!r}, {self.own!r})"
 
     @property
     def job_id(self) -> str:
-        return self.kind.ids(self.own["index"], self.own["prompt"], self.own["seed"])
+        if self._job_id is None:  # asked for by the claim, then by its message's task id
+            self._job_id = self.kind.ids(self.own["index"], self.own["prompt"], self.own["seed"])
+        return self._job_id
 
     def own_json(self) -> str:
         """``own`` as JSON text; the usual three fields formatted directly (5x faster)."""

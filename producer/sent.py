@@ -36,7 +36,7 @@ def write_sent(storage: Storage, prefix: str, run_id: str, payloads: Sequence[st
     token = f"{time.time_ns():x}{secrets.token_hex(4)}"
     lines = "\n".join(payloads) + "\n"
     key = sent_key(prefix, run_id, first, last, token)
-    storage.put(key, gzip.compress(lines.encode(), compresslevel=5), content_type="application/gzip", metadata={})
+    storage.put(key, gzip.compress(lines.encode(), compresslevel=1), content_type="application/gzip", metadata={})
 
 
 class SentJobs:
