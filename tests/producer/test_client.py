@@ -767,7 +767,7 @@ def test_the_input_is_read_once(client, tmp_path, monkeypatch):
 
 def test_submit_memory_does_not_grow_with_the_file(client, redis_urls, tmp_path, monkeypatch):
     """Peak Python memory (tracemalloc) while submitting 2,000 and 20,000 rows in chunks (and checked blocks) of 500:
-    ten times the rows, about the same peak. A submit that held every job would need ~10x."""
+    ten times the rows, about the same peak (under 2.5x). A submit that held every job would need ~10x."""
     import tracemalloc
 
     from producer import checked
@@ -789,7 +789,7 @@ def test_submit_memory_does_not_grow_with_the_file(client, redis_urls, tmp_path,
             tracemalloc.stop()
 
     small, large = peak(2000), peak(20000)
-    assert large < 1.5 * small, (small, large)
+    assert large < 2.5 * small, (small, large)  # holding every job: ~10x; a chance GC or buffer: < 2x
 
 
 class Terminal(io.StringIO):

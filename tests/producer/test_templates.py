@@ -171,7 +171,7 @@ def test_submit_memory_does_not_grow_with_the_expansion(client, redis_urls, monk
 
     small = peak(f"a {{2|4}} {digits} {digits} {digits} {'x' * 80}", 2000)
     large = peak(f"a {{2|4}} {digits} {digits} {digits} {digits} {'x' * 80}", 20000)
-    assert large < 1.5 * small, (small, large)
+    assert large < 2.5 * small, (small, large)  # holding every job: ~10x; a chance GC or buffer: < 2x
 
 
 def invoke(*args: str):
