@@ -35,7 +35,7 @@ from producer.notify_send import notify_if_due, storage_url
 from producer.notify_state import NotifyState, NotifyStore
 from producer.run import Run
 from producer.sent import SentJobs, prompts, write_sent
-from producer.settings import ClientSettings, redact_url
+from producer.settings import ClientSettings, redact_url, redis_client
 from producer.sources import Rows, Source
 from producer.state import JobState, RunStore
 from producer.storage import Storage, make_storage
@@ -271,9 +271,7 @@ class Client:
 
     def _broker(self) -> redis.Redis:
         if self._broker_client is None:
-            self._broker_client = redis.Redis.from_url(
-                self.settings.broker_url, socket_timeout=30, socket_connect_timeout=10
-            )
+            self._broker_client = redis_client(self.settings.broker_url)
         return self._broker_client
 
     def _wait_for_room(self, run_id: str, most: int, bar: tqdm, poll_s: float = 0.5) -> None:

@@ -33,6 +33,7 @@ from typing import Literal
 import redis
 
 from producer.layout import NOTIFY_CLAIM_NAME, NOTIFY_NAME, NOTIFY_PENDING_KEY, state_key
+from producer.settings import redis_client
 from producer.state_scripts import NOTIFY_CLAIM, NOTIFY_HOLD, NOTIFY_SETTLE, NOTIFY_TRY
 
 #: A claim's lease: longer than one try (``producer.notify.POST_TIMEOUT_S``) plus the longest
@@ -93,7 +94,7 @@ class NotifyStore:
 
     @classmethod
     def from_url(cls, url: str) -> NotifyStore:
-        return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10))
+        return cls(redis_client(url))
 
     def close(self) -> None:
         self._redis.close()

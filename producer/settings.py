@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
+import redis
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -91,3 +92,9 @@ def redact_url(text: str) -> str:
         return f"{match['scheme']}{'' if user is None else user + ':'}***@"
 
     return _QUERY_SECRET.sub(r"\g<key>***", _USERINFO.sub(userinfo, text))
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A producer's connection to the broker or the result backend: a Redis that is gone fails
+    its call within seconds rather than hanging the submit or the command."""
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10)

@@ -50,6 +50,7 @@ import redis
 
 from producer.job import canonical_json
 from producer.layout import DELETED_KEY, NOTIFY_CLAIM_NAME, NOTIFY_NAME, NOTIFY_PENDING_KEY, RUNS_KEY, state_key
+from producer.settings import redis_client
 from producer.slots import (
     BLOCK_SLOTS,
     SLOT_BYTES,
@@ -198,7 +199,7 @@ class RunStore:
 
     @classmethod
     def from_url(cls, url: str) -> RunStore:
-        return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10))
+        return cls(redis_client(url))
 
     def _call(self, run_id: str, mode: str, args: Sequence[str | bytes | int], client: Any = None) -> Any:
         """One ``TRANSITION`` call: ``mode`` for the jobs in ``args`` (see the script)."""
