@@ -18,7 +18,7 @@ from producer import fair
 from producer.checked import CheckedJobs
 from producer.contract import WORKER_GONE_S, serving_workers
 from producer.enqueue import Message, messages, push
-from producer.entries import Entry, entries, entries_of, grouped_by_shape, make_jobs
+from producer.entries import Entry, entries, entries_of, make_jobs
 from producer.errors import (
     InvalidJobError,
     RecipeMismatchError,
@@ -33,6 +33,7 @@ from producer.layout import DEAD_LETTERS_KEY, WORKER_QUEUES_KEY, WORKERS_KEY, im
 from producer.notify import checked_url
 from producer.notify_send import notify_if_due, storage_url
 from producer.notify_state import NotifyState, NotifyStore
+from producer.packing import grouped_by_shape
 from producer.run import Run
 from producer.sent import SentJobs, prompts, write_sent
 from producer.settings import ClientSettings, redact_url, redis_client

@@ -31,7 +31,7 @@ from producer.contract import TASK_NAME, celery_config
 from producer.entries import Entry
 from producer.fair import FairQueue
 from producer.layout import model_queue
-from producer.message import batch_task_id, pack, payload_json, prompt_batches
+from producer.packing import batch_task_id, pack, payload_json, prompt_batches
 from producer.settings import ClientSettings
 
 #: Messages per enqueue script call (eight calls per pipeline flush).
@@ -51,7 +51,7 @@ class Message(NamedTuple):
     queue: str  #: the list it goes on (its jobs' model's queue)
     run_id: str
     envelope: str  #: as kombu's Redis transport stores it
-    payload: str  #: the job argument (``producer.message.pack``), also what ``producer.sent`` keeps
+    payload: str  #: the job argument (``producer.packing.pack``), also what ``producer.sent`` keeps
     jobs: int
 
 
@@ -80,7 +80,7 @@ def queue_message(entries: Sequence[Entry], *, queue: str, enqueued_at: float) -
 
 def messages(entries: Sequence[Entry], queue: str, *, per_message: int = 1) -> list[Message]:
     """``entries`` as messages of up to ``per_message`` neighbours of one run, model and shape
-    (``producer.message.prompt_batches``), the first job first, each for its model's queue
+    (``producer.packing.prompt_batches``), the first job first, each for its model's queue
     (``queue`` for jobs that name no model)."""
     now = time.time()
     built = []

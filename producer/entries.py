@@ -244,12 +244,3 @@ def refuse_bad_input(problems: list[tuple[str, str]], omitted: int, jobs: int) -
         raise InvalidJobError(problems, omitted=omitted)
     if not jobs:
         raise InvalidJobError([("input", "no prompts found")])
-
-
-def grouped_by_shape(items: Iterable[Entry]) -> list[Entry]:
-    """``items`` with each shape's jobs together, shapes in order of first appearance, each
-    shape's jobs in their order."""
-    groups: dict[tuple[Any, ...], list[Entry]] = {}
-    for entry in items:
-        groups.setdefault(entry.kind.shape, []).append(entry)
-    return [entry for group in groups.values() for entry in group]

@@ -4,7 +4,7 @@
 A submit writes each chunk of jobs it claimed, before publishing them, as one gzipped JSON-lines
 object ``{prefix}/{run}/jobs/{first index:09d}-{last index:09d}-{token}.jsonl.gz``
 (``producer.layout.sent_key``), each line the jobs of one message as it carries them
-(``producer.message.pack``; objects written before prompt batches hold a job per line, read the
+(``producer.packing.pack``; objects written before prompt batches hold a job per line, read the
 same way): a few bytes per job, against ~320 in Redis. Producers racing one run
 each write what they claimed, under their own token.
 """

@@ -16,7 +16,7 @@ from producer import JobState
 from producer.contract import TASK_NAME
 from producer.enqueue import producer_app, queue_message
 from producer.entries import entries_of
-from producer.message import pack
+from producer.packing import pack
 from producer.settings import ClientSettings
 from producer.state import RunStore
 from tests.helpers import wait_until

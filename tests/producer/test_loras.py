@@ -12,12 +12,13 @@ from click.testing import CliRunner
 from producer.audit import twin_row
 from producer.cli import cli
 from producer.cli_options import recipe_defaults
-from producer.entries import entries_of, grouped_by_shape, make_jobs
+from producer.entries import entries_of, make_jobs
 from producer.errors import InvalidJobError
 from producer.job import Job, JobDefaults, run_defaults, run_recipe, shape
 from producer.loras import MAX_LORAS, LoraSpec, parse_lora
 from producer.manifest_schema import COLUMNS, arrow_schema, flatten
-from producer.message import pack, prompt_batches, unpack
+from producer.message import unpack
+from producer.packing import grouped_by_shape, pack, prompt_batches
 
 
 def job(index: int = 0, **fields) -> Job:

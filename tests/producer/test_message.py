@@ -13,7 +13,8 @@ from producer.contract import TASK_NAME
 from producer.enqueue import queue_message
 from producer.entries import entries, entries_of
 from producer.job import Job, JobDefaults
-from producer.message import MAX_JOBS, PromptBatchError, batch_task_id, pack, payload_json, prompt_batches, unpack
+from producer.message import MAX_JOBS, PromptBatchError, unpack
+from producer.packing import batch_task_id, pack, payload_json, prompt_batches
 from tests.helpers import make_job
 from tests.producer.test_producer_properties import PROPERTIES, jobs, prompts
 

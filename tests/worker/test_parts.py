@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from producer.entries import entries_of
-from producer.message import PromptBatchError, pack
+from producer.message import PromptBatchError
+from producer.packing import pack
 from tests.helpers import make_job
 from worker.delivery.parts import Settle, settled_together, split
 
