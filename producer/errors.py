@@ -16,7 +16,7 @@ class DeepQueueError(Exception):
 class RowProblem(str):
     """A row of a prompt source that is no job at all (an item of the wrong type, a template
     that cannot expand): the reason, kept in its place so that every such row is reported with
-    the others (``producer.job.validated``)."""
+    the others (``producer.entries.entries``)."""
 
 
 class InvalidJobError(DeepQueueError, ValueError):
